@@ -1,0 +1,27 @@
+// SwiGLU expert FFN over a block of rows: forward and backward (GEMMs through BLAS).
+#pragma once
+
+#include <cstdint>
+
+namespace moex::kernels {
+
+/// Shape of one expert block: `rows` tokens of width `hidden` through an FFN of width `ffn`.
+/// Weights: w13 [2*ffn, hidden] = gate_proj rows then up_proj rows; w2 [hidden, ffn] = down_proj.
+struct FfnShape {
+  std::int64_t rows = 0;
+  std::int64_t hidden = 0;
+  std::int64_t ffn = 0;
+};
+
+/// y = down(silu(gate x) * up x). Saves h13 [rows, 2*ffn] and a [rows, ffn] for backward;
+/// writes y [rows, hidden] (overwrites).
+void swiglu_ffn_forward(const FfnShape& s, const float* x, const float* w13, const float* w2,
+                        float* h13, float* a, float* y);
+
+/// From dy [rows, hidden]: accumulates dw13 += and dw2 +=, writes dx [rows, hidden] (overwrites).
+/// `dh13` is scratch of [rows, 2*ffn] floats.
+void swiglu_ffn_backward(const FfnShape& s, const float* x, const float* w13, const float* w2,
+                         const float* h13, const float* a, const float* dy, float* dw13, float* dw2,
+                         float* dx, float* dh13);
+
+}  // namespace moex::kernels
