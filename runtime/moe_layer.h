@@ -47,6 +47,8 @@ class MoELayer {
   const MoeConfig& config() const { return config_; }
   const sched::ExpertPlacement& placement() const { return placement_; }
   const std::string& name() const { return name_; }
+  int rank() const { return comm_.rank(); }
+  comm::Communicator& communicator() { return comm_; }
   std::int64_t num_local_experts() const { return placement_.num_local(comm_.rank()); }
 
   ParamBlock& replicated() { return replicated_; }
@@ -77,6 +79,8 @@ class MoELayer {
   comm::WorkPtr allreduce_replicated_grads();
 
   const LayerRouteStats& route_stats() const { return stats_; }
+  /// Per-local-expert blocks of the last forward (rows each expert processed).
+  const sched::ExpertBatchLayout& expert_layout() const { return layout_; }
   /// Top-K expert ids [tokens, K] and weights of the last forward.
   const std::vector<std::int32_t>& topk_ids() const { return topk_ids_; }
   const std::vector<float>& topk_weights() const { return topk_weights_; }

@@ -6,6 +6,7 @@
 #include <limits>
 #include <vector>
 
+#include "base/error.h"
 #include "runtime/blas.h"
 #include "runtime/kernels/math.h"
 
@@ -77,8 +78,11 @@ void gate_forward(const GateParams& p, const float* x, const float* wg, const fl
             p.method == TopkMethod::kNoauxTc ? first + second : first;
       }
       std::fill(taken.begin(), taken.end(), 0);
-      for (std::int64_t i = 0; i < p.topk_group; ++i)
-        taken[static_cast<std::size_t>(argmax_untaken(group_score.data(), taken.data(), p.n_group))] = 1;
+      for (std::int64_t i = 0; i < p.topk_group; ++i) {
+        const std::int64_t g = argmax_untaken(group_score.data(), taken.data(), p.n_group);
+        MOEX_CHECK_GE(g, 0);
+        taken[static_cast<std::size_t>(g)] = 1;
+      }
       // `taken` now marks kept groups; experts of the others become ineligible.
       for (std::int64_t g = 0; g < p.n_group; ++g)
         if (!taken[static_cast<std::size_t>(g)])
@@ -88,6 +92,7 @@ void gate_forward(const GateParams& p, const float* x, const float* wg, const fl
     float sum = 0.0f;
     for (std::int64_t j = 0; j < K; ++j) {
       const std::int64_t e = argmax_untaken(choice.data(), taken.data(), E);
+      MOEX_CHECK_GE(e, 0);
       taken[static_cast<std::size_t>(e)] = 1;
       topk_ids[t * K + j] = static_cast<std::int32_t>(e);
       topk_weights[t * K + j] = s[e];

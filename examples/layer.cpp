@@ -1,0 +1,157 @@
+// moex-layer: runs one MoE layer of a real checkpoint across MPI ranks, forward and optionally backward.
+#include <cstdio>
+#include <cstring>
+
+#include "base/error.h"
+#include "examples/tool.h"
+#include "runtime/moe_layer.h"
+#include "runtime/safetensors.h"
+
+namespace {
+using moex::IoError;
+using Shape = std::vector<std::int64_t>;
+
+void copy_into(float* dst, const std::vector<float>& src) { std::memcpy(dst, src.data(), src.size() * sizeof(float)); }
+
+/// Loads this rank's share of the layer's weights (HF names under `prefix`).
+void load_weights(moex::MoELayer& layer, const moex::SafetensorsFile& file, const std::string& prefix) {
+  const moex::MoeConfig& c = layer.config();
+  const std::int64_t H = c.hidden_size, F = c.moe_intermediate_size, Fs = c.shared_intermediate_size();
+  auto read = [&](const std::string& name, const Shape& shape) { return file.read_f32(prefix + name, shape); };
+  copy_into(layer.gate_weight(), read("gate.weight", {c.n_routed_experts, H}));
+  if (file.contains(prefix + "gate.e_score_correction_bias"))
+    layer.selection_bias() = read("gate.e_score_correction_bias", {c.n_routed_experts});
+  if (Fs > 0) {
+    copy_into(layer.shared_w13(), read("shared_experts.gate_proj.weight", {Fs, H}));
+    copy_into(layer.shared_w13() + Fs * H, read("shared_experts.up_proj.weight", {Fs, H}));
+    copy_into(layer.shared_w2(), read("shared_experts.down_proj.weight", {H, Fs}));
+  } else if (file.contains(prefix + "shared_experts.gate_proj.weight")) {
+    throw IoError(file.path() + " holds " + prefix + "shared_experts.* but the config has n_shared_experts = 0");
+  }
+  const auto mine = layer.placement().experts_of(layer.rank());
+  for (std::size_t slot = 0; slot < mine.size(); ++slot) {
+    const std::string e = "experts." + std::to_string(mine[slot]) + ".";
+    const auto s = static_cast<std::int64_t>(slot);
+    copy_into(layer.expert_w13(s), read(e + "gate_proj.weight", {F, H}));
+    copy_into(layer.expert_w13(s) + F * H, read(e + "up_proj.weight", {F, H}));
+    copy_into(layer.expert_w2(s), read(e + "down_proj.weight", {H, F}));
+  }
+}
+
+/// Rows [begin, end) of `total` that rank `r` of `world` handles.
+std::pair<std::int64_t, std::int64_t> token_range(std::int64_t total, int r, int world) {
+  return {total * r / world, total * (r + 1) / world};
+}
+
+std::vector<float> slice_rows(const std::vector<float>& all, std::int64_t begin, std::int64_t end, std::int64_t width) {
+  return std::vector<float>(all.begin() + begin * width, all.begin() + end * width);
+}
+
+/// Gathers every rank's rows to rank 0 (returns the full [total, width] there, empty elsewhere).
+std::vector<float> gather_rows(moex::comm::Communicator& comm, const std::vector<float>& mine,
+                               std::int64_t total, std::int64_t width) {
+  std::vector<std::int64_t> counts(static_cast<std::size_t>(comm.size()));
+  for (int r = 0; r < comm.size(); ++r) {
+    const auto [b, e] = token_range(total, r, comm.size());
+    counts[static_cast<std::size_t>(r)] = (e - b) * width;
+  }
+  std::vector<float> all(comm.rank() == 0 ? static_cast<std::size_t>(total * width) : 0);
+  comm.gatherv(mine.data(), static_cast<std::int64_t>(mine.size()), all.data(), counts,
+               moex::comm::DataType::kFloat32, 0, "gather rows")->wait();
+  return all;
+}
+
+int run(moex::comm::MpiCommunicator& world, int argc, char** argv) {
+  moex::tools::Options opt("moex-layer",
+                           "mpirun -np N moex-layer --config C.json --weights W.safetensors --input I.safetensors "
+                           "--output O.safetensors [--prefix model.layers.0.mlp.] [--backward]");
+  opt.value("config", "", "Hugging Face DeepSeek config.json")
+      .value("weights", "", "safetensors file with the layer's weights (HF names)")
+      .value("input", "", "safetensors file with `input` [T, hidden] (and `R` = dL/doutput for --backward)")
+      .value("output", "", "safetensors file rank 0 writes")
+      .value("prefix", "", "name prefix of the layer's weights, e.g. model.layers.3.mlp.")
+      .flag("backward", "also compute input.grad and every weight's .grad from R")
+      .value("timeout", "", "seconds any wait may take before the job aborts (default MOEX_TIMEOUT_S or 300)");
+  if (!opt.parse(argc, argv)) return 0;
+  for (const char* required : {"config", "weights", "input", "output"})
+    if (opt.str(required).empty()) throw moex::ConfigError(std::string("--") + required + " is required\n" + opt.usage());
+  if (opt.given("timeout")) moex::tools::apply_timeout(world, opt.number("timeout"));
+  const std::string prefix = opt.str("prefix");
+  const bool backward = opt.on("backward");
+
+  const moex::MoeConfig config = moex::MoeConfig::from_file(opt.str("config"));
+  const std::int64_t H = config.hidden_size;
+  moex::MoELayer layer(config, world, moex::sched::ExpertPlacement::contiguous(config.n_routed_experts, world.size()),
+                       prefix.empty() ? "layer" : prefix);
+  const auto weights = moex::SafetensorsFile::open(opt.str("weights"));
+  load_weights(layer, weights, prefix);
+
+  const auto input_file = moex::SafetensorsFile::open(opt.str("input"));
+  const auto& in = input_file.entry("input");
+  if (in.shape.size() != 2 || in.shape[1] != H)
+    throw IoError(input_file.path() + ": tensor 'input' must have shape [T, " + std::to_string(H) +
+                  "] (hidden_size from the config), got rank " + std::to_string(in.shape.size()) + " tensor with " +
+                  (in.shape.empty() ? std::string("no dims") : "last dim " + std::to_string(in.shape.back())));
+  const std::int64_t T = in.shape[0];
+  const auto [begin, end] = token_range(T, world.rank(), world.size());
+  const std::int64_t mine = end - begin;
+  const std::vector<float> x = slice_rows(input_file.read_f32("input"), begin, end, H);
+  std::vector<float> dy;
+  if (backward) dy = slice_rows(input_file.read_f32("R", {T, H}), begin, end, H);
+
+  std::vector<float> y(static_cast<std::size_t>(mine * H)), dx(y.size());
+  layer.forward(x.data(), mine, y.data());
+  if (backward) {
+    layer.zero_grad();
+    layer.backward(dy.data(), dx.data());
+    layer.allreduce_replicated_grads()->wait();
+  }
+
+  std::vector<moex::NamedTensor> out;
+  out.push_back({"output", {T, H}, gather_rows(world, y, T, H)});
+  if (backward) {
+    out.push_back({"input.grad", {T, H}, gather_rows(world, dx, T, H)});
+    // Expert gradients live on their owners; rank 0 collects them all.
+    const std::int64_t stride = layer.expert_stride();
+    std::vector<std::int64_t> counts(static_cast<std::size_t>(world.size()));
+    for (int r = 0; r < world.size(); ++r) counts[static_cast<std::size_t>(r)] = layer.placement().num_local(r) * stride;
+    std::vector<float> all(world.rank() == 0 ? static_cast<std::size_t>(config.n_routed_experts * stride) : 0);
+    world.gatherv(layer.experts().grad.data(), static_cast<std::int64_t>(layer.experts().grad.size()), all.data(),
+                  counts, moex::comm::DataType::kFloat32, 0, "gather expert grads")->wait();
+    if (world.rank() == 0) {
+      const std::int64_t F = config.moe_intermediate_size, Fs = config.shared_intermediate_size(), E = config.n_routed_experts;
+      const float* g = layer.replicated().grad.data();
+      out.push_back({prefix + "gate.weight.grad", {E, H}, std::vector<float>(g, g + E * H)});
+      if (!layer.selection_bias().empty())
+        out.push_back({prefix + "gate.e_score_correction_bias.grad", {E}, std::vector<float>(static_cast<std::size_t>(E), 0.0f)});
+      if (Fs > 0) {
+        const float* s13 = layer.grad_of(layer.shared_w13());
+        const float* s2 = layer.grad_of(layer.shared_w2());
+        out.push_back({prefix + "shared_experts.gate_proj.weight.grad", {Fs, H}, std::vector<float>(s13, s13 + Fs * H)});
+        out.push_back({prefix + "shared_experts.up_proj.weight.grad", {Fs, H}, std::vector<float>(s13 + Fs * H, s13 + 2 * Fs * H)});
+        out.push_back({prefix + "shared_experts.down_proj.weight.grad", {H, Fs}, std::vector<float>(s2, s2 + H * Fs)});
+      }
+      std::int64_t at = 0;  // owners' blocks arrive in rank order, each in local-slot order
+      for (int r = 0; r < world.size(); ++r) {
+        for (const std::int64_t e : layer.placement().experts_of(r)) {
+          const float* b = all.data() + at;
+          const std::string n = prefix + "experts." + std::to_string(e) + ".";
+          out.push_back({n + "gate_proj.weight.grad", {F, H}, std::vector<float>(b, b + F * H)});
+          out.push_back({n + "up_proj.weight.grad", {F, H}, std::vector<float>(b + F * H, b + 2 * F * H)});
+          out.push_back({n + "down_proj.weight.grad", {H, F}, std::vector<float>(b + 2 * F * H, b + 3 * F * H)});
+          at += stride;
+        }
+      }
+    }
+  }
+  if (world.rank() == 0)
+    moex::write_safetensors(opt.str("output"), out, {{"producer", "moex-layer"}, {"ranks", std::to_string(world.size())}});
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  return moex::tools::run_mpi_tool("moex-layer", argc, argv,
+                                   [&](moex::comm::MpiCommunicator& world) { return run(world, argc, argv); });
+}

@@ -1,0 +1,147 @@
+// Option parsing and the MPI main wrapper of the moex tools.
+#include "examples/tool.h"
+
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <exception>
+#include <sstream>
+#include <thread>
+
+#include "base/error.h"
+#include "runtime/blas.h"
+
+namespace moex::tools {
+
+Options::Options(std::string program, std::string synopsis)
+    : program_(std::move(program)), synopsis_(std::move(synopsis)) {
+  flag("help", "print this help");
+}
+
+Options& Options::value(const std::string& name, const std::string& fallback, const std::string& help) {
+  order_.push_back(name);
+  specs_[name] = {fallback, help, false};
+  return *this;
+}
+
+Options& Options::flag(const std::string& name, const std::string& help) {
+  order_.push_back(name);
+  specs_[name] = {"", help, true};
+  return *this;
+}
+
+bool Options::parse(int argc, char** argv, int first) {
+  for (int i = first; i < argc; ++i) {
+    std::string arg = argv[i];
+    if (arg.rfind("--", 0) != 0)
+      throw ConfigError("unexpected argument '" + arg + "'; options start with --\n" + usage());
+    std::string name = arg.substr(2), val;
+    const auto eq = name.find('=');
+    const bool inline_value = eq != std::string::npos;
+    if (inline_value) {
+      val = name.substr(eq + 1);
+      name = name.substr(0, eq);
+    }
+    const auto it = specs_.find(name);
+    if (it == specs_.end()) throw ConfigError("unknown option --" + name + "\n" + usage());
+    if (it->second.is_flag) {
+      if (inline_value) throw ConfigError("option --" + name + " takes no value");
+      values_[name] = "1";
+    } else {
+      if (!inline_value) {
+        if (i + 1 >= argc) throw ConfigError("option --" + name + " needs a value (" + it->second.help + ")");
+        val = argv[++i];
+      }
+      values_[name] = val;
+    }
+  }
+  if (on("help")) {
+    if (process_rank() <= 0) std::fputs(usage().c_str(), stdout);
+    return false;
+  }
+  return true;
+}
+
+const std::string& Options::str(const std::string& name) const {
+  const auto v = values_.find(name);
+  if (v != values_.end()) return v->second;
+  const auto s = specs_.find(name);
+  if (s == specs_.end()) throw InternalError("option --" + name + " was never declared");
+  return s->second.fallback;
+}
+
+std::int64_t Options::integer(const std::string& name) const {
+  const std::string& s = str(name);
+  char* end = nullptr;
+  errno = 0;
+  const long long v = std::strtoll(s.c_str(), &end, 10);
+  if (s.empty() || *end != '\0' || errno == ERANGE)
+    throw ConfigError("option --" + name + " = '" + s + "': expected an integer");
+  return v;
+}
+
+double Options::number(const std::string& name) const {
+  const std::string& s = str(name);
+  char* end = nullptr;
+  const double v = std::strtod(s.c_str(), &end);
+  if (s.empty() || *end != '\0' || !std::isfinite(v))
+    throw ConfigError("option --" + name + " = '" + s + "': expected a finite number");
+  return v;
+}
+
+bool Options::on(const std::string& name) const { return values_.count(name) != 0 && str(name) == "1"; }
+bool Options::given(const std::string& name) const { return values_.count(name) != 0; }
+
+std::string Options::usage() const {
+  std::ostringstream os;
+  os << "usage: " << synopsis_ << "\noptions:\n";
+  for (const auto& name : order_) {
+    const Spec& s = specs_.at(name);
+    std::string left = "  --" + name + (s.is_flag ? "" : " V");
+    os << left << std::string(left.size() < 26 ? 26 - left.size() : 1, ' ') << s.help;
+    if (!s.is_flag && !s.fallback.empty()) os << " (default " << s.fallback << ")";
+    os << "\n";
+  }
+  return os.str();
+}
+
+void apply_timeout(comm::MpiCommunicator& world, double seconds) {
+  if (!(seconds > 0.0) || !std::isfinite(seconds))
+    throw ConfigError("--timeout = " + std::to_string(seconds) + ": expected a positive number of seconds");
+  world.set_default_timeout(std::chrono::milliseconds(static_cast<std::int64_t>(seconds * 1000.0)));
+}
+
+int run_mpi_tool(const char* program, int argc, char** argv,
+                 const std::function<int(comm::MpiCommunicator& world)>& body) {
+  blas::select_fast_kernels(argv);
+  int code = 0;
+  try {
+    comm::MpiRuntime mpi(&argc, &argv);
+    comm::MpiCommunicator world(MPI_COMM_WORLD);
+    try {
+      world.set_default_timeout(comm::timeout_from_env(std::chrono::seconds(300)));
+      if (!std::getenv("OPENBLAS_NUM_THREADS")) {
+        const char* local = std::getenv("OMPI_COMM_WORLD_LOCAL_SIZE");
+        const int ranks_here = local ? std::max(1, std::atoi(local)) : 1;
+        const int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+        blas::set_num_threads(std::max(1, cores / ranks_here));
+      }
+      code = body(world);
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "%s: error: %s\n", program, e.what());
+      std::fflush(stderr);
+      if (world.size() > 1) {
+        // Ranks that hit the same bad input report it too before the abort ends them.
+        std::this_thread::sleep_for(std::chrono::milliseconds(300));
+        MPI_Abort(MPI_COMM_WORLD, 2);
+      }
+      return 2;
+    }
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "%s: error: %s\n", program, e.what());
+    return 2;
+  }
+  return code;
+}
+
+}  // namespace moex::tools

@@ -1,0 +1,53 @@
+// Shared scaffolding of the moex command-line tools: option parsing and the MPI main wrapper.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "comm/mpi/mpi_communicator.h"
+
+namespace moex::tools {
+
+/// `--name value` and `--flag` options with defaults and help text. Unknown options, missing
+/// values and malformed numbers are ConfigErrors naming the option.
+class Options {
+ public:
+  Options(std::string program, std::string synopsis);
+  Options& value(const std::string& name, const std::string& fallback, const std::string& help);
+  Options& flag(const std::string& name, const std::string& help);
+  /// Parses argv[first..]. Returns false when --help was given (usage already printed on rank 0).
+  bool parse(int argc, char** argv, int first = 1);
+
+  const std::string& str(const std::string& name) const;
+  std::int64_t integer(const std::string& name) const;
+  double number(const std::string& name) const;
+  bool on(const std::string& name) const;
+  /// True when the option was given on the command line (not just defaulted).
+  bool given(const std::string& name) const;
+  std::string usage() const;
+
+ private:
+  struct Spec {
+    std::string fallback, help;
+    bool is_flag = false;
+  };
+  std::string program_, synopsis_;
+  std::vector<std::string> order_;
+  std::map<std::string, Spec> specs_;
+  std::map<std::string, std::string> values_;
+};
+
+/// Runs `body` as an MPI program: picks the fast BLAS kernels, initialises MPI, creates the world
+/// communicator (deadline from MOEX_TIMEOUT_S, else 300 s), sizes BLAS threads to the cores per
+/// local rank, and turns any exception into a message "PROGRAM: error: ..." on stderr and a
+/// non-zero exit that ends every rank (MPI_Abort) instead of leaving peers waiting.
+int run_mpi_tool(const char* program, int argc, char** argv,
+                 const std::function<int(comm::MpiCommunicator& world)>& body);
+
+/// Sets the world communicator's deadline from a `--timeout` seconds value (> 0).
+void apply_timeout(comm::MpiCommunicator& world, double seconds);
+
+}  // namespace moex::tools

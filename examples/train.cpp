@@ -1,0 +1,97 @@
+// moex-train: trains a DeepSeekMoE student on a teacher's outputs across MPI ranks.
+#include <cstdio>
+#include <fstream>
+
+#include "base/error.h"
+#include "examples/tool.h"
+#include "runtime/blas.h"
+#include "runtime/trainer.h"
+
+namespace {
+
+/// The built-in model when no --config is given: a small DeepSeek-V3-style layer (sigmoid gate,
+/// noaux_tc group-limited routing, 2 shared + 16 routed experts, top-4).
+moex::MoeConfig tiny_v3() {
+  moex::MoeConfig c = moex::MoeConfig::defaults_for("deepseek_v3");
+  c.hidden_size = 64;
+  c.moe_intermediate_size = 32;
+  c.n_routed_experts = 16;
+  c.n_shared_experts = 2;
+  c.num_experts_per_tok = 4;
+  c.n_group = 4;
+  c.topk_group = 2;
+  c.num_hidden_layers = 2;
+  c.validate();
+  return c;
+}
+
+int train(moex::comm::MpiCommunicator& world, int argc, char** argv) {
+  moex::tools::Options opt("moex-train",
+                           "mpirun -np N moex-train [--config C.json] [--steps S] [--seed X] ...");
+  opt.value("config", "", "Hugging Face DeepSeek config.json (default: built-in tiny V3-style model)")
+      .value("steps", "200", "training steps")
+      .value("seed", "1", "seed of teacher, student and data")
+      .value("tokens-per-rank", "256", "tokens each rank trains on per step")
+      .value("layers", "", "override num_hidden_layers")
+      .value("lr", "0.003", "AdamW learning rate")
+      .value("weight-decay", "0", "AdamW decoupled weight decay")
+      .value("log-json", "", "write one JSON object per step to this file (rank 0)")
+      .value("log-every", "1", "print every N-th step")
+      .value("timeout", "", "seconds any wait may take before the job aborts (default MOEX_TIMEOUT_S or 300)");
+  if (!opt.parse(argc, argv)) return 0;
+  if (opt.given("timeout")) moex::tools::apply_timeout(world, opt.number("timeout"));
+  moex::MoeConfig config = opt.str("config").empty() ? tiny_v3() : moex::MoeConfig::from_file(opt.str("config"));
+  if (opt.given("layers")) {
+    config.num_hidden_layers = opt.integer("layers");
+    config.validate();
+  }
+  moex::TrainOptions to;
+  to.steps = opt.integer("steps");
+  to.seed = static_cast<std::uint64_t>(opt.integer("seed"));
+  to.tokens_per_rank = opt.integer("tokens-per-rank");
+  to.adam.lr = static_cast<float>(opt.number("lr"));
+  to.adam.weight_decay = static_cast<float>(opt.number("weight-decay"));
+  const std::int64_t every = opt.integer("log-every");
+  if (every < 1) throw moex::ConfigError("--log-every = " + std::to_string(every) + ": must be >= 1");
+
+  moex::Trainer trainer(config, world, to);
+  const bool lead = world.rank() == 0;
+  std::ofstream json;
+  if (lead && !opt.str("log-json").empty()) {
+    json.open(opt.str("log-json"));
+    if (!json) throw moex::IoError("cannot write --log-json file " + opt.str("log-json"));
+  }
+  if (lead) {
+    std::printf("moex-train: %d ranks | hidden %lld | %lld routed experts (top-%lld, %s, %s) + %lld shared | "
+                "%lld layers | %lld tokens/rank | BLAS %s\n",
+                world.size(), static_cast<long long>(config.hidden_size),
+                static_cast<long long>(config.n_routed_experts), static_cast<long long>(config.num_experts_per_tok),
+                moex::to_string(config.scoring_func), moex::to_string(config.topk_method),
+                static_cast<long long>(config.n_shared_experts), static_cast<long long>(config.num_hidden_layers),
+                static_cast<long long>(to.tokens_per_rank), moex::blas::kernel_name().c_str());
+    std::printf("%s\n", moex::step_header().c_str());
+  }
+  double first_loss = 0.0, last_loss = 0.0;
+  for (std::int64_t s = 0; s < to.steps; ++s) {
+    const moex::StepRecord r = trainer.step();
+    if (s == 0) first_loss = r.loss;
+    last_loss = r.loss;
+    if (!lead) continue;
+    if (r.step % every == 0 || r.step == 1 || r.step == to.steps) {
+      std::printf("%s\n", moex::format_step(r).c_str());
+      std::fflush(stdout);
+    }
+    if (json.is_open()) json << moex::step_json(r) << "\n";
+  }
+  if (lead && to.steps > 0)
+    std::printf("moex-train: loss %.6e -> %.6e (%.1f%% of the first step)\n", first_loss, last_loss,
+                100.0 * last_loss / first_loss);
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  return moex::tools::run_mpi_tool("moex-train", argc, argv,
+                                   [&](moex::comm::MpiCommunicator& world) { return train(world, argc, argv); });
+}

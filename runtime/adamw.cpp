@@ -1,0 +1,33 @@
+// AdamW update.
+#include "runtime/adamw.h"
+
+#include <cmath>
+
+namespace moex {
+
+void AdamW::add(ParamBlock* block) {
+  states_.push_back({block, std::vector<float>(block->value.size(), 0.0f),
+                     std::vector<float>(block->value.size(), 0.0f)});
+}
+
+void AdamW::step() {
+  ++step_;
+  const auto& o = options_;
+  const float bc1 = 1.0f - std::pow(o.beta1, static_cast<float>(step_));
+  const float bc2 = 1.0f - std::pow(o.beta2, static_cast<float>(step_));
+  for (auto& s : states_) {
+    float* p = s.block->value.data();
+    const float* g = s.block->grad.data();
+    float* m = s.m.data();
+    float* v = s.v.data();
+    const std::size_t n = s.block->value.size();
+    for (std::size_t i = 0; i < n; ++i) {
+      m[i] = o.beta1 * m[i] + (1.0f - o.beta1) * g[i];
+      v[i] = o.beta2 * v[i] + (1.0f - o.beta2) * g[i] * g[i];
+      const float update = (m[i] / bc1) / (std::sqrt(v[i] / bc2) + o.eps);
+      p[i] -= o.lr * (update + o.weight_decay * p[i]);
+    }
+  }
+}
+
+}  // namespace moex

@@ -1,0 +1,123 @@
+// MoeModel forward/backward and random initialisation.
+#include "runtime/moe_model.h"
+
+#include <cmath>
+#include <cstring>
+
+#include "runtime/random.h"
+
+namespace moex {
+
+void init_layer_random(MoELayer& layer, std::uint64_t seed, std::int64_t layer_index) {
+  const MoeConfig& c = layer.config();
+  const std::int64_t H = c.hidden_size, F = c.moe_intermediate_size, Fs = c.shared_intermediate_size();
+  const auto li = static_cast<std::uint64_t>(layer_index);
+  Rng gate(Rng::mix(seed, li, 1));
+  gate.fill_normal(layer.gate_weight(), c.n_routed_experts * H, 1.0 / std::sqrt(static_cast<double>(H)));
+  if (Fs > 0) {
+    Rng shared(Rng::mix(seed, li, 2));
+    shared.fill_normal(layer.shared_w13(), 2 * Fs * H, 1.0 / std::sqrt(static_cast<double>(H)));
+    shared.fill_normal(layer.shared_w2(), H * Fs, 1.0 / std::sqrt(static_cast<double>(Fs)));
+  }
+  const auto experts = layer.placement().experts_of(layer.rank());
+  for (std::size_t slot = 0; slot < experts.size(); ++slot) {
+    Rng r(Rng::mix(seed, li, 3, static_cast<std::uint64_t>(experts[slot])));
+    const auto s = static_cast<std::int64_t>(slot);
+    r.fill_normal(layer.expert_w13(s), 2 * F * H, 1.0 / std::sqrt(static_cast<double>(H)));
+    r.fill_normal(layer.expert_w2(s), H * F, 1.0 / std::sqrt(static_cast<double>(F)));
+  }
+  if (c.topk_method == TopkMethod::kNoauxTc) layer.selection_bias().assign(static_cast<std::size_t>(c.n_routed_experts), 0.0f);
+}
+
+MoeModel::MoeModel(const MoeConfig& config, comm::Communicator& comm,
+                   const sched::ExpertPlacement& placement)
+    : config_(config), comm_(comm) {
+  for (std::int64_t l = 0; l < config.num_hidden_layers; ++l)
+    layers_.push_back(std::make_unique<MoELayer>(config, comm, placement, "layer " + std::to_string(l)));
+  norms_.resize(static_cast<std::size_t>(config.num_hidden_layers * config.hidden_size));
+  std::fill(norms_.value.begin(), norms_.value.end(), 1.0f);
+  h_.resize(static_cast<std::size_t>(config.num_hidden_layers + 1));
+  normed_.resize(static_cast<std::size_t>(config.num_hidden_layers));
+  rstd_.resize(static_cast<std::size_t>(config.num_hidden_layers));
+}
+
+void MoeModel::init_random(std::uint64_t seed) {
+  for (std::size_t l = 0; l < layers_.size(); ++l) init_layer_random(*layers_[l], seed, static_cast<std::int64_t>(l));
+  std::fill(norms_.value.begin(), norms_.value.end(), 1.0f);
+}
+
+void MoeModel::forward(const float* x, std::int64_t tokens, float* y) {
+  const std::int64_t H = config_.hidden_size;
+  const auto eps = static_cast<float>(config_.rms_norm_eps);
+  tokens_ = tokens;
+  const auto n = static_cast<std::size_t>(tokens * H);
+  h_[0].assign(x, x + n);
+  moe_out_.resize(n);
+  for (std::size_t l = 0; l < layers_.size(); ++l) {
+    const float* h = h_[l].data();
+    auto& nm = normed_[l];
+    auto& rs = rstd_[l];
+    nm.resize(n);
+    rs.resize(static_cast<std::size_t>(tokens));
+    const float* g = norms_.value.data() + l * static_cast<std::size_t>(H);
+    for (std::int64_t t = 0; t < tokens; ++t) {
+      double ss = 0.0;
+      for (std::int64_t j = 0; j < H; ++j) ss += static_cast<double>(h[t * H + j]) * h[t * H + j];
+      const float r = 1.0f / std::sqrt(static_cast<float>(ss / static_cast<double>(H)) + eps);
+      rs[static_cast<std::size_t>(t)] = r;
+      for (std::int64_t j = 0; j < H; ++j) nm[static_cast<std::size_t>(t * H + j)] = h[t * H + j] * r * g[j];
+    }
+    layers_[l]->forward(nm.data(), tokens, moe_out_.data());
+    h_[l + 1].resize(n);
+    for (std::size_t i = 0; i < n; ++i) h_[l + 1][i] = h[i] + moe_out_[i];
+  }
+  if (n > 0) std::memcpy(y, h_.back().data(), n * sizeof(float));
+}
+
+void MoeModel::backward(const float* dy) {
+  const std::int64_t H = config_.hidden_size, tokens = tokens_;
+  const auto n = static_cast<std::size_t>(tokens * H);
+  dh_.assign(dy, dy + n);
+  dnormed_.resize(n);
+  for (std::size_t l = layers_.size(); l-- > 0;) {
+    layers_[l]->backward(dh_.data(), dnormed_.data());
+    // RMSNorm backward: n = x * r * g, r = (mean x^2 + eps)^-1/2.
+    const float* x = h_[l].data();
+    const float* g = norms_.value.data() + l * static_cast<std::size_t>(H);
+    float* dg = norms_.grad.data() + l * static_cast<std::size_t>(H);
+    for (std::int64_t t = 0; t < tokens; ++t) {
+      const float r = rstd_[l][static_cast<std::size_t>(t)];
+      const float* xt = x + t * H;
+      const float* dn = dnormed_.data() + t * H;
+      double dot = 0.0;
+      for (std::int64_t j = 0; j < H; ++j) {
+        dg[j] += dn[j] * xt[j] * r;
+        dot += static_cast<double>(dn[j]) * g[j] * xt[j];
+      }
+      const float c = static_cast<float>(dot / static_cast<double>(H)) * r * r * r;
+      float* dx = dh_.data() + t * H;  // residual path already holds dL/dh_{l+1}
+      for (std::int64_t j = 0; j < H; ++j) dx[j] += dn[j] * g[j] * r - c * xt[j];
+    }
+  }
+  std::vector<comm::WorkPtr> pending;
+  pending.push_back(comm_.allreduce_sum(norms_.grad.data(), static_cast<std::int64_t>(norms_.grad.size()),
+                                        comm::DataType::kFloat32, "norm grads"));
+  for (auto& layer : layers_) pending.push_back(layer->allreduce_replicated_grads());
+  for (auto& w : pending) w->wait();
+}
+
+void MoeModel::zero_grad() {
+  std::fill(norms_.grad.begin(), norms_.grad.end(), 0.0f);
+  for (auto& layer : layers_) layer->zero_grad();
+}
+
+std::vector<ParamBlock*> MoeModel::param_blocks() {
+  std::vector<ParamBlock*> blocks{&norms_};
+  for (auto& layer : layers_) {
+    blocks.push_back(&layer->replicated());
+    blocks.push_back(&layer->experts());
+  }
+  return blocks;
+}
+
+}  // namespace moex

@@ -1,0 +1,48 @@
+// MoeModel: a stack of DeepSeekMoE blocks, h <- h + MoE(RMSNorm(h)), forward and backward.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "runtime/moe_layer.h"
+
+namespace moex {
+
+/// Fills a layer with random parameters that are identical on every rank: gate and experts
+/// N(0, 1/sqrt(fan_in)); each expert drawn from its own stream so a rank draws only its own.
+/// A selection bias of zeros is created for noaux_tc (as DeepSeek-V3 has one).
+void init_layer_random(MoELayer& layer, std::uint64_t seed, std::int64_t layer_index);
+
+/// L blocks of RMSNorm -> MoE -> residual over the ranks of `comm`. Collective like MoELayer.
+class MoeModel {
+ public:
+  MoeModel(const MoeConfig& config, comm::Communicator& comm, const sched::ExpertPlacement& placement);
+
+  void init_random(std::uint64_t seed);
+  /// y [tokens, H] = model(x [tokens, H]); keeps activations for backward.
+  void forward(const float* x, std::int64_t tokens, float* y);
+  /// From dL/dy of the last forward: accumulates every parameter gradient, then sums the replicated
+  /// ones across ranks, so after it every rank holds complete gradients for what it stores.
+  void backward(const float* dy);
+  void zero_grad();
+
+  std::vector<std::unique_ptr<MoELayer>>& layers() { return layers_; }
+  /// RMSNorm weights [L, H] (replicated).
+  ParamBlock& norms() { return norms_; }
+  /// Every trainable block of this rank (norms, each layer's replicated and expert blocks).
+  std::vector<ParamBlock*> param_blocks();
+
+ private:
+  MoeConfig config_;
+  comm::Communicator& comm_;
+  std::vector<std::unique_ptr<MoELayer>> layers_;
+  ParamBlock norms_;
+  std::int64_t tokens_ = 0;
+  std::vector<std::vector<float>> h_;      // [L+1] block inputs (h_[L] = output)
+  std::vector<std::vector<float>> normed_; // [L] RMSNorm outputs
+  std::vector<std::vector<float>> rstd_;   // [L] 1/rms per token
+  std::vector<float> moe_out_, dh_, dnormed_;
+};
+
+}  // namespace moex

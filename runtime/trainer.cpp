@@ -1,0 +1,97 @@
+// Teacher-student training loop.
+#include "runtime/trainer.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+
+#include <nlohmann/json.hpp>
+
+#include "base/error.h"
+#include "runtime/random.h"
+
+namespace moex {
+
+Trainer::Trainer(const MoeConfig& config, comm::Communicator& comm, TrainOptions options)
+    : config_(config),
+      comm_(comm),
+      options_(options),
+      placement_(sched::ExpertPlacement::contiguous(config.n_routed_experts, comm.size())),
+      optimizer_(options.adam) {
+  if (options_.steps < 0) throw ConfigError("train: steps = " + std::to_string(options_.steps) + " must be >= 0");
+  if (options_.tokens_per_rank < 1)
+    throw ConfigError("train: tokens_per_rank = " + std::to_string(options_.tokens_per_rank) + " must be >= 1");
+  teacher_ = std::make_unique<MoeModel>(config_, comm_, placement_);
+  teacher_->init_random(Rng::mix(options_.seed, 0x7eac4e2));
+  student_ = std::make_unique<MoeModel>(config_, comm_, placement_);
+  student_->init_random(Rng::mix(options_.seed, 0x57d3e47));
+  for (ParamBlock* b : student_->param_blocks()) optimizer_.add(b);
+}
+
+StepRecord Trainer::step() {
+  const auto start = std::chrono::steady_clock::now();
+  const std::int64_t T = options_.tokens_per_rank, H = config_.hidden_size;
+  const auto n = static_cast<std::size_t>(T * H);
+  x_.resize(n);
+  target_.resize(n);
+  y_.resize(n);
+  dy_.resize(n);
+  Rng data(Rng::mix(options_.seed, 0xda7a, static_cast<std::uint64_t>(step_), static_cast<std::uint64_t>(comm_.rank())));
+  data.fill_normal(x_.data(), T * H, 1.0);
+  teacher_->forward(x_.data(), T, target_.data());
+
+  student_->zero_grad();
+  student_->forward(x_.data(), T, y_.data());
+  const double global_elems = static_cast<double>(T) * static_cast<double>(comm_.size()) * static_cast<double>(H);
+  double sq = 0.0;
+  for (std::size_t i = 0; i < n; ++i) {
+    const float d = y_[i] - target_[i];
+    sq += static_cast<double>(d) * d;
+    dy_[i] = static_cast<float>(2.0 * d / global_elems);
+  }
+  // Loss and expert loads travel in one reduction each, started before backward needs the network.
+  auto loss_work = comm_.allreduce_sum(&sq, 1, comm::DataType::kFloat64, "loss");
+  const auto& layers = student_->layers();
+  const std::int64_t E = config_.n_routed_experts;
+  loads_.assign(static_cast<std::size_t>(E) * layers.size(), 0);
+  for (std::size_t l = 0; l < layers.size(); ++l) {
+    const auto& c = layers[l]->route_stats().expert_tokens;
+    std::copy(c.begin(), c.end(), loads_.begin() + static_cast<std::ptrdiff_t>(l * static_cast<std::size_t>(E)));
+  }
+  auto load_work = comm_.allreduce_sum(loads_.data(), static_cast<std::int64_t>(loads_.size()),
+                                       comm::DataType::kInt64, "expert loads");
+  student_->backward(dy_.data());
+  optimizer_.step();
+  loss_work->wait();
+  load_work->wait();
+
+  StepRecord r;
+  r.step = ++step_;
+  r.loss = sq / global_elems;
+  r.ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
+  r.tokens_per_s = static_cast<double>(T) * comm_.size() / (r.ms / 1000.0);
+  const double mean = static_cast<double>(T) * comm_.size() * static_cast<double>(config_.num_experts_per_tok) / static_cast<double>(E);
+  for (std::size_t l = 0; l < layers.size(); ++l) {
+    const auto first = loads_.begin() + static_cast<std::ptrdiff_t>(l * static_cast<std::size_t>(E));
+    const double mx = static_cast<double>(*std::max_element(first, first + E));
+    r.max_mean_load = std::max(r.max_mean_load, mx / mean);
+  }
+  return r;
+}
+
+std::string step_header() { return " step |         loss |       ms |   tokens/s | max/mean expert load"; }
+
+std::string format_step(const StepRecord& r) {
+  char line[160];
+  std::snprintf(line, sizeof line, "%5lld | %12.6e | %8.2f | %10.0f | %6.3f", static_cast<long long>(r.step), r.loss,
+                r.ms, r.tokens_per_s, r.max_mean_load);
+  return line;
+}
+
+std::string step_json(const StepRecord& r) {
+  nlohmann::json j{{"step", r.step}, {"loss", r.loss}, {"ms", r.ms}, {"tokens_per_s", r.tokens_per_s},
+                   {"max_mean_load", r.max_mean_load}};
+  return j.dump();
+}
+
+}  // namespace moex
