@@ -101,30 +101,31 @@ int bench_layer(moex::comm::MpiCommunicator& world, int argc, char** argv) {
   rng.fill_normal(x.data(), T * H, 1.0);
   rng.fill_normal(dy.data(), T * H, 1.0);
 
-  std::vector<double> layer_ms;
+  // Layer and reference GEMMs alternate, iteration by iteration, so drift in a shared machine's
+  // speed hits both alike. The reference runs this rank's expert blocks of the previous layer
+  // iteration (same shapes, same FLOPs) and the shared expert, on scratch buffers.
+  std::vector<double> layer_ms, gemm_ms;
+  std::vector<float> scratch;
+  double local_flops = 0.0;
   for (std::int64_t i = 0; i < warmup + iters; ++i) {
     world.barrier("bench iteration")->wait();
-    const auto t0 = Clock::now();
+    auto t0 = Clock::now();
     layer.zero_grad();
     layer.forward(x.data(), T, y.data());
     layer.backward(dy.data(), dx.data());
     layer.allreduce_replicated_grads()->wait();
     const double ms = max_over_ranks(world, ms_since(t0));
-    if (i >= warmup) layer_ms.push_back(ms);
-  }
-  // The same GEMMs (this rank's expert blocks of the last iteration and the shared expert) alone.
-  const auto& blocks = layer.expert_layout();
-  std::vector<float> scratch;
-  double local_flops = 0.0;
-  std::vector<double> gemm_ms;
-  for (std::int64_t i = 0; i < warmup + iters; ++i) {
+    const auto& blocks = layer.expert_layout();
     world.barrier("bench gemm")->wait();
-    const auto t0 = Clock::now();
+    t0 = Clock::now();
     double f = ffn_gemms(T, H, Fs, scratch);
     for (std::int64_t s = 0; s < layer.num_local_experts(); ++s) f += ffn_gemms(blocks.count(s), H, F, scratch);
-    const double ms = max_over_ranks(world, ms_since(t0));
+    const double ref = max_over_ranks(world, ms_since(t0));
     local_flops = f;
-    if (i >= warmup) gemm_ms.push_back(ms);
+    if (i >= warmup) {
+      layer_ms.push_back(ms);
+      gemm_ms.push_back(ref);
+    }
   }
   double global_flops = local_flops;
   world.allreduce_sum(&global_flops, 1, moex::comm::DataType::kFloat64, "bench flops")->wait();

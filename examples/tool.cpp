@@ -10,6 +10,7 @@
 
 #include "base/error.h"
 #include "runtime/blas.h"
+#include "runtime/parallel.h"
 
 namespace moex::tools {
 
@@ -125,6 +126,7 @@ int run_mpi_tool(const char* program, int argc, char** argv,
         const int ranks_here = local ? std::max(1, std::atoi(local)) : 1;
         const int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
         blas::set_num_threads(std::max(1, cores / ranks_here));
+        set_parallel_threads(std::max(1, cores / ranks_here));
       }
       code = body(world);
     } catch (const std::exception& e) {

@@ -8,6 +8,7 @@
 #include "runtime/kernels/expert_ffn.h"
 #include "runtime/kernels/gate.h"
 #include "runtime/kernels/permute.h"
+#include "runtime/parallel.h"
 
 namespace moex {
 namespace {
@@ -43,17 +44,26 @@ MoELayer::MoELayer(const MoeConfig& config, comm::Communicator& comm,
   recv_counts_.assign(static_cast<std::size_t>(comm_.size()), 0);
 }
 
+ParamBlock& MoELayer::experts() {
+  if (expert_grads_stale_) {
+    // Gradients are read before a backward overwrote them: clear them now.
+    std::fill(experts_.grad.begin(), experts_.grad.end(), 0.0f);
+    expert_grads_stale_ = false;
+  }
+  return experts_;
+}
+
 float* MoELayer::grad_of(float* param) {
   const float* rv = replicated_.value.data();
   if (param >= rv && param < rv + replicated_.value.size()) return replicated_.grad.data() + (param - rv);
   const float* ev = experts_.value.data();
-  if (param >= ev && param < ev + experts_.value.size()) return experts_.grad.data() + (param - ev);
+  if (param >= ev && param < ev + experts_.value.size()) return experts().grad.data() + (param - ev);
   throw InvalidArgument(name_ + ": grad_of() was given a pointer outside this layer's parameters");
 }
 
 void MoELayer::zero_grad() {
   std::fill(replicated_.grad.begin(), replicated_.grad.end(), 0.0f);
-  std::fill(experts_.grad.begin(), experts_.grad.end(), 0.0f);
+  expert_grads_stale_ = true;
 }
 
 void MoELayer::set_counts(std::span<const std::int64_t> send_rows,
@@ -111,9 +121,10 @@ void MoELayer::forward(const float* x, std::int64_t tokens, float* y) {
   auto dispatch = exchange(send_.data(), recv_.data(), "dispatch");
   if (shared_ffn_ > 0) {
     grow(shared_h13_, tokens * 2 * shared_ffn_);
+    grow(shared_sig_, tokens * shared_ffn_);
     grow(shared_a_, tokens * shared_ffn_);
     kernels::swiglu_ffn_forward({tokens, H, shared_ffn_}, x_.data(), shared_w13(), shared_w2(),
-                                shared_h13_.data(), shared_a_.data(), y);
+                                shared_h13_.data(), shared_sig_.data(), shared_a_.data(), y);
   } else if (tokens > 0) {
     std::fill_n(y, tokens * H, 0.0f);
   }
@@ -131,14 +142,15 @@ void MoELayer::forward(const float* x, std::int64_t tokens, float* y) {
         recv_weight_[static_cast<std::size_t>(layout_.entry_row[static_cast<std::size_t>(n)] * K + layout_.entry_pick[static_cast<std::size_t>(n)])];
   grow(xe_, entries * H);
   grow(h13_, entries * 2 * ffn_);
+  grow(sig_, entries * ffn_);
   grow(a_, entries * ffn_);
   grow(ye_, entries * H);
   kernels::gather_rows(entries, H, layout_.entry_row.data(), recv_.data(), stride, xe_.data(), H);
   for (std::int64_t s = 0; s < num_local_experts(); ++s) {
     const std::int64_t off = layout_.offsets[static_cast<std::size_t>(s)];
     kernels::swiglu_ffn_forward({layout_.count(s), H, ffn_}, xe_.data() + off * H, expert_w13(s),
-                                expert_w2(s), h13_.data() + off * 2 * ffn_, a_.data() + off * ffn_,
-                                ye_.data() + off * H);
+                                expert_w2(s), h13_.data() + off * 2 * ffn_, sig_.data() + off * ffn_,
+                                a_.data() + off * ffn_, ye_.data() + off * H);
   }
 
   // 6. combine: weighted sum per received row here, one row back per (token, rank).
@@ -174,7 +186,7 @@ void MoELayer::backward(const float* dy, float* dx) {
   if (shared_ffn_ > 0) {
     grow(dh13_, tokens * 2 * shared_ffn_);
     kernels::swiglu_ffn_backward({tokens, H, shared_ffn_}, x_.data(), shared_w13(), shared_w2(),
-                                 shared_h13_.data(), shared_a_.data(), dy, grad_of(shared_w13()),
+                                 shared_h13_.data(), shared_sig_.data(), shared_a_.data(), dy, grad_of(shared_w13()),
                                  grad_of(shared_w2()), dx, dh13_.data());
   } else if (tokens > 0) {
     std::fill_n(dx, tokens * H, 0.0f);
@@ -185,29 +197,36 @@ void MoELayer::backward(const float* dy, float* dx) {
   grow(dye_, entries * H);
   grow(dpick_, received * K);
   std::fill(dpick_.begin(), dpick_.end(), 0.0f);
-  for (std::int64_t n = 0; n < entries; ++n) {
-    const std::int64_t r = layout_.entry_row[static_cast<std::size_t>(n)];
-    const float* g = recv_.data() + r * H;
-    const float* yo = ye_.data() + n * H;
-    float* d = dye_.data() + n * H;
-    const float w = entry_weight_[static_cast<std::size_t>(n)];
-    double dot = 0.0;
-    for (std::int64_t j = 0; j < H; ++j) {
-      d[j] = w * g[j];
-      dot += static_cast<double>(g[j]) * yo[j];
+  // Entries write disjoint rows of dye_ and disjoint slots of dpick_, so they split freely.
+  parallel_for(entries, 64, [&](std::int64_t n0, std::int64_t n1) {
+    for (std::int64_t n = n0; n < n1; ++n) {
+      const std::int64_t r = layout_.entry_row[static_cast<std::size_t>(n)];
+      const float* g = recv_.data() + r * H;
+      const float* yo = ye_.data() + n * H;
+      float* d = dye_.data() + n * H;
+      const float w = entry_weight_[static_cast<std::size_t>(n)];
+      double dot = 0.0;
+      for (std::int64_t j = 0; j < H; ++j) {
+        d[j] = w * g[j];
+        dot += static_cast<double>(g[j]) * yo[j];
+      }
+      dpick_[static_cast<std::size_t>(r * K + layout_.entry_pick[static_cast<std::size_t>(n)])] = static_cast<float>(dot);
     }
-    dpick_[static_cast<std::size_t>(r * K + layout_.entry_pick[static_cast<std::size_t>(n)])] = static_cast<float>(dot);
-  }
+  });
   grow(dxe_, entries * H);
   std::int64_t max_block = 0;
   for (std::int64_t s = 0; s < num_local_experts(); ++s) max_block = std::max(max_block, layout_.count(s));
   grow(dh13_, std::max<std::int64_t>(static_cast<std::int64_t>(dh13_.size()), max_block * 2 * ffn_));
+  const bool overwrite = expert_grads_stale_;
+  expert_grads_stale_ = false;
   for (std::int64_t s = 0; s < num_local_experts(); ++s) {
     const std::int64_t off = layout_.offsets[static_cast<std::size_t>(s)];
+    float* g13 = experts_.grad.data() + s * expert_stride();
+    if (overwrite && layout_.count(s) == 0) std::fill_n(g13, expert_stride(), 0.0f);
     kernels::swiglu_ffn_backward({layout_.count(s), H, ffn_}, xe_.data() + off * H, expert_w13(s),
-                                 expert_w2(s), h13_.data() + off * 2 * ffn_, a_.data() + off * ffn_,
-                                 dye_.data() + off * H, grad_of(expert_w13(s)), grad_of(expert_w2(s)),
-                                 dxe_.data() + off * H, dh13_.data());
+                                 expert_w2(s), h13_.data() + off * 2 * ffn_, sig_.data() + off * ffn_,
+                                 a_.data() + off * ffn_, dye_.data() + off * H, g13, g13 + 2 * ffn_ * hidden_,
+                                 dxe_.data() + off * H, dh13_.data(), !overwrite);
   }
 
   // Return one row per received row: dx part, then the K routing-weight gradients.

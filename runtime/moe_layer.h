@@ -52,7 +52,8 @@ class MoELayer {
   std::int64_t num_local_experts() const { return placement_.num_local(comm_.rank()); }
 
   ParamBlock& replicated() { return replicated_; }
-  ParamBlock& experts() { return experts_; }
+  /// This rank's experts (values and gradients; see zero_grad()).
+  ParamBlock& experts();
   float* gate_weight() { return replicated_.value.data(); }
   float* shared_w13() { return replicated_.value.data() + shared_w13_offset(); }
   float* shared_w2() { return replicated_.value.data() + shared_w2_offset(); }
@@ -67,7 +68,9 @@ class MoELayer {
   std::int64_t shared_w2_offset() const { return shared_w13_offset() + 2 * shared_ffn_ * hidden_; }
   std::int64_t expert_stride() const { return 3 * ffn_ * hidden_; }
 
-  /// Sets every gradient to zero.
+  /// Sets every gradient to zero. Expert gradients are zeroed lazily: the next backward overwrites
+  /// them instead of adding (and clears those of experts that received no token), which saves a
+  /// pass over the largest buffer of the layer.
   void zero_grad();
 
   /// y [tokens, H] = layer(x [tokens, H]). Saves what backward needs (x is copied).
@@ -94,6 +97,7 @@ class MoELayer {
 
   ParamBlock replicated_;
   ParamBlock experts_;
+  bool expert_grads_stale_ = false;  // zero_grad() happened; experts_.grad not cleared yet
   std::vector<float> bias_;
 
   // Saved by forward for backward; reused across steps so no step allocates once warm.
@@ -108,8 +112,8 @@ class MoELayer {
   std::vector<std::int32_t> recv_slot_;
   std::vector<float> recv_weight_;
   std::vector<float> entry_weight_;                      // [entries] routing weight of each entry
-  std::vector<float> xe_, h13_, a_, ye_;                 // per-expert blocks
-  std::vector<float> shared_h13_, shared_a_;
+  std::vector<float> xe_, h13_, sig_, a_, ye_;                 // per-expert blocks
+  std::vector<float> shared_h13_, shared_sig_, shared_a_;
   std::vector<float> out_rows_, back_;                   // combine buffers
   // Backward scratch.
   std::vector<float> dye_, dxe_, dh13_, dpick_, d_weights_, dlogits_;

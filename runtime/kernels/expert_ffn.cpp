@@ -5,44 +5,55 @@
 
 #include "runtime/blas.h"
 #include "runtime/kernels/math.h"
+#include "runtime/parallel.h"
 
 namespace moex::kernels {
 
 void swiglu_ffn_forward(const FfnShape& s, const float* x, const float* w13, const float* w2,
-                        float* h13, float* a, float* y) {
+                        float* h13, float* sig, float* a, float* y) {
   const std::int64_t H = s.hidden, F = s.ffn;
   if (s.rows == 0) return;
   blas::sgemm(false, true, s.rows, 2 * F, H, 1.0f, x, H, w13, H, 0.0f, h13, 2 * F);
-  for (std::int64_t r = 0; r < s.rows; ++r) {
-    const float* g = h13 + r * 2 * F;
-    const float* u = g + F;
-    float* ar = a + r * F;
-    for (std::int64_t j = 0; j < F; ++j) ar[j] = math::swiglu(g[j], u[j]);
-  }
+  parallel_for(s.rows, 16, [&](std::int64_t r0, std::int64_t r1) {
+    for (std::int64_t r = r0; r < r1; ++r) {
+      const float* g = h13 + r * 2 * F;
+      const float* u = g + F;
+      float* sr = sig + r * F;
+      float* ar = a + r * F;
+      for (std::int64_t j = 0; j < F; ++j) {
+        sr[j] = math::sigmoid(g[j]);
+        ar[j] = g[j] * sr[j] * u[j];
+      }
+    }
+  });
   blas::sgemm(false, true, s.rows, H, F, 1.0f, a, F, w2, F, 0.0f, y, H);
 }
 
 void swiglu_ffn_backward(const FfnShape& s, const float* x, const float* w13, const float* w2,
-                         const float* h13, const float* a, const float* dy, float* dw13, float* dw2,
-                         float* dx, float* dh13) {
+                         const float* h13, const float* sig, const float* a, const float* dy, float* dw13, float* dw2,
+                         float* dx, float* dh13, bool accumulate) {
   const std::int64_t H = s.hidden, F = s.ffn;
   if (s.rows == 0) {
     return;
   }
   // dA = dy . w2 lands in the up half of dh13, then both halves are rewritten element by element.
   blas::sgemm(false, false, s.rows, F, H, 1.0f, dy, H, w2, F, 0.0f, dh13 + F, 2 * F);
-  blas::sgemm(true, false, H, F, s.rows, 1.0f, dy, H, a, F, 1.0f, dw2, F);
-  for (std::int64_t r = 0; r < s.rows; ++r) {
-    const float* g = h13 + r * 2 * F;
-    float* d = dh13 + r * 2 * F;
-    for (std::int64_t j = 0; j < F; ++j) {
-      float dg, du;
-      math::swiglu_backward(g[j], g[F + j], d[F + j], &dg, &du);
-      d[j] = dg;
-      d[F + j] = du;
+  const float beta = accumulate ? 1.0f : 0.0f;
+  blas::sgemm(true, false, H, F, s.rows, 1.0f, dy, H, a, F, beta, dw2, F);
+  parallel_for(s.rows, 16, [&](std::int64_t r0, std::int64_t r1) {
+    for (std::int64_t r = r0; r < r1; ++r) {
+      const float* g = h13 + r * 2 * F;
+      const float* sr = sig + r * F;
+      float* d = dh13 + r * 2 * F;
+      for (std::int64_t j = 0; j < F; ++j) {
+        float dg, du;
+        math::swiglu_backward_saved(g[j], g[F + j], sr[j], d[F + j], &dg, &du);
+        d[j] = dg;
+        d[F + j] = du;
+      }
     }
-  }
-  blas::sgemm(true, false, 2 * F, H, s.rows, 1.0f, dh13, 2 * F, x, H, 1.0f, dw13, H);
+  });
+  blas::sgemm(true, false, 2 * F, H, s.rows, 1.0f, dh13, 2 * F, x, H, beta, dw13, H);
   blas::sgemm(false, false, s.rows, H, 2 * F, 1.0f, dh13, 2 * F, w13, H, 0.0f, dx, H);
 }
 

@@ -13,15 +13,15 @@ struct FfnShape {
   std::int64_t ffn = 0;
 };
 
-/// y = down(silu(gate x) * up x). Saves h13 [rows, 2*ffn] and a [rows, ffn] for backward;
-/// writes y [rows, hidden] (overwrites).
+/// y = down(silu(gate x) * up x). Saves h13 [rows, 2*ffn], sig = sigmoid(gate x) [rows, ffn] and
+/// a [rows, ffn] for backward; writes y [rows, hidden] (overwrites).
 void swiglu_ffn_forward(const FfnShape& s, const float* x, const float* w13, const float* w2,
-                        float* h13, float* a, float* y);
+                        float* h13, float* sig, float* a, float* y);
 
-/// From dy [rows, hidden]: accumulates dw13 += and dw2 +=, writes dx [rows, hidden] (overwrites).
-/// `dh13` is scratch of [rows, 2*ffn] floats.
+/// From dy [rows, hidden]: accumulates dw13 += and dw2 += (or overwrites them when `accumulate` is
+/// false), writes dx [rows, hidden] (overwrites). `dh13` is scratch of [rows, 2*ffn] floats.
 void swiglu_ffn_backward(const FfnShape& s, const float* x, const float* w13, const float* w2,
-                         const float* h13, const float* a, const float* dy, float* dw13, float* dw2,
-                         float* dx, float* dh13);
+                         const float* h13, const float* sig, const float* a, const float* dy, float* dw13, float* dw2,
+                         float* dx, float* dh13, bool accumulate = true);
 
 }  // namespace moex::kernels

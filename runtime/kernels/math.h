@@ -26,6 +26,11 @@ MOEX_HD float silu_grad(float x) {
 }
 /// SwiGLU forward of one element: silu(g) * u.
 MOEX_HD float swiglu(float g, float u) { return silu(g) * u; }
+/// SwiGLU backward of one element given s = sigmoid(g) saved by the forward pass (no exp needed).
+MOEX_HD void swiglu_backward_saved(float g, float u, float s, float da, float* dg, float* du) {
+  *du = da * g * s;
+  *dg = da * u * s * (1.0f + g * (1.0f - s));
+}
 /// SwiGLU backward of one element: from dA = dL/d(silu(g)*u), the gradients of g and u.
 MOEX_HD void swiglu_backward(float g, float u, float da, float* dg, float* du) {
   const float s = sigmoid(g);
