@@ -1,9 +1,10 @@
-// Communicator helpers shared by every backend.
+// Backend-independent helpers of the Communicator interface: element sizes and the timeout setting.
 #include "comm/communicator.h"
 
 #include <cerrno>
 #include <cmath>
 #include <cstdlib>
+#include <string>
 
 #include "base/error.h"
 
@@ -17,18 +18,23 @@ std::size_t element_size(DataType type) {
     case DataType::kInt64: return 8;
     case DataType::kByte: return 1;
   }
-  throw InvalidArgument("element_size: unknown DataType " + std::to_string(static_cast<int>(type)));
+  throw InvalidArgument("element_size: DataType " + std::to_string(static_cast<int>(type)) +
+                        " is not one of float32, float64, int32, int64, byte");
 }
 
 std::chrono::milliseconds timeout_from_env(std::chrono::milliseconds fallback) {
-  const char* v = std::getenv("MOEX_TIMEOUT_S");
-  if (!v) return fallback;
+  const char* text = std::getenv("MOEX_TIMEOUT_S");
+  if (text == nullptr) return fallback;
+  // About 115 days: far above any real step, and small enough that the milliseconds cannot overflow.
+  constexpr double kMaxSeconds = 1e7;
   char* end = nullptr;
   errno = 0;
-  const double s = std::strtod(v, &end);
-  if (*v == '\0' || *end != '\0' || errno == ERANGE || !std::isfinite(s) || s <= 0.0 || s > 1e7)
-    throw ConfigError(std::string("MOEX_TIMEOUT_S='") + v + "': expected a positive number of seconds");
-  return std::chrono::milliseconds(static_cast<std::int64_t>(std::ceil(s * 1000.0)));
+  const double seconds = std::strtod(text, &end);
+  const bool parsed = end != text && *end == '\0' && errno != ERANGE;
+  if (!parsed || !std::isfinite(seconds) || seconds <= 0.0 || seconds > kMaxSeconds)
+    throw ConfigError(std::string("MOEX_TIMEOUT_S='") + text + "': expected a positive number of seconds");
+  // Round up so that a tiny positive value never becomes a zero timeout.
+  return std::chrono::milliseconds(static_cast<std::int64_t>(std::ceil(seconds * 1000.0)));
 }
 
 }  // namespace moex::comm

@@ -1,244 +1,368 @@
-// MpiCommunicator: nonblocking MPI collectives, each waited on against a deadline.
+// MpiCommunicator: nonblocking MPI collectives, each polled against a deadline.
 #include "comm/mpi/mpi_communicator.h"
 
+#include <algorithm>
 #include <climits>
 #include <cstdio>
+#include <exception>
+#include <iomanip>
 #include <sstream>
 #include <thread>
+#include <utility>
 
 #include "comm/mpi/mpi_check.h"
 
 namespace moex::comm {
 namespace {
 
-MPI_Datatype mpi_type(DataType t) {
-  switch (t) {
+/// The MPI datatype of `type`; InvalidArgument for a value outside the enum.
+MPI_Datatype mpi_type(DataType type, const std::string& op) {
+  switch (type) {
     case DataType::kFloat32: return MPI_FLOAT;
     case DataType::kFloat64: return MPI_DOUBLE;
     case DataType::kInt32: return MPI_INT32_T;
     case DataType::kInt64: return MPI_INT64_T;
     case DataType::kByte: return MPI_BYTE;
   }
-  throw InvalidArgument("MPI: unknown DataType " + std::to_string(static_cast<int>(t)));
+  throw InvalidArgument(op + ": DataType " + std::to_string(static_cast<int>(type)) +
+                        " is not one of float32, float64, int32, int64, byte");
 }
 
-int to_int(std::int64_t v, const std::string& op, const char* what) {
-  if (v < 0) throw InvalidArgument(op + ": " + what + " = " + std::to_string(v) + " must be >= 0");
-  if (v > INT_MAX)
-    throw InvalidArgument(op + ": " + what + " = " + std::to_string(v) + " exceeds MPI's int range (2^31 - 1)");
-  return static_cast<int>(v);
+/// `value` as the int MPI takes; InvalidArgument when negative or above INT_MAX.
+int to_mpi_int(std::int64_t value, const std::string& op, const std::string& what) {
+  if (value < 0) throw InvalidArgument(op + ": " + what + " = " + std::to_string(value) + " must be >= 0");
+  if (value > INT_MAX) {
+    throw InvalidArgument(op + ": " + what + " = " + std::to_string(value) + " exceeds INT_MAX (" +
+                          std::to_string(INT_MAX) + "), the largest count or displacement MPI accepts");
+  }
+  return static_cast<int>(value);
 }
 
-/// A posted MPI request plus the count arrays it reads until it completes.
-class MpiWork final : public Work {
- public:
-  MpiWork(std::uint64_t seq, std::string op, std::chrono::milliseconds timeout, int rank, int size)
-      : Work(seq, std::move(op), timeout), rank_(rank), size_(size) {}
-  ~MpiWork() override {
-    if (request_ == MPI_REQUEST_NULL) return;
-    try {
-      Work::wait();
-    } catch (const std::exception& e) {
-      std::fprintf(stderr, "moex: warning: unfinished %s abandoned: %s\n", op().c_str(), e.what());
-    }
+/// Per-peer counts as ints, one per rank of a communicator of `size` ranks.
+std::vector<int> per_peer_counts(std::span<const std::int64_t> counts, int size, const std::string& op,
+                                 const char* what) {
+  if (counts.size() != static_cast<std::size_t>(size)) {
+    throw InvalidArgument(op + ": " + what + " has " + std::to_string(counts.size()) +
+                          " entries; expected one per rank (" + std::to_string(size) + ")");
   }
-  bool completed() override {
-    if (request_ == MPI_REQUEST_NULL) return true;
-    int done = 0;
-    MOEX_MPI_CHECK(MPI_Test(&request_, &done, MPI_STATUS_IGNORE));
-    return done != 0;
-  }
-  void wait(Clock::time_point deadline) override {
-    const auto start = Clock::now();
-    auto pause = std::chrono::microseconds(1);
-    for (int polls = 0; !completed(); ++polls) {
-      if (Clock::now() >= deadline) {
-        const double waited = std::chrono::duration<double>(Clock::now() - start).count();
-        std::ostringstream os;
-        os << op() << " #" << sequence() << " on rank " << rank_ << " of " << size_ << " did not complete within "
-           << waited << " s; peers:";
-        for (int p = 0; p < size_; ++p)
-          if (p != rank_) os << " " << p;
-        os << " (a peer may have crashed or stalled, or ranks issued collectives in a different order); "
-              "raise MOEX_TIMEOUT_S or --timeout if the step is legitimately slower";
-        request_ = MPI_REQUEST_NULL;  // a collective cannot be cancelled; the job is expected to abort
-        throw TimeoutError(os.str());
-      }
-      // Spin briefly for low latency, then back off so a waiting rank leaves the core to others.
-      if (polls > 64) {
-        std::this_thread::sleep_for(pause);
-        pause = std::min(pause * 2, std::chrono::microseconds(1000));
-      }
-    }
-  }
-  MPI_Request* request() { return &request_; }
-  std::vector<int> counts_a, displs_a, counts_b, displs_b;
-
- private:
-  MPI_Request request_ = MPI_REQUEST_NULL;
-  int rank_, size_;
-};
-
-void prefix_sums(const std::vector<int>& counts, std::vector<int>& displs, const std::string& op) {
-  displs.resize(counts.size());
-  std::int64_t at = 0;
-  for (std::size_t i = 0; i < counts.size(); ++i) {
-    displs[i] = to_int(at, op, "displacement");
-    at += counts[i];
-  }
-  to_int(at, op, "total count");
-}
-
-std::vector<int> checked_counts(std::span<const std::int64_t> counts, int size, const std::string& op,
-                                const char* what) {
-  if (static_cast<int>(counts.size()) != size)
-    throw InvalidArgument(op + ": " + what + " has " + std::to_string(counts.size()) + " entries; expected one per rank (" +
-                          std::to_string(size) + ")");
   std::vector<int> out(counts.size());
-  for (std::size_t i = 0; i < counts.size(); ++i) out[i] = to_int(counts[i], op, what);
+  for (std::size_t p = 0; p < counts.size(); ++p)
+    out[p] = to_mpi_int(counts[p], op, std::string(what) + "[" + std::to_string(p) + "]");
   return out;
 }
 
-void require_buffer(const void* p, std::int64_t count, const std::string& op, const char* what) {
-  if (!p && count > 0) throw InvalidArgument(op + ": " + what + " is null but " + std::to_string(count) + " elements are to be moved");
+/// Displacements of blocks packed back to back: the exclusive prefix sums of `counts`.
+std::vector<int> packed_displacements(const std::vector<int>& counts, const std::string& op, const char* what) {
+  std::vector<int> displs(counts.size());
+  std::int64_t at = 0;
+  for (std::size_t p = 0; p < counts.size(); ++p) {
+    displs[p] = to_mpi_int(at, op, std::string("displacement of ") + what + "[" + std::to_string(p) + "]");
+    at += counts[p];
+  }
+  return displs;
 }
+
+std::int64_t total(const std::vector<int>& counts) {
+  std::int64_t sum = 0;
+  for (int c : counts) sum += c;
+  return sum;
+}
+
+/// A null buffer is fine only when nothing is read from or written to it.
+void require_buffer(const void* buffer, std::int64_t elements, const std::string& op, const char* what) {
+  if (buffer == nullptr && elements > 0) {
+    throw InvalidArgument(op + ": " + what + " is null but " + std::to_string(elements) +
+                          " elements would move through it; a null buffer is allowed only with zero counts");
+  }
+}
+
+void require_root(int root, int size, const std::string& op) {
+  if (root < 0 || root >= size) {
+    throw InvalidArgument(op + ": root = " + std::to_string(root) + " is not a rank of this communicator (0.." +
+                          std::to_string(size - 1) + ")");
+  }
+}
+
+/// "0,1,3" for the ranks other than `self`; runs of three or more shrink to "4-9" so that large
+/// jobs keep the message readable.
+std::string peer_list(int self, int size) {
+  std::vector<int> peers;
+  for (int p = 0; p < size; ++p)
+    if (p != self) peers.push_back(p);
+  if (peers.empty()) return "none";
+  std::ostringstream os;
+  for (std::size_t i = 0; i < peers.size();) {
+    std::size_t j = i;
+    while (j + 1 < peers.size() && peers[j + 1] == peers[j] + 1) ++j;
+    if (i > 0) os << ",";
+    if (j - i >= 2) {
+      os << peers[i] << "-" << peers[j];
+    } else {
+      for (std::size_t k = i; k <= j; ++k) os << (k > i ? "," : "") << peers[k];
+    }
+    i = j + 1;
+  }
+  return os.str();
+}
+
+/// One posted MPI request plus the count and displacement arrays MPI reads until it completes.
+class MpiWork final : public Work {
+ public:
+  /// Arrays a v-collective hands to MPI by pointer; empty for the others.
+  struct Arrays {
+    std::vector<int> send_counts, send_displs, recv_counts, recv_displs;
+  };
+
+  MpiWork(std::uint64_t sequence, std::string op, std::chrono::milliseconds default_timeout, int rank, int size,
+          Arrays arrays)
+      : Work(sequence, std::move(op), default_timeout),
+        rank_(rank),
+        size_(size),
+        posted_at_(Clock::now()),
+        arrays_(std::move(arrays)) {}
+
+  MpiWork(const MpiWork&) = delete;
+  MpiWork& operator=(const MpiWork&) = delete;
+
+  ~MpiWork() override {
+    if (done_) return;
+    try {
+      if (timed_out_) {
+        // The caller already saw the TimeoutError; waiting the full timeout again would only delay
+        // the abort. A pending collective cannot be freed or cancelled, so it is left to MPI.
+        if (!completed()) {
+          std::fprintf(stderr, "%smoex: warning: %s #%llu abandoned after a timeout; its request stays pending\n",
+                       rank_prefix().c_str(), op().c_str(), static_cast<unsigned long long>(sequence()));
+        }
+        return;
+      }
+      Work::wait();
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "moex: warning: unfinished %s #%llu dropped: %s\n", op().c_str(),
+                   static_cast<unsigned long long>(sequence()), e.what());
+    } catch (...) {
+      std::fprintf(stderr, "%smoex: warning: unfinished %s #%llu dropped: unknown error\n", rank_prefix().c_str(),
+                   op().c_str(), static_cast<unsigned long long>(sequence()));
+    }
+  }
+
+  /// The request MPI fills in when the op is posted.
+  MPI_Request* request() { return &request_; }
+  const Arrays& arrays() const { return arrays_; }
+
+  bool completed() override {
+    if (done_) return true;
+    int flag = 0;
+    const int rc = MPI_Test(&request_, &flag, MPI_STATUS_IGNORE);
+    if (rc != MPI_SUCCESS) {
+      // An op that failed has finished too; wait() reports the failure.
+      error_ = detail::mpi_failure_message(rc, "MPI_Test(&request_, &flag, MPI_STATUS_IGNORE)", __FILE__, __LINE__);
+      error_ += " (while completing " + op() + " #" + std::to_string(sequence()) + ")";
+      request_ = MPI_REQUEST_NULL;
+      done_ = true;
+    } else if (flag != 0) {
+      done_ = true;
+    }
+    return done_;
+  }
+
+  void wait(Clock::time_point deadline) override {
+    constexpr int kSpinPolls = 64;
+    constexpr auto kMaxPause = std::chrono::microseconds(1000);
+    auto pause = std::chrono::microseconds(1);
+    for (int polls = 0; !completed(); ++polls) {
+      if (Clock::now() >= deadline) {
+        timed_out_ = true;
+        throw TimeoutError(timeout_message(deadline));
+      }
+      // Spin briefly for latency, then sleep with a growing pause so that ranks oversubscribing
+      // the cores leave them to the peers they are waiting for.
+      if (polls >= kSpinPolls) {
+        std::this_thread::sleep_for(pause);
+        pause = std::min(pause * 2, kMaxPause);
+      }
+    }
+    if (!error_.empty()) throw MpiError(error_);
+  }
+
+ private:
+  std::string timeout_message(Clock::time_point deadline) const {
+    const double allowed = std::max(0.0, std::chrono::duration<double>(deadline - posted_at_).count());
+    std::ostringstream os;
+    os << op() << " #" << sequence() << " on rank " << rank_ << " of " << size_ << " did not complete within "
+       << std::fixed << std::setprecision(1) << allowed << " s; peers: " << peer_list(rank_, size_)
+       << " (a peer may have crashed, stalled, or issued collectives in a different order); raise MOEX_TIMEOUT_S or "
+          "--timeout if the step is legitimately slower";
+    return os.str();
+  }
+
+  MPI_Request request_ = MPI_REQUEST_NULL;
+  int rank_;
+  int size_;
+  Clock::time_point posted_at_;
+  Arrays arrays_;
+  bool done_ = false;
+  bool timed_out_ = false;
+  std::string error_;
+};
+
+/// "<name>(<label>)", the op text shown in errors.
+std::string op_name(const char* name, const std::string& label) { return std::string(name) + "(" + label + ")"; }
+
 }  // namespace
 
 MpiRuntime::MpiRuntime(int* argc, char*** argv, int requested) {
   int initialized = 0;
   MOEX_MPI_CHECK(MPI_Initialized(&initialized));
-  if (!initialized) {
+  if (initialized) {
+    int finalized = 0;
+    MOEX_MPI_CHECK(MPI_Finalized(&finalized));
+    if (finalized) throw MpiError("MpiRuntime: MPI was already finalized in this process and cannot be restarted");
+    MOEX_MPI_CHECK(MPI_Query_thread(&provided_));
+  } else {
     MOEX_MPI_CHECK(MPI_Init_thread(argc, argv, requested, &provided_));
     owns_ = true;
-  } else {
-    MOEX_MPI_CHECK(MPI_Query_thread(&provided_));
   }
   MOEX_MPI_CHECK(MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN));
 }
 
 MpiRuntime::~MpiRuntime() {
+  if (!owns_) return;
   int finalized = 0;
-  MPI_Finalized(&finalized);
-  if (owns_ && !finalized) MPI_Finalize();
+  if (MPI_Finalized(&finalized) == MPI_SUCCESS && !finalized) MPI_Finalize();
 }
 
 MpiCommunicator::MpiCommunicator(MPI_Comm base) {
   MOEX_MPI_CHECK(MPI_Comm_dup(base, &comm_));
-  MOEX_MPI_CHECK(MPI_Comm_set_errhandler(comm_, MPI_ERRORS_RETURN));
-  MOEX_MPI_CHECK(MPI_Comm_rank(comm_, &rank_));
-  MOEX_MPI_CHECK(MPI_Comm_size(comm_, &size_));
-  int world_rank = 0;
-  MOEX_MPI_CHECK(MPI_Comm_rank(MPI_COMM_WORLD, &world_rank));
-  set_process_rank(world_rank);
-  default_timeout_ = timeout_from_env(default_timeout_);
+  try {
+    MOEX_MPI_CHECK(MPI_Comm_set_errhandler(comm_, MPI_ERRORS_RETURN));
+    MOEX_MPI_CHECK(MPI_Comm_rank(comm_, &rank_));
+    MOEX_MPI_CHECK(MPI_Comm_size(comm_, &size_));
+    int world_rank = 0;
+    MOEX_MPI_CHECK(MPI_Comm_rank(MPI_COMM_WORLD, &world_rank));
+    set_process_rank(world_rank);
+  } catch (...) {
+    MPI_Comm_free(&comm_);
+    throw;
+  }
 }
 
 MpiCommunicator::~MpiCommunicator() {
-  if (comm_ != MPI_COMM_NULL) MPI_Comm_free(&comm_);
+  if (comm_ == MPI_COMM_NULL) return;
+  int finalized = 0;
+  if (MPI_Finalized(&finalized) == MPI_SUCCESS && !finalized) MPI_Comm_free(&comm_);
 }
 
-#define MOEX_NEW_WORK(name) \
-  auto work = std::make_unique<MpiWork>(next_sequence_++, std::string(name) + "(" + label + ")", default_timeout_, rank_, size_)
-
 WorkPtr MpiCommunicator::alltoall(const void* send, void* recv, std::int64_t count, DataType type, std::string label) {
-  const std::string op = "alltoall(" + label + ")";
-  const int n = to_int(count, op, "count");
+  std::string op = op_name("alltoall", label);
+  const MPI_Datatype dt = mpi_type(type, op);
+  const int n = to_mpi_int(count, op, "count");
   require_buffer(send, count * size_, op, "send");
   require_buffer(recv, count * size_, op, "recv");
-  MOEX_NEW_WORK("alltoall");
-  MOEX_MPI_CHECK(MPI_Ialltoall(send, n, mpi_type(type), recv, n, mpi_type(type), comm_, work->request()));
+  auto work = std::make_unique<MpiWork>(next_sequence_++, std::move(op), default_timeout_, rank_, size_,
+                                        MpiWork::Arrays{});
+  MOEX_MPI_CHECK(MPI_Ialltoall(send, n, dt, recv, n, dt, comm_, work->request()));
   return work;
 }
 
-WorkPtr MpiCommunicator::alltoallv(const AlltoallvArgs& a) {
-  const std::string& label = a.label;
-  const std::string op = "alltoallv(" + label + ")";
-  std::vector<int> sc = checked_counts(a.send_counts, size_, op, "send_counts");
-  std::vector<int> rc = checked_counts(a.recv_counts, size_, op, "recv_counts");
-  std::int64_t ts = 0, tr = 0;
-  for (int c : sc) ts += c;
-  for (int c : rc) tr += c;
-  require_buffer(a.send, ts, op, "send");
-  require_buffer(a.recv, tr, op, "recv");
-  MOEX_NEW_WORK("alltoallv");
-  work->counts_a = std::move(sc);
-  work->counts_b = std::move(rc);
-  prefix_sums(work->counts_a, work->displs_a, op);
-  prefix_sums(work->counts_b, work->displs_b, op);
-  MOEX_MPI_CHECK(MPI_Ialltoallv(a.send, work->counts_a.data(), work->displs_a.data(), mpi_type(a.type), a.recv,
-                                work->counts_b.data(), work->displs_b.data(), mpi_type(a.type), comm_, work->request()));
+WorkPtr MpiCommunicator::alltoallv(const AlltoallvArgs& args) {
+  std::string op = op_name("alltoallv", args.label);
+  const MPI_Datatype dt = mpi_type(args.type, op);
+  MpiWork::Arrays arrays;
+  arrays.send_counts = per_peer_counts(args.send_counts, size_, op, "send_counts");
+  arrays.recv_counts = per_peer_counts(args.recv_counts, size_, op, "recv_counts");
+  arrays.send_displs = packed_displacements(arrays.send_counts, op, "send_counts");
+  arrays.recv_displs = packed_displacements(arrays.recv_counts, op, "recv_counts");
+  require_buffer(args.send, total(arrays.send_counts), op, "send");
+  require_buffer(args.recv, total(arrays.recv_counts), op, "recv");
+  auto work =
+      std::make_unique<MpiWork>(next_sequence_++, std::move(op), default_timeout_, rank_, size_, std::move(arrays));
+  const MpiWork::Arrays& a = work->arrays();
+  MOEX_MPI_CHECK(MPI_Ialltoallv(args.send, a.send_counts.data(), a.send_displs.data(), dt, args.recv,
+                                a.recv_counts.data(), a.recv_displs.data(), dt, comm_, work->request()));
   return work;
 }
 
 WorkPtr MpiCommunicator::allreduce_sum(void* data, std::int64_t count, DataType type, std::string label) {
-  const std::string op = "allreduce_sum(" + label + ")";
-  if (type == DataType::kByte) throw InvalidArgument(op + ": bytes cannot be summed; use a numeric DataType");
-  const int n = to_int(count, op, "count");
+  std::string op = op_name("allreduce_sum", label);
+  const MPI_Datatype dt = mpi_type(type, op);
+  if (type == DataType::kByte) throw InvalidArgument(op + ": type byte cannot be summed; use a numeric DataType");
+  const int n = to_mpi_int(count, op, "count");
   require_buffer(data, count, op, "data");
-  MOEX_NEW_WORK("allreduce_sum");
-  MOEX_MPI_CHECK(MPI_Iallreduce(MPI_IN_PLACE, data, n, mpi_type(type), MPI_SUM, comm_, work->request()));
+  auto work = std::make_unique<MpiWork>(next_sequence_++, std::move(op), default_timeout_, rank_, size_,
+                                        MpiWork::Arrays{});
+  MOEX_MPI_CHECK(MPI_Iallreduce(MPI_IN_PLACE, data, n, dt, MPI_SUM, comm_, work->request()));
   return work;
 }
 
 WorkPtr MpiCommunicator::allreduce_max(void* data, std::int64_t count, DataType type, std::string label) {
-  const std::string op = "allreduce_max(" + label + ")";
-  if (type == DataType::kByte) throw InvalidArgument(op + ": bytes have no max; use a numeric DataType");
-  const int n = to_int(count, op, "count");
+  std::string op = op_name("allreduce_max", label);
+  const MPI_Datatype dt = mpi_type(type, op);
+  if (type == DataType::kByte) throw InvalidArgument(op + ": type byte has no max; use a numeric DataType");
+  const int n = to_mpi_int(count, op, "count");
   require_buffer(data, count, op, "data");
-  MOEX_NEW_WORK("allreduce_max");
-  MOEX_MPI_CHECK(MPI_Iallreduce(MPI_IN_PLACE, data, n, mpi_type(type), MPI_MAX, comm_, work->request()));
+  auto work = std::make_unique<MpiWork>(next_sequence_++, std::move(op), default_timeout_, rank_, size_,
+                                        MpiWork::Arrays{});
+  MOEX_MPI_CHECK(MPI_Iallreduce(MPI_IN_PLACE, data, n, dt, MPI_MAX, comm_, work->request()));
   return work;
 }
 
-WorkPtr MpiCommunicator::allgather(const void* send, void* recv, std::int64_t count, DataType type, std::string label) {
-  const std::string op = "allgather(" + label + ")";
-  const int n = to_int(count, op, "count");
+WorkPtr MpiCommunicator::allgather(const void* send, void* recv, std::int64_t count, DataType type,
+                                   std::string label) {
+  std::string op = op_name("allgather", label);
+  const MPI_Datatype dt = mpi_type(type, op);
+  const int n = to_mpi_int(count, op, "count");
   require_buffer(send, count, op, "send");
   require_buffer(recv, count * size_, op, "recv");
-  MOEX_NEW_WORK("allgather");
-  MOEX_MPI_CHECK(MPI_Iallgather(send, n, mpi_type(type), recv, n, mpi_type(type), comm_, work->request()));
+  auto work = std::make_unique<MpiWork>(next_sequence_++, std::move(op), default_timeout_, rank_, size_,
+                                        MpiWork::Arrays{});
+  MOEX_MPI_CHECK(MPI_Iallgather(send, n, dt, recv, n, dt, comm_, work->request()));
   return work;
 }
 
 WorkPtr MpiCommunicator::gatherv(const void* send, std::int64_t send_count, void* recv,
-                                 std::span<const std::int64_t> recv_counts, DataType type, int root, std::string label) {
-  const std::string op = "gatherv(" + label + ")";
-  if (root < 0 || root >= size_)
-    throw InvalidArgument(op + ": root = " + std::to_string(root) + " is not a rank of this communicator (0.." +
-                          std::to_string(size_ - 1) + ")");
-  const int n = to_int(send_count, op, "send_count");
+                                 std::span<const std::int64_t> recv_counts, DataType type, int root,
+                                 std::string label) {
+  std::string op = op_name("gatherv", label);
+  const MPI_Datatype dt = mpi_type(type, op);
+  require_root(root, size_, op);
+  const int n = to_mpi_int(send_count, op, "send_count");
   require_buffer(send, send_count, op, "send");
-  MOEX_NEW_WORK("gatherv");
+  MpiWork::Arrays arrays;
   if (rank_ == root) {
-    work->counts_a = checked_counts(recv_counts, size_, op, "recv_counts");
-    if (work->counts_a[static_cast<std::size_t>(rank_)] != n)
-      throw InvalidArgument(op + ": root sends " + std::to_string(n) + " elements but recv_counts[root] = " +
-                            std::to_string(work->counts_a[static_cast<std::size_t>(rank_)]));
-    prefix_sums(work->counts_a, work->displs_a, op);
-    std::int64_t total = 0;
-    for (int c : work->counts_a) total += c;
-    require_buffer(recv, total, op, "recv");
+    arrays.recv_counts = per_peer_counts(recv_counts, size_, op, "recv_counts");
+    const int own = arrays.recv_counts[static_cast<std::size_t>(root)];
+    if (own != n) {
+      throw InvalidArgument(op + ": recv_counts[root " + std::to_string(root) + "] = " + std::to_string(own) +
+                            " must equal the root's send_count = " + std::to_string(n));
+    }
+    arrays.recv_displs = packed_displacements(arrays.recv_counts, op, "recv_counts");
+    require_buffer(recv, total(arrays.recv_counts), op, "recv");
   }
-  MOEX_MPI_CHECK(MPI_Igatherv(send, n, mpi_type(type), recv, rank_ == root ? work->counts_a.data() : nullptr,
-                              rank_ == root ? work->displs_a.data() : nullptr, mpi_type(type), root, comm_,
-                              work->request()));
+  auto work =
+      std::make_unique<MpiWork>(next_sequence_++, std::move(op), default_timeout_, rank_, size_, std::move(arrays));
+  const MpiWork::Arrays& a = work->arrays();
+  const bool is_root = rank_ == root;
+  MOEX_MPI_CHECK(MPI_Igatherv(send, n, dt, recv, is_root ? a.recv_counts.data() : nullptr,
+                              is_root ? a.recv_displs.data() : nullptr, dt, root, comm_, work->request()));
   return work;
 }
 
 WorkPtr MpiCommunicator::broadcast(void* data, std::int64_t count, DataType type, int root, std::string label) {
-  const std::string op = "broadcast(" + label + ")";
-  if (root < 0 || root >= size_)
-    throw InvalidArgument(op + ": root = " + std::to_string(root) + " is not a rank of this communicator (0.." +
-                          std::to_string(size_ - 1) + ")");
-  const int n = to_int(count, op, "count");
+  std::string op = op_name("broadcast", label);
+  const MPI_Datatype dt = mpi_type(type, op);
+  require_root(root, size_, op);
+  const int n = to_mpi_int(count, op, "count");
   require_buffer(data, count, op, "data");
-  MOEX_NEW_WORK("broadcast");
-  MOEX_MPI_CHECK(MPI_Ibcast(data, n, mpi_type(type), root, comm_, work->request()));
+  auto work = std::make_unique<MpiWork>(next_sequence_++, std::move(op), default_timeout_, rank_, size_,
+                                        MpiWork::Arrays{});
+  MOEX_MPI_CHECK(MPI_Ibcast(data, n, dt, root, comm_, work->request()));
   return work;
 }
 
 WorkPtr MpiCommunicator::barrier(std::string label) {
-  MOEX_NEW_WORK("barrier");
+  auto work = std::make_unique<MpiWork>(next_sequence_++, op_name("barrier", label), default_timeout_, rank_, size_,
+                                        MpiWork::Arrays{});
   MOEX_MPI_CHECK(MPI_Ibarrier(comm_, work->request()));
   return work;
 }
