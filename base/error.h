@@ -26,7 +26,12 @@ inline std::string rank_prefix() {
 /// the value, and what is expected.
 class Error : public std::runtime_error {
  public:
-  explicit Error(const std::string& what) : std::runtime_error(rank_prefix() + what) {}
+  explicit Error(const std::string& what) : std::runtime_error(rank_prefix() + what), message_(what) {}
+  /// The message without the rank prefix (for wrapping it in another error).
+  const std::string& message() const { return message_; }
+
+ private:
+  std::string message_;
 };
 
 /// A configuration value broke a rule (field, value and rule are in the message).

@@ -47,7 +47,7 @@ bool Options::parse(int argc, char** argv, int first) {
     if (it == specs_.end()) throw ConfigError("unknown option --" + name + "\n" + usage());
     if (it->second.is_flag) {
       if (inline_value) throw ConfigError("option --" + name + " takes no value");
-      values_[name] = "1";
+      values_.insert_or_assign(name, std::string(1, '1'));
     } else {
       if (!inline_value) {
         if (i + 1 >= argc) throw ConfigError("option --" + name + " needs a value (" + it->second.help + ")");

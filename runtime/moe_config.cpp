@@ -154,7 +154,7 @@ MoeConfig MoeConfig::from_file(const std::string& path) {
   try {
     return from_json(j);
   } catch (const ConfigError& e) {
-    throw ConfigError(std::string(e.what()) + " (in " + path + ")");
+    throw ConfigError(e.message() + " (in " + path + ")");
   }
 }
 
