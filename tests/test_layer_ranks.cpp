@@ -1,0 +1,124 @@
+// The distributed MoE layer equals the same layer on one rank: output, input gradient and every
+// parameter gradient, for DeepSeek-style configurations and degenerate routing.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include <nlohmann/json.hpp>
+
+#include "runtime/moe_layer.h"
+#include "runtime/moe_model.h"
+#include "runtime/random.h"
+#include "tests/mpi_test_env.h"
+
+namespace moex {
+namespace {
+
+struct Case {
+  const char* name;
+  const char* scoring;
+  const char* method;
+  std::int64_t experts, shared, topk, groups, topk_group, tokens;
+  bool norm;
+  double scale;
+  bool skew;  ///< one gate row dominates: every token picks the same expert first
+};
+
+MoeConfig config_of(const Case& c) {
+  nlohmann::json j{{"model_type", "deepseek_v3"}, {"hidden_size", 12}, {"moe_intermediate_size", 6},
+                   {"n_routed_experts", c.experts}, {"n_shared_experts", c.shared},
+                   {"num_experts_per_tok", c.topk}, {"n_group", c.groups}, {"topk_group", c.topk_group},
+                   {"topk_method", c.method}, {"scoring_func", c.scoring}, {"norm_topk_prob", c.norm},
+                   {"routed_scaling_factor", c.scale}, {"num_hidden_layers", 1}};
+  return MoeConfig::from_json(j);
+}
+
+/// Max |a - b| over max(|b|, 1e-6): fp32 results whose only difference is summation order.
+double rel_err(const float* a, const float* b, std::size_t n) {
+  double diff = 0.0, mag = 1e-6;
+  for (std::size_t i = 0; i < n; ++i) {
+    diff = std::max(diff, std::abs(static_cast<double>(a[i]) - b[i]));
+    mag = std::max(mag, std::abs(static_cast<double>(b[i])));
+  }
+  return diff / mag;
+}
+
+class LayerRanks : public ::testing::TestWithParam<Case> {};
+
+TEST_P(LayerRanks, DistributedEqualsSingleRank) {
+  const Case& c = GetParam();
+  const MoeConfig cfg = config_of(c);
+  auto& world = testing::world();
+  const std::int64_t H = cfg.hidden_size, T = c.tokens;
+  comm::MpiCommunicator self(MPI_COMM_SELF);
+  MoELayer one(cfg, self, sched::ExpertPlacement::contiguous(cfg.n_routed_experts, 1), "single");
+  MoELayer dist(cfg, world, sched::ExpertPlacement::contiguous(cfg.n_routed_experts, world.size()), "dist");
+  init_layer_random(one, 5, 0);
+  init_layer_random(dist, 5, 0);
+  if (c.skew) {
+    for (std::int64_t j = 0; j < H; ++j) {
+      one.gate_weight()[j] = 5.0f;  // expert 0 wins every token with positive features
+      dist.gate_weight()[j] = 5.0f;
+    }
+  }
+  if (!one.selection_bias().empty()) {
+    for (std::int64_t e = 0; e < cfg.n_routed_experts; ++e)
+      one.selection_bias()[static_cast<std::size_t>(e)] = dist.selection_bias()[static_cast<std::size_t>(e)] = 0.05f * static_cast<float>(e % 3);
+  }
+  std::vector<float> x(static_cast<std::size_t>(T * H)), dy(x.size());
+  Rng rng(77);
+  rng.fill_normal(x.data(), T * H, 1.0);
+  rng.fill_normal(dy.data(), T * H, 1.0);
+  if (c.skew) for (auto& v : x) v = std::abs(v);
+
+  std::vector<float> y1(x.size()), dx1(x.size());
+  one.zero_grad();
+  one.forward(x.data(), T, y1.data());
+  one.backward(dy.data(), dx1.data());
+
+  // This rank's share of the tokens (uneven; a rank gets none when T < ranks).
+  const std::int64_t b = T * world.rank() / world.size(), e = T * (world.rank() + 1) / world.size();
+  std::vector<float> y(static_cast<std::size_t>((e - b) * H)), dx(y.size());
+  dist.zero_grad();
+  dist.forward(x.data() + b * H, e - b, y.data());
+  dist.backward(dy.data() + b * H, dx.data());
+  dist.allreduce_replicated_grads()->wait();
+
+  // fp32 with different summation orders (partial sums per rank): 1e-5 relative to the tensor's scale.
+  const double tol = 1e-5;
+  bool ok = true;
+  auto check = [&](const char* what, const float* a, const float* ref, std::size_t n) {
+    const double err = rel_err(a, ref, n);
+    EXPECT_LE(err, tol) << what;
+    ok = ok && err <= tol;
+  };
+  check("output", y.data(), y1.data() + b * H, y.size());
+  check("input grad", dx.data(), dx1.data() + b * H, dx.size());
+  check("replicated grads (gate, shared)", dist.replicated().grad.data(), one.replicated().grad.data(),
+        one.replicated().grad.size());
+  const auto mine = dist.placement().experts_of(world.rank());
+  for (std::size_t s = 0; s < mine.size(); ++s) {
+    const auto stride = static_cast<std::size_t>(dist.expert_stride());
+    check("expert grads", dist.experts().grad.data() + s * stride,
+          one.experts().grad.data() + static_cast<std::size_t>(mine[s]) * stride, stride);
+  }
+  EXPECT_TRUE(testing::all_ranks(ok));
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Configs, LayerRanks,
+    ::testing::Values(
+        Case{"v3_sigmoid_noaux_groups_bias", "sigmoid", "noaux_tc", 8, 1, 3, 4, 2, 13, true, 2.5, false},
+        Case{"v2lite_softmax_greedy", "softmax", "greedy", 6, 2, 2, 1, 1, 11, false, 1.0, false},
+        Case{"softmax_group_limited", "softmax", "group_limited_greedy", 9, 0, 3, 3, 2, 10, true, 1.5, false},
+        Case{"top1", "sigmoid", "greedy", 5, 1, 1, 1, 1, 9, true, 1.0, false},
+        Case{"topk_equals_experts", "softmax", "greedy", 3, 0, 3, 1, 1, 7, false, 1.0, false},
+        Case{"fewer_experts_than_ranks", "sigmoid", "greedy", 3, 1, 2, 1, 1, 8, true, 1.0, false},
+        Case{"all_tokens_one_expert", "sigmoid", "greedy", 8, 0, 1, 1, 1, 12, true, 1.0, true},
+        Case{"fewer_tokens_than_ranks", "sigmoid", "noaux_tc", 8, 1, 2, 2, 1, 2, true, 2.5, false},
+        Case{"no_tokens", "softmax", "greedy", 4, 1, 2, 1, 1, 0, false, 1.0, false}),
+    [](const auto& info) { return std::string(info.param.name); });
+
+}  // namespace
+}  // namespace moex
