@@ -222,7 +222,6 @@ void MoELayer::backward(const float* dy, float* dx) {
   for (std::int64_t s = 0; s < num_local_experts(); ++s) {
     const std::int64_t off = layout_.offsets[static_cast<std::size_t>(s)];
     float* g13 = experts_.grad.data() + s * expert_stride();
-    if (overwrite && layout_.count(s) == 0) std::fill_n(g13, expert_stride(), 0.0f);
     kernels::swiglu_ffn_backward({layout_.count(s), H, ffn_}, xe_.data() + off * H, expert_w13(s),
                                  expert_w2(s), h13_.data() + off * 2 * ffn_, sig_.data() + off * ffn_,
                                  a_.data() + off * ffn_, dye_.data() + off * H, g13, g13 + 2 * ffn_ * hidden_,

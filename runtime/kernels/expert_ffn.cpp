@@ -34,6 +34,10 @@ void swiglu_ffn_backward(const FfnShape& s, const float* x, const float* w13, co
                          float* dx, float* dh13, bool accumulate) {
   const std::int64_t H = s.hidden, F = s.ffn;
   if (s.rows == 0) {
+    if (!accumulate) {  // no rows: the overwritten gradient is zero
+      std::fill_n(dw13, 2 * F * H, 0.0f);
+      std::fill_n(dw2, H * F, 0.0f);
+    }
     return;
   }
   // dA = dy . w2 lands in the up half of dh13, then both halves are rewritten element by element.

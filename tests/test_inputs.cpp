@@ -1,0 +1,167 @@
+// Bad inputs become clear errors: every config rule, and malformed safetensors files (with a fuzz loop).
+#include <gtest/gtest.h>
+
+#include <cstdio>
+#include <fstream>
+
+#include <nlohmann/json.hpp>
+
+#include "base/error.h"
+#include "runtime/moe_config.h"
+#include "runtime/random.h"
+#include "runtime/safetensors.h"
+
+namespace moex {
+namespace {
+using nlohmann::json;
+
+json base_config() {
+  return json{{"model_type", "deepseek_v3"}, {"hidden_size", 16}, {"moe_intermediate_size", 8},
+              {"n_routed_experts", 8}, {"n_shared_experts", 1}, {"num_experts_per_tok", 2},
+              {"n_group", 4}, {"topk_group", 2}, {"topk_method", "noaux_tc"}, {"scoring_func", "sigmoid"},
+              {"norm_topk_prob", true}, {"routed_scaling_factor", 2.5}};
+}
+
+struct Rule {
+  json patch;
+  const char* expect;  ///< a substring the message must hold (field and value)
+};
+
+class ConfigRules : public ::testing::TestWithParam<Rule> {};
+
+TEST_P(ConfigRules, RejectedWithFieldAndValue) {
+  json j = base_config();
+  j.merge_patch(GetParam().patch);
+  try {
+    MoeConfig::from_json(j);
+    FAIL() << "accepted " << GetParam().patch.dump();
+  } catch (const ConfigError& e) {
+    EXPECT_NE(std::string(e.what()).find(GetParam().expect), std::string::npos) << e.what();
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Each, ConfigRules,
+    ::testing::Values(Rule{{{"hidden_size", 0}}, "hidden_size = 0"}, Rule{{{"hidden_size", "big"}}, "hidden_size = \"big\""},
+                      Rule{{{"hidden_size", 2.5}}, "hidden_size = 2.5"}, Rule{{{"moe_intermediate_size", -1}}, "moe_intermediate_size = -1"},
+                      Rule{{{"n_routed_experts", 0}}, "n_routed_experts = 0"}, Rule{{{"n_shared_experts", -2}}, "n_shared_experts = -2"},
+                      Rule{{{"num_experts_per_tok", 9}}, "num_experts_per_tok = 9"}, Rule{{{"num_experts_per_tok", 0}}, "num_experts_per_tok = 0"},
+                      Rule{{{"n_group", 3}}, "n_group = 3"}, Rule{{{"topk_group", 5}}, "topk_group = 5"},
+                      Rule{{{"topk_group", 1}, {"num_experts_per_tok", 3}}, "num_experts_per_tok = 3"},
+                      Rule{{{"n_group", 8}, {"topk_group", 2}}, "n_group = 8"},
+                      Rule{{{"routed_scaling_factor", 0}}, "routed_scaling_factor = 0"},
+                      Rule{{{"scoring_func", "relu"}}, "scoring_func = \"relu\""}, Rule{{{"topk_method", "best"}}, "topk_method = \"best\""},
+                      Rule{{{"norm_topk_prob", 1}}, "norm_topk_prob = 1"}, Rule{{{"model_type", "llama"}}, "model_type = \"llama\""}));
+
+TEST(Config, ModelTypeDefaultsAndNulls) {
+  const MoeConfig v3 = MoeConfig::from_json(json{{"hidden_size", 32}, {"moe_intermediate_size", 8}});
+  EXPECT_EQ(v3.topk_method, TopkMethod::kNoauxTc);
+  EXPECT_DOUBLE_EQ(v3.routed_scaling_factor, 2.5);
+  const MoeConfig v2 = MoeConfig::from_json(json{{"model_type", "deepseek_v2"}, {"n_routed_experts", 64}, {"n_shared_experts", 2},
+                                                 {"num_experts_per_tok", 6}, {"n_group", nullptr}, {"topk_method", "gready"}});
+  EXPECT_EQ(v2.scoring_func, ScoringFunc::kSoftmax);
+  EXPECT_EQ(v2.n_group, 1);
+  EXPECT_EQ(v2.topk_method, TopkMethod::kGreedy);
+  EXPECT_DOUBLE_EQ(v2.routed_scaling_factor, 1.0);
+  const MoeConfig m16 = MoeConfig::from_json(json{{"model_type", "deepseek"}, {"n_routed_experts", 64}, {"n_shared_experts", 2}, {"num_experts_per_tok", 6}});
+  EXPECT_DOUBLE_EQ(m16.routed_scaling_factor, 1.0);
+  EXPECT_FALSE(m16.norm_topk_prob);
+  EXPECT_THROW(MoeConfig::from_json(json{{"model_type", "deepseek_v2"}}), ConfigError);  // n_routed_experts is null in HF
+  EXPECT_EQ(MoeConfig::from_json(v2.to_json()).to_json(), v2.to_json());
+  EXPECT_THROW(MoeConfig::from_file(::testing::TempDir() + "/no-such-config.json"), IoError);
+  const std::string bad = ::testing::TempDir() + "/bad-config.json";
+  std::ofstream(bad) << "{ \"hidden_size\": ";
+  EXPECT_THROW(MoeConfig::from_file(bad), ConfigError);
+}
+
+// ---- safetensors ----
+
+std::string write_raw(const std::string& name, const std::string& header, const std::string& data) {
+  const std::string path = ::testing::TempDir() + "/" + name;
+  std::ofstream out(path, std::ios::binary);
+  std::uint64_t n = header.size();
+  for (int i = 0; i < 8; ++i, n >>= 8) out.put(static_cast<char>(n & 0xff));
+  out << header << data;
+  return path;
+}
+
+void expect_io_error(const std::string& path, const char* substring) {
+  try {
+    SafetensorsFile::open(path);
+    FAIL() << "accepted " << path;
+  } catch (const IoError& e) {
+    EXPECT_NE(std::string(e.what()).find(substring), std::string::npos) << e.what();
+  }
+}
+
+TEST(Safetensors, RoundTripAndConversions) {
+  const std::string path = ::testing::TempDir() + "/rt.safetensors";
+  write_safetensors(path, {{"b", {2, 3}, {1, 2, 3, 4, 5, 6}}, {"a", {}, {7}}, {"z", {0, 4}, {}}}, {{"k", "v"}});
+  const auto f = SafetensorsFile::open(path);
+  EXPECT_EQ(f.read_f32("b", {2, 3}), (std::vector<float>{1, 2, 3, 4, 5, 6}));
+  EXPECT_EQ(f.read_f32("a"), std::vector<float>{7});
+  EXPECT_TRUE(f.read_f32("z").empty());
+  EXPECT_EQ(f.metadata().at("k"), "v");
+  EXPECT_THROW(f.read_f32("b", {3, 2}), IoError);
+  EXPECT_THROW(f.entry("missing"), IoError);
+  // BF16 1.5 = 0x3FC0, F16 -2.0 = 0xC000, F16 subnormal 2^-24 = 0x0001.
+  const std::string raw = write_raw("conv.safetensors",
+      R"({"h":{"dtype":"F16","shape":[2],"data_offsets":[0,4]},"w":{"dtype":"BF16","shape":[1],"data_offsets":[4,6]}})",
+      std::string("\x00\xC0\x01\x00\xC0\x3F", 6));
+  const auto g = SafetensorsFile::open(raw);
+  EXPECT_EQ(g.read_f32("w"), std::vector<float>{1.5f});
+  EXPECT_EQ(g.read_f32("h"), (std::vector<float>{-2.0f, 5.9604645e-8f}));
+}
+
+TEST(Safetensors, RejectsMalformedFiles) {
+  const std::string ok = R"({"t":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}})";
+  const std::string data(8, '\0');
+  expect_io_error(write_raw("trunc.safetensors", ok, data.substr(0, 4)), "t");
+  expect_io_error(write_raw("extra.safetensors", ok, data + "xxxx"), "data section");
+  expect_io_error(write_raw("json.safetensors", "{not json", data), "not valid JSON");
+  expect_io_error(write_raw("dtype.safetensors", R"({"t":{"dtype":"Q4","shape":[2],"data_offsets":[0,8]}})", data), "unknown dtype");
+  expect_io_error(write_raw("size.safetensors", R"({"t":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}})", data), "needs 12");
+  expect_io_error(write_raw("oob.safetensors", R"({"t":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}})", data), "past the data section");
+  expect_io_error(write_raw("neg.safetensors", R"({"t":{"dtype":"F32","shape":[-2],"data_offsets":[0,8]}})", data), "non-negative");
+  expect_io_error(write_raw("gap.safetensors", R"({"t":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}})", data), "contiguous");
+  expect_io_error(write_raw("overlap.safetensors",
+      R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}})", data), "contiguous");
+  expect_io_error(write_raw("dup.safetensors",
+      R"({"t":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"t":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}})", data), "twice");
+  const std::string huge = ::testing::TempDir() + "/huge.safetensors";
+  { std::ofstream out(huge, std::ios::binary); out << std::string("\xff\xff\xff\xff\xff\xff\xff\x7f", 8) << "{}"; }
+  expect_io_error(huge, "exceeds the limit");
+  const std::string tiny = ::testing::TempDir() + "/tiny.safetensors";
+  { std::ofstream out(tiny, std::ios::binary); out << "abc"; }
+  expect_io_error(tiny, "shorter than");
+  EXPECT_THROW(SafetensorsFile::open(::testing::TempDir() + "/absent.safetensors"), IoError);
+}
+
+TEST(Safetensors, FuzzedFilesOnlyEverThrowIoError) {
+  const std::string good = ::testing::TempDir() + "/fuzz-src.safetensors";
+  write_safetensors(good, {{"x", {3, 2}, {1, 2, 3, 4, 5, 6}}, {"y", {2}, {7, 8}}});
+  std::ifstream in(good, std::ios::binary);
+  const std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  Rng rng(3);
+  const std::string path = ::testing::TempDir() + "/fuzz.safetensors";
+  int rejected = 0;
+  for (int i = 0; i < 1500; ++i) {
+    std::string b = bytes;
+    if (i % 3 == 0) {
+      b.resize(rng.next() % b.size());
+    } else {
+      for (int m = 0; m < 1 + static_cast<int>(rng.next() % 4); ++m) b[rng.next() % b.size()] = static_cast<char>(rng.next());
+    }
+    { std::ofstream out(path, std::ios::binary | std::ios::trunc); out << b; }
+    try {
+      const auto f = SafetensorsFile::open(path);
+      for (const auto& n : f.names()) (void)f.read_f32(n);
+    } catch (const IoError&) {
+      ++rejected;
+    }  // anything else escapes and fails the test
+  }
+  EXPECT_GT(rejected, 500);
+}
+
+}  // namespace
+}  // namespace moex
