@@ -1,0 +1,465 @@
+#!/usr/bin/env python3
+"""End-to-end check of `moex-layer` against the float64 numpy reference (deepseek_moe_ref.py).
+
+For every named case (fixed seeds) and every rank count it writes config.json, weights.safetensors
+and input.safetensors (input + R), runs
+
+    mpirun -np N --oversubscribe MOEX_LAYER --config .. --weights .. --input .. --output .. \
+        [--prefix P] --backward
+
+and compares `output`, `input.grad` and every `<prefix><weight>.grad` with the reference using
+max|a - b| / max(max|b|, 1e-6) <= rtol. One line per (case, ranks), then `N passed, N failed`.
+
+--generate-only writes the case files and the reference (reference.safetensors, F64) and runs nothing.
+--bad-inputs checks that moex-layer rejects malformed inputs with a non-zero exit and a message.
+"""
+import argparse
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import deepseek_moe_ref as ref  # noqa: E402
+from safetensors_io import read_safetensors, write_safetensors  # noqa: E402
+
+RUN_TIMEOUT_S = 120
+BAD_INPUT_TIMEOUT_S = 60
+TIE_MARGIN = 1e-4     # selection-score gap below which a case is regenerated (moex computes in fp32)
+DENOM_FLOOR = 1e-6
+
+MOEX_ENV = {
+    "OMPI_ALLOW_RUN_AS_ROOT": "1",
+    "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+    "OMPI_MCA_rmaps_base_oversubscribe": "1",
+    "OPENBLAS_NUM_THREADS": "1",
+    "MOEX_TIMEOUT_S": "60",
+}
+
+
+def _cfg(model_type, hidden, F, E, K, **routing):
+    c = {"model_type": model_type, "hidden_size": hidden, "moe_intermediate_size": F,
+         "n_routed_experts": E, "num_experts_per_tok": K}
+    c.update(routing)
+    return c
+
+
+# name -> dict(config, T, prefix, bias, skew, gate_scale)
+CASES = {
+    # DeepSeek-V3-like: normalised sigmoid, noaux_tc over groups, correction bias, 1 shared expert
+    "v3_noaux_bias": dict(
+        config=_cfg("deepseek_v3", 32, 16, 16, 4, topk_method="noaux_tc", scoring_func="sigmoid",
+                    norm_topk_prob=True, routed_scaling_factor=2.5, n_group=4, topk_group=2, n_shared_experts=1),
+        T=24, prefix="model.layers.0.mlp.", bias=True),
+    # V3 with only sizes given: every routing field from the deepseek_v3 defaults (n_group 8, topk_group 4)
+    "v3_defaults": dict(
+        config=_cfg("deepseek_v3", 24, 8, 16, 4),
+        T=16, prefix="model.layers.0.mlp.", bias=True),
+    # model_type absent entirely -> deepseek_v3
+    "no_model_type": dict(
+        config={k: v for k, v in _cfg("deepseek_v3", 16, 8, 16, 3, topk_method="noaux_tc",
+                                      scoring_func="sigmoid", norm_topk_prob=True, routed_scaling_factor=2.5,
+                                      n_group=8, topk_group=4, n_shared_experts=1).items() if k != "model_type"},
+        T=10, prefix="model.layers.0.mlp.", bias=True),
+    "sigmoid_greedy_nobias": dict(
+        config=_cfg("deepseek_v3", 24, 12, 8, 2, topk_method="greedy", scoring_func="sigmoid",
+                    norm_topk_prob=True, routed_scaling_factor=1.0, n_group=1, topk_group=1, n_shared_experts=1),
+        T=17, prefix="model.layers.3.mlp.", bias=False),
+    # DeepSeek-V2-Lite-like: softmax, greedy, no groups, no normalisation, 2 shared experts
+    "v2lite_softmax_greedy": dict(
+        config=_cfg("deepseek_v2", 40, 12, 12, 6, topk_method="greedy", scoring_func="softmax",
+                    norm_topk_prob=False, routed_scaling_factor=1.0, n_group=1, topk_group=1, n_shared_experts=2),
+        T=20, prefix="model.layers.1.mlp.", bias=False),
+    # V2 with the HF defaults/nulls and the HF "gready" spelling
+    "v2_nulls_gready": dict(
+        config=_cfg("deepseek_v2", 16, 8, 8, 2, topk_method="gready", n_group=None, topk_group=None,
+                    n_shared_experts=1),
+        T=9, prefix="model.layers.0.mlp.", bias=False),
+    # DeepSeek-V2-like: softmax group_limited_greedy, scaling 16 without normalisation
+    "softmax_group_limited": dict(
+        config=_cfg("deepseek_v2", 32, 16, 16, 3, topk_method="group_limited_greedy", scoring_func="softmax",
+                    norm_topk_prob=False, routed_scaling_factor=16.0, n_group=4, topk_group=2, n_shared_experts=2),
+        T=30, prefix="model.layers.0.mlp.", bias=False),
+    # softmax + norm_topk_prob + scaling != 1 (V3 semantics: scale applied after normalising)
+    "softmax_norm_scaled": dict(
+        config=_cfg("deepseek_v3", 24, 8, 10, 3, topk_method="greedy", scoring_func="softmax",
+                    norm_topk_prob=True, routed_scaling_factor=2.0, n_group=1, topk_group=1, n_shared_experts=1),
+        T=13, prefix="model.layers.0.mlp.", bias=False),
+    # no shared experts; T < ranks so some ranks hold no tokens
+    "no_shared_few_tokens": dict(
+        config=_cfg("deepseek_v3", 16, 8, 8, 2, topk_method="noaux_tc", scoring_func="sigmoid",
+                    norm_topk_prob=True, routed_scaling_factor=2.5, n_group=2, topk_group=1, n_shared_experts=0),
+        T=3, prefix="model.layers.0.mlp.", bias=True),
+    "single_token": dict(
+        config=_cfg("deepseek_v3", 48, 24, 16, 4, topk_method="noaux_tc", scoring_func="sigmoid",
+                    norm_topk_prob=True, routed_scaling_factor=2.5, n_group=4, topk_group=2, n_shared_experts=1),
+        T=1, prefix="model.layers.0.mlp.", bias=True),
+    # DeepSeekMoE-16B-like (model_type deepseek), 2 shared experts, weights under the empty prefix
+    "moe16b_empty_prefix": dict(
+        config=_cfg("deepseek", 32, 8, 16, 6, topk_method="greedy", scoring_func="softmax",
+                    norm_topk_prob=False, routed_scaling_factor=1.0, n_group=1, topk_group=1, n_shared_experts=2),
+        T=25, prefix="", bias=False),
+    "top1": dict(
+        config=_cfg("deepseek_v2", 20, 12, 8, 1, topk_method="greedy", scoring_func="softmax",
+                    norm_topk_prob=False, routed_scaling_factor=1.0, n_group=1, topk_group=1, n_shared_experts=1),
+        T=7, prefix="model.layers.0.mlp.", bias=False),
+    "topk_eq_E": dict(
+        config=_cfg("deepseek_v3", 16, 8, 6, 6, topk_method="noaux_tc", scoring_func="sigmoid",
+                    norm_topk_prob=True, routed_scaling_factor=2.5, n_group=2, topk_group=2, n_shared_experts=0),
+        T=11, prefix="model.layers.0.mlp.", bias=True),
+    # almost every token picks experts 1 and 5: other experts (and ranks) get little or nothing
+    "skewed_gate": dict(
+        config=_cfg("deepseek_v2", 24, 8, 8, 2, topk_method="greedy", scoring_func="softmax",
+                    norm_topk_prob=False, routed_scaling_factor=1.0, n_group=1, topk_group=1, n_shared_experts=1),
+        T=40, prefix="model.layers.0.mlp.", bias=False, skew=(1, 5)),
+    "skewed_sigmoid_groups": dict(
+        config=_cfg("deepseek_v3", 16, 8, 12, 3, topk_method="noaux_tc", scoring_func="sigmoid",
+                    norm_topk_prob=True, routed_scaling_factor=2.5, n_group=3, topk_group=1, n_shared_experts=1),
+        T=32, prefix="model.layers.2.mlp.", bias=True, skew=(8, 9, 10)),
+}
+
+
+def _seed(name, attempt):
+    return (zlib.crc32(name.encode()) * 1000 + attempt) % (2 ** 32)
+
+
+def generate_case(name, spec, max_attempts=200):
+    """Returns (config dict, weights {unprefixed: f32 array}, input f32, R f32, attempt) with routing away
+    from ties. All reference computation must use the f32-rounded values."""
+    rc = ref.resolve_config(spec["config"])
+    H = rc["hidden"]
+    for attempt in range(max_attempts):
+        rng = np.random.default_rng(_seed(name, attempt))
+        w64, x, R = ref.random_case(rng, rc, spec.get("bias", False), spec["T"], gate_scale=spec.get("gate_scale", 2.0))
+        if "skew" in spec:
+            # a shared direction u in every token, and hot experts whose gate rows point along it
+            u = rng.standard_normal(H)
+            u /= np.linalg.norm(u)
+            x = x + 3.0 * u[None, :]
+            for e in spec["skew"]:
+                w64["gate.weight"][e] += 2.0 * u
+            # a few tokens get pushed elsewhere so selection is "almost" uniform, not entirely
+            for t in range(0, spec["T"], 9):
+                x[t] -= 6.0 * u
+        weights = {k: v.astype(np.float32) for k, v in w64.items()}
+        x32 = x.astype(np.float32)
+        R32 = R.astype(np.float32)
+        w = {k: v.astype(np.float64) for k, v in weights.items()}
+        _, cache = ref.forward(rc, w, x32.astype(np.float64))
+        m = cache["gate"]["margins"]
+        if min(m["topk"], m["group"]) < TIE_MARGIN:
+            continue
+        # masked-out experts compete only if a picked selection score is <= 0 (fill 0 vs -inf conventions)
+        if rc["topk_method"] in ref.GROUPED_METHODS and rc["topk_group"] < rc["n_group"] and m["min_picked"] < TIE_MARGIN:
+            continue
+        return spec["config"], weights, x32, R32, attempt
+    raise RuntimeError(f"case {name}: no tie-free draw in {max_attempts} attempts")
+
+
+def expected_names(prefix, weights):
+    return ["output", "input.grad"] + [f"{prefix}{k}.grad" for k in weights]
+
+
+def write_case(case_dir, name, spec):
+    os.makedirs(case_dir, exist_ok=True)
+    cfg, weights, x, R, attempt = generate_case(name, spec)
+    prefix = spec["prefix"]
+    paths = {k: os.path.join(case_dir, f) for k, f in
+             (("config", "config.json"), ("weights", "weights.safetensors"), ("input", "input.safetensors"),
+              ("reference", "reference.safetensors"))}
+    with open(paths["config"], "w") as f:
+        json.dump(cfg, f, indent=2)
+    write_safetensors(paths["weights"], {prefix + k: v for k, v in weights.items()}, metadata={"format": "pt"})
+    write_safetensors(paths["input"], {"input": x, "R": R})
+    y, dx, grads, cache = ref.layer(cfg, weights, x.astype(np.float64), R.astype(np.float64))
+    expect = {"output": y, "input.grad": dx}
+    expect.update({f"{prefix}{k}.grad": v for k, v in grads.items()})
+    write_safetensors(paths["reference"], expect, keep_f64=True)
+    load = np.bincount(cache["gate"]["idx"].ravel(), minlength=cache["rc"]["E"])
+    return paths, expect, {"attempt": attempt, "margins": cache["gate"]["margins"], "load": load.tolist()}
+
+
+def _env():
+    env = dict(os.environ)
+    env.update(MOEX_ENV)
+    return env
+
+
+def run_cmd(cmd, timeout):
+    """Runs cmd in its own process group; on timeout kills that group. Returns (rc, stdout, stderr,
+    seconds, timed_out)."""
+    t0 = time.monotonic()
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+                         start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=timeout)
+        return p.returncode, out, err, time.monotonic() - t0, False
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        out, err = p.communicate()
+        return -9, out, err, time.monotonic() - t0, True
+
+
+def layer_cmd(args, ranks, paths, output, prefix, backward=True):
+    cmd = [args.mpirun, "-np", str(ranks), "--oversubscribe", args.moex_layer,
+           "--config", paths["config"], "--weights", paths["weights"], "--input", paths["input"],
+           "--output", output]
+    if prefix:
+        cmd += ["--prefix", prefix]
+    if backward:
+        cmd.append("--backward")
+    return cmd
+
+
+def rel(a, b):
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape:
+        return math.inf
+    if b.size == 0:
+        return 0.0
+    if not np.all(np.isfinite(a)):
+        return math.inf
+    return float(np.max(np.abs(a - b)) / max(float(np.max(np.abs(b))), DENOM_FLOOR))
+
+
+def _tail(text, n=1500):
+    text = text.strip()
+    return text if len(text) <= n else "..." + text[-n:]
+
+
+def check_cases(args, names):
+    n_pass = n_fail = 0
+    print(f"{'case':26s} {'ranks':>5s}  {'output':>10s}  {'grads':>10s}  result")
+    for name in names:
+        spec = CASES[name]
+        case_dir = os.path.join(args.workdir, name)
+        paths, expect, info = write_case(case_dir, name, spec)
+        if args.generate_only:
+            rc = ref.resolve_config(spec["config"])
+            m = info["margins"]
+            print(f"{name:26s} generated: T={spec['T']} E={rc['E']} K={rc['K']} {rc['topk_method']}/{rc['scoring_func']}"
+                  f" shared={rc['n_shared']} prefix={spec['prefix']!r} attempt={info['attempt']}"
+                  f" gaps topk={m['topk']:.2e} group={m['group']:.2e} load={info['load']}")
+            continue
+        for ranks in args.ranks:
+            out_path = os.path.join(case_dir, f"output_np{ranks}.safetensors")
+            if os.path.exists(out_path):
+                os.remove(out_path)
+            cmd = layer_cmd(args, ranks, paths, out_path, spec["prefix"])
+            code, out, err, secs, timed_out = run_cmd(cmd, RUN_TIMEOUT_S)
+            problem = None
+            e_out = e_grad = math.inf
+            if timed_out:
+                problem = f"timed out after {RUN_TIMEOUT_S} s"
+            elif code != 0:
+                problem = f"exit code {code}"
+            elif not os.path.exists(out_path):
+                problem = "no output file written"
+            else:
+                try:
+                    got = read_safetensors(out_path)
+                except Exception as ex:  # noqa: BLE001 - report anything the reader rejects
+                    got, problem = None, f"cannot read output: {ex}"
+                if got is not None:
+                    missing = [k for k in expect if k not in got]
+                    e_out = rel(got["output"], expect["output"]) if "output" in got else math.inf
+                    errs = {k: rel(got[k], v) for k, v in expect.items() if k != "output" and k in got}
+                    e_grad = max(errs.values()) if errs else math.inf
+                    if missing:
+                        problem = f"missing tensors: {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else "")
+                    elif e_out > args.rtol or e_grad > args.rtol:
+                        worst = max(errs, key=errs.get) if errs else "-"
+                        problem = f"worst grad {worst} ({errs.get(worst, math.inf):.3e})"
+            ok = problem is None
+            n_pass += ok
+            n_fail += not ok
+            print(f"{name:26s} {ranks:5d}  {e_out:10.3e}  {e_grad:10.3e}  {'PASS' if ok else 'FAIL'}"
+                  f"{'' if ok else '  (' + problem + ')'}", flush=True)
+            if not ok:
+                print("    command: " + " ".join(_shell_quote(c) for c in cmd))
+                if err.strip():
+                    print("    stderr: " + _tail(err).replace("\n", "\n    "))
+    return n_pass, n_fail
+
+
+def _shell_quote(s):
+    return s if s and all(c.isalnum() or c in "-_./=:," for c in s) else "'" + s.replace("'", "'\\''") + "'"
+
+
+# --------------------------------------------------------------------------------------------------
+# bad inputs
+# --------------------------------------------------------------------------------------------------
+
+def bad_input_variants(base_dir):
+    """Builds the malformed variants from a small valid case. Returns a list of
+    (name, paths, prefix, keywords): stderr must contain at least one keyword (case-insensitive)."""
+    spec = CASES["v3_noaux_bias"]
+    prefix = spec["prefix"]
+    paths, _, _ = write_case(os.path.join(base_dir, "valid"), "v3_noaux_bias", spec)
+    cfg, weights, x, R, _ = generate_case("v3_noaux_bias", spec)
+    rc = ref.resolve_config(cfg)
+    d = os.path.join(base_dir, "bad")
+    os.makedirs(d, exist_ok=True)
+    variants = []
+
+    # 1. truncated weights file
+    p = os.path.join(d, "weights_truncated.safetensors")
+    with open(paths["weights"], "rb") as f:
+        data = f.read()
+    with open(p, "wb") as f:
+        f.write(data[: len(data) - len(data) // 3])
+    variants.append(("truncated_weights", {**paths, "weights": p}, prefix,
+                     ["weights_truncated", "truncat", "offset", "bytes", "size", "length", "bound", "end of file"]))
+
+    # 2. a missing expert tensor
+    p = os.path.join(d, "weights_missing_expert.safetensors")
+    missing = "experts.3.up_proj.weight"
+    write_safetensors(p, {prefix + k: v for k, v in weights.items() if k != missing})
+    variants.append(("missing_expert_tensor", {**paths, "weights": p}, prefix, ["experts.3.up_proj"]))
+
+    # 3. a weight with the wrong shape (down_proj stored as [F, hidden] instead of [hidden, F])
+    p = os.path.join(d, "weights_wrong_shape.safetensors")
+    wrong = "experts.1.down_proj.weight"
+    assert rc["hidden"] != rc["F"]
+    write_safetensors(p, {prefix + k: (v.T.copy() if k == wrong else v) for k, v in weights.items()})
+    variants.append(("wrong_weight_shape", {**paths, "weights": p}, prefix, ["experts.1.down_proj", "shape"]))
+
+    # 4. input with the wrong hidden size
+    p = os.path.join(d, "input_wrong_hidden.safetensors")
+    T = x.shape[0]
+    rng = np.random.default_rng(7)
+    write_safetensors(p, {"input": rng.standard_normal((T, rc["hidden"] + 1)).astype(np.float32),
+                          "R": rng.standard_normal((T, rc["hidden"] + 1)).astype(np.float32)})
+    variants.append(("input_wrong_hidden", {**paths, "input": p}, prefix,
+                     ["hidden", "shape", str(rc["hidden"] + 1)]))
+
+    # 5. num_experts_per_tok > n_routed_experts
+    p = os.path.join(d, "config_topk_gt_experts.json")
+    bad_cfg = dict(cfg)
+    bad_cfg["num_experts_per_tok"] = rc["E"] + 1
+    with open(p, "w") as f:
+        json.dump(bad_cfg, f, indent=2)
+    variants.append(("topk_gt_experts", {**paths, "config": p}, prefix,
+                     ["num_experts_per_tok", "n_routed_experts", "top-k", "topk"]))
+
+    # 6. nonexistent input path
+    p = os.path.join(d, "does_not_exist_input.safetensors")
+    variants.append(("nonexistent_input", {**paths, "input": p}, prefix, ["does_not_exist_input"]))
+    return variants
+
+
+def check_bad_inputs(args):
+    n_pass = n_fail = 0
+    base = os.path.join(args.workdir, "bad_inputs")
+    variants = bad_input_variants(base)
+    print(f"{'bad input':26s} {'ranks':>5s}  {'exit':>5s}  {'secs':>6s}  result")
+    for name, paths, prefix, keywords in variants:
+        for ranks in args.ranks:
+            out_path = os.path.join(base, f"out_{name}_np{ranks}.safetensors")
+            if os.path.exists(out_path):
+                os.remove(out_path)
+            cmd = layer_cmd(args, ranks, paths, out_path, prefix)
+            code, out, err, secs, timed_out = run_cmd(cmd, BAD_INPUT_TIMEOUT_S)
+            low = err.lower()
+            problem = None
+            if timed_out:
+                problem = f"hung: killed after {BAD_INPUT_TIMEOUT_S} s"
+            elif code == 0:
+                problem = "exit code 0 (input accepted)"
+            elif not err.strip():
+                problem = "nothing on stderr"
+            elif not any(k.lower() in low for k in keywords):
+                problem = f"stderr mentions none of {keywords}"
+            ok = problem is None
+            n_pass += ok
+            n_fail += not ok
+            print(f"{name:26s} {ranks:5d}  {code:5d}  {secs:6.1f}  {'PASS' if ok else 'FAIL'}"
+                  f"{'' if ok else '  (' + problem + ')'}", flush=True)
+            if not ok or args.verbose:
+                print("    command: " + " ".join(_shell_quote(c) for c in cmd))
+                print("    stderr: " + (_tail(err, 800).replace("\n", "\n    ") or "(empty)"))
+    return n_pass, n_fail
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Check moex-layer against the float64 numpy reference.")
+    ap.add_argument("--moex-layer", default="build/bin/moex-layer", help="path of the moex-layer binary")
+    ap.add_argument("--mpirun", default="mpirun")
+    ap.add_argument("--ranks", default="1,2,3,4", help="comma-separated rank counts")
+    ap.add_argument("--workdir", default=None, help="where case files go (default: a new temporary directory)")
+    ap.add_argument("--cases", default="all", help="all, or comma-separated case names")
+    ap.add_argument("--rtol", type=float, default=1e-4)
+    ap.add_argument("--generate-only", action="store_true",
+                    help="write case files and reference outputs (reference.safetensors, F64); run nothing")
+    ap.add_argument("--bad-inputs", action="store_true", help="check rejection of malformed inputs instead")
+    ap.add_argument("--list", action="store_true", help="list case names and exit")
+    ap.add_argument("--keep", action="store_true", help="keep the temporary workdir")
+    ap.add_argument("--verbose", "-v", action="store_true")
+    args = ap.parse_args(argv)
+
+    if args.list:
+        print("\n".join(CASES))
+        return 0
+    try:
+        args.ranks = [int(r) for r in args.ranks.split(",") if r.strip()]
+    except ValueError:
+        ap.error(f"--ranks: expected comma-separated integers, got {args.ranks!r}")
+    if not args.ranks or min(args.ranks) < 1:
+        ap.error("--ranks: need at least one rank count >= 1")
+    if args.cases == "all":
+        names = list(CASES)
+    else:
+        names = [n.strip() for n in args.cases.split(",") if n.strip()]
+        unknown = [n for n in names if n not in CASES]
+        if unknown:
+            ap.error(f"unknown case(s) {unknown}; known: {', '.join(CASES)}")
+    if not args.generate_only:
+        if not (os.path.isfile(args.moex_layer) and os.access(args.moex_layer, os.X_OK)):
+            print(f"error: moex-layer binary not found or not executable: {args.moex_layer}", file=sys.stderr)
+            return 2
+        args.moex_layer = os.path.abspath(args.moex_layer)
+        if shutil.which(args.mpirun) is None:
+            print(f"error: mpirun not found: {args.mpirun}", file=sys.stderr)
+            return 2
+
+    temp = args.workdir is None
+    if temp:
+        args.workdir = tempfile.mkdtemp(prefix="moex-layer-check-")
+    os.makedirs(args.workdir, exist_ok=True)
+    args.workdir = os.path.abspath(args.workdir)
+    try:
+        if args.bad_inputs:
+            if args.generate_only:
+                variants = bad_input_variants(os.path.join(args.workdir, "bad_inputs"))
+                for v in variants:
+                    print(f"{v[0]:26s} generated")
+                n_pass, n_fail = len(variants), 0
+            else:
+                n_pass, n_fail = check_bad_inputs(args)
+        else:
+            n_pass, n_fail = check_cases(args, names)
+            if args.generate_only:
+                n_pass, n_fail = len(names), 0
+    finally:
+        if temp and not args.keep and not args.generate_only:
+            shutil.rmtree(args.workdir, ignore_errors=True)
+        elif temp:
+            print(f"files kept in {args.workdir}")
+    print(f"{n_pass} passed, {n_fail} failed")
+    return 0 if n_fail == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
