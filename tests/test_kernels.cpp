@@ -1,0 +1,714 @@
+// Single-process tests of the math, SwiGLU FFN and permute kernels, RoutePlan and ExpertPlacement.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <set>
+#include <span>
+#include <string>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+#include "base/error.h"
+#include "runtime/kernels/expert_ffn.h"
+#include "runtime/kernels/math.h"
+#include "runtime/kernels/permute.h"
+#include "runtime/parallel.h"
+#include "runtime/random.h"
+#include "scheduler/expert_placement.h"
+#include "scheduler/route_plan.h"
+#include "tests/reference_moe.h"
+
+namespace moex {
+namespace {
+
+std::vector<float> random_floats(Rng& rng, std::int64_t n, double stddev) {
+  std::vector<float> v(static_cast<std::size_t>(n));
+  rng.fill_normal(v.data(), n, stddev);
+  return v;
+}
+
+ref::Vec to_double(const float* p, std::int64_t n) { return ref::Vec(p, p + n); }
+
+double max_abs(const ref::Vec& v) {
+  double m = 0.0;
+  for (double x : v) m = std::max(m, std::abs(x));
+  return m;
+}
+
+/// Every |got - want| <= rel * max|want| (an all-zero `want` must be matched exactly).
+::testing::AssertionResult close_to(const float* got, const ref::Vec& want, double rel, const std::string& what) {
+  const double tol = rel * max_abs(want);
+  for (std::size_t i = 0; i < want.size(); ++i) {
+    const double err = std::abs(static_cast<double>(got[i]) - want[i]);
+    if (!(err <= tol))
+      return ::testing::AssertionFailure() << what << "[" << i << "] = " << got[i] << ", expected " << want[i]
+                                           << " (error " << err << " > tolerance " << tol << ")";
+  }
+  return ::testing::AssertionSuccess();
+}
+
+::testing::AssertionResult close_to(const ref::Vec& got, const ref::Vec& want, double rel, const std::string& what) {
+  const double tol = rel * max_abs(want);
+  for (std::size_t i = 0; i < want.size(); ++i) {
+    const double err = std::abs(got[i] - want[i]);
+    if (!(err <= tol))
+      return ::testing::AssertionFailure() << what << "[" << i << "] = " << got[i] << ", expected " << want[i]
+                                           << " (error " << err << " > tolerance " << tol << ")";
+  }
+  return ::testing::AssertionSuccess();
+}
+
+// ---------------------------------------------------------------------------------------------------
+// math.h
+
+std::vector<float> probe_points() {
+  std::vector<float> xs;
+  for (int i = -400; i <= 400; ++i) xs.push_back(static_cast<float>(i) * 0.075f);
+  for (float v : {-1e4f, -200.0f, -100.0f, -88.7f, -87.0f, -50.0f, -20.0f, -1e-6f, 0.0f, 1e-6f, 20.0f, 50.0f, 87.0f,
+                  88.7f, 100.0f, 200.0f, 1e4f, std::numeric_limits<float>::max(), -std::numeric_limits<float>::max()})
+    xs.push_back(v);
+  return xs;
+}
+
+double sigmoid64(double x) { return 1.0 / (1.0 + std::exp(-x)); }
+
+TEST(KernelMath, SigmoidMatchesFloat64AndStaysFiniteForHugeInputs) {
+  for (float x : probe_points()) {
+    const float got = math::sigmoid(x);
+    const double want = sigmoid64(x);
+    ASSERT_TRUE(std::isfinite(got)) << "x=" << x;
+    EXPECT_GE(got, 0.0f);
+    EXPECT_LE(got, 1.0f);
+    // A few float ulps relative, plus an absolute floor for results in the subnormal range.
+    EXPECT_NEAR(got, want, 1e-6 * want + 1e-37) << "x=" << x;
+  }
+}
+
+TEST(KernelMath, SiluAndItsDerivativeMatchFloat64) {
+  for (float x : probe_points()) {
+    const double xd = x, s = sigmoid64(xd);
+    const double silu = xd * s, grad = s * (1.0 + xd * (1.0 - s));
+    const float got = math::silu(x), got_grad = math::silu_grad(x);
+    ASSERT_TRUE(std::isfinite(got)) << "x=" << x;
+    ASSERT_TRUE(std::isfinite(got_grad)) << "x=" << x;
+    EXPECT_NEAR(got, silu, 1e-6 * std::abs(silu) + 1e-37 * std::max(1.0, std::abs(xd))) << "x=" << x;
+    // 1 + x(1 - s) cancels near x = -1.28, so the error scales with the size of its terms.
+    EXPECT_NEAR(got_grad, grad, 2e-6 * std::max(std::abs(grad), s * (1.0 + std::abs(xd))) + 1e-37) << "x=" << x;
+  }
+}
+
+TEST(KernelMath, SiluGradIsTheDerivativeOfSilu) {
+  // Independent of the closed form: a float64 central difference of x * sigmoid(x).
+  for (double x = -12.0; x <= 12.0; x += 0.37) {
+    const double h = 1e-5;
+    const double fd = ((x + h) * sigmoid64(x + h) - (x - h) * sigmoid64(x - h)) / (2.0 * h);
+    EXPECT_NEAR(math::silu_grad(static_cast<float>(x)), fd, 2e-6 * (1.0 + std::abs(x))) << "x=" << x;
+  }
+}
+
+TEST(KernelMath, SwigluForwardAndBackwardMatchFloat64) {
+  Rng rng(11);
+  for (int i = 0; i < 2000; ++i) {
+    const float g = static_cast<float>(rng.normal() * 4.0), u = static_cast<float>(rng.normal() * 2.0);
+    const float da = static_cast<float>(rng.normal());
+    const double s = sigmoid64(g);
+    const double fwd = g * s * u;
+    EXPECT_NEAR(math::swiglu(g, u), fwd, 2e-6 * std::abs(fwd) + 1e-30);
+    float dg = 0, du = 0;
+    math::swiglu_backward(g, u, da, &dg, &du);
+    const double want_du = static_cast<double>(da) * g * s;
+    const double want_dg = static_cast<double>(da) * u * s * (1.0 + g * (1.0 - s));
+    EXPECT_NEAR(du, want_du, 2e-6 * std::abs(want_du) + 1e-30);
+    EXPECT_NEAR(dg, want_dg, 4e-6 * std::abs(static_cast<double>(da) * u) * s * (1.0 + std::abs(g)) + 1e-30);
+    // The saved-sigmoid variant is the same arithmetic, so it must agree bit for bit.
+    float dg2 = 0, du2 = 0;
+    math::swiglu_backward_saved(g, u, math::sigmoid(g), da, &dg2, &du2);
+    EXPECT_EQ(dg, dg2);
+    EXPECT_EQ(du, du2);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// SwiGLU FFN
+
+/// One expert's weights in both layouts: the kernel's (w13 = gate_proj over up_proj, w2 = down_proj)
+/// and the reference's.
+struct FfnCase {
+  kernels::FfnShape shape;
+  std::vector<float> x, w13, w2, dy;
+  ref::Mlp mlp;
+  ref::Vec xd, dyd;
+
+  FfnCase(std::int64_t rows, std::int64_t hidden, std::int64_t ffn, std::uint64_t seed) : shape{rows, hidden, ffn} {
+    Rng rng(seed);
+    x = random_floats(rng, rows * hidden, 1.0);
+    w13 = random_floats(rng, 2 * ffn * hidden, 1.0 / std::sqrt(static_cast<double>(hidden)));
+    w2 = random_floats(rng, hidden * ffn, 1.0 / std::sqrt(static_cast<double>(ffn)));
+    dy = random_floats(rng, rows * hidden, 1.0);
+    mlp = ref::Mlp(hidden, ffn);
+    mlp.gate_proj = to_double(w13.data(), ffn * hidden);
+    mlp.up_proj = to_double(w13.data() + ffn * hidden, ffn * hidden);
+    mlp.down_proj = to_double(w2.data(), hidden * ffn);
+    xd = to_double(x.data(), rows * hidden);
+    dyd = to_double(dy.data(), rows * hidden);
+  }
+
+  /// Reference gradients of sum(dy * y) over all rows.
+  std::pair<ref::Mlp, ref::Vec> reference_grads() const {
+    ref::Mlp g(shape.hidden, shape.ffn);
+    ref::Vec dx(static_cast<std::size_t>(shape.rows * shape.hidden), 0.0);
+    for (std::int64_t r = 0; r < shape.rows; ++r)
+      ref::mlp_backward(mlp, xd.data() + r * shape.hidden, dyd.data() + r * shape.hidden, g, dx.data() + r * shape.hidden);
+    return {g, dx};
+  }
+};
+
+TEST(KernelFfn, ForwardMatchesReferenceAndSavesActivations) {
+  for (auto [rows, hidden, ffn] : {std::tuple<int, int, int>{7, 10, 6}, {1, 5, 3}, {33, 16, 24}}) {
+    FfnCase c(rows, hidden, ffn, 100 + static_cast<std::uint64_t>(rows));
+    const std::int64_t F = ffn;
+    std::vector<float> h13(static_cast<std::size_t>(rows * 2 * F)), sig(static_cast<std::size_t>(rows * F)),
+        a(static_cast<std::size_t>(rows * F)), y(static_cast<std::size_t>(rows * hidden), 12345.0f);
+    kernels::swiglu_ffn_forward(c.shape, c.x.data(), c.w13.data(), c.w2.data(), h13.data(), sig.data(), a.data(),
+                                y.data());
+    ref::Vec want_y, want_h13, want_sig, want_a;
+    for (std::int64_t r = 0; r < rows; ++r) {
+      const ref::Vec yr = ref::mlp_forward(c.mlp, c.xd.data() + r * hidden);
+      want_y.insert(want_y.end(), yr.begin(), yr.end());
+      ref::Vec g(static_cast<std::size_t>(F), 0.0), u(static_cast<std::size_t>(F), 0.0);
+      for (std::int64_t f = 0; f < F; ++f)
+        for (std::int64_t h = 0; h < hidden; ++h) {
+          g[static_cast<std::size_t>(f)] += c.mlp.gate_proj[static_cast<std::size_t>(f * hidden + h)] * c.xd[static_cast<std::size_t>(r * hidden + h)];
+          u[static_cast<std::size_t>(f)] += c.mlp.up_proj[static_cast<std::size_t>(f * hidden + h)] * c.xd[static_cast<std::size_t>(r * hidden + h)];
+        }
+      want_h13.insert(want_h13.end(), g.begin(), g.end());
+      want_h13.insert(want_h13.end(), u.begin(), u.end());
+      for (std::int64_t f = 0; f < F; ++f) {
+        want_sig.push_back(ref::sigmoid(g[static_cast<std::size_t>(f)]));
+        want_a.push_back(ref::silu(g[static_cast<std::size_t>(f)]) * u[static_cast<std::size_t>(f)]);
+      }
+    }
+    // fp32 dot products of length <= 24 with O(1) terms: errors ~1e-6 of the output scale.
+    const std::string tag = " rows=" + std::to_string(rows);
+    EXPECT_TRUE(close_to(y.data(), want_y, 1e-5, "y" + tag));
+    EXPECT_TRUE(close_to(h13.data(), want_h13, 1e-5, "h13" + tag));
+    EXPECT_TRUE(close_to(sig.data(), want_sig, 1e-5, "sig" + tag));
+    EXPECT_TRUE(close_to(a.data(), want_a, 1e-5, "a" + tag));
+  }
+}
+
+TEST(KernelFfn, ReferenceBackwardMatchesFiniteDifferences) {
+  // Validates the float64 reference itself. Central differences with step 1e-5 have truncation error
+  // ~1e-10 and rounding error ~1e-11 here, so 1e-6 of the largest gradient is a real check.
+  FfnCase c(3, 5, 4, 7);
+  const auto [grad, dx] = c.reference_grads();
+  ref::Mlp m = c.mlp;
+  ref::Vec x = c.xd;
+  auto loss = [&] {
+    double l = 0.0;
+    for (std::int64_t r = 0; r < c.shape.rows; ++r) {
+      const ref::Vec y = ref::mlp_forward(m, x.data() + r * c.shape.hidden);
+      for (std::int64_t h = 0; h < c.shape.hidden; ++h) l += c.dyd[static_cast<std::size_t>(r * c.shape.hidden + h)] * y[static_cast<std::size_t>(h)];
+    }
+    return l;
+  };
+  const double step = 1e-5;
+  auto fd_of = [&](ref::Vec& params) {
+    ref::Vec out(params.size());
+    for (std::size_t i = 0; i < params.size(); ++i) out[i] = ref::central_difference(loss, params[i], step);
+    return out;
+  };
+  EXPECT_TRUE(close_to(grad.gate_proj, fd_of(m.gate_proj), 1e-6, "d gate_proj"));
+  EXPECT_TRUE(close_to(grad.up_proj, fd_of(m.up_proj), 1e-6, "d up_proj"));
+  EXPECT_TRUE(close_to(grad.down_proj, fd_of(m.down_proj), 1e-6, "d down_proj"));
+  EXPECT_TRUE(close_to(dx, fd_of(x), 1e-6, "dx"));
+}
+
+TEST(KernelFfn, BackwardMatchesReferenceGradients) {
+  // Finite differences of the fp32 kernel would drown in rounding (eps_f32 / step), so the kernel's
+  // analytic gradients are compared with the float64 reference's (checked against finite differences
+  // above). fp32 GEMMs over <= 33 rows keep errors near 1e-6 of each tensor's scale: 1e-4 is loose
+  // enough to be robust and tight enough to catch any wrong term.
+  for (auto [rows, hidden, ffn] : {std::tuple<int, int, int>{7, 10, 6}, {1, 5, 3}, {33, 16, 24}}) {
+    FfnCase c(rows, hidden, ffn, 300 + static_cast<std::uint64_t>(rows));
+    const std::int64_t F = ffn, H = hidden;
+    std::vector<float> h13(static_cast<std::size_t>(rows * 2 * F)), sig(static_cast<std::size_t>(rows * F)),
+        a(static_cast<std::size_t>(rows * F)), y(static_cast<std::size_t>(rows * H));
+    kernels::swiglu_ffn_forward(c.shape, c.x.data(), c.w13.data(), c.w2.data(), h13.data(), sig.data(), a.data(),
+                                y.data());
+    const auto [grad, dx] = c.reference_grads();
+    ref::Vec want_w13 = grad.gate_proj;
+    want_w13.insert(want_w13.end(), grad.up_proj.begin(), grad.up_proj.end());
+    const std::string tag = " rows=" + std::to_string(rows);
+
+    // accumulate = false overwrites whatever the gradient buffers held.
+    std::vector<float> dw13(static_cast<std::size_t>(2 * F * H), 12345.0f), dw2(static_cast<std::size_t>(H * F), 12345.0f);
+    std::vector<float> dxk(static_cast<std::size_t>(rows * H), 12345.0f), scratch(static_cast<std::size_t>(rows * 2 * F));
+    kernels::swiglu_ffn_backward(c.shape, c.x.data(), c.w13.data(), c.w2.data(), h13.data(), sig.data(), a.data(),
+                                 c.dy.data(), dw13.data(), dw2.data(), dxk.data(), scratch.data(), false);
+    EXPECT_TRUE(close_to(dw13.data(), want_w13, 1e-4, "dw13 (overwrite)" + tag));
+    EXPECT_TRUE(close_to(dw2.data(), grad.down_proj, 1e-4, "dw2 (overwrite)" + tag));
+    EXPECT_TRUE(close_to(dxk.data(), dx, 1e-4, "dx" + tag));
+
+    // accumulate = true adds onto what is there: start from 1 everywhere.
+    std::vector<float> acc13(dw13.size(), 1.0f), acc2(dw2.size(), 1.0f);
+    kernels::swiglu_ffn_backward(c.shape, c.x.data(), c.w13.data(), c.w2.data(), h13.data(), sig.data(), a.data(),
+                                 c.dy.data(), acc13.data(), acc2.data(), dxk.data(), scratch.data(), true);
+    ref::Vec plus13 = want_w13, plus2 = grad.down_proj;
+    for (double& v : plus13) v += 1.0;
+    for (double& v : plus2) v += 1.0;
+    // Tolerance relative to the gradient scale, not the +1 offset.
+    const double tol13 = 1e-4 * max_abs(want_w13), tol2 = 1e-4 * max_abs(grad.down_proj);
+    for (std::size_t i = 0; i < plus13.size(); ++i) ASSERT_NEAR(acc13[i], plus13[i], tol13 + 2e-7) << "dw13 accumulate" << tag;
+    for (std::size_t i = 0; i < plus2.size(); ++i) ASSERT_NEAR(acc2[i], plus2[i], tol2 + 2e-7) << "dw2 accumulate" << tag;
+  }
+}
+
+TEST(KernelFfn, ZeroRowsLeaveOutputsAloneAndAccumulateNothing) {
+  FfnCase c(0, 4, 3, 1);
+  std::vector<float> dw13(24, 2.0f), dw2(12, 3.0f);
+  float dummy = 0.0f;
+  kernels::swiglu_ffn_forward(c.shape, nullptr, c.w13.data(), c.w2.data(), &dummy, &dummy, &dummy, &dummy);
+  kernels::swiglu_ffn_backward(c.shape, nullptr, c.w13.data(), c.w2.data(), nullptr, nullptr, nullptr, nullptr,
+                               dw13.data(), dw2.data(), nullptr, nullptr, true);
+  for (float v : dw13) EXPECT_EQ(v, 2.0f);
+  for (float v : dw2) EXPECT_EQ(v, 3.0f);
+}
+
+TEST(KernelFfn, ZeroRowsOverwriteClearsGradients) {
+  // accumulate = false means "the gradient is this block's": over zero rows that is exactly zero.
+  FfnCase c(0, 4, 3, 1);
+  std::vector<float> dw13(24, 2.0f), dw2(12, 3.0f);
+  kernels::swiglu_ffn_backward(c.shape, nullptr, c.w13.data(), c.w2.data(), nullptr, nullptr, nullptr, nullptr,
+                               dw13.data(), dw2.data(), nullptr, nullptr, false);
+  for (float v : dw13) EXPECT_EQ(v, 0.0f) << "dw13 not overwritten for a block of 0 rows";
+  for (float v : dw2) EXPECT_EQ(v, 0.0f) << "dw2 not overwritten for a block of 0 rows";
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Reference layer self-check (the ground truth of test_gate and test_layer)
+
+TEST(ReferenceLayer, BackwardMatchesFiniteDifferences) {
+  // Every configuration family once; picks are held by the margin check (finite-difference steps of
+  // 1e-6 cannot flip a decision that is >= 1e-3 away).
+  struct Cfg {
+    ScoringFunc scoring;
+    TopkMethod method;
+    std::int64_t n_group, topk_group;
+    bool norm, bias;
+    std::int64_t shared;
+  };
+  const Cfg cfgs[] = {
+      {ScoringFunc::kSigmoid, TopkMethod::kNoauxTc, 2, 1, true, true, 1},
+      {ScoringFunc::kSoftmax, TopkMethod::kGreedy, 1, 1, false, false, 2},
+      {ScoringFunc::kSoftmax, TopkMethod::kGroupLimitedGreedy, 2, 1, true, false, 0},
+      {ScoringFunc::kSigmoid, TopkMethod::kGreedy, 1, 1, false, true, 0},
+  };
+  const std::int64_t H = 5, F = 3, E = 4, K = 2, T = 3;
+  int index = 0;
+  for (const Cfg& cfg : cfgs) {
+    SCOPED_TRACE("config " + std::to_string(index++));
+    ref::GateSpec g;
+    g.experts = E;
+    g.topk = K;
+    g.n_group = cfg.n_group;
+    g.topk_group = cfg.topk_group;
+    g.scoring = cfg.scoring;
+    g.method = cfg.method;
+    g.norm_topk_prob = cfg.norm;
+    g.routed_scaling_factor = 1.7;
+    Rng rng(900 + static_cast<std::uint64_t>(index));
+    ref::LayerWeights w;
+    w.hidden = H;
+    auto normal = [&](std::size_t n, double sd) {
+      ref::Vec v(n);
+      for (double& e : v) e = rng.normal() * sd;
+      return v;
+    };
+    w.gate = normal(static_cast<std::size_t>(E * H), 0.8);
+    if (cfg.bias) w.bias = normal(static_cast<std::size_t>(E), 0.05);
+    for (std::int64_t e = 0; e < E; ++e) {
+      ref::Mlp m(H, F);
+      m.gate_proj = normal(m.gate_proj.size(), 0.5);
+      m.up_proj = normal(m.up_proj.size(), 0.5);
+      m.down_proj = normal(m.down_proj.size(), 0.5);
+      w.experts.push_back(m);
+    }
+    w.shared = ref::Mlp(H, F * cfg.shared);
+    w.shared.gate_proj = normal(w.shared.gate_proj.size(), 0.5);
+    w.shared.up_proj = normal(w.shared.up_proj.size(), 0.5);
+    w.shared.down_proj = normal(w.shared.down_proj.size(), 0.5);
+    ref::Vec x;
+    for (std::int64_t t = 0; t < T; ++t) {
+      for (;;) {  // draw the token again until its routing is far from any tie
+        const ref::Vec row = normal(static_cast<std::size_t>(H), 1.0);
+        if (ref::gate_forward(g, row, 1, H, w.gate, w.bias).margin[0] >= 1e-3) {
+          x.insert(x.end(), row.begin(), row.end());
+          break;
+        }
+      }
+    }
+    const ref::Vec dy = normal(static_cast<std::size_t>(T * H), 1.0);
+    const ref::LayerGrads grads = ref::layer_backward(g, w, x, T, dy);
+    const auto ids = ref::layer_forward(g, w, x, T).gate.ids;
+    auto loss = [&] {
+      const ref::LayerOutput o = ref::layer_forward(g, w, x, T);
+      EXPECT_EQ(o.gate.ids, ids) << "a finite-difference step changed the routing";
+      double l = 0.0;
+      for (std::size_t i = 0; i < dy.size(); ++i) l += dy[i] * o.y[i];
+      return l;
+    };
+    auto fd_of = [&](ref::Vec& params) {
+      ref::Vec out(params.size());
+      for (std::size_t i = 0; i < params.size(); ++i) out[i] = ref::central_difference(loss, params[i], 1e-6);
+      return out;
+    };
+    // Step 1e-6: truncation ~1e-12, rounding ~1e-10 of O(1) gradients; 1e-6 relative is a real check.
+    EXPECT_TRUE(close_to(grads.dx, fd_of(x), 1e-6, "dx"));
+    EXPECT_TRUE(close_to(grads.dgate, fd_of(w.gate), 1e-6, "dgate"));
+    for (std::int64_t e = 0; e < E; ++e) {
+      const std::string tag = " expert " + std::to_string(e);
+      auto& m = w.experts[static_cast<std::size_t>(e)];
+      const auto& gm = grads.experts[static_cast<std::size_t>(e)];
+      EXPECT_TRUE(close_to(gm.gate_proj, fd_of(m.gate_proj), 1e-6, "gate_proj" + tag));
+      EXPECT_TRUE(close_to(gm.up_proj, fd_of(m.up_proj), 1e-6, "up_proj" + tag));
+      EXPECT_TRUE(close_to(gm.down_proj, fd_of(m.down_proj), 1e-6, "down_proj" + tag));
+    }
+    EXPECT_TRUE(close_to(grads.shared.gate_proj, fd_of(w.shared.gate_proj), 1e-6, "shared gate_proj"));
+    EXPECT_TRUE(close_to(grads.shared.up_proj, fd_of(w.shared.up_proj), 1e-6, "shared up_proj"));
+    EXPECT_TRUE(close_to(grads.shared.down_proj, fd_of(w.shared.down_proj), 1e-6, "shared down_proj"));
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Permute kernels
+
+TEST(KernelPermute, PackAndUnpackDispatchRoundTripIncludingEmptySlots) {
+  const std::int64_t T = 3, H = 4, K = 3;
+  std::vector<float> x(static_cast<std::size_t>(T * H)), weights(static_cast<std::size_t>(T * K));
+  for (std::size_t i = 0; i < x.size(); ++i) x[i] = 0.5f + static_cast<float>(i) * 1.25f;
+  for (std::size_t i = 0; i < weights.size(); ++i) weights[i] = 0.01f * static_cast<float>(i + 1);
+  // Rows: token 2 with picks (slot 1, k 2), (slot 0, k 0); token 0 with one pick; token 2 again
+  // (another rank); token 1 with all K picks.
+  const std::vector<std::int64_t> row_token = {2, 0, 2, 1};
+  const std::vector<std::int32_t> row_slot = {1, 0, -1, 3, -1, -1, 0, -1, -1, 2, 1, 0};
+  const std::vector<std::int32_t> row_k = {2, 0, -1, 1, -1, -1, 1, -1, -1, 0, 1, 2};
+  const std::int64_t rows = 4, stride = kernels::dispatch_row_stride(H, K);
+  ASSERT_EQ(stride, H + 2 * K);
+  std::vector<float> packed(static_cast<std::size_t>(rows * stride), -7.0f);
+  kernels::pack_dispatch(rows, H, K, row_token.data(), row_slot.data(), row_k.data(), x.data(), weights.data(),
+                         packed.data());
+  for (std::int64_t i = 0; i < rows; ++i)
+    EXPECT_EQ(std::memcmp(packed.data() + i * stride, x.data() + row_token[static_cast<std::size_t>(i)] * H, sizeof(float) * H), 0)
+        << "row " << i;
+
+  std::vector<std::int32_t> slots(static_cast<std::size_t>(rows * K), 99);
+  std::vector<float> got_w(static_cast<std::size_t>(rows * K), -1.0f);
+  kernels::unpack_dispatch_meta(rows, H, K, packed.data(), slots.data(), got_w.data());
+  EXPECT_EQ(slots, row_slot);  // -1 travels as an int32 bit pattern inside the float row
+  for (std::int64_t i = 0; i < rows; ++i)
+    for (std::int64_t j = 0; j < K; ++j) {
+      const std::int32_t k = row_k[static_cast<std::size_t>(i * K + j)];
+      const float want = k >= 0 ? weights[static_cast<std::size_t>(row_token[static_cast<std::size_t>(i)] * K + k)] : 0.0f;
+      EXPECT_EQ(got_w[static_cast<std::size_t>(i * K + j)], want) << "row " << i << " pick " << j;
+    }
+}
+
+TEST(KernelPermute, PackOfZeroRowsWritesNothing) {
+  float out = 3.0f;
+  kernels::pack_dispatch(0, 4, 2, nullptr, nullptr, nullptr, nullptr, nullptr, &out);
+  kernels::unpack_dispatch_meta(0, 4, 2, &out, nullptr, nullptr);
+  kernels::gather_rows(0, 4, nullptr, &out, 4, nullptr, 4);
+  kernels::scatter_add_rows(0, 4, nullptr, nullptr, nullptr, 4, &out, 4);
+  EXPECT_EQ(out, 3.0f);
+}
+
+TEST(KernelPermute, GatherRowsWithStridesAndRepeats) {
+  const std::int64_t width = 3, src_stride = 5, dst_stride = 4;
+  std::vector<float> src(6 * src_stride);
+  for (std::size_t i = 0; i < src.size(); ++i) src[i] = static_cast<float>(i);
+  const std::vector<std::int64_t> index = {4, 0, 4, 2, 5};
+  std::vector<float> dst(index.size() * dst_stride, -1.0f);
+  kernels::gather_rows(static_cast<std::int64_t>(index.size()), width, index.data(), src.data(), src_stride, dst.data(),
+                       dst_stride);
+  for (std::size_t n = 0; n < index.size(); ++n) {
+    for (std::int64_t j = 0; j < width; ++j)
+      EXPECT_EQ(dst[n * dst_stride + static_cast<std::size_t>(j)], src[static_cast<std::size_t>(index[n] * src_stride + j)]);
+    EXPECT_EQ(dst[n * dst_stride + 3], -1.0f) << "padding column written";
+  }
+}
+
+TEST(KernelPermute, ScatterAddRowsAccumulatesInOrderAndIsThreadCountIndependent) {
+  Rng rng(5);
+  const std::int64_t count = 300, width = 130, dst_rows = 7, src_stride = 131, dst_stride = 133;
+  std::vector<float> src = random_floats(rng, count * src_stride, 1.0), scale = random_floats(rng, count, 1.0);
+  std::vector<std::int64_t> index(static_cast<std::size_t>(count));
+  for (auto& v : index) v = static_cast<std::int64_t>(rng.next() % dst_rows);
+  std::vector<float> init = random_floats(rng, dst_rows * dst_stride, 1.0);
+
+  for (const bool scaled : {true, false}) {
+    // Expected: the documented order n = 0, 1, ... in float.
+    std::vector<float> want = init;
+    for (std::int64_t n = 0; n < count; ++n)
+      for (std::int64_t j = 0; j < width; ++j) {
+        const float c = scaled ? scale[static_cast<std::size_t>(n)] : 1.0f;
+        want[static_cast<std::size_t>(index[static_cast<std::size_t>(n)] * dst_stride + j)] += c * src[static_cast<std::size_t>(n * src_stride + j)];
+      }
+    for (const int threads : {1, 3}) {
+      set_parallel_threads(threads);
+      std::vector<float> got = init;
+      kernels::scatter_add_rows(count, width, index.data(), scaled ? scale.data() : nullptr, src.data(), src_stride,
+                                got.data(), dst_stride);
+      EXPECT_EQ(got, want) << "scaled=" << scaled << " threads=" << threads;
+    }
+    set_parallel_threads(1);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// ExpertPlacement
+
+TEST(Placement, ContiguousEvenSplit) {
+  const auto p = sched::ExpertPlacement::contiguous(8, 4);
+  EXPECT_EQ(p.num_experts(), 8);
+  EXPECT_EQ(p.world_size(), 4);
+  for (std::int64_t e = 0; e < 8; ++e) {
+    EXPECT_EQ(p.owner(e), e / 2);
+    EXPECT_EQ(p.local_slot(e), e % 2);
+  }
+}
+
+TEST(Placement, ContiguousUnevenGivesTheFirstRanksOneMore) {
+  const auto p = sched::ExpertPlacement::contiguous(5, 3);
+  EXPECT_EQ(p.num_local(0), 2);
+  EXPECT_EQ(p.num_local(1), 2);
+  EXPECT_EQ(p.num_local(2), 1);
+  const std::vector<std::vector<std::int64_t>> want = {{0, 1}, {2, 3}, {4}};
+  for (int r = 0; r < 3; ++r) {
+    const auto got = p.experts_of(r);
+    EXPECT_EQ(std::vector<std::int64_t>(got.begin(), got.end()), want[static_cast<std::size_t>(r)]) << "rank " << r;
+    for (std::size_t s = 0; s < got.size(); ++s) {
+      EXPECT_EQ(p.owner(got[s]), r);
+      EXPECT_EQ(p.local_slot(got[s]), static_cast<std::int32_t>(s));
+    }
+  }
+}
+
+TEST(Placement, FewerExpertsThanRanksLeavesTheLastRanksEmpty) {
+  const auto p = sched::ExpertPlacement::contiguous(2, 4);
+  EXPECT_EQ(p.num_local(0), 1);
+  EXPECT_EQ(p.num_local(1), 1);
+  EXPECT_EQ(p.num_local(2), 0);
+  EXPECT_EQ(p.num_local(3), 0);
+  EXPECT_EQ(p.owner(0), 0);
+  EXPECT_EQ(p.owner(1), 1);
+  EXPECT_EQ(p.local_slot(0), 0);
+  EXPECT_EQ(p.local_slot(1), 0);
+  EXPECT_TRUE(p.experts_of(3).empty());
+}
+
+TEST(Placement, RejectsEmptyShapes) {
+  EXPECT_THROW(sched::ExpertPlacement::contiguous(0, 2), InvalidArgument);
+  EXPECT_THROW(sched::ExpertPlacement::contiguous(4, 0), InvalidArgument);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// RoutePlan
+
+TEST(RoutePlan, OneRowPerTokenAndRankOrderedByRankThenToken) {
+  // 6 experts over 3 ranks: {0,1} -> rank 0, {2,3} -> rank 1, {4,5} -> rank 2.
+  const auto placement = sched::ExpertPlacement::contiguous(6, 3);
+  const std::vector<std::int32_t> ids = {
+      1, 0, 4,  // token 0: two picks on rank 0 (one row), one on rank 2
+      5, 2, 3,  // token 1: rank 2, then two on rank 1
+      3, 5, 1,  // token 2: one on each rank
+      0, 1, 2,  // token 3: two on rank 0, one on rank 1
+  };
+  sched::RoutePlan plan;
+  plan.build(ids, 4, 3, placement);
+  EXPECT_EQ(plan.topk, 3);
+  EXPECT_EQ(plan.rows_per_rank, (std::vector<std::int64_t>{3, 3, 3}));
+  EXPECT_EQ(plan.row_token, (std::vector<std::int64_t>{0, 2, 3, 1, 2, 3, 0, 1, 2}));
+  EXPECT_EQ(plan.row_slot, (std::vector<std::int32_t>{
+                               1, 0, -1, 1, -1, -1, 0, 1, -1,  // rank 0
+                               0, 1, -1, 1, -1, -1, 0, -1, -1,  // rank 1
+                               0, -1, -1, 1, -1, -1, 1, -1, -1,  // rank 2
+                           }));
+  EXPECT_EQ(plan.row_k, (std::vector<std::int32_t>{
+                            0, 1, -1, 2, -1, -1, 0, 1, -1,
+                            1, 2, -1, 0, -1, -1, 2, -1, -1,
+                            2, -1, -1, 0, -1, -1, 1, -1, -1,
+                        }));
+}
+
+TEST(RoutePlan, AllPicksOnOneRankGiveOneRow) {
+  const auto placement = sched::ExpertPlacement::contiguous(8, 2);
+  const std::vector<std::int32_t> ids = {3, 0, 2, 1};
+  sched::RoutePlan plan;
+  plan.build(ids, 1, 4, placement);
+  EXPECT_EQ(plan.rows_per_rank, (std::vector<std::int64_t>{1, 0}));
+  EXPECT_EQ(plan.row_token, (std::vector<std::int64_t>{0}));
+  EXPECT_EQ(plan.row_slot, (std::vector<std::int32_t>{3, 0, 2, 1}));
+  EXPECT_EQ(plan.row_k, (std::vector<std::int32_t>{0, 1, 2, 3}));
+}
+
+TEST(RoutePlan, RandomPlansCoverEveryPickExactlyOnce) {
+  Rng rng(21);
+  for (int trial = 0; trial < 50; ++trial) {
+    const int world = 1 + static_cast<int>(rng.next() % 5);
+    const std::int64_t E = 1 + static_cast<std::int64_t>(rng.next() % 12);
+    const std::int64_t K = 1 + static_cast<std::int64_t>(rng.next() % static_cast<std::uint64_t>(E));
+    const std::int64_t T = static_cast<std::int64_t>(rng.next() % 20);
+    const auto placement = sched::ExpertPlacement::contiguous(E, world);
+    std::vector<std::int32_t> ids;
+    for (std::int64_t t = 0; t < T; ++t) {
+      std::vector<std::int32_t> all(static_cast<std::size_t>(E));
+      for (std::int64_t e = 0; e < E; ++e) all[static_cast<std::size_t>(e)] = static_cast<std::int32_t>(e);
+      for (std::int64_t j = 0; j < K; ++j) {  // K distinct experts, random order
+        const auto pick = static_cast<std::size_t>(j) + static_cast<std::size_t>(rng.next() % static_cast<std::uint64_t>(E - j));
+        std::swap(all[static_cast<std::size_t>(j)], all[pick]);
+        ids.push_back(all[static_cast<std::size_t>(j)]);
+      }
+    }
+    sched::RoutePlan plan;
+    plan.build(ids, T, K, placement);
+    SCOPED_TRACE("trial " + std::to_string(trial));
+    // Expected rows: every (rank, token) with at least one pick there, in that order.
+    std::vector<std::pair<int, std::int64_t>> want_rows;
+    for (int r = 0; r < world; ++r)
+      for (std::int64_t t = 0; t < T; ++t)
+        for (std::int64_t j = 0; j < K; ++j)
+          if (placement.owner(ids[static_cast<std::size_t>(t * K + j)]) == r) {
+            want_rows.emplace_back(r, t);
+            break;
+          }
+    ASSERT_EQ(plan.num_rows(), static_cast<std::int64_t>(want_rows.size()));
+    std::int64_t row = 0;
+    for (int r = 0; r < world; ++r) {
+      std::int64_t n = 0;
+      for (const auto& wr : want_rows) n += wr.first == r ? 1 : 0;
+      EXPECT_EQ(plan.rows_per_rank[static_cast<std::size_t>(r)], n);
+    }
+    for (const auto& [r, t] : want_rows) {
+      ASSERT_EQ(plan.row_token[static_cast<std::size_t>(row)], t);
+      std::int64_t filled = 0;
+      for (std::int64_t j = 0; j < K; ++j) {
+        const std::int32_t s = plan.row_slot[static_cast<std::size_t>(row * K + j)];
+        const std::int32_t k = plan.row_k[static_cast<std::size_t>(row * K + j)];
+        if (s < 0) {
+          EXPECT_EQ(k, -1);
+          continue;
+        }
+        EXPECT_EQ(j, filled++) << "padding before a pick";
+        const std::int32_t e = ids[static_cast<std::size_t>(t * K + k)];
+        EXPECT_EQ(placement.owner(e), r);
+        EXPECT_EQ(placement.local_slot(e), s);
+      }
+      std::int64_t picks_here = 0;
+      for (std::int64_t j = 0; j < K; ++j) picks_here += placement.owner(ids[static_cast<std::size_t>(t * K + j)]) == r ? 1 : 0;
+      EXPECT_EQ(filled, picks_here);
+      ++row;
+    }
+  }
+}
+
+TEST(RoutePlan, ZeroTokens) {
+  const auto placement = sched::ExpertPlacement::contiguous(5, 3);
+  sched::RoutePlan plan;
+  plan.build({}, 0, 2, placement);
+  EXPECT_EQ(plan.num_rows(), 0);
+  EXPECT_EQ(plan.rows_per_rank, (std::vector<std::int64_t>{0, 0, 0}));
+  EXPECT_TRUE(plan.row_slot.empty());
+  EXPECT_TRUE(plan.row_k.empty());
+}
+
+TEST(RoutePlan, ReusedPlanForgetsThePreviousBuild) {
+  const auto placement = sched::ExpertPlacement::contiguous(4, 2);
+  sched::RoutePlan plan;
+  plan.build(std::vector<std::int32_t>{0, 3, 1, 2, 2, 3}, 3, 2, placement);
+  plan.build(std::vector<std::int32_t>{2}, 1, 1, placement);
+  EXPECT_EQ(plan.rows_per_rank, (std::vector<std::int64_t>{0, 1}));
+  EXPECT_EQ(plan.row_token, (std::vector<std::int64_t>{0}));
+  EXPECT_EQ(plan.row_slot, (std::vector<std::int32_t>{0}));
+  EXPECT_EQ(plan.row_k, (std::vector<std::int32_t>{0}));
+}
+
+TEST(RoutePlan, RejectsExpertIdsOutOfRange) {
+  const auto placement = sched::ExpertPlacement::contiguous(4, 2);
+  sched::RoutePlan plan;
+  EXPECT_THROW(plan.build(std::vector<std::int32_t>{0, 4}, 1, 2, placement), InvalidArgument);
+  EXPECT_THROW(plan.build(std::vector<std::int32_t>{-1, 1}, 1, 2, placement), InvalidArgument);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// ExpertBatchLayout
+
+TEST(ExpertBatchLayout, GroupsPicksByExpertKeepingRowOrder) {
+  const std::vector<std::int32_t> row_slot = {
+      2, 0, -1,   // row 0
+      0, -1, -1,  // row 1
+      1, 2, 0,    // row 2
+      -1, -1, -1  // row 3: nothing (cannot come from a plan, but must be harmless)
+  };
+  sched::ExpertBatchLayout layout;
+  layout.build(row_slot, 4, 3, 4);
+  EXPECT_EQ(layout.offsets, (std::vector<std::int64_t>{0, 3, 4, 6, 6}));
+  EXPECT_EQ(layout.entry_row, (std::vector<std::int64_t>{0, 1, 2, 2, 0, 2}));
+  EXPECT_EQ(layout.entry_pick, (std::vector<std::int32_t>{1, 0, 2, 0, 0, 1}));
+  EXPECT_EQ(layout.num_entries(), 6);
+  EXPECT_EQ(layout.count(0), 3);
+  EXPECT_EQ(layout.count(1), 1);
+  EXPECT_EQ(layout.count(2), 2);
+  EXPECT_EQ(layout.count(3), 0);
+}
+
+TEST(ExpertBatchLayout, ZeroRowsAndZeroExperts) {
+  sched::ExpertBatchLayout layout;
+  layout.build({}, 0, 2, 3);
+  EXPECT_EQ(layout.offsets, (std::vector<std::int64_t>{0, 0, 0, 0}));
+  EXPECT_EQ(layout.num_entries(), 0);
+  layout.build({}, 0, 2, 0);
+  EXPECT_EQ(layout.offsets, (std::vector<std::int64_t>{0}));
+  EXPECT_EQ(layout.num_entries(), 0);
+}
+
+TEST(ExpertBatchLayout, RejectsSlotsThisRankDoesNotHold) {
+  sched::ExpertBatchLayout layout;
+  EXPECT_THROW(layout.build(std::vector<std::int32_t>{0, 2}, 1, 2, 2), InvalidArgument);
+  EXPECT_THROW(layout.build(std::vector<std::int32_t>{0, -1}, 1, 2, 0), InvalidArgument);
+}
+
+TEST(ExpertBatchLayout, PlanOnTheReceiverSideRoundTrip) {
+  // What one rank receives (its block of the plan) regroups into exactly its picks.
+  const auto placement = sched::ExpertPlacement::contiguous(5, 2);  // rank 0: {0,1,2}, rank 1: {3,4}
+  const std::vector<std::int32_t> ids = {4, 0, 1, 3, 2, 4, 0, 2};  // K = 2, 4 tokens
+  sched::RoutePlan plan;
+  plan.build(ids, 4, 2, placement);
+  const std::int64_t r0 = plan.rows_per_rank[0];
+  for (int r = 0; r < 2; ++r) {
+    const std::int64_t first = r == 0 ? 0 : r0, rows = plan.rows_per_rank[static_cast<std::size_t>(r)];
+    sched::ExpertBatchLayout layout;
+    layout.build(std::span<const std::int32_t>(plan.row_slot).subspan(static_cast<std::size_t>(first * 2), static_cast<std::size_t>(rows * 2)),
+                 rows, 2, placement.num_local(r));
+    std::multiset<std::pair<std::int64_t, std::int64_t>> got, want;  // (token, expert)
+    for (std::int64_t s = 0; s < placement.num_local(r); ++s)
+      for (std::int64_t n = layout.offsets[static_cast<std::size_t>(s)]; n < layout.offsets[static_cast<std::size_t>(s + 1)]; ++n) {
+        const std::int64_t row = first + layout.entry_row[static_cast<std::size_t>(n)];
+        const std::int32_t k = plan.row_k[static_cast<std::size_t>(row * 2 + layout.entry_pick[static_cast<std::size_t>(n)])];
+        const std::int64_t t = plan.row_token[static_cast<std::size_t>(row)];
+        EXPECT_EQ(ids[static_cast<std::size_t>(t * 2 + k)], placement.experts_of(r)[static_cast<std::size_t>(s)]);
+        got.emplace(t, placement.experts_of(r)[static_cast<std::size_t>(s)]);
+      }
+    for (std::int64_t i = 0; i < 8; ++i)
+      if (placement.owner(ids[static_cast<std::size_t>(i)]) == r) want.emplace(i / 2, ids[static_cast<std::size_t>(i)]);
+    EXPECT_EQ(got, want) << "rank " << r;
+  }
+}
+
+}  // namespace
+}  // namespace moex

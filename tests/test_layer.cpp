@@ -1,0 +1,634 @@
+// Multi-rank tests of MoELayer against the float64 reference and the single-rank layer, and of the exchange.
+#include <gtest/gtest.h>
+
+#include <mpi.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <ostream>
+#include <stdexcept>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "base/error.h"
+#include "comm/mpi/mpi_communicator.h"
+#include "runtime/kernels/permute.h"
+#include "runtime/moe_layer.h"
+#include "runtime/parallel.h"
+#include "runtime/random.h"
+#include "scheduler/expert_placement.h"
+#include "scheduler/route_plan.h"
+#include "tests/mpi_test_env.h"
+#include "tests/reference_moe.h"
+
+namespace moex {
+namespace {
+
+using moex::testing::all_ranks;
+using moex::testing::world;
+
+/// A failure on any rank fails the test on every rank. A collective: call it once at the end of a test
+/// on every rank, with no early return before it.
+void expect_all_ranks_passed() {
+  EXPECT_TRUE(all_ranks(!::testing::Test::HasFailure())) << "the test failed on at least one rank";
+}
+
+double max_abs(const double* v, std::size_t n) {
+  double m = 0.0;
+  for (std::size_t i = 0; i < n; ++i) m = std::max(m, std::abs(v[i]));
+  return m;
+}
+
+/// Every |got[i] - want[i]| <= tol.
+::testing::AssertionResult within(const float* got, const double* want, std::size_t n, double tol, const std::string& what) {
+  for (std::size_t i = 0; i < n; ++i) {
+    const double err = std::abs(static_cast<double>(got[i]) - want[i]);
+    if (!(err <= tol))
+      return ::testing::AssertionFailure() << "rank " << world().rank() << ": " << what << "[" << i << "] = " << got[i]
+                                           << ", expected " << want[i] << " (error " << err << " > tolerance " << tol << ")";
+  }
+  return ::testing::AssertionSuccess();
+}
+
+/// One layer configuration and batch, global over all ranks.
+struct LayerCase {
+  std::string name;
+  std::int64_t experts = 8, topk = 2, n_group = 1, topk_group = 1, shared = 0;
+  ScoringFunc scoring = ScoringFunc::kSoftmax;
+  TopkMethod method = TopkMethod::kGreedy;
+  bool norm = false;
+  double scale = 1.0;
+  bool bias = false;
+  std::int64_t tokens = 8;       // global batch of the first step; the second uses tokens / 2 + 1
+  std::int64_t forced_expert = -1;  // >= 0: the gate sends every token to this expert
+  int threads = 1;                  // parallel_for threads of this rank
+};
+
+void PrintTo(const LayerCase& c, std::ostream* os) { *os << c.name; }
+
+constexpr std::int64_t kHidden = 16, kFfn = 8;
+
+MoeConfig config_of(const LayerCase& c) {
+  MoeConfig cfg;
+  cfg.hidden_size = kHidden;
+  cfg.moe_intermediate_size = kFfn;
+  cfg.n_routed_experts = c.experts;
+  cfg.n_shared_experts = c.shared;
+  cfg.num_experts_per_tok = c.topk;
+  cfg.n_group = c.n_group;
+  cfg.topk_group = c.topk_group;
+  cfg.topk_method = c.method;
+  cfg.scoring_func = c.scoring;
+  cfg.norm_topk_prob = c.norm;
+  cfg.routed_scaling_factor = c.scale;
+  cfg.validate();
+  return cfg;
+}
+
+/// The global weights in fp32 (what the layers hold) and the same values in float64 for the reference.
+struct GlobalWeights {
+  std::vector<float> gate, bias;
+  std::vector<std::vector<float>> expert_w13, expert_w2;  // [E] of [2F*H] (gate_proj over up_proj), [H*F]
+  std::vector<float> shared_w13, shared_w2;
+  ref::LayerWeights ref;
+
+  GlobalWeights(const LayerCase& c, std::uint64_t seed) {
+    const std::int64_t H = kHidden, F = kFfn, E = c.experts, Fs = c.shared * kFfn;
+    Rng rng(seed);
+    gate.resize(static_cast<std::size_t>(E * H));
+    rng.fill_normal(gate.data(), E * H, 2.0 / std::sqrt(static_cast<double>(H)));
+    if (c.forced_expert >= 0) {
+      // Feature 0 (always in [1, 2], see draw_batch) drives only the forced expert's logit (5 to 10):
+      // tokens then pick it first, clearly but not so saturated that fp32 loses its gate gradient.
+      for (std::int64_t e = 0; e < E; ++e) gate[static_cast<std::size_t>(e * H)] = 0.0f;
+      for (std::int64_t h = 0; h < H; ++h) gate[static_cast<std::size_t>(c.forced_expert * H + h)] = h == 0 ? 5.0f : 0.0f;
+    }
+    if (c.bias) {
+      bias.resize(static_cast<std::size_t>(E));
+      rng.fill_normal(bias.data(), E, c.scoring == ScoringFunc::kSigmoid ? 0.1 : 0.03);
+    }
+    auto normal = [&](std::int64_t n, double sd) {
+      std::vector<float> v(static_cast<std::size_t>(n));
+      rng.fill_normal(v.data(), n, sd);
+      return v;
+    };
+    const double in_sd = 1.0 / std::sqrt(static_cast<double>(H)), out_sd = 1.0 / std::sqrt(static_cast<double>(F));
+    ref.hidden = H;
+    ref.gate.assign(gate.begin(), gate.end());
+    ref.bias.assign(bias.begin(), bias.end());
+    for (std::int64_t e = 0; e < E; ++e) {
+      expert_w13.push_back(normal(2 * F * H, in_sd));
+      expert_w2.push_back(normal(H * F, out_sd));
+      ref::Mlp m(H, F);
+      const auto& w13 = expert_w13.back();
+      m.gate_proj.assign(w13.begin(), w13.begin() + F * H);
+      m.up_proj.assign(w13.begin() + F * H, w13.end());
+      m.down_proj.assign(expert_w2.back().begin(), expert_w2.back().end());
+      ref.experts.push_back(m);
+    }
+    shared_w13 = normal(2 * Fs * H, in_sd);
+    shared_w2 = normal(H * Fs, 1.0 / std::sqrt(static_cast<double>(std::max<std::int64_t>(Fs, 1))));
+    ref.shared = ref::Mlp(H, Fs);
+    ref.shared.gate_proj.assign(shared_w13.begin(), shared_w13.begin() + Fs * H);
+    ref.shared.up_proj.assign(shared_w13.begin() + Fs * H, shared_w13.end());
+    ref.shared.down_proj.assign(shared_w2.begin(), shared_w2.end());
+  }
+
+  /// Loads the replicated parameters and the experts this layer's rank owns.
+  void load_into(MoELayer& layer) const {
+    std::copy(gate.begin(), gate.end(), layer.gate_weight());
+    std::copy(shared_w13.begin(), shared_w13.end(), layer.shared_w13());
+    std::copy(shared_w2.begin(), shared_w2.end(), layer.shared_w2());
+    layer.selection_bias() = bias;
+    const auto mine = layer.placement().experts_of(layer.rank());
+    for (std::size_t s = 0; s < mine.size(); ++s) {
+      const auto e = static_cast<std::size_t>(mine[s]);
+      std::copy(expert_w13[e].begin(), expert_w13[e].end(), layer.expert_w13(static_cast<std::int64_t>(s)));
+      std::copy(expert_w2[e].begin(), expert_w2[e].end(), layer.expert_w2(static_cast<std::int64_t>(s)));
+    }
+  }
+};
+
+/// The global batch: tokens drawn away from routing ties (gap >= 1e-4 in selection score, far beyond
+/// fp32 rounding of the scores) so moex and the reference must route identically; and dL/dy.
+struct Batch {
+  std::int64_t tokens = 0;
+  std::vector<float> x, dy;
+  ref::Vec xd, dyd;
+};
+
+Batch draw_batch(const LayerCase& c, const GlobalWeights& w, std::int64_t tokens, std::uint64_t seed) {
+  const std::int64_t H = kHidden;
+  const ref::GateSpec spec = ref::GateSpec::of(config_of(c));
+  Rng rng(seed);
+  Batch b;
+  b.tokens = tokens;
+  b.x.resize(static_cast<std::size_t>(tokens * H));
+  for (std::int64_t t = 0; t < tokens; ++t) {
+    float* row = b.x.data() + t * H;
+    for (int attempt = 0;; ++attempt) {
+      if (attempt > 1000) throw std::runtime_error("cannot draw a token away from routing ties");
+      rng.fill_normal(row, H, 1.0);
+      if (c.forced_expert >= 0) row[0] = 1.0f + std::min(1.0f, std::abs(row[0]));
+      const ref::GateOutput g = ref::gate_forward(spec, ref::Vec(row, row + H), 1, H, w.ref.gate, w.ref.bias);
+      if (g.margin[0] < 1e-4) continue;
+      if (c.forced_expert >= 0 && g.ids[0] != c.forced_expert) continue;
+      break;
+    }
+  }
+  b.dy.resize(static_cast<std::size_t>(tokens * H));
+  rng.fill_normal(b.dy.data(), tokens * H, 1.0);
+  b.xd.assign(b.x.begin(), b.x.end());
+  b.dyd.assign(b.dy.begin(), b.dy.end());
+  return b;
+}
+
+/// First global token of rank r: shares grow with the rank (uneven), and ranks get none when there
+/// are fewer tokens than ranks.
+std::int64_t first_token(std::int64_t tokens, int rank, int world_size) {
+  const std::int64_t total = static_cast<std::int64_t>(world_size) * (world_size + 1) / 2;
+  const std::int64_t before = static_cast<std::int64_t>(rank) * (rank + 1) / 2;
+  return tokens * before / total;
+}
+
+/// What one rank's layer produced for its tokens, with the gradients it holds after the reduction.
+struct LayerResult {
+  std::vector<float> y, dx, replicated_grad;
+  std::vector<std::int32_t> ids;
+  std::vector<std::vector<float>> expert_grad;  // by local slot: [w13 grad | w2 grad]
+};
+
+LayerResult run_step(MoELayer& layer, const Batch& b, std::int64_t first, std::int64_t count) {
+  const std::int64_t H = kHidden;
+  LayerResult r;
+  r.y.assign(static_cast<std::size_t>(count * H), -99.0f);
+  r.dx.assign(static_cast<std::size_t>(count * H), -99.0f);
+  layer.forward(b.x.data() + first * H, count, r.y.data());
+  r.ids.assign(layer.topk_ids().begin(), layer.topk_ids().begin() + count * layer.config().num_experts_per_tok);
+  layer.backward(b.dy.data() + first * H, r.dx.data());
+  layer.allreduce_replicated_grads()->wait();
+  r.replicated_grad = layer.replicated().grad;
+  for (std::int64_t s = 0; s < layer.num_local_experts(); ++s) {
+    const float* g = layer.grad_of(layer.expert_w13(s));
+    r.expert_grad.emplace_back(g, g + layer.expert_stride());
+  }
+  return r;
+}
+
+/// The reference gradients in the layer's flat layouts.
+struct FlatReference {
+  ref::LayerOutput fwd;
+  ref::LayerGrads grads;
+  ref::Vec replicated;                 // [gate | shared gate_proj, up_proj | shared down_proj]
+  std::vector<ref::Vec> expert;        // [E] of [gate_proj, up_proj | down_proj]
+};
+
+FlatReference reference_of(const LayerCase& c, const GlobalWeights& w, const Batch& b) {
+  const ref::GateSpec spec = ref::GateSpec::of(config_of(c));
+  FlatReference f;
+  f.fwd = ref::layer_forward(spec, w.ref, b.xd, b.tokens);
+  f.grads = ref::layer_backward(spec, w.ref, b.xd, b.tokens, b.dyd);
+  auto append = [](ref::Vec& to, const ref::Vec& from) { to.insert(to.end(), from.begin(), from.end()); };
+  append(f.replicated, f.grads.dgate);
+  append(f.replicated, f.grads.shared.gate_proj);
+  append(f.replicated, f.grads.shared.up_proj);
+  append(f.replicated, f.grads.shared.down_proj);
+  for (const ref::Mlp& m : f.grads.experts) {
+    ref::Vec v;
+    append(v, m.gate_proj);
+    append(v, m.up_proj);
+    append(v, m.down_proj);
+    f.expert.push_back(std::move(v));
+  }
+  return f;
+}
+
+class LayerVsReference : public ::testing::TestWithParam<LayerCase> {};
+
+TEST_P(LayerVsReference, DistributedMatchesFloat64ReferenceAndSingleRank) {
+  const LayerCase& c = GetParam();
+  auto& comm = world();
+  const int W = comm.size(), me = comm.rank();
+  const std::int64_t H = kHidden, K = c.topk;
+  const MoeConfig cfg = config_of(c);
+  const GlobalWeights w(c, 0xC0FFEE + static_cast<std::uint64_t>(c.experts));
+
+  set_parallel_threads(c.threads);
+  MoELayer layer(cfg, comm, sched::ExpertPlacement::contiguous(c.experts, W), "moe");
+  w.load_into(layer);
+  comm::MpiCommunicator self(MPI_COMM_SELF);
+  MoELayer solo(cfg, self, sched::ExpertPlacement::contiguous(c.experts, 1), "solo");
+  w.load_into(solo);
+  EXPECT_EQ(solo.num_local_experts(), c.experts);
+
+  // Two steps: a fresh layer, then a smaller batch after zero_grad() (expert gradients are cleared
+  // lazily, including those of experts the second batch does not reach).
+  const std::int64_t step_tokens[2] = {c.tokens, c.tokens / 2 + (c.tokens > 0 ? 1 : 0)};
+  for (int step = 0; step < 2; ++step) {
+    SCOPED_TRACE("step " + std::to_string(step) + ", rank " + std::to_string(me) + " of " + std::to_string(W));
+    if (step > 0) {
+      layer.zero_grad();
+      solo.zero_grad();
+    }
+    const Batch b = draw_batch(c, w, step_tokens[step], 0xBA7C4 + static_cast<std::uint64_t>(step));
+    const std::int64_t first = first_token(b.tokens, me, W), count = first_token(b.tokens, me + 1, W) - first;
+    const FlatReference want = reference_of(c, w, b);
+
+    const LayerResult got = run_step(layer, b, first, count);
+    const LayerResult one = run_step(solo, b, 0, b.tokens);
+
+    // Against the float64 reference: a chain of fp32 GEMMs, the gate's softmax/sigmoid and the
+    // normalisation; errors stay ~1e-6 of each tensor's largest entry, so 1e-4 of it is a safe bound
+    // that still catches any wrong term (which would be O(1) of the scale).
+    constexpr double kRef = 1e-4;
+    const auto row0 = static_cast<std::size_t>(first * H), rows = static_cast<std::size_t>(count * H);
+    EXPECT_EQ(got.ids, std::vector<std::int32_t>(want.fwd.gate.ids.begin() + first * K,
+                                                 want.fwd.gate.ids.begin() + (first + count) * K));
+    EXPECT_TRUE(within(got.y.data(), want.fwd.y.data() + row0, rows, kRef * max_abs(want.fwd.y.data(), want.fwd.y.size()), "y"));
+    EXPECT_TRUE(within(got.dx.data(), want.grads.dx.data() + row0, rows,
+                       kRef * max_abs(want.grads.dx.data(), want.grads.dx.size()), "dx"));
+    // No ASSERT before expect_all_ranks_passed(): an early return would leave the other ranks waiting.
+    if (got.replicated_grad.size() != want.replicated.size() || one.replicated_grad.size() != want.replicated.size() ||
+        got.expert_grad.size() != layer.placement().experts_of(me).size()) {
+      ADD_FAILURE() << "rank " << me << ": gradient buffers have unexpected sizes";
+      continue;
+    }
+    const std::size_t gate_n = want.grads.dgate.size();
+    EXPECT_TRUE(within(got.replicated_grad.data(), want.replicated.data(), gate_n,
+                       kRef * max_abs(want.grads.dgate.data(), gate_n), "gate grad"));
+    EXPECT_TRUE(within(got.replicated_grad.data() + gate_n, want.replicated.data() + gate_n, want.replicated.size() - gate_n,
+                       kRef * max_abs(want.replicated.data() + gate_n, want.replicated.size() - gate_n), "shared grads"));
+    const auto mine = layer.placement().experts_of(me);
+    for (std::size_t s = 0; s < mine.size(); ++s) {
+      const ref::Vec& e = want.expert[static_cast<std::size_t>(mine[s])];
+      EXPECT_TRUE(within(got.expert_grad[s].data(), e.data(), e.size(), kRef * max_abs(e.data(), e.size()),
+                         "expert " + std::to_string(mine[s]) + " grad"));
+    }
+
+    // Against the same layer on one rank: identical routing and the same fp32 arithmetic per expert,
+    // but different GEMM blockings and a different summation order of the replicated gradients
+    // (per-rank partial sums, then the all-reduce), hence 1e-5 rather than bitwise.
+    constexpr double kSolo = 1e-5;
+    auto scale_of = [](const std::vector<float>& v, std::size_t from, std::size_t n) {
+      double m = 0.0;
+      for (std::size_t i = from; i < from + n; ++i) m = std::max(m, static_cast<double>(std::abs(v[i])));
+      return m;
+    };
+    auto as_double = [](const std::vector<float>& v, std::size_t from, std::size_t n) {
+      return ref::Vec(v.begin() + static_cast<std::ptrdiff_t>(from), v.begin() + static_cast<std::ptrdiff_t>(from + n));
+    };
+    EXPECT_EQ(got.ids, std::vector<std::int32_t>(one.ids.begin() + first * K, one.ids.begin() + (first + count) * K));
+    EXPECT_TRUE(within(got.y.data(), as_double(one.y, row0, rows).data(), rows, kSolo * scale_of(one.y, 0, one.y.size()), "y vs 1 rank"));
+    EXPECT_TRUE(within(got.dx.data(), as_double(one.dx, row0, rows).data(), rows, kSolo * scale_of(one.dx, 0, one.dx.size()),
+                       "dx vs 1 rank"));
+    EXPECT_TRUE(within(got.replicated_grad.data(), as_double(one.replicated_grad, 0, gate_n).data(), gate_n,
+                       kSolo * scale_of(one.replicated_grad, 0, gate_n), "gate grad vs 1 rank"));
+    const std::size_t shared_n = one.replicated_grad.size() - gate_n;
+    EXPECT_TRUE(within(got.replicated_grad.data() + gate_n, as_double(one.replicated_grad, gate_n, shared_n).data(), shared_n,
+                       kSolo * scale_of(one.replicated_grad, gate_n, shared_n), "shared grads vs 1 rank"));
+    for (std::size_t s = 0; s < mine.size(); ++s) {
+      const auto& e = one.expert_grad[static_cast<std::size_t>(mine[s])];
+      EXPECT_TRUE(within(got.expert_grad[s].data(), as_double(e, 0, e.size()).data(), e.size(), kSolo * scale_of(e, 0, e.size()),
+                         "expert " + std::to_string(mine[s]) + " grad vs 1 rank"));
+    }
+
+    // Routing statistics and the per-expert blocks follow from the global picks.
+    {
+      const auto& ids = want.fwd.gate.ids;
+      const auto& placement = layer.placement();
+      std::vector<std::int64_t> expert_tokens(static_cast<std::size_t>(c.experts), 0);
+      std::vector<std::int64_t> picks_of(static_cast<std::size_t>(c.experts), 0);
+      std::int64_t rows_sent = 0, rows_received = 0, rows_to_self = 0;
+      for (std::int64_t t = 0; t < b.tokens; ++t) {
+        const bool local = t >= first && t < first + count;
+        std::vector<bool> to_rank(static_cast<std::size_t>(W), false);
+        for (std::int64_t j = 0; j < K; ++j) {
+          const std::int32_t e = ids[static_cast<std::size_t>(t * K + j)];
+          ++picks_of[static_cast<std::size_t>(e)];
+          if (local) ++expert_tokens[static_cast<std::size_t>(e)];
+          to_rank[static_cast<std::size_t>(placement.owner(e))] = true;
+        }
+        for (int r = 0; r < W; ++r) rows_sent += local && to_rank[static_cast<std::size_t>(r)] ? 1 : 0;
+        rows_received += to_rank[static_cast<std::size_t>(me)] ? 1 : 0;
+        rows_to_self += local && to_rank[static_cast<std::size_t>(me)] ? 1 : 0;
+      }
+      const LayerRouteStats& stats = layer.route_stats();
+      EXPECT_EQ(stats.expert_tokens, expert_tokens);
+      EXPECT_EQ(stats.rows_sent, rows_sent);
+      EXPECT_EQ(stats.rows_received, rows_received);
+      EXPECT_EQ(stats.bytes_sent, (rows_sent - rows_to_self) * kernels::dispatch_row_stride(H, K) * 4 +
+                                      (rows_received - rows_to_self) * H * 4);
+      for (std::int64_t s = 0; s < layer.num_local_experts(); ++s)
+        EXPECT_EQ(layer.expert_layout().count(s), picks_of[static_cast<std::size_t>(mine[static_cast<std::size_t>(s)])])
+            << "expert " << mine[static_cast<std::size_t>(s)];
+    }
+    if (c.forced_expert >= 0) {
+      // Only the forced expert's owner receives anything.
+      const int owner = layer.placement().owner(c.forced_expert);
+      if (me != owner) {
+        EXPECT_EQ(layer.route_stats().rows_received, 0);
+      }
+      for (std::int64_t s = 0; s < layer.num_local_experts(); ++s) {
+        if (layer.placement().experts_of(me)[static_cast<std::size_t>(s)] != c.forced_expert) {
+          EXPECT_EQ(layer.expert_layout().count(s), 0);
+        }
+      }
+    }
+    if (b.tokens == 0) {
+      for (float g : got.replicated_grad) EXPECT_EQ(g, 0.0f);
+      for (const auto& g : got.expert_grad)
+        for (float v : g) EXPECT_EQ(v, 0.0f);
+    }
+  }
+  set_parallel_threads(1);
+  expect_all_ranks_passed();
+}
+
+LayerCase v3_like(std::string name, std::int64_t tokens) {
+  LayerCase c;
+  c.name = std::move(name);
+  c.experts = 8;
+  c.topk = 3;
+  c.n_group = 4;
+  c.topk_group = 2;
+  c.shared = 1;
+  c.scoring = ScoringFunc::kSigmoid;
+  c.method = TopkMethod::kNoauxTc;
+  c.norm = true;
+  c.scale = 2.5;
+  c.bias = true;
+  c.tokens = tokens;
+  return c;
+}
+
+std::vector<LayerCase> layer_cases() {
+  std::vector<LayerCase> cases;
+  cases.push_back(v3_like("V3LikeSigmoidNoauxTc", 13));
+  {
+    LayerCase c;
+    c.name = "V2LiteLikeSoftmaxGreedy";
+    c.experts = 6;
+    c.topk = 2;
+    c.shared = 2;
+    c.tokens = 11;
+    cases.push_back(c);
+  }
+  {
+    LayerCase c;
+    c.name = "SoftmaxGroupLimitedNoShared";
+    c.experts = 8;
+    c.topk = 2;
+    c.n_group = 4;
+    c.topk_group = 2;
+    c.method = TopkMethod::kGroupLimitedGreedy;
+    c.norm = true;
+    c.scale = 1.5;
+    c.tokens = 10;
+    cases.push_back(c);
+  }
+  {
+    LayerCase c;
+    c.name = "Top1";
+    c.experts = 4;
+    c.topk = 1;
+    c.shared = 1;
+    c.tokens = 9;
+    cases.push_back(c);
+  }
+  {
+    LayerCase c;
+    c.name = "TopkEqualsExperts";
+    c.experts = 4;
+    c.topk = 4;
+    c.shared = 1;
+    c.scoring = ScoringFunc::kSigmoid;
+    c.norm = true;
+    c.scale = 2.0;
+    c.bias = true;
+    c.tokens = 7;
+    cases.push_back(c);
+  }
+  {
+    LayerCase c;
+    c.name = "FiveExperts";
+    c.experts = 5;
+    c.topk = 2;
+    c.scoring = ScoringFunc::kSigmoid;
+    c.norm = true;
+    c.bias = true;
+    c.tokens = 12;
+    cases.push_back(c);
+  }
+  {
+    LayerCase c;
+    c.name = "ThreeExperts";
+    c.experts = 3;
+    c.topk = 2;
+    c.shared = 1;
+    c.tokens = 10;
+    cases.push_back(c);
+  }
+  {
+    LayerCase c;
+    c.name = "AllTokensToOneExpert";
+    c.experts = 8;
+    c.topk = 1;
+    c.shared = 1;
+    c.tokens = 12;
+    c.forced_expert = 7;
+    cases.push_back(c);
+  }
+  {
+    LayerCase c = v3_like("V3LikeThreeThreads", 40);
+    c.threads = 3;
+    cases.push_back(c);
+  }
+  cases.push_back(v3_like("NoTokens", 0));
+  cases.push_back(v3_like("OneToken", 1));
+  return cases;
+}
+
+INSTANTIATE_TEST_SUITE_P(Cases, LayerVsReference, ::testing::ValuesIn(layer_cases()),
+                         [](const ::testing::TestParamInfo<LayerCase>& info) { return info.param.name; });
+
+TEST(LayerArguments, RejectsMismatchedPlacementAndNegativeTokens) {
+  auto& comm = world();
+  const MoeConfig cfg = config_of(v3_like("args", 1));
+  EXPECT_THROW(MoELayer(cfg, comm, sched::ExpertPlacement::contiguous(cfg.n_routed_experts + 1, comm.size()), "moe"),
+               InvalidArgument);
+  EXPECT_THROW(MoELayer(cfg, comm, sched::ExpertPlacement::contiguous(cfg.n_routed_experts, comm.size() + 1), "moe"),
+               InvalidArgument);
+  MoELayer layer(cfg, comm, sched::ExpertPlacement::contiguous(cfg.n_routed_experts, comm.size()), "moe");
+  float x = 0.0f, y = 0.0f;
+  EXPECT_THROW(layer.forward(&x, -1, &y), InvalidArgument);
+  expect_all_ranks_passed();
+}
+
+// ---------------------------------------------------------------------------------------------------
+// The exchange alone: dispatch -> identity experts -> combine must return every input row bit for bit.
+
+TEST(LayerExchange, IdentityExpertsRoundTripIsExact) {
+  auto& comm = world();
+  const int W = comm.size(), me = comm.rank();
+  const std::int64_t E = 7, K = 4, H = 5;
+  // Weights in sixteenths summing to 1, and inputs that are small integers: every partial sum of
+  // w_k * x is exact in fp32, so the combined row must equal x exactly.
+  const float kWeights[K] = {1.0f / 16, 7.0f / 16, 3.0f / 16, 5.0f / 16};
+  const auto placement = sched::ExpertPlacement::contiguous(E, W);
+  auto tokens_of = [](int r) { return std::int64_t{(r % 4 == 1) ? 0 : 3 + 2 * r}; };  // rank 1 has none
+  auto ids_of = [&](int r) {  // K distinct experts per token, the same on every rank
+    Rng rng(Rng::mix(5, static_cast<std::uint64_t>(r)));
+    std::vector<std::int32_t> ids;
+    for (std::int64_t t = 0; t < tokens_of(r); ++t) {
+      std::vector<std::int32_t> all = {0, 1, 2, 3, 4, 5, 6};
+      for (std::int64_t j = 0; j < K; ++j) {
+        std::swap(all[static_cast<std::size_t>(j)], all[static_cast<std::size_t>(j) + rng.next() % static_cast<std::uint64_t>(E - j)]);
+        ids.push_back(all[static_cast<std::size_t>(j)]);
+      }
+    }
+    return ids;
+  };
+  auto x_value = [](int r, std::int64_t t, std::int64_t h) { return static_cast<float>(r * 1000 + t * 10 + h - 1500); };
+
+  const std::int64_t T = tokens_of(me);
+  std::vector<float> x(static_cast<std::size_t>(T * H)), weights(static_cast<std::size_t>(T * K));
+  for (std::int64_t t = 0; t < T; ++t) {
+    for (std::int64_t h = 0; h < H; ++h) x[static_cast<std::size_t>(t * H + h)] = x_value(me, t, h);
+    for (std::int64_t j = 0; j < K; ++j) weights[static_cast<std::size_t>(t * K + j)] = kWeights[j];
+  }
+  const std::vector<std::int32_t> ids = ids_of(me);
+
+  sched::RoutePlan plan;
+  plan.build(ids, T, K, placement);
+  std::vector<std::int64_t> recv_rows(static_cast<std::size_t>(W));
+  comm.alltoall(plan.rows_per_rank.data(), recv_rows.data(), 1, comm::DataType::kInt64, "test counts")->wait();
+  const std::int64_t stride = kernels::dispatch_row_stride(H, K), rows = plan.num_rows();
+  std::int64_t received = 0;
+  for (auto n : recv_rows) received += n;
+  std::vector<float> send(static_cast<std::size_t>(rows * stride)), recv(static_cast<std::size_t>(received * stride));
+  kernels::pack_dispatch(rows, H, K, plan.row_token.data(), plan.row_slot.data(), plan.row_k.data(), x.data(),
+                         weights.data(), send.data());
+  std::vector<std::int64_t> send_counts(static_cast<std::size_t>(W)), recv_counts(static_cast<std::size_t>(W));
+  for (int p = 0; p < W; ++p) {
+    send_counts[static_cast<std::size_t>(p)] = plan.rows_per_rank[static_cast<std::size_t>(p)] * stride;
+    recv_counts[static_cast<std::size_t>(p)] = recv_rows[static_cast<std::size_t>(p)] * stride;
+  }
+  comm::AlltoallvArgs dispatch;
+  dispatch.send = send.data();
+  dispatch.send_counts = send_counts;
+  dispatch.recv = recv.data();
+  dispatch.recv_counts = recv_counts;
+  dispatch.label = "test dispatch";
+  comm.alltoallv(dispatch)->wait();
+
+  // Receiver: each source's rows are its tokens with a pick here, in token order, carrying x exactly
+  // and the local slots and weights of those picks in top-K order.
+  std::vector<std::int32_t> slots(static_cast<std::size_t>(received * K));
+  std::vector<float> recv_w(static_cast<std::size_t>(received * K));
+  kernels::unpack_dispatch_meta(received, H, K, recv.data(), slots.data(), recv_w.data());
+  std::int64_t row = 0;
+  for (int p = 0; p < W; ++p) {
+    const std::vector<std::int32_t> their_ids = ids_of(p);
+    std::int64_t from_p = 0;
+    for (std::int64_t t = 0; t < tokens_of(p); ++t) {
+      std::vector<std::int32_t> want_slots;
+      std::vector<float> want_w;
+      for (std::int64_t j = 0; j < K; ++j) {
+        const std::int32_t e = their_ids[static_cast<std::size_t>(t * K + j)];
+        if (placement.owner(e) == me) {
+          want_slots.push_back(placement.local_slot(e));
+          want_w.push_back(kWeights[j]);
+        }
+      }
+      if (want_slots.empty()) continue;
+      ++from_p;
+      if (row >= received) break;
+      want_slots.resize(static_cast<std::size_t>(K), -1);
+      want_w.resize(static_cast<std::size_t>(K), 0.0f);
+      for (std::int64_t h = 0; h < H; ++h)
+        EXPECT_EQ(recv[static_cast<std::size_t>(row * stride + h)], x_value(p, t, h)) << "from rank " << p << " token " << t;
+      EXPECT_EQ(std::vector<std::int32_t>(slots.begin() + row * K, slots.begin() + (row + 1) * K), want_slots)
+          << "from rank " << p << " token " << t;
+      EXPECT_EQ(std::vector<float>(recv_w.begin() + row * K, recv_w.begin() + (row + 1) * K), want_w)
+          << "from rank " << p << " token " << t;
+      ++row;
+    }
+    EXPECT_EQ(recv_rows[static_cast<std::size_t>(p)], from_p) << "rows from rank " << p;
+  }
+  EXPECT_EQ(row, received);
+
+  // Identity experts: each entry's output is its input row; combine = weighted sum per received row.
+  sched::ExpertBatchLayout layout;
+  layout.build(slots, received, K, placement.num_local(me));
+  const std::int64_t entries = layout.num_entries();
+  std::vector<float> xe(static_cast<std::size_t>(entries * H)), entry_w(static_cast<std::size_t>(entries));
+  kernels::gather_rows(entries, H, layout.entry_row.data(), recv.data(), stride, xe.data(), H);
+  for (std::int64_t n = 0; n < entries; ++n)
+    entry_w[static_cast<std::size_t>(n)] =
+        recv_w[static_cast<std::size_t>(layout.entry_row[static_cast<std::size_t>(n)] * K + layout.entry_pick[static_cast<std::size_t>(n)])];
+  std::vector<float> out_rows(static_cast<std::size_t>(received * H), 0.0f), back(static_cast<std::size_t>(rows * H));
+  kernels::scatter_add_rows(entries, H, layout.entry_row.data(), entry_w.data(), xe.data(), H, out_rows.data(), H);
+  for (int p = 0; p < W; ++p) {
+    send_counts[static_cast<std::size_t>(p)] = recv_rows[static_cast<std::size_t>(p)] * H;
+    recv_counts[static_cast<std::size_t>(p)] = plan.rows_per_rank[static_cast<std::size_t>(p)] * H;
+  }
+  comm::AlltoallvArgs combine;
+  combine.send = out_rows.data();
+  combine.send_counts = send_counts;
+  combine.recv = back.data();
+  combine.recv_counts = recv_counts;
+  combine.label = "test combine";
+  comm.alltoallv(combine)->wait();
+
+  std::vector<float> y(static_cast<std::size_t>(T * H), 0.0f);
+  kernels::scatter_add_rows(rows, H, plan.row_token.data(), nullptr, back.data(), H, y.data(), H);
+  EXPECT_EQ(std::memcmp(y.data(), x.data(), sizeof(float) * static_cast<std::size_t>(T * H)), 0)
+      << "rank " << me << ": combine did not return the dispatched rows exactly";
+  expect_all_ranks_passed();
+}
+
+}  // namespace
+}  // namespace moex
