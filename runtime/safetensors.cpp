@@ -171,15 +171,12 @@ SafetensorsFile SafetensorsFile::open(const std::string& path, const Safetensors
 const SafetensorsEntry& SafetensorsFile::entry(const std::string& name) const {
   const auto it = entries_.find(name);
   if (it != entries_.end()) return it->second;
+  // Hint at names under the same first component (e.g. "model.") so a wrong --prefix is obvious.
+  const std::string first = name.substr(0, name.find('.'));
   std::string hint;
-  const auto dot = name.rfind('.');
-  const std::string stem = dot == std::string::npos ? name : name.substr(0, dot);
   int shown = 0;
-  for (const auto& [n, e] : entries_) {
-    if (n.rfind(stem.substr(0, stem.find('.') == std::string::npos ? stem.size() : stem.find('.')), 0) == 0 && shown < 5) {
-      hint += (shown++ ? ", " : "; it has e.g. ") + n;
-    }
-  }
+  for (auto e = entries_.lower_bound(first); e != entries_.end() && e->first.rfind(first, 0) == 0 && shown < 5; ++e)
+    hint += (shown++ ? ", " : "; it has e.g. ") + e->first;
   throw IoError("tensor '" + name + "' missing from " + path_ + hint);
 }
 
