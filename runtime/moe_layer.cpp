@@ -174,7 +174,7 @@ void MoELayer::forward(const float* x, std::int64_t tokens, float* y) {
 void MoELayer::backward(const float* dy, float* dx) {
   const std::int64_t H = hidden_, K = topk_, E = experts_total_, tokens = tokens_;
   const std::int64_t rows = plan_.num_rows();
-  const std::int64_t received = layout_.offsets.empty() ? 0 : static_cast<std::int64_t>(recv_slot_.size()) / K;
+  const std::int64_t received = stats_.rows_received;
   const std::int64_t entries = layout_.num_entries();
 
   // Dispatch dL/dy rows along the forward routes; shared experts' backward runs meanwhile.
@@ -216,7 +216,7 @@ void MoELayer::backward(const float* dy, float* dx) {
   grow(dxe_, entries * H);
   std::int64_t max_block = 0;
   for (std::int64_t s = 0; s < num_local_experts(); ++s) max_block = std::max(max_block, layout_.count(s));
-  grow(dh13_, std::max<std::int64_t>(static_cast<std::int64_t>(dh13_.size()), max_block * 2 * ffn_));
+  grow(dh13_, max_block * 2 * ffn_);  // the shared backward above is done with it
   const bool overwrite = expert_grads_stale_;
   expert_grads_stale_ = false;
   for (std::int64_t s = 0; s < num_local_experts(); ++s) {
