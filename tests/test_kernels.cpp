@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <iostream>
 #include <limits>
 #include <set>
 #include <span>
@@ -17,6 +18,7 @@
 #include "runtime/kernels/expert_ffn.h"
 #include "runtime/kernels/math.h"
 #include "runtime/kernels/permute.h"
+#include "runtime/kernels/swiglu_rows.h"
 #include "runtime/parallel.h"
 #include "runtime/random.h"
 #include "scheduler/expert_placement.h"
@@ -131,6 +133,35 @@ TEST(KernelMath, SwigluForwardAndBackwardMatchFloat64) {
     EXPECT_EQ(dg, dg2);
     EXPECT_EQ(du, du2);
   }
+}
+
+TEST(KernelMath, SwigluRowMatchesFloat64OverTheWholeRange) {
+  // Values across the exp range, the clamp (-87.3) and beyond, signed zeros, and every row length
+  // around the vector width so both the vector body and the scalar tail run.
+  std::vector<float> g = {0.0f, -0.0f, 1e-30f, -1e-30f, 0.5f, -0.5f, 1.0f, -1.0f, 10.0f, -10.0f,
+                          20.0f, -20.0f, 87.0f, -87.0f, 88.0f, -88.0f, 100.0f, -100.0f, 3.3e4f, -3.3e4f};
+  Rng rng(11);
+  for (int i = 0; i < 300; ++i) g.push_back(static_cast<float>(rng.normal() * 8.0));
+  std::vector<float> u(g.size());
+  for (auto& v : u) v = static_cast<float>(rng.normal());
+  for (std::size_t n : {std::size_t{0}, std::size_t{1}, std::size_t{7}, std::size_t{8}, std::size_t{9},
+                        std::size_t{17}, g.size()}) {
+    std::vector<float> sig(n, -1.0f), a(n, -1.0f);
+    kernels::swiglu_forward_row(g.data(), u.data(), sig.data(), a.data(), static_cast<std::int64_t>(n));
+    for (std::size_t j = 0; j < n; ++j) {
+      const double s = 1.0 / (1.0 + std::exp(-static_cast<double>(g[j])));
+      const double av = static_cast<double>(g[j]) * s * u[j];
+      // 4e-7 relative (a few ulp); below 1.2e-38 (g < -87.3) the clamp allows an absolute 2e-38.
+      EXPECT_NEAR(sig[j], s, 4e-7 * s + 2e-38) << "g = " << g[j] << " n = " << n;
+      EXPECT_NEAR(a[j], av, 6e-7 * std::abs(av) + 1e-33) << "g = " << g[j] << " n = " << n;
+    }
+  }
+  // A value's result does not depend on the row length or on its neighbours.
+  std::vector<float> s_full(g.size()), a_full(g.size()), s_part(g.size()), a_part(g.size());
+  kernels::swiglu_forward_row(g.data(), u.data(), s_full.data(), a_full.data(), static_cast<std::int64_t>(g.size()));
+  kernels::swiglu_forward_row(g.data(), u.data(), s_part.data(), a_part.data(), 24);
+  for (std::size_t j = 0; j < 24; ++j) EXPECT_EQ(s_full[j], s_part[j]);
+  std::cout << "[ info     ] swiglu row kernel vectorised: " << (kernels::swiglu_row_vectorised() ? "yes" : "no") << "\n";
 }
 
 // ---------------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@
 
 #include "runtime/blas.h"
 #include "runtime/kernels/math.h"
+#include "runtime/kernels/swiglu_rows.h"
 #include "runtime/parallel.h"
 
 namespace moex::kernels {
@@ -17,13 +18,7 @@ void swiglu_ffn_forward(const FfnShape& s, const float* x, const float* w13, con
   parallel_for(s.rows, 16, [&](std::int64_t r0, std::int64_t r1) {
     for (std::int64_t r = r0; r < r1; ++r) {
       const float* g = h13 + r * 2 * F;
-      const float* u = g + F;
-      float* sr = sig + r * F;
-      float* ar = a + r * F;
-      for (std::int64_t j = 0; j < F; ++j) {
-        sr[j] = math::sigmoid(g[j]);
-        ar[j] = g[j] * sr[j] * u[j];
-      }
+      swiglu_forward_row(g, g + F, sig + r * F, a + r * F, F);
     }
   });
   blas::sgemm(false, true, s.rows, H, F, 1.0f, a, F, w2, F, 0.0f, y, H);

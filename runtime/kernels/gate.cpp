@@ -105,14 +105,17 @@ void gate_forward(const GateParams& p, const float* x, const float* wg, const fl
 
 void gate_backward(const GateParams& p, const float* x, const float* wg, const float* scores,
                    const std::int32_t* topk_ids, const float* d_weights, float* dx, float* dwg,
-                   float* dlogits) {
+                   float* dlogits, const float* d_scores_extra) {
   const std::int64_t E = p.experts, K = p.topk;
   for (std::int64_t t = 0; t < p.tokens; ++t) {
     const float* s = scores + t * E;
     const std::int32_t* ids = topk_ids + t * K;
     const float* dw = d_weights + t * K;
     float* dl = dlogits + t * E;
-    std::fill_n(dl, E, 0.0f);
+    if (d_scores_extra)
+      std::copy_n(d_scores_extra + t * E, E, dl);  // every expert's extra d(score)
+    else
+      std::fill_n(dl, E, 0.0f);
     // d(score of pick j) through the normalisation w_j = c * s_j / (sum_i s_i + eps).
     float sum = 0.0f, dot = 0.0f;
     for (std::int64_t j = 0; j < K; ++j) {
@@ -127,14 +130,23 @@ void gate_backward(const GateParams& p, const float* x, const float* wg, const f
       dl[ids[j]] += ds;  // holds d(score) until converted below
     }
     if (p.scoring == ScoringFunc::kSigmoid) {
-      for (std::int64_t j = 0; j < K; ++j) {
-        const float sj = s[ids[j]];
-        dl[ids[j]] *= sj * (1.0f - sj);
+      if (d_scores_extra) {
+        // Every expert carries a d(score): convert them all.
+        for (std::int64_t e = 0; e < E; ++e) dl[e] *= s[e] * (1.0f - s[e]);
+      } else {
+        for (std::int64_t j = 0; j < K; ++j) {
+          const float sj = s[ids[j]];
+          dl[ids[j]] *= sj * (1.0f - sj);
+        }
       }
     } else {
       // Softmax Jacobian: dlogit_i = s_i * (dscore_i - sum_j dscore_j s_j); every expert gets one.
+      // Without d_scores_extra only the picks hold a d(score); with it every expert does.
       float inner = 0.0f;
-      for (std::int64_t j = 0; j < K; ++j) inner += dl[ids[j]] * s[ids[j]];
+      if (d_scores_extra)
+        for (std::int64_t e = 0; e < E; ++e) inner += dl[e] * s[e];
+      else
+        for (std::int64_t j = 0; j < K; ++j) inner += dl[ids[j]] * s[ids[j]];
       for (std::int64_t e = 0; e < E; ++e) dl[e] = s[e] * (dl[e] - inner);
     }
   }

@@ -36,8 +36,13 @@ void gate_forward(const GateParams& p, const float* x, const float* wg, const fl
 
 /// Backward: from d_weights [T,K] accumulates dx [T,H] += and dwg [E,H] +=. No gradient reaches the
 /// selection (top-K, groups, bias). `dlogits` is scratch of [T,E] floats.
+/// `d_scores_extra` [T,E] (may be null) is a further gradient wrt `scores`, e.g. from
+/// balance_loss_backward: it is added to the score gradient of EVERY expert (not only the top-K
+/// picks) before the sigmoid / softmax Jacobian, so with sigmoid scoring unpicked experts then get
+/// dlogit_e = dscore_e * s_e (1 - s_e) and the softmax inner product runs over all E experts. When it
+/// is null the result is exactly that of the picks alone.
 void gate_backward(const GateParams& p, const float* x, const float* wg, const float* scores,
                    const std::int32_t* topk_ids, const float* d_weights, float* dx, float* dwg,
-                   float* dlogits);
+                   float* dlogits, const float* d_scores_extra = nullptr);
 
 }  // namespace moex::kernels
