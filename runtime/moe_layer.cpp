@@ -102,6 +102,8 @@ void MoELayer::forward(const float* x, std::int64_t tokens, float* y) {
                         scores_.data(), topk_ids_.data(), topk_weights_.data());
   stats_.expert_tokens.assign(static_cast<std::size_t>(E), 0);
   for (std::int64_t i = 0; i < tokens * K; ++i) ++stats_.expert_tokens[static_cast<std::size_t>(topk_ids_[static_cast<std::size_t>(i)])];
+  aux_value_ = {};
+  if (aux_.enabled()) aux_value_ = kernels::balance_loss_forward(aux_params(tokens), scores_.data(), topk_ids_.data());
 
   // 2. route: one row per (token, destination rank); row counts travel first.
   plan_.build(topk_ids_, tokens, K, placement_);
@@ -251,9 +253,41 @@ void MoELayer::backward(const float* dy, float* dx) {
     }
   }
   grow(dlogits_, tokens * E);
+  const float* d_scores = nullptr;
+  if (aux_.enabled() && tokens > 0) {
+    grow(d_scores_, tokens * E);
+    std::fill(d_scores_.begin(), d_scores_.end(), 0.0f);
+    kernels::balance_loss_backward(aux_params(tokens), scores_.data(), topk_ids_.data(), 1.0f, d_scores_.data());
+    d_scores = d_scores_.data();
+  }
   const auto gp = kernels::GateParams::from_config(config_, tokens);
   kernels::gate_backward(gp, x_.data(), gate_weight(), scores_.data(), topk_ids_.data(),
-                         d_weights_.data(), dx, grad_of(gate_weight()), dlogits_.data());
+                         d_weights_.data(), dx, grad_of(gate_weight()), dlogits_.data(), d_scores);
+}
+
+kernels::BalanceLossParams MoELayer::aux_params(std::int64_t tokens) const {
+  kernels::BalanceLossParams p;
+  p.tokens = tokens;
+  p.experts = experts_total_;
+  p.topk = topk_;
+  p.seq_len = aux_.seq_len;
+  p.seq_alpha = aux_.seq_alpha;
+  p.expert_alpha = aux_.expert_alpha;
+  return p;
+}
+
+void MoELayer::update_selection_bias(std::span<const std::int64_t> load, float speed) {
+  if (static_cast<std::int64_t>(load.size()) != experts_total_)
+    throw InvalidArgument(name_ + ": update_selection_bias got " + std::to_string(load.size()) +
+                          " loads, expected n_routed_experts = " + std::to_string(experts_total_));
+  if (bias_.empty()) bias_.assign(static_cast<std::size_t>(experts_total_), 0.0f);
+  double total = 0.0;
+  for (auto l : load) total += static_cast<double>(l);
+  const double mean = total / static_cast<double>(experts_total_);
+  for (std::size_t e = 0; e < bias_.size(); ++e) {
+    const double l = static_cast<double>(load[e]);
+    bias_[e] += l < mean ? speed : (l > mean ? -speed : 0.0f);
+  }
 }
 
 comm::WorkPtr MoELayer::allreduce_replicated_grads() {

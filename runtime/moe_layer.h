@@ -2,10 +2,12 @@
 #pragma once
 
 #include <cstdint>
+#include <span>
 #include <string>
 #include <vector>
 
 #include "comm/communicator.h"
+#include "runtime/kernels/balance.h"
 #include "runtime/moe_config.h"
 #include "scheduler/expert_placement.h"
 #include "scheduler/route_plan.h"
@@ -21,6 +23,15 @@ struct ParamBlock {
     value.assign(n, 0.0f);
     grad.assign(n, 0.0f);
   }
+};
+
+/// Auxiliary balance losses of the router (off when both coefficients are 0). Each rank's loss is over
+/// its own tokens; its gradient joins the gate's in backward().
+struct AuxLossOptions {
+  std::int64_t seq_len = 0;   ///< tokens per sequence for the sequence-wise loss (0 = all tokens)
+  float seq_alpha = 0.0f;     ///< sequence-wise balance loss coefficient (DeepSeek-V3 uses 1e-4)
+  float expert_alpha = 0.0f;  ///< expert-level balance loss coefficient (DeepSeekMoE)
+  bool enabled() const { return seq_alpha != 0.0f || expert_alpha != 0.0f; }
 };
 
 /// What one forward pass routed, for logs and balancing.
@@ -63,6 +74,15 @@ class MoELayer {
   float* grad_of(float* param);
   /// Selection-only bias (e_score_correction_bias): empty = none, else [E]. Gets no gradient.
   std::vector<float>& selection_bias() { return bias_; }
+  /// Aux-loss-free balancing (DeepSeek-V3): b_e += speed * sign(mean_load - load_e) for the global
+  /// per-expert load `load` [E] (identical on every rank, so the bias stays replicated). Creates a
+  /// zero bias first if the layer had none.
+  void update_selection_bias(std::span<const std::int64_t> load, float speed);
+
+  void set_aux_loss(const AuxLossOptions& o) { aux_ = o; }
+  const AuxLossOptions& aux_loss() const { return aux_; }
+  /// The auxiliary balance losses of the last forward (zeros when off).
+  const kernels::BalanceLossValue& aux_loss_value() const { return aux_value_; }
 
   std::int64_t shared_w13_offset() const { return experts_total_ * hidden_; }
   std::int64_t shared_w2_offset() const { return shared_w13_offset() + 2 * shared_ffn_ * hidden_; }
@@ -99,6 +119,9 @@ class MoELayer {
   ParamBlock experts_;
   bool expert_grads_stale_ = false;  // zero_grad() happened; experts_.grad not cleared yet
   std::vector<float> bias_;
+  AuxLossOptions aux_;
+  kernels::BalanceLossValue aux_value_;
+  std::vector<float> d_scores_;
 
   // Saved by forward for backward; reused across steps so no step allocates once warm.
   std::int64_t tokens_ = 0;
@@ -119,6 +142,7 @@ class MoELayer {
   std::vector<float> dye_, dxe_, dh13_, dpick_, d_weights_, dlogits_;
   LayerRouteStats stats_;
 
+  kernels::BalanceLossParams aux_params(std::int64_t tokens) const;
   void set_counts(std::span<const std::int64_t> send_rows, std::span<const std::int64_t> recv_rows,
                   std::int64_t send_width, std::int64_t recv_width);
   comm::WorkPtr exchange(const float* send, float* recv, const char* what);
