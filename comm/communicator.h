@@ -52,8 +52,9 @@ class Work {
 
 using WorkPtr = std::unique_ptr<Work>;
 
-/// Arguments of an all-to-all with per-peer counts. Data for peer p is the p-th contiguous block
-/// of `send` (blocks packed back to back, in rank order); likewise for `recv`.
+/// Arguments of an all-to-all with per-peer counts. Data for peer p is the p-th block of `send`:
+/// blocks packed back to back in rank order, or at `send_displs[p]` elements when displacements are
+/// given; likewise for `recv`.
 struct AlltoallvArgs {
   const void* send = nullptr;
   std::span<const std::int64_t> send_counts;  ///< elements to each peer, size() == world size
@@ -61,6 +62,8 @@ struct AlltoallvArgs {
   std::span<const std::int64_t> recv_counts;  ///< elements from each peer, size() == world size
   DataType type = DataType::kFloat32;
   std::string label;                          ///< shown in errors, e.g. "dispatch layer 0"
+  std::span<const std::int64_t> send_displs;  ///< optional: element offset of each peer's block
+  std::span<const std::int64_t> recv_displs;  ///< optional: element offset of each peer's block
 };
 
 /// A group of ranks that exchange data. One per process group; not thread-safe: issue ops from one
@@ -91,6 +94,15 @@ class Communicator {
   virtual WorkPtr broadcast(void* data, std::int64_t count, DataType type, int root,
                             std::string label) = 0;
   virtual WorkPtr barrier(std::string label) = 0;
+
+  /// Node id of every rank (a collective; equal ids = same node, numbered by lowest rank). Ranks that
+  /// share memory (MPI_COMM_TYPE_SHARED) form a node, unless MOEX_RANKS_PER_NODE=R groups every R
+  /// consecutive ranks into a node instead (for tests of multi-node code on one machine).
+  virtual std::vector<int> node_ids() = 0;
+
+  /// Whether ops may be issued from a second thread (a communication stream), one thread at a time.
+  /// MPI needs MPI_THREAD_SERIALIZED or better for that.
+  virtual bool allows_progress_thread() const = 0;
 
   /// Default deadline for `Work::wait()`: 300 s unless set (MOEX_TIMEOUT_S or --timeout).
   std::chrono::milliseconds default_timeout() const { return default_timeout_; }

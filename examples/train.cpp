@@ -1,6 +1,8 @@
 // moex-train: trains a DeepSeekMoE student on a teacher's outputs across MPI ranks.
+#include <cmath>
 #include <cstdio>
 #include <fstream>
+#include <string>
 
 #include "base/error.h"
 #include "examples/tool.h"
@@ -25,6 +27,14 @@ moex::MoeConfig tiny_v3() {
   return c;
 }
 
+/// A float option that must be finite and >= 0 (ConfigError naming the flag, the value and the rule).
+float non_negative(const moex::tools::Options& opt, const char* name) {
+  const double v = opt.number(name);
+  if (!std::isfinite(v) || v < 0.0)
+    throw moex::ConfigError(std::string("--") + name + " = " + opt.str(name) + ": must be a finite number >= 0");
+  return static_cast<float>(v);
+}
+
 int train(moex::comm::MpiCommunicator& world, int argc, char** argv) {
   moex::tools::Options opt("moex-train",
                            "mpirun -np N moex-train [--config C.json] [--steps S] [--seed X] ...");
@@ -35,6 +45,11 @@ int train(moex::comm::MpiCommunicator& world, int argc, char** argv) {
       .value("layers", "", "override num_hidden_layers")
       .value("lr", "0.003", "AdamW learning rate")
       .value("weight-decay", "0", "AdamW decoupled weight decay")
+      .value("bias-update-speed", "0",
+             "aux-loss-free balancing: selection bias step gamma per step (0 = off; DeepSeek-V3 uses 0.001)")
+      .value("aux-seq-alpha", "0", "sequence-wise balance loss coefficient (0 = off; DeepSeek-V3 uses 0.0001)")
+      .value("aux-expert-alpha", "0", "expert-level balance loss coefficient (0 = off)")
+      .value("seq-len", "0", "tokens per sequence for the sequence-wise loss (0 = a rank's whole shard)")
       .value("log-json", "", "write one JSON object per step to this file (rank 0)")
       .value("log-every", "1", "print every N-th step")
       .value("timeout", "", "seconds any wait may take before the job aborts (default MOEX_TIMEOUT_S or 300)");
@@ -51,8 +66,15 @@ int train(moex::comm::MpiCommunicator& world, int argc, char** argv) {
   to.tokens_per_rank = opt.integer("tokens-per-rank");
   to.adam.lr = static_cast<float>(opt.number("lr"));
   to.adam.weight_decay = static_cast<float>(opt.number("weight-decay"));
+  to.bias_update_speed = non_negative(opt, "bias-update-speed");
+  to.aux.seq_alpha = non_negative(opt, "aux-seq-alpha");
+  to.aux.expert_alpha = non_negative(opt, "aux-expert-alpha");
+  to.aux.seq_len = opt.integer("seq-len");
+  if (to.aux.seq_len < 0)
+    throw moex::ConfigError("--seq-len = " + std::to_string(to.aux.seq_len) + ": must be >= 0 (0 = whole shard)");
   const std::int64_t every = opt.integer("log-every");
   if (every < 1) throw moex::ConfigError("--log-every = " + std::to_string(every) + ": must be >= 1");
+  const bool with_aux = to.aux.enabled();
 
   moex::Trainer trainer(config, world, to);
   const bool lead = world.rank() == 0;
@@ -69,7 +91,12 @@ int train(moex::comm::MpiCommunicator& world, int argc, char** argv) {
                 moex::to_string(config.scoring_func), moex::to_string(config.topk_method),
                 static_cast<long long>(config.n_shared_experts), static_cast<long long>(config.num_hidden_layers),
                 static_cast<long long>(to.tokens_per_rank), moex::blas::kernel_name().c_str());
-    std::printf("%s\n", moex::step_header().c_str());
+    if (to.bias_update_speed > 0.0f || with_aux)
+      std::printf("moex-train: balancing: bias update speed %g | aux seq alpha %g (seq len %lld) | aux expert "
+                  "alpha %g\n",
+                  static_cast<double>(to.bias_update_speed), static_cast<double>(to.aux.seq_alpha),
+                  static_cast<long long>(to.aux.seq_len), static_cast<double>(to.aux.expert_alpha));
+    std::printf("%s\n", moex::step_header(with_aux).c_str());
   }
   double first_loss = 0.0, last_loss = 0.0;
   for (std::int64_t s = 0; s < to.steps; ++s) {
@@ -78,7 +105,7 @@ int train(moex::comm::MpiCommunicator& world, int argc, char** argv) {
     last_loss = r.loss;
     if (!lead) continue;
     if (r.step % every == 0 || r.step == 1 || r.step == to.steps) {
-      std::printf("%s\n", moex::format_step(r).c_str());
+      std::printf("%s\n", moex::format_step(r, with_aux).c_str());
       std::fflush(stdout);
     }
     if (json.is_open()) json << moex::step_json(r) << "\n";

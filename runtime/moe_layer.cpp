@@ -19,12 +19,57 @@ void grow(std::vector<T>& v, std::int64_t n) {
 }
 }  // namespace
 
-MoELayer::MoELayer(const MoeConfig& config, comm::Communicator& comm,
-                   sched::ExpertPlacement placement, std::string name)
+const char* to_string(ExchangeKind k) { return k == ExchangeKind::kFlat ? "flat" : "hierarchical"; }
+
+ExchangeKind exchange_from_string(const std::string& s) {
+  if (s == "flat") return ExchangeKind::kFlat;
+  if (s == "hierarchical") return ExchangeKind::kHierarchical;
+  throw ConfigError("exchange = '" + s + "': expected flat or hierarchical");
+}
+
+/// One pipeline chunk: its tokens' routes, the buffers its exchanges move, and its events.
+struct MoELayer::Chunk {
+  std::int64_t t0 = 0, tokens = 0;
+  sched::RoutePlan plan;    // origin: one row per (token, destination rank)
+  sched::RoutePlan plan_a;  // origin, hierarchical: one row per (token, destination node)
+  std::vector<float> send;  // origin: packed rows going out
+  std::vector<float> back;  // origin: rows coming back (flat: by rank; hierarchical: by node)
+  // Forwarder side of the hierarchical exchange.
+  std::vector<std::int64_t> in_a;     // [P] stage-A rows received from each source
+  std::vector<std::int64_t> out_b;    // [P] stage-B rows sent to each rank of this node
+  std::vector<float> fwd_in, fwd_out, fwd_ret, fwd_back;
+  std::vector<std::int64_t> b_from_a;  // [rows_b] stage-A row each stage-B row came from
+  std::vector<std::int32_t> b_pick_a;  // [rows_b * K] pick position in the stage-A row
+  // Receiver side of the hierarchical exchange.
+  std::vector<std::int64_t> in_b;           // [P] stage-B rows from each forwarder
+  std::vector<float> stage_in, stage_out;   // rows in arrival order
+  std::vector<std::int64_t> arrival_canon;  // canonical row of each arrival
+  Event dispatched, combined;
+};
+
+namespace {
+double ms_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+}
+std::int32_t int_bits(float f) {
+  std::int32_t i;
+  std::memcpy(&i, &f, sizeof i);
+  return i;
+}
+float float_bits(std::int32_t i) {
+  float f;
+  std::memcpy(&f, &i, sizeof f);
+  return f;
+}
+}  // namespace
+
+MoELayer::MoELayer(const MoeConfig& config, comm::Communicator& comm, sched::ExpertPlacement placement,
+                   std::string name, std::optional<sched::Topology> topology, LayerOptions options)
     : config_(config),
       comm_(comm),
       placement_(std::move(placement)),
       name_(std::move(name)),
+      topology_(topology ? std::move(*topology) : sched::Topology::single_node(comm.size())),
       hidden_(config.hidden_size),
       ffn_(config.moe_intermediate_size),
       shared_ffn_(config.shared_intermediate_size()),
@@ -37,11 +82,37 @@ MoELayer::MoELayer(const MoeConfig& config, comm::Communicator& comm,
   if (placement_.world_size() != comm_.size())
     throw InvalidArgument(name_ + ": placement is for " + std::to_string(placement_.world_size()) +
                           " ranks but the communicator has " + std::to_string(comm_.size()));
+  if (topology_.world_size() != comm_.size())
+    throw InvalidArgument(name_ + ": topology is for " + std::to_string(topology_.world_size()) +
+                          " ranks but the communicator has " + std::to_string(comm_.size()));
   replicated_.resize(static_cast<std::size_t>(shared_w2_offset() + hidden_ * shared_ffn_));
   experts_.resize(static_cast<std::size_t>(num_local_experts() * expert_stride()));
-  recv_rows_.assign(static_cast<std::size_t>(comm_.size()), 0);
-  send_counts_.assign(static_cast<std::size_t>(comm_.size()), 0);
-  recv_counts_.assign(static_cast<std::size_t>(comm_.size()), 0);
+  const auto E = static_cast<std::size_t>(experts_total_);
+  expert_owner_.resize(E);
+  expert_node_.resize(E);
+  expert_slot_.resize(E);
+  expert_id_.resize(E);
+  for (std::size_t e = 0; e < E; ++e) {
+    expert_owner_[e] = placement_.owner(static_cast<std::int64_t>(e));
+    expert_node_[e] = topology_.node_of(expert_owner_[e]);
+    expert_slot_[e] = placement_.local_slot(static_cast<std::int64_t>(e));
+    expert_id_[e] = static_cast<std::int32_t>(e);
+  }
+  set_options(options);
+}
+
+MoELayer::~MoELayer() = default;
+
+void MoELayer::set_options(const LayerOptions& options) {
+  if (options.chunks < 1)
+    throw InvalidArgument(name_ + ": chunks = " + std::to_string(options.chunks) + " must be >= 1");
+  options_ = options;
+  // The communication stream is a thread only when overlapping and MPI lets a second thread call it.
+  const bool threaded = options_.overlap && comm_.allows_progress_thread();
+  if (!comm_stream_ || comm_stream_threaded_ != threaded) {
+    comm_stream_ = std::make_unique<Stream>("comm " + name_, threaded);
+    comm_stream_threaded_ = threaded;
+  }
 }
 
 ParamBlock& MoELayer::experts() {
@@ -66,34 +137,560 @@ void MoELayer::zero_grad() {
   expert_grads_stale_ = true;
 }
 
-void MoELayer::set_counts(std::span<const std::int64_t> send_rows,
-                          std::span<const std::int64_t> recv_rows, std::int64_t send_width,
-                          std::int64_t recv_width) {
-  for (std::size_t p = 0; p < send_counts_.size(); ++p) {
-    send_counts_[p] = send_rows[p] * send_width;
-    recv_counts_[p] = recv_rows[p] * recv_width;
-  }
+std::chrono::steady_clock::time_point MoELayer::deadline() const {
+  // The exchange itself gives up at the communicator's timeout; waiting for its event allows a
+  // little more so the exchange's own, more precise, TimeoutError is the one reported.
+  return std::chrono::steady_clock::now() + comm_.default_timeout() + std::chrono::seconds(5);
 }
 
-comm::WorkPtr MoELayer::exchange(const float* send, float* recv, const char* what) {
+comm::WorkPtr MoELayer::alltoallv(const void* send, std::span<const std::int64_t> send_counts,
+                                  std::span<const std::int64_t> send_displs, void* recv,
+                                  std::span<const std::int64_t> recv_counts,
+                                  std::span<const std::int64_t> recv_displs, const std::string& what) {
   comm::AlltoallvArgs args;
   args.send = send;
-  args.send_counts = send_counts_;
+  args.send_counts = send_counts;
+  args.send_displs = send_displs;
   args.recv = recv;
-  args.recv_counts = recv_counts_;
+  args.recv_counts = recv_counts;
+  args.recv_displs = recv_displs;
   args.type = comm::DataType::kFloat32;
-  args.label = std::string(what) + " " + name_;
+  args.label = what + " " + name_;
   return comm_.alltoallv(args);
 }
 
+void MoELayer::count_bytes(std::span<const std::int64_t> send_elems, std::int64_t elem_bytes) {
+  const int me = comm_.rank();
+  for (int q = 0; q < comm_.size(); ++q) {
+    if (q == me) continue;
+    const std::int64_t b = send_elems[static_cast<std::size_t>(q)] * elem_bytes;
+    if (topology_.node_of(q) == topology_.node_of(me)) counters_.bytes_intra_node += b;
+    else counters_.bytes_inter_node += b;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Routing plans and the up-front counts exchange
+
+void MoELayer::build_chunk_plans(int chunks) {
+  while (static_cast<int>(chunks_.size()) < chunks) chunks_.push_back(std::make_unique<Chunk>());
+  const std::int64_t K = topk_;
+  const bool hier = options_.exchange == ExchangeKind::kHierarchical;
+  for (int c = 0; c < chunks; ++c) {
+    Chunk& ch = *chunks_[static_cast<std::size_t>(c)];
+    ch.t0 = sched::chunk_begin(tokens_, chunks, c);
+    ch.tokens = sched::chunk_begin(tokens_, chunks, c + 1) - ch.t0;
+    const std::span<const std::int32_t> ids(topk_ids_.data() + ch.t0 * K, static_cast<std::size_t>(ch.tokens * K));
+    ch.plan.build(ids, ch.tokens, K, comm_.size(), expert_owner_, expert_slot_);
+    if (hier) ch.plan_a.build(ids, ch.tokens, K, topology_.num_nodes(), expert_node_, expert_id_);
+  }
+}
+
+void MoELayer::exchange_counts() {
+  // To every rank d, per chunk: [stage-A rows to d's node, rows to d, picks for each of d's experts].
+  const int P = comm_.size(), C = chunks_used_, me = comm_.rank();
+  const std::int64_t S_me = num_local_experts();
+  std::vector<std::int64_t> send_counts(static_cast<std::size_t>(P)), recv_counts(static_cast<std::size_t>(P));
+  std::int64_t total = 0;
+  for (int d = 0; d < P; ++d) {
+    send_counts[static_cast<std::size_t>(d)] = C * (2 + placement_.num_local(d));
+    total += send_counts[static_cast<std::size_t>(d)];
+    recv_counts[static_cast<std::size_t>(d)] = C * (2 + S_me);
+  }
+  count_send_.assign(static_cast<std::size_t>(total), 0);
+  count_recv_.assign(static_cast<std::size_t>(P * C * (2 + S_me)), 0);
+  std::int64_t at = 0;
+  const std::int64_t K = topk_;
+  const bool hier = options_.exchange == ExchangeKind::kHierarchical;
+  for (int d = 0; d < P; ++d) {
+    const std::int64_t Sd = placement_.num_local(d);
+    for (int c = 0; c < C; ++c) {
+      Chunk& ch = *chunks_[static_cast<std::size_t>(c)];
+      std::int64_t* m = count_send_.data() + at + c * (2 + Sd);
+      m[0] = hier ? ch.plan_a.rows_per_rank[static_cast<std::size_t>(topology_.node_of(d))] : 0;
+      m[1] = ch.plan.rows_per_rank[static_cast<std::size_t>(d)];
+      std::int64_t first = 0;
+      for (int q = 0; q < d; ++q) first += ch.plan.rows_per_rank[static_cast<std::size_t>(q)];
+      for (std::int64_t i = first * K; i < (first + m[1]) * K; ++i) {
+        const std::int32_t s = ch.plan.row_slot[static_cast<std::size_t>(i)];
+        if (s >= 0) ++m[2 + s];
+      }
+    }
+    at += C * (2 + Sd);
+  }
+  Event done;
+  comm_stream_->enqueue([&] {
+    comm::AlltoallvArgs args;
+    args.send = count_send_.data();
+    args.send_counts = send_counts;
+    args.recv = count_recv_.data();
+    args.recv_counts = recv_counts;
+    args.type = comm::DataType::kInt64;
+    args.label = "dispatch counts " + name_;
+    comm_.alltoallv(args)->wait();
+  }, &done);
+  done.wait(deadline(), "dispatch counts " + name_);
+
+  std::vector<std::int64_t> rows_pc(static_cast<std::size_t>(P * C)), picks(static_cast<std::size_t>(P * C * S_me));
+  fwd_rows_a_.assign(static_cast<std::size_t>(P * C), 0);
+  for (int p = 0; p < P; ++p)
+    for (int c = 0; c < C; ++c) {
+      const std::int64_t* m = count_recv_.data() + (static_cast<std::int64_t>(p) * C + c) * (2 + S_me);
+      if (topology_.peer_on(topology_.node_of(me), p) == me) fwd_rows_a_[static_cast<std::size_t>(p * C + c)] = m[0];
+      rows_pc[static_cast<std::size_t>(p * C + c)] = m[1];
+      for (std::int64_t s = 0; s < S_me; ++s) picks[static_cast<std::size_t>((p * C + c) * S_me + s)] = m[2 + s];
+    }
+  recv_layout_.build(P, C, S_me, rows_pc, picks);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Exchanges (these run on the communication stream)
+
+void MoELayer::dispatch_flat(Chunk& ch, int c, bool grad) {
+  const int P = comm_.size();
+  const std::int64_t W = grad ? hidden_ : kernels::routed_row_stride(hidden_, topk_);
+  std::vector<std::int64_t> sc(static_cast<std::size_t>(P)), rc(static_cast<std::size_t>(P)), rd(static_cast<std::size_t>(P));
+  for (int p = 0; p < P; ++p) {
+    sc[static_cast<std::size_t>(p)] = ch.plan.rows_per_rank[static_cast<std::size_t>(p)] * W;
+    rc[static_cast<std::size_t>(p)] = recv_layout_.rows[recv_layout_.rc(p, c)] * W;
+    rd[static_cast<std::size_t>(p)] = recv_layout_.row_base[recv_layout_.rc(p, c)] * W;
+  }
+  count_bytes(sc, 4);
+  // Rows land directly at their canonical place.
+  alltoallv(ch.send.data(), sc, {}, grad ? rgrad_.data() : recv_.data(), rc, rd, grad ? "dispatch grad" : "dispatch")->wait();
+}
+
+void MoELayer::dispatch_hierarchical(Chunk& ch, int c, bool grad) {
+  const int P = comm_.size(), me = comm_.rank(), C = chunks_used_;
+  const int my_node = topology_.node_of(me);
+  const std::int64_t H = hidden_, K = topk_;
+  const std::int64_t W = grad ? H : kernels::routed_row_stride(H, K);
+  // Stage A: one row per (token, node) to this rank's peer on that node.
+  // Rows are packed in node order; displacements put each node's block where it is.
+  std::vector<std::int64_t> sc(static_cast<std::size_t>(P), 0), rc(static_cast<std::size_t>(P), 0),
+      sd(static_cast<std::size_t>(P), 0);
+  std::int64_t packed = 0;
+  for (int m = 0; m < topology_.num_nodes(); ++m) {
+    const auto q = static_cast<std::size_t>(topology_.peer_on(m, me));
+    sc[q] = ch.plan_a.rows_per_rank[static_cast<std::size_t>(m)] * W;
+    sd[q] = packed;
+    packed += sc[q];
+  }
+  ch.in_a.assign(static_cast<std::size_t>(P), 0);
+  std::int64_t rows_a = 0;
+  for (int p = 0; p < P; ++p) {
+    ch.in_a[static_cast<std::size_t>(p)] = fwd_rows_a_[static_cast<std::size_t>(p * C + c)];
+    rc[static_cast<std::size_t>(p)] = ch.in_a[static_cast<std::size_t>(p)] * W;
+    rows_a += ch.in_a[static_cast<std::size_t>(p)];
+  }
+  grow(ch.fwd_in, rows_a * W);
+  count_bytes(sc, 4);
+  alltoallv(ch.send.data(), sc, sd, ch.fwd_in.data(), rc, {}, grad ? "dispatch grad stage A" : "dispatch stage A")->wait();
+
+  // Forward inside the node: one row per (stage-A row, destination rank).
+  const std::int64_t stride = kernels::routed_row_stride(H, K);
+  if (!grad) {
+    ch.out_b.assign(static_cast<std::size_t>(P), 0);
+    for (std::int64_t a = 0; a < rows_a; ++a) {
+      const float* row = ch.fwd_in.data() + a * stride;
+      int last = -1;
+      for (std::int64_t j = 0; j < K; ++j) {  // picks are grouped by node, not by rank: dedupe
+        const std::int32_t e = int_bits(row[H + j]);
+        if (e < 0) continue;
+        const int d = expert_owner_[static_cast<std::size_t>(e)];
+        if (topology_.node_of(d) != my_node)
+          throw InternalError(name_ + ": forwarder got a pick for expert " + std::to_string(e) + " of another node");
+        bool seen = d == last;
+        for (std::int64_t i = 0; i < j && !seen; ++i) {
+          const std::int32_t ei = int_bits(row[H + i]);
+          seen = ei >= 0 && expert_owner_[static_cast<std::size_t>(ei)] == d;
+        }
+        if (!seen) ++ch.out_b[static_cast<std::size_t>(d)];
+        last = d;
+      }
+    }
+    std::vector<std::int64_t> next(static_cast<std::size_t>(P), 0);
+    std::int64_t rows_b = 0;
+    for (int d = 0; d < P; ++d) {
+      next[static_cast<std::size_t>(d)] = rows_b;
+      rows_b += ch.out_b[static_cast<std::size_t>(d)];
+    }
+    grow(ch.fwd_out, rows_b * stride);
+    grow(ch.b_from_a, rows_b);
+    grow(ch.b_pick_a, rows_b * K);
+    std::vector<std::int64_t> row_of(static_cast<std::size_t>(P));
+    std::vector<std::int32_t> fill(static_cast<std::size_t>(P));
+    for (std::int64_t a = 0; a < rows_a; ++a) {
+      const float* row = ch.fwd_in.data() + a * stride;
+      std::fill(row_of.begin(), row_of.end(), -1);
+      for (std::int64_t j = 0; j < K; ++j) {
+        const std::int32_t e = int_bits(row[H + j]);
+        if (e < 0) continue;
+        const auto d = static_cast<std::size_t>(expert_owner_[static_cast<std::size_t>(e)]);
+        if (row_of[d] < 0) {
+          row_of[d] = next[d]++;
+          fill[d] = 0;
+          float* o = ch.fwd_out.data() + row_of[d] * stride;
+          std::memcpy(o, row, sizeof(float) * static_cast<std::size_t>(H));
+          for (std::int64_t i = 0; i < K; ++i) {
+            o[H + i] = float_bits(-1);
+            o[H + K + i] = 0.0f;
+            ch.b_pick_a[static_cast<std::size_t>(row_of[d] * K + i)] = -1;
+          }
+          o[H + 2 * K] = row[H + 2 * K];  // origin rank travels along
+          ch.b_from_a[static_cast<std::size_t>(row_of[d])] = a;
+        }
+        float* o = ch.fwd_out.data() + row_of[d] * stride;
+        const std::int32_t f = fill[d]++;
+        o[H + f] = float_bits(expert_slot_[static_cast<std::size_t>(e)]);
+        o[H + K + f] = row[H + K + j];
+        ch.b_pick_a[static_cast<std::size_t>(row_of[d] * K + f)] = static_cast<std::int32_t>(j);
+      }
+    }
+  } else {
+    std::int64_t rows_b = 0;
+    for (auto n : ch.out_b) rows_b += n;
+    grow(ch.fwd_out, rows_b * H);
+    for (std::int64_t b = 0; b < rows_b; ++b)
+      std::memcpy(ch.fwd_out.data() + b * H, ch.fwd_in.data() + ch.b_from_a[static_cast<std::size_t>(b)] * H,
+                  sizeof(float) * static_cast<std::size_t>(H));
+  }
+  // Stage B: inside the node, forwarder -> expert owner.
+  ch.in_b.assign(static_cast<std::size_t>(P), 0);
+  std::int64_t rows_in = 0;
+  for (int p = 0; p < P; ++p) {
+    const std::int64_t n = recv_layout_.rows[recv_layout_.rc(p, c)];
+    ch.in_b[static_cast<std::size_t>(topology_.peer_on(my_node, p))] += n;
+    rows_in += n;
+  }
+  for (int q = 0; q < P; ++q) {
+    sc[static_cast<std::size_t>(q)] = ch.out_b[static_cast<std::size_t>(q)] * W;
+    rc[static_cast<std::size_t>(q)] = ch.in_b[static_cast<std::size_t>(q)] * W;
+  }
+  grow(ch.stage_in, rows_in * W);
+  count_bytes(sc, 4);
+  alltoallv(ch.fwd_out.data(), sc, {}, ch.stage_in.data(), rc, {}, grad ? "dispatch grad stage B" : "dispatch stage B")->wait();
+
+  // Arrivals (by forwarder, then origin, then token) to canonical rows (by origin, then token).
+  if (!grad) {
+    grow(ch.arrival_canon, rows_in);
+    std::vector<std::int64_t> cursor(static_cast<std::size_t>(P));
+    for (int p = 0; p < P; ++p) cursor[static_cast<std::size_t>(p)] = recv_layout_.row_base[recv_layout_.rc(p, c)];
+    for (std::int64_t i = 0; i < rows_in; ++i) {
+      const std::int32_t p = int_bits(ch.stage_in[static_cast<std::size_t>(i * stride + H + 2 * K)]);
+      if (p < 0 || p >= P) throw InternalError(name_ + ": received a row with origin rank " + std::to_string(p));
+      ch.arrival_canon[static_cast<std::size_t>(i)] = cursor[static_cast<std::size_t>(p)]++;
+    }
+  }
+  float* dst = grad ? rgrad_.data() : recv_.data();
+  for (std::int64_t i = 0; i < rows_in; ++i)
+    std::memcpy(dst + ch.arrival_canon[static_cast<std::size_t>(i)] * W, ch.stage_in.data() + i * W,
+                sizeof(float) * static_cast<std::size_t>(W));
+}
+
+void MoELayer::combine_flat(Chunk& ch, int c, std::int64_t width) {
+  const int P = comm_.size();
+  std::vector<std::int64_t> sc(static_cast<std::size_t>(P)), sd(static_cast<std::size_t>(P)), rc(static_cast<std::size_t>(P));
+  for (int p = 0; p < P; ++p) {
+    sc[static_cast<std::size_t>(p)] = recv_layout_.rows[recv_layout_.rc(p, c)] * width;
+    sd[static_cast<std::size_t>(p)] = recv_layout_.row_base[recv_layout_.rc(p, c)] * width;
+    rc[static_cast<std::size_t>(p)] = ch.plan.rows_per_rank[static_cast<std::size_t>(p)] * width;
+  }
+  grow(ch.back, ch.plan.num_rows() * width);
+  count_bytes(sc, 4);
+  alltoallv(out_.data(), sc, sd, ch.back.data(), rc, {}, width == hidden_ ? "combine" : "combine grad")->wait();
+}
+
+void MoELayer::combine_hierarchical(Chunk& ch, int c, std::int64_t width) {
+  (void)c;
+  const int P = comm_.size(), me = comm_.rank();
+  const std::int64_t H = hidden_, K = topk_;
+  // Stage B back: rows in arrival order to the forwarder they came from.
+  std::int64_t rows_in = 0, rows_b = 0, rows_a = 0;
+  for (int q = 0; q < P; ++q) {
+    rows_in += ch.in_b[static_cast<std::size_t>(q)];
+    rows_b += ch.out_b[static_cast<std::size_t>(q)];
+    rows_a += ch.in_a[static_cast<std::size_t>(q)];
+  }
+  grow(ch.stage_out, rows_in * width);
+  for (std::int64_t i = 0; i < rows_in; ++i)
+    std::memcpy(ch.stage_out.data() + i * width, out_.data() + ch.arrival_canon[static_cast<std::size_t>(i)] * width,
+                sizeof(float) * static_cast<std::size_t>(width));
+  std::vector<std::int64_t> sc(static_cast<std::size_t>(P)), rc(static_cast<std::size_t>(P)), rd(static_cast<std::size_t>(P));
+  for (int q = 0; q < P; ++q) {
+    sc[static_cast<std::size_t>(q)] = ch.in_b[static_cast<std::size_t>(q)] * width;
+    rc[static_cast<std::size_t>(q)] = ch.out_b[static_cast<std::size_t>(q)] * width;
+  }
+  grow(ch.fwd_ret, rows_b * width);
+  count_bytes(sc, 4);
+  alltoallv(ch.stage_out.data(), sc, {}, ch.fwd_ret.data(), rc, {}, "combine stage B")->wait();
+
+  // Sum each stage-A row's returns in rank order (0 + r_a + r_b ...), as the flat path's per-node
+  // partial sums do; routing-weight gradients go back to their stage-A pick positions.
+  grow(ch.fwd_back, rows_a * width);
+  std::fill(ch.fwd_back.begin(), ch.fwd_back.end(), 0.0f);
+  for (std::int64_t b = 0; b < rows_b; ++b) {
+    float* o = ch.fwd_back.data() + ch.b_from_a[static_cast<std::size_t>(b)] * width;
+    const float* r = ch.fwd_ret.data() + b * width;
+    for (std::int64_t j = 0; j < H; ++j) o[j] += r[j];
+    if (width > H)
+      for (std::int64_t j = 0; j < K; ++j) {
+        const std::int32_t ja = ch.b_pick_a[static_cast<std::size_t>(b * K + j)];
+        if (ja >= 0) o[H + ja] = r[H + j];
+      }
+  }
+  // Stage A back: to the sources; blocks land in node order, as plan_a lists them.
+  for (int q = 0; q < P; ++q) {
+    sc[static_cast<std::size_t>(q)] = ch.in_a[static_cast<std::size_t>(q)] * width;
+    rc[static_cast<std::size_t>(q)] = 0;
+  }
+  std::int64_t at = 0;
+  for (int m = 0; m < topology_.num_nodes(); ++m) {
+    const auto q = static_cast<std::size_t>(topology_.peer_on(m, me));
+    rc[q] = ch.plan_a.rows_per_rank[static_cast<std::size_t>(m)] * width;
+    rd[q] = at;
+    at += rc[q];
+  }
+  grow(ch.back, ch.plan_a.num_rows() * width);
+  count_bytes(sc, 4);
+  alltoallv(ch.fwd_back.data(), sc, {}, ch.back.data(), rc, rd, "combine stage A")->wait();
+}
+
+void MoELayer::enqueue_dispatch(int c, bool grad, const float* dy) {
+  Chunk& ch = *chunks_[static_cast<std::size_t>(c)];
+  const std::int64_t H = hidden_, K = topk_;
+  const bool hier = options_.exchange == ExchangeKind::kHierarchical;
+  const sched::RoutePlan& plan = hier ? ch.plan_a : ch.plan;
+  const auto t_pack = std::chrono::steady_clock::now();
+  if (!grad) {
+    grow(ch.send, plan.num_rows() * kernels::routed_row_stride(H, K));
+    kernels::pack_routed_rows(plan.num_rows(), H, K, ch.t0, plan.row_token.data(), plan.row_slot.data(),
+                              plan.row_k.data(), x_.data(), topk_weights_.data(), comm_.rank(), ch.send.data());
+  } else {
+    grow(ch.send, plan.num_rows() * H);
+    kernels::gather_rows(plan.num_rows(), H, plan.row_token.data(), dy + ch.t0 * H, H, ch.send.data(), H);
+  }
+  counters_.permute += ms_since(t_pack);
+  comm_stream_->enqueue([this, &ch, c, grad, hier] {
+    const auto t0 = std::chrono::steady_clock::now();
+    if (hier) dispatch_hierarchical(ch, c, grad);
+    else dispatch_flat(ch, c, grad);
+    counters_.dispatch += ms_since(t0);
+  }, &ch.dispatched);
+}
+
+void MoELayer::enqueue_combine(int c, std::int64_t width) {
+  Chunk& ch = *chunks_[static_cast<std::size_t>(c)];
+  const bool hier = options_.exchange == ExchangeKind::kHierarchical;
+  comm_stream_->enqueue([this, &ch, c, width, hier] {
+    const auto t0 = std::chrono::steady_clock::now();
+    if (hier) combine_hierarchical(ch, c, width);
+    else combine_flat(ch, c, width);
+    counters_.combine_comm += ms_since(t0);
+  }, &ch.combined);
+}
+
+void MoELayer::finish_chunk(int c, std::int64_t width, float* out, float* d_weights) {
+  // out[t] += sum over nodes (in node order) of that node's partial sum (ranks in rank order). The
+  // hierarchical path's forwarders computed those partial sums; the flat path forms them here, so
+  // both add the same numbers in the same order.
+  Chunk& ch = *chunks_[static_cast<std::size_t>(c)];
+  const std::int64_t H = hidden_, K = topk_;
+  const bool hier = options_.exchange == ExchangeKind::kHierarchical;
+  const sched::RoutePlan& plan = hier ? ch.plan_a : ch.plan;
+  std::vector<std::int64_t> first(plan.rows_per_rank.size() + 1, 0);
+  for (std::size_t q = 0; q < plan.rows_per_rank.size(); ++q) first[q + 1] = first[q] + plan.rows_per_rank[q];
+  std::vector<std::int64_t> index;
+  auto add_rows = [&](std::int64_t r0, std::int64_t r1, const float* src, float* dst) {
+    index.resize(static_cast<std::size_t>(r1 - r0));
+    for (std::int64_t i = r0; i < r1; ++i) index[static_cast<std::size_t>(i - r0)] = ch.t0 + plan.row_token[static_cast<std::size_t>(i)];
+    kernels::scatter_add_rows(r1 - r0, H, index.data(), nullptr, src + r0 * width, width, dst, H);
+  };
+  if (hier) {
+    add_rows(0, plan.num_rows(), ch.back.data(), out);
+  } else {
+    for (int m = 0; m < topology_.num_nodes(); ++m) {
+      const auto ranks = topology_.ranks_of(m);
+      if (ranks.size() == 1) {
+        const auto q = static_cast<std::size_t>(ranks[0]);
+        add_rows(first[q], first[q + 1], ch.back.data(), out);
+        continue;
+      }
+      grow(partial_, tokens_ * H);
+      grow(touched_, tokens_);
+      for (std::int64_t t = ch.t0; t < ch.t0 + ch.tokens; ++t) touched_[static_cast<std::size_t>(t)] = 0;
+      for (int q : ranks)
+        for (std::int64_t i = first[static_cast<std::size_t>(q)]; i < first[static_cast<std::size_t>(q) + 1]; ++i) {
+          const std::int64_t t = ch.t0 + plan.row_token[static_cast<std::size_t>(i)];
+          if (!touched_[static_cast<std::size_t>(t)]) {
+            std::fill_n(partial_.data() + t * H, H, 0.0f);
+            touched_[static_cast<std::size_t>(t)] = 1;
+          }
+        }
+      for (int q : ranks) add_rows(first[static_cast<std::size_t>(q)], first[static_cast<std::size_t>(q) + 1], ch.back.data(), partial_.data());
+      for (std::int64_t t = ch.t0; t < ch.t0 + ch.tokens; ++t)
+        if (touched_[static_cast<std::size_t>(t)]) {
+          float* o = out + t * H;
+          const float* s = partial_.data() + t * H;
+          for (std::int64_t j = 0; j < H; ++j) o[j] += s[j];
+        }
+    }
+  }
+  if (d_weights != nullptr) {
+    for (std::int64_t i = 0; i < plan.num_rows(); ++i) {
+      const std::int64_t t = ch.t0 + plan.row_token[static_cast<std::size_t>(i)];
+      for (std::int64_t j = 0; j < K; ++j) {
+        const std::int32_t k = plan.row_k[static_cast<std::size_t>(i * K + j)];
+        if (k >= 0) d_weights[static_cast<std::size_t>(t * K + k)] = ch.back[static_cast<std::size_t>(i * width + H + j)];
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Expert computation of one chunk
+
+void MoELayer::place_chunk_entries(int c) {
+  // Each received pick of chunk c becomes an entry at its canonical place (expert, source, token).
+  const int P = comm_.size();
+  const std::int64_t H = hidden_, K = topk_, S = num_local_experts();
+  const std::int64_t stride = kernels::routed_row_stride(H, K);
+  std::vector<std::int64_t> cursor(static_cast<std::size_t>(S));
+  for (int p = 0; p < P; ++p) {
+    for (std::int64_t s = 0; s < S; ++s) cursor[static_cast<std::size_t>(s)] = recv_layout_.entry_base[recv_layout_.spc(s, p, c)];
+    const std::int64_t r0 = recv_layout_.row_base[recv_layout_.rc(p, c)];
+    const std::int64_t r1 = r0 + recv_layout_.rows[recv_layout_.rc(p, c)];
+    for (std::int64_t r = r0; r < r1; ++r) {
+      const float* meta = recv_.data() + r * stride + H;
+      for (std::int64_t j = 0; j < K; ++j) {
+        const std::int32_t s = int_bits(meta[j]);
+        if (s < 0) continue;
+        if (s >= S)
+          throw InvalidArgument(name_ + ": received a pick for local expert slot " + std::to_string(s) +
+                                " but this rank holds " + std::to_string(S) + " experts");
+        const std::int64_t e = cursor[static_cast<std::size_t>(s)]++;
+        if (e >= recv_layout_.entry_base[recv_layout_.spc(s, p, c)] + recv_layout_.picks[recv_layout_.spc(s, p, c)])
+          throw InternalError(name_ + ": rank " + std::to_string(p) + " sent more picks than it announced");
+        layout_.entry_row[static_cast<std::size_t>(e)] = r;
+        layout_.entry_pick[static_cast<std::size_t>(e)] = static_cast<std::int32_t>(j);
+        entry_weight_[static_cast<std::size_t>(e)] = meta[K + j];
+      }
+    }
+  }
+}
+
+namespace {
+/// Calls fn(begin, count) for each maximal run of consecutive (source) blocks of expert s in chunk c.
+template <typename Fn>
+void for_each_block(const sched::ReceiveLayout& L, std::int64_t s, int c, Fn&& fn) {
+  std::int64_t begin = -1, count = 0;
+  for (int p = 0; p < L.world; ++p) {
+    const std::int64_t b = L.entry_base[L.spc(s, p, c)], n = L.picks[L.spc(s, p, c)];
+    if (n == 0) continue;
+    if (begin >= 0 && begin + count == b) {
+      count += n;
+      continue;
+    }
+    if (count > 0) fn(begin, count);
+    begin = b;
+    count = n;
+  }
+  if (count > 0) fn(begin, count);
+}
+}  // namespace
+
+void MoELayer::run_experts_forward(int c) {
+  const std::int64_t H = hidden_, F = ffn_, S = num_local_experts();
+  const std::int64_t stride = kernels::routed_row_stride(H, topk_);
+  auto t0 = std::chrono::steady_clock::now();
+  place_chunk_entries(c);
+  for (std::int64_t s = 0; s < S; ++s)
+    for_each_block(recv_layout_, s, c, [&](std::int64_t b, std::int64_t n) {
+      kernels::gather_rows(n, H, layout_.entry_row.data() + b, recv_.data(), stride, xe_.data() + b * H, H);
+    });
+  counters_.permute += ms_since(t0);
+  t0 = std::chrono::steady_clock::now();
+  for (std::int64_t s = 0; s < S; ++s)
+    for_each_block(recv_layout_, s, c, [&](std::int64_t b, std::int64_t n) {
+      kernels::swiglu_ffn_forward({n, H, F}, xe_.data() + b * H, expert_w13(s), expert_w2(s), h13_.data() + b * 2 * F,
+                                  sig_.data() + b * F, a_.data() + b * F, ye_.data() + b * H);
+    });
+  counters_.experts += ms_since(t0);
+  // Weighted sum per received row, experts in slot order (the same order for every chunking).
+  t0 = std::chrono::steady_clock::now();
+  for (int p = 0; p < comm_.size(); ++p) {
+    const auto i = recv_layout_.rc(p, c);
+    std::fill_n(out_.data() + recv_layout_.row_base[i] * H, recv_layout_.rows[i] * H, 0.0f);
+  }
+  for (std::int64_t s = 0; s < S; ++s)
+    for_each_block(recv_layout_, s, c, [&](std::int64_t b, std::int64_t n) {
+      kernels::scatter_add_rows(n, H, layout_.entry_row.data() + b, entry_weight_.data() + b, ye_.data() + b * H, H,
+                                out_.data(), H);
+    });
+  counters_.combine += ms_since(t0);
+}
+
+void MoELayer::run_experts_backward(int c) {
+  const std::int64_t H = hidden_, F = ffn_, K = topk_, S = num_local_experts();
+  const std::int64_t W = H + K;
+  auto t0 = std::chrono::steady_clock::now();
+  // Each entry's output gradient is w * dy_row; the routing weight's gradient is dy_row . expert_out.
+  for (std::int64_t s = 0; s < S; ++s)
+    for_each_block(recv_layout_, s, c, [&](std::int64_t b, std::int64_t n) {
+      parallel_for(n, 64, [&](std::int64_t n0, std::int64_t n1) {
+        for (std::int64_t e = b + n0; e < b + n1; ++e) {
+          const std::int64_t r = layout_.entry_row[static_cast<std::size_t>(e)];
+          const float* g = rgrad_.data() + r * H;
+          const float* yo = ye_.data() + e * H;
+          float* d = dye_.data() + e * H;
+          const float w = entry_weight_[static_cast<std::size_t>(e)];
+          double dot = 0.0;
+          for (std::int64_t j = 0; j < H; ++j) {
+            d[j] = w * g[j];
+            dot += static_cast<double>(g[j]) * yo[j];
+          }
+          dpick_[static_cast<std::size_t>(e)] = static_cast<float>(dot);
+        }
+      });
+    });
+  counters_.combine += ms_since(t0);
+  t0 = std::chrono::steady_clock::now();
+  for (std::int64_t s = 0; s < S; ++s)
+    for_each_block(recv_layout_, s, c, [&](std::int64_t b, std::int64_t n) {
+      kernels::swiglu_ffn_backward_data({n, H, F}, expert_w13(s), expert_w2(s), h13_.data() + b * 2 * F,
+                                        sig_.data() + b * F, dye_.data() + b * H, dh13_.data() + b * 2 * F,
+                                        dxe_.data() + b * H);
+    });
+  counters_.experts += ms_since(t0);
+  // One row back per received row: its dx (experts in slot order), then the K weight gradients.
+  t0 = std::chrono::steady_clock::now();
+  for (int p = 0; p < comm_.size(); ++p) {
+    const auto i = recv_layout_.rc(p, c);
+    std::fill_n(out_.data() + recv_layout_.row_base[i] * W, recv_layout_.rows[i] * W, 0.0f);
+  }
+  for (std::int64_t s = 0; s < S; ++s)
+    for_each_block(recv_layout_, s, c, [&](std::int64_t b, std::int64_t n) {
+      kernels::scatter_add_rows(n, H, layout_.entry_row.data() + b, nullptr, dxe_.data() + b * H, H, out_.data(), W);
+      for (std::int64_t e = b; e < b + n; ++e)
+        out_[static_cast<std::size_t>(layout_.entry_row[static_cast<std::size_t>(e)] * W + H +
+                                      layout_.entry_pick[static_cast<std::size_t>(e)])] = dpick_[static_cast<std::size_t>(e)];
+    });
+  counters_.combine += ms_since(t0);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Forward and backward
+
 void MoELayer::forward(const float* x, std::int64_t tokens, float* y) {
   if (tokens < 0) throw InvalidArgument(name_ + ": tokens = " + std::to_string(tokens) + " must be >= 0");
-  const std::int64_t H = hidden_, K = topk_, E = experts_total_;
+  const std::int64_t H = hidden_, K = topk_, E = experts_total_, F = ffn_;
   tokens_ = tokens;
+  chunks_used_ = options_.chunks;
   grow(x_, tokens * H);
   if (tokens > 0) std::memcpy(x_.data(), x, sizeof(float) * static_cast<std::size_t>(tokens * H));
 
-  // 1. gate
+  // 1. gate (the whole batch: it is cheap, and its GEMM then sees the same rows for any chunking)
+  auto t0 = std::chrono::steady_clock::now();
   const auto gp = kernels::GateParams::from_config(config_, tokens);
   grow(scores_, tokens * E);
   grow(topk_ids_, tokens * K);
@@ -105,22 +702,27 @@ void MoELayer::forward(const float* x, std::int64_t tokens, float* y) {
   aux_value_ = {};
   if (aux_.enabled()) aux_value_ = kernels::balance_loss_forward(aux_params(tokens), scores_.data(), topk_ids_.data());
 
-  // 2. route: one row per (token, destination rank); row counts travel first.
-  plan_.build(topk_ids_, tokens, K, placement_);
-  comm_.alltoall(plan_.rows_per_rank.data(), recv_rows_.data(), 1, comm::DataType::kInt64,
-                 "dispatch counts " + name_)->wait();
-  std::int64_t received = 0;
-  for (auto r : recv_rows_) received += r;
-  const std::int64_t rows = plan_.num_rows();
-  const std::int64_t stride = kernels::dispatch_row_stride(H, K);
+  // 2. route every chunk, and tell every rank what it will receive (one small all-to-all), so each
+  //    receiver fixes the canonical place of every row and entry before any token moves.
+  build_chunk_plans(chunks_used_);
+  counters_.gate += ms_since(t0);
+  exchange_counts();
+  const std::int64_t rows_total = recv_layout_.total_rows, entries = recv_layout_.total_entries;
+  grow(recv_, rows_total * kernels::routed_row_stride(H, K));
+  layout_.offsets = recv_layout_.expert_offsets;
+  layout_.entry_row.resize(static_cast<std::size_t>(entries));
+  layout_.entry_pick.resize(static_cast<std::size_t>(entries));
+  grow(entry_weight_, entries);
+  grow(xe_, entries * H);
+  grow(h13_, entries * 2 * F);
+  grow(sig_, entries * F);
+  grow(a_, entries * F);
+  grow(ye_, entries * H);
+  grow(out_, rows_total * H);
 
-  // 3. permute into the send layout, 4. dispatch; the shared experts run while it is in flight.
-  grow(send_, rows * stride);
-  kernels::pack_dispatch(rows, H, K, plan_.row_token.data(), plan_.row_slot.data(), plan_.row_k.data(),
-                         x_.data(), topk_weights_.data(), send_.data());
-  grow(recv_, received * stride);
-  set_counts(plan_.rows_per_rank, recv_rows_, stride, stride);
-  auto dispatch = exchange(send_.data(), recv_.data(), "dispatch");
+  // 3-4. permute and dispatch every chunk; the shared experts run while the first is in flight.
+  for (int c = 0; c < chunks_used_; ++c) enqueue_dispatch(c, false, nullptr);
+  t0 = std::chrono::steady_clock::now();
   if (shared_ffn_ > 0) {
     grow(shared_h13_, tokens * 2 * shared_ffn_);
     grow(shared_sig_, tokens * shared_ffn_);
@@ -130,128 +732,86 @@ void MoELayer::forward(const float* x, std::int64_t tokens, float* y) {
   } else if (tokens > 0) {
     std::fill_n(y, tokens * H, 0.0f);
   }
-  dispatch->wait();
+  counters_.shared += ms_since(t0);
 
-  // 5. experts: group received picks by local expert and run each expert over its block.
-  grow(recv_slot_, received * K);
-  grow(recv_weight_, received * K);
-  kernels::unpack_dispatch_meta(received, H, K, recv_.data(), recv_slot_.data(), recv_weight_.data());
-  layout_.build(recv_slot_, received, K, num_local_experts());
-  const std::int64_t entries = layout_.num_entries();
-  grow(entry_weight_, entries);
-  for (std::int64_t n = 0; n < entries; ++n)
-    entry_weight_[static_cast<std::size_t>(n)] =
-        recv_weight_[static_cast<std::size_t>(layout_.entry_row[static_cast<std::size_t>(n)] * K + layout_.entry_pick[static_cast<std::size_t>(n)])];
-  grow(xe_, entries * H);
-  grow(h13_, entries * 2 * ffn_);
-  grow(sig_, entries * ffn_);
-  grow(a_, entries * ffn_);
-  grow(ye_, entries * H);
-  kernels::gather_rows(entries, H, layout_.entry_row.data(), recv_.data(), stride, xe_.data(), H);
-  for (std::int64_t s = 0; s < num_local_experts(); ++s) {
-    const std::int64_t off = layout_.offsets[static_cast<std::size_t>(s)];
-    kernels::swiglu_ffn_forward({layout_.count(s), H, ffn_}, xe_.data() + off * H, expert_w13(s),
-                                expert_w2(s), h13_.data() + off * 2 * ffn_, sig_.data() + off * ffn_,
-                                a_.data() + off * ffn_, ye_.data() + off * H);
+  // 5-6. per chunk: experts, then its combine goes out while the next chunk computes.
+  for (int c = 0; c < chunks_used_; ++c) {
+    chunks_[static_cast<std::size_t>(c)]->dispatched.wait(deadline(), "dispatch " + name_);
+    run_experts_forward(c);
+    enqueue_combine(c, H);
   }
-
-  // 6. combine: weighted sum per received row here, one row back per (token, rank).
-  grow(out_rows_, received * H);
-  std::fill(out_rows_.begin(), out_rows_.end(), 0.0f);
-  kernels::scatter_add_rows(entries, H, layout_.entry_row.data(), entry_weight_.data(), ye_.data(), H,
-                            out_rows_.data(), H);
-  grow(back_, rows * H);
-  set_counts(recv_rows_, plan_.rows_per_rank, H, H);
-  exchange(out_rows_.data(), back_.data(), "combine")->wait();
-  // 7. y = shared + routed
-  kernels::scatter_add_rows(rows, H, plan_.row_token.data(), nullptr, back_.data(), H, y, H);
-
-  stats_.rows_sent = rows;
-  stats_.rows_received = received;
-  const int me = comm_.rank();
-  stats_.bytes_sent = (rows - plan_.rows_per_rank[static_cast<std::size_t>(me)]) * stride * 4 +
-                      (received - recv_rows_[static_cast<std::size_t>(me)]) * H * 4;
+  // 7. y = shared + routed, chunk by chunk as the combines arrive.
+  std::int64_t rows_sent = 0;
+  for (int c = 0; c < chunks_used_; ++c) {
+    Chunk& ch = *chunks_[static_cast<std::size_t>(c)];
+    ch.combined.wait(deadline(), "combine " + name_);
+    t0 = std::chrono::steady_clock::now();
+    finish_chunk(c, H, y, nullptr);
+    counters_.combine += ms_since(t0);
+    rows_sent += ch.plan.num_rows();
+  }
+  stats_.rows_sent = rows_sent;
+  stats_.rows_received = rows_total;
+  stats_.entries_processed = entries;
+  std::int64_t self_rows = 0;
+  for (int c = 0; c < chunks_used_; ++c) self_rows += recv_layout_.rows[recv_layout_.rc(comm_.rank(), c)];
+  std::int64_t own = 0;
+  for (int c = 0; c < chunks_used_; ++c) own += chunks_[static_cast<std::size_t>(c)]->plan.rows_per_rank[static_cast<std::size_t>(comm_.rank())];
+  stats_.bytes_sent = (rows_sent - own) * kernels::routed_row_stride(H, K) * 4 + (rows_total - self_rows) * H * 4;
 }
 
 void MoELayer::backward(const float* dy, float* dx) {
-  const std::int64_t H = hidden_, K = topk_, E = experts_total_, tokens = tokens_;
-  const std::int64_t rows = plan_.num_rows();
-  const std::int64_t received = stats_.rows_received;
-  const std::int64_t entries = layout_.num_entries();
+  const std::int64_t H = hidden_, K = topk_, E = experts_total_, F = ffn_, tokens = tokens_;
+  const std::int64_t rows_total = recv_layout_.total_rows, entries = recv_layout_.total_entries;
+  const std::int64_t W = H + K;
+  grow(rgrad_, rows_total * H);
+  grow(dye_, entries * H);
+  grow(dxe_, entries * H);
+  grow(dh13_, entries * 2 * F);
+  grow(dpick_, entries);
+  grow(out_, rows_total * W);
 
-  // Dispatch dL/dy rows along the forward routes; shared experts' backward runs meanwhile.
-  grow(send_, rows * H);
-  kernels::gather_rows(rows, H, plan_.row_token.data(), dy, H, send_.data(), H);
-  grow(recv_, received * H);
-  set_counts(plan_.rows_per_rank, recv_rows_, H, H);
-  auto dispatch = exchange(send_.data(), recv_.data(), "dispatch grad");
+  // dL/dy rows travel along the forward routes; the shared experts' backward runs meanwhile.
+  for (int c = 0; c < chunks_used_; ++c) enqueue_dispatch(c, true, dy);
+  auto t0 = std::chrono::steady_clock::now();
   if (shared_ffn_ > 0) {
-    grow(dh13_, tokens * 2 * shared_ffn_);
+    grow(shared_dh13_, tokens * 2 * shared_ffn_);
     kernels::swiglu_ffn_backward({tokens, H, shared_ffn_}, x_.data(), shared_w13(), shared_w2(),
                                  shared_h13_.data(), shared_sig_.data(), shared_a_.data(), dy, grad_of(shared_w13()),
-                                 grad_of(shared_w2()), dx, dh13_.data());
+                                 grad_of(shared_w2()), dx, shared_dh13_.data());
   } else if (tokens > 0) {
     std::fill_n(dx, tokens * H, 0.0f);
   }
-  dispatch->wait();
+  counters_.shared += ms_since(t0);
 
-  // Each entry's output gradient is w * dy_row; the routing weight's gradient is dy_row . expert_out.
-  grow(dye_, entries * H);
-  grow(dpick_, received * K);
-  std::fill(dpick_.begin(), dpick_.end(), 0.0f);
-  // Entries write disjoint rows of dye_ and disjoint slots of dpick_, so they split freely.
-  parallel_for(entries, 64, [&](std::int64_t n0, std::int64_t n1) {
-    for (std::int64_t n = n0; n < n1; ++n) {
-      const std::int64_t r = layout_.entry_row[static_cast<std::size_t>(n)];
-      const float* g = recv_.data() + r * H;
-      const float* yo = ye_.data() + n * H;
-      float* d = dye_.data() + n * H;
-      const float w = entry_weight_[static_cast<std::size_t>(n)];
-      double dot = 0.0;
-      for (std::int64_t j = 0; j < H; ++j) {
-        d[j] = w * g[j];
-        dot += static_cast<double>(g[j]) * yo[j];
-      }
-      dpick_[static_cast<std::size_t>(r * K + layout_.entry_pick[static_cast<std::size_t>(n)])] = static_cast<float>(dot);
-    }
-  });
-  grow(dxe_, entries * H);
-  std::int64_t max_block = 0;
-  for (std::int64_t s = 0; s < num_local_experts(); ++s) max_block = std::max(max_block, layout_.count(s));
-  grow(dh13_, max_block * 2 * ffn_);  // the shared backward above is done with it
+  for (int c = 0; c < chunks_used_; ++c) {
+    chunks_[static_cast<std::size_t>(c)]->dispatched.wait(deadline(), "dispatch grad " + name_);
+    run_experts_backward(c);
+    enqueue_combine(c, W);
+  }
+  // Weight gradients over each expert's whole block, in canonical order, while the last combines
+  // travel: the same GEMMs over the same rows for every chunking.
+  t0 = std::chrono::steady_clock::now();
   const bool overwrite = expert_grads_stale_;
   expert_grads_stale_ = false;
   for (std::int64_t s = 0; s < num_local_experts(); ++s) {
     const std::int64_t off = layout_.offsets[static_cast<std::size_t>(s)];
     float* g13 = experts_.grad.data() + s * expert_stride();
-    kernels::swiglu_ffn_backward({layout_.count(s), H, ffn_}, xe_.data() + off * H, expert_w13(s),
-                                 expert_w2(s), h13_.data() + off * 2 * ffn_, sig_.data() + off * ffn_,
-                                 a_.data() + off * ffn_, dye_.data() + off * H, g13, g13 + 2 * ffn_ * hidden_,
-                                 dxe_.data() + off * H, dh13_.data(), !overwrite);
+    kernels::swiglu_ffn_backward_weights({layout_.count(s), H, F}, xe_.data() + off * H, a_.data() + off * F,
+                                         dye_.data() + off * H, dh13_.data() + off * 2 * F, g13,
+                                         g13 + 2 * F * H, !overwrite);
   }
+  counters_.experts += ms_since(t0);
 
-  // Return one row per received row: dx part, then the K routing-weight gradients.
-  const std::int64_t ret = H + K;
-  grow(out_rows_, received * ret);
-  std::fill(out_rows_.begin(), out_rows_.end(), 0.0f);
-  kernels::scatter_add_rows(entries, H, layout_.entry_row.data(), nullptr, dxe_.data(), H,
-                            out_rows_.data(), ret);
-  for (std::int64_t r = 0; r < received; ++r)
-    std::memcpy(out_rows_.data() + r * ret + H, dpick_.data() + r * K, sizeof(float) * static_cast<std::size_t>(K));
-  grow(back_, rows * ret);
-  set_counts(recv_rows_, plan_.rows_per_rank, ret, ret);
-  exchange(out_rows_.data(), back_.data(), "combine grad")->wait();
-
-  kernels::scatter_add_rows(rows, H, plan_.row_token.data(), nullptr, back_.data(), ret, dx, H);
   grow(d_weights_, tokens * K);
   std::fill(d_weights_.begin(), d_weights_.end(), 0.0f);
-  for (std::int64_t i = 0; i < rows; ++i) {
-    const std::int64_t t = plan_.row_token[static_cast<std::size_t>(i)];
-    for (std::int64_t j = 0; j < K; ++j) {
-      const std::int32_t k = plan_.row_k[static_cast<std::size_t>(i * K + j)];
-      if (k >= 0) d_weights_[static_cast<std::size_t>(t * K + k)] = back_[static_cast<std::size_t>(i * ret + H + j)];
-    }
+  for (int c = 0; c < chunks_used_; ++c) {
+    chunks_[static_cast<std::size_t>(c)]->combined.wait(deadline(), "combine grad " + name_);
+    t0 = std::chrono::steady_clock::now();
+    finish_chunk(c, W, dx, d_weights_.data());
+    counters_.combine += ms_since(t0);
   }
+  t0 = std::chrono::steady_clock::now();
   grow(dlogits_, tokens * E);
   const float* d_scores = nullptr;
   if (aux_.enabled() && tokens > 0) {
@@ -263,6 +823,7 @@ void MoELayer::backward(const float* dy, float* dx) {
   const auto gp = kernels::GateParams::from_config(config_, tokens);
   kernels::gate_backward(gp, x_.data(), gate_weight(), scores_.data(), topk_ids_.data(),
                          d_weights_.data(), dx, grad_of(gate_weight()), dlogits_.data(), d_scores);
+  counters_.gate += ms_since(t0);
 }
 
 kernels::BalanceLossParams MoELayer::aux_params(std::int64_t tokens) const {

@@ -2,6 +2,8 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
+#include <optional>
 #include <span>
 #include <string>
 #include <vector>
@@ -9,8 +11,10 @@
 #include "comm/communicator.h"
 #include "runtime/kernels/balance.h"
 #include "runtime/moe_config.h"
+#include "runtime/stream.h"
 #include "scheduler/expert_placement.h"
 #include "scheduler/route_plan.h"
+#include "scheduler/topology.h"
 
 namespace moex {
 
@@ -34,12 +38,42 @@ struct AuxLossOptions {
   bool enabled() const { return seq_alpha != 0.0f || expert_alpha != 0.0f; }
 };
 
+/// How routed tokens travel between ranks.
+enum class ExchangeKind {
+  kFlat,          ///< one all-to-all: each token goes straight to every rank holding its experts
+  kHierarchical,  ///< a token crosses to another node once per node (to the rank with this rank's
+                  ///< local index there), which forwards it inside its node; combine reverses it
+};
+const char* to_string(ExchangeKind k);
+/// "flat" or "hierarchical"; throws ConfigError otherwise.
+ExchangeKind exchange_from_string(const std::string& s);
+
+/// How a layer schedules one pass. Every rank must use the same options. Results are bitwise the
+/// same for every choice (the canonical orders of sched::ReceiveLayout make them so).
+struct LayerOptions {
+  int chunks = 1;        ///< pipeline chunks: chunk i+1's exchange runs while chunk i computes
+  bool overlap = true;   ///< exchanges on a communication stream (thread) beside the compute
+  ExchangeKind exchange = ExchangeKind::kFlat;
+};
+
 /// What one forward pass routed, for logs and balancing.
 struct LayerRouteStats {
   std::vector<std::int64_t> expert_tokens;  ///< [E] picks of this rank's tokens per expert
   std::int64_t rows_sent = 0;               ///< dispatch rows this rank sent (one per token and rank)
   std::int64_t rows_received = 0;           ///< dispatch rows this rank's experts received
+  std::int64_t entries_processed = 0;       ///< (row, expert) pairs this rank's experts computed
   std::int64_t bytes_sent = 0;              ///< payload bytes sent to other ranks, forward
+};
+
+/// Bytes this rank sent to other ranks, and stage times (milliseconds), summed over forward and
+/// backward passes since reset_counters(). Compute stages run on the calling thread; `comm` is the
+/// busy time of the communication stream (time inside exchanges, waiting for peers included).
+struct LayerCounters {
+  std::int64_t bytes_intra_node = 0, bytes_inter_node = 0;
+  double gate = 0, permute = 0, experts = 0, combine = 0, shared = 0;  // compute thread
+  double dispatch = 0, combine_comm = 0;                                // comm stream
+  double compute() const { return gate + permute + experts + combine + shared; }
+  double comm() const { return dispatch + combine_comm; }
 };
 
 /// One MoE layer on this rank:
@@ -52,8 +86,17 @@ struct LayerRouteStats {
 /// experts() = per local slot [w13 2F*H | w2 H*F], where w13 stacks gate_proj over up_proj.
 class MoELayer {
  public:
+  /// `topology` defaults to every rank on one node.
   MoELayer(const MoeConfig& config, comm::Communicator& comm, sched::ExpertPlacement placement,
-           std::string name);
+           std::string name, std::optional<sched::Topology> topology = std::nullopt, LayerOptions options = {});
+  ~MoELayer();
+
+  /// Changes the schedule (between passes; every rank alike). Throws InvalidArgument on chunks < 1.
+  void set_options(const LayerOptions& options);
+  const LayerOptions& options() const { return options_; }
+  const sched::Topology& topology() const { return topology_; }
+  const LayerCounters& counters() const { return counters_; }
+  void reset_counters() { counters_ = {}; }
 
   const MoeConfig& config() const { return config_; }
   const sched::ExpertPlacement& placement() const { return placement_; }
@@ -109,10 +152,14 @@ class MoELayer {
   const std::vector<float>& topk_weights() const { return topk_weights_; }
 
  private:
+  struct Chunk;  // per pipeline chunk: plans, buffers and events (moe_layer.cpp)
+
   MoeConfig config_;
   comm::Communicator& comm_;
   sched::ExpertPlacement placement_;
   std::string name_;
+  sched::Topology topology_;
+  LayerOptions options_;
   std::int64_t hidden_, ffn_, shared_ffn_, experts_total_, topk_;
 
   ParamBlock replicated_;
@@ -122,30 +169,52 @@ class MoELayer {
   AuxLossOptions aux_;
   kernels::BalanceLossValue aux_value_;
   std::vector<float> d_scores_;
+  std::unique_ptr<Stream> comm_stream_;
+  bool comm_stream_threaded_ = false;
+  std::vector<int> expert_owner_, expert_node_;  // [E]
+  std::vector<std::int32_t> expert_slot_, expert_id_;
 
   // Saved by forward for backward; reused across steps so no step allocates once warm.
   std::int64_t tokens_ = 0;
+  int chunks_used_ = 1;
   std::vector<float> x_, scores_, topk_weights_;
   std::vector<std::int32_t> topk_ids_;
-  sched::RoutePlan plan_;
-  sched::ExpertBatchLayout layout_;
-  std::vector<std::int64_t> recv_rows_;                 // [world] rows received from each rank
-  std::vector<std::int64_t> send_counts_, recv_counts_;  // [world] floats, per exchange
-  std::vector<float> send_, recv_;                       // dispatch rows
-  std::vector<std::int32_t> recv_slot_;
-  std::vector<float> recv_weight_;
-  std::vector<float> entry_weight_;                      // [entries] routing weight of each entry
-  std::vector<float> xe_, h13_, sig_, a_, ye_;                 // per-expert blocks
-  std::vector<float> shared_h13_, shared_sig_, shared_a_;
-  std::vector<float> out_rows_, back_;                   // combine buffers
-  // Backward scratch.
+  std::vector<std::unique_ptr<Chunk>> chunks_;
+  sched::ReceiveLayout recv_layout_;
+  sched::ExpertBatchLayout layout_;                        // per-expert offsets (entries of all chunks)
+  std::vector<std::int64_t> count_send_, count_recv_;     // the up-front counts exchange
+  std::vector<std::int64_t> fwd_rows_a_;                  // [P*C] stage-A rows from p (forwarder side)
+  std::vector<float> recv_;                               // [rows, stride] canonical received rows
+  std::vector<float> rgrad_;                              // [rows, H] canonical received dL/dy rows
+  std::vector<float> entry_weight_;                       // [entries]
+  std::vector<float> xe_, h13_, sig_, a_, ye_;            // per-entry expert activations
+  std::vector<float> shared_h13_, shared_sig_, shared_a_, shared_dh13_;
+  std::vector<float> out_;                                // [rows, W] rows going back
+  std::vector<float> partial_;                            // [tokens, W] per-node partial sums
+  std::vector<std::uint8_t> touched_;
   std::vector<float> dye_, dxe_, dh13_, dpick_, d_weights_, dlogits_;
   LayerRouteStats stats_;
+  LayerCounters counters_;
 
   kernels::BalanceLossParams aux_params(std::int64_t tokens) const;
-  void set_counts(std::span<const std::int64_t> send_rows, std::span<const std::int64_t> recv_rows,
-                  std::int64_t send_width, std::int64_t recv_width);
-  comm::WorkPtr exchange(const float* send, float* recv, const char* what);
+  std::chrono::steady_clock::time_point deadline() const;
+  void exchange_counts();
+  void build_chunk_plans(int chunks);
+  void place_chunk_entries(int c);
+  void run_experts_forward(int c);
+  void run_experts_backward(int c);
+  void enqueue_dispatch(int c, bool grad, const float* dy);
+  void enqueue_combine(int c, std::int64_t width);
+  void dispatch_flat(Chunk& ch, int c, bool grad);
+  void dispatch_hierarchical(Chunk& ch, int c, bool grad);
+  void combine_flat(Chunk& ch, int c, std::int64_t width);
+  void combine_hierarchical(Chunk& ch, int c, std::int64_t width);
+  void finish_chunk(int c, std::int64_t width, float* out, float* d_weights);
+  void count_bytes(std::span<const std::int64_t> send_elems, std::int64_t elem_bytes);
+  comm::WorkPtr alltoallv(const void* send, std::span<const std::int64_t> send_counts,
+                          std::span<const std::int64_t> send_displs, void* recv,
+                          std::span<const std::int64_t> recv_counts, std::span<const std::int64_t> recv_displs,
+                          const std::string& what);
 };
 
 }  // namespace moex

@@ -9,22 +9,36 @@ namespace moex::sched {
 
 void RoutePlan::build(std::span<const std::int32_t> topk_ids, std::int64_t tokens, std::int64_t k,
                       const ExpertPlacement& placement) {
+  const auto E = static_cast<std::size_t>(placement.num_experts());
+  std::vector<int> dest(E);
+  std::vector<std::int32_t> code(E);
+  for (std::size_t e = 0; e < E; ++e) {
+    dest[e] = placement.owner(static_cast<std::int64_t>(e));
+    code[e] = placement.local_slot(static_cast<std::int64_t>(e));
+  }
+  build(topk_ids, tokens, k, placement.world_size(), dest, code);
+}
+
+void RoutePlan::build(std::span<const std::int32_t> topk_ids, std::int64_t tokens, std::int64_t k, int num_dest,
+                      std::span<const int> dest_of_expert, std::span<const std::int32_t> code_of_expert) {
   MOEX_CHECK_EQ(static_cast<std::int64_t>(topk_ids.size()), tokens * k);
-  const int world = placement.world_size();
+  MOEX_CHECK_EQ(dest_of_expert.size(), code_of_expert.size());
+  const int world = num_dest;
+  const auto num_experts = static_cast<std::int64_t>(dest_of_expert.size());
   topk = k;
   rows_per_rank.assign(static_cast<std::size_t>(world), 0);
   for (std::int64_t i = 0; i < tokens * k; ++i) {
     const std::int32_t e = topk_ids[static_cast<std::size_t>(i)];
-    if (e < 0 || e >= placement.num_experts())
+    if (e < 0 || e >= num_experts)
       throw InvalidArgument("route: expert id " + std::to_string(e) + " of token " +
-                            std::to_string(i / k) + " is outside [0, " +
-                            std::to_string(placement.num_experts()) + ")");
+                            std::to_string(i / k) + " is outside [0, " + std::to_string(num_experts) + ")");
   }
-  // Count rows: a token contributes one row per distinct destination rank.
+  auto dest = [&](std::int64_t e) { return dest_of_expert[static_cast<std::size_t>(e)]; };
+  // Count rows: a token contributes one row per distinct destination.
   std::vector<std::int64_t> last_token(static_cast<std::size_t>(world), -1);
   for (std::int64_t t = 0; t < tokens; ++t) {
     for (std::int64_t j = 0; j < k; ++j) {
-      const int r = placement.owner(topk_ids[static_cast<std::size_t>(t * k + j)]);
+      const int r = dest(topk_ids[static_cast<std::size_t>(t * k + j)]);
       if (last_token[static_cast<std::size_t>(r)] != t) {
         last_token[static_cast<std::size_t>(r)] = t;
         ++rows_per_rank[static_cast<std::size_t>(r)];
@@ -47,7 +61,7 @@ void RoutePlan::build(std::span<const std::int32_t> topk_ids, std::int64_t token
   for (std::int64_t t = 0; t < tokens; ++t) {
     for (std::int64_t j = 0; j < k; ++j) {
       const std::int64_t e = topk_ids[static_cast<std::size_t>(t * k + j)];
-      const auto r = static_cast<std::size_t>(placement.owner(e));
+      const auto r = static_cast<std::size_t>(dest(e));
       if (last_token[r] != t) {
         last_token[r] = t;
         row_of_rank[r] = next[r]++;
@@ -55,7 +69,7 @@ void RoutePlan::build(std::span<const std::int32_t> topk_ids, std::int64_t token
         fill[r] = 0;
       }
       const auto at = static_cast<std::size_t>(row_of_rank[r] * k + fill[r]++);
-      row_slot[at] = placement.local_slot(e);
+      row_slot[at] = code_of_expert[static_cast<std::size_t>(e)];
       row_k[at] = static_cast<std::int32_t>(j);
     }
   }
@@ -89,6 +103,50 @@ void ExpertBatchLayout::build(std::span<const std::int32_t> row_slot, std::int64
       entry_pick[at] = static_cast<std::int32_t>(j);
     }
   }
+}
+
+void ReceiveLayout::build(int world_size, int num_chunks, std::int64_t num_local_experts,
+                          std::span<const std::int64_t> rows_pc, std::span<const std::int64_t> picks_pcs) {
+  MOEX_CHECK_GE(world_size, 1);
+  MOEX_CHECK_GE(num_chunks, 1);
+  const auto P = static_cast<std::size_t>(world_size), C = static_cast<std::size_t>(num_chunks);
+  const auto S = static_cast<std::size_t>(num_local_experts);
+  MOEX_CHECK_EQ(rows_pc.size(), P * C);
+  MOEX_CHECK_EQ(picks_pcs.size(), P * C * S);
+  world = world_size;
+  chunks = num_chunks;
+  num_local = num_local_experts;
+  rows.assign(rows_pc.begin(), rows_pc.end());
+  row_base.assign(P * C, 0);
+  total_rows = 0;
+  for (std::size_t i = 0; i < P * C; ++i) {  // p-major, then c: the source's token order
+    if (rows[i] < 0) throw InvalidArgument("receive layout: negative row count " + std::to_string(rows[i]));
+    row_base[i] = total_rows;
+    total_rows += rows[i];
+  }
+  picks.assign(S * P * C, 0);
+  entry_base.assign(S * P * C, 0);
+  expert_offsets.assign(S + 1, 0);
+  total_entries = 0;
+  for (std::size_t s = 0; s < S; ++s) {
+    expert_offsets[s] = total_entries;
+    for (std::size_t p = 0; p < P; ++p)
+      for (std::size_t c = 0; c < C; ++c) {
+        const std::int64_t n = picks_pcs[(p * C + c) * S + s];
+        if (n < 0) throw InvalidArgument("receive layout: negative pick count " + std::to_string(n));
+        const std::size_t i = (s * P + p) * C + c;
+        picks[i] = n;
+        entry_base[i] = total_entries;
+        total_entries += n;
+      }
+  }
+  expert_offsets[S] = total_entries;
+}
+
+std::int64_t ReceiveLayout::chunk_rows(int c) const {
+  std::int64_t n = 0;
+  for (int p = 0; p < world; ++p) n += rows[rc(p, c)];
+  return n;
 }
 
 }  // namespace moex::sched

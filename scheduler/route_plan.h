@@ -25,6 +25,10 @@ struct RoutePlan {
   /// Reuses this object's storage. Throws InvalidArgument on an expert id out of range.
   void build(std::span<const std::int32_t> topk_ids, std::int64_t tokens, std::int64_t k,
              const ExpertPlacement& placement);
+  /// General form: expert e goes to destination dest_of_expert[e] (of num_dest; a rank or a node)
+  /// with code code_of_expert[e] (a local slot, or the global id); row_slot then holds codes.
+  void build(std::span<const std::int32_t> topk_ids, std::int64_t tokens, std::int64_t k, int num_dest,
+             std::span<const int> dest_of_expert, std::span<const std::int32_t> code_of_expert);
 };
 
 /// Receiver side: the (row, pick) entries of received rows grouped by local expert, so each expert
@@ -41,5 +45,38 @@ struct ExpertBatchLayout {
   void build(std::span<const std::int32_t> row_slot, std::int64_t rows, std::int64_t k,
              std::int64_t num_local);
 };
+
+/// Receiver side of a chunked exchange, fixed before any token moves, from the counts each sender
+/// announced for every chunk. It gives received rows and expert entries one canonical order that does
+/// not depend on the number of chunks or on the path the rows took (flat or via a forwarder):
+///   rows:    by source rank, then the source's token order;
+///   entries: by local expert, then source rank, then token order.
+/// So the expert GEMMs see the same rows in the same order, and produce bitwise the same results,
+/// however the batch was chunked or exchanged.
+struct ReceiveLayout {
+  int world = 0;
+  int chunks = 0;
+  std::int64_t num_local = 0;
+  std::vector<std::int64_t> rows;            ///< [p*C + c] rows from rank p in chunk c
+  std::vector<std::int64_t> row_base;        ///< [p*C + c] canonical index of the first of them
+  std::vector<std::int64_t> picks;           ///< [(s*P + p)*C + c] entries for local expert s
+  std::vector<std::int64_t> entry_base;      ///< [(s*P + p)*C + c] canonical index of the first
+  std::vector<std::int64_t> expert_offsets;  ///< [S + 1] start of each expert's entries
+  std::int64_t total_rows = 0;
+  std::int64_t total_entries = 0;
+
+  /// rows_pc: [P*C] rows from p in chunk c; picks_pcs: [(p*C + c)*S + s] entries for slot s.
+  void build(int world_size, int num_chunks, std::int64_t num_local_experts,
+             std::span<const std::int64_t> rows_pc, std::span<const std::int64_t> picks_pcs);
+  std::size_t rc(int p, int c) const { return static_cast<std::size_t>(p) * static_cast<std::size_t>(chunks) + static_cast<std::size_t>(c); }
+  std::size_t spc(std::int64_t s, int p, int c) const {
+    return (static_cast<std::size_t>(s) * static_cast<std::size_t>(world) + static_cast<std::size_t>(p)) * static_cast<std::size_t>(chunks) + static_cast<std::size_t>(c);
+  }
+  /// Rows of chunk c (all sources).
+  std::int64_t chunk_rows(int c) const;
+};
+
+/// Token range [begin, end) of chunk c when `tokens` are cut into `chunks` near-equal pieces.
+inline std::int64_t chunk_begin(std::int64_t tokens, int chunks, int c) { return tokens * c / chunks; }
 
 }  // namespace moex::sched

@@ -454,11 +454,11 @@ TEST(CommArguments, InvalidArgumentsThrowOnEveryRankBeforeAnyMpiCall) {
   std::vector<std::int64_t> negative(static_cast<std::size_t>(n), 1);
   negative.back() = -1;
 
-  AlltoallvArgs wrong_size{buf.data(), too_many, buf.data(), ok_counts, DataType::kFloat32, "bad spans"};
+  AlltoallvArgs wrong_size{buf.data(), too_many, buf.data(), ok_counts, DataType::kFloat32, "bad spans", {}, {}};
   expect_invalid([&] { w.alltoallv(wrong_size); }, "alltoallv(bad spans)", "send_counts has " + std::to_string(n + 1));
-  AlltoallvArgs neg{buf.data(), ok_counts, buf.data(), negative, DataType::kFloat32, "bad count"};
+  AlltoallvArgs neg{buf.data(), ok_counts, buf.data(), negative, DataType::kFloat32, "bad count", {}, {}};
   expect_invalid([&] { w.alltoallv(neg); }, "alltoallv(bad count)", "recv_counts[" + std::to_string(n - 1) + "] = -1");
-  AlltoallvArgs null_send{nullptr, ok_counts, buf.data(), ok_counts, DataType::kFloat32, "null send"};
+  AlltoallvArgs null_send{nullptr, ok_counts, buf.data(), ok_counts, DataType::kFloat32, "null send", {}, {}};
   expect_invalid([&] { w.alltoallv(null_send); }, "alltoallv(null send)", "send is null");
   expect_invalid([&] { w.alltoall(buf.data(), buf.data(), -2, DataType::kFloat32, "neg"); }, "alltoall(neg)",
                  "count = -2 must be >= 0");
@@ -477,11 +477,70 @@ TEST(CommArguments, InvalidArgumentsThrowOnEveryRankBeforeAnyMpiCall) {
   expect_all_ranks_passed();
 }
 
+TEST(CommAlltoallv, DisplacementsPlaceBlocksAnywhere) {
+  // Rank r sends r+1+p values to peer p, from a block at offset 3*p in reverse peer order, and
+  // receives peer q's block at offset 2*(n-1-q)*(n+q+1) style gaps; untouched gaps stay -1.
+  auto& w = world();
+  const int n = w.size(), r = w.rank();
+  std::vector<std::int64_t> sc(static_cast<std::size_t>(n)), sd(static_cast<std::size_t>(n)),
+      rc(static_cast<std::size_t>(n)), rd(static_cast<std::size_t>(n));
+  std::int64_t at = 0;
+  for (int p = n - 1; p >= 0; --p) {  // blocks in reverse rank order, with a gap of 2 between them
+    sc[static_cast<std::size_t>(p)] = r + 1 + p;
+    sd[static_cast<std::size_t>(p)] = at;
+    at += sc[static_cast<std::size_t>(p)] + 2;
+  }
+  std::vector<float> send(static_cast<std::size_t>(at), -7.0f);
+  for (int p = 0; p < n; ++p)
+    for (std::int64_t i = 0; i < sc[static_cast<std::size_t>(p)]; ++i)
+      send[static_cast<std::size_t>(sd[static_cast<std::size_t>(p)] + i)] = static_cast<float>(1000 * r + 10 * p + i);
+  at = 1;
+  for (int q = 0; q < n; ++q) {
+    rc[static_cast<std::size_t>(q)] = q + 1 + r;
+    rd[static_cast<std::size_t>(q)] = at;
+    at += rc[static_cast<std::size_t>(q)] + 3;
+  }
+  std::vector<float> recv(static_cast<std::size_t>(at), -1.0f);
+  AlltoallvArgs args{send.data(), sc, recv.data(), rc, DataType::kFloat32, "displs", sd, rd};
+  w.alltoallv(args)->wait();
+  std::int64_t filled = 0;
+  for (int q = 0; q < n; ++q)
+    for (std::int64_t i = 0; i < rc[static_cast<std::size_t>(q)]; ++i, ++filled)
+      EXPECT_EQ(recv[static_cast<std::size_t>(rd[static_cast<std::size_t>(q)] + i)], static_cast<float>(1000 * q + 10 * r + i));
+  std::int64_t untouched = 0;
+  for (float v : recv) untouched += v == -1.0f ? 1 : 0;
+  EXPECT_EQ(untouched, at - filled);
+  std::vector<std::int64_t> negative(rd);
+  negative[0] = -1;
+  AlltoallvArgs bad{send.data(), sc, recv.data(), rc, DataType::kFloat32, "neg displ", sd, negative};
+  EXPECT_THROW(w.alltoallv(bad), InvalidArgument);
+  expect_all_ranks_passed();
+}
+
+TEST(CommTopology, NodeIdsAreConsistentAndHonourTheOverride) {
+  auto& w = world();
+  const auto ids = w.node_ids();
+  ASSERT_EQ(static_cast<int>(ids.size()), w.size());
+  EXPECT_EQ(ids[0], 0);  // a node's id is its lowest rank
+  for (int r = 0; r < w.size(); ++r) EXPECT_LE(ids[static_cast<std::size_t>(r)], r);
+  std::vector<int> all(static_cast<std::size_t>(w.size() * w.size()));
+  w.allgather(ids.data(), all.data(), w.size(), DataType::kInt32, "ids")->wait();
+  for (int r = 0; r < w.size(); ++r)
+    for (int i = 0; i < w.size(); ++i) EXPECT_EQ(all[static_cast<std::size_t>(r * w.size() + i)], ids[static_cast<std::size_t>(i)]);
+  setenv("MOEX_RANKS_PER_NODE", "2", 1);
+  const auto two = w.node_ids();
+  for (int r = 0; r < w.size(); ++r) EXPECT_EQ(two[static_cast<std::size_t>(r)], r / 2);
+  setenv("MOEX_RANKS_PER_NODE", "zero", 1);
+  EXPECT_THROW(w.node_ids(), ConfigError);
+  unsetenv("MOEX_RANKS_PER_NODE");
+  expect_all_ranks_passed();
+}
+
 TEST(CommArguments, NullBuffersWithZeroCountsAreAccepted) {
   auto& w = world();
   const std::vector<std::int64_t> zeros(static_cast<std::size_t>(w.size()), 0);
   w.alltoall(nullptr, nullptr, 0, DataType::kFloat32, "empty")->wait();
-  w.alltoallv({nullptr, zeros, nullptr, zeros, DataType::kInt64, "empty"})->wait();
+  w.alltoallv({nullptr, zeros, nullptr, zeros, DataType::kInt64, "empty", {}, {}})->wait();
   w.allreduce_sum(nullptr, 0, DataType::kFloat64, "empty")->wait();
   w.allgather(nullptr, nullptr, 0, DataType::kInt32, "empty")->wait();
   w.gatherv(nullptr, 0, nullptr, zeros, DataType::kFloat32, 0, "empty")->wait();

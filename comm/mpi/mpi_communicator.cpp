@@ -7,6 +7,7 @@
 #include <exception>
 #include <iomanip>
 #include <sstream>
+#include <cstdlib>
 #include <thread>
 #include <utility>
 
@@ -66,6 +67,20 @@ std::int64_t total(const std::vector<int>& counts) {
   std::int64_t sum = 0;
   for (int c : counts) sum += c;
   return sum;
+}
+
+/// Elements a buffer must span: the end of the farthest non-empty block. Negative displacements
+/// are rejected.
+std::int64_t extent(const std::vector<int>& counts, const std::vector<int>& displs, const std::string& op,
+                    const char* what) {
+  std::int64_t end = 0;
+  for (std::size_t p = 0; p < counts.size(); ++p) {
+    if (displs[p] < 0)
+      throw InvalidArgument(op + ": " + what + " displacement [" + std::to_string(p) + "] = " +
+                            std::to_string(displs[p]) + " must be >= 0");
+    if (counts[p] > 0) end = std::max<std::int64_t>(end, std::int64_t{displs[p]} + counts[p]);
+  }
+  return end;
 }
 
 /// A null buffer is fine only when nothing is read from or written to it.
@@ -238,6 +253,7 @@ MpiCommunicator::MpiCommunicator(MPI_Comm base) {
     MOEX_MPI_CHECK(MPI_Comm_set_errhandler(comm_, MPI_ERRORS_RETURN));
     MOEX_MPI_CHECK(MPI_Comm_rank(comm_, &rank_));
     MOEX_MPI_CHECK(MPI_Comm_size(comm_, &size_));
+    MOEX_MPI_CHECK(MPI_Query_thread(&thread_level_));
     int world_rank = 0;
     MOEX_MPI_CHECK(MPI_Comm_rank(MPI_COMM_WORLD, &world_rank));
     set_process_rank(world_rank);
@@ -271,16 +287,40 @@ WorkPtr MpiCommunicator::alltoallv(const AlltoallvArgs& args) {
   MpiWork::Arrays arrays;
   arrays.send_counts = per_peer_counts(args.send_counts, size_, op, "send_counts");
   arrays.recv_counts = per_peer_counts(args.recv_counts, size_, op, "recv_counts");
-  arrays.send_displs = packed_displacements(arrays.send_counts, op, "send_counts");
-  arrays.recv_displs = packed_displacements(arrays.recv_counts, op, "recv_counts");
-  require_buffer(args.send, total(arrays.send_counts), op, "send");
-  require_buffer(args.recv, total(arrays.recv_counts), op, "recv");
+  arrays.send_displs = args.send_displs.empty() ? packed_displacements(arrays.send_counts, op, "send_counts")
+                                                : per_peer_counts(args.send_displs, size_, op, "send_displs");
+  arrays.recv_displs = args.recv_displs.empty() ? packed_displacements(arrays.recv_counts, op, "recv_counts")
+                                                : per_peer_counts(args.recv_displs, size_, op, "recv_displs");
+  require_buffer(args.send, extent(arrays.send_counts, arrays.send_displs, op, "send"), op, "send");
+  require_buffer(args.recv, extent(arrays.recv_counts, arrays.recv_displs, op, "recv"), op, "recv");
   auto work =
       std::make_unique<MpiWork>(next_sequence_++, std::move(op), default_timeout_, rank_, size_, std::move(arrays));
   const MpiWork::Arrays& a = work->arrays();
   MOEX_MPI_CHECK(MPI_Ialltoallv(args.send, a.send_counts.data(), a.send_displs.data(), dt, args.recv,
                                 a.recv_counts.data(), a.recv_displs.data(), dt, comm_, work->request()));
   return work;
+}
+
+std::vector<int> MpiCommunicator::node_ids() {
+  std::vector<int> ids(static_cast<std::size_t>(size_));
+  if (const char* env = std::getenv("MOEX_RANKS_PER_NODE"); env != nullptr && *env != '\0') {
+    char* end = nullptr;
+    const long r = std::strtol(env, &end, 10);
+    if (end == env || *end != '\0' || r < 1)
+      throw ConfigError(std::string("MOEX_RANKS_PER_NODE = '") + env + "': expected a whole number of ranks >= 1");
+    for (int p = 0; p < size_; ++p) ids[static_cast<std::size_t>(p)] = p / static_cast<int>(r);
+    return ids;
+  }
+  // Ranks that can share memory form one node; its id is the lowest rank on it.
+  MPI_Comm node = MPI_COMM_NULL;
+  MOEX_MPI_CHECK(MPI_Comm_split_type(comm_, MPI_COMM_TYPE_SHARED, rank_, MPI_INFO_NULL, &node));
+  int leader = rank_;
+  const int rc = MPI_Allreduce(MPI_IN_PLACE, &leader, 1, MPI_INT, MPI_MIN, node);
+  MPI_Comm_free(&node);
+  MOEX_MPI_CHECK(rc);
+  auto work = allgather(&leader, ids.data(), 1, DataType::kInt32, "node ids");
+  work->wait();
+  return ids;
 }
 
 WorkPtr MpiCommunicator::allreduce_sum(void* data, std::int64_t count, DataType type, std::string label) {

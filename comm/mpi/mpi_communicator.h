@@ -8,10 +8,11 @@
 namespace moex::comm {
 
 /// Initialises MPI (if needed) for the whole process and finalises it on destruction.
-/// Asks for MPI_THREAD_MULTIPLE-free `requested` level and records what was provided.
+/// Asks for the `requested` thread level (MULTIPLE by default, so a communication stream may drive
+/// MPI beside the compute thread) and records what was provided.
 class MpiRuntime {
  public:
-  MpiRuntime(int* argc, char*** argv, int requested = MPI_THREAD_FUNNELED);
+  MpiRuntime(int* argc, char*** argv, int requested = MPI_THREAD_MULTIPLE);
   ~MpiRuntime();
   MpiRuntime(const MpiRuntime&) = delete;
   MpiRuntime& operator=(const MpiRuntime&) = delete;
@@ -47,12 +48,15 @@ class MpiCommunicator final : public Communicator {
   WorkPtr broadcast(void* data, std::int64_t count, DataType type, int root,
                     std::string label) override;
   WorkPtr barrier(std::string label) override;
+  std::vector<int> node_ids() override;
+  bool allows_progress_thread() const override { return thread_level_ >= MPI_THREAD_SERIALIZED; }
 
  private:
   MPI_Comm comm_ = MPI_COMM_NULL;
   int rank_ = 0;
   int size_ = 1;
   std::uint64_t next_sequence_ = 0;
+  int thread_level_ = MPI_THREAD_SINGLE;
 };
 
 }  // namespace moex::comm

@@ -24,21 +24,12 @@ void swiglu_ffn_forward(const FfnShape& s, const float* x, const float* w13, con
   blas::sgemm(false, true, s.rows, H, F, 1.0f, a, F, w2, F, 0.0f, y, H);
 }
 
-void swiglu_ffn_backward(const FfnShape& s, const float* x, const float* w13, const float* w2,
-                         const float* h13, const float* sig, const float* a, const float* dy, float* dw13, float* dw2,
-                         float* dx, float* dh13, bool accumulate) {
+void swiglu_ffn_backward_data(const FfnShape& s, const float* w13, const float* w2, const float* h13,
+                              const float* sig, const float* dy, float* dh13, float* dx) {
   const std::int64_t H = s.hidden, F = s.ffn;
-  if (s.rows == 0) {
-    if (!accumulate) {  // no rows: the overwritten gradient is zero
-      std::fill_n(dw13, 2 * F * H, 0.0f);
-      std::fill_n(dw2, H * F, 0.0f);
-    }
-    return;
-  }
+  if (s.rows == 0) return;
   // dA = dy . w2 lands in the up half of dh13, then both halves are rewritten element by element.
   blas::sgemm(false, false, s.rows, F, H, 1.0f, dy, H, w2, F, 0.0f, dh13 + F, 2 * F);
-  const float beta = accumulate ? 1.0f : 0.0f;
-  blas::sgemm(true, false, H, F, s.rows, 1.0f, dy, H, a, F, beta, dw2, F);
   parallel_for(s.rows, 16, [&](std::int64_t r0, std::int64_t r1) {
     for (std::int64_t r = r0; r < r1; ++r) {
       const float* g = h13 + r * 2 * F;
@@ -52,8 +43,29 @@ void swiglu_ffn_backward(const FfnShape& s, const float* x, const float* w13, co
       }
     }
   });
-  blas::sgemm(true, false, 2 * F, H, s.rows, 1.0f, dh13, 2 * F, x, H, beta, dw13, H);
   blas::sgemm(false, false, s.rows, H, 2 * F, 1.0f, dh13, 2 * F, w13, H, 0.0f, dx, H);
+}
+
+void swiglu_ffn_backward_weights(const FfnShape& s, const float* x, const float* a, const float* dy,
+                                 const float* dh13, float* dw13, float* dw2, bool accumulate) {
+  const std::int64_t H = s.hidden, F = s.ffn;
+  if (s.rows == 0) {
+    if (!accumulate) {  // no rows: the overwritten gradient is zero
+      std::fill_n(dw13, 2 * F * H, 0.0f);
+      std::fill_n(dw2, H * F, 0.0f);
+    }
+    return;
+  }
+  const float beta = accumulate ? 1.0f : 0.0f;
+  blas::sgemm(true, false, H, F, s.rows, 1.0f, dy, H, a, F, beta, dw2, F);
+  blas::sgemm(true, false, 2 * F, H, s.rows, 1.0f, dh13, 2 * F, x, H, beta, dw13, H);
+}
+
+void swiglu_ffn_backward(const FfnShape& s, const float* x, const float* w13, const float* w2,
+                         const float* h13, const float* sig, const float* a, const float* dy, float* dw13, float* dw2,
+                         float* dx, float* dh13, bool accumulate) {
+  swiglu_ffn_backward_data(s, w13, w2, h13, sig, dy, dh13, dx);
+  swiglu_ffn_backward_weights(s, x, a, dy, dh13, dw13, dw2, accumulate);
 }
 
 }  // namespace moex::kernels

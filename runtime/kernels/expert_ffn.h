@@ -24,4 +24,13 @@ void swiglu_ffn_backward(const FfnShape& s, const float* x, const float* w13, co
                          const float* h13, const float* sig, const float* a, const float* dy, float* dw13, float* dw2,
                          float* dx, float* dh13, bool accumulate = true);
 
+/// The data half of swiglu_ffn_backward: dh13 [rows, 2*ffn] (gradient of the gate/up GEMM output)
+/// and dx [rows, hidden] (overwritten). Row-local: each row's results depend only on that row.
+void swiglu_ffn_backward_data(const FfnShape& s, const float* w13, const float* w2, const float* h13,
+                              const float* sig, const float* dy, float* dh13, float* dx);
+/// The weight half: dw2 (+)= dy^T a and dw13 (+)= dh13^T x over the block's rows (overwrites when
+/// `accumulate` is false; with 0 rows an overwrite writes zeros).
+void swiglu_ffn_backward_weights(const FfnShape& s, const float* x, const float* a, const float* dy,
+                                 const float* dh13, float* dw13, float* dw2, bool accumulate);
+
 }  // namespace moex::kernels

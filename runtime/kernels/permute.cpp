@@ -25,6 +25,25 @@ void pack_dispatch(std::int64_t rows, std::int64_t hidden, std::int64_t topk,
   });
 }
 
+void pack_routed_rows(std::int64_t rows, std::int64_t hidden, std::int64_t topk, std::int64_t token_offset,
+                      const std::int64_t* row_token, const std::int32_t* row_code, const std::int32_t* row_k,
+                      const float* x, const float* topk_weights, std::int32_t origin, float* out) {
+  const std::int64_t stride = routed_row_stride(hidden, topk);
+  parallel_for(rows, 64, [&](std::int64_t i0, std::int64_t i1) {
+    for (std::int64_t i = i0; i < i1; ++i) {
+      const std::int64_t t = token_offset + row_token[i];
+      float* o = out + i * stride;
+      std::memcpy(o, x + t * hidden, sizeof(float) * static_cast<std::size_t>(hidden));
+      std::memcpy(o + hidden, row_code + i * topk, sizeof(std::int32_t) * static_cast<std::size_t>(topk));
+      for (std::int64_t j = 0; j < topk; ++j) {
+        const std::int32_t k = row_k[i * topk + j];
+        o[hidden + topk + j] = k >= 0 ? topk_weights[t * topk + k] : 0.0f;
+      }
+      std::memcpy(o + hidden + 2 * topk, &origin, sizeof(origin));
+    }
+  });
+}
+
 void unpack_dispatch_meta(std::int64_t rows, std::int64_t hidden, std::int64_t topk,
                           const float* in, std::int32_t* slots, float* weights) {
   const std::int64_t stride = dispatch_row_stride(hidden, topk);
