@@ -1,5 +1,6 @@
 // moex-bench: benchmarks of the MoE layer (forward + backward) against plain sgemm of the same shapes.
 #include <algorithm>
+#include <cmath>
 #include <chrono>
 #include <cstdio>
 #include <vector>
@@ -55,6 +56,12 @@ double ffn_gemms(std::int64_t rows, std::int64_t H, std::int64_t F, std::vector<
   return 18.0 * static_cast<double>(rows) * static_cast<double>(H) * static_cast<double>(F);
 }
 
+bool on_off(const std::string& v, const char* flag) {
+  if (v == "on") return true;
+  if (v == "off") return false;
+  throw moex::ConfigError(std::string(flag) + " = '" + v + "': expected on or off");
+}
+
 int bench_layer(moex::comm::MpiCommunicator& world, int argc, char** argv) {
   moex::tools::Options opt("moex-bench layer",
                            "mpirun -np N moex-bench layer --hidden H --ffn F --experts E --shared S --topk K "
@@ -71,6 +78,11 @@ int bench_layer(moex::comm::MpiCommunicator& world, int argc, char** argv) {
       .value("iters", "10", "timed iterations")
       .value("warmup", "2", "untimed iterations first")
       .value("seed", "1", "seed of weights and inputs")
+      .value("chunks", "1", "pipeline chunks per layer pass")
+      .value("overlap", "on", "on: exchanges on a communication thread beside compute; off: serialised")
+      .value("exchange", "flat", "flat or hierarchical (node-forwarded) token exchange")
+      .value("skew", "0", "Zipf exponent z of a router selection bias b_e = -0.1 z ln(1 + rank of e) (0 = none)")
+      .value("reference", "on", "on: time the plain sgemm reference after every iteration (the ratio)")
       .flag("json", "also print one JSON line per result");
   if (!opt.parse(argc, argv, 2)) return 0;
   nlohmann::json cj{{"model_type", "deepseek_v3"},
@@ -93,9 +105,30 @@ int bench_layer(moex::comm::MpiCommunicator& world, int argc, char** argv) {
   const std::int64_t H = config.hidden_size, F = config.moe_intermediate_size, Fs = config.shared_intermediate_size();
   const auto seed = static_cast<std::uint64_t>(opt.integer("seed"));
 
-  moex::MoELayer layer(config, world, moex::sched::ExpertPlacement::contiguous(config.n_routed_experts, world.size()),
-                       "bench layer");
+  moex::LayerOptions lo;
+  lo.chunks = static_cast<int>(opt.integer("chunks"));
+  lo.overlap = on_off(opt.str("overlap"), "--overlap");
+  lo.exchange = moex::exchange_from_string(opt.str("exchange"));
+  const bool reference = on_off(opt.str("reference"), "--reference");
+  const double skew = opt.number("skew");
+  if (!(skew >= 0.0)) throw moex::ConfigError("--skew = " + opt.str("skew") + ": must be >= 0");
+  const auto topology = moex::sched::Topology::from_node_ids(world.node_ids());
+  moex::MoELayer layer(config, world, moex::sched::ExpertPlacement::node_aware(config.n_routed_experts, topology),
+                       "bench layer", topology, lo);
   moex::init_layer_random(layer, seed, 0);
+  if (skew > 0.0) {
+    // Expert e is the (rank_e + 1)-th most favoured, rank_e a seeded shuffle of 0..E-1.
+    const std::int64_t E = config.n_routed_experts;
+    std::vector<std::int64_t> order(static_cast<std::size_t>(E));
+    for (std::int64_t e = 0; e < E; ++e) order[static_cast<std::size_t>(e)] = e;
+    moex::Rng shuffle(moex::Rng::mix(seed, 0x5cee));
+    for (std::int64_t i = E - 1; i > 0; --i)
+      std::swap(order[static_cast<std::size_t>(i)], order[static_cast<std::size_t>(static_cast<std::int64_t>(shuffle.uniform() * static_cast<double>(i + 1)))]);
+    layer.selection_bias().assign(static_cast<std::size_t>(E), 0.0f);
+    for (std::int64_t r = 0; r < E; ++r)
+      layer.selection_bias()[static_cast<std::size_t>(order[static_cast<std::size_t>(r)])] =
+          static_cast<float>(-0.1 * skew * std::log(1.0 + static_cast<double>(r)));
+  }
   std::vector<float> x(static_cast<std::size_t>(T * H)), dy(x.size()), y(x.size()), dx(x.size());
   moex::Rng rng(moex::Rng::mix(seed, 0xbe7c4, static_cast<std::uint64_t>(world.rank())));
   rng.fill_normal(x.data(), T * H, 1.0);
@@ -104,29 +137,56 @@ int bench_layer(moex::comm::MpiCommunicator& world, int argc, char** argv) {
   // Layer and reference GEMMs alternate, iteration by iteration, so drift in a shared machine's
   // speed hits both alike. The reference runs this rank's expert blocks of the previous layer
   // iteration (same shapes, same FLOPs) and the shared expert, on scratch buffers.
-  std::vector<double> layer_ms, gemm_ms;
+  std::vector<double> layer_ms, gemm_ms, comm_ms, compute_ms, load_ratio;
+  std::vector<std::vector<double>> stage_ms(6);
   std::vector<float> scratch;
   double local_flops = 0.0;
+  std::int64_t bytes[2] = {0, 0};
   for (std::int64_t i = 0; i < warmup + iters; ++i) {
     world.barrier("bench iteration")->wait();
+    layer.reset_counters();
     auto t0 = Clock::now();
     layer.zero_grad();
     layer.forward(x.data(), T, y.data());
     layer.backward(dy.data(), dx.data());
     layer.allreduce_replicated_grads()->wait();
     const double ms = max_over_ranks(world, ms_since(t0));
-    const auto& blocks = layer.expert_layout();
-    world.barrier("bench gemm")->wait();
-    t0 = Clock::now();
-    double f = ffn_gemms(T, H, Fs, scratch);
-    for (std::int64_t s = 0; s < layer.num_local_experts(); ++s) f += ffn_gemms(blocks.count(s), H, F, scratch);
-    const double ref = max_over_ranks(world, ms_since(t0));
+    const moex::LayerCounters& k = layer.counters();
+    const double comm = max_over_ranks(world, k.comm()), compute = max_over_ranks(world, k.compute());
+    const double stages[6] = {k.gate, k.permute, k.dispatch, k.experts, k.combine + k.combine_comm, k.shared};
+    double stage_max[6];
+    for (int st = 0; st < 6; ++st) stage_max[st] = max_over_ranks(world, stages[st]);
+    double load[2] = {static_cast<double>(layer.route_stats().entries_processed), 0.0};
+    load[1] = load[0];
+    world.allreduce_max(&load[0], 1, moex::comm::DataType::kFloat64, "bench load max")->wait();
+    world.allreduce_sum(&load[1], 1, moex::comm::DataType::kFloat64, "bench load sum")->wait();
+    std::int64_t b2[2] = {k.bytes_intra_node, k.bytes_inter_node};
+    world.allreduce_sum(b2, 2, moex::comm::DataType::kInt64, "bench bytes")->wait();
+    // Useful expert FLOPs: 18·d·F per routed entry (forward 6, backward 12) and per token for shared.
+    double ref = 0.0;
+    double f = 18.0 * static_cast<double>(H) * static_cast<double>(F) * static_cast<double>(layer.route_stats().entries_processed) +
+               18.0 * static_cast<double>(H) * static_cast<double>(Fs) * static_cast<double>(T);
+    if (reference) {
+      const auto& blocks = layer.expert_layout();
+      world.barrier("bench gemm")->wait();
+      t0 = Clock::now();
+      ffn_gemms(T, H, Fs, scratch);
+      for (std::int64_t s = 0; s < layer.num_local_experts(); ++s) ffn_gemms(blocks.count(s), H, F, scratch);
+      ref = max_over_ranks(world, ms_since(t0));
+    }
     local_flops = f;
     if (i >= warmup) {
       layer_ms.push_back(ms);
       gemm_ms.push_back(ref);
+      comm_ms.push_back(comm);
+      compute_ms.push_back(compute);
+      for (int st = 0; st < 6; ++st) stage_ms[static_cast<std::size_t>(st)].push_back(stage_max[st]);
+      load_ratio.push_back(load[1] > 0 ? load[0] / (load[1] / world.size()) : 1.0);
+      bytes[0] = b2[0];
+      bytes[1] = b2[1];
     }
   }
+  const double ms_comm = median(comm_ms), ms_compute = median(compute_ms), max_mean_load = median(load_ratio);
   double global_flops = local_flops;
   world.allreduce_sum(&global_flops, 1, moex::comm::DataType::kFloat64, "bench flops")->wait();
   const double ms = median(layer_ms), ref_ms = median(gemm_ms);
@@ -141,18 +201,38 @@ int bench_layer(moex::comm::MpiCommunicator& world, int argc, char** argv) {
                 static_cast<long long>(config.n_routed_experts), static_cast<long long>(config.n_shared_experts),
                 static_cast<long long>(config.num_experts_per_tok), static_cast<long long>(T),
                 moex::blas::kernel_name().c_str(), static_cast<long long>(iters));
+    std::printf("# nodes: %s | chunks %d | overlap %s | exchange %s | skew %.2f\n", topology.describe().c_str(),
+                lo.chunks, lo.overlap ? "on" : "off", moex::to_string(lo.exchange), skew);
     std::printf("# %12s %12s %12s %14s %14s %10s\n", "ms_step", "ms_min", "tokens/s", "expert_GF/s", "sgemm_GF/s",
                 "ratio");
     std::printf("  %12.2f %12.2f %12.0f %14.1f %14.1f %10.3f\n", ms,
-                *std::min_element(layer_ms.begin(), layer_ms.end()), tokens_per_s, gflops, sgemm_gflops,
-                gflops / sgemm_gflops);
+                *std::min_element(layer_ms.begin(), layer_ms.end()), tokens_per_s, gflops,
+                reference ? sgemm_gflops : 0.0, reference ? gflops / sgemm_gflops : 0.0);
+    std::printf("# %10s %10s %10s %10s %10s %10s | %10s %10s %12s | %14s %14s %8s\n", "gate", "permute", "dispatch",
+                "experts", "combine", "shared", "comm", "compute", "step/max", "bytes_intra", "bytes_inter", "max/mean");
+    std::printf("  %10.2f %10.2f %10.2f %10.2f %10.2f %10.2f | %10.2f %10.2f %12.3f | %14lld %14lld %8.3f\n",
+                median(stage_ms[0]), median(stage_ms[1]), median(stage_ms[2]), median(stage_ms[3]),
+                median(stage_ms[4]), median(stage_ms[5]), ms_comm, ms_compute, ms / std::max(ms_comm, ms_compute),
+                static_cast<long long>(bytes[0]), static_cast<long long>(bytes[1]), max_mean_load);
     if (opt.on("json")) {
       nlohmann::json j{{"bench", "layer"}, {"ranks", world.size()}, {"hidden", H}, {"ffn", F},
                        {"experts", config.n_routed_experts}, {"shared", config.n_shared_experts},
                        {"topk", config.num_experts_per_tok}, {"tokens_per_rank", T}, {"iters", iters},
                        {"ms_step", ms}, {"tokens_per_s", tokens_per_s}, {"expert_gflops", gflops},
-                       {"sgemm_ms", ref_ms}, {"sgemm_gflops", sgemm_gflops}, {"ratio", gflops / sgemm_gflops},
-                       {"blas", moex::blas::kernel_name()}};
+                       {"blas", moex::blas::kernel_name()}, {"nodes", topology.num_nodes()},
+                       {"chunks", lo.chunks}, {"overlap", lo.overlap ? "on" : "off"},
+                       {"exchange", moex::to_string(lo.exchange)}, {"skew", skew}, {"ms_comm", ms_comm},
+                       {"ms_compute", ms_compute}, {"step_over_max_comm_compute", ms / std::max(ms_comm, ms_compute)},
+                       {"ms_gate", median(stage_ms[0])}, {"ms_permute", median(stage_ms[1])},
+                       {"ms_dispatch", median(stage_ms[2])}, {"ms_experts", median(stage_ms[3])},
+                       {"ms_combine", median(stage_ms[4])}, {"ms_shared", median(stage_ms[5])},
+                       {"bytes_intra_node", bytes[0]}, {"bytes_inter_node", bytes[1]},
+                       {"max_mean_load", max_mean_load}};
+      if (reference) {
+        j["sgemm_ms"] = ref_ms;
+        j["sgemm_gflops"] = sgemm_gflops;
+        j["ratio"] = gflops / sgemm_gflops;
+      }
       std::printf("%s\n", j.dump().c_str());
     }
   }

@@ -50,6 +50,9 @@ int train(moex::comm::MpiCommunicator& world, int argc, char** argv) {
       .value("aux-seq-alpha", "0", "sequence-wise balance loss coefficient (0 = off; DeepSeek-V3 uses 0.0001)")
       .value("aux-expert-alpha", "0", "expert-level balance loss coefficient (0 = off)")
       .value("seq-len", "0", "tokens per sequence for the sequence-wise loss (0 = a rank's whole shard)")
+      .value("chunks", "1", "pipeline chunks per layer pass (results do not depend on it beyond fp32 rounding)")
+      .value("overlap", "on", "on: exchanges on a communication thread beside compute; off: serialised")
+      .value("exchange", "flat", "flat, or hierarchical (once per destination node, then forwarded inside it)")
       .value("log-json", "", "write one JSON object per step to this file (rank 0)")
       .value("log-every", "1", "print every N-th step")
       .value("timeout", "", "seconds any wait may take before the job aborts (default MOEX_TIMEOUT_S or 300)");
@@ -67,6 +70,12 @@ int train(moex::comm::MpiCommunicator& world, int argc, char** argv) {
   to.adam.lr = static_cast<float>(opt.number("lr"));
   to.adam.weight_decay = static_cast<float>(opt.number("weight-decay"));
   to.bias_update_speed = non_negative(opt, "bias-update-speed");
+  to.layer.chunks = static_cast<int>(opt.integer("chunks"));
+  if (to.layer.chunks < 1) throw moex::ConfigError("--chunks = " + opt.str("chunks") + ": must be >= 1");
+  if (opt.str("overlap") != "on" && opt.str("overlap") != "off")
+    throw moex::ConfigError("--overlap = '" + opt.str("overlap") + "': expected on or off");
+  to.layer.overlap = opt.str("overlap") == "on";
+  to.layer.exchange = moex::exchange_from_string(opt.str("exchange"));
   to.aux.seq_alpha = non_negative(opt, "aux-seq-alpha");
   to.aux.expert_alpha = non_negative(opt, "aux-expert-alpha");
   to.aux.seq_len = opt.integer("seq-len");

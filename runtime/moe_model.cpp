@@ -30,10 +30,12 @@ void init_layer_random(MoELayer& layer, std::uint64_t seed, std::int64_t layer_i
 }
 
 MoeModel::MoeModel(const MoeConfig& config, comm::Communicator& comm,
-                   const sched::ExpertPlacement& placement)
+                   const sched::ExpertPlacement& placement, const std::optional<sched::Topology>& topology,
+                   const LayerOptions& options)
     : config_(config), comm_(comm) {
   for (std::int64_t l = 0; l < config.num_hidden_layers; ++l)
-    layers_.push_back(std::make_unique<MoELayer>(config, comm, placement, "layer " + std::to_string(l)));
+    layers_.push_back(
+        std::make_unique<MoELayer>(config, comm, placement, "layer " + std::to_string(l), topology, options));
   norms_.resize(static_cast<std::size_t>(config.num_hidden_layers * config.hidden_size));
   std::fill(norms_.value.begin(), norms_.value.end(), 1.0f);
   h_.resize(static_cast<std::size_t>(config.num_hidden_layers + 1));

@@ -17,7 +17,8 @@ void init_layer_random(MoELayer& layer, std::uint64_t seed, std::int64_t layer_i
 /// L blocks of RMSNorm -> MoE -> residual over the ranks of `comm`. Collective like MoELayer.
 class MoeModel {
  public:
-  MoeModel(const MoeConfig& config, comm::Communicator& comm, const sched::ExpertPlacement& placement);
+  MoeModel(const MoeConfig& config, comm::Communicator& comm, const sched::ExpertPlacement& placement,
+           const std::optional<sched::Topology>& topology = std::nullopt, const LayerOptions& options = {});
 
   void init_random(std::uint64_t seed);
   /// y [tokens, H] = model(x [tokens, H]); keeps activations for backward.

@@ -31,7 +31,8 @@ Trainer::Trainer(const MoeConfig& config, comm::Communicator& comm, TrainOptions
     : config_(config),
       comm_(comm),
       options_(options),
-      placement_(sched::ExpertPlacement::contiguous(config.n_routed_experts, comm.size())),
+      topology_(sched::Topology::from_node_ids(comm.node_ids())),
+      placement_(sched::ExpertPlacement::node_aware(config.n_routed_experts, topology_)),
       optimizer_(options.adam) {
   if (options_.steps < 0) throw ConfigError("train: steps = " + std::to_string(options_.steps) + " must be >= 0");
   if (options_.tokens_per_rank < 1)
@@ -41,9 +42,9 @@ Trainer::Trainer(const MoeConfig& config, comm::Communicator& comm, TrainOptions
     throw ConfigError("train: aux.seq_len = " + std::to_string(options_.aux.seq_len) + " must be >= 0 (0 = whole shard)");
   require_non_negative("aux.seq_alpha", options_.aux.seq_alpha);
   require_non_negative("aux.expert_alpha", options_.aux.expert_alpha);
-  teacher_ = std::make_unique<MoeModel>(config_, comm_, placement_);
+  teacher_ = std::make_unique<MoeModel>(config_, comm_, placement_, topology_, options_.layer);
   teacher_->init_random(Rng::mix(options_.seed, 0x7eac4e2));
-  student_ = std::make_unique<MoeModel>(config_, comm_, placement_);
+  student_ = std::make_unique<MoeModel>(config_, comm_, placement_, topology_, options_.layer);
   student_->init_random(Rng::mix(options_.seed, 0x57d3e47));
   for (ParamBlock* b : student_->param_blocks()) optimizer_.add(b);
   if (options_.aux.enabled()) {

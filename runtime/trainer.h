@@ -14,6 +14,7 @@ namespace moex {
 
 /// Settings of one training run.
 struct TrainOptions {
+  LayerOptions layer{};  ///< chunks, overlap, flat or hierarchical exchange (results do not change)
   std::int64_t steps = 200;
   std::int64_t tokens_per_rank = 256;
   std::uint64_t seed = 1;
@@ -62,6 +63,7 @@ class Trainer {
   MoeConfig config_;
   comm::Communicator& comm_;
   TrainOptions options_;
+  sched::Topology topology_;
   sched::ExpertPlacement placement_;
   std::unique_ptr<MoeModel> teacher_, student_;
   AdamW optimizer_;
