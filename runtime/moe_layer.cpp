@@ -2,6 +2,7 @@
 #include "runtime/moe_layer.h"
 
 #include <algorithm>
+#include <cstdio>
 #include <cstring>
 
 #include "base/error.h"
@@ -109,6 +110,13 @@ void MoELayer::set_options(const LayerOptions& options) {
   options_ = options;
   // The communication stream is a thread only when overlapping and MPI lets a second thread call it.
   const bool threaded = options_.overlap && comm_.allows_progress_thread();
+  if (options_.overlap && !threaded) {
+    static bool noted = false;  // once per process
+    if (!noted && comm_.rank() == 0)
+      std::fprintf(stderr, "moex: note: MPI gives less than MPI_THREAD_SERIALIZED; exchanges run on the compute "
+                           "thread (nonblocking, overlapping only the shared experts)\n");
+    noted = true;
+  }
   if (!comm_stream_ || comm_stream_threaded_ != threaded) {
     comm_stream_ = std::make_unique<Stream>("comm " + name_, threaded);
     comm_stream_threaded_ = threaded;
