@@ -3,6 +3,7 @@
 #include <cmath>
 #include <chrono>
 #include <cstdio>
+#include <memory>
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -13,6 +14,8 @@
 #include "runtime/moe_layer.h"
 #include "runtime/moe_model.h"
 #include "runtime/random.h"
+#include "scheduler/load_tracker.h"
+#include "scheduler/replica_planner.h"
 
 namespace {
 using Clock = std::chrono::steady_clock;
@@ -82,6 +85,10 @@ int bench_layer(moex::comm::MpiCommunicator& world, int argc, char** argv) {
       .value("overlap", "on", "on: exchanges on a communication thread beside compute; off: serialised")
       .value("exchange", "flat", "flat or hierarchical (node-forwarded) token exchange")
       .value("skew", "0", "Zipf exponent z of a router selection bias b_e = -0.1 z ln(1 + rank of e) (0 = none)")
+      .value("replicas", "off",
+             "on: hot-expert replicas: the warmup iterations' load is planned into a replica layout "
+             "(--spare-slots extra expert slots per rank), migrated to before the timed iterations")
+      .value("spare-slots", "1", "with --replicas on: slots per rank = ceil(experts / ranks) + this")
       .value("reference", "on", "on: time the plain sgemm reference after every iteration (the ratio)")
       .flag("json", "also print one JSON line per result");
   if (!opt.parse(argc, argv, 2)) return 0;
@@ -112,23 +119,23 @@ int bench_layer(moex::comm::MpiCommunicator& world, int argc, char** argv) {
   const bool reference = on_off(opt.str("reference"), "--reference");
   const double skew = opt.number("skew");
   if (!(skew >= 0.0)) throw moex::ConfigError("--skew = " + opt.str("skew") + ": must be >= 0");
+  const bool replicas = on_off(opt.str("replicas"), "--replicas");
+  const std::int64_t spare = opt.integer("spare-slots");
+  if (replicas && (spare < 0 || warmup < 1))
+    throw moex::ConfigError("--replicas on needs --spare-slots >= 0 and --warmup >= 1 (the plan uses the warmup load)");
   const auto topology = moex::sched::Topology::from_node_ids(world.node_ids());
-  moex::MoELayer layer(config, world, moex::sched::ExpertPlacement::node_aware(config.n_routed_experts, topology),
-                       "bench layer", topology, lo);
+  const std::int64_t E = config.n_routed_experts;
+  const std::int64_t slots = (E + world.size() - 1) / world.size() + spare;
+  std::unique_ptr<moex::MoELayer> layer_ptr =
+      replicas ? std::make_unique<moex::MoELayer>(config, world, moex::sched::identity_layout(E, topology, slots),
+                                                  "bench layer", topology, lo)
+               : std::make_unique<moex::MoELayer>(config, world, moex::sched::ExpertPlacement::node_aware(E, topology),
+                                                  "bench layer", topology, lo);
+  moex::MoELayer& layer = *layer_ptr;
   moex::init_layer_random(layer, seed, 0);
-  if (skew > 0.0) {
-    // Expert e is the (rank_e + 1)-th most favoured, rank_e a seeded shuffle of 0..E-1.
-    const std::int64_t E = config.n_routed_experts;
-    std::vector<std::int64_t> order(static_cast<std::size_t>(E));
-    for (std::int64_t e = 0; e < E; ++e) order[static_cast<std::size_t>(e)] = e;
-    moex::Rng shuffle(moex::Rng::mix(seed, 0x5cee));
-    for (std::int64_t i = E - 1; i > 0; --i)
-      std::swap(order[static_cast<std::size_t>(i)], order[static_cast<std::size_t>(static_cast<std::int64_t>(shuffle.uniform() * static_cast<double>(i + 1)))]);
-    layer.selection_bias().assign(static_cast<std::size_t>(E), 0.0f);
-    for (std::int64_t r = 0; r < E; ++r)
-      layer.selection_bias()[static_cast<std::size_t>(order[static_cast<std::size_t>(r)])] =
-          static_cast<float>(-0.1 * skew * std::log(1.0 + static_cast<double>(r)));
-  }
+  if (skew > 0.0) moex::apply_zipf_selection_bias(layer, skew, seed);
+  moex::sched::LoadTracker tracker(E, moex::sched::LoadTracker::Mode::Window, static_cast<double>(std::max<std::int64_t>(warmup, 1)));
+  std::vector<std::int64_t> expert_load(static_cast<std::size_t>(E));
   std::vector<float> x(static_cast<std::size_t>(T * H)), dy(x.size()), y(x.size()), dx(x.size());
   moex::Rng rng(moex::Rng::mix(seed, 0xbe7c4, static_cast<std::uint64_t>(world.rank())));
   rng.fill_normal(x.data(), T * H, 1.0);
@@ -150,6 +157,7 @@ int bench_layer(moex::comm::MpiCommunicator& world, int argc, char** argv) {
     layer.forward(x.data(), T, y.data());
     layer.backward(dy.data(), dx.data());
     layer.allreduce_replicated_grads()->wait();
+    layer.reduce_replica_grads();
     const double ms = max_over_ranks(world, ms_since(t0));
     const moex::LayerCounters& k = layer.counters();
     const double comm = max_over_ranks(world, k.comm()), compute = max_over_ranks(world, k.compute());
@@ -185,6 +193,14 @@ int bench_layer(moex::comm::MpiCommunicator& world, int argc, char** argv) {
       bytes[0] = b2[0];
       bytes[1] = b2[1];
     }
+    if (replicas && i < warmup) {
+      const auto& et = layer.route_stats().expert_tokens;
+      std::copy(et.begin(), et.end(), expert_load.begin());
+      world.allreduce_sum(expert_load.data(), E, moex::comm::DataType::kInt64, "bench expert load")->wait();
+      tracker.add(expert_load);
+      if (i + 1 == warmup)  // the same plan on every rank (same global load, deterministic planner)
+        layer.set_replica_layout(moex::sched::plan_replicas(tracker.estimate(), topology, config.n_group, slots));
+    }
   }
   const double ms_comm = median(comm_ms), ms_compute = median(compute_ms), max_mean_load = median(load_ratio);
   double global_flops = local_flops;
@@ -201,8 +217,9 @@ int bench_layer(moex::comm::MpiCommunicator& world, int argc, char** argv) {
                 static_cast<long long>(config.n_routed_experts), static_cast<long long>(config.n_shared_experts),
                 static_cast<long long>(config.num_experts_per_tok), static_cast<long long>(T),
                 moex::blas::kernel_name().c_str(), static_cast<long long>(iters));
-    std::printf("# nodes: %s | chunks %d | overlap %s | exchange %s | skew %.2f\n", topology.describe().c_str(),
-                lo.chunks, lo.overlap ? "on" : "off", moex::to_string(lo.exchange), skew);
+    std::printf("# nodes: %s | chunks %d | overlap %s | exchange %s | skew %.2f | replicas %s\n",
+                topology.describe().c_str(), lo.chunks, lo.overlap ? "on" : "off", moex::to_string(lo.exchange), skew,
+                replicas ? ("on, " + std::to_string(slots) + " slots/rank").c_str() : "off");
     std::printf("# %12s %12s %12s %14s %14s %10s\n", "ms_step", "ms_min", "tokens/s", "expert_GF/s", "sgemm_GF/s",
                 "ratio");
     std::printf("  %12.2f %12.2f %12.0f %14.1f %14.1f %10.3f\n", ms,
@@ -227,7 +244,8 @@ int bench_layer(moex::comm::MpiCommunicator& world, int argc, char** argv) {
                        {"ms_dispatch", median(stage_ms[2])}, {"ms_experts", median(stage_ms[3])},
                        {"ms_combine", median(stage_ms[4])}, {"ms_shared", median(stage_ms[5])},
                        {"bytes_intra_node", bytes[0]}, {"bytes_inter_node", bytes[1]},
-                       {"max_mean_load", max_mean_load}};
+                       {"max_mean_load", max_mean_load}, {"replicas", replicas ? "on" : "off"},
+                       {"slots_per_rank", replicas ? slots : layer.num_local_experts()}};
       if (reference) {
         j["sgemm_ms"] = ref_ms;
         j["sgemm_gflops"] = sgemm_gflops;

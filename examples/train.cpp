@@ -50,6 +50,11 @@ int train(moex::comm::MpiCommunicator& world, int argc, char** argv) {
       .value("aux-seq-alpha", "0", "sequence-wise balance loss coefficient (0 = off; DeepSeek-V3 uses 0.0001)")
       .value("aux-expert-alpha", "0", "expert-level balance loss coefficient (0 = off)")
       .value("seq-len", "0", "tokens per sequence for the sequence-wise loss (0 = a rank's whole shard)")
+      .value("replicas", "off", "on: hot-expert replicas, planned from the load while training and migrated to")
+      .value("spare-slots", "1", "with --replicas on: expert slots per rank = ceil(experts / ranks) + this")
+      .value("rebalance-interval", "20", "with --replicas on: steps between replica plans")
+      .value("rebalance-lag", "2", "with --replicas on: steps the planner runs beside training before its plan applies")
+      .value("skew", "0", "Zipf exponent of a fixed skew of the student's router (experiments; 0 = none)")
       .value("chunks", "1", "pipeline chunks per layer pass (results do not depend on it beyond fp32 rounding)")
       .value("overlap", "on", "on: exchanges on a communication thread beside compute; off: serialised")
       .value("exchange", "flat", "flat, or hierarchical (once per destination node, then forwarded inside it)")
@@ -79,6 +84,13 @@ int train(moex::comm::MpiCommunicator& world, int argc, char** argv) {
   to.aux.seq_alpha = non_negative(opt, "aux-seq-alpha");
   to.aux.expert_alpha = non_negative(opt, "aux-expert-alpha");
   to.aux.seq_len = opt.integer("seq-len");
+  if (opt.str("replicas") != "on" && opt.str("replicas") != "off")
+    throw moex::ConfigError("--replicas = '" + opt.str("replicas") + "': expected on or off");
+  to.replicas.enabled = opt.str("replicas") == "on";
+  to.replicas.spare_slots = opt.integer("spare-slots");
+  to.replicas.interval = opt.integer("rebalance-interval");
+  to.replicas.lag = opt.integer("rebalance-lag");
+  to.skew = non_negative(opt, "skew");
   if (to.aux.seq_len < 0)
     throw moex::ConfigError("--seq-len = " + std::to_string(to.aux.seq_len) + ": must be >= 0 (0 = whole shard)");
   const std::int64_t every = opt.integer("log-every");
@@ -105,6 +117,11 @@ int train(moex::comm::MpiCommunicator& world, int argc, char** argv) {
                   "alpha %g\n",
                   static_cast<double>(to.bias_update_speed), static_cast<double>(to.aux.seq_alpha),
                   static_cast<long long>(to.aux.seq_len), static_cast<double>(to.aux.expert_alpha));
+    if (to.replicas.enabled || to.skew > 0.0)
+      std::printf("moex-train: replicas %s (spare slots %lld, plan every %lld steps, applied %lld steps later) | "
+                  "router skew %g\n",
+                  to.replicas.enabled ? "on" : "off", static_cast<long long>(to.replicas.spare_slots),
+                  static_cast<long long>(to.replicas.interval), static_cast<long long>(to.replicas.lag), to.skew);
     std::printf("%s\n", moex::step_header(with_aux).c_str());
   }
   double first_loss = 0.0, last_loss = 0.0;
@@ -118,6 +135,9 @@ int train(moex::comm::MpiCommunicator& world, int argc, char** argv) {
       std::fflush(stdout);
     }
     if (json.is_open()) json << moex::step_json(r) << "\n";
+    if (r.migrated_slots > 0)
+      std::printf("moex-train: step %lld: new replica layout, %lld expert slots migrated between ranks\n",
+                  static_cast<long long>(r.step), static_cast<long long>(r.migrated_slots));
   }
   if (lead && to.steps > 0)
     std::printf("moex-train: loss %.6e -> %.6e (%.1f%% of the first step)\n", first_loss, last_loss,

@@ -3,11 +3,19 @@
 
 #include <cmath>
 
+#include "base/error.h"
+
 namespace moex {
 
 void AdamW::add(ParamBlock* block) {
   states_.push_back({block, std::vector<float>(block->value.size(), 0.0f),
                      std::vector<float>(block->value.size(), 0.0f)});
+}
+
+std::array<std::vector<float>*, 2> AdamW::moments(const ParamBlock* block) {
+  for (auto& s : states_)
+    if (s.block == block) return {&s.m, &s.v};
+  throw InvalidArgument("AdamW::moments(): the block is not registered with this optimiser");
 }
 
 void AdamW::step() {

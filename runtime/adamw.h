@@ -1,6 +1,7 @@
 // AdamW optimiser over flat parameter blocks.
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <vector>
 
@@ -26,6 +27,10 @@ class AdamW {
   /// One update of every registered block from its grad.
   void step();
   std::int64_t steps() const { return step_; }
+  /// The first and second moments of a registered block (same size as its values; moving a block's
+  /// parameters, e.g. migrating expert replicas, must move these along). InvalidArgument when the
+  /// block is not registered.
+  std::array<std::vector<float>*, 2> moments(const ParamBlock* block);
   const AdamWOptions& options() const { return options_; }
 
  private:

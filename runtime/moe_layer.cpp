@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cstdio>
 #include <cstring>
+#include <limits>
 
 #include "base/error.h"
 #include "runtime/kernels/expert_ffn.h"
@@ -70,36 +71,86 @@ MoELayer::MoELayer(const MoeConfig& config, comm::Communicator& comm, sched::Exp
       comm_(comm),
       placement_(std::move(placement)),
       name_(std::move(name)),
-      topology_(topology ? std::move(*topology) : sched::Topology::single_node(comm.size())),
       hidden_(config.hidden_size),
       ffn_(config.moe_intermediate_size),
       shared_ffn_(config.shared_intermediate_size()),
       experts_total_(config.n_routed_experts),
       topk_(config.num_experts_per_tok) {
   config_.validate();
-  if (placement_.num_experts() != experts_total_)
-    throw InvalidArgument(name_ + ": placement covers " + std::to_string(placement_.num_experts()) +
+  if (placement_->num_experts() != experts_total_)
+    throw InvalidArgument(name_ + ": placement covers " + std::to_string(placement_->num_experts()) +
                           " experts but n_routed_experts = " + std::to_string(experts_total_));
-  if (placement_.world_size() != comm_.size())
-    throw InvalidArgument(name_ + ": placement is for " + std::to_string(placement_.world_size()) +
+  if (placement_->world_size() != comm_.size())
+    throw InvalidArgument(name_ + ": placement is for " + std::to_string(placement_->world_size()) +
                           " ranks but the communicator has " + std::to_string(comm_.size()));
+  const auto E = static_cast<std::size_t>(experts_total_);
+  expert_owner_.resize(E);
+  expert_slot_.resize(E);
+  for (std::size_t e = 0; e < E; ++e) {
+    expert_owner_[e] = placement_->owner(static_cast<std::int64_t>(e));
+    expert_slot_[e] = placement_->local_slot(static_cast<std::int64_t>(e));
+  }
+  std::vector<std::vector<std::int64_t>> slots(static_cast<std::size_t>(comm_.size()));
+  for (int r = 0; r < comm_.size(); ++r) {
+    const auto mine = placement_->experts_of(r);
+    slots[static_cast<std::size_t>(r)].assign(mine.begin(), mine.end());
+  }
+  set_slots(std::move(slots));
+  init_common(std::move(topology), options);
+}
+
+MoELayer::MoELayer(const MoeConfig& config, comm::Communicator& comm, sched::ReplicaLayout layout, std::string name,
+                   std::optional<sched::Topology> topology, LayerOptions options)
+    : config_(config),
+      comm_(comm),
+      replicas_(std::move(layout)),
+      name_(std::move(name)),
+      hidden_(config.hidden_size),
+      ffn_(config.moe_intermediate_size),
+      shared_ffn_(config.shared_intermediate_size()),
+      experts_total_(config.n_routed_experts),
+      topk_(config.num_experts_per_tok) {
+  config_.validate();
+  if (replicas_->num_experts() != experts_total_)
+    throw InvalidArgument(name_ + ": replica layout covers " + std::to_string(replicas_->num_experts()) +
+                          " experts but n_routed_experts = " + std::to_string(experts_total_));
+  if (replicas_->world_size() != comm_.size())
+    throw InvalidArgument(name_ + ": replica layout is for " + std::to_string(replicas_->world_size()) +
+                          " ranks but the communicator has " + std::to_string(comm_.size()));
+  set_slots(replicas_->slot_expert());
+  init_common(std::move(topology), options);
+}
+
+void MoELayer::init_common(std::optional<sched::Topology> topology, const LayerOptions& options) {
+  topology_ = topology ? std::move(*topology) : sched::Topology::single_node(comm_.size());
   if (topology_.world_size() != comm_.size())
     throw InvalidArgument(name_ + ": topology is for " + std::to_string(topology_.world_size()) +
                           " ranks but the communicator has " + std::to_string(comm_.size()));
   replicated_.resize(static_cast<std::size_t>(shared_w2_offset() + hidden_ * shared_ffn_));
   experts_.resize(static_cast<std::size_t>(num_local_experts() * expert_stride()));
-  const auto E = static_cast<std::size_t>(experts_total_);
-  expert_owner_.resize(E);
-  expert_node_.resize(E);
-  expert_slot_.resize(E);
-  expert_id_.resize(E);
-  for (std::size_t e = 0; e < E; ++e) {
-    expert_owner_[e] = placement_.owner(static_cast<std::int64_t>(e));
-    expert_node_[e] = topology_.node_of(expert_owner_[e]);
-    expert_slot_[e] = placement_.local_slot(static_cast<std::int64_t>(e));
-    expert_id_[e] = static_cast<std::int32_t>(e);
-  }
   set_options(options);
+}
+
+void MoELayer::set_slots(std::vector<std::vector<std::int64_t>> slot_expert) {
+  slot_expert_ = std::move(slot_expert);
+  max_slots_ = 1;
+  for (const auto& v : slot_expert_) max_slots_ = std::max<std::int64_t>(max_slots_, static_cast<std::int64_t>(v.size()));
+  if (static_cast<std::int64_t>(comm_.size()) * max_slots_ > std::numeric_limits<std::int32_t>::max())
+    throw InvalidArgument(name_ + ": " + std::to_string(comm_.size()) + " ranks x " + std::to_string(max_slots_) +
+                          " expert slots do not fit the int32 slot codes of the exchange");
+  multi_index_.assign(static_cast<std::size_t>(experts_total_), -1);
+  if (replicas_) {
+    std::int64_t m = 0;
+    for (std::int64_t e = 0; e < experts_total_; ++e)
+      if (replicas_->num_replicas(e) > 1) multi_index_[static_cast<std::size_t>(e)] = m++;
+  }
+}
+
+const sched::ExpertPlacement& MoELayer::placement() const {
+  if (!placement_)
+    throw InvalidArgument(name_ + ": placement() is for layers built from an ExpertPlacement; this one uses a "
+                                  "replica layout (see replica_layout() and slot_experts())");
+  return *placement_;
 }
 
 MoELayer::~MoELayer() = default;
@@ -180,17 +231,54 @@ void MoELayer::count_bytes(std::span<const std::int64_t> send_elems, std::int64_
 // ---------------------------------------------------------------------------------------------------
 // Routing plans and the up-front counts exchange
 
+void MoELayer::route_picks() {
+  // Where every pick goes: the expert's owner (placement mode) or the replica choose() names for this
+  // (rank, token) (replica mode). The choice depends on the token's index in the whole batch, so it
+  // does not change with the chunking.
+  const std::int64_t n = tokens_ * topk_;
+  const int me = comm_.rank();
+  grow(pick_rank_, n);
+  grow(pick_node_, n);
+  grow(pick_slot_, n);
+  grow(pick_phys_, n);
+  for (std::int64_t i = 0; i < n; ++i) {
+    const std::int32_t e = topk_ids_[static_cast<std::size_t>(i)];
+    if (e < 0 || e >= experts_total_)
+      throw InternalError(name_ + ": gate picked expert " + std::to_string(e) + " outside [0, " +
+                          std::to_string(experts_total_) + ")");
+    int r;
+    std::int32_t slot;
+    if (replicas_) {
+      const auto& rep = replicas_->replicas(e)[static_cast<std::size_t>(replicas_->choose(e, me, i / topk_, topology_))];
+      r = rep.rank;
+      slot = rep.slot;
+    } else {
+      r = expert_owner_[static_cast<std::size_t>(e)];
+      slot = expert_slot_[static_cast<std::size_t>(e)];
+    }
+    pick_rank_[static_cast<std::size_t>(i)] = r;
+    pick_node_[static_cast<std::size_t>(i)] = topology_.node_of(r);
+    pick_slot_[static_cast<std::size_t>(i)] = slot;
+    pick_phys_[static_cast<std::size_t>(i)] = static_cast<std::int32_t>(r * max_slots_ + slot);
+  }
+}
+
 void MoELayer::build_chunk_plans(int chunks) {
   while (static_cast<int>(chunks_.size()) < chunks) chunks_.push_back(std::make_unique<Chunk>());
   const std::int64_t K = topk_;
   const bool hier = options_.exchange == ExchangeKind::kHierarchical;
+  route_picks();
   for (int c = 0; c < chunks; ++c) {
     Chunk& ch = *chunks_[static_cast<std::size_t>(c)];
     ch.t0 = sched::chunk_begin(tokens_, chunks, c);
     ch.tokens = sched::chunk_begin(tokens_, chunks, c + 1) - ch.t0;
-    const std::span<const std::int32_t> ids(topk_ids_.data() + ch.t0 * K, static_cast<std::size_t>(ch.tokens * K));
-    ch.plan.build(ids, ch.tokens, K, comm_.size(), expert_owner_, expert_slot_);
-    if (hier) ch.plan_a.build(ids, ch.tokens, K, topology_.num_nodes(), expert_node_, expert_id_);
+    const auto first = static_cast<std::size_t>(ch.t0 * K), n = static_cast<std::size_t>(ch.tokens * K);
+    ch.plan.build_picks(ch.tokens, K, comm_.size(), std::span<const int>(pick_rank_).subspan(first, n),
+                        std::span<const std::int32_t>(pick_slot_).subspan(first, n));
+    // Stage A of the hierarchical exchange: one row per (token, node), picks coded by physical slot.
+    if (hier)
+      ch.plan_a.build_picks(ch.tokens, K, topology_.num_nodes(), std::span<const int>(pick_node_).subspan(first, n),
+                            std::span<const std::int32_t>(pick_phys_).subspan(first, n));
   }
 }
 
@@ -201,7 +289,7 @@ void MoELayer::exchange_counts() {
   std::vector<std::int64_t> send_counts(static_cast<std::size_t>(P)), recv_counts(static_cast<std::size_t>(P));
   std::int64_t total = 0;
   for (int d = 0; d < P; ++d) {
-    send_counts[static_cast<std::size_t>(d)] = C * (2 + placement_.num_local(d));
+    send_counts[static_cast<std::size_t>(d)] = C * (2 + static_cast<std::int64_t>(slot_experts(d).size()));
     total += send_counts[static_cast<std::size_t>(d)];
     recv_counts[static_cast<std::size_t>(d)] = C * (2 + S_me);
   }
@@ -211,7 +299,7 @@ void MoELayer::exchange_counts() {
   const std::int64_t K = topk_;
   const bool hier = options_.exchange == ExchangeKind::kHierarchical;
   for (int d = 0; d < P; ++d) {
-    const std::int64_t Sd = placement_.num_local(d);
+    const auto Sd = static_cast<std::int64_t>(slot_experts(d).size());
     for (int c = 0; c < C; ++c) {
       Chunk& ch = *chunks_[static_cast<std::size_t>(c)];
       std::int64_t* m = count_send_.data() + at + c * (2 + Sd);
@@ -303,15 +391,16 @@ void MoELayer::dispatch_hierarchical(Chunk& ch, int c, bool grad) {
       const float* row = ch.fwd_in.data() + a * stride;
       int last = -1;
       for (std::int64_t j = 0; j < K; ++j) {  // picks are grouped by node, not by rank: dedupe
-        const std::int32_t e = int_bits(row[H + j]);
-        if (e < 0) continue;
-        const int d = expert_owner_[static_cast<std::size_t>(e)];
-        if (topology_.node_of(d) != my_node)
-          throw InternalError(name_ + ": forwarder got a pick for expert " + std::to_string(e) + " of another node");
+        const std::int32_t ph = int_bits(row[H + j]);
+        if (ph < 0) continue;
+        const auto d = static_cast<int>(ph / max_slots_);
+        if (d >= P || topology_.node_of(d) != my_node)
+          throw InternalError(name_ + ": forwarder got a pick for physical slot " + std::to_string(ph) +
+                              " that is not on its node");
         bool seen = d == last;
         for (std::int64_t i = 0; i < j && !seen; ++i) {
-          const std::int32_t ei = int_bits(row[H + i]);
-          seen = ei >= 0 && expert_owner_[static_cast<std::size_t>(ei)] == d;
+          const std::int32_t pi = int_bits(row[H + i]);
+          seen = pi >= 0 && pi / max_slots_ == d;
         }
         if (!seen) ++ch.out_b[static_cast<std::size_t>(d)];
         last = d;
@@ -332,9 +421,9 @@ void MoELayer::dispatch_hierarchical(Chunk& ch, int c, bool grad) {
       const float* row = ch.fwd_in.data() + a * stride;
       std::fill(row_of.begin(), row_of.end(), -1);
       for (std::int64_t j = 0; j < K; ++j) {
-        const std::int32_t e = int_bits(row[H + j]);
-        if (e < 0) continue;
-        const auto d = static_cast<std::size_t>(expert_owner_[static_cast<std::size_t>(e)]);
+        const std::int32_t ph = int_bits(row[H + j]);
+        if (ph < 0) continue;
+        const auto d = static_cast<std::size_t>(ph / max_slots_);
         if (row_of[d] < 0) {
           row_of[d] = next[d]++;
           fill[d] = 0;
@@ -350,7 +439,7 @@ void MoELayer::dispatch_hierarchical(Chunk& ch, int c, bool grad) {
         }
         float* o = ch.fwd_out.data() + row_of[d] * stride;
         const std::int32_t f = fill[d]++;
-        o[H + f] = float_bits(expert_slot_[static_cast<std::size_t>(e)]);
+        o[H + f] = float_bits(static_cast<std::int32_t>(ph % max_slots_));
         o[H + K + f] = row[H + K + j];
         ch.b_pick_a[static_cast<std::size_t>(row_of[d] * K + f)] = static_cast<std::int32_t>(j);
       }
@@ -857,6 +946,99 @@ void MoELayer::update_selection_bias(std::span<const std::int64_t> load, float s
     const double l = static_cast<double>(load[e]);
     bias_[e] += l < mean ? speed : (l > mean ? -speed : 0.0f);
   }
+}
+
+void MoELayer::reduce_replica_grads() {
+  if (!replicas_) return;
+  std::int64_t multi = 0;
+  for (auto i : multi_index_) multi += i >= 0 ? 1 : 0;
+  if (multi == 0) return;  // the same on every rank: the layout is
+  const std::int64_t stride = expert_stride();
+  const auto mine = slot_experts(comm_.rank());
+  ParamBlock& ex = experts();  // clears stale gradients first
+  replica_grad_.assign(static_cast<std::size_t>(multi * stride), 0.0f);
+  for (std::size_t s = 0; s < mine.size(); ++s) {
+    const std::int64_t m = multi_index_[static_cast<std::size_t>(mine[s])];
+    if (m < 0) continue;
+    float* dst = replica_grad_.data() + m * stride;
+    const float* src = ex.grad.data() + static_cast<std::int64_t>(s) * stride;
+    for (std::int64_t i = 0; i < stride; ++i) dst[i] += src[i];
+  }
+  comm_.allreduce_sum(replica_grad_.data(), multi * stride, comm::DataType::kFloat32, "replica grads " + name_)->wait();
+  for (std::size_t s = 0; s < mine.size(); ++s) {
+    const std::int64_t m = multi_index_[static_cast<std::size_t>(mine[s])];
+    if (m >= 0)
+      std::memcpy(ex.grad.data() + static_cast<std::int64_t>(s) * stride, replica_grad_.data() + m * stride,
+                  sizeof(float) * static_cast<std::size_t>(stride));
+  }
+}
+
+std::int64_t MoELayer::set_replica_layout(const sched::ReplicaLayout& to, std::span<std::vector<float>* const> slot_state) {
+  if (!replicas_)
+    throw InvalidArgument(name_ + ": set_replica_layout() needs a layer built from a ReplicaLayout (replica mode)");
+  if (to.num_experts() != experts_total_ || to.world_size() != comm_.size())
+    throw InvalidArgument(name_ + ": new replica layout has " + std::to_string(to.num_experts()) + " experts on " +
+                          std::to_string(to.world_size()) + " ranks, expected " + std::to_string(experts_total_) +
+                          " on " + std::to_string(comm_.size()));
+  const int P = comm_.size(), me = comm_.rank();
+  const std::int64_t stride = expert_stride();
+  const std::int64_t old_slots = num_local_experts(), new_slots = to.slots_per_rank();
+  for (const auto* b : slot_state)
+    if (b == nullptr || (!b->empty() && static_cast<std::int64_t>(b->size()) != old_slots * stride))
+      throw InvalidArgument(name_ + ": set_replica_layout() got a slot buffer of " +
+                            std::to_string(b == nullptr ? -1 : static_cast<std::int64_t>(b->size())) +
+                            " floats, expected " + std::to_string(old_slots * stride) + " (slots x expert_stride) or 0");
+  const auto moves = sched::plan_migration(*replicas_, to, topology_);
+  // Blocks to send, in move order (by destination rank, then slot), and blocks to receive from each
+  // source, in the same order: both sides walk the same list.
+  std::vector<std::int64_t> sc(static_cast<std::size_t>(P), 0), rc(static_cast<std::size_t>(P), 0),
+      rd(static_cast<std::size_t>(P), 0);
+  for (const auto& m : moves) {
+    if (m.src_rank == me && m.dst_rank != me) sc[static_cast<std::size_t>(m.dst_rank)] += stride;
+    if (m.dst_rank == me && m.src_rank != me) rc[static_cast<std::size_t>(m.src_rank)] += stride;
+  }
+  std::int64_t recv_total = 0, send_total = 0;
+  for (int p = 0; p < P; ++p) {
+    rd[static_cast<std::size_t>(p)] = recv_total;
+    recv_total += rc[static_cast<std::size_t>(p)];
+    send_total += sc[static_cast<std::size_t>(p)];
+  }
+  std::vector<std::vector<float>*> buffers{&experts_.value};
+  for (auto* b : slot_state)
+    if (!b->empty()) buffers.push_back(b);
+  std::vector<float> send(static_cast<std::size_t>(send_total)), recv(static_cast<std::size_t>(recv_total));
+  for (std::vector<float>* buf : buffers) {
+    const std::vector<float> old = std::move(*buf);
+    std::int64_t at = 0;
+    for (const auto& m : moves)
+      if (m.src_rank == me && m.dst_rank != me) {
+        std::memcpy(send.data() + at, old.data() + m.src_slot * stride, sizeof(float) * static_cast<std::size_t>(stride));
+        at += stride;
+      }
+    comm::AlltoallvArgs args;
+    args.send = send.data();
+    args.send_counts = sc;
+    args.recv = recv.data();
+    args.recv_counts = rc;
+    args.recv_displs = rd;
+    args.type = comm::DataType::kFloat32;
+    args.label = "replica migration " + name_;
+    comm_.alltoallv(args)->wait();
+    buf->assign(static_cast<std::size_t>(new_slots * stride), 0.0f);
+    std::vector<std::int64_t> next(rd);
+    for (const auto& m : moves) {
+      if (m.dst_rank != me) continue;
+      const float* src = m.src_rank == me ? old.data() + m.src_slot * stride
+                                          : recv.data() + next[static_cast<std::size_t>(m.src_rank)];
+      if (m.src_rank != me) next[static_cast<std::size_t>(m.src_rank)] += stride;
+      std::memcpy(buf->data() + m.dst_slot * stride, src, sizeof(float) * static_cast<std::size_t>(stride));
+    }
+  }
+  experts_.grad.assign(static_cast<std::size_t>(new_slots * stride), 0.0f);
+  expert_grads_stale_ = false;
+  replicas_ = to;
+  set_slots(to.slot_expert());
+  return recv_total / std::max<std::int64_t>(stride, 1);
 }
 
 comm::WorkPtr MoELayer::allreduce_replicated_grads() {

@@ -13,6 +13,7 @@
 #include "runtime/moe_config.h"
 #include "runtime/stream.h"
 #include "scheduler/expert_placement.h"
+#include "scheduler/replica_planner.h"
 #include "scheduler/route_plan.h"
 #include "scheduler/topology.h"
 
@@ -89,6 +90,12 @@ class MoELayer {
   /// `topology` defaults to every rank on one node.
   MoELayer(const MoeConfig& config, comm::Communicator& comm, sched::ExpertPlacement placement,
            std::string name, std::optional<sched::Topology> topology = std::nullopt, LayerOptions options = {});
+  /// Replica mode: the routed experts live in the physical slots of `layout` (every rank has
+  /// layout.slots_per_rank() slots; hot experts may have several replicas). A token's pick goes to the
+  /// replica ReplicaLayout::choose() names (one on the token's node when there is one), and
+  /// reduce_replica_grads() keeps the replicas identical. set_replica_layout() changes the layout.
+  MoELayer(const MoeConfig& config, comm::Communicator& comm, sched::ReplicaLayout layout, std::string name,
+           std::optional<sched::Topology> topology = std::nullopt, LayerOptions options = {});
   ~MoELayer();
 
   /// Changes the schedule (between passes; every rank alike). Throws InvalidArgument on chunks < 1.
@@ -99,11 +106,17 @@ class MoELayer {
   void reset_counters() { counters_ = {}; }
 
   const MoeConfig& config() const { return config_; }
-  const sched::ExpertPlacement& placement() const { return placement_; }
+  /// The one-replica placement the layer was built with. InvalidArgument in replica mode.
+  const sched::ExpertPlacement& placement() const;
+  /// The replica layout (replica mode), or nullopt.
+  const std::optional<sched::ReplicaLayout>& replica_layout() const { return replicas_; }
+  /// Logical expert held in each physical slot of rank `r` (placement mode: the experts it owns).
+  std::span<const std::int64_t> slot_experts(int r) const { return slot_expert_[static_cast<std::size_t>(r)]; }
   const std::string& name() const { return name_; }
   int rank() const { return comm_.rank(); }
   comm::Communicator& communicator() { return comm_; }
-  std::int64_t num_local_experts() const { return placement_.num_local(comm_.rank()); }
+  /// Physical expert slots on this rank.
+  std::int64_t num_local_experts() const { return static_cast<std::int64_t>(slot_experts(comm_.rank()).size()); }
 
   ParamBlock& replicated() { return replicated_; }
   /// This rank's experts (values and gradients; see zero_grad()).
@@ -143,6 +156,20 @@ class MoELayer {
   void backward(const float* dy, float* dx);
   /// Sums the replicated parameters' gradients across ranks (a collective).
   comm::WorkPtr allreduce_replicated_grads();
+  /// Replica mode: sums the gradients of every expert that has several replicas over those replicas
+  /// (one all-reduce of the multi-replica experts' blocks over all ranks; a rank holding none
+  /// contributes zeros), so every replica gets the expert's full gradient and, updated by the same
+  /// optimiser, stays identical. A blocking collective; nothing to do (and no communication) when
+  /// every expert has one replica. Call it where allreduce_replicated_grads() is called.
+  void reduce_replica_grads();
+  /// Replica mode, a collective at a step boundary: moves to layout `to` (same experts and world
+  /// size; slots per rank may change). Every new slot's parameters are copied from a replica of its
+  /// expert in the current layout (sched::plan_migration: same slot, same rank, same node, else any
+  /// holder), and so are the per-slot buffers in `slot_state` (e.g. the optimiser's moments of
+  /// experts(): each [slots * expert_stride()] floats, resized to the new slot count; empty ones are
+  /// left alone). Expert gradients are cleared. Returns the number of slot blocks this rank received
+  /// from other ranks. InvalidArgument outside replica mode or on a mismatched layout or buffer.
+  std::int64_t set_replica_layout(const sched::ReplicaLayout& to, std::span<std::vector<float>* const> slot_state = {});
 
   const LayerRouteStats& route_stats() const { return stats_; }
   /// Per-local-expert blocks of the last forward (rows each expert processed).
@@ -156,7 +183,8 @@ class MoELayer {
 
   MoeConfig config_;
   comm::Communicator& comm_;
-  sched::ExpertPlacement placement_;
+  std::optional<sched::ExpertPlacement> placement_;  // placement mode
+  std::optional<sched::ReplicaLayout> replicas_;     // replica mode
   std::string name_;
   sched::Topology topology_;
   LayerOptions options_;
@@ -171,8 +199,14 @@ class MoELayer {
   std::vector<float> d_scores_;
   std::unique_ptr<Stream> comm_stream_;
   bool comm_stream_threaded_ = false;
-  std::vector<int> expert_owner_, expert_node_;  // [E]
-  std::vector<std::int32_t> expert_slot_, expert_id_;
+  std::vector<std::vector<std::int64_t>> slot_expert_;  // [P][slots of r] logical expert per slot
+  std::int64_t max_slots_ = 0;                           // max slots over ranks (physical id encoding)
+  std::vector<int> expert_owner_;                        // [E] placement mode: owner rank
+  std::vector<std::int32_t> expert_slot_;                // [E] placement mode: slot at the owner
+  std::vector<int> pick_rank_, pick_node_;               // [T*K] destination of every pick
+  std::vector<std::int32_t> pick_slot_, pick_phys_;      // [T*K] its slot, and rank * max_slots_ + slot
+  std::vector<std::int64_t> multi_index_;                // [E] replica mode: index among multi-replica experts, -1
+  std::vector<float> replica_grad_;                      // reduce_replica_grads() buffer
 
   // Saved by forward for backward; reused across steps so no step allocates once warm.
   std::int64_t tokens_ = 0;
@@ -196,6 +230,9 @@ class MoELayer {
   LayerRouteStats stats_;
   LayerCounters counters_;
 
+  void init_common(std::optional<sched::Topology> topology, const LayerOptions& options);
+  void set_slots(std::vector<std::vector<std::int64_t>> slot_expert);
+  void route_picks();
   kernels::BalanceLossParams aux_params(std::int64_t tokens) const;
   std::chrono::steady_clock::time_point deadline() const;
   void exchange_counts();

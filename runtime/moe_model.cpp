@@ -3,6 +3,9 @@
 
 #include <cmath>
 #include <cstring>
+#include <utility>
+
+#include "base/error.h"
 
 #include "runtime/random.h"
 
@@ -19,7 +22,7 @@ void init_layer_random(MoELayer& layer, std::uint64_t seed, std::int64_t layer_i
     shared.fill_normal(layer.shared_w13(), 2 * Fs * H, 1.0 / std::sqrt(static_cast<double>(H)));
     shared.fill_normal(layer.shared_w2(), H * Fs, 1.0 / std::sqrt(static_cast<double>(Fs)));
   }
-  const auto experts = layer.placement().experts_of(layer.rank());
+  const auto experts = layer.slot_experts(layer.rank());  // replicas of one expert get the same values
   for (std::size_t slot = 0; slot < experts.size(); ++slot) {
     Rng r(Rng::mix(seed, li, 3, static_cast<std::uint64_t>(experts[slot])));
     const auto s = static_cast<std::int64_t>(slot);
@@ -29,6 +32,22 @@ void init_layer_random(MoELayer& layer, std::uint64_t seed, std::int64_t layer_i
   if (c.topk_method == TopkMethod::kNoauxTc) layer.selection_bias().assign(static_cast<std::size_t>(c.n_routed_experts), 0.0f);
 }
 
+void apply_zipf_selection_bias(MoELayer& layer, double z, std::uint64_t seed) {
+  if (!std::isfinite(z) || z < 0.0)
+    throw InvalidArgument(layer.name() + ": Zipf skew exponent " + std::to_string(z) + " must be finite and >= 0");
+  const std::int64_t E = layer.config().n_routed_experts;
+  std::vector<std::int64_t> order(static_cast<std::size_t>(E));
+  for (std::int64_t e = 0; e < E; ++e) order[static_cast<std::size_t>(e)] = e;
+  Rng shuffle(Rng::mix(seed, 0x5cee));
+  for (std::int64_t i = E - 1; i > 0; --i)
+    std::swap(order[static_cast<std::size_t>(i)],
+              order[static_cast<std::size_t>(static_cast<std::int64_t>(shuffle.uniform() * static_cast<double>(i + 1)))]);
+  layer.selection_bias().assign(static_cast<std::size_t>(E), 0.0f);
+  for (std::int64_t r = 0; r < E; ++r)
+    layer.selection_bias()[static_cast<std::size_t>(order[static_cast<std::size_t>(r)])] =
+        static_cast<float>(-0.1 * z * std::log(1.0 + static_cast<double>(r)));
+}
+
 MoeModel::MoeModel(const MoeConfig& config, comm::Communicator& comm,
                    const sched::ExpertPlacement& placement, const std::optional<sched::Topology>& topology,
                    const LayerOptions& options)
@@ -36,11 +55,23 @@ MoeModel::MoeModel(const MoeConfig& config, comm::Communicator& comm,
   for (std::int64_t l = 0; l < config.num_hidden_layers; ++l)
     layers_.push_back(
         std::make_unique<MoELayer>(config, comm, placement, "layer " + std::to_string(l), topology, options));
-  norms_.resize(static_cast<std::size_t>(config.num_hidden_layers * config.hidden_size));
+  init_buffers();
+}
+
+MoeModel::MoeModel(const MoeConfig& config, comm::Communicator& comm, const sched::ReplicaLayout& layout,
+                   const std::optional<sched::Topology>& topology, const LayerOptions& options)
+    : config_(config), comm_(comm) {
+  for (std::int64_t l = 0; l < config.num_hidden_layers; ++l)
+    layers_.push_back(std::make_unique<MoELayer>(config, comm, layout, "layer " + std::to_string(l), topology, options));
+  init_buffers();
+}
+
+void MoeModel::init_buffers() {
+  norms_.resize(static_cast<std::size_t>(config_.num_hidden_layers * config_.hidden_size));
   std::fill(norms_.value.begin(), norms_.value.end(), 1.0f);
-  h_.resize(static_cast<std::size_t>(config.num_hidden_layers + 1));
-  normed_.resize(static_cast<std::size_t>(config.num_hidden_layers));
-  rstd_.resize(static_cast<std::size_t>(config.num_hidden_layers));
+  h_.resize(static_cast<std::size_t>(config_.num_hidden_layers + 1));
+  normed_.resize(static_cast<std::size_t>(config_.num_hidden_layers));
+  rstd_.resize(static_cast<std::size_t>(config_.num_hidden_layers));
 }
 
 void MoeModel::init_random(std::uint64_t seed) {
@@ -105,6 +136,7 @@ void MoeModel::backward(const float* dy) {
   pending.push_back(comm_.allreduce_sum(norms_.grad.data(), static_cast<std::int64_t>(norms_.grad.size()),
                                         comm::DataType::kFloat32, "norm grads"));
   for (auto& layer : layers_) pending.push_back(layer->allreduce_replicated_grads());
+  for (auto& layer : layers_) layer->reduce_replica_grads();  // replica mode only; blocking
   for (auto& w : pending) w->wait();
 }
 

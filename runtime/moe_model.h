@@ -14,17 +14,27 @@ namespace moex {
 /// A selection bias of zeros is created for noaux_tc (as DeepSeek-V3 has one).
 void init_layer_random(MoELayer& layer, std::uint64_t seed, std::int64_t layer_index);
 
+/// A skewed router for load-balancing experiments: sets the selection bias (created if absent) to
+/// b_e = -0.1 * z * ln(1 + rank_e), where rank_e (0 = most favoured) is a shuffle of the experts drawn
+/// from `seed`. Token counts then fall off with the favour rank roughly like a Zipf law of exponent
+/// about z. Identical on every rank for the same seed. InvalidArgument unless z is finite and >= 0.
+void apply_zipf_selection_bias(MoELayer& layer, double z, std::uint64_t seed);
+
 /// L blocks of RMSNorm -> MoE -> residual over the ranks of `comm`. Collective like MoELayer.
 class MoeModel {
  public:
   MoeModel(const MoeConfig& config, comm::Communicator& comm, const sched::ExpertPlacement& placement,
+           const std::optional<sched::Topology>& topology = std::nullopt, const LayerOptions& options = {});
+  /// Replica mode: every layer starts from `layout` (see MoELayer's replica-mode constructor).
+  MoeModel(const MoeConfig& config, comm::Communicator& comm, const sched::ReplicaLayout& layout,
            const std::optional<sched::Topology>& topology = std::nullopt, const LayerOptions& options = {});
 
   void init_random(std::uint64_t seed);
   /// y [tokens, H] = model(x [tokens, H]); keeps activations for backward.
   void forward(const float* x, std::int64_t tokens, float* y);
   /// From dL/dy of the last forward: accumulates every parameter gradient, then sums the replicated
-  /// ones across ranks, so after it every rank holds complete gradients for what it stores.
+  /// ones across ranks (and, in replica mode, each multi-replica expert's over its replicas), so after
+  /// it every rank holds complete gradients for what it stores.
   void backward(const float* dy);
   void zero_grad();
 
@@ -35,6 +45,7 @@ class MoeModel {
   std::vector<ParamBlock*> param_blocks();
 
  private:
+  void init_buffers();
   MoeConfig config_;
   comm::Communicator& comm_;
   std::vector<std::unique_ptr<MoELayer>> layers_;

@@ -42,10 +42,33 @@ Trainer::Trainer(const MoeConfig& config, comm::Communicator& comm, TrainOptions
     throw ConfigError("train: aux.seq_len = " + std::to_string(options_.aux.seq_len) + " must be >= 0 (0 = whole shard)");
   require_non_negative("aux.seq_alpha", options_.aux.seq_alpha);
   require_non_negative("aux.expert_alpha", options_.aux.expert_alpha);
+  require_non_negative("skew", options_.skew);
+  const ReplicaOptions& ro = options_.replicas;
+  if (ro.enabled) {
+    if (ro.spare_slots < 1 || ro.interval < 1 || ro.lag < 1)
+      throw ConfigError("train: replicas.spare_slots = " + std::to_string(ro.spare_slots) + ", interval = " +
+                        std::to_string(ro.interval) + ", lag = " + std::to_string(ro.lag) + ": each must be >= 1");
+    if (!(ro.ema > 0.0 && ro.ema <= 1.0))
+      throw ConfigError("train: replicas.ema = " + num(ro.ema) + " must be in (0, 1]");
+    require_non_negative("replicas.min_gain", ro.min_gain);
+  }
   teacher_ = std::make_unique<MoeModel>(config_, comm_, placement_, topology_, options_.layer);
   teacher_->init_random(Rng::mix(options_.seed, 0x7eac4e2));
-  student_ = std::make_unique<MoeModel>(config_, comm_, placement_, topology_, options_.layer);
+  if (ro.enabled) {
+    // Start from one replica per expert, placed like the plain run, padded to the fixed slot count.
+    const std::int64_t E = config_.n_routed_experts, P = comm_.size();
+    slots_per_rank_ = (E + P - 1) / P + ro.spare_slots;
+    student_ = std::make_unique<MoeModel>(config_, comm_, sched::identity_layout(E, topology_, slots_per_rank_), topology_,
+                                          options_.layer);
+    for (std::int64_t l = 0; l < config_.num_hidden_layers; ++l)
+      trackers_.emplace_back(E, sched::LoadTracker::Mode::Ema, ro.ema);
+    planner_ = std::make_unique<Stream>("replica planner", true);
+  } else {
+    student_ = std::make_unique<MoeModel>(config_, comm_, placement_, topology_, options_.layer);
+  }
   student_->init_random(Rng::mix(options_.seed, 0x57d3e47));
+  if (options_.skew > 0.0)
+    for (auto& layer : student_->layers()) apply_zipf_selection_bias(*layer, options_.skew, Rng::mix(options_.seed, 0x5e3d));
   for (ParamBlock* b : student_->param_blocks()) optimizer_.add(b);
   if (options_.aux.enabled()) {
     // Every rank adds its own loss gradient with upstream 1 and the replicated gradients are summed,
@@ -57,8 +80,67 @@ Trainer::Trainer(const MoeConfig& config, comm::Communicator& comm, TrainOptions
   }
 }
 
+Trainer::~Trainer() {
+  // The planner's task reads this trainer's members: let it finish before they go.
+  if (planner_) {
+    try {
+      planner_->synchronize(std::chrono::steady_clock::now() + std::chrono::minutes(10));
+    } catch (...) {
+    }
+  }
+}
+
+void Trainer::request_plan() {
+  // Inputs are copied: the planner thread touches nothing that training changes.
+  std::vector<std::vector<double>> estimates;
+  for (const auto& t : trackers_) estimates.push_back(t.estimate());
+  std::vector<sched::ReplicaLayout> current;
+  for (const auto& layer : student_->layers()) current.push_back(*layer->replica_layout());
+  const std::int64_t n_group = config_.n_group, slots = slots_per_rank_;
+  const double min_gain = options_.replicas.min_gain;
+  planned_.reset();
+  planned_layouts_.clear();
+  planner_->enqueue([this, estimates = std::move(estimates), current = std::move(current), n_group, slots, min_gain] {
+    std::vector<sched::ReplicaLayout> out;
+    for (std::size_t l = 0; l < estimates.size(); ++l) {
+      auto next = sched::plan_replicas(estimates[l], topology_, n_group, slots);
+      const double now = sched::max_mean_rank_load(current[l], estimates[l], topology_);
+      const double then = sched::max_mean_rank_load(next, estimates[l], topology_);
+      out.push_back(then <= now - min_gain ? std::move(next) : current[l]);
+    }
+    planned_layouts_ = std::move(out);
+  }, &planned_);
+  plan_pending_ = true;
+  apply_at_ = step_ + options_.replicas.lag;
+}
+
+std::int64_t Trainer::apply_planned_layouts() {
+  planned_.wait(std::chrono::steady_clock::now() + comm_.default_timeout(), "replica planner");
+  plan_pending_ = false;
+  // Every rank planned from the same numbers; make sure they agree before moving anything.
+  std::uint64_t h = 1469598103934665603ull;
+  for (const auto& l : planned_layouts_)
+    for (const auto& rank : l.slot_expert())
+      for (const auto e : rank) h = (h ^ static_cast<std::uint64_t>(e + 1)) * 1099511628211ull;
+  std::int64_t hh[2] = {static_cast<std::int64_t>(h >> 1), -static_cast<std::int64_t>(h >> 1)};
+  comm_.allreduce_max(hh, 2, comm::DataType::kInt64, "replica layout hash")->wait();
+  if (hh[0] != -hh[1]) throw InternalError("train: ranks planned different replica layouts (hash mismatch)");
+  std::int64_t moved = 0;
+  auto& layers = student_->layers();
+  for (std::size_t l = 0; l < layers.size(); ++l) {
+    if (*layers[l]->replica_layout() == planned_layouts_[l]) continue;
+    auto m = optimizer_.moments(&layers[l]->experts());
+    std::vector<std::vector<float>*> state{m[0], m[1]};
+    moved += layers[l]->set_replica_layout(planned_layouts_[l], state);
+  }
+  comm_.allreduce_sum(&moved, 1, comm::DataType::kInt64, "migrated slots")->wait();
+  return moved;
+}
+
 StepRecord Trainer::step() {
   const auto start = std::chrono::steady_clock::now();
+  std::int64_t migrated = 0;
+  if (plan_pending_ && step_ >= apply_at_) migrated = apply_planned_layouts();
   const std::int64_t T = options_.tokens_per_rank, H = config_.hidden_size;
   const auto n = static_cast<std::size_t>(T * H);
   x_.resize(n);
@@ -88,10 +170,14 @@ StepRecord Trainer::step() {
     for (const auto& layer : layers) sums_[1] += layer->aux_loss_value().total();
   auto loss_work = comm_.allreduce_sum(sums_, aux_on ? 2 : 1, comm::DataType::kFloat64, "loss");
   const std::int64_t E = config_.n_routed_experts;
-  loads_.assign(static_cast<std::size_t>(E) * layers.size(), 0);
+  const auto P = static_cast<std::size_t>(comm_.size());
+  const std::size_t per_layer = static_cast<std::size_t>(E) + P;
+  loads_.assign(per_layer * layers.size(), 0);
   for (std::size_t l = 0; l < layers.size(); ++l) {
     const auto& c = layers[l]->route_stats().expert_tokens;
-    std::copy(c.begin(), c.end(), loads_.begin() + static_cast<std::ptrdiff_t>(l * static_cast<std::size_t>(E)));
+    std::copy(c.begin(), c.end(), loads_.begin() + static_cast<std::ptrdiff_t>(l * per_layer));
+    loads_[l * per_layer + static_cast<std::size_t>(E) + static_cast<std::size_t>(comm_.rank())] =
+        layers[l]->route_stats().entries_processed;
   }
   auto load_work = comm_.allreduce_sum(loads_.data(), static_cast<std::int64_t>(loads_.size()),
                                        comm::DataType::kInt64, "expert loads");
@@ -103,44 +189,54 @@ StepRecord Trainer::step() {
     // Same integer loads and the same float ops on every rank: the bias stays bit-identical.
     for (std::size_t l = 0; l < layers.size(); ++l)
       layers[l]->update_selection_bias(
-          std::span<const std::int64_t>(loads_.data() + l * static_cast<std::size_t>(E), static_cast<std::size_t>(E)),
+          std::span<const std::int64_t>(loads_.data() + l * per_layer, static_cast<std::size_t>(E)),
           options_.bias_update_speed);
   }
 
+  if (options_.replicas.enabled) {
+    for (std::size_t l = 0; l < layers.size(); ++l)
+      trackers_[l].add(std::span<const std::int64_t>(loads_.data() + l * per_layer, static_cast<std::size_t>(E)));
+    if (!plan_pending_ && (step_ + 1) % options_.replicas.interval == 0) request_plan();
+  }
+
   StepRecord r;
+  r.migrated_slots = migrated;
   r.step = ++step_;
   r.loss = sums_[0] / global_elems;
   r.aux_loss = sums_[1];
   r.ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
   r.tokens_per_s = static_cast<double>(T) * comm_.size() / (r.ms / 1000.0);
   const double mean = static_cast<double>(T) * comm_.size() * static_cast<double>(config_.num_experts_per_tok) / static_cast<double>(E);
+  const double rank_mean = mean * static_cast<double>(E) / static_cast<double>(P);
   for (std::size_t l = 0; l < layers.size(); ++l) {
-    const auto first = loads_.begin() + static_cast<std::ptrdiff_t>(l * static_cast<std::size_t>(E));
+    const auto first = loads_.begin() + static_cast<std::ptrdiff_t>(l * per_layer);
     const double mx = static_cast<double>(*std::max_element(first, first + E));
     r.max_mean_load = std::max(r.max_mean_load, mx / mean);
+    const double rmx = static_cast<double>(*std::max_element(first + E, first + E + static_cast<std::ptrdiff_t>(P)));
+    r.max_mean_rank_load = std::max(r.max_mean_rank_load, rmx / rank_mean);
   }
   return r;
 }
 
 std::string step_header(bool with_aux) {
-  std::string h = " step |         loss |       ms |   tokens/s | max/mean expert load";
+  std::string h = " step |         loss |       ms |   tokens/s | max/mean expert load | max/mean rank load";
   if (with_aux) h += " |     aux loss";
   return h;
 }
 
 std::string format_step(const StepRecord& r, bool with_aux) {
   char line[200];
-  int n = std::snprintf(line, sizeof line, "%5lld | %12.6e | %8.2f | %10.0f | %6.3f", static_cast<long long>(r.step),
-                        r.loss, r.ms, r.tokens_per_s, r.max_mean_load);
-  // Pad the load column to its header's width so the aux column lines up.
+  int n = std::snprintf(line, sizeof line, "%5lld | %12.6e | %8.2f | %10.0f | %20.3f | %18.3f",
+                        static_cast<long long>(r.step), r.loss, r.ms, r.tokens_per_s, r.max_mean_load, r.max_mean_rank_load);
   if (with_aux && n > 0 && static_cast<std::size_t>(n) < sizeof line)
-    std::snprintf(line + n, sizeof line - static_cast<std::size_t>(n), "%*s | %12.6e", 20 - 6, "", r.aux_loss);
+    std::snprintf(line + n, sizeof line - static_cast<std::size_t>(n), " | %12.6e", r.aux_loss);
   return line;
 }
 
 std::string step_json(const StepRecord& r) {
   nlohmann::json j{{"step", r.step}, {"loss", r.loss}, {"ms", r.ms}, {"tokens_per_s", r.tokens_per_s},
-                   {"max_mean_load", r.max_mean_load}, {"aux_loss", r.aux_loss}};
+                   {"max_mean_load", r.max_mean_load}, {"aux_loss", r.aux_loss},
+                   {"max_mean_rank_load", r.max_mean_rank_load}, {"migrated_slots", r.migrated_slots}};
   return j.dump();
 }
 

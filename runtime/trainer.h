@@ -9,8 +9,28 @@
 
 #include "runtime/adamw.h"
 #include "runtime/moe_model.h"
+#include "runtime/stream.h"
+#include "scheduler/load_tracker.h"
+#include "scheduler/replica_planner.h"
 
 namespace moex {
+
+/// Hot-expert replicas during training (EPLB-style). Every `interval` steps the global per-expert
+/// load estimate (a LoadTracker moving average, identical on every rank) goes to the replica planner,
+/// which runs on its own thread (a Boost.Asio strand) while training continues; its layout is applied
+/// at the start of step `lag` steps later, migrating expert parameters and AdamW moments between
+/// ranks. Every rank plans from the same numbers with the same deterministic planner, so all apply the
+/// same layout (checked with a hash). Routing and the model's function do not change.
+struct ReplicaOptions {
+  bool enabled = false;
+  std::int64_t spare_slots = 1;  ///< physical slots per rank = ceil(E / ranks) + spare_slots (>= 1)
+  std::int64_t interval = 20;    ///< steps between plans (>= 1)
+  std::int64_t lag = 2;          ///< steps between requesting a plan and applying it (>= 1)
+  double ema = 0.2;              ///< LoadTracker EMA weight of the newest step, in (0, 1]
+  /// A new layout replaces the current one only when it lowers the expected max/mean rank load (for
+  /// the load estimate) by at least this much, so a steady load does not move experts back and forth.
+  double min_gain = 0.02;
+};
 
 /// Settings of one training run.
 struct TrainOptions {
@@ -31,6 +51,10 @@ struct TrainOptions {
   /// loss gradient with upstream 1 on every rank and replicated gradients are summed across ranks).
   /// All three must be >= 0.
   AuxLossOptions aux{};
+  ReplicaOptions replicas{};
+  /// A fixed skew of the student's router for balancing experiments: apply_zipf_selection_bias with
+  /// this exponent (0 = none; >= 0). Bias updates, when on, then work against it.
+  double skew = 0.0;
 };
 
 /// What one step measured (identical on every rank except `ms`, which is this rank's).
@@ -43,17 +67,24 @@ struct StepRecord {
   /// Auxiliary balance loss (sequence-wise + expert-level), summed over layers and averaged over
   /// ranks: exactly the term the step optimised on top of `loss` (see TrainOptions::aux). 0 when off.
   double aux_loss = 0.0;
+  /// Worst layer's max over ranks / mean of the (token, expert) entries each rank's experts computed:
+  /// the compute imbalance that replicas flatten.
+  double max_mean_rank_load = 0.0;
+  /// Expert slot blocks moved between ranks at the start of this step (all layers and ranks).
+  std::int64_t migrated_slots = 0;
 };
 
 /// The seed paper's expert-estimation task: a fixed random teacher DeepSeekMoE model produces
 /// targets from random inputs; a student of the same shape learns them with MSE and AdamW. Each rank
 /// draws its own data shard; expert parameters are sharded, replicated ones all-reduced.
-/// Optional load balancing: auxiliary losses and/or the aux-loss-free selection bias (TrainOptions).
+/// Optional load balancing: auxiliary losses, the aux-loss-free selection bias, and hot-expert
+/// replicas with migration (TrainOptions).
 class Trainer {
  public:
   /// Throws ConfigError for invalid options (steps < 0, tokens_per_rank < 1, negative
-  /// bias_update_speed or aux settings, non-finite values).
+  /// bias_update_speed, aux settings or skew, non-finite values, replica settings out of range).
   Trainer(const MoeConfig& config, comm::Communicator& comm, TrainOptions options);
+  ~Trainer();
   /// Runs one step (a collective).
   StepRecord step();
   MoeModel& student() { return *student_; }
@@ -69,12 +100,22 @@ class Trainer {
   AdamW optimizer_;
   std::int64_t step_ = 0;
   std::vector<float> x_, target_, y_, dy_;
-  std::vector<std::int64_t> loads_;
+  std::vector<std::int64_t> loads_;  // [L][E + P]: per-expert picks, then per-rank entries
   double sums_[2] = {0.0, 0.0};  // squared error, aux loss: reduced together
+  // Replicas: a load tracker per layer, the planner's thread, and the plan in flight.
+  std::vector<sched::LoadTracker> trackers_;
+  std::int64_t slots_per_rank_ = 0;
+  std::unique_ptr<Stream> planner_;
+  Event planned_;
+  bool plan_pending_ = false;
+  std::int64_t apply_at_ = 0;
+  std::vector<sched::ReplicaLayout> planned_layouts_;
+  std::int64_t apply_planned_layouts();
+  void request_plan();
 };
 
-/// The per-step line of the training log: `step | loss | ms | tokens/s | max/mean expert load`,
-/// plus a sixth column `aux loss` when `with_aux` (auxiliary losses on).
+/// The per-step line of the training log: `step | loss | ms | tokens/s | max/mean expert load |
+/// max/mean rank load`, plus a seventh column `aux loss` when `with_aux` (auxiliary losses on).
 std::string format_step(const StepRecord& r, bool with_aux = false);
 /// The header that goes above those lines (same `with_aux`).
 std::string step_header(bool with_aux = false);

@@ -23,25 +23,41 @@ void RoutePlan::build(std::span<const std::int32_t> topk_ids, std::int64_t token
                       std::span<const int> dest_of_expert, std::span<const std::int32_t> code_of_expert) {
   MOEX_CHECK_EQ(static_cast<std::int64_t>(topk_ids.size()), tokens * k);
   MOEX_CHECK_EQ(dest_of_expert.size(), code_of_expert.size());
-  const int world = num_dest;
   const auto num_experts = static_cast<std::int64_t>(dest_of_expert.size());
-  topk = k;
-  rows_per_rank.assign(static_cast<std::size_t>(world), 0);
-  for (std::int64_t i = 0; i < tokens * k; ++i) {
-    const std::int32_t e = topk_ids[static_cast<std::size_t>(i)];
+  pick_dest_.resize(topk_ids.size());
+  pick_code_.resize(topk_ids.size());
+  for (std::size_t i = 0; i < topk_ids.size(); ++i) {
+    const std::int32_t e = topk_ids[i];
     if (e < 0 || e >= num_experts)
       throw InvalidArgument("route: expert id " + std::to_string(e) + " of token " +
-                            std::to_string(i / k) + " is outside [0, " + std::to_string(num_experts) + ")");
+                            std::to_string(static_cast<std::int64_t>(i) / k) + " is outside [0, " +
+                            std::to_string(num_experts) + ")");
+    pick_dest_[i] = dest_of_expert[static_cast<std::size_t>(e)];
+    pick_code_[i] = code_of_expert[static_cast<std::size_t>(e)];
   }
-  auto dest = [&](std::int64_t e) { return dest_of_expert[static_cast<std::size_t>(e)]; };
+  build_picks(tokens, k, num_dest, pick_dest_, pick_code_);
+}
+
+void RoutePlan::build_picks(std::int64_t tokens, std::int64_t k, int num_dest, std::span<const int> pick_dest,
+                            std::span<const std::int32_t> pick_code) {
+  MOEX_CHECK_EQ(static_cast<std::int64_t>(pick_dest.size()), tokens * k);
+  MOEX_CHECK_EQ(pick_dest.size(), pick_code.size());
+  const int world = num_dest;
+  topk = k;
+  rows_per_rank.assign(static_cast<std::size_t>(world), 0);
+  for (std::size_t i = 0; i < pick_dest.size(); ++i)
+    if (pick_dest[i] < 0 || pick_dest[i] >= world)
+      throw InvalidArgument("route: pick " + std::to_string(i % static_cast<std::size_t>(k)) + " of token " +
+                            std::to_string(static_cast<std::int64_t>(i) / k) + " goes to destination " +
+                            std::to_string(pick_dest[i]) + ", outside [0, " + std::to_string(world) + ")");
   // Count rows: a token contributes one row per distinct destination.
   std::vector<std::int64_t> last_token(static_cast<std::size_t>(world), -1);
   for (std::int64_t t = 0; t < tokens; ++t) {
     for (std::int64_t j = 0; j < k; ++j) {
-      const int r = dest(topk_ids[static_cast<std::size_t>(t * k + j)]);
-      if (last_token[static_cast<std::size_t>(r)] != t) {
-        last_token[static_cast<std::size_t>(r)] = t;
-        ++rows_per_rank[static_cast<std::size_t>(r)];
+      const auto r = static_cast<std::size_t>(pick_dest[static_cast<std::size_t>(t * k + j)]);
+      if (last_token[r] != t) {
+        last_token[r] = t;
+        ++rows_per_rank[r];
       }
     }
   }
@@ -60,8 +76,8 @@ void RoutePlan::build(std::span<const std::int32_t> topk_ids, std::int64_t token
   last_token.assign(static_cast<std::size_t>(world), -1);
   for (std::int64_t t = 0; t < tokens; ++t) {
     for (std::int64_t j = 0; j < k; ++j) {
-      const std::int64_t e = topk_ids[static_cast<std::size_t>(t * k + j)];
-      const auto r = static_cast<std::size_t>(dest(e));
+      const auto i = static_cast<std::size_t>(t * k + j);
+      const auto r = static_cast<std::size_t>(pick_dest[i]);
       if (last_token[r] != t) {
         last_token[r] = t;
         row_of_rank[r] = next[r]++;
@@ -69,7 +85,7 @@ void RoutePlan::build(std::span<const std::int32_t> topk_ids, std::int64_t token
         fill[r] = 0;
       }
       const auto at = static_cast<std::size_t>(row_of_rank[r] * k + fill[r]++);
-      row_slot[at] = code_of_expert[static_cast<std::size_t>(e)];
+      row_slot[at] = pick_code[i];
       row_k[at] = static_cast<std::int32_t>(j);
     }
   }

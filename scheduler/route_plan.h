@@ -29,6 +29,14 @@ struct RoutePlan {
   /// with code code_of_expert[e] (a local slot, or the global id); row_slot then holds codes.
   void build(std::span<const std::int32_t> topk_ids, std::int64_t tokens, std::int64_t k, int num_dest,
              std::span<const int> dest_of_expert, std::span<const std::int32_t> code_of_expert);
+  /// Most general form: pick i = t*K + j goes to destination pick_dest[i] with code pick_code[i]
+  /// (e.g. the replica each pick chose). InvalidArgument on a destination outside [0, num_dest).
+  void build_picks(std::int64_t tokens, std::int64_t k, int num_dest, std::span<const int> pick_dest,
+                   std::span<const std::int32_t> pick_code);
+
+ private:
+  std::vector<int> pick_dest_;           // scratch of build()
+  std::vector<std::int32_t> pick_code_;
 };
 
 /// Receiver side: the (row, pick) entries of received rows grouped by local expert, so each expert

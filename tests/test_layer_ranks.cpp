@@ -7,9 +7,11 @@
 
 #include <nlohmann/json.hpp>
 
+#include "base/error.h"
 #include "runtime/moe_layer.h"
 #include "runtime/moe_model.h"
 #include "runtime/random.h"
+#include "scheduler/replica_planner.h"
 #include "tests/mpi_test_env.h"
 
 namespace moex {
@@ -181,6 +183,151 @@ TEST(LayerSchedule, LargerShapesAgreeForEveryChunking) {
                    {"n_routed_experts", 8}, {"n_shared_experts", 1}, {"num_experts_per_tok", 3},
                    {"n_group", 2}, {"topk_group", 1}, {"num_hidden_layers", 1}};
   expect_schedules_agree(MoeConfig::from_json(j), 150 * testing::world().size(), false, 79, {2}, {1, 4, 7});
+}
+
+/// A skewed expected load (Zipf 1.2 over a shuffled expert order) for planning test replicas.
+std::vector<double> skewed_load(std::int64_t experts) {
+  std::vector<double> load(static_cast<std::size_t>(experts));
+  for (std::int64_t e = 0; e < experts; ++e)
+    load[static_cast<std::size_t>((e * 5 + 3) % experts)] = 1000.0 / std::pow(static_cast<double>(e + 1), 1.2);
+  return load;
+}
+
+/// Replica layouts to test on `topo`: the planner's answer for a skewed load with one spare slot per
+/// rank, and the identity layout padded with repeats of each rank's own experts.
+std::vector<sched::ReplicaLayout> test_layouts(const MoeConfig& cfg, const sched::Topology& topo) {
+  const std::int64_t E = cfg.n_routed_experts, P = topo.world_size();
+  const std::int64_t slots = (E + P - 1) / P + 1;
+  std::vector<sched::ReplicaLayout> out;
+  out.push_back(sched::plan_replicas(skewed_load(E), topo, cfg.n_group, slots));
+  out.push_back(sched::identity_layout(E, topo, slots));
+  return out;
+}
+
+/// With replicas (several copies of hot experts, tokens spread over them) the layer computes what
+/// the single-rank layer computes, for every schedule: output, input gradient, replicated gradients,
+/// and in every slot the full gradient of its expert (replica gradients summed). Each rank's experts
+/// process exactly the picks that ReplicaLayout::choose() sends to them.
+TEST_P(LayerRanks, ReplicasGiveTheSameResults) {
+  const Case& c = GetParam();
+  const MoeConfig cfg = config_of(c);
+  auto& world = testing::world();
+  const std::int64_t H = cfg.hidden_size, T = c.tokens, K = cfg.num_experts_per_tok;
+  comm::MpiCommunicator self(MPI_COMM_SELF);
+  MoELayer one(cfg, self, sched::ExpertPlacement::contiguous(cfg.n_routed_experts, 1), "single");
+  init_layer_random(one, 5, 0);
+  if (c.skew)
+    for (std::int64_t j = 0; j < H; ++j) one.gate_weight()[j] = 5.0f;
+  std::vector<float> x(static_cast<std::size_t>(T * H)), dy(x.size());
+  Rng rng(81);
+  rng.fill_normal(x.data(), T * H, 1.0);
+  rng.fill_normal(dy.data(), T * H, 1.0);
+  if (c.skew) for (auto& v : x) v = std::abs(v);
+  std::vector<float> y1(x.size()), dx1(x.size());
+  one.zero_grad();
+  one.forward(x.data(), T, y1.data());
+  one.backward(dy.data(), dx1.data());
+  const std::int64_t b = T * world.rank() / world.size(), e = T * (world.rank() + 1) / world.size();
+  const double tol = 1e-5;
+  bool ok = true;
+  auto check = [&](const std::string& what, const float* a, const float* ref, std::size_t n) {
+    const double err = rel_err(a, ref, n);
+    EXPECT_LE(err, tol) << what;
+    ok = ok && err <= tol;
+  };
+  for (int per_node : {1, 2, world.size()}) {
+    const auto topo = sched::Topology::uniform(world.size(), per_node);
+    for (const auto& layout : test_layouts(cfg, topo)) {
+      for (const LayerOptions& o : {LayerOptions{1, false, ExchangeKind::kFlat}, LayerOptions{3, true, ExchangeKind::kFlat},
+                                    LayerOptions{2, true, ExchangeKind::kHierarchical}}) {
+        const std::string what = topo.describe() + ", " + std::to_string(layout.slots_per_rank()) + " slots, chunks " +
+                                 std::to_string(o.chunks) + ", " + to_string(o.exchange) + ": ";
+        MoELayer dist(cfg, world, layout, "replicas", topo, o);
+        init_layer_random(dist, 5, 0);
+        if (c.skew)
+          for (std::int64_t j = 0; j < H; ++j) dist.gate_weight()[j] = 5.0f;
+        std::vector<float> y(static_cast<std::size_t>((e - b) * H)), dx(y.size());
+        dist.zero_grad();
+        dist.forward(x.data() + b * H, e - b, y.data());
+        dist.backward(dy.data() + b * H, dx.data());
+        dist.allreduce_replicated_grads()->wait();
+        dist.reduce_replica_grads();
+        check(what + "output", y.data(), y1.data() + b * H, y.size());
+        check(what + "input grad", dx.data(), dx1.data() + b * H, dx.size());
+        check(what + "replicated grads", dist.replicated().grad.data(), one.replicated().grad.data(),
+              one.replicated().grad.size());
+        const auto mine = dist.slot_experts(world.rank());
+        const auto stride = static_cast<std::size_t>(dist.expert_stride());
+        for (std::size_t s = 0; s < mine.size(); ++s)
+          check(what + "expert " + std::to_string(mine[s]) + " grad in slot " + std::to_string(s),
+                dist.experts().grad.data() + s * stride, one.experts().grad.data() + static_cast<std::size_t>(mine[s]) * stride,
+                stride);
+        // Entries each rank processed = the picks choose() sends there, from every rank's tokens.
+        std::int64_t expected = 0;
+        for (int src = 0; src < world.size(); ++src) {
+          const std::int64_t sb = T * src / world.size(), se = T * (src + 1) / world.size();
+          for (std::int64_t t = sb; t < se; ++t)
+            for (std::int64_t j = 0; j < K; ++j) {
+              const std::int64_t ex = one.topk_ids()[static_cast<std::size_t>(t * K + j)];
+              const auto reps = layout.replicas(ex);
+              expected += reps[static_cast<std::size_t>(layout.choose(ex, src, t - sb, topo))].rank == world.rank() ? 1 : 0;
+            }
+        }
+        EXPECT_EQ(dist.route_stats().entries_processed, expected) << what << "entries processed";
+        ok = ok && dist.route_stats().entries_processed == expected;
+      }
+    }
+  }
+  EXPECT_TRUE(testing::all_ranks(ok));
+}
+
+/// Moving to another replica layout carries every slot's parameters and its optimiser state along:
+/// afterwards the layer equals one built in the new layout from the start, bit for bit, and computes
+/// the same results.
+TEST_P(LayerRanks, MigrationCarriesWeightsAndState) {
+  const Case& c = GetParam();
+  const MoeConfig cfg = config_of(c);
+  auto& world = testing::world();
+  const std::int64_t H = cfg.hidden_size, T = c.tokens, E = cfg.n_routed_experts;
+  const auto topo = sched::Topology::uniform(world.size(), std::max(1, world.size() / 2));
+  const std::int64_t slots = (E + world.size() - 1) / world.size() + 1;
+  const auto from = sched::identity_layout(E, topo, slots);
+  const auto to = sched::plan_replicas(skewed_load(E), topo, cfg.n_group, slots);
+  MoELayer moved(cfg, world, from, "moved", topo);
+  MoELayer fresh(cfg, world, to, "fresh", topo);
+  init_layer_random(moved, 6, 0);
+  init_layer_random(fresh, 6, 0);
+  const auto stride = static_cast<std::size_t>(moved.expert_stride());
+  // Optimiser-like state: a value that names the expert and the element.
+  auto state_of = [&](std::span<const std::int64_t> experts) {
+    std::vector<float> st(experts.size() * stride);
+    for (std::size_t s = 0; s < experts.size(); ++s)
+      for (std::size_t i = 0; i < stride; ++i) st[s * stride + i] = static_cast<float>(experts[s] * 100000 + static_cast<std::int64_t>(i));
+    return st;
+  };
+  std::vector<float> m = state_of(moved.slot_experts(world.rank())), v = m, empty;
+  std::vector<std::vector<float>*> state{&m, &v, &empty};
+  moved.set_replica_layout(to, state);
+  bool ok = moved.experts().value == fresh.experts().value;
+  EXPECT_TRUE(ok) << "expert parameters after migration";
+  const auto want = state_of(fresh.slot_experts(world.rank()));
+  EXPECT_EQ(m, want);
+  EXPECT_EQ(v, want);
+  EXPECT_TRUE(empty.empty());
+  ok = ok && m == want && v == want && empty.empty();
+  std::vector<float> x(static_cast<std::size_t>(T * H));
+  Rng rng(82);
+  rng.fill_normal(x.data(), T * H, 1.0);
+  const std::int64_t b = T * world.rank() / world.size(), e = T * (world.rank() + 1) / world.size();
+  std::vector<float> y_moved(static_cast<std::size_t>((e - b) * H)), y_fresh(y_moved.size());
+  moved.forward(x.data() + b * H, e - b, y_moved.data());
+  fresh.forward(x.data() + b * H, e - b, y_fresh.data());
+  EXPECT_EQ(y_moved, y_fresh);
+  ok = ok && y_moved == y_fresh;
+  std::vector<float> bad(3);
+  std::vector<std::vector<float>*> bad_state{&bad};
+  EXPECT_THROW(moved.set_replica_layout(from, bad_state), InvalidArgument);
+  EXPECT_TRUE(testing::all_ranks(ok));
 }
 
 INSTANTIATE_TEST_SUITE_P(

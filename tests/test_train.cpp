@@ -241,16 +241,89 @@ TEST(Balance, LogLineAndJson) {
   r.max_mean_load = 1.25;
   r.aux_loss = 0.125;
   const auto columns = [](const std::string& s) { return std::count(s.begin(), s.end(), '|') + 1; };
-  EXPECT_EQ(columns(format_step(r)), 5);
-  EXPECT_EQ(columns(step_header()), 5);
-  EXPECT_EQ(columns(format_step(r, true)), 6);
-  EXPECT_EQ(columns(step_header(true)), 6);
-  EXPECT_EQ(format_step(r, true).rfind(format_step(r), 0), 0u) << "the first five columns stay as they were";
+  EXPECT_EQ(columns(format_step(r)), 6);
+  EXPECT_EQ(columns(step_header()), 6);
+  EXPECT_EQ(format_step(r).size(), step_header().size());
+  EXPECT_EQ(columns(format_step(r, true)), 7);
+  EXPECT_EQ(columns(step_header(true)), 7);
+  EXPECT_EQ(format_step(r, true).rfind(format_step(r), 0), 0u) << "the first six columns stay as they were";
   EXPECT_EQ(format_step(r, true).size(), step_header(true).size());
   EXPECT_NE(format_step(r, true).find("1.250000e-01"), std::string::npos);
   EXPECT_NE(step_json(r).find("\"aux_loss\":0.125"), std::string::npos) << step_json(r);
   r.aux_loss = 0.0;
   EXPECT_NE(step_json(r).find("\"aux_loss\":0"), std::string::npos) << step_json(r);
+}
+
+/// Hot-expert replicas during training: with a skewed router, a run that plans replicas, migrates
+/// weights and AdamW moments and spreads tokens over replicas computes the same losses as a run
+/// without (fp32 reduction order aside), keeps every replica of an expert bit-identical across
+/// ranks, and flattens the per-rank compute load.
+TEST(Replicas, TrainingWithReplicasComputesTheSameLossesAndFlattensLoad) {
+  auto& world = testing::world();
+  TrainOptions o;
+  o.tokens_per_rank = 48;
+  o.skew = 1.2;
+  o.adam.lr = 3e-3f;
+  TrainOptions orep = o;
+  orep.replicas.enabled = true;
+  orep.replicas.interval = 3;
+  orep.replicas.lag = 1;
+  orep.replicas.spare_slots = 1;
+  orep.replicas.ema = 0.5;
+  const MoeConfig cfg = tiny("sigmoid");
+  Trainer plain(cfg, world, o);
+  Trainer rep(cfg, world, orep);
+  const int steps = 16, tail = 6;
+  std::int64_t migrated = 0;
+  double plain_rank = 0.0, rep_rank = 0.0;
+  for (int s = 0; s < steps; ++s) {
+    const StepRecord a = plain.step(), b = rep.step();
+    EXPECT_NEAR(b.loss, a.loss, 1e-4 * a.loss) << "step " << s;
+    EXPECT_EQ(b.max_mean_load, a.max_mean_load) << "step " << s << ": routing must not change";
+    migrated += b.migrated_slots;
+    if (s >= steps - tail) {
+      plain_rank += a.max_mean_rank_load / tail;
+      rep_rank += b.max_mean_rank_load / tail;
+    }
+  }
+  if (world.size() > 1) {  // on one rank every move is local and the rank load is 1 anyway
+    EXPECT_GT(migrated, 0) << "the planner's layouts moved no expert between ranks";
+    EXPECT_LT(rep_rank, plain_rank) << "replicas did not flatten the per-rank load";
+  }
+  std::printf("[rank %d] max/mean rank load over the last %d steps: %.3f without replicas, %.3f with; %lld slots migrated\n",
+              world.rank(), tail, plain_rank, rep_rank, static_cast<long long>(migrated));
+  // Every replica of an expert holds the same bits, on every rank.
+  for (auto& layer : rep.student().layers()) {
+    const auto stride = static_cast<std::size_t>(layer->expert_stride());
+    const auto& values = layer->experts().value;
+    std::vector<float> all(values.size() * static_cast<std::size_t>(world.size()));
+    world.allgather(values.data(), all.data(), static_cast<std::int64_t>(values.size()), comm::DataType::kFloat32,
+                    "replica values")->wait();
+    const auto& slots = layer->replica_layout()->slot_expert();
+    std::vector<const float*> first(static_cast<std::size_t>(cfg.n_routed_experts), nullptr);
+    bool same = true;
+    for (int r = 0; r < world.size(); ++r)
+      for (std::size_t sl = 0; sl < slots[static_cast<std::size_t>(r)].size(); ++sl) {
+        const float* block = all.data() + static_cast<std::size_t>(r) * values.size() + sl * stride;
+        auto& f = first[static_cast<std::size_t>(slots[static_cast<std::size_t>(r)][sl])];
+        if (f == nullptr) f = block;
+        else same = same && std::memcmp(f, block, stride * sizeof(float)) == 0;
+      }
+    EXPECT_TRUE(same) << layer->name() << ": replicas of an expert differ";
+  }
+}
+
+TEST(Replicas, BadOptionsAreConfigErrors) {
+  TrainOptions o;
+  o.replicas.enabled = true;
+  o.replicas.interval = 0;
+  EXPECT_THROW(Trainer(tiny("sigmoid"), testing::world(), o), ConfigError);
+  o.replicas.interval = 5;
+  o.replicas.ema = 1.5;
+  EXPECT_THROW(Trainer(tiny("sigmoid"), testing::world(), o), ConfigError);
+  o = TrainOptions{};
+  o.skew = -1.0;
+  EXPECT_THROW(Trainer(tiny("sigmoid"), testing::world(), o), ConfigError);
 }
 
 /// Loss sum(y . R) of the model on fixed data, accumulated in double across ranks.
