@@ -85,6 +85,7 @@ int bench_layer(moex::comm::MpiCommunicator& world, int argc, char** argv) {
       .value("overlap", "on", "on: exchanges on a communication thread beside compute; off: serialised")
       .value("exchange", "flat", "flat or hierarchical (node-forwarded) token exchange")
       .value("skew", "0", "Zipf exponent z of a router selection bias b_e = -0.1 z ln(1 + rank of e) (0 = none)")
+      .value("capacity-factor", "0", "0 = dropless; > 0: per-rank expert capacity, picks over it dropped")
       .value("replicas", "off",
              "on: hot-expert replicas: the warmup iterations' load is planned into a replica layout "
              "(--spare-slots extra expert slots per rank), migrated to before the timed iterations")
@@ -116,6 +117,9 @@ int bench_layer(moex::comm::MpiCommunicator& world, int argc, char** argv) {
   lo.chunks = static_cast<int>(opt.integer("chunks"));
   lo.overlap = on_off(opt.str("overlap"), "--overlap");
   lo.exchange = moex::exchange_from_string(opt.str("exchange"));
+  lo.capacity_factor = opt.number("capacity-factor");
+  if (!(lo.capacity_factor >= 0.0) || !std::isfinite(lo.capacity_factor))
+    throw moex::ConfigError("--capacity-factor = " + opt.str("capacity-factor") + ": must be a finite number >= 0");
   const bool reference = on_off(opt.str("reference"), "--reference");
   const double skew = opt.number("skew");
   if (!(skew >= 0.0)) throw moex::ConfigError("--skew = " + opt.str("skew") + ": must be >= 0");
@@ -149,6 +153,7 @@ int bench_layer(moex::comm::MpiCommunicator& world, int argc, char** argv) {
   std::vector<float> scratch;
   double local_flops = 0.0;
   std::int64_t bytes[2] = {0, 0};
+  std::int64_t dropped = 0;  // picks over capacity, all ranks, last timed iteration
   for (std::int64_t i = 0; i < warmup + iters; ++i) {
     world.barrier("bench iteration")->wait();
     layer.reset_counters();
@@ -164,6 +169,9 @@ int bench_layer(moex::comm::MpiCommunicator& world, int argc, char** argv) {
     const double stages[6] = {k.gate, k.permute, k.dispatch, k.experts, k.combine + k.combine_comm, k.shared};
     double stage_max[6];
     for (int st = 0; st < 6; ++st) stage_max[st] = max_over_ranks(world, stages[st]);
+    std::int64_t drop = layer.route_stats().picks_dropped;
+    world.allreduce_sum(&drop, 1, moex::comm::DataType::kInt64, "bench dropped")->wait();
+    if (i >= warmup) dropped = drop;
     double load[2] = {static_cast<double>(layer.route_stats().entries_processed), 0.0};
     load[1] = load[0];
     world.allreduce_max(&load[0], 1, moex::comm::DataType::kFloat64, "bench load max")->wait();
@@ -245,7 +253,10 @@ int bench_layer(moex::comm::MpiCommunicator& world, int argc, char** argv) {
                        {"ms_combine", median(stage_ms[4])}, {"ms_shared", median(stage_ms[5])},
                        {"bytes_intra_node", bytes[0]}, {"bytes_inter_node", bytes[1]},
                        {"max_mean_load", max_mean_load}, {"replicas", replicas ? "on" : "off"},
-                       {"slots_per_rank", replicas ? slots : layer.num_local_experts()}};
+                       {"slots_per_rank", replicas ? slots : layer.num_local_experts()},
+                       {"capacity_factor", lo.capacity_factor}, {"picks_dropped", dropped},
+                       {"dropped_fraction", static_cast<double>(dropped) /
+                                                std::max(1.0, static_cast<double>(T * world.size() * config.num_experts_per_tok))}};
       if (reference) {
         j["sgemm_ms"] = ref_ms;
         j["sgemm_gflops"] = sgemm_gflops;

@@ -55,6 +55,8 @@ int train(moex::comm::MpiCommunicator& world, int argc, char** argv) {
       .value("rebalance-interval", "20", "with --replicas on: steps between replica plans")
       .value("rebalance-lag", "2", "with --replicas on: steps the planner runs beside training before its plan applies")
       .value("skew", "0", "Zipf exponent of a fixed skew of the student's router (experiments; 0 = none)")
+      .value("capacity-factor", "0", "0 = dropless; > 0: per-rank expert capacity ceil(cf * tokens * K / E), "
+             "lowest-weight picks over it dropped and counted")
       .value("chunks", "1", "pipeline chunks per layer pass (results do not depend on it beyond fp32 rounding)")
       .value("overlap", "on", "on: exchanges on a communication thread beside compute; off: serialised")
       .value("exchange", "flat", "flat, or hierarchical (once per destination node, then forwarded inside it)")
@@ -81,6 +83,7 @@ int train(moex::comm::MpiCommunicator& world, int argc, char** argv) {
     throw moex::ConfigError("--overlap = '" + opt.str("overlap") + "': expected on or off");
   to.layer.overlap = opt.str("overlap") == "on";
   to.layer.exchange = moex::exchange_from_string(opt.str("exchange"));
+  to.layer.capacity_factor = non_negative(opt, "capacity-factor");
   to.aux.seq_alpha = non_negative(opt, "aux-seq-alpha");
   to.aux.expert_alpha = non_negative(opt, "aux-expert-alpha");
   to.aux.seq_len = opt.integer("seq-len");
@@ -125,8 +128,10 @@ int train(moex::comm::MpiCommunicator& world, int argc, char** argv) {
     std::printf("%s\n", moex::step_header(with_aux).c_str());
   }
   double first_loss = 0.0, last_loss = 0.0;
+  std::int64_t dropped = 0;
   for (std::int64_t s = 0; s < to.steps; ++s) {
     const moex::StepRecord r = trainer.step();
+    dropped += r.picks_dropped;
     if (s == 0) first_loss = r.loss;
     last_loss = r.loss;
     if (!lead) continue;
@@ -142,6 +147,12 @@ int train(moex::comm::MpiCommunicator& world, int argc, char** argv) {
   if (lead && to.steps > 0)
     std::printf("moex-train: loss %.6e -> %.6e (%.1f%% of the first step)\n", first_loss, last_loss,
                 100.0 * last_loss / first_loss);
+  if (lead && to.layer.capacity_factor > 0.0) {
+    const double picks = static_cast<double>(to.steps) * static_cast<double>(to.tokens_per_rank) * world.size() *
+                         static_cast<double>(config.num_experts_per_tok * config.num_hidden_layers);
+    std::printf("moex-train: capacity factor %g: %lld of %.0f picks dropped (%.2f%%)\n", to.layer.capacity_factor,
+                static_cast<long long>(dropped), picks, picks > 0 ? 100.0 * static_cast<double>(dropped) / picks : 0.0);
+  }
   return 0;
 }
 

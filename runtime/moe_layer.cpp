@@ -2,6 +2,7 @@
 #include "runtime/moe_layer.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <limits>
@@ -158,6 +159,9 @@ MoELayer::~MoELayer() = default;
 void MoELayer::set_options(const LayerOptions& options) {
   if (options.chunks < 1)
     throw InvalidArgument(name_ + ": chunks = " + std::to_string(options.chunks) + " must be >= 1");
+  if (!std::isfinite(options.capacity_factor) || options.capacity_factor < 0.0)
+    throw InvalidArgument(name_ + ": capacity_factor = " + std::to_string(options.capacity_factor) +
+                          " must be finite and >= 0 (0 = dropless)");
   options_ = options;
   // The communication stream is a thread only when overlapping and MPI lets a second thread call it.
   const bool threaded = options_.overlap && comm_.allows_progress_thread();
@@ -248,6 +252,11 @@ void MoELayer::route_picks() {
                           std::to_string(experts_total_) + ")");
     int r;
     std::int32_t slot;
+    if (!kept_[static_cast<std::size_t>(i)]) {  // dropped by capacity: goes nowhere
+      pick_rank_[static_cast<std::size_t>(i)] = pick_node_[static_cast<std::size_t>(i)] = -1;
+      pick_slot_[static_cast<std::size_t>(i)] = pick_phys_[static_cast<std::size_t>(i)] = -1;
+      continue;
+    }
     if (replicas_) {
       const auto& rep = replicas_->replicas(e)[static_cast<std::size_t>(replicas_->choose(e, me, i / topk_, topology_))];
       r = rep.rank;
@@ -260,6 +269,31 @@ void MoELayer::route_picks() {
     pick_node_[static_cast<std::size_t>(i)] = topology_.node_of(r);
     pick_slot_[static_cast<std::size_t>(i)] = slot;
     pick_phys_[static_cast<std::size_t>(i)] = static_cast<std::int32_t>(r * max_slots_ + slot);
+  }
+}
+
+void MoELayer::apply_capacity() {
+  const std::int64_t n = tokens_ * topk_, E = experts_total_;
+  kept_.assign(static_cast<std::size_t>(n), 1);
+  stats_.picks_dropped = 0;
+  if (options_.capacity_factor <= 0.0 || n == 0) return;
+  const auto cap = static_cast<std::int64_t>(
+      std::ceil(options_.capacity_factor * static_cast<double>(n) / static_cast<double>(E)));
+  // Picks grouped by expert (counting sort keeps pick order), then each group by weight, descending.
+  std::vector<std::int64_t> first(static_cast<std::size_t>(E) + 1, 0);
+  for (std::int64_t i = 0; i < n; ++i) ++first[static_cast<std::size_t>(topk_ids_[static_cast<std::size_t>(i)]) + 1];
+  for (std::int64_t e = 0; e < E; ++e) first[static_cast<std::size_t>(e) + 1] += first[static_cast<std::size_t>(e)];
+  grow(order_, n);
+  std::vector<std::int64_t> next(first.begin(), first.end() - 1);
+  for (std::int64_t i = 0; i < n; ++i) order_[static_cast<std::size_t>(next[static_cast<std::size_t>(topk_ids_[static_cast<std::size_t>(i)])]++)] = i;
+  for (std::int64_t e = 0; e < E; ++e) {
+    const auto b = order_.begin() + first[static_cast<std::size_t>(e)], end = order_.begin() + first[static_cast<std::size_t>(e) + 1];
+    if (end - b <= cap) continue;
+    std::stable_sort(b, end, [&](std::int64_t p, std::int64_t q) {
+      return topk_weights_[static_cast<std::size_t>(p)] > topk_weights_[static_cast<std::size_t>(q)];
+    });
+    for (auto it = b + cap; it != end; ++it) kept_[static_cast<std::size_t>(*it)] = 0;
+    stats_.picks_dropped += (end - b) - cap;
   }
 }
 
@@ -799,8 +833,10 @@ void MoELayer::forward(const float* x, std::int64_t tokens, float* y) {
   aux_value_ = {};
   if (aux_.enabled()) aux_value_ = kernels::balance_loss_forward(aux_params(tokens), scores_.data(), topk_ids_.data());
 
-  // 2. route every chunk, and tell every rank what it will receive (one small all-to-all), so each
-  //    receiver fixes the canonical place of every row and entry before any token moves.
+  // 2. drop picks over capacity (capacity-factor mode), route every chunk, and tell every rank what
+  //    it will receive (one small all-to-all), so each receiver fixes the canonical place of every
+  //    row and entry before any token moves.
+  apply_capacity();
   build_chunk_plans(chunks_used_);
   counters_.gate += ms_since(t0);
   exchange_counts();

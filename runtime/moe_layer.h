@@ -55,6 +55,13 @@ struct LayerOptions {
   int chunks = 1;        ///< pipeline chunks: chunk i+1's exchange runs while chunk i computes
   bool overlap = true;   ///< exchanges on a communication stream (thread) beside the compute
   ExchangeKind exchange = ExchangeKind::kFlat;
+  /// 0 (default): dropless. > 0: capacity-factor mode. Each rank lets at most
+  /// C = ceil(capacity_factor * tokens * K / E) of its own `tokens` picks reach each expert (the
+  /// GShard / DeepSpeed-MoE rule over the rank's local tokens); of an expert's picks the C with the
+  /// largest routing weight are kept (ties to the earlier token, then the earlier top-K position), the
+  /// rest are dropped: they add nothing to the output and get no gradient. Counted in
+  /// LayerRouteStats::picks_dropped. Results stay independent of chunks, overlap and exchange.
+  double capacity_factor = 0.0;
 };
 
 /// What one forward pass routed, for logs and balancing.
@@ -64,6 +71,7 @@ struct LayerRouteStats {
   std::int64_t rows_received = 0;           ///< dispatch rows this rank's experts received
   std::int64_t entries_processed = 0;       ///< (row, expert) pairs this rank's experts computed
   std::int64_t bytes_sent = 0;              ///< payload bytes sent to other ranks, forward
+  std::int64_t picks_dropped = 0;           ///< capacity-factor mode: this rank's picks over capacity
 };
 
 /// Bytes this rank sent to other ranks, and stage times (milliseconds), summed over forward and
@@ -177,6 +185,8 @@ class MoELayer {
   /// Top-K expert ids [tokens, K] and weights of the last forward.
   const std::vector<std::int32_t>& topk_ids() const { return topk_ids_; }
   const std::vector<float>& topk_weights() const { return topk_weights_; }
+  /// [tokens, K] of the last forward: 1 where the pick reached its expert, 0 where capacity dropped it.
+  const std::vector<std::uint8_t>& topk_kept() const { return kept_; }
 
  private:
   struct Chunk;  // per pipeline chunk: plans, buffers and events (moe_layer.cpp)
@@ -213,6 +223,8 @@ class MoELayer {
   int chunks_used_ = 1;
   std::vector<float> x_, scores_, topk_weights_;
   std::vector<std::int32_t> topk_ids_;
+  std::vector<std::uint8_t> kept_;                        // [T*K] capacity mode: pick kept
+  std::vector<std::int64_t> order_;                       // scratch of apply_capacity()
   std::vector<std::unique_ptr<Chunk>> chunks_;
   sched::ReceiveLayout recv_layout_;
   sched::ExpertBatchLayout layout_;                        // per-expert offsets (entries of all chunks)
@@ -233,6 +245,7 @@ class MoELayer {
   void init_common(std::optional<sched::Topology> topology, const LayerOptions& options);
   void set_slots(std::vector<std::vector<std::int64_t>> slot_expert);
   void route_picks();
+  void apply_capacity();
   kernels::BalanceLossParams aux_params(std::int64_t tokens) const;
   std::chrono::steady_clock::time_point deadline() const;
   void exchange_counts();

@@ -5,6 +5,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <numeric>
 #include <span>
 
 #include <nlohmann/json.hpp>
@@ -171,13 +172,14 @@ StepRecord Trainer::step() {
   auto loss_work = comm_.allreduce_sum(sums_, aux_on ? 2 : 1, comm::DataType::kFloat64, "loss");
   const std::int64_t E = config_.n_routed_experts;
   const auto P = static_cast<std::size_t>(comm_.size());
-  const std::size_t per_layer = static_cast<std::size_t>(E) + P;
+  const std::size_t per_layer = static_cast<std::size_t>(E) + P + 1;
   loads_.assign(per_layer * layers.size(), 0);
   for (std::size_t l = 0; l < layers.size(); ++l) {
     const auto& c = layers[l]->route_stats().expert_tokens;
     std::copy(c.begin(), c.end(), loads_.begin() + static_cast<std::ptrdiff_t>(l * per_layer));
     loads_[l * per_layer + static_cast<std::size_t>(E) + static_cast<std::size_t>(comm_.rank())] =
         layers[l]->route_stats().entries_processed;
+    loads_[l * per_layer + static_cast<std::size_t>(E) + P] = layers[l]->route_stats().picks_dropped;
   }
   auto load_work = comm_.allreduce_sum(loads_.data(), static_cast<std::int64_t>(loads_.size()),
                                        comm::DataType::kInt64, "expert loads");
@@ -207,13 +209,15 @@ StepRecord Trainer::step() {
   r.ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
   r.tokens_per_s = static_cast<double>(T) * comm_.size() / (r.ms / 1000.0);
   const double mean = static_cast<double>(T) * comm_.size() * static_cast<double>(config_.num_experts_per_tok) / static_cast<double>(E);
-  const double rank_mean = mean * static_cast<double>(E) / static_cast<double>(P);
   for (std::size_t l = 0; l < layers.size(); ++l) {
     const auto first = loads_.begin() + static_cast<std::ptrdiff_t>(l * per_layer);
     const double mx = static_cast<double>(*std::max_element(first, first + E));
     r.max_mean_load = std::max(r.max_mean_load, mx / mean);
-    const double rmx = static_cast<double>(*std::max_element(first + E, first + E + static_cast<std::ptrdiff_t>(P)));
-    r.max_mean_rank_load = std::max(r.max_mean_rank_load, rmx / rank_mean);
+    const auto ranks_first = first + E, ranks_end = first + E + static_cast<std::ptrdiff_t>(P);
+    const double rank_sum = static_cast<double>(std::accumulate(ranks_first, ranks_end, std::int64_t{0}));
+    const double rmx = static_cast<double>(*std::max_element(ranks_first, ranks_end));
+    if (rank_sum > 0) r.max_mean_rank_load = std::max(r.max_mean_rank_load, rmx * static_cast<double>(P) / rank_sum);
+    r.picks_dropped += loads_[l * per_layer + static_cast<std::size_t>(E) + P];
   }
   return r;
 }
@@ -236,7 +240,8 @@ std::string format_step(const StepRecord& r, bool with_aux) {
 std::string step_json(const StepRecord& r) {
   nlohmann::json j{{"step", r.step}, {"loss", r.loss}, {"ms", r.ms}, {"tokens_per_s", r.tokens_per_s},
                    {"max_mean_load", r.max_mean_load}, {"aux_loss", r.aux_loss},
-                   {"max_mean_rank_load", r.max_mean_rank_load}, {"migrated_slots", r.migrated_slots}};
+                   {"max_mean_rank_load", r.max_mean_rank_load}, {"migrated_slots", r.migrated_slots},
+                   {"picks_dropped", r.picks_dropped}};
   return j.dump();
 }
 

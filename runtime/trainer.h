@@ -72,6 +72,8 @@ struct StepRecord {
   double max_mean_rank_load = 0.0;
   /// Expert slot blocks moved between ranks at the start of this step (all layers and ranks).
   std::int64_t migrated_slots = 0;
+  /// Capacity-factor mode: (token, expert) picks dropped over capacity, all ranks and layers.
+  std::int64_t picks_dropped = 0;
 };
 
 /// The seed paper's expert-estimation task: a fixed random teacher DeepSeekMoE model produces
@@ -100,7 +102,7 @@ class Trainer {
   AdamW optimizer_;
   std::int64_t step_ = 0;
   std::vector<float> x_, target_, y_, dy_;
-  std::vector<std::int64_t> loads_;  // [L][E + P]: per-expert picks, then per-rank entries
+  std::vector<std::int64_t> loads_;  // [L][E + P + 1]: per-expert picks, per-rank entries, drops
   double sums_[2] = {0.0, 0.0};  // squared error, aux loss: reduced together
   // Replicas: a load tracker per layer, the planner's thread, and the plan in flight.
   std::vector<sched::LoadTracker> trackers_;

@@ -46,15 +46,17 @@ void RoutePlan::build_picks(std::int64_t tokens, std::int64_t k, int num_dest, s
   topk = k;
   rows_per_rank.assign(static_cast<std::size_t>(world), 0);
   for (std::size_t i = 0; i < pick_dest.size(); ++i)
-    if (pick_dest[i] < 0 || pick_dest[i] >= world)
+    if (pick_dest[i] < -1 || pick_dest[i] >= world)
       throw InvalidArgument("route: pick " + std::to_string(i % static_cast<std::size_t>(k)) + " of token " +
                             std::to_string(static_cast<std::int64_t>(i) / k) + " goes to destination " +
-                            std::to_string(pick_dest[i]) + ", outside [0, " + std::to_string(world) + ")");
+                            std::to_string(pick_dest[i]) + ", outside [-1, " + std::to_string(world) + ")");
   // Count rows: a token contributes one row per distinct destination.
   std::vector<std::int64_t> last_token(static_cast<std::size_t>(world), -1);
   for (std::int64_t t = 0; t < tokens; ++t) {
     for (std::int64_t j = 0; j < k; ++j) {
-      const auto r = static_cast<std::size_t>(pick_dest[static_cast<std::size_t>(t * k + j)]);
+      const int d = pick_dest[static_cast<std::size_t>(t * k + j)];
+      if (d < 0) continue;
+      const auto r = static_cast<std::size_t>(d);
       if (last_token[r] != t) {
         last_token[r] = t;
         ++rows_per_rank[r];
@@ -77,6 +79,7 @@ void RoutePlan::build_picks(std::int64_t tokens, std::int64_t k, int num_dest, s
   for (std::int64_t t = 0; t < tokens; ++t) {
     for (std::int64_t j = 0; j < k; ++j) {
       const auto i = static_cast<std::size_t>(t * k + j);
+      if (pick_dest[i] < 0) continue;
       const auto r = static_cast<std::size_t>(pick_dest[i]);
       if (last_token[r] != t) {
         last_token[r] = t;

@@ -30,7 +30,8 @@ struct RoutePlan {
   void build(std::span<const std::int32_t> topk_ids, std::int64_t tokens, std::int64_t k, int num_dest,
              std::span<const int> dest_of_expert, std::span<const std::int32_t> code_of_expert);
   /// Most general form: pick i = t*K + j goes to destination pick_dest[i] with code pick_code[i]
-  /// (e.g. the replica each pick chose). InvalidArgument on a destination outside [0, num_dest).
+  /// (e.g. the replica each pick chose); -1 = the pick goes nowhere (dropped). InvalidArgument on a
+  /// destination outside [-1, num_dest).
   void build_picks(std::int64_t tokens, std::int64_t k, int num_dest, std::span<const int> pick_dest,
                    std::span<const std::int32_t> pick_code);
 

@@ -259,8 +259,10 @@ struct LayerOutput {
   Vec y;  // [T, hidden]
 };
 
-/// y = shared(x) + sum_k w_k expert_{id_k}(x).
-inline LayerOutput layer_forward(const GateSpec& g, const LayerWeights& w, const Vec& x, std::int64_t tokens) {
+/// y = shared(x) + sum_k w_k expert_{id_k}(x). `keep` [T*K] (may be null): only picks with
+/// keep != 0 contribute (capacity-factor drops).
+inline LayerOutput layer_forward(const GateSpec& g, const LayerWeights& w, const Vec& x, std::int64_t tokens,
+                                 const std::vector<std::uint8_t>* keep = nullptr) {
   const std::int64_t H = w.hidden, K = g.topk;
   LayerOutput out;
   out.gate = gate_forward(g, x, tokens, H, w.gate, w.bias);
@@ -273,6 +275,7 @@ inline LayerOutput layer_forward(const GateSpec& g, const LayerWeights& w, const
       for (std::int64_t h = 0; h < H; ++h) yt[h] += s[static_cast<std::size_t>(h)];
     }
     for (std::int64_t j = 0; j < K; ++j) {
+      if (keep != nullptr && !(*keep)[static_cast<std::size_t>(t * K + j)]) continue;
       const std::int32_t e = out.gate.ids[static_cast<std::size_t>(t * K + j)];
       const double wt = out.gate.weights[static_cast<std::size_t>(t * K + j)];
       const Vec ye = mlp_forward(w.experts[static_cast<std::size_t>(e)], xt);
@@ -290,11 +293,12 @@ struct LayerGrads {
 };
 
 /// Gradients of sum(dy * y): routed experts see w_k dy; each pick's weight gets dy . expert output,
-/// which flows into the gate (selection itself is not differentiated).
+/// which flows into the gate (selection itself is not differentiated). Dropped picks (keep == 0)
+/// get nothing.
 inline LayerGrads layer_backward(const GateSpec& g, const LayerWeights& w, const Vec& x, std::int64_t tokens,
-                                 const Vec& dy) {
+                                 const Vec& dy, const std::vector<std::uint8_t>* keep = nullptr) {
   const std::int64_t H = w.hidden, K = g.topk;
-  const LayerOutput fwd = layer_forward(g, w, x, tokens);
+  const LayerOutput fwd = layer_forward(g, w, x, tokens, keep);
   LayerGrads out;
   out.dx.assign(static_cast<std::size_t>(tokens * H), 0.0);
   for (const Mlp& e : w.experts) out.experts.emplace_back(e.hidden, e.width);
@@ -306,6 +310,7 @@ inline LayerGrads layer_backward(const GateSpec& g, const LayerWeights& w, const
     double* dxt = out.dx.data() + t * H;
     if (w.shared.width > 0) mlp_backward(w.shared, xt, dyt, out.shared, dxt);
     for (std::int64_t j = 0; j < K; ++j) {
+      if (keep != nullptr && !(*keep)[static_cast<std::size_t>(t * K + j)]) continue;
       const auto e = static_cast<std::size_t>(fwd.gate.ids[static_cast<std::size_t>(t * K + j)]);
       const double wt = fwd.gate.weights[static_cast<std::size_t>(t * K + j)];
       const Vec ye = mlp_forward(w.experts[e], xt);

@@ -226,11 +226,12 @@ struct FlatReference {
   std::vector<ref::Vec> expert;        // [E] of [gate_proj, up_proj | down_proj]
 };
 
-FlatReference reference_of(const LayerCase& c, const GlobalWeights& w, const Batch& b) {
+FlatReference reference_of(const LayerCase& c, const GlobalWeights& w, const Batch& b,
+                           const std::vector<std::uint8_t>* keep = nullptr) {
   const ref::GateSpec spec = ref::GateSpec::of(config_of(c));
   FlatReference f;
-  f.fwd = ref::layer_forward(spec, w.ref, b.xd, b.tokens);
-  f.grads = ref::layer_backward(spec, w.ref, b.xd, b.tokens, b.dyd);
+  f.fwd = ref::layer_forward(spec, w.ref, b.xd, b.tokens, keep);
+  f.grads = ref::layer_backward(spec, w.ref, b.xd, b.tokens, b.dyd, keep);
   auto append = [](ref::Vec& to, const ref::Vec& from) { to.insert(to.end(), from.begin(), from.end()); };
   append(f.replicated, f.grads.dgate);
   append(f.replicated, f.grads.shared.gate_proj);
@@ -493,6 +494,99 @@ std::vector<LayerCase> layer_cases() {
 
 INSTANTIATE_TEST_SUITE_P(Cases, LayerVsReference, ::testing::ValuesIn(layer_cases()),
                          [](const ::testing::TestParamInfo<LayerCase>& info) { return info.param.name; });
+
+// ---------------------------------------------------------------------------------------------------
+// Capacity-factor mode: which picks survive is the documented policy, and what survives is computed
+// exactly like the float64 reference restricted to those picks.
+
+/// The policy, written independently of the layer: per rank (its own tokens [first, first+count))
+/// and expert, the ceil(cf * count * K / E) picks with the largest weight stay (ties: earlier token,
+/// then earlier top-K position).
+std::vector<std::uint8_t> expected_keep(const ref::GateOutput& g, std::int64_t tokens, std::int64_t K, std::int64_t E,
+                                        int world_size, double cf, std::int64_t* dropped) {
+  std::vector<std::uint8_t> keep(static_cast<std::size_t>(tokens * K), 1);
+  *dropped = 0;
+  for (int r = 0; r < world_size; ++r) {
+    const std::int64_t first = first_token(tokens, r, world_size), count = first_token(tokens, r + 1, world_size) - first;
+    const auto cap = static_cast<std::int64_t>(std::ceil(cf * static_cast<double>(count * K) / static_cast<double>(E)));
+    for (std::int64_t e = 0; e < E; ++e) {
+      std::vector<std::int64_t> picks;
+      for (std::int64_t i = first * K; i < (first + count) * K; ++i)
+        if (g.ids[static_cast<std::size_t>(i)] == e) picks.push_back(i);
+      std::stable_sort(picks.begin(), picks.end(), [&](std::int64_t p, std::int64_t q) {
+        return g.weights[static_cast<std::size_t>(p)] > g.weights[static_cast<std::size_t>(q)];
+      });
+      for (std::size_t n = static_cast<std::size_t>(std::max<std::int64_t>(cap, 0)); n < picks.size(); ++n) {
+        keep[static_cast<std::size_t>(picks[n])] = 0;
+        ++*dropped;
+      }
+    }
+  }
+  return keep;
+}
+
+TEST(LayerCapacity, DropsByPolicyAndMatchesReferenceOnTheKeptPicks) {
+  auto& comm = world();
+  const int W = comm.size(), me = comm.rank();
+  std::vector<LayerCase> cases{v3_like("V3Like", 40), layer_cases()[0]};
+  {
+    LayerCase c;
+    c.name = "AllTokensToOneExpert";
+    c.experts = 8;
+    c.topk = 1;
+    c.shared = 1;
+    c.tokens = 12;
+    c.forced_expert = 7;
+    cases.push_back(c);
+  }
+  for (const LayerCase& c : cases) {
+    const MoeConfig cfg = config_of(c);
+    const std::int64_t H = kHidden, K = c.topk;
+    const GlobalWeights w(c, 0xCAFE + static_cast<std::uint64_t>(c.experts));
+    const Batch b = draw_batch(c, w, c.tokens, 0xCA9);
+    const ref::GateOutput g = ref::gate_forward(ref::GateSpec::of(cfg), b.xd, b.tokens, H, w.ref.gate, w.ref.bias);
+    const std::int64_t first = first_token(b.tokens, me, W), count = first_token(b.tokens, me + 1, W) - first;
+    for (double cf : {0.5, 1.0, 1.5}) {
+      std::int64_t dropped = 0;
+      const auto keep = expected_keep(g, b.tokens, K, c.experts, W, cf, &dropped);
+      const FlatReference want = reference_of(c, w, b, &keep);
+      for (const LayerOptions& o : {LayerOptions{1, false, ExchangeKind::kFlat, cf}, LayerOptions{3, true, ExchangeKind::kHierarchical, cf}}) {
+        SCOPED_TRACE(c.name + ", capacity factor " + std::to_string(cf) + ", chunks " + std::to_string(o.chunks) + ", " +
+                     to_string(o.exchange) + ", rank " + std::to_string(me) + " of " + std::to_string(W));
+        MoELayer layer(cfg, comm, sched::ExpertPlacement::contiguous(c.experts, W), "moe",
+                       sched::Topology::uniform(W, std::max(1, W / 2)), o);
+        w.load_into(layer);
+        const LayerResult got = run_step(layer, b, first, count);
+        EXPECT_EQ(layer.topk_kept(), std::vector<std::uint8_t>(keep.begin() + first * K, keep.begin() + (first + count) * K));
+        std::int64_t total_dropped = layer.route_stats().picks_dropped;
+        comm.allreduce_sum(&total_dropped, 1, comm::DataType::kInt64, "dropped")->wait();
+        EXPECT_EQ(total_dropped, dropped);
+        constexpr double kRef = 1e-4;
+        const auto row0 = static_cast<std::size_t>(first * H), rows = static_cast<std::size_t>(count * H);
+        EXPECT_TRUE(within(got.y.data(), want.fwd.y.data() + row0, rows, kRef * max_abs(want.fwd.y.data(), want.fwd.y.size()), "y"));
+        EXPECT_TRUE(within(got.dx.data(), want.grads.dx.data() + row0, rows,
+                           kRef * max_abs(want.grads.dx.data(), want.grads.dx.size()), "dx"));
+        EXPECT_TRUE(within(got.replicated_grad.data(), want.replicated.data(), want.replicated.size(),
+                           kRef * max_abs(want.replicated.data(), want.replicated.size()), "replicated grads"));
+        const auto mine = layer.slot_experts(me);
+        for (std::size_t s = 0; s < mine.size(); ++s) {
+          const ref::Vec& e = want.expert[static_cast<std::size_t>(mine[s])];
+          EXPECT_TRUE(within(got.expert_grad[s].data(), e.data(), e.size(), kRef * std::max(max_abs(e.data(), e.size()), 1e-3),
+                             "expert " + std::to_string(mine[s]) + " grad"));
+        }
+      }
+    }
+    if (c.forced_expert >= 0) {  // every token wants one expert: capacity 1.0 must drop most of them
+      std::int64_t dropped = 0;
+      expected_keep(g, b.tokens, K, c.experts, W, 1.0, &dropped);
+      EXPECT_GT(dropped, 0);
+    }
+  }
+  comm::MpiCommunicator self(MPI_COMM_SELF);
+  MoELayer layer(config_of(cases[0]), self, sched::ExpertPlacement::contiguous(cases[0].experts, 1), "moe");
+  EXPECT_THROW(layer.set_options(LayerOptions{1, true, ExchangeKind::kFlat, -0.5}), InvalidArgument);
+  expect_all_ranks_passed();
+}
 
 TEST(LayerArguments, RejectsMismatchedPlacementAndNegativeTokens) {
   auto& comm = world();

@@ -313,6 +313,25 @@ TEST(Replicas, TrainingWithReplicasComputesTheSameLossesAndFlattensLoad) {
   }
 }
 
+TEST(Capacity, DropsAreCountedAndTrainingStillLearns) {
+  TrainOptions o;
+  o.tokens_per_rank = 32;
+  Trainer dropless(tiny("sigmoid"), testing::world(), o);
+  EXPECT_EQ(dropless.step().picks_dropped, 0);
+  o.layer.capacity_factor = 0.5;  // half of the mean load per expert: at least half the picks go
+  Trainer capped(tiny("sigmoid"), testing::world(), o);
+  double first = 0.0, last = 0.0;
+  for (int s = 0; s < 30; ++s) {
+    const StepRecord r = capped.step();
+    const std::int64_t picks = 32 * testing::world().size() * 2 * 2;  // tokens x ranks x K x layers
+    EXPECT_GE(r.picks_dropped, picks / 2) << "step " << s;
+    EXPECT_LT(r.picks_dropped, picks) << "step " << s;
+    if (s == 0) first = r.loss;
+    last = r.loss;
+  }
+  EXPECT_LT(last, first);
+}
+
 TEST(Replicas, BadOptionsAreConfigErrors) {
   TrainOptions o;
   o.replicas.enabled = true;
