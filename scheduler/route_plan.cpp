@@ -94,36 +94,6 @@ void RoutePlan::build_picks(std::int64_t tokens, std::int64_t k, int num_dest, s
   }
 }
 
-void ExpertBatchLayout::build(std::span<const std::int32_t> row_slot, std::int64_t rows,
-                              std::int64_t k, std::int64_t num_local) {
-  MOEX_CHECK_EQ(static_cast<std::int64_t>(row_slot.size()), rows * k);
-  offsets.assign(static_cast<std::size_t>(num_local + 1), 0);
-  std::int64_t entries = 0;
-  for (std::int64_t i = 0; i < rows * k; ++i) {
-    const std::int32_t s = row_slot[static_cast<std::size_t>(i)];
-    if (s < 0) continue;
-    if (s >= num_local)
-      throw InvalidArgument("received a pick for local expert slot " + std::to_string(s) +
-                            " but this rank holds " + std::to_string(num_local) + " experts");
-    ++offsets[static_cast<std::size_t>(s + 1)];
-    ++entries;
-  }
-  for (std::int64_t s = 0; s < num_local; ++s)
-    offsets[static_cast<std::size_t>(s + 1)] += offsets[static_cast<std::size_t>(s)];
-  entry_row.resize(static_cast<std::size_t>(entries));
-  entry_pick.resize(static_cast<std::size_t>(entries));
-  std::vector<std::int64_t> cursor(offsets.begin(), offsets.end() - 1);
-  for (std::int64_t row = 0; row < rows; ++row) {
-    for (std::int64_t j = 0; j < k; ++j) {
-      const std::int32_t s = row_slot[static_cast<std::size_t>(row * k + j)];
-      if (s < 0) continue;
-      const auto at = static_cast<std::size_t>(cursor[static_cast<std::size_t>(s)]++);
-      entry_row[at] = row;
-      entry_pick[at] = static_cast<std::int32_t>(j);
-    }
-  }
-}
-
 void ReceiveLayout::build(int world_size, int num_chunks, std::int64_t num_local_experts,
                           std::span<const std::int64_t> rows_pc, std::span<const std::int64_t> picks_pcs) {
   MOEX_CHECK_GE(world_size, 1);

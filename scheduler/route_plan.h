@@ -41,18 +41,13 @@ struct RoutePlan {
 };
 
 /// Receiver side: the (row, pick) entries of received rows grouped by local expert, so each expert
-/// runs one GEMM over a contiguous block. Entries of one expert keep row order.
+/// runs one GEMM over a contiguous block (MoELayer fills it in ReceiveLayout's canonical order).
 struct ExpertBatchLayout {
   std::vector<std::int64_t> offsets;  ///< [num_local + 1] start of each expert's block
   std::vector<std::int64_t> entry_row;   ///< [entries] received row index
   std::vector<std::int32_t> entry_pick;  ///< [entries] pick index j within the row (0..K-1)
   std::int64_t num_entries() const { return static_cast<std::int64_t>(entry_row.size()); }
   std::int64_t count(std::int64_t slot) const { return offsets[slot + 1] - offsets[slot]; }
-
-  /// Groups the picks `row_slot` [rows * K] (-1 = empty) by local slot. Throws InvalidArgument on a
-  /// slot >= num_local (a corrupted or mismatched message).
-  void build(std::span<const std::int32_t> row_slot, std::int64_t rows, std::int64_t k,
-             std::int64_t num_local);
 };
 
 /// Receiver side of a chunked exchange, fixed before any token moves, from the counts each sender

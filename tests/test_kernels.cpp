@@ -419,41 +419,41 @@ TEST(ReferenceLayer, BackwardMatchesFiniteDifferences) {
 // ---------------------------------------------------------------------------------------------------
 // Permute kernels
 
-TEST(KernelPermute, PackAndUnpackDispatchRoundTripIncludingEmptySlots) {
-  const std::int64_t T = 3, H = 4, K = 3;
+TEST(KernelPermute, PackRoutedRowsCarriesRowCodesWeightsAndOrigin) {
+  const std::int64_t T = 5, H = 4, K = 3, offset = 2;  // rows name tokens of a chunk starting at 2
   std::vector<float> x(static_cast<std::size_t>(T * H)), weights(static_cast<std::size_t>(T * K));
   for (std::size_t i = 0; i < x.size(); ++i) x[i] = 0.5f + static_cast<float>(i) * 1.25f;
   for (std::size_t i = 0; i < weights.size(); ++i) weights[i] = 0.01f * static_cast<float>(i + 1);
-  // Rows: token 2 with picks (slot 1, k 2), (slot 0, k 0); token 0 with one pick; token 2 again
-  // (another rank); token 1 with all K picks.
+  // Rows: chunk token 2 with picks (code 1, k 2), (code 0, k 0); token 0 with one pick; token 2
+  // again (another destination); token 1 with all K picks.
   const std::vector<std::int64_t> row_token = {2, 0, 2, 1};
-  const std::vector<std::int32_t> row_slot = {1, 0, -1, 3, -1, -1, 0, -1, -1, 2, 1, 0};
+  const std::vector<std::int32_t> row_code = {1, 0, -1, 3, -1, -1, 0, -1, -1, 2, 1, 0};
   const std::vector<std::int32_t> row_k = {2, 0, -1, 1, -1, -1, 1, -1, -1, 0, 1, 2};
-  const std::int64_t rows = 4, stride = kernels::dispatch_row_stride(H, K);
-  ASSERT_EQ(stride, H + 2 * K);
+  const std::int64_t rows = 4, stride = kernels::routed_row_stride(H, K);
+  ASSERT_EQ(stride, H + 2 * K + 1);
   std::vector<float> packed(static_cast<std::size_t>(rows * stride), -7.0f);
-  kernels::pack_dispatch(rows, H, K, row_token.data(), row_slot.data(), row_k.data(), x.data(), weights.data(),
-                         packed.data());
-  for (std::int64_t i = 0; i < rows; ++i)
-    EXPECT_EQ(std::memcmp(packed.data() + i * stride, x.data() + row_token[static_cast<std::size_t>(i)] * H, sizeof(float) * H), 0)
-        << "row " << i;
-
-  std::vector<std::int32_t> slots(static_cast<std::size_t>(rows * K), 99);
-  std::vector<float> got_w(static_cast<std::size_t>(rows * K), -1.0f);
-  kernels::unpack_dispatch_meta(rows, H, K, packed.data(), slots.data(), got_w.data());
-  EXPECT_EQ(slots, row_slot);  // -1 travels as an int32 bit pattern inside the float row
-  for (std::int64_t i = 0; i < rows; ++i)
+  kernels::pack_routed_rows(rows, H, K, offset, row_token.data(), row_code.data(), row_k.data(), x.data(),
+                            weights.data(), 3, packed.data());
+  for (std::int64_t i = 0; i < rows; ++i) {
+    const float* r = packed.data() + i * stride;
+    const std::int64_t t = offset + row_token[static_cast<std::size_t>(i)];
+    EXPECT_EQ(std::memcmp(r, x.data() + t * H, sizeof(float) * H), 0) << "row " << i;
     for (std::int64_t j = 0; j < K; ++j) {
+      std::int32_t code = 0;
+      std::memcpy(&code, r + H + j, sizeof code);  // -1 travels as an int32 bit pattern
+      EXPECT_EQ(code, row_code[static_cast<std::size_t>(i * K + j)]) << "row " << i << " pick " << j;
       const std::int32_t k = row_k[static_cast<std::size_t>(i * K + j)];
-      const float want = k >= 0 ? weights[static_cast<std::size_t>(row_token[static_cast<std::size_t>(i)] * K + k)] : 0.0f;
-      EXPECT_EQ(got_w[static_cast<std::size_t>(i * K + j)], want) << "row " << i << " pick " << j;
+      EXPECT_EQ(r[H + K + j], k >= 0 ? weights[static_cast<std::size_t>(t * K + k)] : 0.0f) << "row " << i << " pick " << j;
     }
+    std::int32_t origin = 0;
+    std::memcpy(&origin, r + H + 2 * K, sizeof origin);
+    EXPECT_EQ(origin, 3) << "row " << i;
+  }
 }
 
 TEST(KernelPermute, PackOfZeroRowsWritesNothing) {
   float out = 3.0f;
-  kernels::pack_dispatch(0, 4, 2, nullptr, nullptr, nullptr, nullptr, nullptr, &out);
-  kernels::unpack_dispatch_meta(0, 4, 2, &out, nullptr, nullptr);
+  kernels::pack_routed_rows(0, 4, 2, 0, nullptr, nullptr, nullptr, nullptr, nullptr, 0, &out);
   kernels::gather_rows(0, 4, nullptr, &out, 4, nullptr, 4);
   kernels::scatter_add_rows(0, 4, nullptr, nullptr, nullptr, 4, &out, 4);
   EXPECT_EQ(out, 3.0f);
@@ -669,76 +669,25 @@ TEST(RoutePlan, ReusedPlanForgetsThePreviousBuild) {
   EXPECT_EQ(plan.row_k, (std::vector<std::int32_t>{0}));
 }
 
+TEST(RoutePlan, PerPickDestinationsSkipDroppedPicks) {
+  // Token 0: picks to dest 1 (code 7) and dropped; token 1: both dropped; token 2: dest 0 and dest 1.
+  sched::RoutePlan plan;
+  const std::vector<int> dest = {1, -1, -1, -1, 0, 1};
+  const std::vector<std::int32_t> code = {7, -1, -1, -1, 4, 5};
+  plan.build_picks(3, 2, 2, dest, code);
+  EXPECT_EQ(plan.rows_per_rank, (std::vector<std::int64_t>{1, 2}));
+  EXPECT_EQ(plan.row_token, (std::vector<std::int64_t>{2, 0, 2}));
+  EXPECT_EQ(plan.row_slot, (std::vector<std::int32_t>{4, -1, 7, -1, 5, -1}));
+  EXPECT_EQ(plan.row_k, (std::vector<std::int32_t>{0, -1, 0, -1, 1, -1}));
+  EXPECT_THROW(plan.build_picks(1, 2, 2, std::vector<int>{0, 2}, std::vector<std::int32_t>{0, 0}), InvalidArgument);
+  EXPECT_THROW(plan.build_picks(1, 2, 2, std::vector<int>{-2, 0}, std::vector<std::int32_t>{0, 0}), InvalidArgument);
+}
+
 TEST(RoutePlan, RejectsExpertIdsOutOfRange) {
   const auto placement = sched::ExpertPlacement::contiguous(4, 2);
   sched::RoutePlan plan;
   EXPECT_THROW(plan.build(std::vector<std::int32_t>{0, 4}, 1, 2, placement), InvalidArgument);
   EXPECT_THROW(plan.build(std::vector<std::int32_t>{-1, 1}, 1, 2, placement), InvalidArgument);
-}
-
-// ---------------------------------------------------------------------------------------------------
-// ExpertBatchLayout
-
-TEST(ExpertBatchLayout, GroupsPicksByExpertKeepingRowOrder) {
-  const std::vector<std::int32_t> row_slot = {
-      2, 0, -1,   // row 0
-      0, -1, -1,  // row 1
-      1, 2, 0,    // row 2
-      -1, -1, -1  // row 3: nothing (cannot come from a plan, but must be harmless)
-  };
-  sched::ExpertBatchLayout layout;
-  layout.build(row_slot, 4, 3, 4);
-  EXPECT_EQ(layout.offsets, (std::vector<std::int64_t>{0, 3, 4, 6, 6}));
-  EXPECT_EQ(layout.entry_row, (std::vector<std::int64_t>{0, 1, 2, 2, 0, 2}));
-  EXPECT_EQ(layout.entry_pick, (std::vector<std::int32_t>{1, 0, 2, 0, 0, 1}));
-  EXPECT_EQ(layout.num_entries(), 6);
-  EXPECT_EQ(layout.count(0), 3);
-  EXPECT_EQ(layout.count(1), 1);
-  EXPECT_EQ(layout.count(2), 2);
-  EXPECT_EQ(layout.count(3), 0);
-}
-
-TEST(ExpertBatchLayout, ZeroRowsAndZeroExperts) {
-  sched::ExpertBatchLayout layout;
-  layout.build({}, 0, 2, 3);
-  EXPECT_EQ(layout.offsets, (std::vector<std::int64_t>{0, 0, 0, 0}));
-  EXPECT_EQ(layout.num_entries(), 0);
-  layout.build({}, 0, 2, 0);
-  EXPECT_EQ(layout.offsets, (std::vector<std::int64_t>{0}));
-  EXPECT_EQ(layout.num_entries(), 0);
-}
-
-TEST(ExpertBatchLayout, RejectsSlotsThisRankDoesNotHold) {
-  sched::ExpertBatchLayout layout;
-  EXPECT_THROW(layout.build(std::vector<std::int32_t>{0, 2}, 1, 2, 2), InvalidArgument);
-  EXPECT_THROW(layout.build(std::vector<std::int32_t>{0, -1}, 1, 2, 0), InvalidArgument);
-}
-
-TEST(ExpertBatchLayout, PlanOnTheReceiverSideRoundTrip) {
-  // What one rank receives (its block of the plan) regroups into exactly its picks.
-  const auto placement = sched::ExpertPlacement::contiguous(5, 2);  // rank 0: {0,1,2}, rank 1: {3,4}
-  const std::vector<std::int32_t> ids = {4, 0, 1, 3, 2, 4, 0, 2};  // K = 2, 4 tokens
-  sched::RoutePlan plan;
-  plan.build(ids, 4, 2, placement);
-  const std::int64_t r0 = plan.rows_per_rank[0];
-  for (int r = 0; r < 2; ++r) {
-    const std::int64_t first = r == 0 ? 0 : r0, rows = plan.rows_per_rank[static_cast<std::size_t>(r)];
-    sched::ExpertBatchLayout layout;
-    layout.build(std::span<const std::int32_t>(plan.row_slot).subspan(static_cast<std::size_t>(first * 2), static_cast<std::size_t>(rows * 2)),
-                 rows, 2, placement.num_local(r));
-    std::multiset<std::pair<std::int64_t, std::int64_t>> got, want;  // (token, expert)
-    for (std::int64_t s = 0; s < placement.num_local(r); ++s)
-      for (std::int64_t n = layout.offsets[static_cast<std::size_t>(s)]; n < layout.offsets[static_cast<std::size_t>(s + 1)]; ++n) {
-        const std::int64_t row = first + layout.entry_row[static_cast<std::size_t>(n)];
-        const std::int32_t k = plan.row_k[static_cast<std::size_t>(row * 2 + layout.entry_pick[static_cast<std::size_t>(n)])];
-        const std::int64_t t = plan.row_token[static_cast<std::size_t>(row)];
-        EXPECT_EQ(ids[static_cast<std::size_t>(t * 2 + k)], placement.experts_of(r)[static_cast<std::size_t>(s)]);
-        got.emplace(t, placement.experts_of(r)[static_cast<std::size_t>(s)]);
-      }
-    for (std::int64_t i = 0; i < 8; ++i)
-      if (placement.owner(ids[static_cast<std::size_t>(i)]) == r) want.emplace(i / 2, ids[static_cast<std::size_t>(i)]);
-    EXPECT_EQ(got, want) << "rank " << r;
-  }
 }
 
 }  // namespace

@@ -7,24 +7,6 @@
 
 namespace moex::kernels {
 
-void pack_dispatch(std::int64_t rows, std::int64_t hidden, std::int64_t topk,
-                   const std::int64_t* row_token, const std::int32_t* row_slot,
-                   const std::int32_t* row_k, const float* x, const float* topk_weights, float* out) {
-  const std::int64_t stride = dispatch_row_stride(hidden, topk);
-  parallel_for(rows, 64, [&](std::int64_t i0, std::int64_t i1) {
-  for (std::int64_t i = i0; i < i1; ++i) {
-    const std::int64_t t = row_token[i];
-    float* o = out + i * stride;
-    std::memcpy(o, x + t * hidden, sizeof(float) * static_cast<std::size_t>(hidden));
-    std::memcpy(o + hidden, row_slot + i * topk, sizeof(std::int32_t) * static_cast<std::size_t>(topk));
-    for (std::int64_t j = 0; j < topk; ++j) {
-      const std::int32_t k = row_k[i * topk + j];
-      o[hidden + topk + j] = k >= 0 ? topk_weights[t * topk + k] : 0.0f;
-    }
-  }
-  });
-}
-
 void pack_routed_rows(std::int64_t rows, std::int64_t hidden, std::int64_t topk, std::int64_t token_offset,
                       const std::int64_t* row_token, const std::int32_t* row_code, const std::int32_t* row_k,
                       const float* x, const float* topk_weights, std::int32_t origin, float* out) {
@@ -42,16 +24,6 @@ void pack_routed_rows(std::int64_t rows, std::int64_t hidden, std::int64_t topk,
       std::memcpy(o + hidden + 2 * topk, &origin, sizeof(origin));
     }
   });
-}
-
-void unpack_dispatch_meta(std::int64_t rows, std::int64_t hidden, std::int64_t topk,
-                          const float* in, std::int32_t* slots, float* weights) {
-  const std::int64_t stride = dispatch_row_stride(hidden, topk);
-  for (std::int64_t i = 0; i < rows; ++i) {
-    const float* r = in + i * stride;
-    std::memcpy(slots + i * topk, r + hidden, sizeof(std::int32_t) * static_cast<std::size_t>(topk));
-    std::memcpy(weights + i * topk, r + hidden + topk, sizeof(float) * static_cast<std::size_t>(topk));
-  }
 }
 
 void gather_rows(std::int64_t count, std::int64_t width, const std::int64_t* index, const float* src,
