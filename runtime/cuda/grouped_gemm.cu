@@ -1,0 +1,325 @@
+// GEMMs of the GPU path: dense and grouped row-major GEMMs over cuBLAS, and the grouped expert FFN.
+#include "runtime/cuda/grouped_gemm.h"
+
+#include <algorithm>
+#include <climits>
+#include <cstdint>
+#include <initializer_list>
+#include <numeric>
+#include <string>
+#include <tuple>
+
+#include "base/error.h"
+#include "runtime/cuda/kernels.h"
+
+namespace moex::cuda {
+namespace {
+
+cudaDataType_t cuda_type(DType t) { return t == DType::kFp32 ? CUDA_R_32F : CUDA_R_16BF; }
+
+cublasOperation_t op(bool trans) { return trans ? CUBLAS_OP_T : CUBLAS_OP_N; }
+
+/// "<what>" or "<what>: problem <i>" (built only when an error is reported).
+std::string where(const char* what, std::int64_t index) {
+  return index < 0 ? std::string(what) : std::string(what) + ": problem " + std::to_string(index);
+}
+
+void check_dim(const char* what, std::int64_t index, const char* field, std::int64_t v, std::int64_t min) {
+  if (v < min || v > INT_MAX)
+    throw InvalidArgument(where(what, index) + ": " + field + " = " + std::to_string(v) + ": must be in [" +
+                          std::to_string(min) + ", INT_MAX] (cuBLAS takes 32-bit sizes)");
+}
+
+/// Sizes >= 0 and <= INT_MAX; leading dimensions at least the stored row length (row-major).
+/// `index` is the problem's position in a grouped run, -1 for a single GEMM.
+void check_problem(const GemmProblem& p, const char* what, std::int64_t index) {
+  check_dim(what, index, "m", p.m, 0);
+  check_dim(what, index, "n", p.n, 0);
+  check_dim(what, index, "k", p.k, 0);
+  if (p.m == 0 || p.n == 0) return;
+  check_dim(what, index, "ldc", p.ldc, std::max<std::int64_t>(1, p.n));
+  if (!p.c) throw InvalidArgument(where(what, index) + ": c is null (expected a device pointer)");
+  if (p.k == 0) return;
+  check_dim(what, index, "lda", p.lda, std::max<std::int64_t>(1, p.trans_a ? p.m : p.k));
+  check_dim(what, index, "ldb", p.ldb, std::max<std::int64_t>(1, p.trans_b ? p.k : p.n));
+  if (!p.a || !p.b) throw InvalidArgument(where(what, index) + ": a or b is null (expected device pointers)");
+}
+
+/// k == 0: C = beta * C, supported for beta 0 (zero fill) and 1 (nothing to do).
+void scale_empty_product(const GemmProblem& p, DType dtype, const char* what, std::int64_t index,
+                         cudaStream_t stream) {
+  if (p.beta == 1.0f) return;
+  if (p.beta != 0.0f)
+    throw InvalidArgument(where(what, index) + ": k = 0 with beta = " + std::to_string(p.beta) +
+                          ": expected beta 0 or 1");
+  const std::size_t es = dtype_size(dtype);
+  MOEX_CUDA_CHECK(cudaMemset2DAsync(p.c, static_cast<std::size_t>(p.ldc) * es, 0, static_cast<std::size_t>(p.n) * es,
+                                    static_cast<std::size_t>(p.m), stream));
+}
+
+/// One validated, non-empty problem through cublasGemmEx. Row-major C = op(A) op(B) is column-major
+/// C^T = op(B)^T op(A)^T: cuBLAS gets B first, with m and n swapped.
+void gemm_ex(cublasHandle_t blas, DType dtype, const GemmProblem& p) {
+  const cudaDataType_t t = cuda_type(dtype);
+  MOEX_CUBLAS_CHECK(cublasGemmEx(blas, op(p.trans_b), op(p.trans_a), static_cast<int>(p.n), static_cast<int>(p.m),
+                                 static_cast<int>(p.k), &p.alpha, p.b, t, static_cast<int>(p.ldb), p.a, t,
+                                 static_cast<int>(p.lda), &p.beta, p.c, t, static_cast<int>(p.ldc), CUBLAS_COMPUTE_32F,
+                                 CUBLAS_GEMM_DEFAULT));
+}
+
+/// cublasGemmGroupedBatchedEx reads the A / B / C pointers of bf16 problems from device memory and
+/// cannot check them, so it requires them aligned (16 bytes covers every case of its rule); a
+/// misaligned one faults. Such problems go through cublasGemmEx, which checks on the host.
+bool grouped_ok(DType dtype, const GemmProblem& p) {
+  if (dtype != DType::kBf16) return true;
+  for (const void* ptr : {p.a, p.b, static_cast<const void*>(p.c)})
+    if (reinterpret_cast<std::uintptr_t>(ptr) % 16 != 0) return false;
+  return true;
+}
+
+/// The fields that must agree for two problems to share a cuBLAS group.
+auto group_key(const GemmProblem& p) {
+  return std::make_tuple(p.trans_a, p.trans_b, p.m, p.n, p.k, p.lda, p.ldb, p.ldc, p.alpha, p.beta);
+}
+
+}  // namespace
+
+const char* to_string(DType t) { return t == DType::kFp32 ? "fp32" : "bf16"; }
+const char* to_string(GroupedGemmImpl impl) { return impl == GroupedGemmImpl::kGroupedBatched ? "grouped" : "loop"; }
+std::size_t dtype_size(DType t) { return t == DType::kFp32 ? 4 : 2; }
+
+void gemm(cublasHandle_t blas, DType dtype, const GemmProblem& p, cudaStream_t stream) {
+  check_problem(p, "gemm", -1);
+  if (p.m == 0 || p.n == 0) return;
+  if (p.k == 0) {
+    scale_empty_product(p, dtype, "gemm", -1, stream);
+    return;
+  }
+  MOEX_CUBLAS_CHECK(cublasSetStream(blas, stream));
+  gemm_ex(blas, dtype, p);
+}
+
+void GroupedGemm::run(cublasHandle_t blas, DType dtype, std::span<const GemmProblem> problems, cudaStream_t stream) {
+  order_.clear();
+  // Every problem is validated before anything is queued.
+  for (std::size_t i = 0; i < problems.size(); ++i)
+    check_problem(problems[i], "GroupedGemm::run", static_cast<std::int64_t>(i));
+  for (std::size_t i = 0; i < problems.size(); ++i) {
+    const GemmProblem& p = problems[i];
+    const auto index = static_cast<std::int64_t>(i);
+    if (p.m == 0 || p.n == 0) continue;
+    if (p.k == 0) {
+      scale_empty_product(p, dtype, "GroupedGemm::run", index, stream);
+      continue;
+    }
+    order_.push_back(i);
+  }
+  if (order_.empty()) return;
+  MOEX_CUBLAS_CHECK(cublasSetStream(blas, stream));
+  if (impl_ == GroupedGemmImpl::kLoop) {
+    for (std::size_t i : order_) gemm_ex(blas, dtype, problems[i]);
+    return;
+  }
+  // Problems the grouped call cannot take (misaligned bf16 pointers) run one by one.
+  std::size_t kept = 0;
+  for (std::size_t i : order_) {
+    if (grouped_ok(dtype, problems[i]))
+      order_[kept++] = i;
+    else
+      gemm_ex(blas, dtype, problems[i]);
+  }
+  order_.resize(kept);
+  if (order_.empty()) return;
+
+  // Problems of one shape form one group; cuBLAS wants each group's pointers contiguous.
+  std::stable_sort(order_.begin(), order_.end(), [&](std::size_t x, std::size_t y) {
+    return group_key(problems[x]) < group_key(problems[y]);
+  });
+  op_a_.clear();
+  op_b_.clear();
+  m_.clear();
+  n_.clear();
+  k_.clear();
+  lda_.clear();
+  ldb_.clear();
+  ldc_.clear();
+  group_size_.clear();
+  alpha_.clear();
+  beta_.clear();
+  const std::size_t count = order_.size();
+  table_.resize(3 * count);
+  for (std::size_t j = 0; j < count; ++j) {
+    const GemmProblem& p = problems[order_[j]];
+    // Column-major view (see gemm_ex): cuBLAS's A is our B, its B our A, m and n swapped.
+    table_[j] = p.b;
+    table_[count + j] = p.a;
+    table_[2 * count + j] = p.c;
+    if (j > 0 && group_key(p) == group_key(problems[order_[j - 1]])) {
+      ++group_size_.back();
+      continue;
+    }
+    op_a_.push_back(op(p.trans_b));
+    op_b_.push_back(op(p.trans_a));
+    m_.push_back(static_cast<int>(p.n));
+    n_.push_back(static_cast<int>(p.m));
+    k_.push_back(static_cast<int>(p.k));
+    lda_.push_back(static_cast<int>(p.ldb));
+    ldb_.push_back(static_cast<int>(p.lda));
+    ldc_.push_back(static_cast<int>(p.ldc));
+    alpha_.push_back(p.alpha);
+    beta_.push_back(p.beta);
+    group_size_.push_back(1);
+  }
+  if (d_table_.size() < table_.size()) {
+    // Grows only; the old table is freed in stream order, after the work already queued.
+    d_table_ = DeviceBuffer<const void*>(std::max<std::size_t>(table_.size(), 2 * d_table_.size()), stream);
+  }
+  copy_to_device(d_table_.data(), table_.data(), table_.size(), stream);
+  const cudaDataType_t t = cuda_type(dtype);
+  const void* const* d_a = d_table_.data();
+  const void* const* d_b = d_table_.data() + count;
+  // The C pointers were stored as const void*; cuBLAS wants them writable (same representation).
+  void* const* d_c = const_cast<void**>(d_table_.data() + 2 * count);
+  MOEX_CUBLAS_CHECK(cublasGemmGroupedBatchedEx(blas, op_a_.data(), op_b_.data(), m_.data(), n_.data(), k_.data(),
+                                               alpha_.data(), d_a, t, lda_.data(), d_b, t, ldb_.data(), beta_.data(),
+                                               d_c, t, ldc_.data(), static_cast<int>(group_size_.size()),
+                                               group_size_.data(), CUBLAS_COMPUTE_32F));
+}
+
+GroupedFfn::GroupedFfn(const GroupedFfnShape& shape, DType dtype, GroupedGemmImpl impl)
+    : shape_(shape), dtype_(dtype), gemm_(impl) {
+  if (shape.experts < 1 || shape.hidden < 1 || shape.ffn < 1)
+    throw InvalidArgument("GroupedFfn: experts = " + std::to_string(shape.experts) + ", hidden = " +
+                          std::to_string(shape.hidden) + ", ffn = " + std::to_string(shape.ffn) +
+                          ": each must be >= 1");
+}
+
+double GroupedFfn::forward_flops(std::int64_t rows, std::int64_t hidden, std::int64_t ffn) {
+  return 6.0 * static_cast<double>(rows) * static_cast<double>(hidden) * static_cast<double>(ffn);
+}
+double GroupedFfn::backward_flops(std::int64_t rows, std::int64_t hidden, std::int64_t ffn) {
+  return 12.0 * static_cast<double>(rows) * static_cast<double>(hidden) * static_cast<double>(ffn);
+}
+
+std::int64_t GroupedFfn::plan_rows(std::span<const std::int64_t> rows_per_expert, const char* what) {
+  if (static_cast<std::int64_t>(rows_per_expert.size()) != shape_.experts)
+    throw InvalidArgument(std::string(what) + ": rows_per_expert has " + std::to_string(rows_per_expert.size()) +
+                          " entries; expected one per expert (" + std::to_string(shape_.experts) + ")");
+  offsets_.assign(rows_per_expert.size() + 1, 0);
+  for (std::size_t e = 0; e < rows_per_expert.size(); ++e) {
+    const std::int64_t r = rows_per_expert[e];
+    if (r < 0 || r > INT_MAX)
+      throw InvalidArgument(std::string(what) + ": rows_per_expert[" + std::to_string(e) + "] = " + std::to_string(r) +
+                            ": expected a count in [0, INT_MAX]");
+    offsets_[e + 1] = offsets_[e] + r;
+  }
+  problems_.clear();
+  return offsets_.back();
+}
+
+void GroupedFfn::swiglu_fwd(std::int64_t rows, const void* h13, void* sig, void* a, cudaStream_t stream) const {
+  if (dtype_ == DType::kFp32)
+    swiglu_forward(rows, shape_.ffn, static_cast<const float*>(h13), static_cast<float*>(sig), static_cast<float*>(a),
+                   stream);
+  else
+    swiglu_forward(rows, shape_.ffn, static_cast<const bf16*>(h13), static_cast<bf16*>(sig), static_cast<bf16*>(a),
+                   stream);
+}
+
+void GroupedFfn::swiglu_bwd(std::int64_t rows, const void* h13, const void* sig, void* dh13, cudaStream_t stream) const {
+  const std::int64_t F = shape_.ffn;
+  if (dtype_ == DType::kFp32) {
+    float* d = static_cast<float*>(dh13);
+    swiglu_backward(rows, F, static_cast<const float*>(h13), static_cast<const float*>(sig), d + F, 2 * F, d, stream);
+  } else {
+    bf16* d = static_cast<bf16*>(dh13);
+    swiglu_backward(rows, F, static_cast<const bf16*>(h13), static_cast<const bf16*>(sig), d + F, 2 * F, d, stream);
+  }
+}
+
+namespace {
+/// Byte offset arithmetic on untyped device pointers.
+const void* at(const void* base, std::int64_t elems, std::size_t es) {
+  return static_cast<const char*>(base) + elems * static_cast<std::int64_t>(es);
+}
+void* at(void* base, std::int64_t elems, std::size_t es) {
+  return static_cast<char*>(base) + elems * static_cast<std::int64_t>(es);
+}
+GemmProblem problem(bool ta, bool tb, std::int64_t m, std::int64_t n, std::int64_t k, const void* a, std::int64_t lda,
+                    const void* b, std::int64_t ldb, void* c, std::int64_t ldc, float beta = 0.0f) {
+  GemmProblem p;
+  p.trans_a = ta;
+  p.trans_b = tb;
+  p.m = m;
+  p.n = n;
+  p.k = k;
+  p.a = a;
+  p.lda = lda;
+  p.b = b;
+  p.ldb = ldb;
+  p.c = c;
+  p.ldc = ldc;
+  p.beta = beta;
+  return p;
+}
+}  // namespace
+
+void GroupedFfn::forward(cublasHandle_t blas, std::span<const std::int64_t> rows_per_expert, const void* x,
+                         const void* w13, const void* w2, void* h13, void* sig, void* a, void* y, cudaStream_t stream) {
+  const std::int64_t N = plan_rows(rows_per_expert, "GroupedFfn::forward");
+  if (N == 0) return;
+  const std::int64_t H = shape_.hidden, F = shape_.ffn;
+  const std::size_t es = dtype_size(dtype_);
+  // h13_e [r, 2F] = x_e [r, H] . w13_e [2F, H]^T
+  for (std::int64_t e = 0; e < shape_.experts; ++e) {
+    const std::int64_t r = rows_per_expert[static_cast<std::size_t>(e)], o = offsets_[static_cast<std::size_t>(e)];
+    if (r == 0) continue;
+    problems_.push_back(problem(false, true, r, 2 * F, H, at(x, o * H, es), H, at(w13, e * 2 * F * H, es), H,
+                                at(h13, o * 2 * F, es), 2 * F));
+  }
+  gemm_.run(blas, dtype_, problems_, stream);
+  swiglu_fwd(N, h13, sig, a, stream);
+  // y_e [r, H] = a_e [r, F] . w2_e [H, F]^T
+  problems_.clear();
+  for (std::int64_t e = 0; e < shape_.experts; ++e) {
+    const std::int64_t r = rows_per_expert[static_cast<std::size_t>(e)], o = offsets_[static_cast<std::size_t>(e)];
+    if (r == 0) continue;
+    problems_.push_back(problem(false, true, r, H, F, at(a, o * F, es), F, at(w2, e * H * F, es), F,
+                                at(y, o * H, es), H));
+  }
+  gemm_.run(blas, dtype_, problems_, stream);
+}
+
+void GroupedFfn::backward(cublasHandle_t blas, std::span<const std::int64_t> rows_per_expert, const void* x,
+                          const void* w13, const void* w2, const void* h13, const void* sig, const void* a,
+                          const void* dy, void* dw13, void* dw2, void* dx, void* dh13, bool accumulate,
+                          cudaStream_t stream) {
+  const std::int64_t N = plan_rows(rows_per_expert, "GroupedFfn::backward");
+  const std::int64_t H = shape_.hidden, F = shape_.ffn;
+  const std::size_t es = dtype_size(dtype_);
+  const float beta = accumulate ? 1.0f : 0.0f;
+  // dA_e [r, F] (the up half of dh13_e) = dy_e [r, H] . w2_e [H, F];  dw2_e [H, F] (+)= dy_e^T . a_e
+  for (std::int64_t e = 0; e < shape_.experts; ++e) {
+    const std::int64_t r = rows_per_expert[static_cast<std::size_t>(e)], o = offsets_[static_cast<std::size_t>(e)];
+    if (r > 0)
+      problems_.push_back(problem(false, false, r, F, H, at(dy, o * H, es), H, at(w2, e * H * F, es), F,
+                                  at(dh13, o * 2 * F + F, es), 2 * F));
+    problems_.push_back(problem(true, false, H, F, r, at(dy, o * H, es), H, at(a, o * F, es), F,
+                                at(dw2, e * H * F, es), F, beta));
+  }
+  gemm_.run(blas, dtype_, problems_, stream);
+  swiglu_bwd(N, h13, sig, dh13, stream);
+  // dx_e [r, H] = dh13_e [r, 2F] . w13_e [2F, H];  dw13_e [2F, H] (+)= dh13_e^T . x_e
+  problems_.clear();
+  for (std::int64_t e = 0; e < shape_.experts; ++e) {
+    const std::int64_t r = rows_per_expert[static_cast<std::size_t>(e)], o = offsets_[static_cast<std::size_t>(e)];
+    if (r > 0)
+      problems_.push_back(problem(false, false, r, H, 2 * F, at(dh13, o * 2 * F, es), 2 * F,
+                                  at(w13, e * 2 * F * H, es), H, at(dx, o * H, es), H));
+    problems_.push_back(problem(true, false, 2 * F, H, r, at(dh13, o * 2 * F, es), 2 * F, at(x, o * H, es), H,
+                                at(dw13, e * 2 * F * H, es), H, beta));
+  }
+  gemm_.run(blas, dtype_, problems_, stream);
+}
+
+}  // namespace moex::cuda

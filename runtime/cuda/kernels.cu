@@ -1,0 +1,766 @@
+// CUDA kernels of the GPU path: gate, permute / combine, SwiGLU and dtype conversion (see kernels.h).
+#include "runtime/cuda/kernels.h"
+
+#include <algorithm>
+#include <climits>
+#include <cstddef>
+#include <cstdint>
+#include <limits>
+#include <string>
+
+#include "base/error.h"
+#include "runtime/cuda/device.h"
+#include "runtime/cuda/grouped_gemm.h"
+#include "runtime/kernels/math.h"
+
+namespace moex::cuda {
+namespace {
+
+using std::int64_t;
+
+constexpr unsigned kFullMask = 0xffffffffu;
+constexpr int kWarp = 32;
+/// Grid-stride kernels never launch more blocks than this (they loop over the rest).
+constexpr int64_t kMaxBlocks = 65536;
+/// Dynamic shared memory a block may use without opting in.
+constexpr std::size_t kSmemLimit = 48 * 1024;
+
+// ---------------------------------------------------------------------------------------------------
+// Element access: fp32 math on fp32 or bf16 storage, 16-byte packs.
+
+__device__ __forceinline__ float to_f32(float v) { return v; }
+__device__ __forceinline__ float to_f32(bf16 v) { return __bfloat162float(v); }
+template <typename T>
+__device__ __forceinline__ T from_f32(float v);
+template <>
+__device__ __forceinline__ float from_f32<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ bf16 from_f32<bf16>(float v) { return __float2bfloat16_rn(v); }
+
+/// V elements loaded / stored as one access (16 bytes when V = 16 / sizeof(T)).
+template <typename T, int V>
+struct alignas(sizeof(T) * V) Pack {
+  T v[V];
+};
+template <typename T, int V>
+__device__ __forceinline__ Pack<T, V> load_pack(const T* p) {
+  return *reinterpret_cast<const Pack<T, V>*>(p);
+}
+template <typename T, int V>
+__device__ __forceinline__ void store_pack(T* p, const Pack<T, V>& v) {
+  *reinterpret_cast<Pack<T, V>*>(p) = v;
+}
+
+/// Elements per 16-byte pack.
+template <typename T>
+constexpr int kVec = static_cast<int>(16 / sizeof(T));
+
+bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
+
+/// Whether 16-byte packs can be used: every width / stride a multiple of the pack and every base
+/// pointer 16-byte aligned.
+template <typename T>
+bool can_vectorise(std::initializer_list<int64_t> extents, std::initializer_list<const void*> ptrs) {
+  for (int64_t e : extents)
+    if (e % kVec<T> != 0) return false;
+  for (const void* p : ptrs)
+    if (p && !aligned16(p)) return false;
+  return true;
+}
+
+unsigned blocks_for(int64_t work, int64_t per_block) {
+  const int64_t b = (work + per_block - 1) / per_block;
+  return static_cast<unsigned>(std::clamp<int64_t>(b, 1, kMaxBlocks));
+}
+
+/// Threads for one row of `nvec` packs: a multiple of 32 in [32, 256].
+unsigned row_threads(int64_t nvec) {
+  const int64_t t = ((nvec + kWarp - 1) / kWarp) * kWarp;
+  return static_cast<unsigned>(std::clamp<int64_t>(t, kWarp, 256));
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+  // Butterfly: every lane ends with the same, bitwise identical sum.
+  for (int off = kWarp / 2; off > 0; off >>= 1) v += __shfl_xor_sync(kFullMask, v, off);
+  return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+  for (int off = kWarp / 2; off > 0; off >>= 1) v = fmaxf(v, __shfl_xor_sync(kFullMask, v, off));
+  return v;
+}
+
+void check_rows(const char* what, int64_t count, int64_t width, std::initializer_list<int64_t> strides) {
+  if (count < 0 || width < 0)
+    throw InvalidArgument(std::string(what) + ": count = " + std::to_string(count) + ", width = " +
+                          std::to_string(width) + ": both must be >= 0");
+  for (int64_t s : strides)
+    if (s < width)
+      throw InvalidArgument(std::string(what) + ": a row stride of " + std::to_string(s) +
+                            " is smaller than the width " + std::to_string(width));
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Gate
+
+struct GateDev {
+  int64_t tokens;
+  int experts, topk, n_group, topk_group, per_group;
+  bool softmax, grouped, noaux, norm;
+  float scale;
+};
+
+/// Whether candidate (ov, oi) beats (bv, bi): a larger value, or an equal value with a lower index;
+/// index -1 is "none" and loses to anything.
+__device__ __forceinline__ bool beats(float ov, int oi, float bv, int bi) {
+  if (oi < 0) return false;
+  if (bi < 0) return true;
+  return ov > bv || (ov == bv && oi < bi);
+}
+
+/// The CPU's argmax_untaken over v[0..n) for a whole warp (every lane returns the same index): the
+/// largest untaken value, ties to the lowest index; with only -inf left, the lowest untaken index.
+__device__ int warp_argmax_untaken(const float* v, const unsigned char* taken, int n, int lane) {
+  float bv = 0.0f;
+  int bi = -1;
+  for (int i = lane; i < n; i += kWarp) {  // increasing i with a strict '>': lowest index per lane
+    if (taken[i]) continue;
+    if (bi < 0 || v[i] > bv) {
+      bv = v[i];
+      bi = i;
+    }
+  }
+  for (int off = kWarp / 2; off > 0; off >>= 1) {
+    const float ov = __shfl_xor_sync(kFullMask, bv, off);
+    const int oi = __shfl_xor_sync(kFullMask, bi, off);
+    if (beats(ov, oi, bv, bi)) {
+      bv = ov;
+      bi = oi;
+    }
+  }
+  return bi;
+}
+
+/// Per-warp scratch of the selection kernel, in bytes (floats, then ints, then flags; 16-aligned).
+std::size_t gate_select_smem(const GateDev& g) {
+  const std::size_t bytes = sizeof(float) * (2 * static_cast<std::size_t>(g.experts) + static_cast<std::size_t>(g.n_group)) +
+                            sizeof(int) * static_cast<std::size_t>(g.topk) +
+                            static_cast<std::size_t>(std::max(g.experts, g.n_group));
+  return (bytes + 15) / 16 * 16;
+}
+
+/// One warp per token: `scores` holds the logits on entry and the scores on exit.
+__global__ void gate_select_kernel(GateDev p, const float* __restrict__ bias, float* scores,
+                                   std::int32_t* __restrict__ topk_ids, float* __restrict__ topk_weights,
+                                   unsigned warp_smem) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int warp = static_cast<int>(threadIdx.x) / kWarp, lane = static_cast<int>(threadIdx.x) % kWarp;
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * (blockDim.x / kWarp) + warp;
+  if (t >= p.tokens) return;  // the whole warp leaves together
+  const int E = p.experts, K = p.topk, G = p.n_group;
+  float* s = reinterpret_cast<float*>(smem + static_cast<std::size_t>(warp) * warp_smem);
+  float* c = s + E;
+  float* gs = c + E;
+  int* picks = reinterpret_cast<int*>(gs + G);
+  unsigned char* taken = reinterpret_cast<unsigned char*>(picks + K);
+  float* row = scores + t * E;
+
+  for (int e = lane; e < E; e += kWarp) s[e] = row[e];
+  if (p.softmax) {
+    float mx = -INFINITY;
+    for (int e = lane; e < E; e += kWarp) mx = fmaxf(mx, s[e]);
+    mx = warp_max(mx);
+    float part = 0.0f;
+    for (int e = lane; e < E; e += kWarp) {
+      const float v = expf(s[e] - mx);
+      s[e] = v;
+      part += v;
+    }
+    const float inv = 1.0f / warp_sum(part);
+    for (int e = lane; e < E; e += kWarp) s[e] *= inv;
+  } else {
+    for (int e = lane; e < E; e += kWarp) s[e] = math::sigmoid(s[e]);
+  }
+  for (int e = lane; e < E; e += kWarp) c[e] = s[e] + (bias ? bias[e] : 0.0f);
+  __syncwarp();
+
+  if (p.grouped) {
+    const int per = p.per_group;
+    for (int g = lane; g < G; g += kWarp) {  // same scan as the CPU: top-2 with strict '>'
+      const float* cg = c + g * per;
+      float first = -INFINITY, second = -INFINITY;
+      for (int i = 0; i < per; ++i) {
+        if (cg[i] > first) {
+          second = first;
+          first = cg[i];
+        } else if (cg[i] > second) {
+          second = cg[i];
+        }
+      }
+      gs[g] = p.noaux ? first + second : first;
+      taken[g] = 0;
+    }
+    __syncwarp();
+    for (int i = 0; i < p.topk_group; ++i) {
+      const int g = warp_argmax_untaken(gs, taken, G, lane);
+      __syncwarp();
+      if (lane == 0) taken[g] = 1;
+      __syncwarp();
+    }
+    // `taken` marks the kept groups; experts of the others become ineligible.
+    for (int e = lane; e < E; e += kWarp)
+      if (!taken[e / per]) c[e] = -INFINITY;
+    __syncwarp();
+  }
+  for (int e = lane; e < E; e += kWarp) taken[e] = 0;
+  __syncwarp();
+  for (int j = 0; j < K; ++j) {
+    const int e = warp_argmax_untaken(c, taken, E, lane);
+    __syncwarp();
+    if (lane == 0) {
+      taken[e] = 1;
+      picks[j] = e;
+    }
+    __syncwarp();
+  }
+  if (lane == 0) {  // serial, in pick order, as on the CPU
+    float sum = 0.0f;
+    for (int j = 0; j < K; ++j) sum += s[picks[j]];
+    const float scale = p.norm ? p.scale / (sum + 1e-20f) : p.scale;
+    for (int j = 0; j < K; ++j) {
+      topk_ids[t * K + j] = picks[j];
+      topk_weights[t * K + j] = s[picks[j]] * scale;
+    }
+  }
+  for (int e = lane; e < E; e += kWarp) row[e] = s[e];
+}
+
+/// One warp per token: dlogits from d_weights (and d_scores_extra), as kernels::gate_backward.
+__global__ void gate_dlogits_kernel(GateDev p, const float* __restrict__ scores, const std::int32_t* __restrict__ topk_ids,
+                                    const float* __restrict__ d_weights, const float* __restrict__ d_extra,
+                                    float* __restrict__ dlogits) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int warp = static_cast<int>(threadIdx.x) / kWarp, lane = static_cast<int>(threadIdx.x) % kWarp;
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * (blockDim.x / kWarp) + warp;
+  if (t >= p.tokens) return;
+  const int E = p.experts, K = p.topk;
+  float* dl = reinterpret_cast<float*>(smem) + static_cast<std::size_t>(warp) * static_cast<std::size_t>(E);
+  const float* s = scores + t * E;
+  const std::int32_t* ids = topk_ids + t * K;
+  const float* dw = d_weights + t * K;
+
+  for (int e = lane; e < E; e += kWarp) dl[e] = d_extra ? d_extra[t * E + e] : 0.0f;
+  __syncwarp();
+  if (lane == 0) {  // d(score of pick j) through w_j = c * s_j / (sum_i s_i + eps), serial as on the CPU
+    float sum = 0.0f, dot = 0.0f;
+    for (int j = 0; j < K; ++j) {
+      sum += s[ids[j]];
+      dot += dw[j] * s[ids[j]];
+    }
+    const float c = p.scale;
+    for (int j = 0; j < K; ++j) {
+      const float ds = p.norm ? c * (dw[j] / (sum + 1e-20f) - dot / ((sum + 1e-20f) * (sum + 1e-20f))) : c * dw[j];
+      dl[ids[j]] += ds;
+    }
+  }
+  __syncwarp();
+  if (!p.softmax) {
+    if (d_extra) {
+      for (int e = lane; e < E; e += kWarp) dl[e] *= s[e] * (1.0f - s[e]);
+    } else if (lane == 0) {
+      for (int j = 0; j < K; ++j) {
+        const float sj = s[ids[j]];
+        dl[ids[j]] *= sj * (1.0f - sj);
+      }
+    }
+    __syncwarp();
+  } else {
+    // Softmax Jacobian: dlogit_i = s_i * (dscore_i - sum_j dscore_j s_j).
+    float inner = 0.0f;
+    if (d_extra) {
+      for (int e = lane; e < E; e += kWarp) inner += dl[e] * s[e];
+      inner = warp_sum(inner);
+    } else {
+      if (lane == 0)
+        for (int j = 0; j < K; ++j) inner += dl[ids[j]] * s[ids[j]];
+      inner = __shfl_sync(kFullMask, inner, 0);
+    }
+    __syncwarp();
+    for (int e = lane; e < E; e += kWarp) dl[e] = s[e] * (dl[e] - inner);
+    __syncwarp();
+  }
+  for (int e = lane; e < E; e += kWarp) dlogits[t * E + e] = dl[e];
+}
+
+GateDev validate_gate(const kernels::GateParams& p, const char* what) {
+  auto bad = [&](const std::string& field, std::int64_t v, const std::string& rule) {
+    return InvalidArgument(std::string(what) + ": GateParams." + field + " = " + std::to_string(v) + ": " + rule);
+  };
+  if (p.tokens < 0) throw bad("tokens", p.tokens, "must be >= 0");
+  if (p.hidden < 1) throw bad("hidden", p.hidden, "must be >= 1");
+  if (p.experts < 1 || p.experts > INT_MAX) throw bad("experts", p.experts, "must be in [1, INT_MAX]");
+  if (p.topk < 1 || p.topk > p.experts)
+    throw bad("topk", p.topk, "must be in [1, experts = " + std::to_string(p.experts) + "]");
+  if (p.n_group < 1) throw bad("n_group", p.n_group, "must be >= 1");
+  GateDev g{};
+  g.tokens = p.tokens;
+  g.experts = static_cast<int>(p.experts);
+  g.topk = static_cast<int>(p.topk);
+  g.grouped = p.method != TopkMethod::kGreedy && p.n_group > 1;
+  g.n_group = g.grouped ? static_cast<int>(p.n_group) : 1;
+  g.topk_group = 1;
+  g.per_group = g.experts;
+  if (g.grouped) {
+    if (p.experts % p.n_group != 0)
+      throw bad("n_group", p.n_group, "must divide experts = " + std::to_string(p.experts));
+    if (p.topk_group < 1 || p.topk_group > p.n_group)
+      throw bad("topk_group", p.topk_group, "must be in [1, n_group = " + std::to_string(p.n_group) + "]");
+    g.topk_group = static_cast<int>(p.topk_group);
+    g.per_group = static_cast<int>(p.experts / p.n_group);
+  }
+  g.softmax = p.scoring == ScoringFunc::kSoftmax;
+  g.noaux = p.method == TopkMethod::kNoauxTc;
+  g.norm = p.norm_topk_prob;
+  g.scale = p.routed_scaling_factor;
+  return g;
+}
+
+/// Warps per block (tokens per block) whose scratch fits: 4, else 1; throws when one does not fit.
+int gate_warps(std::size_t per_warp, const char* what, std::int64_t experts) {
+  if (4 * per_warp <= kSmemLimit) return 4;
+  if (per_warp <= kSmemLimit) return 1;
+  throw InvalidArgument(std::string(what) + ": experts = " + std::to_string(experts) + " needs " +
+                        std::to_string(per_warp) + " bytes of shared memory per token; at most " +
+                        std::to_string(kSmemLimit) + " are supported");
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Permute and combine
+
+template <typename T, int V, bool kScaled>
+__global__ void gather_kernel(int64_t count, int64_t width, const int64_t* __restrict__ index,
+                              const float* __restrict__ scale, const T* __restrict__ src, int64_t src_stride,
+                              T* __restrict__ dst, int64_t dst_stride) {
+  const int64_t nvec = width / V;
+  for (int64_t n = blockIdx.x; n < count; n += gridDim.x) {
+    const T* s = src + index[n] * src_stride;
+    T* d = dst + n * dst_stride;
+    const float c = kScaled && scale ? scale[n] : 1.0f;
+    for (int64_t j = threadIdx.x; j < nvec; j += blockDim.x) {
+      Pack<T, V> v = load_pack<T, V>(s + j * V);
+      if constexpr (kScaled) {
+#pragma unroll
+        for (int q = 0; q < V; ++q) v.v[q] = from_f32<T>(c * to_f32(v.v[q]));
+      }
+      store_pack<T, V>(d + j * V, v);
+    }
+  }
+}
+
+template <typename T, bool kScaled>
+void launch_gather(const char* what, int64_t count, int64_t width, const int64_t* index, const float* scale,
+                   const T* src, int64_t src_stride, T* dst, int64_t dst_stride, cudaStream_t stream) {
+  check_rows(what, count, width, {src_stride, dst_stride});
+  if (count == 0 || width == 0) return;
+  if (!index) throw InvalidArgument(std::string(what) + ": index is null (expected a device array of count entries)");
+  const unsigned blocks = blocks_for(count, 1);
+  if (can_vectorise<T>({width, src_stride, dst_stride}, {src, dst})) {
+    constexpr int V = kVec<T>;
+    gather_kernel<T, V, kScaled><<<blocks, row_threads(width / V), 0, stream>>>(count, width, index, scale, src,
+                                                                                 src_stride, dst, dst_stride);
+  } else {
+    gather_kernel<T, 1, kScaled><<<blocks, row_threads(width), 0, stream>>>(count, width, index, scale, src,
+                                                                             src_stride, dst, dst_stride);
+  }
+  MOEX_CUDA_CHECK_LAUNCH("gather_kernel");
+}
+
+template <typename T, int V>
+__global__ void combine_kernel(int64_t tokens, int64_t width, const int64_t* __restrict__ offsets,
+                               const int64_t* __restrict__ src_row, const float* __restrict__ weight,
+                               const T* __restrict__ src, int64_t src_stride, T* __restrict__ dst, int64_t dst_stride,
+                               bool accumulate) {
+  const int64_t nvec = width / V;
+  for (int64_t t = blockIdx.x; t < tokens; t += gridDim.x) {
+    const int64_t i0 = offsets[t], i1 = offsets[t + 1];
+    T* d = dst + t * dst_stride;
+    for (int64_t j = threadIdx.x; j < nvec; j += blockDim.x) {
+      float acc[V];
+      if (accumulate) {
+        const Pack<T, V> o = load_pack<T, V>(d + j * V);
+#pragma unroll
+        for (int q = 0; q < V; ++q) acc[q] = to_f32(o.v[q]);
+      } else {
+#pragma unroll
+        for (int q = 0; q < V; ++q) acc[q] = 0.0f;
+      }
+      for (int64_t i = i0; i < i1; ++i) {  // fixed order: deterministic
+        const float w = weight ? weight[i] : 1.0f;
+        const Pack<T, V> v = load_pack<T, V>(src + src_row[i] * src_stride + j * V);
+#pragma unroll
+        for (int q = 0; q < V; ++q) acc[q] = fmaf(w, to_f32(v.v[q]), acc[q]);
+      }
+      Pack<T, V> out;
+#pragma unroll
+      for (int q = 0; q < V; ++q) out.v[q] = from_f32<T>(acc[q]);
+      store_pack<T, V>(d + j * V, out);
+    }
+  }
+}
+
+template <typename T>
+void launch_combine(int64_t tokens, int64_t width, const int64_t* offsets, const int64_t* src_row, const float* weight,
+                    const T* src, int64_t src_stride, T* dst, int64_t dst_stride, bool accumulate,
+                    cudaStream_t stream) {
+  check_rows("combine_rows", tokens, width, {src_stride, dst_stride});
+  if (tokens == 0 || width == 0) return;
+  if (!offsets) throw InvalidArgument("combine_rows: offsets is null (expected a device array of tokens + 1 entries)");
+  const unsigned blocks = blocks_for(tokens, 1);
+  if (can_vectorise<T>({width, src_stride, dst_stride}, {src, dst})) {
+    constexpr int V = kVec<T>;
+    combine_kernel<T, V><<<blocks, row_threads(width / V), 0, stream>>>(tokens, width, offsets, src_row, weight, src,
+                                                                         src_stride, dst, dst_stride, accumulate);
+  } else {
+    combine_kernel<T, 1><<<blocks, row_threads(width), 0, stream>>>(tokens, width, offsets, src_row, weight, src,
+                                                                     src_stride, dst, dst_stride, accumulate);
+  }
+  MOEX_CUDA_CHECK_LAUNCH("combine_kernel");
+}
+
+constexpr int kDotWarps = 8;
+
+template <typename T, int V>
+__global__ void row_dot_kernel(int64_t count, int64_t width, const int64_t* __restrict__ index,
+                               const T* __restrict__ a, int64_t a_stride, const T* __restrict__ b, int64_t b_stride,
+                               float* __restrict__ out) {
+  const int warp = static_cast<int>(threadIdx.x) / kWarp, lane = static_cast<int>(threadIdx.x) % kWarp;
+  const int64_t nvec = width / V;
+  for (int64_t n = static_cast<int64_t>(blockIdx.x) * kDotWarps + warp; n < count;
+       n += static_cast<int64_t>(gridDim.x) * kDotWarps) {
+    const T* ar = a + (index ? index[n] : n) * a_stride;
+    const T* br = b + n * b_stride;
+    float acc = 0.0f;
+    for (int64_t j = lane; j < nvec; j += kWarp) {
+      const Pack<T, V> pa = load_pack<T, V>(ar + j * V);
+      const Pack<T, V> pb = load_pack<T, V>(br + j * V);
+#pragma unroll
+      for (int q = 0; q < V; ++q) acc = fmaf(to_f32(pa.v[q]), to_f32(pb.v[q]), acc);
+    }
+    acc = warp_sum(acc);
+    if (lane == 0) out[n] = acc;
+  }
+}
+
+template <typename T>
+void launch_row_dot(int64_t count, int64_t width, const int64_t* index, const T* a, int64_t a_stride, const T* b,
+                    int64_t b_stride, float* out, cudaStream_t stream) {
+  check_rows("row_dot", count, width, {a_stride, b_stride});
+  if (count == 0) return;
+  const unsigned blocks = blocks_for(count, kDotWarps);
+  if (can_vectorise<T>({width, a_stride, b_stride}, {a, b})) {
+    row_dot_kernel<T, kVec<T>><<<blocks, kDotWarps * kWarp, 0, stream>>>(count, width, index, a, a_stride, b,
+                                                                          b_stride, out);
+  } else {
+    row_dot_kernel<T, 1><<<blocks, kDotWarps * kWarp, 0, stream>>>(count, width, index, a, a_stride, b, b_stride,
+                                                                    out);
+  }
+  MOEX_CUDA_CHECK_LAUNCH("row_dot_kernel");
+}
+
+// ---------------------------------------------------------------------------------------------------
+// SwiGLU
+
+constexpr int kEltThreads = 256;
+
+template <typename T, int V>
+__global__ void swiglu_fwd_kernel(int64_t rows, int64_t ffn, const T* __restrict__ h13, T* __restrict__ sig,
+                                  T* __restrict__ act) {
+  const int64_t per_row = ffn / V, total = rows * per_row;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t r = i / per_row, j = (i - r * per_row) * V;
+    const T* g = h13 + r * 2 * ffn + j;
+    const Pack<T, V> pg = load_pack<T, V>(g), pu = load_pack<T, V>(g + ffn);
+    Pack<T, V> ps, pa;
+#pragma unroll
+    for (int q = 0; q < V; ++q) {
+      const float gv = to_f32(pg.v[q]), uv = to_f32(pu.v[q]);
+      ps.v[q] = from_f32<T>(math::sigmoid(gv));
+      pa.v[q] = from_f32<T>(math::swiglu(gv, uv));
+    }
+    store_pack<T, V>(sig + r * ffn + j, ps);
+    store_pack<T, V>(act + r * ffn + j, pa);
+  }
+}
+
+template <typename T, int V>
+__global__ void swiglu_bwd_kernel(int64_t rows, int64_t ffn, const T* __restrict__ h13, const T* __restrict__ sig,
+                                  const T* da, int64_t da_stride, T* dh13) {
+  // `da` may alias the up half of dh13: no __restrict__, and each pack is read before it is written.
+  const int64_t per_row = ffn / V, total = rows * per_row;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t r = i / per_row, j = (i - r * per_row) * V;
+    const T* g = h13 + r * 2 * ffn + j;
+    const Pack<T, V> pg = load_pack<T, V>(g), pu = load_pack<T, V>(g + ffn);
+    const Pack<T, V> ps = load_pack<T, V>(sig + r * ffn + j);
+    const Pack<T, V> pd = load_pack<T, V>(da + r * da_stride + j);
+    Pack<T, V> dg, du;
+#pragma unroll
+    for (int q = 0; q < V; ++q) {
+      float fg, fu;
+      math::swiglu_backward_saved(to_f32(pg.v[q]), to_f32(pu.v[q]), to_f32(ps.v[q]), to_f32(pd.v[q]), &fg, &fu);
+      dg.v[q] = from_f32<T>(fg);
+      du.v[q] = from_f32<T>(fu);
+    }
+    store_pack<T, V>(dh13 + r * 2 * ffn + j, dg);
+    store_pack<T, V>(dh13 + r * 2 * ffn + ffn + j, du);
+  }
+}
+
+template <typename T>
+void launch_swiglu_fwd(int64_t rows, int64_t ffn, const T* h13, T* sig, T* a, cudaStream_t stream) {
+  if (rows < 0 || ffn < 0)
+    throw InvalidArgument("swiglu_forward: rows = " + std::to_string(rows) + ", ffn = " + std::to_string(ffn) +
+                          ": both must be >= 0");
+  if (rows == 0 || ffn == 0) return;
+  if (can_vectorise<T>({ffn}, {h13, sig, a})) {
+    constexpr int V = kVec<T>;
+    swiglu_fwd_kernel<T, V><<<blocks_for(rows * (ffn / V), kEltThreads), kEltThreads, 0, stream>>>(rows, ffn, h13,
+                                                                                                   sig, a);
+  } else {
+    swiglu_fwd_kernel<T, 1><<<blocks_for(rows * ffn, kEltThreads), kEltThreads, 0, stream>>>(rows, ffn, h13, sig, a);
+  }
+  MOEX_CUDA_CHECK_LAUNCH("swiglu_fwd_kernel");
+}
+
+template <typename T>
+void launch_swiglu_bwd(int64_t rows, int64_t ffn, const T* h13, const T* sig, const T* da, int64_t da_stride,
+                       T* dh13, cudaStream_t stream) {
+  if (rows < 0 || ffn < 0)
+    throw InvalidArgument("swiglu_backward: rows = " + std::to_string(rows) + ", ffn = " + std::to_string(ffn) +
+                          ": both must be >= 0");
+  if (rows == 0 || ffn == 0) return;
+  if (da_stride < ffn)
+    throw InvalidArgument("swiglu_backward: da_stride = " + std::to_string(da_stride) + " is smaller than ffn = " +
+                          std::to_string(ffn));
+  if (can_vectorise<T>({ffn, da_stride}, {h13, sig, da, dh13})) {
+    constexpr int V = kVec<T>;
+    swiglu_bwd_kernel<T, V><<<blocks_for(rows * (ffn / V), kEltThreads), kEltThreads, 0, stream>>>(
+        rows, ffn, h13, sig, da, da_stride, dh13);
+  } else {
+    swiglu_bwd_kernel<T, 1><<<blocks_for(rows * ffn, kEltThreads), kEltThreads, 0, stream>>>(rows, ffn, h13, sig, da,
+                                                                                             da_stride, dh13);
+  }
+  MOEX_CUDA_CHECK_LAUNCH("swiglu_bwd_kernel");
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Conversion and fill
+
+template <typename S, typename D>
+__global__ void convert_kernel(const S* __restrict__ src, D* __restrict__ dst, int64_t n) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    dst[i] = from_f32<D>(to_f32(src[i]));
+}
+
+template <typename S, typename D>
+void launch_convert(const S* src, D* dst, int64_t n, cudaStream_t stream) {
+  if (n < 0) throw InvalidArgument("convert: n = " + std::to_string(n) + ": must be >= 0");
+  if (n == 0) return;
+  convert_kernel<S, D><<<blocks_for(n, kEltThreads), kEltThreads, 0, stream>>>(src, dst, n);
+  MOEX_CUDA_CHECK_LAUNCH("convert_kernel");
+}
+
+__device__ __forceinline__ std::uint64_t mix64(std::uint64_t z) {
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+
+template <typename T>
+__global__ void fill_uniform_kernel(T* __restrict__ dst, int64_t n, std::uint64_t seed, float scale) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const std::uint64_t h = mix64(seed + 0x9e3779b97f4a7c15ull * (static_cast<std::uint64_t>(i) + 1));
+    const float u = static_cast<float>(h >> 40) * (1.0f / 16777216.0f);  // [0, 1), 24 bits
+    dst[i] = from_f32<T>((2.0f * u - 1.0f) * scale);
+  }
+}
+
+template <typename T>
+void launch_fill(T* dst, int64_t n, std::uint64_t seed, float scale, cudaStream_t stream) {
+  if (n < 0) throw InvalidArgument("fill_uniform: n = " + std::to_string(n) + ": must be >= 0");
+  if (n == 0) return;
+  fill_uniform_kernel<T><<<blocks_for(n, kEltThreads), kEltThreads, 0, stream>>>(dst, n, seed, scale);
+  MOEX_CUDA_CHECK_LAUNCH("fill_uniform_kernel");
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------------
+// Public entry points
+
+void gate_forward(cublasHandle_t blas, const kernels::GateParams& p, const float* x, const float* wg,
+                  const float* bias, float* scores, std::int32_t* topk_ids, float* topk_weights,
+                  cudaStream_t stream) {
+  const GateDev g = validate_gate(p, "gate_forward");
+  if (p.tokens == 0) return;
+  const std::size_t per_warp = gate_select_smem(g);
+  const int warps = gate_warps(per_warp, "gate_forward", p.experts);
+  GemmProblem logits;
+  logits.trans_b = true;
+  logits.m = p.tokens;
+  logits.n = p.experts;
+  logits.k = p.hidden;
+  logits.a = x;
+  logits.lda = p.hidden;
+  logits.b = wg;
+  logits.ldb = p.hidden;
+  logits.c = scores;
+  logits.ldc = p.experts;
+  gemm(blas, DType::kFp32, logits, stream);
+  const unsigned blocks = static_cast<unsigned>((p.tokens + warps - 1) / warps);
+  gate_select_kernel<<<blocks, static_cast<unsigned>(warps * kWarp), per_warp * static_cast<std::size_t>(warps),
+                       stream>>>(g, bias, scores, topk_ids, topk_weights, static_cast<unsigned>(per_warp));
+  MOEX_CUDA_CHECK_LAUNCH("gate_select_kernel");
+}
+
+void gate_backward(cublasHandle_t blas, const kernels::GateParams& p, const float* x, const float* wg,
+                   const float* scores, const std::int32_t* topk_ids, const float* d_weights, float* dx,
+                   float* dwg, float* dlogits, const float* d_scores_extra, cudaStream_t stream) {
+  const GateDev g = validate_gate(p, "gate_backward");
+  if (p.tokens == 0) return;
+  const std::size_t per_warp = sizeof(float) * static_cast<std::size_t>(p.experts);
+  const int warps = gate_warps(per_warp, "gate_backward", p.experts);
+  const unsigned blocks = static_cast<unsigned>((p.tokens + warps - 1) / warps);
+  gate_dlogits_kernel<<<blocks, static_cast<unsigned>(warps * kWarp), per_warp * static_cast<std::size_t>(warps),
+                        stream>>>(g, scores, topk_ids, d_weights, d_scores_extra, dlogits);
+  MOEX_CUDA_CHECK_LAUNCH("gate_dlogits_kernel");
+  // dwg [E,H] += dlogits^T [E,T] . x [T,H]
+  GemmProblem dw;
+  dw.trans_a = true;
+  dw.m = p.experts;
+  dw.n = p.hidden;
+  dw.k = p.tokens;
+  dw.a = dlogits;
+  dw.lda = p.experts;
+  dw.b = x;
+  dw.ldb = p.hidden;
+  dw.c = dwg;
+  dw.ldc = p.hidden;
+  dw.beta = 1.0f;
+  gemm(blas, DType::kFp32, dw, stream);
+  // dx [T,H] += dlogits [T,E] . wg [E,H]
+  GemmProblem dxp;
+  dxp.m = p.tokens;
+  dxp.n = p.hidden;
+  dxp.k = p.experts;
+  dxp.a = dlogits;
+  dxp.lda = p.experts;
+  dxp.b = wg;
+  dxp.ldb = p.hidden;
+  dxp.c = dx;
+  dxp.ldc = p.hidden;
+  dxp.beta = 1.0f;
+  gemm(blas, DType::kFp32, dxp, stream);
+}
+
+void gather_rows(std::int64_t count, std::int64_t width, const std::int64_t* index, const float* src,
+                 std::int64_t src_stride, float* dst, std::int64_t dst_stride, cudaStream_t stream) {
+  launch_gather<float, false>("gather_rows", count, width, index, nullptr, src, src_stride, dst, dst_stride, stream);
+}
+void gather_rows(std::int64_t count, std::int64_t width, const std::int64_t* index, const bf16* src,
+                 std::int64_t src_stride, bf16* dst, std::int64_t dst_stride, cudaStream_t stream) {
+  launch_gather<bf16, false>("gather_rows", count, width, index, nullptr, src, src_stride, dst, dst_stride, stream);
+}
+void gather_rows_scaled(std::int64_t count, std::int64_t width, const std::int64_t* index, const float* scale,
+                        const float* src, std::int64_t src_stride, float* dst, std::int64_t dst_stride,
+                        cudaStream_t stream) {
+  launch_gather<float, true>("gather_rows_scaled", count, width, index, scale, src, src_stride, dst, dst_stride,
+                             stream);
+}
+void gather_rows_scaled(std::int64_t count, std::int64_t width, const std::int64_t* index, const float* scale,
+                        const bf16* src, std::int64_t src_stride, bf16* dst, std::int64_t dst_stride,
+                        cudaStream_t stream) {
+  launch_gather<bf16, true>("gather_rows_scaled", count, width, index, scale, src, src_stride, dst, dst_stride,
+                            stream);
+}
+
+CombinePlan build_combine_plan(std::int64_t count, std::int64_t tokens, const std::int64_t* index,
+                               const float* scale) {
+  if (count < 0 || tokens < 0)
+    throw InvalidArgument("build_combine_plan: count = " + std::to_string(count) + ", tokens = " +
+                          std::to_string(tokens) + ": both must be >= 0");
+  CombinePlan plan;
+  plan.tokens = tokens;
+  plan.offsets.assign(static_cast<std::size_t>(tokens) + 1, 0);
+  for (std::int64_t n = 0; n < count; ++n) {
+    const std::int64_t t = index[n];
+    if (t < 0 || t >= tokens)
+      throw InvalidArgument("build_combine_plan: index[" + std::to_string(n) + "] = " + std::to_string(t) +
+                            ": expected a destination row in [0, " + std::to_string(tokens) + ")");
+    ++plan.offsets[static_cast<std::size_t>(t) + 1];
+  }
+  for (std::size_t t = 0; t < static_cast<std::size_t>(tokens); ++t) plan.offsets[t + 1] += plan.offsets[t];
+  plan.src_row.assign(static_cast<std::size_t>(count), 0);
+  if (scale) plan.weight.assign(static_cast<std::size_t>(count), 0.0f);
+  std::vector<std::int64_t> next(plan.offsets.begin(), plan.offsets.end() - 1);
+  for (std::int64_t n = 0; n < count; ++n) {  // stable: sources keep their order within a destination
+    const std::size_t i = static_cast<std::size_t>(next[static_cast<std::size_t>(index[n])]++);
+    plan.src_row[i] = n;
+    if (scale) plan.weight[i] = scale[n];
+  }
+  return plan;
+}
+
+void combine_rows(std::int64_t tokens, std::int64_t width, const std::int64_t* offsets, const std::int64_t* src_row,
+                  const float* weight, const float* src, std::int64_t src_stride, float* dst, std::int64_t dst_stride,
+                  bool accumulate, cudaStream_t stream) {
+  launch_combine<float>(tokens, width, offsets, src_row, weight, src, src_stride, dst, dst_stride, accumulate, stream);
+}
+void combine_rows(std::int64_t tokens, std::int64_t width, const std::int64_t* offsets, const std::int64_t* src_row,
+                  const float* weight, const bf16* src, std::int64_t src_stride, bf16* dst, std::int64_t dst_stride,
+                  bool accumulate, cudaStream_t stream) {
+  launch_combine<bf16>(tokens, width, offsets, src_row, weight, src, src_stride, dst, dst_stride, accumulate, stream);
+}
+
+void row_dot(std::int64_t count, std::int64_t width, const std::int64_t* index, const float* a, std::int64_t a_stride,
+             const float* b, std::int64_t b_stride, float* out, cudaStream_t stream) {
+  launch_row_dot<float>(count, width, index, a, a_stride, b, b_stride, out, stream);
+}
+void row_dot(std::int64_t count, std::int64_t width, const std::int64_t* index, const bf16* a, std::int64_t a_stride,
+             const bf16* b, std::int64_t b_stride, float* out, cudaStream_t stream) {
+  launch_row_dot<bf16>(count, width, index, a, a_stride, b, b_stride, out, stream);
+}
+
+void swiglu_forward(std::int64_t rows, std::int64_t ffn, const float* h13, float* sig, float* a, cudaStream_t stream) {
+  launch_swiglu_fwd<float>(rows, ffn, h13, sig, a, stream);
+}
+void swiglu_forward(std::int64_t rows, std::int64_t ffn, const bf16* h13, bf16* sig, bf16* a, cudaStream_t stream) {
+  launch_swiglu_fwd<bf16>(rows, ffn, h13, sig, a, stream);
+}
+void swiglu_backward(std::int64_t rows, std::int64_t ffn, const float* h13, const float* sig, const float* da,
+                     std::int64_t da_stride, float* dh13, cudaStream_t stream) {
+  launch_swiglu_bwd<float>(rows, ffn, h13, sig, da, da_stride, dh13, stream);
+}
+void swiglu_backward(std::int64_t rows, std::int64_t ffn, const bf16* h13, const bf16* sig, const bf16* da,
+                     std::int64_t da_stride, bf16* dh13, cudaStream_t stream) {
+  launch_swiglu_bwd<bf16>(rows, ffn, h13, sig, da, da_stride, dh13, stream);
+}
+
+void convert(const float* src, bf16* dst, std::int64_t n, cudaStream_t stream) {
+  launch_convert<float, bf16>(src, dst, n, stream);
+}
+void convert(const bf16* src, float* dst, std::int64_t n, cudaStream_t stream) {
+  launch_convert<bf16, float>(src, dst, n, stream);
+}
+
+void fill_uniform(float* dst, std::int64_t n, std::uint64_t seed, float scale, cudaStream_t stream) {
+  launch_fill<float>(dst, n, seed, scale, stream);
+}
+void fill_uniform(bf16* dst, std::int64_t n, std::uint64_t seed, float scale, cudaStream_t stream) {
+  launch_fill<bf16>(dst, n, seed, scale, stream);
+}
+
+}  // namespace moex::cuda

@@ -1,0 +1,135 @@
+// CUDA kernels of the GPU path: gate, permute / combine, SwiGLU and dtype conversion.
+//
+// Plain C++ header: raw device pointers, sizes and a cudaStream_t at the boundary. Every pointer
+// named here is a DEVICE pointer unless said otherwise. Matrices are row-major with the strides
+// given (in elements). The semantics are exactly those of the CPU kernels in runtime/kernels/ (same
+// names), so the CPU kernels are the reference in the tests. All calls are asynchronous on `stream`;
+// shape errors are thrown as InvalidArgument before anything is queued, CUDA / cuBLAS failures as
+// CudaError (a fault inside a kernel surfaces at a later synchronisation).
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include <cublas_v2.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime_api.h>
+
+#include "runtime/kernels/gate.h"
+
+namespace moex::cuda {
+
+using bf16 = __nv_bfloat16;
+
+// ---------------------------------------------------------------------------------------------------
+// Gate (fp32)
+
+/// Device version of kernels::gate_forward, same semantics: logits = x [T,H] . wg [E,H]^T by cuBLAS
+/// (fp32), then one warp per token applies softmax / sigmoid, the selection bias (`bias` [E], may be
+/// null), the group limit (group_limited_greedy: group score = max; noaux_tc: sum of the top-2), the
+/// top-K (ties to the lower expert id), the normalisation (+1e-20) when norm_topk_prob and
+/// routed_scaling_factor. Writes `scores` [T,E] (kept for backward), `topk_ids` [T,K] and
+/// `topk_weights` [T,K]. Throws InvalidArgument when p breaks a rule (experts >= 1, 1 <= topk <=
+/// experts, n_group >= 1 dividing experts and 1 <= topk_group <= n_group for a grouped method) or
+/// when the per-token scratch (about 9 bytes per expert) does not fit in shared memory.
+void gate_forward(cublasHandle_t blas, const kernels::GateParams& p, const float* x, const float* wg,
+                  const float* bias, float* scores, std::int32_t* topk_ids, float* topk_weights,
+                  cudaStream_t stream);
+
+/// Device version of kernels::gate_backward: from d_weights [T,K] writes `dlogits` [T,E] (scratch
+/// the caller provides), then accumulates dx [T,H] += dlogits . wg and dwg [E,H] += dlogits^T . x
+/// by cuBLAS. `scores` and `topk_ids` are the forward's outputs. `d_scores_extra` [T,E] (may be
+/// null) is a further gradient wrt `scores` added to every expert before the sigmoid / softmax
+/// Jacobian, exactly as on the CPU.
+void gate_backward(cublasHandle_t blas, const kernels::GateParams& p, const float* x, const float* wg,
+                   const float* scores, const std::int32_t* topk_ids, const float* d_weights, float* dx,
+                   float* dwg, float* dlogits, const float* d_scores_extra, cudaStream_t stream);
+
+// ---------------------------------------------------------------------------------------------------
+// Permute and combine (fp32 or bf16 rows; bf16 is accumulated in fp32). Indexes are not checked on
+// the device: every index must lie inside the matrix it selects from.
+
+/// dst[n, :width] = src[index[n] * src_stride, :width] for n < count (kernels::gather_rows).
+/// `index` [count] is a device array. Uses 16-byte loads when width, strides and pointers allow.
+void gather_rows(std::int64_t count, std::int64_t width, const std::int64_t* index, const float* src,
+                 std::int64_t src_stride, float* dst, std::int64_t dst_stride, cudaStream_t stream);
+void gather_rows(std::int64_t count, std::int64_t width, const std::int64_t* index, const bf16* src,
+                 std::int64_t src_stride, bf16* dst, std::int64_t dst_stride, cudaStream_t stream);
+
+/// dst[n, :width] = scale[n] * src[index[n] * src_stride, :width] (`scale` [count] may be null for
+/// 1). The backward of the combine wrt the expert outputs: d_expert_out[n] = w[n] * dy[token(n)].
+void gather_rows_scaled(std::int64_t count, std::int64_t width, const std::int64_t* index, const float* scale,
+                        const float* src, std::int64_t src_stride, float* dst, std::int64_t dst_stride,
+                        cudaStream_t stream);
+void gather_rows_scaled(std::int64_t count, std::int64_t width, const std::int64_t* index, const float* scale,
+                        const bf16* src, std::int64_t src_stride, bf16* dst, std::int64_t dst_stride,
+                        cudaStream_t stream);
+
+/// The rows of a deterministic combine, by destination (CSR), built on the host: destination t
+/// takes the sources i in [offsets[t], offsets[t+1]), each row src_row[i] with weight weight[i], in
+/// that order. `weight` is empty when every weight is 1.
+struct CombinePlan {
+  std::int64_t tokens = 0;
+  std::vector<std::int64_t> offsets;  ///< [tokens + 1]
+  std::vector<std::int64_t> src_row;  ///< [count]
+  std::vector<float> weight;          ///< [count] or empty
+};
+
+/// The plan equal to kernels::scatter_add_rows(count, width, index, scale, ...): source row n adds
+/// into destination index[n] with weight scale[n] (scale may be null for 1); within a destination
+/// the sources keep the order n = 0, 1, ... (a stable counting sort). Host arrays; throws
+/// InvalidArgument for an index outside [0, tokens).
+CombinePlan build_combine_plan(std::int64_t count, std::int64_t tokens, const std::int64_t* index,
+                               const float* scale);
+
+/// Deterministic combine, no atomics: for each destination t < tokens (one block per token),
+///   dst[t] = (accumulate ? dst[t] : 0) + sum_i weight[i] * src[src_row[i]]   over i in CSR order,
+/// with an fp32 accumulator. `offsets` [tokens+1], `src_row` [offsets[tokens]] and `weight` (may be
+/// null for 1) are device arrays (upload a CombinePlan). With accumulate = true this equals
+/// kernels::scatter_add_rows up to rounding (fused multiply-adds); it also serves as the backward of
+/// gather_rows (d_src[t] += sum of d_dst[n] over index[n] == t).
+void combine_rows(std::int64_t tokens, std::int64_t width, const std::int64_t* offsets, const std::int64_t* src_row,
+                  const float* weight, const float* src, std::int64_t src_stride, float* dst, std::int64_t dst_stride,
+                  bool accumulate, cudaStream_t stream);
+void combine_rows(std::int64_t tokens, std::int64_t width, const std::int64_t* offsets, const std::int64_t* src_row,
+                  const float* weight, const bf16* src, std::int64_t src_stride, bf16* dst, std::int64_t dst_stride,
+                  bool accumulate, cudaStream_t stream);
+
+/// out[n] = sum_j a[index[n] * a_stride + j] * b[n * b_stride + j] for n < count, j < width, in fp32
+/// with a fixed reduction order (deterministic). `index` may be null for the identity. The backward
+/// of the combine wrt the routing weights: d_weight[n] = dot(dy[token(n)], expert_out[n]).
+void row_dot(std::int64_t count, std::int64_t width, const std::int64_t* index, const float* a, std::int64_t a_stride,
+             const float* b, std::int64_t b_stride, float* out, cudaStream_t stream);
+void row_dot(std::int64_t count, std::int64_t width, const std::int64_t* index, const bf16* a, std::int64_t a_stride,
+             const bf16* b, std::int64_t b_stride, float* out, cudaStream_t stream);
+
+// ---------------------------------------------------------------------------------------------------
+// SwiGLU activation over rows (fp32 math with the formulas of runtime/kernels/math.h)
+
+/// For r < rows, j < ffn, with g = h13[r, j] and u = h13[r, ffn + j] (h13 is [rows, 2*ffn]):
+/// sig[r, j] = sigmoid(g) and a[r, j] = silu(g) * u (sig and a are [rows, ffn]).
+void swiglu_forward(std::int64_t rows, std::int64_t ffn, const float* h13, float* sig, float* a, cudaStream_t stream);
+void swiglu_forward(std::int64_t rows, std::int64_t ffn, const bf16* h13, bf16* sig, bf16* a, cudaStream_t stream);
+
+/// From da [rows, ffn] (row stride `da_stride`): dh13[r, j] = dg and dh13[r, ffn + j] = du of
+/// math::swiglu_backward_saved with the saved sig. `da` may alias the up half of dh13
+/// (da = dh13 + ffn, da_stride = 2*ffn): each element is read before it is overwritten.
+void swiglu_backward(std::int64_t rows, std::int64_t ffn, const float* h13, const float* sig, const float* da,
+                     std::int64_t da_stride, float* dh13, cudaStream_t stream);
+void swiglu_backward(std::int64_t rows, std::int64_t ffn, const bf16* h13, const bf16* sig, const bf16* da,
+                     std::int64_t da_stride, bf16* dh13, cudaStream_t stream);
+
+// ---------------------------------------------------------------------------------------------------
+// Conversion and fill
+
+/// dst[i] = src[i] rounded to bf16 (round to nearest even) for i < n.
+void convert(const float* src, bf16* dst, std::int64_t n, cudaStream_t stream);
+/// dst[i] = src[i] widened to fp32 (exact) for i < n.
+void convert(const bf16* src, float* dst, std::int64_t n, cudaStream_t stream);
+
+/// dst[i] = uniform in [-scale, scale), a hash of (seed, i): the same values on every device and
+/// launch shape (test and benchmark data without a host round trip).
+void fill_uniform(float* dst, std::int64_t n, std::uint64_t seed, float scale, cudaStream_t stream);
+void fill_uniform(bf16* dst, std::int64_t n, std::uint64_t seed, float scale, cudaStream_t stream);
+
+}  // namespace moex::cuda
