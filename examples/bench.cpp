@@ -85,6 +85,7 @@ int bench_layer(moex::comm::MpiCommunicator& world, int argc, char** argv) {
       .value("overlap", "on", "on: exchanges on a communication thread beside compute; off: serialised")
       .value("exchange", "flat", "flat or hierarchical (node-forwarded) token exchange")
       .value("skew", "0", "Zipf exponent z of a router selection bias b_e = -0.1 z ln(1 + rank of e) (0 = none)")
+      .value("deterministic", "off", "on: row-wise expert GEMMs (results bitwise independent of --chunks)")
       .value("capacity-factor", "0", "0 = dropless; > 0: per-rank expert capacity, picks over it dropped")
       .value("replicas", "off",
              "on: hot-expert replicas: the warmup iterations' load is planned into a replica layout "
@@ -118,6 +119,7 @@ int bench_layer(moex::comm::MpiCommunicator& world, int argc, char** argv) {
   lo.overlap = on_off(opt.str("overlap"), "--overlap");
   lo.exchange = moex::exchange_from_string(opt.str("exchange"));
   lo.capacity_factor = opt.number("capacity-factor");
+  lo.deterministic = on_off(opt.str("deterministic"), "--deterministic");
   if (!(lo.capacity_factor >= 0.0) || !std::isfinite(lo.capacity_factor))
     throw moex::ConfigError("--capacity-factor = " + opt.str("capacity-factor") + ": must be a finite number >= 0");
   const bool reference = on_off(opt.str("reference"), "--reference");
@@ -254,7 +256,7 @@ int bench_layer(moex::comm::MpiCommunicator& world, int argc, char** argv) {
                        {"bytes_intra_node", bytes[0]}, {"bytes_inter_node", bytes[1]},
                        {"max_mean_load", max_mean_load}, {"replicas", replicas ? "on" : "off"},
                        {"slots_per_rank", replicas ? slots : layer.num_local_experts()},
-                       {"capacity_factor", lo.capacity_factor}, {"picks_dropped", dropped},
+                       {"capacity_factor", lo.capacity_factor}, {"deterministic", lo.deterministic ? "on" : "off"}, {"picks_dropped", dropped},
                        {"dropped_fraction", static_cast<double>(dropped) /
                                                 std::max(1.0, static_cast<double>(T * world.size() * config.num_experts_per_tok))}};
       if (reference) {

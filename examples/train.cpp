@@ -57,6 +57,7 @@ int train(moex::comm::MpiCommunicator& world, int argc, char** argv) {
       .value("skew", "0", "Zipf exponent of a fixed skew of the student's router (experiments; 0 = none)")
       .value("capacity-factor", "0", "0 = dropless; > 0: per-rank expert capacity ceil(cf * tokens * K / E), "
              "lowest-weight picks over it dropped and counted")
+      .value("deterministic", "off", "on: row-wise expert GEMMs, so results are bitwise the same for every --chunks")
       .value("chunks", "1", "pipeline chunks per layer pass (results do not depend on it beyond fp32 rounding)")
       .value("overlap", "on", "on: exchanges on a communication thread beside compute; off: serialised")
       .value("exchange", "flat", "flat, or hierarchical (once per destination node, then forwarded inside it)")
@@ -84,6 +85,9 @@ int train(moex::comm::MpiCommunicator& world, int argc, char** argv) {
   to.layer.overlap = opt.str("overlap") == "on";
   to.layer.exchange = moex::exchange_from_string(opt.str("exchange"));
   to.layer.capacity_factor = non_negative(opt, "capacity-factor");
+  if (opt.str("deterministic") != "on" && opt.str("deterministic") != "off")
+    throw moex::ConfigError("--deterministic = '" + opt.str("deterministic") + "': expected on or off");
+  to.layer.deterministic = opt.str("deterministic") == "on";
   to.aux.seq_alpha = non_negative(opt, "aux-seq-alpha");
   to.aux.expert_alpha = non_negative(opt, "aux-expert-alpha");
   to.aux.seq_len = opt.integer("seq-len");

@@ -744,7 +744,7 @@ void MoELayer::run_experts_forward(int c) {
   for (std::int64_t s = 0; s < S; ++s)
     for_each_block(recv_layout_, s, c, [&](std::int64_t b, std::int64_t n) {
       kernels::swiglu_ffn_forward({n, H, F}, xe_.data() + b * H, expert_w13(s), expert_w2(s), h13_.data() + b * 2 * F,
-                                  sig_.data() + b * F, a_.data() + b * F, ye_.data() + b * H);
+                                  sig_.data() + b * F, a_.data() + b * F, ye_.data() + b * H, gemm_kind());
     });
   counters_.experts += ms_since(t0);
   // Weighted sum per received row, experts in slot order (the same order for every chunking).
@@ -790,7 +790,7 @@ void MoELayer::run_experts_backward(int c) {
     for_each_block(recv_layout_, s, c, [&](std::int64_t b, std::int64_t n) {
       kernels::swiglu_ffn_backward_data({n, H, F}, expert_w13(s), expert_w2(s), h13_.data() + b * 2 * F,
                                         sig_.data() + b * F, dye_.data() + b * H, dh13_.data() + b * 2 * F,
-                                        dxe_.data() + b * H);
+                                        dxe_.data() + b * H, gemm_kind());
     });
   counters_.experts += ms_since(t0);
   // One row back per received row: its dx (experts in slot order), then the K weight gradients.

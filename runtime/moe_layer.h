@@ -10,6 +10,7 @@
 
 #include "comm/communicator.h"
 #include "runtime/kernels/balance.h"
+#include "runtime/kernels/expert_ffn.h"
 #include "runtime/moe_config.h"
 #include "runtime/stream.h"
 #include "scheduler/expert_placement.h"
@@ -50,7 +51,8 @@ const char* to_string(ExchangeKind k);
 ExchangeKind exchange_from_string(const std::string& s);
 
 /// How a layer schedules one pass. Every rank must use the same options. Results are bitwise the
-/// same for every choice (the canonical orders of sched::ReceiveLayout make them so).
+/// same for every overlap and exchange choice (the canonical orders of sched::ReceiveLayout make them
+/// so), and for every chunk count too with `deterministic`.
 struct LayerOptions {
   int chunks = 1;        ///< pipeline chunks: chunk i+1's exchange runs while chunk i computes
   bool overlap = true;   ///< exchanges on a communication stream (thread) beside the compute
@@ -62,6 +64,12 @@ struct LayerOptions {
   /// rest are dropped: they add nothing to the output and get no gradient. Counted in
   /// LayerRouteStats::picks_dropped. Results stay independent of chunks, overlap and exchange.
   double capacity_factor = 0.0;
+  /// Bitwise the same results for every chunk count: the routed experts' row-wise GEMMs use
+  /// kernels::rowwise_gemm (each row's result independent of the rows it is computed with) instead
+  /// of BLAS sgemm, whose result for a row changes with the rows in the call. Slower. Without it,
+  /// results are bitwise the same across overlap and exchange for a fixed chunk count, and agree
+  /// across chunk counts to fp32 rounding.
+  bool deterministic = false;
 };
 
 /// What one forward pass routed, for logs and balancing.
@@ -245,6 +253,9 @@ class MoELayer {
   void init_common(std::optional<sched::Topology> topology, const LayerOptions& options);
   void set_slots(std::vector<std::vector<std::int64_t>> slot_expert);
   void route_picks();
+  kernels::GemmKind gemm_kind() const {
+    return options_.deterministic ? kernels::GemmKind::kRowwise : kernels::GemmKind::kBlas;
+  }
   void apply_capacity();
   kernels::BalanceLossParams aux_params(std::int64_t tokens) const;
   std::chrono::steady_clock::time_point deadline() const;

@@ -18,6 +18,7 @@
 #include "runtime/kernels/expert_ffn.h"
 #include "runtime/kernels/math.h"
 #include "runtime/kernels/permute.h"
+#include "runtime/kernels/rowwise_gemm.h"
 #include "runtime/kernels/swiglu_rows.h"
 #include "runtime/parallel.h"
 #include "runtime/random.h"
@@ -413,6 +414,85 @@ TEST(ReferenceLayer, BackwardMatchesFiniteDifferences) {
     EXPECT_TRUE(close_to(grads.shared.gate_proj, fd_of(w.shared.gate_proj), 1e-6, "shared gate_proj"));
     EXPECT_TRUE(close_to(grads.shared.up_proj, fd_of(w.shared.up_proj), 1e-6, "shared up_proj"));
     EXPECT_TRUE(close_to(grads.shared.down_proj, fd_of(w.shared.down_proj), 1e-6, "shared down_proj"));
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Row-independent GEMM
+
+TEST(RowwiseGemm, MatchesFloat64AndEveryRowSubsetGivesTheSameBits) {
+  Rng rng(31);
+  // Shapes with column tails (n % 16), row tails (m % 4), several k passes (k > 256) and k = 0.
+  const std::int64_t shapes[][3] = {{13, 37, 5}, {9, 16, 300}, {33, 70, 513}, {4, 8, 1}, {6, 21, 0}, {1, 1, 7}};
+  for (const auto& sh : shapes) {
+    const std::int64_t m = sh[0], n = sh[1], k = sh[2];
+    std::vector<float> a(static_cast<std::size_t>(m * k)), b(static_cast<std::size_t>(k * n)), c(static_cast<std::size_t>(m * n), 7.0f);
+    rng.fill_normal(a.data(), m * k, 1.0);
+    rng.fill_normal(b.data(), k * n, 1.0);
+    kernels::rowwise_gemm_nn(m, n, k, a.data(), k, b.data(), n, c.data(), n);
+    double err = 0.0, mag = 1e-30;
+    for (std::int64_t i = 0; i < m; ++i)
+      for (std::int64_t j = 0; j < n; ++j) {
+        double want = 0.0;
+        for (std::int64_t kk = 0; kk < k; ++kk) want += static_cast<double>(a[static_cast<std::size_t>(i * k + kk)]) * b[static_cast<std::size_t>(kk * n + j)];
+        err = std::max(err, std::abs(want - c[static_cast<std::size_t>(i * n + j)]));
+        mag = std::max(mag, std::abs(want));
+      }
+    EXPECT_LE(err, k == 0 ? 0.0 : 1e-5 * mag) << m << "x" << n << "x" << k;
+    // Any row range, computed alone and with other threads, gives the full product's bits.
+    for (int threads : {1, 3}) {
+      set_parallel_threads(threads);
+      for (std::int64_t r0 = 0; r0 < m; r0 += 3)
+        for (std::int64_t len : {std::int64_t{1}, std::int64_t{2}, std::int64_t{5}, m}) {
+          const std::int64_t r1 = std::min(m, r0 + len);
+          std::vector<float> part(static_cast<std::size_t>((r1 - r0) * n), -1.0f);
+          kernels::rowwise_gemm_nn(r1 - r0, n, k, a.data() + r0 * k, k, b.data(), n, part.data(), n);
+          EXPECT_EQ(std::memcmp(part.data(), c.data() + r0 * n, part.size() * sizeof(float)), 0)
+              << m << "x" << n << "x" << k << ": rows [" << r0 << ", " << r1 << ") with " << threads << " threads";
+        }
+    }
+    set_parallel_threads(1);
+    // The transposed form equals the plain one on the explicitly transposed B.
+    std::vector<float> bt(static_cast<std::size_t>(n * k)), c2(c.size()), scratch;
+    for (std::int64_t kk = 0; kk < k; ++kk)
+      for (std::int64_t j = 0; j < n; ++j) bt[static_cast<std::size_t>(j * k + kk)] = b[static_cast<std::size_t>(kk * n + j)];
+    kernels::rowwise_gemm_nt(m, n, k, a.data(), k, bt.data(), k, c2.data(), n, scratch);
+    EXPECT_EQ(c2, c) << m << "x" << n << "x" << k;
+  }
+}
+
+TEST(RowwiseGemm, FfnWithRowwiseGemmsIsChunkIndependentAndMatchesBlas) {
+  const std::int64_t R = 23, H = 40, F = 24;
+  Rng rng(32);
+  std::vector<float> x(R * H), w13(2 * F * H), w2(H * F), dy(R * H);
+  rng.fill_normal(x.data(), R * H, 1.0);
+  rng.fill_normal(w13.data(), 2 * F * H, 0.2);
+  rng.fill_normal(w2.data(), H * F, 0.2);
+  rng.fill_normal(dy.data(), R * H, 1.0);
+  auto run = [&](std::int64_t r0, std::int64_t r1, kernels::GemmKind g, std::vector<float>& y, std::vector<float>& dx) {
+    const std::int64_t n = r1 - r0;
+    std::vector<float> h13(n * 2 * F), sig(n * F), a(n * F), dh13(n * 2 * F);
+    y.resize(n * H);
+    dx.resize(n * H);
+    kernels::swiglu_ffn_forward({n, H, F}, x.data() + r0 * H, w13.data(), w2.data(), h13.data(), sig.data(), a.data(), y.data(), g);
+    kernels::swiglu_ffn_backward_data({n, H, F}, w13.data(), w2.data(), h13.data(), sig.data(), dy.data() + r0 * H,
+                                      dh13.data(), dx.data(), g);
+  };
+  std::vector<float> y, dx, yb, dxb;
+  run(0, R, kernels::GemmKind::kRowwise, y, dx);
+  run(0, R, kernels::GemmKind::kBlas, yb, dxb);
+  for (std::size_t i = 0; i < y.size(); ++i) {
+    EXPECT_NEAR(y[i], yb[i], 1e-4f) << i;
+    EXPECT_NEAR(dx[i], dxb[i], 1e-4f) << i;
+  }
+  for (std::int64_t cut : {1, 7, 16, 22}) {
+    std::vector<float> y1, dx1, y2, dx2;
+    run(0, cut, kernels::GemmKind::kRowwise, y1, dx1);
+    run(cut, R, kernels::GemmKind::kRowwise, y2, dx2);
+    y1.insert(y1.end(), y2.begin(), y2.end());
+    dx1.insert(dx1.end(), dx2.begin(), dx2.end());
+    EXPECT_EQ(y1, y) << "cut at " << cut;
+    EXPECT_EQ(dx1, dx) << "cut at " << cut;
   }
 }
 

@@ -137,7 +137,8 @@ std::vector<float> run_layer(const MoeConfig& cfg, const sched::Topology& topo, 
 /// bitwise the same output and gradients as the plain one (no overlap, flat) on the same topology.
 /// Different chunk counts cut the expert GEMMs into different row blocks, and OpenBLAS's sgemm does
 /// not give a row the same bits in every block size, so across chunk counts the results agree to
-/// fp32 rounding (1e-5 of each result's scale) instead.
+/// fp32 rounding (1e-5 of each result's scale) instead; with LayerOptions::deterministic (row-wise
+/// GEMMs) every chunk count gives bitwise the one-chunk results.
 void expect_schedules_agree(const MoeConfig& cfg, std::int64_t T, bool skew, std::uint64_t seed,
                             std::initializer_list<int> node_sizes, std::initializer_list<int> chunk_counts) {
   auto& world = testing::world();
@@ -168,6 +169,19 @@ void expect_schedules_agree(const MoeConfig& cfg, std::int64_t T, bool skew, std
           ok = ok && same;
         }
     }
+    // Deterministic schedule: bitwise the same for every chunk count too.
+    const auto det_one = run_layer(cfg, topo, {1, false, ExchangeKind::kFlat, 0.0, true}, x, dy, b, e, skew);
+    const double det_err = rel_err(det_one.data(), one_chunk.data(), det_one.size());
+    EXPECT_LE(det_err, 1e-5) << topo.describe() << ": deterministic vs BLAS";
+    ok = ok && det_err <= 1e-5;
+    for (int chunks : chunk_counts)
+      for (ExchangeKind ex : {ExchangeKind::kFlat, ExchangeKind::kHierarchical}) {
+        const auto got = run_layer(cfg, topo, {chunks, true, ex, 0.0, true}, x, dy, b, e, skew);
+        const bool same = got == det_one;
+        EXPECT_TRUE(same) << topo.describe() << ", deterministic, chunks " << chunks << ", " << to_string(ex)
+                          << ": differs from 1 chunk";
+        ok = ok && same;
+      }
   }
   EXPECT_TRUE(testing::all_ranks(ok));
 }
