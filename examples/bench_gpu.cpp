@@ -5,10 +5,15 @@
 //       same FLOPs (the same shape with every row in one matrix); plus the whole FFN forward /
 //       backward against the same FFN run as one dense expert;
 //   (b) permute (gather into expert order) and combine (weighted, deterministic CSR sum back into
-//       token order) as bytes/s and as a ratio to cudaMemcpyAsync device-to-device of the same bytes.
+//       token order) as bytes/s and as a ratio to cudaMemcpyAsync device-to-device of the same bytes;
+//   (c) `layer`: one whole GpuMoELayer (softmax greedy gate, `--shared` shared experts, --dtype),
+//       forward + backward (zero_grad, forward, backward) in ms, tokens/s and TFLOP/s, then one
+//       profiled pass per iteration for the median time of every stage.
+// `--case all|gemm|permute|layer` picks one (default all).
 // Timing: CUDA events around each iteration, `--warmup` untimed iterations first, the median of
 // `--iters`. Without a device it prints "SKIPPED: no CUDA device (...)" and exits 0.
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <exception>
@@ -22,6 +27,7 @@
 #include "base/error.h"
 #include "examples/tool.h"
 #include "runtime/cuda/device.h"
+#include "runtime/cuda/gpu_layer.h"
 #include "runtime/cuda/grouped_gemm.h"
 #include "runtime/cuda/kernels.h"
 #include "runtime/random.h"
@@ -210,9 +216,101 @@ void print_json(bool on, const nlohmann::json& j) {
   if (on) std::printf("%s\n", j.dump().c_str());
 }
 
+/// (c) One GpuMoELayer of the shape in `cfg` on `tokens` tokens: the median of zero_grad + forward +
+/// backward, of forward alone, and of every stage (from profiled passes, timed apart).
+void bench_layer(const moex::MoeConfig& cfg, int64_t T, DType dtype, const Timing& timing, std::uint64_t seed,
+                 cudaStream_t s, bool json, const nlohmann::json& shape) {
+  const int64_t H = cfg.hidden_size, F = cfg.moe_intermediate_size, E = cfg.n_routed_experts,
+                K = cfg.num_experts_per_tok, Fs = cfg.shared_intermediate_size();
+  GpuLayerOptions opt;
+  opt.precision = dtype == DType::kBf16 ? LayerPrecision::kBf16 : LayerPrecision::kFp32;
+  GpuMoELayer layer(cfg, opt);
+  // Parameters of standard deviation 1/sqrt(fan_in) (uniform: scale sqrt(3)/sqrt(fan_in)); x and dy
+  // of standard deviation 1, as examples/torch_moe_bench.py draws them.
+  const auto inv_sqrt = [](int64_t n) { return static_cast<float>(std::sqrt(3.0 / static_cast<double>(n))); };
+  fill_uniform(layer.gate_weight(), E * H, seed + 30, inv_sqrt(H), s);
+  for (int64_t e = 0; e < E; ++e) {
+    const std::size_t es = dtype_size(dtype);
+    void* w13 = at(layer.expert_params(), e * 3 * F * H, es);
+    void* w2 = at(w13, 2 * F * H, es);
+    if (dtype == DType::kBf16) {
+      fill_uniform(static_cast<bf16*>(w13), 2 * F * H, seed + 31 + static_cast<std::uint64_t>(e), inv_sqrt(H), s);
+      fill_uniform(static_cast<bf16*>(w2), H * F, seed + 1031 + static_cast<std::uint64_t>(e), inv_sqrt(F), s);
+    } else {
+      fill_uniform(static_cast<float*>(w13), 2 * F * H, seed + 31 + static_cast<std::uint64_t>(e), inv_sqrt(H), s);
+      fill_uniform(static_cast<float*>(w2), H * F, seed + 1031 + static_cast<std::uint64_t>(e), inv_sqrt(F), s);
+    }
+  }
+  if (Fs > 0) {
+    const std::size_t es = dtype_size(dtype);
+    void* w13 = layer.shared_params();
+    void* w2 = at(w13, 2 * Fs * H, es);
+    if (dtype == DType::kBf16) {
+      fill_uniform(static_cast<bf16*>(w13), 2 * Fs * H, seed + 40, inv_sqrt(H), s);
+      fill_uniform(static_cast<bf16*>(w2), H * Fs, seed + 41, inv_sqrt(Fs), s);
+    } else {
+      fill_uniform(static_cast<float*>(w13), 2 * Fs * H, seed + 40, inv_sqrt(H), s);
+      fill_uniform(static_cast<float*>(w2), H * Fs, seed + 41, inv_sqrt(Fs), s);
+    }
+  }
+  DeviceBuffer<float> x(static_cast<std::size_t>(T * H), s), y(static_cast<std::size_t>(T * H), s),
+      dy(static_cast<std::size_t>(T * H), s), dx(static_cast<std::size_t>(T * H), s);
+  fill_uniform(x.data(), T * H, seed + 50, std::sqrt(3.0f), s);
+  fill_uniform(dy.data(), T * H, seed + 51, std::sqrt(3.0f), s);
+  layer.reserve(T, s);
+  MOEX_CUDA_CHECK(cudaStreamSynchronize(s));
+
+  const auto step = [&] {
+    layer.zero_grad(s);
+    layer.forward(x.data(), T, y.data(), s);
+    layer.backward(dy.data(), dx.data(), s);
+  };
+  const double ms = time_ms(s, timing, step);
+  const double ms_fwd = time_ms(s, timing, [&] { layer.forward(x.data(), T, y.data(), s); });
+  const std::vector<int64_t>& counts = layer.expert_counts();
+  const auto [lo, hi] = std::minmax_element(counts.begin(), counts.end());
+  const int64_t N = T * K;
+  // FLOPs: the routed and shared FFNs (GroupedFfn::forward_flops + backward_flops: 18 rows H F) and
+  // the gate's GEMMs (2 T H E forward, 4 T H E backward); the elementwise kernels are not counted.
+  const double ffn_flops = GroupedFfn::forward_flops(N, H, F) + GroupedFfn::backward_flops(N, H, F) +
+                           GroupedFfn::forward_flops(T, H, Fs) + GroupedFfn::backward_flops(T, H, Fs);
+  const double flops = ffn_flops + 6.0 * static_cast<double>(T) * static_cast<double>(H) * static_cast<double>(E);
+  const double tokens_per_s = static_cast<double>(T) / (ms * 1e-3);
+  const double tflops = flops / (ms * 1e9);
+
+  // Stage times from separate profiled passes (their events cost a little).
+  layer.set_profile(true);
+  std::vector<std::vector<double>> st(12);
+  for (int i = 0; i < timing.warmup + timing.iters; ++i) {
+    step();
+    if (i < timing.warmup) continue;
+    const GpuLayerTimes t = layer.last_times();
+    const double v[12] = {t.fwd_total, t.fwd_gate, t.fwd_permute, t.fwd_experts, t.fwd_combine, t.fwd_shared,
+                          t.bwd_total, t.bwd_permute, t.bwd_experts, t.bwd_combine, t.bwd_gate, t.bwd_shared};
+    for (std::size_t j = 0; j < 12; ++j) st[j].push_back(v[j]);
+  }
+  const char* names[12] = {"fwd_total", "fwd_gate", "fwd_permute", "fwd_experts", "fwd_combine", "fwd_shared",
+                           "bwd_total", "bwd_permute", "bwd_experts", "bwd_combine", "bwd_gate", "bwd_shared"};
+  nlohmann::json stages = nlohmann::json::object();
+  for (std::size_t j = 0; j < 12; ++j) stages[names[j]] = median(st[j]);
+
+  std::printf("\nlayer (%s, %lld shared experts of %lld, %lld..%lld rows per expert): forward+backward %.3f ms "
+              "(%.0f tokens/s, %.1f TFLOP/s), forward %.3f ms\n",
+              to_string(dtype), static_cast<long long>(cfg.n_shared_experts), static_cast<long long>(F),
+              static_cast<long long>(*lo), static_cast<long long>(*hi), ms, tokens_per_s, tflops, ms_fwd);
+  std::printf("  stages (ms, profiled passes; shared runs beside gate/permute/experts):\n");
+  for (std::size_t j = 0; j < 12; ++j) std::printf("    %-12s %8.3f\n", names[j], median(st[j]));
+  nlohmann::json j = shape;
+  j.update({{"bench", "gpu"}, {"case", "layer"}, {"dtype", to_string(dtype)}, {"shared_experts", cfg.n_shared_experts},
+            {"scoring", moex::to_string(cfg.scoring_func)}, {"topk_method", moex::to_string(cfg.topk_method)},
+            {"ms_fwd_bwd", ms}, {"ms_fwd", ms_fwd}, {"tokens_per_s", tokens_per_s}, {"flops", flops},
+            {"tflops", tflops}, {"rows_min", *lo}, {"rows_max", *hi}, {"stages_ms", stages}});
+  print_json(json, j);
+}
+
 int run(int argc, char** argv) {
-  moex::tools::Options opt("moex-bench-gpu", "moex-bench-gpu [--hidden H --ffn F --experts E --topk K --tokens T] "
-                                             "[--iters N] [--json]");
+  moex::tools::Options opt("moex-bench-gpu", "moex-bench-gpu [--case all|gemm|permute|layer] [--hidden H --ffn F "
+                                             "--experts E --topk K --tokens T --shared S] [--iters N] [--json]");
   opt.value("hidden", "2048", "hidden_size")
       .value("ffn", "1408", "moe_intermediate_size")
       .value("experts", "64", "n_routed_experts")
@@ -223,6 +321,8 @@ int run(int argc, char** argv) {
       .value("seed", "1", "seed of the routing and the data")
       .value("dtype", "bf16", "element type of the GEMM benchmarks: bf16 or fp32")
       .value("device", "0", "CUDA device ordinal")
+      .value("case", "all", "what to run: all, gemm, permute or layer")
+      .value("shared", "2", "layer case: n_shared_experts (DeepSeek-V2-Lite: 2)")
       .flag("json", "also print one JSON line per case");
   if (!opt.parse(argc, argv, 1)) return 0;
   std::string why;
@@ -241,6 +341,11 @@ int run(int argc, char** argv) {
   if (dtype_name != "bf16" && dtype_name != "fp32")
     throw moex::ConfigError("--dtype = '" + dtype_name + "': expected bf16 or fp32");
   const DType dtype = dtype_name == "bf16" ? DType::kBf16 : DType::kFp32;
+  const std::string which = opt.str("case");
+  if (which != "all" && which != "gemm" && which != "permute" && which != "layer")
+    throw moex::ConfigError("--case = '" + which + "': expected all, gemm, permute or layer");
+  const int64_t n_shared = opt.integer("shared");
+  if (n_shared < 0) throw moex::ConfigError("--shared = " + std::to_string(n_shared) + ": expected >= 0");
   const int device = static_cast<int>(opt.integer("device"));
   if (device < 0 || device >= devices)
     throw moex::ConfigError("--device = " + std::to_string(device) + ": expected 0.." + std::to_string(devices - 1));
@@ -265,7 +370,7 @@ int run(int argc, char** argv) {
                              {"tokens", T}, {"rows", N}, {"iters", timing.iters}};
 
   // (a) Grouped GEMMs.
-  {
+  if (which == "all" || which == "gemm") {
     FfnTensors t;
     const float ws = 1.0f / static_cast<float>(H);
     t.x = random_tensor(dtype, N * H, seed + 1, 1.0f, s);
@@ -340,6 +445,25 @@ int run(int argc, char** argv) {
       }
     }
   }
+
+  // (c) The whole layer: DeepSeek-V2-Lite's routing (softmax, greedy top-K, no normalisation).
+  if (which == "all" || which == "layer") {
+    moex::MoeConfig cfg = moex::MoeConfig::defaults_for("deepseek_v2");
+    cfg.hidden_size = H;
+    cfg.moe_intermediate_size = F;
+    cfg.n_routed_experts = E;
+    cfg.num_experts_per_tok = K;
+    cfg.n_shared_experts = n_shared;
+    cfg.n_group = 1;
+    cfg.topk_group = 1;
+    cfg.topk_method = moex::TopkMethod::kGreedy;
+    cfg.scoring_func = moex::ScoringFunc::kSoftmax;
+    cfg.norm_topk_prob = false;
+    cfg.routed_scaling_factor = 1.0;
+    cfg.validate();
+    bench_layer(cfg, T, dtype, timing, seed, s, json, shape);
+  }
+  if (which != "all" && which != "permute") return 0;
 
   // (b) Permute and combine. Bytes = row payload read + written (index and weights not counted); the
   // memcpy baseline copies half as many bytes, so it too reads + writes that many.

@@ -192,6 +192,9 @@ GroupedFfn::GroupedFfn(const GroupedFfnShape& shape, DType dtype, GroupedGemmImp
     throw InvalidArgument("GroupedFfn: experts = " + std::to_string(shape.experts) + ", hidden = " +
                           std::to_string(shape.hidden) + ", ffn = " + std::to_string(shape.ffn) +
                           ": each must be >= 1");
+  if (shape.expert_stride != 0 && shape.expert_stride < 2 * shape.ffn * shape.hidden)
+    throw InvalidArgument("GroupedFfn: expert_stride = " + std::to_string(shape.expert_stride) +
+                          ": expected 0 (dense) or >= 2 * ffn * hidden = " + std::to_string(2 * shape.ffn * shape.hidden));
 }
 
 double GroupedFfn::forward_flops(std::int64_t rows, std::int64_t hidden, std::int64_t ffn) {
@@ -268,13 +271,13 @@ void GroupedFfn::forward(cublasHandle_t blas, std::span<const std::int64_t> rows
                          const void* w13, const void* w2, void* h13, void* sig, void* a, void* y, cudaStream_t stream) {
   const std::int64_t N = plan_rows(rows_per_expert, "GroupedFfn::forward");
   if (N == 0) return;
-  const std::int64_t H = shape_.hidden, F = shape_.ffn;
+  const std::int64_t H = shape_.hidden, F = shape_.ffn, S13 = shape_.w13_stride(), S2 = shape_.w2_stride();
   const std::size_t es = dtype_size(dtype_);
   // h13_e [r, 2F] = x_e [r, H] . w13_e [2F, H]^T
   for (std::int64_t e = 0; e < shape_.experts; ++e) {
     const std::int64_t r = rows_per_expert[static_cast<std::size_t>(e)], o = offsets_[static_cast<std::size_t>(e)];
     if (r == 0) continue;
-    problems_.push_back(problem(false, true, r, 2 * F, H, at(x, o * H, es), H, at(w13, e * 2 * F * H, es), H,
+    problems_.push_back(problem(false, true, r, 2 * F, H, at(x, o * H, es), H, at(w13, e * S13, es), H,
                                 at(h13, o * 2 * F, es), 2 * F));
   }
   gemm_.run(blas, dtype_, problems_, stream);
@@ -284,7 +287,7 @@ void GroupedFfn::forward(cublasHandle_t blas, std::span<const std::int64_t> rows
   for (std::int64_t e = 0; e < shape_.experts; ++e) {
     const std::int64_t r = rows_per_expert[static_cast<std::size_t>(e)], o = offsets_[static_cast<std::size_t>(e)];
     if (r == 0) continue;
-    problems_.push_back(problem(false, true, r, H, F, at(a, o * F, es), F, at(w2, e * H * F, es), F,
+    problems_.push_back(problem(false, true, r, H, F, at(a, o * F, es), F, at(w2, e * S2, es), F,
                                 at(y, o * H, es), H));
   }
   gemm_.run(blas, dtype_, problems_, stream);
@@ -295,17 +298,17 @@ void GroupedFfn::backward(cublasHandle_t blas, std::span<const std::int64_t> row
                           const void* dy, void* dw13, void* dw2, void* dx, void* dh13, bool accumulate,
                           cudaStream_t stream) {
   const std::int64_t N = plan_rows(rows_per_expert, "GroupedFfn::backward");
-  const std::int64_t H = shape_.hidden, F = shape_.ffn;
+  const std::int64_t H = shape_.hidden, F = shape_.ffn, S13 = shape_.w13_stride(), S2 = shape_.w2_stride();
   const std::size_t es = dtype_size(dtype_);
   const float beta = accumulate ? 1.0f : 0.0f;
   // dA_e [r, F] (the up half of dh13_e) = dy_e [r, H] . w2_e [H, F];  dw2_e [H, F] (+)= dy_e^T . a_e
   for (std::int64_t e = 0; e < shape_.experts; ++e) {
     const std::int64_t r = rows_per_expert[static_cast<std::size_t>(e)], o = offsets_[static_cast<std::size_t>(e)];
     if (r > 0)
-      problems_.push_back(problem(false, false, r, F, H, at(dy, o * H, es), H, at(w2, e * H * F, es), F,
+      problems_.push_back(problem(false, false, r, F, H, at(dy, o * H, es), H, at(w2, e * S2, es), F,
                                   at(dh13, o * 2 * F + F, es), 2 * F));
     problems_.push_back(problem(true, false, H, F, r, at(dy, o * H, es), H, at(a, o * F, es), F,
-                                at(dw2, e * H * F, es), F, beta));
+                                at(dw2, e * S2, es), F, beta));
   }
   gemm_.run(blas, dtype_, problems_, stream);
   swiglu_bwd(N, h13, sig, dh13, stream);
@@ -315,9 +318,9 @@ void GroupedFfn::backward(cublasHandle_t blas, std::span<const std::int64_t> row
     const std::int64_t r = rows_per_expert[static_cast<std::size_t>(e)], o = offsets_[static_cast<std::size_t>(e)];
     if (r > 0)
       problems_.push_back(problem(false, false, r, H, 2 * F, at(dh13, o * 2 * F, es), 2 * F,
-                                  at(w13, e * 2 * F * H, es), H, at(dx, o * H, es), H));
+                                  at(w13, e * S13, es), H, at(dx, o * H, es), H));
     problems_.push_back(problem(true, false, 2 * F, H, r, at(dh13, o * 2 * F, es), 2 * F, at(x, o * H, es), H,
-                                at(dw13, e * 2 * F * H, es), H, beta));
+                                at(dw13, e * S13, es), H, beta));
   }
   gemm_.run(blas, dtype_, problems_, stream);
 }

@@ -77,6 +77,10 @@ class GroupedGemm {
 ///   x    [N, hidden]      the rows of expert 0, then expert 1, ... (N = sum of rows_per_expert)
 ///   w13  [E, 2*ffn, hidden]  per expert gate_proj rows then up_proj rows
 ///   w2   [E, hidden, ffn]    per expert down_proj
+/// (expert e's blocks start at w13 + e*2*ffn*hidden and w2 + e*hidden*ffn; with a non-zero
+/// `expert_stride` both start at e*expert_stride instead, e.g. the interleaved per-expert
+/// [w13 | w2] blocks of MoELayer::experts(): w2 = w13 + 2*ffn*hidden, expert_stride = 3*ffn*hidden.
+/// The gradients dw13 / dw2 use the same offsets.)
 ///   h13  [N, 2*ffn], sig [N, ffn], a [N, ffn]  saved by forward for backward
 ///   y    [N, hidden]
 /// All tensors have the element type of the DType (float or __nv_bfloat16); accumulation is fp32.
@@ -85,11 +89,16 @@ struct GroupedFfnShape {
   std::int64_t experts = 0;
   std::int64_t hidden = 0;
   std::int64_t ffn = 0;
+  /// Elements from one expert's w13 (and w2) block to the next; 0 = dense ([E,2F,H] and [E,H,F]).
+  std::int64_t expert_stride = 0;
+  std::int64_t w13_stride() const { return expert_stride != 0 ? expert_stride : 2 * ffn * hidden; }
+  std::int64_t w2_stride() const { return expert_stride != 0 ? expert_stride : hidden * ffn; }
 };
 
 class GroupedFfn {
  public:
-  /// Throws InvalidArgument unless experts >= 1, hidden >= 1 and ffn >= 1.
+  /// Throws InvalidArgument unless experts >= 1, hidden >= 1, ffn >= 1 and expert_stride is 0 or
+  /// >= 2*ffn*hidden (one expert's w13 block).
   GroupedFfn(const GroupedFfnShape& shape, DType dtype, GroupedGemmImpl impl);
 
   const GroupedFfnShape& shape() const { return shape_; }

@@ -1,0 +1,705 @@
+// GpuMoELayer: one MoE layer, forward and backward, on one GPU (see gpu_layer.h).
+#include "runtime/cuda/gpu_layer.h"
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <numeric>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "base/error.h"
+#include "runtime/cuda/kernels.h"
+#include "runtime/moe_layer.h"
+
+namespace moex::cuda {
+namespace {
+
+using std::int64_t;
+
+constexpr unsigned kFullMask = 0xffffffffu;
+constexpr int kWarp = 32;
+
+// ---------------------------------------------------------------------------------------------------
+// Routing: a stable counting sort of the picks by expert, on the device.
+
+constexpr int kCountThreads = 256;
+
+/// Block e counts the picks of expert e: counts[e] = #{i < picks : ids[i] == e}. No atomics: the
+/// result is exact and deterministic.
+__global__ void route_count_kernel(const std::int32_t* __restrict__ ids, int64_t picks, int64_t* __restrict__ counts) {
+  __shared__ int64_t part[kCountThreads / kWarp];
+  const int e = static_cast<int>(blockIdx.x);
+  const int warp = static_cast<int>(threadIdx.x) / kWarp, lane = static_cast<int>(threadIdx.x) % kWarp;
+  int64_t n = 0;
+  for (int64_t i = threadIdx.x; i < picks; i += blockDim.x) n += ids[i] == e ? 1 : 0;
+  for (int off = kWarp / 2; off > 0; off >>= 1) n += __shfl_xor_sync(kFullMask, n, off);
+  if (lane == 0) part[warp] = n;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int64_t total = 0;
+    for (int w = 0; w < kCountThreads / kWarp; ++w) total += part[w];
+    counts[e] = total;
+  }
+}
+
+constexpr int kPlaceThreads = 512;
+constexpr int kPlaceItems = 4;  // consecutive picks per thread and tile
+constexpr int kPlaceWarps = kPlaceThreads / kWarp;
+constexpr int64_t kPlaceTile = static_cast<int64_t>(kPlaceThreads) * kPlaceItems;
+
+/// Block e places the picks of expert e, in pick order, at rows offset_e, offset_e + 1, ... where
+/// offset_e = counts[0] + ... + counts[e-1]: for pick i = t*K + k routed there at row r,
+///   entry_token[r] = t, entry_weight[r] = topk_weights[i], pick_entry[i] = r.
+/// Tiles of kPlaceTile picks; a block-wide exclusive scan of the per-thread match counts gives each
+/// match its rank.
+__global__ void route_place_kernel(const std::int32_t* __restrict__ ids, const float* __restrict__ topk_weights,
+                                   int64_t picks, int64_t topk, const int64_t* __restrict__ counts,
+                                   int64_t* __restrict__ entry_token, float* __restrict__ entry_weight,
+                                   int64_t* __restrict__ pick_entry) {
+  __shared__ int warp_incl[kPlaceWarps];
+  __shared__ int64_t base_shared;
+  const int e = static_cast<int>(blockIdx.x);
+  const int warp = static_cast<int>(threadIdx.x) / kWarp, lane = static_cast<int>(threadIdx.x) % kWarp;
+  if (threadIdx.x == 0) {
+    int64_t o = 0;
+    for (int j = 0; j < e; ++j) o += counts[j];
+    base_shared = o;
+  }
+  __syncthreads();
+  int64_t base = base_shared;
+  for (int64_t tile = 0; tile < picks; tile += kPlaceTile) {
+    const int64_t first = tile + static_cast<int64_t>(threadIdx.x) * kPlaceItems;
+    bool hit[kPlaceItems];
+    int mine = 0;
+#pragma unroll
+    for (int q = 0; q < kPlaceItems; ++q) {
+      const int64_t i = first + q;
+      hit[q] = i < picks && ids[i] == e;
+      mine += hit[q] ? 1 : 0;
+    }
+    // Inclusive scan of `mine` within the warp, then over the warps.
+    int incl = mine;
+    for (int off = 1; off < kWarp; off <<= 1) {
+      const int v = __shfl_up_sync(kFullMask, incl, off);
+      if (lane >= off) incl += v;
+    }
+    if (lane == kWarp - 1) warp_incl[warp] = incl;
+    __syncthreads();
+    if (warp == 0) {
+      int w = lane < kPlaceWarps ? warp_incl[lane] : 0;
+      for (int off = 1; off < kWarp; off <<= 1) {
+        const int v = __shfl_up_sync(kFullMask, w, off);
+        if (lane >= off) w += v;
+      }
+      if (lane < kPlaceWarps) warp_incl[lane] = w;
+    }
+    __syncthreads();
+    int64_t r = base + (warp > 0 ? warp_incl[warp - 1] : 0) + (incl - mine);
+#pragma unroll
+    for (int q = 0; q < kPlaceItems; ++q) {
+      if (!hit[q]) continue;
+      const int64_t i = first + q;
+      entry_token[r] = i / topk;
+      entry_weight[r] = topk_weights[i];
+      pick_entry[i] = r;
+      ++r;
+    }
+    base += warp_incl[kPlaceWarps - 1];
+    __syncthreads();  // warp_incl is rewritten by the next tile
+  }
+}
+
+constexpr int kEltThreads = 256;
+
+unsigned elt_blocks(int64_t n) {
+  return static_cast<unsigned>(std::clamp<int64_t>((n + kEltThreads - 1) / kEltThreads, 1, 65536));
+}
+
+/// dst[i] = src[index[i]] for i < n.
+__global__ void gather_scalar_kernel(int64_t n, const int64_t* __restrict__ index, const float* __restrict__ src,
+                                     float* __restrict__ dst) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    dst[i] = src[index[i]];
+}
+
+/// offsets[t] = t * step for t < n (the CSR of a combine where every token has `step` sources).
+__global__ void iota_step_kernel(int64_t n, int64_t step, int64_t* __restrict__ offsets) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    offsets[i] = i * step;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Helpers
+
+/// Calls f(Tag<float>{}) or f(Tag<bf16>{}) for the element type of `d`.
+template <typename T>
+struct Tag {
+  using type = T;
+};
+template <typename F>
+void with_type(DType d, F&& f) {
+  if (d == DType::kFp32)
+    f(Tag<float>{});
+  else
+    f(Tag<bf16>{});
+}
+
+template <typename T>
+T* as(DeviceBuffer<unsigned char>& b) {
+  return reinterpret_cast<T*>(b.data());
+}
+template <typename T>
+const T* as_const(const void* p) {
+  return static_cast<const T*>(p);
+}
+
+/// (Re)allocates `b` for `count` elements of `es` bytes on `stream` (the old memory is freed first).
+void realloc_bytes(DeviceBuffer<unsigned char>& b, int64_t count, std::size_t es, cudaStream_t stream) {
+  b = DeviceBuffer<unsigned char>();
+  b = DeviceBuffer<unsigned char>(static_cast<std::size_t>(count) * es, stream);
+}
+template <typename T>
+void realloc_typed(DeviceBuffer<T>& b, int64_t count, cudaStream_t stream) {
+  b = DeviceBuffer<T>();
+  b = DeviceBuffer<T>(static_cast<std::size_t>(count), stream);
+}
+
+float bf16_bits_to_float(std::uint16_t h) {
+  const std::uint32_t u = static_cast<std::uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+// Profile marks (events on the caller's stream unless named *_S*: the shared experts' stream).
+enum Mark : int {
+  kF0,   // forward start
+  kFG,   // gate start
+  kF1,   // routed (gate, counting sort, counts copy queued)
+  kF2,   // gathered
+  kF3,   // experts done
+  kF4,   // forward end
+  kFS0,  // shared forward start
+  kFS1,  // shared forward end
+  kB0,   // backward start
+  kBP,   // routing-weight gradients start
+  kB1,   // permuted (d_weights, weighted dy rows)
+  kB2,   // experts done
+  kB3,   // combined (dx rows back per token)
+  kB4,   // backward end (gate backward done)
+  kBS0,  // shared backward start
+  kBS1,  // shared backward end
+  kMarks
+};
+
+}  // namespace
+
+namespace {
+const MoeConfig& validated(const MoeConfig& c) {
+  c.validate();
+  return c;
+}
+}  // namespace
+
+const char* to_string(LayerPrecision p) { return p == LayerPrecision::kFp32 ? "fp32" : "bf16"; }
+
+LayerPrecision precision_from_string(const std::string& s) {
+  if (s == "fp32") return LayerPrecision::kFp32;
+  if (s == "bf16") return LayerPrecision::kBf16;
+  throw ConfigError("precision '" + s + "': expected fp32 or bf16");
+}
+
+struct GpuMoELayer::Events {
+  cudaEvent_t input = nullptr;   // caller's stream: the inputs of the shared experts are ready
+  cudaEvent_t shared = nullptr;  // second stream: the shared experts are done
+  cudaEvent_t counts = nullptr;  // caller's stream: the expert counts reached the host
+  cudaEvent_t last = nullptr;    // caller's stream: end of the last pass
+  cudaEvent_t marks[kMarks] = {};
+  bool fwd_marked = false, fwd_shared_marked = false, bwd_marked = false, bwd_shared_marked = false;
+
+  Events() {
+    for (cudaEvent_t* e : {&input, &shared, &counts, &last})
+      MOEX_CUDA_CHECK(cudaEventCreateWithFlags(e, cudaEventDisableTiming));
+    for (cudaEvent_t& e : marks) MOEX_CUDA_CHECK(cudaEventCreate(&e));
+  }
+  Events(const Events&) = delete;
+  Events& operator=(const Events&) = delete;
+  ~Events() {
+    for (cudaEvent_t e : {input, shared, counts, last})
+      if (e) static_cast<void>(cudaEventDestroy(e));
+    for (cudaEvent_t e : marks)
+      if (e) static_cast<void>(cudaEventDestroy(e));
+  }
+};
+
+GpuMoELayer::GpuMoELayer(const MoeConfig& config, GpuLayerOptions options)
+    : config_(validated(config)),
+      options_(options),
+      dtype_(options.precision == LayerPrecision::kFp32 ? DType::kFp32 : DType::kBf16),
+      hidden_(config.hidden_size),
+      ffn_(config.moe_intermediate_size),
+      shared_ffn_(config.shared_intermediate_size()),
+      experts_(config.n_routed_experts),
+      topk_(config.num_experts_per_tok),
+      gate_params_(kernels::GateParams::from_config(config, 0)),
+      expert_ffn_(GroupedFfnShape{config.n_routed_experts, config.hidden_size, config.moe_intermediate_size,
+                                  3 * config.moe_intermediate_size * config.hidden_size},
+                  options.precision == LayerPrecision::kFp32 ? DType::kFp32 : DType::kBf16, options.gemm) {
+  if (shared_ffn_ > 0) shared_mlp_.emplace(GroupedFfnShape{1, hidden_, shared_ffn_}, dtype_, options_.gemm);
+  events_ = new Events();
+  try {
+    void* pinned = nullptr;
+    MOEX_CUDA_CHECK(cudaMallocHost(&pinned, sizeof(int64_t) * static_cast<std::size_t>(experts_)));
+    counts_pinned_ = static_cast<int64_t*>(pinned);
+    const cudaStream_t s = aux_.get();
+    const std::size_t es = dtype_size(dtype_);
+    const int64_t H = hidden_, E = experts_;
+    gate_w_ = DeviceBuffer<float>(static_cast<std::size_t>(E * H), s);
+    gate_g_ = DeviceBuffer<float>(static_cast<std::size_t>(E * H), s);
+    bias_ = DeviceBuffer<float>(static_cast<std::size_t>(E), s);
+    counts_dev_ = DeviceBuffer<int64_t>(static_cast<std::size_t>(E), s);
+    realloc_bytes(shared_w_, 3 * shared_ffn_ * H, es, s);
+    realloc_bytes(shared_g_, 3 * shared_ffn_ * H, es, s);
+    realloc_bytes(expert_w_, E * 3 * ffn_ * H, es, s);
+    realloc_bytes(expert_g_, E * 3 * ffn_ * H, es, s);
+    for (DeviceBuffer<unsigned char>* b : {&shared_w_, &expert_w_})
+      if (!b->empty()) MOEX_CUDA_CHECK(cudaMemsetAsync(b->data(), 0, b->bytes(), s));
+    MOEX_CUDA_CHECK(cudaMemsetAsync(gate_w_.data(), 0, gate_w_.bytes(), s));
+    MOEX_CUDA_CHECK(cudaMemsetAsync(gate_g_.data(), 0, gate_g_.bytes(), s));
+    shared_stale_ = expert_stale_ = true;  // zero gradients, cleared lazily
+    counts_.assign(static_cast<std::size_t>(E), 0);
+    shared_rows_.assign(1, 0);
+    aux_.synchronize();
+  } catch (...) {
+    if (counts_pinned_) static_cast<void>(cudaFreeHost(counts_pinned_));
+    delete events_;
+    throw;
+  }
+}
+
+GpuMoELayer::~GpuMoELayer() {
+  // The buffers are freed on aux_ as the members go: first make aux_ wait for the caller's last
+  // pass (and the host for everything, so the pinned counts buffer is no longer a copy target).
+  static_cast<void>(cudaStreamWaitEvent(aux_.get(), events_->last, 0));
+  static_cast<void>(cudaStreamSynchronize(aux_.get()));
+  static_cast<void>(cudaEventSynchronize(events_->last));
+  if (counts_pinned_) static_cast<void>(cudaFreeHost(counts_pinned_));
+  delete events_;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Parameters
+
+void GpuMoELayer::check_cpu_layer(MoELayer& cpu, const char* what) const {
+  const MoeConfig& c = cpu.config();
+  auto mismatch = [&](const std::string& field, const std::string& got, const std::string& want) {
+    return InvalidArgument(std::string(what) + ": the CPU layer's " + field + " is " + got + "; this GPU layer has " +
+                           want);
+  };
+  auto same = [&](const char* field, int64_t got, int64_t want) {
+    if (got != want) throw mismatch(field, std::to_string(got), std::to_string(want));
+  };
+  same("hidden_size", c.hidden_size, config_.hidden_size);
+  same("moe_intermediate_size", c.moe_intermediate_size, config_.moe_intermediate_size);
+  same("n_routed_experts", c.n_routed_experts, config_.n_routed_experts);
+  same("n_shared_experts", c.n_shared_experts, config_.n_shared_experts);
+  same("num_experts_per_tok", c.num_experts_per_tok, config_.num_experts_per_tok);
+  same("n_group", c.n_group, config_.n_group);
+  same("topk_group", c.topk_group, config_.topk_group);
+  if (c.topk_method != config_.topk_method)
+    throw mismatch("topk_method", moex::to_string(c.topk_method), moex::to_string(config_.topk_method));
+  if (c.scoring_func != config_.scoring_func)
+    throw mismatch("scoring_func", moex::to_string(c.scoring_func), moex::to_string(config_.scoring_func));
+  if (c.norm_topk_prob != config_.norm_topk_prob)
+    throw mismatch("norm_topk_prob", c.norm_topk_prob ? "true" : "false", config_.norm_topk_prob ? "true" : "false");
+  if (c.routed_scaling_factor != config_.routed_scaling_factor)
+    throw mismatch("routed_scaling_factor", std::to_string(c.routed_scaling_factor),
+                   std::to_string(config_.routed_scaling_factor));
+  const auto slots = cpu.slot_experts(cpu.rank());
+  if (static_cast<int64_t>(slots.size()) != experts_)
+    throw InvalidArgument(std::string(what) + ": the CPU layer holds " + std::to_string(slots.size()) +
+                          " expert slots on rank " + std::to_string(cpu.rank()) + "; expected all " +
+                          std::to_string(experts_) + " experts (a single-rank layer)");
+  for (std::size_t s = 0; s < slots.size(); ++s)
+    if (slots[s] != static_cast<int64_t>(s))
+      throw InvalidArgument(std::string(what) + ": the CPU layer's slot " + std::to_string(s) + " holds expert " +
+                            std::to_string(slots[s]) + "; expected slot e = expert e");
+  if (cpu.aux_loss().enabled())
+    throw InvalidArgument(std::string(what) + ": the CPU layer has an auxiliary balance loss; GpuMoELayer has none");
+  if (cpu.options().capacity_factor > 0.0)
+    throw InvalidArgument(std::string(what) + ": the CPU layer has capacity_factor = " +
+                          std::to_string(cpu.options().capacity_factor) + "; GpuMoELayer is dropless only (0)");
+}
+
+void GpuMoELayer::upload_params(const float* host, int64_t n, void* dst) {
+  if (n == 0) return;
+  const cudaStream_t s = aux_.get();
+  if (dtype_ == DType::kFp32) {
+    copy_to_device(static_cast<float*>(dst), host, static_cast<std::size_t>(n), s);
+  } else {
+    DeviceBuffer<float> tmp(static_cast<std::size_t>(n), s);
+    copy_to_device(tmp.data(), host, static_cast<std::size_t>(n), s);
+    convert(tmp.data(), static_cast<bf16*>(dst), n, s);
+    aux_.synchronize();
+  }
+}
+
+void GpuMoELayer::load_from(MoELayer& cpu) {
+  check_cpu_layer(cpu, "GpuMoELayer::load_from");
+  const int64_t H = hidden_, E = experts_;
+  const cudaStream_t s = aux_.get();
+  // Nothing queued may still read the parameters being replaced.
+  MOEX_CUDA_CHECK(cudaStreamWaitEvent(s, events_->last, 0));
+  const std::vector<float>& rep = cpu.replicated().value;
+  copy_to_device(gate_w_.data(), rep.data(), static_cast<std::size_t>(E * H), s);
+  upload_params(rep.data() + E * H, 3 * shared_ffn_ * H, shared_w_.data());
+  upload_params(cpu.experts().value.data(), E * 3 * ffn_ * H, expert_w_.data());
+  set_selection_bias(cpu.selection_bias());
+  aux_.synchronize();
+}
+
+void GpuMoELayer::set_selection_bias(const std::vector<float>& bias) {
+  if (!bias.empty() && static_cast<int64_t>(bias.size()) != experts_)
+    throw InvalidArgument("GpuMoELayer::set_selection_bias: " + std::to_string(bias.size()) +
+                          " values; expected none or one per routed expert (" + std::to_string(experts_) + ")");
+  const cudaStream_t s = aux_.get();
+  MOEX_CUDA_CHECK(cudaStreamWaitEvent(s, events_->last, 0));
+  if (!bias.empty()) copy_to_device(bias_.data(), bias.data(), bias.size(), s);
+  aux_.synchronize();
+  has_bias_ = !bias.empty();
+}
+
+void GpuMoELayer::zero_grad(cudaStream_t stream) {
+  MOEX_CUDA_CHECK(cudaMemsetAsync(gate_g_.data(), 0, gate_g_.bytes(), stream));
+  shared_stale_ = expert_stale_ = true;
+}
+
+std::vector<float> GpuMoELayer::download(const void* src, int64_t n, cudaStream_t stream) const {
+  std::vector<float> out(static_cast<std::size_t>(n));
+  if (dtype_ == DType::kFp32) {
+    copy_to_host(out.data(), static_cast<const float*>(src), out.size(), stream);
+  } else {
+    std::vector<std::uint16_t> raw(out.size());
+    copy_to_host(raw.data(), static_cast<const std::uint16_t*>(src), raw.size(), stream);
+    for (std::size_t i = 0; i < raw.size(); ++i) out[i] = bf16_bits_to_float(raw[i]);
+  }
+  return out;
+}
+
+std::vector<float> GpuMoELayer::replicated_grads_host(cudaStream_t stream) {
+  const int64_t H = hidden_, E = experts_, n_shared = 3 * shared_ffn_ * H;
+  std::vector<float> out(static_cast<std::size_t>(E * H + n_shared), 0.0f);
+  copy_to_host(out.data(), gate_g_.data(), static_cast<std::size_t>(E * H), stream);
+  if (!shared_stale_ && n_shared > 0) {
+    const std::vector<float> sh = download(shared_g_.data(), n_shared, stream);
+    std::copy(sh.begin(), sh.end(), out.begin() + E * H);
+  }
+  return out;
+}
+
+std::vector<float> GpuMoELayer::expert_grads_host(cudaStream_t stream) {
+  const int64_t n = experts_ * 3 * ffn_ * hidden_;
+  if (expert_stale_) {
+    MOEX_CUDA_CHECK(cudaStreamSynchronize(stream));
+    return std::vector<float>(static_cast<std::size_t>(n), 0.0f);
+  }
+  return download(expert_g_.data(), n, stream);
+}
+
+void GpuMoELayer::copy_grads_to(MoELayer& cpu, cudaStream_t stream) {
+  check_cpu_layer(cpu, "GpuMoELayer::copy_grads_to");
+  cpu.replicated().grad = replicated_grads_host(stream);
+  cpu.experts().grad = expert_grads_host(stream);
+}
+
+std::vector<std::int32_t> GpuMoELayer::topk_ids_host(cudaStream_t stream) const {
+  std::vector<std::int32_t> out(static_cast<std::size_t>(tokens_ * topk_));
+  copy_to_host(out.data(), topk_ids_.data(), out.size(), stream);
+  return out;
+}
+
+std::vector<float> GpuMoELayer::topk_weights_host(cudaStream_t stream) const {
+  std::vector<float> out(static_cast<std::size_t>(tokens_ * topk_));
+  copy_to_host(out.data(), topk_w_.data(), out.size(), stream);
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Workspace
+
+void GpuMoELayer::reserve(int64_t tokens, cudaStream_t stream) {
+  if (tokens < 0)
+    throw InvalidArgument("GpuMoELayer::reserve: tokens = " + std::to_string(tokens) + ": must be >= 0");
+  if (tokens <= capacity_) return;
+  // The buffers about to be replaced may still be in use by work queued on either stream.
+  MOEX_CUDA_CHECK(cudaStreamSynchronize(stream));
+  aux_.synchronize();
+  const cudaStream_t s = aux_.get();
+  const std::size_t es = dtype_size(dtype_);
+  const int64_t T = tokens, N = tokens * topk_, H = hidden_, F = ffn_, Fs = shared_ffn_, E = experts_;
+  realloc_typed(scores_, T * E, s);
+  realloc_typed(dlogits_, T * E, s);
+  realloc_typed(topk_w_, N, s);
+  realloc_typed(d_weights_, N, s);
+  realloc_typed(entry_w_, N, s);
+  realloc_typed(d_entry_, N, s);
+  realloc_typed(topk_ids_, N, s);
+  realloc_typed(entry_token_, N, s);
+  realloc_typed(pick_entry_, N, s);
+  realloc_typed(csr_offsets_, T + 1, s);
+  realloc_bytes(xe_, N * H, es, s);
+  realloc_bytes(h13_, N * 2 * F, es, s);
+  realloc_bytes(sig_, N * F, es, s);
+  realloc_bytes(a_, N * F, es, s);
+  realloc_bytes(ye_, N * H, es, s);
+  realloc_bytes(dye_, N * H, es, s);
+  realloc_bytes(dxe_, N * H, es, s);
+  realloc_bytes(dh13_, N * 2 * F, es, s);
+  realloc_bytes(sh_h13_, T * 2 * Fs, es, s);
+  realloc_bytes(sh_sig_, T * Fs, es, s);
+  realloc_bytes(sh_a_, T * Fs, es, s);
+  realloc_bytes(sh_dh13_, T * 2 * Fs, es, s);
+  const int64_t lp = dtype_ == DType::kBf16 ? T * H : 0;
+  realloc_bytes(x_lp_, lp, es, s);
+  realloc_bytes(dy_lp_, lp, es, s);
+  realloc_bytes(out_lp_, lp, es, s);
+  // Every token has exactly K sources in the combine: offsets t * K.
+  iota_step_kernel<<<elt_blocks(T + 1), kEltThreads, 0, s>>>(T + 1, topk_, csr_offsets_.data());
+  MOEX_CUDA_CHECK_LAUNCH("iota_step_kernel");
+  aux_.synchronize();  // the new buffers are ready for any stream
+  capacity_ = tokens;
+  ++allocations_;
+  have_forward_ = false;  // what a forward saved is gone
+}
+
+void GpuMoELayer::set_profile(bool on) {
+  options_.profile = on;
+  events_->fwd_marked = events_->fwd_shared_marked = events_->bwd_marked = events_->bwd_shared_marked = false;
+}
+
+void GpuMoELayer::mark(int index, cudaStream_t stream) {
+  if (options_.profile) MOEX_CUDA_CHECK(cudaEventRecord(events_->marks[index], stream));
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Forward and backward
+
+void GpuMoELayer::forward(const float* x, int64_t tokens, float* y, cudaStream_t stream) {
+  if (tokens < 0) throw InvalidArgument("GpuMoELayer::forward: tokens = " + std::to_string(tokens) + ": must be >= 0");
+  if (tokens > 0 && (!x || !y))
+    throw InvalidArgument("GpuMoELayer::forward: x or y is null with tokens = " + std::to_string(tokens) +
+                          " (expected device pointers to [tokens, hidden] floats)");
+  reserve(tokens, stream);
+  const int64_t T = tokens, N = tokens * topk_, H = hidden_, E = experts_, F = ffn_, Fs = shared_ffn_;
+  tokens_ = T;
+  x_ = x;
+  have_forward_ = true;
+  std::fill(counts_.begin(), counts_.end(), int64_t{0});
+  events_->fwd_marked = events_->fwd_shared_marked = false;
+  if (T == 0) {
+    MOEX_CUDA_CHECK(cudaEventRecord(events_->last, stream));
+    return;
+  }
+  const bool bf = dtype_ == DType::kBf16;
+  const bool has_shared = Fs > 0;
+  const std::size_t es = dtype_size(dtype_);
+  mark(kF0, stream);
+  // The GEMM input: x itself, or its bf16 copy.
+  const void* xin = x;
+  if (bf) {
+    convert(x, as<bf16>(x_lp_), T * H, stream);
+    xin = x_lp_.data();
+  }
+  // What the combine adds the routed rows to (the shared output), or overwrites without shared experts.
+  void* out = bf ? static_cast<void*>(out_lp_.data()) : static_cast<void*>(y);
+  const bool overlap = has_shared && options_.overlap_shared;
+  if (has_shared) {
+    cudaStream_t ss = stream;
+    cublasHandle_t sb = blas_.get();
+    if (overlap) {
+      MOEX_CUDA_CHECK(cudaEventRecord(events_->input, stream));
+      MOEX_CUDA_CHECK(cudaStreamWaitEvent(aux_.get(), events_->input, 0));
+      ss = aux_.get();
+      sb = blas_aux_.get();
+    }
+    mark(kFS0, ss);
+    shared_rows_[0] = T;
+    shared_mlp_->forward(sb, shared_rows_, xin, shared_w_.data(), shared_w_.data() + 2 * Fs * H * es, sh_h13_.data(),
+                         sh_sig_.data(), sh_a_.data(), out, ss);
+    mark(kFS1, ss);
+    events_->fwd_shared_marked = true;
+    if (overlap) MOEX_CUDA_CHECK(cudaEventRecord(events_->shared, ss));
+  }
+
+  // Gate, then the counting sort of the picks by expert.
+  mark(kFG, stream);
+  kernels::GateParams gp = gate_params_;
+  gp.tokens = T;
+  gate_forward(blas_.get(), gp, x, gate_w_.data(), has_bias_ ? bias_.data() : nullptr, scores_.data(),
+               topk_ids_.data(), topk_w_.data(), stream);
+  route_count_kernel<<<static_cast<unsigned>(E), kCountThreads, 0, stream>>>(topk_ids_.data(), N, counts_dev_.data());
+  MOEX_CUDA_CHECK_LAUNCH("route_count_kernel");
+  route_place_kernel<<<static_cast<unsigned>(E), kPlaceThreads, 0, stream>>>(
+      topk_ids_.data(), topk_w_.data(), N, topk_, counts_dev_.data(), entry_token_.data(), entry_w_.data(),
+      pick_entry_.data());
+  MOEX_CUDA_CHECK_LAUNCH("route_place_kernel");
+  MOEX_CUDA_CHECK(cudaMemcpyAsync(counts_pinned_, counts_dev_.data(), sizeof(int64_t) * static_cast<std::size_t>(E),
+                                  cudaMemcpyDeviceToHost, stream));
+  MOEX_CUDA_CHECK(cudaEventRecord(events_->counts, stream));
+  mark(kF1, stream);
+
+  // Gather the rows into expert order (needs no host counts: N = T * K), meanwhile fetch the counts.
+  with_type(dtype_, [&](auto tag) {
+    using T_ = typename decltype(tag)::type;
+    gather_rows(N, H, entry_token_.data(), as_const<T_>(xin), H, as<T_>(xe_), H, stream);
+  });
+  mark(kF2, stream);
+  MOEX_CUDA_CHECK(cudaEventSynchronize(events_->counts));
+  int64_t total = 0;
+  for (int64_t e = 0; e < E; ++e) {
+    counts_[static_cast<std::size_t>(e)] = counts_pinned_[e];
+    total += counts_pinned_[e];
+  }
+  if (total != N)
+    throw InternalError("GpuMoELayer::forward: the device counted " + std::to_string(total) +
+                        " routed rows over all experts; expected tokens * topk = " + std::to_string(N));
+
+  expert_ffn_.forward(blas_.get(), counts_, xe_.data(), expert_w_.data(), expert_w_.data() + 2 * F * H * es,
+                      h13_.data(), sig_.data(), a_.data(), ye_.data(), stream);
+  mark(kF3, stream);
+
+  if (overlap) MOEX_CUDA_CHECK(cudaStreamWaitEvent(stream, events_->shared, 0));
+  with_type(dtype_, [&](auto tag) {
+    using T_ = typename decltype(tag)::type;
+    combine_rows(T, H, csr_offsets_.data(), pick_entry_.data(), topk_w_.data(), as<T_>(ye_), H,
+                 static_cast<T_*>(out), H, has_shared, stream);
+  });
+  if (bf) convert(as<bf16>(out_lp_), y, T * H, stream);
+  mark(kF4, stream);
+  events_->fwd_marked = true;
+  MOEX_CUDA_CHECK(cudaEventRecord(events_->last, stream));
+}
+
+void GpuMoELayer::backward(const float* dy, float* dx, cudaStream_t stream) {
+  if (!have_forward_)
+    throw InvalidArgument("GpuMoELayer::backward: no forward() to go back through (call forward first; a "
+                          "reserve() that grew the workspace also discards the last forward)");
+  const int64_t T = tokens_, N = T * topk_, H = hidden_, F = ffn_, Fs = shared_ffn_;
+  events_->bwd_marked = events_->bwd_shared_marked = false;
+  if (T == 0) {
+    // Nothing flows back; gradients zeroed lazily become real zeros.
+    if (shared_stale_ && !shared_g_.empty())
+      MOEX_CUDA_CHECK(cudaMemsetAsync(shared_g_.data(), 0, shared_g_.bytes(), stream));
+    if (expert_stale_) MOEX_CUDA_CHECK(cudaMemsetAsync(expert_g_.data(), 0, expert_g_.bytes(), stream));
+    shared_stale_ = expert_stale_ = false;
+    MOEX_CUDA_CHECK(cudaEventRecord(events_->last, stream));
+    return;
+  }
+  if (!dy || !dx)
+    throw InvalidArgument("GpuMoELayer::backward: dy or dx is null with tokens = " + std::to_string(T) +
+                          " (expected device pointers to [tokens, hidden] floats)");
+  const bool bf = dtype_ == DType::kBf16;
+  const bool has_shared = Fs > 0;
+  const std::size_t es = dtype_size(dtype_);
+  mark(kB0, stream);
+  const void* xin = bf ? static_cast<const void*>(x_lp_.data()) : static_cast<const void*>(x_);
+  const void* dyin = dy;
+  if (bf) {
+    convert(dy, as<bf16>(dy_lp_), T * H, stream);
+    dyin = dy_lp_.data();
+  }
+  // Where the input-row gradients are summed per token (the shared experts' dx first, if any).
+  void* out = bf ? static_cast<void*>(out_lp_.data()) : static_cast<void*>(dx);
+  const bool overlap = has_shared && options_.overlap_shared;
+  if (has_shared) {
+    cudaStream_t ss = stream;
+    cublasHandle_t sb = blas_.get();
+    if (overlap) {
+      MOEX_CUDA_CHECK(cudaEventRecord(events_->input, stream));
+      MOEX_CUDA_CHECK(cudaStreamWaitEvent(aux_.get(), events_->input, 0));
+      ss = aux_.get();
+      sb = blas_aux_.get();
+    }
+    mark(kBS0, ss);
+    shared_rows_[0] = T;
+    unsigned char* w = shared_w_.data();
+    unsigned char* g = shared_g_.data();
+    shared_mlp_->backward(sb, shared_rows_, xin, w, w + 2 * Fs * H * es, sh_h13_.data(), sh_sig_.data(), sh_a_.data(),
+                          dyin, g, g + 2 * Fs * H * es, out, sh_dh13_.data(), !shared_stale_, ss);
+    mark(kBS1, ss);
+    events_->bwd_shared_marked = true;
+    if (overlap) MOEX_CUDA_CHECK(cudaEventRecord(events_->shared, ss));
+  }
+  shared_stale_ = false;
+
+  // Routing-weight gradients d_w[t,k] = dy[t] . expert_out[pick], and the expert-output gradients
+  // w[pick] * dy[t], both in expert order.
+  mark(kBP, stream);
+  with_type(dtype_, [&](auto tag) {
+    using T_ = typename decltype(tag)::type;
+    row_dot(N, H, entry_token_.data(), as_const<T_>(dyin), H, as<T_>(ye_), H, d_entry_.data(), stream);
+    gather_rows_scaled(N, H, entry_token_.data(), entry_w_.data(), as_const<T_>(dyin), H, as<T_>(dye_), H, stream);
+  });
+  gather_scalar_kernel<<<elt_blocks(N), kEltThreads, 0, stream>>>(N, pick_entry_.data(), d_entry_.data(),
+                                                                   d_weights_.data());
+  MOEX_CUDA_CHECK_LAUNCH("gather_scalar_kernel");
+  mark(kB1, stream);
+
+  expert_ffn_.backward(blas_.get(), counts_, xe_.data(), expert_w_.data(), expert_w_.data() + 2 * F * H * es,
+                       h13_.data(), sig_.data(), a_.data(), dye_.data(), expert_g_.data(),
+                       expert_g_.data() + 2 * F * H * es, dxe_.data(), dh13_.data(), !expert_stale_, stream);
+  expert_stale_ = false;
+  mark(kB2, stream);
+
+  if (overlap) MOEX_CUDA_CHECK(cudaStreamWaitEvent(stream, events_->shared, 0));
+  with_type(dtype_, [&](auto tag) {
+    using T_ = typename decltype(tag)::type;
+    combine_rows(T, H, csr_offsets_.data(), pick_entry_.data(), nullptr, as<T_>(dxe_), H, static_cast<T_*>(out), H,
+                 has_shared, stream);
+  });
+  if (bf) convert(as<bf16>(out_lp_), dx, T * H, stream);
+  mark(kB3, stream);
+
+  kernels::GateParams gp = gate_params_;
+  gp.tokens = T;
+  gate_backward(blas_.get(), gp, x_, gate_w_.data(), scores_.data(), topk_ids_.data(), d_weights_.data(), dx,
+                gate_g_.data(), dlogits_.data(), nullptr, stream);
+  mark(kB4, stream);
+  events_->bwd_marked = true;
+  MOEX_CUDA_CHECK(cudaEventRecord(events_->last, stream));
+}
+
+GpuLayerTimes GpuMoELayer::last_times() const {
+  GpuLayerTimes t;
+  if (!options_.profile) return t;
+  const Events& ev = *events_;
+  auto ms = [&](int from, int to) {
+    MOEX_CUDA_CHECK(cudaEventSynchronize(ev.marks[to]));
+    float v = 0.0f;
+    MOEX_CUDA_CHECK(cudaEventElapsedTime(&v, ev.marks[from], ev.marks[to]));
+    return static_cast<double>(v);
+  };
+  if (ev.fwd_marked) {
+    t.fwd_total = ms(kF0, kF4);
+    t.fwd_gate = ms(kFG, kF1);
+    t.fwd_permute = ms(kF1, kF2);
+    t.fwd_experts = ms(kF2, kF3);
+    t.fwd_combine = ms(kF3, kF4);
+    if (ev.fwd_shared_marked) t.fwd_shared = ms(kFS0, kFS1);
+  }
+  if (ev.bwd_marked) {
+    t.bwd_total = ms(kB0, kB4);
+    t.bwd_permute = ms(kBP, kB1);
+    t.bwd_experts = ms(kB1, kB2);
+    t.bwd_combine = ms(kB2, kB3);
+    t.bwd_gate = ms(kB3, kB4);
+    if (ev.bwd_shared_marked) t.bwd_shared = ms(kBS0, kBS1);
+  }
+  return t;
+}
+
+}  // namespace moex::cuda

@@ -1,0 +1,203 @@
+// GpuMoELayer: one DeepSeekMoE layer, forward and backward, entirely on one GPU (every routed expert
+// local; no communication). The device twin of a single-rank MoELayer.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <cublas_v2.h>
+#include <cuda_runtime_api.h>
+
+#include "runtime/cuda/device.h"
+#include "runtime/cuda/grouped_gemm.h"
+#include "runtime/kernels/gate.h"
+#include "runtime/moe_config.h"
+
+namespace moex {
+class MoELayer;
+}
+
+namespace moex::cuda {
+
+/// Arithmetic of a GpuMoELayer. The layer's inputs and outputs (x, y, dy, dx) are fp32 either way.
+///   kFp32: everything fp32 (cuBLAS without TF32): equals the CPU MoELayer up to summation order.
+///   kBf16: the shared and routed expert weights, their gradients and the activations of their GEMMs
+///          (gathered rows, h13, sig, a, expert outputs, their gradients) are bf16, every GEMM
+///          accumulates in fp32; the gate (weights, scores, top-K, its gradients) stays fp32.
+enum class LayerPrecision { kFp32, kBf16 };
+const char* to_string(LayerPrecision p);
+/// "fp32" or "bf16"; throws ConfigError otherwise.
+LayerPrecision precision_from_string(const std::string& s);
+
+struct GpuLayerOptions {
+  LayerPrecision precision = LayerPrecision::kFp32;
+  GroupedGemmImpl gemm = GroupedGemmImpl::kGroupedBatched;
+  /// Shared experts on the layer's own second stream, overlapping gate, permute and routed experts
+  /// (joined with an event before the combine). Off: everything runs on the caller's stream.
+  bool overlap_shared = true;
+  /// Record CUDA events between stages (see GpuLayerTimes); costs a few microseconds per pass.
+  bool profile = false;
+};
+
+/// Device milliseconds of the stages of the last profiled forward and backward (zeros when
+/// profiling is off). Stages on the caller's stream are consecutive; `*_shared` ran on the second
+/// stream beside them (with overlap_shared), so the totals are not sums. Each combine stage includes
+/// the wait for the shared experts and the fp32 conversion of its output in bf16 mode.
+struct GpuLayerTimes {
+  double fwd_total = 0, fwd_gate = 0, fwd_permute = 0, fwd_experts = 0, fwd_combine = 0, fwd_shared = 0;
+  double bwd_total = 0, bwd_permute = 0, bwd_experts = 0, bwd_combine = 0, bwd_gate = 0, bwd_shared = 0;
+};
+
+/// One MoE layer on the current CUDA device:
+///   y = shared(x) + sum_k w_k(x) * expert_{id_k}(x)
+/// with the DeepSeek gate of kernels::gate_forward (softmax / sigmoid, selection bias, group limit,
+/// top-K, normalisation, scaling), dropless (every pick is computed). Same semantics as MoELayer on
+/// one rank; no auxiliary balance loss and no capacity factor.
+///
+/// Forward: gate (cuBLAS + one warp per token) -> on the device, the row count of every expert and
+/// every pick's row in expert-sorted order (a stable counting sort: within an expert, picks keep
+/// token order) -> gather of x rows -> grouped expert FFN (GroupedFfn; it needs the E row counts on
+/// the host, so forward() waits for that one small device-to-host copy, after queuing the gather)
+/// -> deterministic combine (CSR by token, routing weights applied, fp32 accumulation), added to
+/// the shared experts' output. Backward: routing-weight gradients (row_dot), the weighted dy rows
+/// gathered into expert order, the grouped FFN backward (input rows and weight gradients), the
+/// input rows combined back per token, the shared experts' backward, then the gate backward
+/// (dx +=, gate gradient +=).
+///
+/// Parameters and gradients live in device buffers with the CPU layer's layouts:
+///   gate_weight() / gate_grad()      fp32 [E, H]
+///   shared_params() / shared_grads() [w13 2Fs*H | w2 H*Fs] (Fs = n_shared * ffn; empty when 0)
+///   expert_params() / expert_grads() per expert e: [w13 2F*H | w2 H*F] at e * 3F*H
+/// the last two of element type dtype() (float or __nv_bfloat16). gate + shared is MoELayer's
+/// replicated() block, experts that of experts() on a single rank.
+///
+/// Gradients accumulate over backward() calls (in bf16 mode the bf16 gradient buffers accumulate
+/// with one bf16 rounding per call); zero_grad() clears them (the shared and expert ones lazily: the
+/// next backward overwrites them, as MoELayer does).
+///
+/// Streams: forward() and backward() queue on the caller's `stream` (and the layer's second
+/// stream) and return before the results are ready, except for the wait described above. `x` must
+/// stay unchanged until the matching backward() has been queued and run (it is read again there,
+/// not copied). Use one stream per layer, and keep it alive as long as the layer (the grouped GEMM's
+/// pointer table lives on it). Workspace is sized for the largest token count seen (or reserve()d):
+/// once warm, no pass allocates device memory. Not thread-safe.
+class GpuMoELayer {
+ public:
+  /// Validates `config` and allocates the parameters (zeros, no selection bias) and gradients
+  /// (zeros) on the current device. Throws ConfigError for an invalid config, CudaError without a
+  /// usable device. (A gate too wide for the device kernels is reported by the first forward.)
+  explicit GpuMoELayer(const MoeConfig& config, GpuLayerOptions options = {});
+  ~GpuMoELayer();
+  GpuMoELayer(const GpuMoELayer&) = delete;
+  GpuMoELayer& operator=(const GpuMoELayer&) = delete;
+
+  const MoeConfig& config() const { return config_; }
+  const GpuLayerOptions& options() const { return options_; }
+  /// Element type of the shared and expert parameters, gradients and activations.
+  DType dtype() const { return dtype_; }
+
+  /// Copies every parameter (gate, shared and routed experts, converted to dtype()) and the
+  /// selection bias from `cpu`, a layer of the same config holding all E experts in order (slot e =
+  /// expert e, i.e. a single rank). Synchronous. Gradients are not touched. InvalidArgument naming
+  /// the mismatch otherwise, or when `cpu` has an auxiliary loss or a capacity factor (unsupported).
+  void load_from(MoELayer& cpu);
+  /// Sets the selection bias (e_score_correction_bias): `bias` has E values, or none to remove it.
+  /// Synchronous.
+  void set_selection_bias(const std::vector<float>& bias);
+
+  /// Sets every gradient to zero (queued on `stream`; the shared and expert ones lazily).
+  void zero_grad(cudaStream_t stream);
+  /// Grows the workspace to `tokens` tokens now (synchronises `stream` and the layer's stream when
+  /// it has to grow); forward() does it itself when needed.
+  void reserve(std::int64_t tokens, cudaStream_t stream);
+
+  /// y [tokens, H] = layer(x [tokens, H]), fp32 device pointers (null allowed when tokens == 0).
+  /// Keeps what backward needs. InvalidArgument for tokens < 0 or a null pointer.
+  void forward(const float* x, std::int64_t tokens, float* y, cudaStream_t stream);
+  /// From dy [tokens, H] of the last forward: writes dx [tokens, H] (fp32 device pointers) and
+  /// accumulates every parameter gradient. InvalidArgument without a forward before it.
+  void backward(const float* dy, float* dx, cudaStream_t stream);
+
+  // Device parameters and gradients (layouts in the class comment).
+  float* gate_weight() { return gate_w_.data(); }
+  float* gate_grad() { return gate_g_.data(); }
+  void* shared_params() { return shared_w_.data(); }
+  void* shared_grads() { return shared_g_.data(); }
+  void* expert_params() { return expert_w_.data(); }
+  void* expert_grads() { return expert_g_.data(); }
+  /// Device selection bias [E], or null when there is none.
+  const float* selection_bias() const { return has_bias_ ? bias_.data() : nullptr; }
+
+  /// Host copies (synchronise `stream`), converted to fp32 and in MoELayer's layouts:
+  /// replicated_grads_host() = [gate E*H | shared w13 | shared w2] (MoELayer::replicated().grad),
+  /// expert_grads_host() = per expert [w13 | w2] (MoELayer::experts().grad on one rank).
+  std::vector<float> replicated_grads_host(cudaStream_t stream);
+  std::vector<float> expert_grads_host(cudaStream_t stream);
+  /// Writes the gradients into `cpu`'s replicated().grad and experts().grad (same checks as
+  /// load_from); synchronises `stream`.
+  void copy_grads_to(MoELayer& cpu, cudaStream_t stream);
+
+  /// Tokens of the last forward.
+  std::int64_t tokens() const { return tokens_; }
+  /// Top-K expert ids [tokens, K] and routing weights of the last forward (synchronise `stream`).
+  std::vector<std::int32_t> topk_ids_host(cudaStream_t stream) const;
+  std::vector<float> topk_weights_host(cudaStream_t stream) const;
+  /// Rows each expert processed in the last forward (host, [E]).
+  const std::vector<std::int64_t>& expert_counts() const { return counts_; }
+  /// Times the workspace was (re)allocated since construction (stays put once warm).
+  std::int64_t workspace_allocations() const { return allocations_; }
+  /// Stage times of the last forward and backward (profile on); synchronises their events.
+  GpuLayerTimes last_times() const;
+  /// Turns the stage events (GpuLayerOptions::profile) on or off for the next passes.
+  void set_profile(bool on);
+
+ private:
+  struct Events;  // the layer's CUDA events (gpu_layer.cu)
+  void check_cpu_layer(MoELayer& cpu, const char* what) const;
+  void upload_params(const float* host, std::int64_t n, void* dst);
+  std::vector<float> download(const void* src, std::int64_t n, cudaStream_t stream) const;
+  void mark(int index, cudaStream_t stream);
+
+  MoeConfig config_;
+  GpuLayerOptions options_;
+  DType dtype_;
+  std::int64_t hidden_, ffn_, shared_ffn_, experts_, topk_;
+  kernels::GateParams gate_params_;
+
+  // Declared first so that they outlive every buffer: the buffers are freed on aux_ (after waiting
+  // for the caller's last pass, see the destructor).
+  Stream aux_;
+  CublasHandle blas_, blas_aux_;
+  Events* events_ = nullptr;
+  std::int64_t* counts_pinned_ = nullptr;  // [E] page-locked host copy of the device counts
+
+  // Parameters, gradients.
+  DeviceBuffer<float> gate_w_, gate_g_, bias_;
+  DeviceBuffer<unsigned char> shared_w_, shared_g_, expert_w_, expert_g_;
+  bool has_bias_ = false;
+  bool shared_stale_ = false, expert_stale_ = false;  // zero_grad() happened; not cleared yet
+
+  GroupedFfn expert_ffn_;
+  std::optional<GroupedFfn> shared_mlp_;  // the shared experts as one FFN; none without them
+
+  // Workspace, sized for capacity_ tokens (N = capacity_ * K routed rows).
+  std::int64_t capacity_ = -1;
+  std::int64_t allocations_ = 0;
+  DeviceBuffer<float> scores_, topk_w_, d_weights_, dlogits_, entry_w_, d_entry_;
+  DeviceBuffer<std::int32_t> topk_ids_;
+  DeviceBuffer<std::int64_t> entry_token_, pick_entry_, csr_offsets_, counts_dev_;
+  DeviceBuffer<unsigned char> xe_, h13_, sig_, a_, ye_, dye_, dxe_, dh13_;             // routed rows
+  DeviceBuffer<unsigned char> sh_h13_, sh_sig_, sh_a_, sh_dh13_;                      // shared, per token
+  DeviceBuffer<unsigned char> x_lp_, dy_lp_, out_lp_;                                 // bf16 [T, H] copies
+
+  // State of the last forward.
+  std::int64_t tokens_ = 0;
+  bool have_forward_ = false;
+  const float* x_ = nullptr;
+  std::vector<std::int64_t> counts_;
+  std::vector<std::int64_t> shared_rows_;  // {tokens}
+};
+
+}  // namespace moex::cuda
