@@ -1,10 +1,12 @@
 // moex-layer: runs one MoE layer of a real checkpoint across MPI ranks, forward and optionally backward.
 #include <cstdio>
 #include <cstring>
+#include <memory>
 
 #include "base/error.h"
 #include "examples/tool.h"
 #include "runtime/moe_layer.h"
+#include "scheduler/replica_planner.h"
 #include "runtime/safetensors.h"
 
 namespace {
@@ -28,7 +30,7 @@ void load_weights(moex::MoELayer& layer, const moex::SafetensorsFile& file, cons
   } else if (file.contains(prefix + "shared_experts.gate_proj.weight")) {
     throw IoError(file.path() + " holds " + prefix + "shared_experts.* but the config has n_shared_experts = 0");
   }
-  const auto mine = layer.placement().experts_of(layer.rank());
+  const auto mine = layer.slot_experts(layer.rank());  // every replica of an expert loads it
   for (std::size_t slot = 0; slot < mine.size(); ++slot) {
     const std::string e = "experts." + std::to_string(mine[slot]) + ".";
     const auto s = static_cast<std::int64_t>(slot);
@@ -71,6 +73,13 @@ int run(moex::comm::MpiCommunicator& world, int argc, char** argv) {
       .value("output", "", "safetensors file rank 0 writes")
       .value("prefix", "", "name prefix of the layer's weights, e.g. model.layers.3.mlp.")
       .flag("backward", "also compute input.grad and every weight's .grad from R")
+      .value("chunks", "1", "pipeline chunks per pass")
+      .value("overlap", "on", "on: exchanges on a communication thread; off: serialised")
+      .value("exchange", "flat", "flat or hierarchical (once per node, then forwarded inside it)")
+      .value("deterministic", "off", "on: row-wise expert GEMMs (results bitwise independent of --chunks)")
+      .value("replicas", "off",
+             "on: one spare expert slot per rank; a first forward measures the load, the layer migrates to "
+             "the planned replica layout, then the pass that is written out runs")
       .value("timeout", "", "seconds any wait may take before the job aborts (default MOEX_TIMEOUT_S or 300)");
   if (!opt.parse(argc, argv)) return 0;
   for (const char* required : {"config", "weights", "input", "output"})
@@ -80,9 +89,28 @@ int run(moex::comm::MpiCommunicator& world, int argc, char** argv) {
   const bool backward = opt.on("backward");
 
   const moex::MoeConfig config = moex::MoeConfig::from_file(opt.str("config"));
-  const std::int64_t H = config.hidden_size;
-  moex::MoELayer layer(config, world, moex::sched::ExpertPlacement::contiguous(config.n_routed_experts, world.size()),
-                       prefix.empty() ? "layer" : prefix);
+  const std::int64_t H = config.hidden_size, E = config.n_routed_experts;
+  auto on_off = [&](const char* flag) {
+    const std::string v = opt.str(flag);
+    if (v != "on" && v != "off") throw moex::ConfigError(std::string("--") + flag + " = '" + v + "': expected on or off");
+    return v == "on";
+  };
+  moex::LayerOptions lo;
+  lo.chunks = static_cast<int>(opt.integer("chunks"));
+  if (lo.chunks < 1) throw moex::ConfigError("--chunks = " + opt.str("chunks") + ": must be >= 1");
+  lo.overlap = on_off("overlap");
+  lo.exchange = moex::exchange_from_string(opt.str("exchange"));
+  lo.deterministic = on_off("deterministic");
+  const bool replicas = on_off("replicas");
+  const auto topology = moex::sched::Topology::from_node_ids(world.node_ids());
+  const std::int64_t slots = (E + world.size() - 1) / world.size() + 1;
+  const std::string name = prefix.empty() ? "layer" : prefix;
+  std::unique_ptr<moex::MoELayer> layer_ptr =
+      replicas ? std::make_unique<moex::MoELayer>(config, world, moex::sched::identity_layout(E, topology, slots), name,
+                                                  topology, lo)
+               : std::make_unique<moex::MoELayer>(config, world, moex::sched::ExpertPlacement::node_aware(E, topology),
+                                                  name, topology, lo);
+  moex::MoELayer& layer = *layer_ptr;
   const auto weights = moex::SafetensorsFile::open(opt.str("weights"));
   load_weights(layer, weights, prefix);
 
@@ -100,11 +128,19 @@ int run(moex::comm::MpiCommunicator& world, int argc, char** argv) {
   if (backward) dy = slice_rows(input_file.read_f32("R", {T, H}), begin, end, H);
 
   std::vector<float> y(static_cast<std::size_t>(mine * H)), dx(y.size());
+  if (replicas) {  // measure the load, plan replicas for it, migrate (the same plan on every rank)
+    layer.forward(x.data(), mine, y.data());
+    std::vector<std::int64_t> load(layer.route_stats().expert_tokens);
+    world.allreduce_sum(load.data(), E, moex::comm::DataType::kInt64, "expert load")->wait();
+    layer.set_replica_layout(moex::sched::plan_replicas(std::vector<double>(load.begin(), load.end()), topology,
+                                                        config.n_group, slots));
+  }
   layer.forward(x.data(), mine, y.data());
   if (backward) {
     layer.zero_grad();
     layer.backward(dy.data(), dx.data());
     layer.allreduce_replicated_grads()->wait();
+    layer.reduce_replica_grads();
   }
 
   std::vector<moex::NamedTensor> out;
@@ -114,8 +150,13 @@ int run(moex::comm::MpiCommunicator& world, int argc, char** argv) {
     // Expert gradients live on their owners; rank 0 collects them all.
     const std::int64_t stride = layer.expert_stride();
     std::vector<std::int64_t> counts(static_cast<std::size_t>(world.size()));
-    for (int r = 0; r < world.size(); ++r) counts[static_cast<std::size_t>(r)] = layer.placement().num_local(r) * stride;
-    std::vector<float> all(world.rank() == 0 ? static_cast<std::size_t>(config.n_routed_experts * stride) : 0);
+    std::int64_t total_slots = 0;
+    for (int r = 0; r < world.size(); ++r) {
+      const auto n = static_cast<std::int64_t>(layer.slot_experts(r).size());
+      counts[static_cast<std::size_t>(r)] = n * stride;
+      total_slots += n;
+    }
+    std::vector<float> all(world.rank() == 0 ? static_cast<std::size_t>(total_slots * stride) : 0);
     world.gatherv(layer.experts().grad.data(), static_cast<std::int64_t>(layer.experts().grad.size()), all.data(),
                   counts, moex::comm::DataType::kFloat32, 0, "gather expert grads")->wait();
     if (world.rank() == 0) {
@@ -131,15 +172,18 @@ int run(moex::comm::MpiCommunicator& world, int argc, char** argv) {
         out.push_back({prefix + "shared_experts.up_proj.weight.grad", {Fs, H}, std::vector<float>(s13 + Fs * H, s13 + 2 * Fs * H)});
         out.push_back({prefix + "shared_experts.down_proj.weight.grad", {H, Fs}, std::vector<float>(s2, s2 + H * Fs)});
       }
-      std::int64_t at = 0;  // owners' blocks arrive in rank order, each in local-slot order
+      std::int64_t at = 0;  // slot blocks arrive in rank order, each in slot order
+      std::vector<bool> written(static_cast<std::size_t>(E), false);  // replicas hold the same gradient
       for (int r = 0; r < world.size(); ++r) {
-        for (const std::int64_t e : layer.placement().experts_of(r)) {
+        for (const std::int64_t e : layer.slot_experts(r)) {
           const float* b = all.data() + at;
+          at += stride;
+          if (written[static_cast<std::size_t>(e)]) continue;
+          written[static_cast<std::size_t>(e)] = true;
           const std::string n = prefix + "experts." + std::to_string(e) + ".";
           out.push_back({n + "gate_proj.weight.grad", {F, H}, std::vector<float>(b, b + F * H)});
           out.push_back({n + "up_proj.weight.grad", {F, H}, std::vector<float>(b + F * H, b + 2 * F * H)});
           out.push_back({n + "down_proj.weight.grad", {H, F}, std::vector<float>(b + 2 * F * H, b + 3 * F * H)});
-          at += stride;
         }
       }
     }

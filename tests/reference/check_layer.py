@@ -187,17 +187,28 @@ def write_case(case_dir, name, spec):
     return paths, expect, {"attempt": attempt, "margins": cache["gate"]["margins"], "load": load.tolist()}
 
 
-def _env():
+def _env(extra=None):
     env = dict(os.environ)
     env.update(MOEX_ENV)
+    env.update(extra or {})
     return env
 
 
-def run_cmd(cmd, timeout):
+# Layer schedules checked at the largest rank count besides the default one (flat, 1 chunk): every
+# option of moex-layer's scheduler must leave the result equal to the reference. MOEX_RANKS_PER_NODE
+# makes 2-rank "nodes" so the hierarchical exchange and node-aware replicas have nodes to work with.
+SCHEDULES = {
+    "chunks3-hier": (["--chunks", "3", "--exchange", "hierarchical"], {"MOEX_RANKS_PER_NODE": "2"}),
+    "determ-serial": (["--deterministic", "on", "--chunks", "2", "--overlap", "off"], {}),
+    "replicas": (["--replicas", "on", "--chunks", "2"], {"MOEX_RANKS_PER_NODE": "2"}),
+}
+
+
+def run_cmd(cmd, timeout, extra_env=None):
     """Runs cmd in its own process group; on timeout kills that group. Returns (rc, stdout, stderr,
     seconds, timed_out)."""
     t0 = time.monotonic()
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(extra_env),
                          start_new_session=True)
     try:
         out, err = p.communicate(timeout=timeout)
@@ -241,7 +252,7 @@ def _tail(text, n=1500):
 
 def check_cases(args, names):
     n_pass = n_fail = 0
-    print(f"{'case':26s} {'ranks':>5s}  {'output':>10s}  {'grads':>10s}  result")
+    print(f"{'case':26s} {'ranks':>19s}  {'output':>10s}  {'grads':>10s}  result")
     for name in names:
         spec = CASES[name]
         case_dir = os.path.join(args.workdir, name)
@@ -253,12 +264,15 @@ def check_cases(args, names):
                   f" shared={rc['n_shared']} prefix={spec['prefix']!r} attempt={info['attempt']}"
                   f" gaps topk={m['topk']:.2e} group={m['group']:.2e} load={info['load']}")
             continue
-        for ranks in args.ranks:
-            out_path = os.path.join(case_dir, f"output_np{ranks}.safetensors")
+        runs = [(ranks, "", [], {}) for ranks in args.ranks]
+        if args.schedules and max(args.ranks) >= 2:
+            runs += [(max(args.ranks), label, extra, env) for label, (extra, env) in SCHEDULES.items()]
+        for ranks, label, extra, extra_env in runs:
+            out_path = os.path.join(case_dir, f"output_np{ranks}{'_' + label if label else ''}.safetensors")
             if os.path.exists(out_path):
                 os.remove(out_path)
-            cmd = layer_cmd(args, ranks, paths, out_path, spec["prefix"])
-            code, out, err, secs, timed_out = run_cmd(cmd, RUN_TIMEOUT_S)
+            cmd = layer_cmd(args, ranks, paths, out_path, spec["prefix"]) + extra
+            code, out, err, secs, timed_out = run_cmd(cmd, RUN_TIMEOUT_S, extra_env)
             problem = None
             e_out = e_grad = math.inf
             if timed_out:
@@ -285,10 +299,11 @@ def check_cases(args, names):
             ok = problem is None
             n_pass += ok
             n_fail += not ok
-            print(f"{name:26s} {ranks:5d}  {e_out:10.3e}  {e_grad:10.3e}  {'PASS' if ok else 'FAIL'}"
+            print(f"{name:26s} {str(ranks) + (' ' + label if label else ''):>19s}  {e_out:10.3e}  {e_grad:10.3e}  {'PASS' if ok else 'FAIL'}"
                   f"{'' if ok else '  (' + problem + ')'}", flush=True)
             if not ok:
-                print("    command: " + " ".join(_shell_quote(c) for c in cmd))
+                print("    command: " + "".join(f"{k}={v} " for k, v in extra_env.items()) +
+                      " ".join(_shell_quote(c) for c in cmd))
                 if err.strip():
                     print("    stderr: " + _tail(err).replace("\n", "\n    "))
     return n_pass, n_fail
@@ -401,6 +416,8 @@ def main(argv=None):
     ap.add_argument("--workdir", default=None, help="where case files go (default: a new temporary directory)")
     ap.add_argument("--cases", default="all", help="all, or comma-separated case names")
     ap.add_argument("--rtol", type=float, default=1e-4)
+    ap.add_argument("--no-schedules", dest="schedules", action="store_false",
+                    help="skip the extra schedules (" + ", ".join(SCHEDULES) + ") at the largest rank count")
     ap.add_argument("--generate-only", action="store_true",
                     help="write case files and reference outputs (reference.safetensors, F64); run nothing")
     ap.add_argument("--bad-inputs", action="store_true", help="check rejection of malformed inputs instead")
