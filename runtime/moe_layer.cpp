@@ -985,10 +985,16 @@ void MoELayer::update_selection_bias(std::span<const std::int64_t> load, float s
 }
 
 void MoELayer::reduce_replica_grads() {
-  if (!replicas_) return;
+  if (auto work = start_replica_grad_reduce()) work->wait();
+  finish_replica_grad_reduce();
+}
+
+comm::WorkPtr MoELayer::start_replica_grad_reduce() {
+  replica_reduce_pending_ = false;
+  if (!replicas_) return nullptr;
   std::int64_t multi = 0;
   for (auto i : multi_index_) multi += i >= 0 ? 1 : 0;
-  if (multi == 0) return;  // the same on every rank: the layout is
+  if (multi == 0) return nullptr;  // the same on every rank: the layout is
   const std::int64_t stride = expert_stride();
   const auto mine = slot_experts(comm_.rank());
   ParamBlock& ex = experts();  // clears stale gradients first
@@ -1000,7 +1006,16 @@ void MoELayer::reduce_replica_grads() {
     const float* src = ex.grad.data() + static_cast<std::int64_t>(s) * stride;
     for (std::int64_t i = 0; i < stride; ++i) dst[i] += src[i];
   }
-  comm_.allreduce_sum(replica_grad_.data(), multi * stride, comm::DataType::kFloat32, "replica grads " + name_)->wait();
+  replica_reduce_pending_ = true;
+  return comm_.allreduce_sum(replica_grad_.data(), multi * stride, comm::DataType::kFloat32, "replica grads " + name_);
+}
+
+void MoELayer::finish_replica_grad_reduce() {
+  if (!replica_reduce_pending_) return;
+  replica_reduce_pending_ = false;
+  const std::int64_t stride = expert_stride();
+  const auto mine = slot_experts(comm_.rank());
+  ParamBlock& ex = experts();
   for (std::size_t s = 0; s < mine.size(); ++s) {
     const std::int64_t m = multi_index_[static_cast<std::size_t>(mine[s])];
     if (m >= 0)

@@ -178,6 +178,11 @@ class MoELayer {
   /// optimiser, stays identical. A blocking collective; nothing to do (and no communication) when
   /// every expert has one replica. Call it where allreduce_replicated_grads() is called.
   void reduce_replica_grads();
+  /// reduce_replica_grads() in two halves, so the all-reduce can travel beside others: start returns
+  /// the all-reduce (null when there is nothing to reduce); after it completed, finish copies the sums
+  /// into every replica's gradient.
+  comm::WorkPtr start_replica_grad_reduce();
+  void finish_replica_grad_reduce();
   /// Replica mode, a collective at a step boundary: moves to layout `to` (same experts and world
   /// size; slots per rank may change). Every new slot's parameters are copied from a replica of its
   /// expert in the current layout (sched::plan_migration: same slot, same rank, same node, else any
@@ -225,6 +230,7 @@ class MoELayer {
   std::vector<std::int32_t> pick_slot_, pick_phys_;      // [T*K] its slot, and rank * max_slots_ + slot
   std::vector<std::int64_t> multi_index_;                // [E] replica mode: index among multi-replica experts, -1
   std::vector<float> replica_grad_;                      // reduce_replica_grads() buffer
+  bool replica_reduce_pending_ = false;
 
   // Saved by forward for backward; reused across steps so no step allocates once warm.
   std::int64_t tokens_ = 0;

@@ -136,8 +136,10 @@ void MoeModel::backward(const float* dy) {
   pending.push_back(comm_.allreduce_sum(norms_.grad.data(), static_cast<std::int64_t>(norms_.grad.size()),
                                         comm::DataType::kFloat32, "norm grads"));
   for (auto& layer : layers_) pending.push_back(layer->allreduce_replicated_grads());
-  for (auto& layer : layers_) layer->reduce_replica_grads();  // replica mode only; blocking
+  for (auto& layer : layers_)  // replica mode only: sums over each multi-replica expert's replicas
+    if (auto w = layer->start_replica_grad_reduce()) pending.push_back(std::move(w));
   for (auto& w : pending) w->wait();
+  for (auto& layer : layers_) layer->finish_replica_grad_reduce();
 }
 
 void MoeModel::zero_grad() {
