@@ -68,42 +68,18 @@ float float_bits(std::int32_t i) {
 
 MoELayer::MoELayer(const MoeConfig& config, comm::Communicator& comm, sched::ExpertPlacement placement,
                    std::string name, std::optional<sched::Topology> topology, LayerOptions options)
-    : config_(config),
-      comm_(comm),
-      placement_(std::move(placement)),
-      name_(std::move(name)),
-      hidden_(config.hidden_size),
-      ffn_(config.moe_intermediate_size),
-      shared_ffn_(config.shared_intermediate_size()),
-      experts_total_(config.n_routed_experts),
-      topk_(config.num_experts_per_tok) {
-  config_.validate();
-  if (placement_->num_experts() != experts_total_)
-    throw InvalidArgument(name_ + ": placement covers " + std::to_string(placement_->num_experts()) +
-                          " experts but n_routed_experts = " + std::to_string(experts_total_));
-  if (placement_->world_size() != comm_.size())
-    throw InvalidArgument(name_ + ": placement is for " + std::to_string(placement_->world_size()) +
-                          " ranks but the communicator has " + std::to_string(comm_.size()));
-  const auto E = static_cast<std::size_t>(experts_total_);
-  expert_owner_.resize(E);
-  expert_slot_.resize(E);
-  for (std::size_t e = 0; e < E; ++e) {
-    expert_owner_[e] = placement_->owner(static_cast<std::int64_t>(e));
-    expert_slot_[e] = placement_->local_slot(static_cast<std::int64_t>(e));
-  }
-  std::vector<std::vector<std::int64_t>> slots(static_cast<std::size_t>(comm_.size()));
-  for (int r = 0; r < comm_.size(); ++r) {
-    const auto mine = placement_->experts_of(r);
-    slots[static_cast<std::size_t>(r)].assign(mine.begin(), mine.end());
-  }
-  set_slots(std::move(slots));
-  init_common(std::move(topology), options);
-}
+    : MoELayer(config, comm, std::move(name), std::move(placement), std::nullopt, std::move(topology), options) {}
 
 MoELayer::MoELayer(const MoeConfig& config, comm::Communicator& comm, sched::ReplicaLayout layout, std::string name,
                    std::optional<sched::Topology> topology, LayerOptions options)
+    : MoELayer(config, comm, std::move(name), std::nullopt, std::move(layout), std::move(topology), options) {}
+
+MoELayer::MoELayer(const MoeConfig& config, comm::Communicator& comm, std::string name,
+                   std::optional<sched::ExpertPlacement> placement, std::optional<sched::ReplicaLayout> layout,
+                   std::optional<sched::Topology> topology, const LayerOptions& options)
     : config_(config),
       comm_(comm),
+      placement_(std::move(placement)),
       replicas_(std::move(layout)),
       name_(std::move(name)),
       hidden_(config.hidden_size),
@@ -112,17 +88,32 @@ MoELayer::MoELayer(const MoeConfig& config, comm::Communicator& comm, sched::Rep
       experts_total_(config.n_routed_experts),
       topk_(config.num_experts_per_tok) {
   config_.validate();
-  if (replicas_->num_experts() != experts_total_)
-    throw InvalidArgument(name_ + ": replica layout covers " + std::to_string(replicas_->num_experts()) +
-                          " experts but n_routed_experts = " + std::to_string(experts_total_));
-  if (replicas_->world_size() != comm_.size())
-    throw InvalidArgument(name_ + ": replica layout is for " + std::to_string(replicas_->world_size()) +
-                          " ranks but the communicator has " + std::to_string(comm_.size()));
-  set_slots(replicas_->slot_expert());
-  init_common(std::move(topology), options);
-}
-
-void MoELayer::init_common(std::optional<sched::Topology> topology, const LayerOptions& options) {
+  const std::string what = placement_ ? "placement" : "replica layout";
+  const std::int64_t covers = placement_ ? placement_->num_experts() : replicas_->num_experts();
+  const int world = placement_ ? placement_->world_size() : replicas_->world_size();
+  if (covers != experts_total_)
+    throw InvalidArgument(name_ + ": " + what + " covers " + std::to_string(covers) + " experts but n_routed_experts = " +
+                          std::to_string(experts_total_));
+  if (world != comm_.size())
+    throw InvalidArgument(name_ + ": " + what + " is for " + std::to_string(world) + " ranks but the communicator has " +
+                          std::to_string(comm_.size()));
+  if (placement_) {
+    const auto E = static_cast<std::size_t>(experts_total_);
+    expert_owner_.resize(E);
+    expert_slot_.resize(E);
+    for (std::size_t e = 0; e < E; ++e) {
+      expert_owner_[e] = placement_->owner(static_cast<std::int64_t>(e));
+      expert_slot_[e] = placement_->local_slot(static_cast<std::int64_t>(e));
+    }
+    std::vector<std::vector<std::int64_t>> slots(static_cast<std::size_t>(comm_.size()));
+    for (int r = 0; r < comm_.size(); ++r) {
+      const auto mine = placement_->experts_of(r);
+      slots[static_cast<std::size_t>(r)].assign(mine.begin(), mine.end());
+    }
+    set_slots(std::move(slots));
+  } else {
+    set_slots(replicas_->slot_expert());
+  }
   topology_ = topology ? std::move(*topology) : sched::Topology::single_node(comm_.size());
   if (topology_.world_size() != comm_.size())
     throw InvalidArgument(name_ + ": topology is for " + std::to_string(topology_.world_size()) +

@@ -256,7 +256,10 @@ class MoELayer {
   LayerRouteStats stats_;
   LayerCounters counters_;
 
-  void init_common(std::optional<sched::Topology> topology, const LayerOptions& options);
+  // Both public constructors: exactly one of placement and layout is set.
+  MoELayer(const MoeConfig& config, comm::Communicator& comm, std::string name,
+           std::optional<sched::ExpertPlacement> placement, std::optional<sched::ReplicaLayout> layout,
+           std::optional<sched::Topology> topology, const LayerOptions& options);
   void set_slots(std::vector<std::vector<std::int64_t>> slot_expert);
   void route_picks();
   kernels::GemmKind gemm_kind() const {
