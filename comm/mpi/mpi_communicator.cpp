@@ -8,13 +8,17 @@
 #include <iomanip>
 #include <sstream>
 #include <cstdlib>
-#include <thread>
 #include <utility>
 
 #include "comm/mpi/mpi_check.h"
+#include "comm/op_checks.h"
 
 namespace moex::comm {
 namespace {
+
+using op_checks::peer_list;
+using op_checks::require_buffer;
+using op_checks::require_root;
 
 /// The MPI datatype of `type`; InvalidArgument for a value outside the enum.
 MPI_Datatype mpi_type(DataType type, const std::string& op) {
@@ -83,42 +87,8 @@ std::int64_t extent(const std::vector<int>& counts, const std::vector<int>& disp
   return end;
 }
 
-/// A null buffer is fine only when nothing is read from or written to it.
-void require_buffer(const void* buffer, std::int64_t elements, const std::string& op, const char* what) {
-  if (buffer == nullptr && elements > 0) {
-    throw InvalidArgument(op + ": " + what + " is null but " + std::to_string(elements) +
-                          " elements would move through it; a null buffer is allowed only with zero counts");
-  }
-}
 
-void require_root(int root, int size, const std::string& op) {
-  if (root < 0 || root >= size) {
-    throw InvalidArgument(op + ": root = " + std::to_string(root) + " is not a rank of this communicator (0.." +
-                          std::to_string(size - 1) + ")");
-  }
-}
 
-/// "0,1,3" for the ranks other than `self`; runs of three or more shrink to "4-9" so that large
-/// jobs keep the message readable.
-std::string peer_list(int self, int size) {
-  std::vector<int> peers;
-  for (int p = 0; p < size; ++p)
-    if (p != self) peers.push_back(p);
-  if (peers.empty()) return "none";
-  std::ostringstream os;
-  for (std::size_t i = 0; i < peers.size();) {
-    std::size_t j = i;
-    while (j + 1 < peers.size() && peers[j + 1] == peers[j] + 1) ++j;
-    if (i > 0) os << ",";
-    if (j - i >= 2) {
-      os << peers[i] << "-" << peers[j];
-    } else {
-      for (std::size_t k = i; k <= j; ++k) os << (k > i ? "," : "") << peers[k];
-    }
-    i = j + 1;
-  }
-  return os.str();
-}
 
 /// One posted MPI request plus the count and displacement arrays MPI reads until it completes.
 class MpiWork final : public Work {
@@ -182,20 +152,13 @@ class MpiWork final : public Work {
   }
 
   void wait(Clock::time_point deadline) override {
-    constexpr int kSpinPolls = 64;
-    constexpr auto kMaxPause = std::chrono::microseconds(1000);
-    auto pause = std::chrono::microseconds(1);
-    for (int polls = 0; !completed(); ++polls) {
+    op_checks::Backoff backoff;
+    while (!completed()) {
       if (Clock::now() >= deadline) {
         timed_out_ = true;
         throw TimeoutError(timeout_message(deadline));
       }
-      // Spin briefly for latency, then sleep with a growing pause so that ranks oversubscribing
-      // the cores leave them to the peers they are waiting for.
-      if (polls >= kSpinPolls) {
-        std::this_thread::sleep_for(pause);
-        pause = std::min(pause * 2, kMaxPause);
-      }
+      backoff.pause();
     }
     if (!error_.empty()) throw MpiError(error_);
   }

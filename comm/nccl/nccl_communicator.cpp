@@ -15,11 +15,12 @@
 #include <map>
 #include <mutex>
 #include <sstream>
-#include <thread>
 #include <type_traits>
 #include <utility>
 
 #include "base/error.h"
+#include "comm/cuda_check.h"
+#include "comm/op_checks.h"
 
 namespace moex::comm {
 namespace detail {
@@ -61,14 +62,15 @@ namespace {
 
 using detail::NcclOpEvent;
 using detail::NcclShared;
+using cuda::DeviceGuard;
+using op_checks::Backoff;
+using op_checks::packed;
+using op_checks::peer_list;
+using op_checks::per_peer;
+using op_checks::require_buffer;
+using op_checks::require_count;
+using op_checks::require_root;
 
-/// Throws CudaError naming the call, the site and CUDA's error name and text.
-void cuda_check(cudaError_t code, const char* call, const char* file, int line) {
-  if (code == cudaSuccess) return;
-  throw CudaError(std::string(file) + ":" + std::to_string(line) + ": " + call + " failed: " +
-                  cudaGetErrorName(code) + ": " + cudaGetErrorString(code));
-}
-#define MOEX_NCCL_CUDA_CHECK(call) cuda_check((call), #call, __FILE__, __LINE__)
 
 /// NCCL's text for `code` plus its last-error message for `comm` (may be null).
 std::string nccl_error_text(ncclResult_t code, ncclComm_t comm) {
@@ -78,25 +80,6 @@ std::string nccl_error_text(ncclResult_t code, ncclComm_t comm) {
   return text;
 }
 
-/// Makes `device` current for one scope and restores the previous device.
-class DeviceGuard {
- public:
-  explicit DeviceGuard(int device) {
-    int current = -1;
-    if (cudaGetDevice(&current) == cudaSuccess && current != device) {
-      MOEX_NCCL_CUDA_CHECK(cudaSetDevice(device));
-      previous_ = current;
-    }
-  }
-  ~DeviceGuard() {
-    if (previous_ >= 0) cudaSetDevice(previous_);
-  }
-  DeviceGuard(const DeviceGuard&) = delete;
-  DeviceGuard& operator=(const DeviceGuard&) = delete;
-
- private:
-  int previous_ = -1;
-};
 
 ncclDataType_t nccl_type(DataType type, const std::string& op) {
   switch (type) {
@@ -110,32 +93,7 @@ ncclDataType_t nccl_type(DataType type, const std::string& op) {
                         " is not one of float32, float64, int32, int64, byte");
 }
 
-void require_count(std::int64_t value, const std::string& op, const std::string& what) {
-  if (value < 0) throw InvalidArgument(op + ": " + what + " = " + std::to_string(value) + " must be >= 0");
-}
 
-/// Per-peer counts (or displacements), validated: one per rank, each >= 0.
-std::vector<std::int64_t> per_peer(std::span<const std::int64_t> values, int size, const std::string& op,
-                                   const char* what) {
-  if (values.size() != static_cast<std::size_t>(size)) {
-    throw InvalidArgument(op + ": " + what + " has " + std::to_string(values.size()) +
-                          " entries; expected one per rank (" + std::to_string(size) + ")");
-  }
-  std::vector<std::int64_t> out(values.begin(), values.end());
-  for (std::size_t p = 0; p < out.size(); ++p) require_count(out[p], op, std::string(what) + "[" + std::to_string(p) + "]");
-  return out;
-}
-
-/// Displacements of blocks packed back to back: the exclusive prefix sums of `counts`.
-std::vector<std::int64_t> packed(const std::vector<std::int64_t>& counts) {
-  std::vector<std::int64_t> displs(counts.size());
-  std::int64_t at = 0;
-  for (std::size_t p = 0; p < counts.size(); ++p) {
-    displs[p] = at;
-    at += counts[p];
-  }
-  return displs;
-}
 
 /// Elements a buffer must span: the end of the farthest non-empty block.
 std::int64_t extent(const std::vector<std::int64_t>& counts, const std::vector<std::int64_t>& displs) {
@@ -145,19 +103,7 @@ std::int64_t extent(const std::vector<std::int64_t>& counts, const std::vector<s
   return end;
 }
 
-void require_buffer(const void* buffer, std::int64_t elements, const std::string& op, const char* what) {
-  if (buffer == nullptr && elements > 0) {
-    throw InvalidArgument(op + ": " + what + " is null but " + std::to_string(elements) +
-                          " elements would move through it; a null buffer is allowed only with zero counts");
-  }
-}
 
-void require_root(int root, int size, const std::string& op) {
-  if (root < 0 || root >= size) {
-    throw InvalidArgument(op + ": root = " + std::to_string(root) + " is not a rank of this communicator (0.." +
-                          std::to_string(size - 1) + ")");
-  }
-}
 
 /// `base` advanced by `elements` elements of `type`.
 template <typename T>
@@ -166,41 +112,7 @@ T* at_element(T* base, std::int64_t elements, DataType type) {
   return reinterpret_cast<T*>(reinterpret_cast<Byte*>(base) + elements * static_cast<std::int64_t>(element_size(type)));
 }
 
-/// "0,1,3" for the ranks other than `self`, runs of three or more as "4-9".
-std::string peer_list(int self, int size) {
-  std::vector<int> peers;
-  for (int p = 0; p < size; ++p)
-    if (p != self) peers.push_back(p);
-  if (peers.empty()) return "none";
-  std::ostringstream os;
-  for (std::size_t i = 0; i < peers.size();) {
-    std::size_t j = i;
-    while (j + 1 < peers.size() && peers[j + 1] == peers[j] + 1) ++j;
-    if (i > 0) os << ",";
-    if (j - i >= 2) {
-      os << peers[i] << "-" << peers[j];
-    } else {
-      for (std::size_t k = i; k <= j; ++k) os << (k > i ? "," : "") << peers[k];
-    }
-    i = j + 1;
-  }
-  return os.str();
-}
 
-/// Spin briefly, then sleep with a growing pause (as MpiWork does), so that ranks sharing cores
-/// leave them to the peers they wait for.
-class Backoff {
- public:
-  void pause() {
-    if (++polls_ <= 64) return;
-    std::this_thread::sleep_for(pause_);
-    pause_ = std::min(pause_ * 2, std::chrono::microseconds(1000));
-  }
-
- private:
-  int polls_ = 0;
-  std::chrono::microseconds pause_{1};
-};
 
 /// Aborts the NCCL communicator (caller holds the mutex); later ops report `reason`.
 void abort_locked(NcclShared& s, const std::string& reason) {
@@ -238,7 +150,7 @@ bool poll_launch_locked(NcclShared& s, const std::string& op) {
   if (!s.launching) return true;
   if (async_state_locked(s, op) == ncclInProgress) return false;
   DeviceGuard guard(s.device);
-  MOEX_NCCL_CUDA_CHECK(cudaEventRecord(s.launching->event, s.stream));
+  MOEX_COMM_CUDA_CHECK(cudaEventRecord(s.launching->event, s.stream));
   s.launching->recorded = true;
   s.launching.reset();
   return true;
@@ -408,7 +320,7 @@ bool NcclWork::completed() {
     } else if (rc == cudaErrorNotReady) {
       async_state_locked(s, name);  // throws on an asynchronous NCCL error (e.g. a peer failed)
     } else {
-      cuda_check(rc, "cudaEventQuery(op event)", __FILE__, __LINE__);
+      cuda::check(rc, "cudaEventQuery(op event)", __FILE__, __LINE__);
     }
   } catch (const Error&) {
     error_ = std::current_exception();
@@ -447,7 +359,7 @@ void NcclWork::ensure_recorded(Clock::time_point deadline) {
 void NcclWork::wait_on_stream(cudaStream_t stream) {
   ensure_recorded(Clock::now() + timeout_);
   DeviceGuard guard(shared_->device);
-  MOEX_NCCL_CUDA_CHECK(cudaStreamWaitEvent(stream, event_->event, 0));
+  MOEX_COMM_CUDA_CHECK(cudaStreamWaitEvent(stream, event_->event, 0));
 }
 
 cudaEvent_t NcclWork::event() {
@@ -476,7 +388,7 @@ template <typename Calls>
 std::shared_ptr<NcclOpEvent> launch_locked(NcclShared& s, const std::string& op, Calls&& calls) {
   DeviceGuard guard(s.device);
   auto event = std::make_shared<NcclOpEvent>();
-  MOEX_NCCL_CUDA_CHECK(cudaEventCreateWithFlags(&event->event, cudaEventDisableTiming));
+  MOEX_COMM_CUDA_CHECK(cudaEventCreateWithFlags(&event->event, cudaEventDisableTiming));
   const auto fail = [&](ncclResult_t code, const char* call) {
     const std::string text = nccl_error_text(code, s.comm);
     abort_locked(s, "a failed " + std::string(call) + " in " + op + ": " + text);
@@ -507,10 +419,10 @@ std::shared_ptr<NcclOpEvent> launch_locked(NcclShared& s, const std::string& op,
   if (first != ncclSuccess) fail(first, first_call);
   if (cuda_error != cudaSuccess) {
     abort_locked(s, "a failed " + std::string(cuda_call) + " in " + op);
-    cuda_check(cuda_error, cuda_call, __FILE__, __LINE__);
+    cuda::check(cuda_error, cuda_call, __FILE__, __LINE__);
   }
   if (rc == ncclSuccess) {
-    MOEX_NCCL_CUDA_CHECK(cudaEventRecord(event->event, s.stream));
+    MOEX_COMM_CUDA_CHECK(cudaEventRecord(event->event, s.stream));
     event->recorded = true;
   } else if (rc == ncclInProgress) {
     s.launching = event;  // recorded by poll_launch_locked once NCCL enqueued the kernels
@@ -541,16 +453,16 @@ NcclCommunicator::NcclCommunicator(MPI_Comm base, Options options) {
   shared_->rank = rank;
   shared_->size = size;
   shared_->finalize_timeout = options.timeout;
-  MOEX_NCCL_CUDA_CHECK(cudaGetDevice(&shared_->device));
+  MOEX_COMM_CUDA_CHECK(cudaGetDevice(&shared_->device));
   if (options.stream != nullptr) {
     shared_->stream = options.stream;
   } else {
-    MOEX_NCCL_CUDA_CHECK(cudaStreamCreateWithFlags(&shared_->stream, cudaStreamNonBlocking));
+    MOEX_COMM_CUDA_CHECK(cudaStreamCreateWithFlags(&shared_->stream, cudaStreamNonBlocking));
     shared_->owns_stream = true;
   }
-  MOEX_NCCL_CUDA_CHECK(cudaMalloc(&shared_->scratch, sizeof(std::int32_t)));
+  MOEX_COMM_CUDA_CHECK(cudaMalloc(&shared_->scratch, sizeof(std::int32_t)));
   // On the comm stream, so that the first barrier is ordered after it; sums of zeros stay zero.
-  MOEX_NCCL_CUDA_CHECK(cudaMemsetAsync(shared_->scratch, 0, sizeof(std::int32_t), shared_->stream));
+  MOEX_COMM_CUDA_CHECK(cudaMemsetAsync(shared_->scratch, 0, sizeof(std::int32_t), shared_->stream));
 
   // Rank 0 creates the id; a leading status byte tells the others whether that worked, so that a
   // failure there is reported everywhere instead of leaving the peers waiting on NCCL init.
@@ -636,11 +548,11 @@ void NcclCommunicator::wait_for_stream(cudaStream_t producer) {
   settle_launch(*shared_, Clock::now() + default_timeout_, "wait_for_stream");
   DeviceGuard guard(shared_->device);
   cudaEvent_t event = nullptr;
-  MOEX_NCCL_CUDA_CHECK(cudaEventCreateWithFlags(&event, cudaEventDisableTiming));
+  MOEX_COMM_CUDA_CHECK(cudaEventCreateWithFlags(&event, cudaEventDisableTiming));
   const cudaError_t recorded = cudaEventRecord(event, producer);
   const cudaError_t waited = recorded == cudaSuccess ? cudaStreamWaitEvent(shared_->stream, event, 0) : recorded;
   cudaEventDestroy(event);  // safe: the wait already captured the recorded work
-  MOEX_NCCL_CUDA_CHECK(waited);
+  MOEX_COMM_CUDA_CHECK(waited);
 }
 
 WorkPtr NcclCommunicator::finish_issue(std::string op, std::shared_ptr<NcclOpEvent> event) {

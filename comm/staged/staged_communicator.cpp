@@ -8,11 +8,12 @@
 #include <iomanip>
 #include <mutex>
 #include <sstream>
-#include <thread>
 #include <utility>
 #include <vector>
 
 #include "base/error.h"
+#include "comm/cuda_check.h"
+#include "comm/op_checks.h"
 
 namespace moex::comm {
 namespace detail {
@@ -56,73 +57,19 @@ namespace {
 
 using detail::PinnedBlock;
 using detail::StagedShared;
+using cuda::DeviceGuard;
+using op_checks::Backoff;
+using op_checks::packed;
+using op_checks::peer_list;
+using op_checks::per_peer;
+using op_checks::require_buffer;
+using op_checks::require_count;
+using op_checks::require_root;
 
-void cuda_check(cudaError_t code, const char* call, const char* file, int line) {
-  if (code == cudaSuccess) return;
-  throw CudaError(std::string(file) + ":" + std::to_string(line) + ": " + call + " failed: " +
-                  cudaGetErrorName(code) + ": " + cudaGetErrorString(code));
-}
-#define MOEX_STAGED_CUDA_CHECK(call) cuda_check((call), #call, __FILE__, __LINE__)
 
-/// Makes `device` current for one scope and restores the previous device.
-class DeviceGuard {
- public:
-  explicit DeviceGuard(int device) {
-    int current = -1;
-    if (cudaGetDevice(&current) == cudaSuccess && current != device) {
-      MOEX_STAGED_CUDA_CHECK(cudaSetDevice(device));
-      previous_ = current;
-    }
-  }
-  ~DeviceGuard() {
-    if (previous_ >= 0) cudaSetDevice(previous_);
-  }
-  DeviceGuard(const DeviceGuard&) = delete;
-  DeviceGuard& operator=(const DeviceGuard&) = delete;
 
- private:
-  int previous_ = -1;
-};
 
-/// Spin briefly, then sleep with a growing pause (as MpiWork does).
-class Backoff {
- public:
-  void pause() {
-    if (++polls_ <= 64) return;
-    std::this_thread::sleep_for(pause_);
-    pause_ = std::min(pause_ * 2, std::chrono::microseconds(1000));
-  }
 
- private:
-  int polls_ = 0;
-  std::chrono::microseconds pause_{1};
-};
-
-void require_count(std::int64_t value, const std::string& op, const std::string& what) {
-  if (value < 0) throw InvalidArgument(op + ": " + what + " = " + std::to_string(value) + " must be >= 0");
-}
-
-/// Per-peer counts (or displacements), validated: one per rank, each >= 0.
-std::vector<std::int64_t> per_peer(std::span<const std::int64_t> values, int size, const std::string& op,
-                                   const char* what) {
-  if (values.size() != static_cast<std::size_t>(size)) {
-    throw InvalidArgument(op + ": " + what + " has " + std::to_string(values.size()) +
-                          " entries; expected one per rank (" + std::to_string(size) + ")");
-  }
-  std::vector<std::int64_t> out(values.begin(), values.end());
-  for (std::size_t p = 0; p < out.size(); ++p) require_count(out[p], op, std::string(what) + "[" + std::to_string(p) + "]");
-  return out;
-}
-
-std::vector<std::int64_t> packed(const std::vector<std::int64_t>& counts) {
-  std::vector<std::int64_t> displs(counts.size());
-  std::int64_t at = 0;
-  for (std::size_t p = 0; p < counts.size(); ++p) {
-    displs[p] = at;
-    at += counts[p];
-  }
-  return displs;
-}
 
 std::int64_t sum(const std::vector<std::int64_t>& counts) {
   std::int64_t total = 0;
@@ -130,19 +77,7 @@ std::int64_t sum(const std::vector<std::int64_t>& counts) {
   return total;
 }
 
-void require_buffer(const void* buffer, std::int64_t elements, const std::string& op, const char* what) {
-  if (buffer == nullptr && elements > 0) {
-    throw InvalidArgument(op + ": " + what + " is null but " + std::to_string(elements) +
-                          " elements would move through it; a null buffer is allowed only with zero counts");
-  }
-}
 
-void require_root(int root, int size, const std::string& op) {
-  if (root < 0 || root >= size) {
-    throw InvalidArgument(op + ": root = " + std::to_string(root) + " is not a rank of this communicator (0.." +
-                          std::to_string(size - 1) + ")");
-  }
-}
 
 std::size_t bytes_of(std::int64_t elements, DataType type) {
   return static_cast<std::size_t>(elements) * element_size(type);
@@ -151,26 +86,6 @@ std::size_t bytes_of(std::int64_t elements, DataType type) {
 const char* byte_ptr(const void* p, std::size_t offset) { return static_cast<const char*>(p) + offset; }
 char* byte_ptr(void* p, std::size_t offset) { return static_cast<char*>(p) + offset; }
 
-/// "0,1,3" for the ranks other than `self`, runs of three or more as "4-9".
-std::string peer_list(int self, int size) {
-  std::vector<int> peers;
-  for (int p = 0; p < size; ++p)
-    if (p != self) peers.push_back(p);
-  if (peers.empty()) return "none";
-  std::ostringstream os;
-  for (std::size_t i = 0; i < peers.size();) {
-    std::size_t j = i;
-    while (j + 1 < peers.size() && peers[j + 1] == peers[j] + 1) ++j;
-    if (i > 0) os << ",";
-    if (j - i >= 2) {
-      os << peers[i] << "-" << peers[j];
-    } else {
-      for (std::size_t k = i; k <= j; ++k) os << (k > i ? "," : "") << peers[k];
-    }
-    i = j + 1;
-  }
-  return os.str();
-}
 
 /// Blocks a call holds while it is being issued; returned to the pool unless handed to a Work.
 struct Staging {
@@ -195,13 +110,13 @@ void stage_down(StagedShared& s, PinnedBlock& block, const void* src, std::size_
   if (bytes == 0) return;
   DeviceGuard guard(s.device);
   const auto start = Clock::now();
-  MOEX_STAGED_CUDA_CHECK(cudaMemcpyAsync(block.ptr, src, bytes, cudaMemcpyDefault, s.stream));
-  MOEX_STAGED_CUDA_CHECK(cudaEventRecord(s.copy_event, s.stream));
+  MOEX_COMM_CUDA_CHECK(cudaMemcpyAsync(block.ptr, src, bytes, cudaMemcpyDefault, s.stream));
+  MOEX_COMM_CUDA_CHECK(cudaEventRecord(s.copy_event, s.stream));
   Backoff backoff;
   for (;;) {
     const cudaError_t rc = cudaEventQuery(s.copy_event);
     if (rc == cudaSuccess) return;
-    if (rc != cudaErrorNotReady) cuda_check(rc, "cudaEventQuery(device->host staging copy)", __FILE__, __LINE__);
+    if (rc != cudaErrorNotReady) cuda::check(rc, "cudaEventQuery(device->host staging copy)", __FILE__, __LINE__);
     if (Clock::now() >= deadline) {
       StagedShared::leak(block);
       std::ostringstream os;
@@ -291,7 +206,7 @@ class StagedWork final : public Work {
       }
       const cudaError_t rc = cudaEventQuery(event_);
       if (rc == cudaErrorNotReady) return false;
-      cuda_check(rc, "cudaEventQuery(host->device copy of the received data)", __FILE__, __LINE__);
+      cuda::check(rc, "cudaEventQuery(host->device copy of the received data)", __FILE__, __LINE__);
       shared_->release(recv_);
       phase_ = Phase::kDone;
     } catch (...) {
@@ -336,11 +251,11 @@ class StagedWork final : public Work {
     DeviceGuard guard(shared_->device);
     phase_ = Phase::kCopyBack;  // from here a copy may be in flight
     for (const CopyBack& c : copies_) {
-      MOEX_STAGED_CUDA_CHECK(
+      MOEX_COMM_CUDA_CHECK(
           cudaMemcpyAsync(c.device, byte_ptr(recv_.ptr, c.host_offset), c.bytes, cudaMemcpyDefault, shared_->stream));
     }
-    MOEX_STAGED_CUDA_CHECK(cudaEventCreateWithFlags(&event_, cudaEventDisableTiming));
-    MOEX_STAGED_CUDA_CHECK(cudaEventRecord(event_, shared_->stream));
+    MOEX_COMM_CUDA_CHECK(cudaEventCreateWithFlags(&event_, cudaEventDisableTiming));
+    MOEX_COMM_CUDA_CHECK(cudaEventRecord(event_, shared_->stream));
   }
 
   void destroy_event() {
@@ -446,14 +361,14 @@ StagedCommunicator::StagedCommunicator(std::unique_ptr<Communicator> inner, Opti
                     (rc != cudaSuccess ? std::string("cudaGetDeviceCount: ") + cudaGetErrorString(rc)
                                        : std::string("cudaGetDeviceCount reported 0 devices")));
   }
-  MOEX_STAGED_CUDA_CHECK(cudaGetDevice(&shared->device));
+  MOEX_COMM_CUDA_CHECK(cudaGetDevice(&shared->device));
   if (options.stream != nullptr) {
     shared->stream = options.stream;
   } else {
-    MOEX_STAGED_CUDA_CHECK(cudaStreamCreateWithFlags(&shared->stream, cudaStreamNonBlocking));
+    MOEX_COMM_CUDA_CHECK(cudaStreamCreateWithFlags(&shared->stream, cudaStreamNonBlocking));
     shared->owns_stream = true;
   }
-  MOEX_STAGED_CUDA_CHECK(cudaEventCreateWithFlags(&shared->copy_event, cudaEventDisableTiming));
+  MOEX_COMM_CUDA_CHECK(cudaEventCreateWithFlags(&shared->copy_event, cudaEventDisableTiming));
   shared_ = std::move(shared);
 }
 
@@ -476,11 +391,11 @@ std::size_t StagedCommunicator::staging_allocations() const {
 void StagedCommunicator::wait_for_stream(cudaStream_t producer) {
   DeviceGuard guard(shared_->device);
   cudaEvent_t event = nullptr;
-  MOEX_STAGED_CUDA_CHECK(cudaEventCreateWithFlags(&event, cudaEventDisableTiming));
+  MOEX_COMM_CUDA_CHECK(cudaEventCreateWithFlags(&event, cudaEventDisableTiming));
   const cudaError_t recorded = cudaEventRecord(event, producer);
   const cudaError_t waited = recorded == cudaSuccess ? cudaStreamWaitEvent(shared_->stream, event, 0) : recorded;
   cudaEventDestroy(event);  // safe: the wait already captured the recorded work
-  MOEX_STAGED_CUDA_CHECK(waited);
+  MOEX_COMM_CUDA_CHECK(waited);
 }
 
 // Every op: validate (no side effects), take staging blocks, stage the send data down (waited for
