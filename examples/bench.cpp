@@ -59,12 +59,6 @@ double ffn_gemms(std::int64_t rows, std::int64_t H, std::int64_t F, std::vector<
   return 18.0 * static_cast<double>(rows) * static_cast<double>(H) * static_cast<double>(F);
 }
 
-bool on_off(const std::string& v, const char* flag) {
-  if (v == "on") return true;
-  if (v == "off") return false;
-  throw moex::ConfigError(std::string(flag) + " = '" + v + "': expected on or off");
-}
-
 int bench_layer(moex::comm::MpiCommunicator& world, int argc, char** argv) {
   moex::tools::Options opt("moex-bench layer",
                            "mpirun -np N moex-bench layer --hidden H --ffn F --experts E --shared S --topk K "
@@ -81,18 +75,14 @@ int bench_layer(moex::comm::MpiCommunicator& world, int argc, char** argv) {
       .value("iters", "10", "timed iterations")
       .value("warmup", "2", "untimed iterations first")
       .value("seed", "1", "seed of weights and inputs")
-      .value("chunks", "1", "pipeline chunks per layer pass")
-      .value("overlap", "on", "on: exchanges on a communication thread beside compute; off: serialised")
-      .value("exchange", "flat", "flat or hierarchical (node-forwarded) token exchange")
       .value("skew", "0", "Zipf exponent z of a router selection bias b_e = -0.1 z ln(1 + rank of e) (0 = none)")
-      .value("deterministic", "off", "on: row-wise expert GEMMs (results bitwise independent of --chunks)")
-      .value("capacity-factor", "0", "0 = dropless; > 0: per-rank expert capacity, picks over it dropped")
       .value("replicas", "off",
              "on: hot-expert replicas: the warmup iterations' load is planned into a replica layout "
              "(--spare-slots extra expert slots per rank), migrated to before the timed iterations")
       .value("spare-slots", "1", "with --replicas on: slots per rank = ceil(experts / ranks) + this")
       .value("reference", "on", "on: time the plain sgemm reference after every iteration (the ratio)")
       .flag("json", "also print one JSON line per result");
+  moex::tools::add_schedule_options(opt);
   if (!opt.parse(argc, argv, 2)) return 0;
   nlohmann::json cj{{"model_type", "deepseek_v3"},
                     {"hidden_size", opt.integer("hidden")},
@@ -114,18 +104,11 @@ int bench_layer(moex::comm::MpiCommunicator& world, int argc, char** argv) {
   const std::int64_t H = config.hidden_size, F = config.moe_intermediate_size, Fs = config.shared_intermediate_size();
   const auto seed = static_cast<std::uint64_t>(opt.integer("seed"));
 
-  moex::LayerOptions lo;
-  lo.chunks = static_cast<int>(opt.integer("chunks"));
-  lo.overlap = on_off(opt.str("overlap"), "--overlap");
-  lo.exchange = moex::exchange_from_string(opt.str("exchange"));
-  lo.capacity_factor = opt.number("capacity-factor");
-  lo.deterministic = on_off(opt.str("deterministic"), "--deterministic");
-  if (!(lo.capacity_factor >= 0.0) || !std::isfinite(lo.capacity_factor))
-    throw moex::ConfigError("--capacity-factor = " + opt.str("capacity-factor") + ": must be a finite number >= 0");
-  const bool reference = on_off(opt.str("reference"), "--reference");
+  const moex::LayerOptions lo = moex::tools::schedule_options(opt);
+  const bool reference = opt.on_off("reference");
   const double skew = opt.number("skew");
   if (!(skew >= 0.0)) throw moex::ConfigError("--skew = " + opt.str("skew") + ": must be >= 0");
-  const bool replicas = on_off(opt.str("replicas"), "--replicas");
+  const bool replicas = opt.on_off("replicas");
   const std::int64_t spare = opt.integer("spare-slots");
   if (replicas && (spare < 0 || warmup < 1))
     throw moex::ConfigError("--replicas on needs --spare-slots >= 0 and --warmup >= 1 (the plan uses the warmup load)");

@@ -73,14 +73,11 @@ int run(moex::comm::MpiCommunicator& world, int argc, char** argv) {
       .value("output", "", "safetensors file rank 0 writes")
       .value("prefix", "", "name prefix of the layer's weights, e.g. model.layers.3.mlp.")
       .flag("backward", "also compute input.grad and every weight's .grad from R")
-      .value("chunks", "1", "pipeline chunks per pass")
-      .value("overlap", "on", "on: exchanges on a communication thread; off: serialised")
-      .value("exchange", "flat", "flat or hierarchical (once per node, then forwarded inside it)")
-      .value("deterministic", "off", "on: row-wise expert GEMMs (results bitwise independent of --chunks)")
       .value("replicas", "off",
              "on: one spare expert slot per rank; a first forward measures the load, the layer migrates to "
              "the planned replica layout, then the pass that is written out runs")
       .value("timeout", "", "seconds any wait may take before the job aborts (default MOEX_TIMEOUT_S or 300)");
+  moex::tools::add_schedule_options(opt);
   if (!opt.parse(argc, argv)) return 0;
   for (const char* required : {"config", "weights", "input", "output"})
     if (opt.str(required).empty()) throw moex::ConfigError(std::string("--") + required + " is required\n" + opt.usage());
@@ -90,18 +87,8 @@ int run(moex::comm::MpiCommunicator& world, int argc, char** argv) {
 
   const moex::MoeConfig config = moex::MoeConfig::from_file(opt.str("config"));
   const std::int64_t H = config.hidden_size, E = config.n_routed_experts;
-  auto on_off = [&](const char* flag) {
-    const std::string v = opt.str(flag);
-    if (v != "on" && v != "off") throw moex::ConfigError(std::string("--") + flag + " = '" + v + "': expected on or off");
-    return v == "on";
-  };
-  moex::LayerOptions lo;
-  lo.chunks = static_cast<int>(opt.integer("chunks"));
-  if (lo.chunks < 1) throw moex::ConfigError("--chunks = " + opt.str("chunks") + ": must be >= 1");
-  lo.overlap = on_off("overlap");
-  lo.exchange = moex::exchange_from_string(opt.str("exchange"));
-  lo.deterministic = on_off("deterministic");
-  const bool replicas = on_off("replicas");
+  const moex::LayerOptions lo = moex::tools::schedule_options(opt);
+  const bool replicas = opt.on_off("replicas");
   const auto topology = moex::sched::Topology::from_node_ids(world.node_ids());
   const std::int64_t slots = (E + world.size() - 1) / world.size() + 1;
   const std::string name = prefix.empty() ? "layer" : prefix;

@@ -93,6 +93,41 @@ double Options::number(const std::string& name) const {
 bool Options::on(const std::string& name) const { return values_.count(name) != 0 && str(name) == "1"; }
 bool Options::given(const std::string& name) const { return values_.count(name) != 0; }
 
+bool Options::on_off(const std::string& name) const {
+  const std::string& v = str(name);
+  if (v == "on") return true;
+  if (v == "off") return false;
+  throw ConfigError("--" + name + " = '" + v + "': expected on or off");
+}
+
+double Options::non_negative(const std::string& name) const {
+  const double v = number(name);
+  if (!std::isfinite(v) || v < 0.0) throw ConfigError("--" + name + " = " + str(name) + ": must be a finite number >= 0");
+  return v;
+}
+
+Options& add_schedule_options(Options& opt) {
+  return opt.value("chunks", "1", "pipeline chunks per layer pass: chunk i+1's exchange travels while chunk i computes")
+      .value("overlap", "on", "on: exchanges on a communication thread beside compute; off: serialised")
+      .value("exchange", "flat", "flat, or hierarchical (once per destination node, then forwarded inside it)")
+      .value("deterministic", "off", "on: row-wise expert GEMMs, so results are bitwise the same for every --chunks")
+      .value("capacity-factor", "0",
+             "0 = dropless; > 0: per-rank expert capacity ceil(cf * tokens * K / E), lowest-weight picks over it "
+             "dropped and counted");
+}
+
+LayerOptions schedule_options(const Options& opt) {
+  LayerOptions lo;
+  const std::int64_t chunks = opt.integer("chunks");
+  if (chunks < 1) throw ConfigError("--chunks = " + opt.str("chunks") + ": must be >= 1");
+  lo.chunks = static_cast<int>(chunks);
+  lo.overlap = opt.on_off("overlap");
+  lo.exchange = exchange_from_string(opt.str("exchange"));
+  lo.deterministic = opt.on_off("deterministic");
+  lo.capacity_factor = opt.non_negative("capacity-factor");
+  return lo;
+}
+
 std::string Options::usage() const {
   std::ostringstream os;
   os << "usage: " << synopsis_ << "\noptions:\n";

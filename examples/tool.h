@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "comm/mpi/mpi_communicator.h"
+#include "runtime/moe_layer.h"
 
 namespace moex::tools {
 
@@ -25,6 +26,10 @@ class Options {
   std::int64_t integer(const std::string& name) const;
   double number(const std::string& name) const;
   bool on(const std::string& name) const;
+  /// The value of an option that takes "on" or "off"; ConfigError naming the option otherwise.
+  bool on_off(const std::string& name) const;
+  /// A number that must be finite and >= 0; ConfigError naming the option otherwise.
+  double non_negative(const std::string& name) const;
   /// True when the option was given on the command line (not just defaulted).
   bool given(const std::string& name) const;
   std::string usage() const;
@@ -46,6 +51,12 @@ class Options {
 /// non-zero exit that ends every rank (MPI_Abort) instead of leaving peers waiting.
 int run_mpi_tool(const char* program, int argc, char** argv,
                  const std::function<int(comm::MpiCommunicator& world)>& body);
+
+/// Registers the layer schedule options every tool shares: --chunks, --overlap, --exchange,
+/// --deterministic and --capacity-factor.
+Options& add_schedule_options(Options& opt);
+/// Reads them back (ConfigError naming the option for a bad value).
+LayerOptions schedule_options(const Options& opt);
 
 /// Sets the world communicator's deadline from a `--timeout` seconds value (> 0).
 void apply_timeout(comm::MpiCommunicator& world, double seconds);

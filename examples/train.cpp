@@ -27,14 +27,6 @@ moex::MoeConfig tiny_v3() {
   return c;
 }
 
-/// A float option that must be finite and >= 0 (ConfigError naming the flag, the value and the rule).
-float non_negative(const moex::tools::Options& opt, const char* name) {
-  const double v = opt.number(name);
-  if (!std::isfinite(v) || v < 0.0)
-    throw moex::ConfigError(std::string("--") + name + " = " + opt.str(name) + ": must be a finite number >= 0");
-  return static_cast<float>(v);
-}
-
 int train(moex::comm::MpiCommunicator& world, int argc, char** argv) {
   moex::tools::Options opt("moex-train",
                            "mpirun -np N moex-train [--config C.json] [--steps S] [--seed X] ...");
@@ -55,15 +47,10 @@ int train(moex::comm::MpiCommunicator& world, int argc, char** argv) {
       .value("rebalance-interval", "20", "with --replicas on: steps between replica plans")
       .value("rebalance-lag", "2", "with --replicas on: steps the planner runs beside training before its plan applies")
       .value("skew", "0", "Zipf exponent of a fixed skew of the student's router (experiments; 0 = none)")
-      .value("capacity-factor", "0", "0 = dropless; > 0: per-rank expert capacity ceil(cf * tokens * K / E), "
-             "lowest-weight picks over it dropped and counted")
-      .value("deterministic", "off", "on: row-wise expert GEMMs, so results are bitwise the same for every --chunks")
-      .value("chunks", "1", "pipeline chunks per layer pass (results do not depend on it beyond fp32 rounding)")
-      .value("overlap", "on", "on: exchanges on a communication thread beside compute; off: serialised")
-      .value("exchange", "flat", "flat, or hierarchical (once per destination node, then forwarded inside it)")
       .value("log-json", "", "write one JSON object per step to this file (rank 0)")
       .value("log-every", "1", "print every N-th step")
       .value("timeout", "", "seconds any wait may take before the job aborts (default MOEX_TIMEOUT_S or 300)");
+  moex::tools::add_schedule_options(opt);
   if (!opt.parse(argc, argv)) return 0;
   if (opt.given("timeout")) moex::tools::apply_timeout(world, opt.number("timeout"));
   moex::MoeConfig config = opt.str("config").empty() ? tiny_v3() : moex::MoeConfig::from_file(opt.str("config"));
@@ -77,27 +64,16 @@ int train(moex::comm::MpiCommunicator& world, int argc, char** argv) {
   to.tokens_per_rank = opt.integer("tokens-per-rank");
   to.adam.lr = static_cast<float>(opt.number("lr"));
   to.adam.weight_decay = static_cast<float>(opt.number("weight-decay"));
-  to.bias_update_speed = non_negative(opt, "bias-update-speed");
-  to.layer.chunks = static_cast<int>(opt.integer("chunks"));
-  if (to.layer.chunks < 1) throw moex::ConfigError("--chunks = " + opt.str("chunks") + ": must be >= 1");
-  if (opt.str("overlap") != "on" && opt.str("overlap") != "off")
-    throw moex::ConfigError("--overlap = '" + opt.str("overlap") + "': expected on or off");
-  to.layer.overlap = opt.str("overlap") == "on";
-  to.layer.exchange = moex::exchange_from_string(opt.str("exchange"));
-  to.layer.capacity_factor = non_negative(opt, "capacity-factor");
-  if (opt.str("deterministic") != "on" && opt.str("deterministic") != "off")
-    throw moex::ConfigError("--deterministic = '" + opt.str("deterministic") + "': expected on or off");
-  to.layer.deterministic = opt.str("deterministic") == "on";
-  to.aux.seq_alpha = non_negative(opt, "aux-seq-alpha");
-  to.aux.expert_alpha = non_negative(opt, "aux-expert-alpha");
+  to.bias_update_speed = static_cast<float>(opt.non_negative("bias-update-speed"));
+  to.layer = moex::tools::schedule_options(opt);
+  to.aux.seq_alpha = static_cast<float>(opt.non_negative("aux-seq-alpha"));
+  to.aux.expert_alpha = static_cast<float>(opt.non_negative("aux-expert-alpha"));
   to.aux.seq_len = opt.integer("seq-len");
-  if (opt.str("replicas") != "on" && opt.str("replicas") != "off")
-    throw moex::ConfigError("--replicas = '" + opt.str("replicas") + "': expected on or off");
-  to.replicas.enabled = opt.str("replicas") == "on";
+  to.replicas.enabled = opt.on_off("replicas");
   to.replicas.spare_slots = opt.integer("spare-slots");
   to.replicas.interval = opt.integer("rebalance-interval");
   to.replicas.lag = opt.integer("rebalance-lag");
-  to.skew = non_negative(opt, "skew");
+  to.skew = static_cast<float>(opt.non_negative("skew"));
   if (to.aux.seq_len < 0)
     throw moex::ConfigError("--seq-len = " + std::to_string(to.aux.seq_len) + ": must be >= 0 (0 = whole shard)");
   const std::int64_t every = opt.integer("log-every");
