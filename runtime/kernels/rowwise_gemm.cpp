@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "runtime/kernels/cpu_features.h"
 #include "runtime/parallel.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -68,20 +69,7 @@ __attribute__((target("avx2,fma"))) void row_avx2(std::int64_t k0, std::int64_t 
   _mm256_storeu_ps(c + 8, acc1);
 }
 
-bool detect_avx2_fma() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-}
 #endif
-
-bool use_vectors() {
-#ifdef MOEX_HAVE_X86_DISPATCH
-  static const bool vec = detect_avx2_fma();
-  return vec;
-#else
-  return false;
-#endif
-}
 
 // Rows [i0, i1) of C, all columns. `packed` holds B's first n_vec columns as kCols-wide panels,
 // panel p = packed + p * k * kCols (row kk of the panel at + kk * kCols): contiguous, so the panel
@@ -89,12 +77,12 @@ bool use_vectors() {
 void rows_block(std::int64_t i0, std::int64_t i1, std::int64_t n, std::int64_t n_vec, std::int64_t k, const float* a,
                 std::int64_t lda, const float* b, std::int64_t ldb, const float* packed, float* c, std::int64_t ldc) {
   (void)packed;
-  for (std::int64_t k0 = 0; k0 < std::max<std::int64_t>(k, 1); k0 += kDepth) {
+  if (k == 0) {  // empty product: zeros
+    for (std::int64_t i = i0; i < i1; ++i) std::fill_n(c + i * ldc, n, 0.0f);
+    return;
+  }
+  for (std::int64_t k0 = 0; k0 < k; k0 += kDepth) {
     const std::int64_t k1 = std::min(k, k0 + kDepth);
-    if (k == 0) {  // empty product: zeros
-      for (std::int64_t i = i0; i < i1; ++i) std::fill_n(c + i * ldc, n, 0.0f);
-      break;
-    }
 #ifdef MOEX_HAVE_X86_DISPATCH
     // Blocks of kBlockRows rows keep their slice of A in L2 while the B panels stream past.
     for (std::int64_t ib = i0; ib < i1; ib += kBlockRows) {
@@ -116,7 +104,7 @@ void rows_block(std::int64_t i0, std::int64_t i1, std::int64_t n, std::int64_t n
 void rowwise_gemm_nn(std::int64_t m, std::int64_t n, std::int64_t k, const float* a, std::int64_t lda,
                      const float* b, std::int64_t ldb, float* c, std::int64_t ldc) {
   if (m <= 0 || n <= 0) return;
-  const std::int64_t n_vec = use_vectors() ? n / kCols * kCols : 0;
+  const std::int64_t n_vec = cpu_has_avx2_fma() ? n / kCols * kCols : 0;
   thread_local std::vector<float> packed;  // reused across calls
   if (packed.size() < static_cast<std::size_t>(n_vec * k)) packed.resize(static_cast<std::size_t>(n_vec * k));
   for (std::int64_t j = 0; j < n_vec; j += kCols)

@@ -1,6 +1,7 @@
 // SwiGLU row kernel: an AVX2/FMA path chosen at run time, and the scalar path it falls back to.
 #include "runtime/kernels/swiglu_rows.h"
 
+#include "runtime/kernels/cpu_features.h"
 #include "runtime/kernels/math.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -57,22 +58,11 @@ __attribute__((target("avx2,fma"))) void swiglu_avx2(const float* g, const float
   swiglu_scalar(g, u, sig, a, j, n);
 }
 
-bool detect_avx2() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-}
 #endif
 
 }  // namespace
 
-bool swiglu_row_vectorised() {
-#ifdef MOEX_HAVE_X86_DISPATCH
-  static const bool yes = detect_avx2();
-  return yes;
-#else
-  return false;
-#endif
-}
+bool swiglu_row_vectorised() { return cpu_has_avx2_fma(); }
 
 void swiglu_forward_row(const float* g, const float* u, float* sig, float* a, std::int64_t n) {
 #ifdef MOEX_HAVE_X86_DISPATCH
