@@ -46,6 +46,26 @@ double rel_err(const float* a, const float* b, std::size_t n) {
   return diff / mag;
 }
 
+/// The skew of the `skew` cases: one gate row dominates, so expert 0 wins every token with positive
+/// features.
+void skew_gate(MoELayer& layer) {
+  for (std::int64_t j = 0; j < layer.config().hidden_size; ++j) layer.gate_weight()[j] = 5.0f;
+}
+
+/// The global batch x [T, H] and dL/dy [T, H] from `seed`; with `skew`, x is made non-negative.
+struct Inputs {
+  std::vector<float> x, dy;
+};
+Inputs draw_inputs(std::int64_t T, std::int64_t H, std::uint64_t seed, bool skew) {
+  Inputs in{std::vector<float>(static_cast<std::size_t>(T * H)), std::vector<float>(static_cast<std::size_t>(T * H))};
+  Rng rng(seed);
+  rng.fill_normal(in.x.data(), T * H, 1.0);
+  rng.fill_normal(in.dy.data(), T * H, 1.0);
+  if (skew)
+    for (auto& v : in.x) v = std::abs(v);
+  return in;
+}
+
 class LayerRanks : public ::testing::TestWithParam<Case> {};
 
 TEST_P(LayerRanks, DistributedEqualsSingleRank) {
@@ -59,20 +79,14 @@ TEST_P(LayerRanks, DistributedEqualsSingleRank) {
   init_layer_random(one, 5, 0);
   init_layer_random(dist, 5, 0);
   if (c.skew) {
-    for (std::int64_t j = 0; j < H; ++j) {
-      one.gate_weight()[j] = 5.0f;  // expert 0 wins every token with positive features
-      dist.gate_weight()[j] = 5.0f;
-    }
+    skew_gate(one);
+    skew_gate(dist);
   }
   if (!one.selection_bias().empty()) {
     for (std::int64_t e = 0; e < cfg.n_routed_experts; ++e)
       one.selection_bias()[static_cast<std::size_t>(e)] = dist.selection_bias()[static_cast<std::size_t>(e)] = 0.05f * static_cast<float>(e % 3);
   }
-  std::vector<float> x(static_cast<std::size_t>(T * H)), dy(x.size());
-  Rng rng(77);
-  rng.fill_normal(x.data(), T * H, 1.0);
-  rng.fill_normal(dy.data(), T * H, 1.0);
-  if (c.skew) for (auto& v : x) v = std::abs(v);
+  const auto [x, dy] = draw_inputs(T, H, 77, c.skew);
 
   std::vector<float> y1(x.size()), dx1(x.size());
   one.zero_grad();
@@ -118,7 +132,7 @@ std::vector<float> run_layer(const MoeConfig& cfg, const sched::Topology& topo, 
   MoELayer layer(cfg, world, sched::ExpertPlacement::node_aware(cfg.n_routed_experts, topo), "sched", topo, options);
   init_layer_random(layer, 9, 0);
   if (skew)
-    for (std::int64_t j = 0; j < H; ++j) layer.gate_weight()[j] = 5.0f;
+    skew_gate(layer);
   std::vector<float> y(static_cast<std::size_t>((e - b) * H)), dx(y.size());
   for (int step = 0; step < 2; ++step) {  // twice: buffers reused across steps must not leak state
     layer.zero_grad();
@@ -143,11 +157,7 @@ void expect_schedules_agree(const MoeConfig& cfg, std::int64_t T, bool skew, std
                             std::initializer_list<int> node_sizes, std::initializer_list<int> chunk_counts) {
   auto& world = testing::world();
   const std::int64_t H = cfg.hidden_size;
-  std::vector<float> x(static_cast<std::size_t>(T * H)), dy(x.size());
-  Rng rng(seed);
-  rng.fill_normal(x.data(), T * H, 1.0);
-  rng.fill_normal(dy.data(), T * H, 1.0);
-  if (skew) for (auto& v : x) v = std::abs(v);
+  const auto [x, dy] = draw_inputs(T, H, seed, skew);
   const std::int64_t b = T * world.rank() / world.size(), e = T * (world.rank() + 1) / world.size();
   bool ok = true;
   for (int per_node : node_sizes) {
@@ -231,12 +241,8 @@ TEST_P(LayerRanks, ReplicasGiveTheSameResults) {
   MoELayer one(cfg, self, sched::ExpertPlacement::contiguous(cfg.n_routed_experts, 1), "single");
   init_layer_random(one, 5, 0);
   if (c.skew)
-    for (std::int64_t j = 0; j < H; ++j) one.gate_weight()[j] = 5.0f;
-  std::vector<float> x(static_cast<std::size_t>(T * H)), dy(x.size());
-  Rng rng(81);
-  rng.fill_normal(x.data(), T * H, 1.0);
-  rng.fill_normal(dy.data(), T * H, 1.0);
-  if (c.skew) for (auto& v : x) v = std::abs(v);
+    skew_gate(one);
+  const auto [x, dy] = draw_inputs(T, H, 81, c.skew);
   std::vector<float> y1(x.size()), dx1(x.size());
   one.zero_grad();
   one.forward(x.data(), T, y1.data());
@@ -259,7 +265,7 @@ TEST_P(LayerRanks, ReplicasGiveTheSameResults) {
         MoELayer dist(cfg, world, layout, "replicas", topo, o);
         init_layer_random(dist, 5, 0);
         if (c.skew)
-          for (std::int64_t j = 0; j < H; ++j) dist.gate_weight()[j] = 5.0f;
+          skew_gate(dist);
         std::vector<float> y(static_cast<std::size_t>((e - b) * H)), dx(y.size());
         dist.zero_grad();
         dist.forward(x.data() + b * H, e - b, y.data());
