@@ -323,6 +323,7 @@ void MoELayer::exchange_counts() {
   std::int64_t at = 0;
   const std::int64_t K = topk_;
   const bool hier = options_.exchange == ExchangeKind::kHierarchical;
+  std::vector<std::int64_t> first(static_cast<std::size_t>(C), 0);  // per chunk: first row to rank d
   for (int d = 0; d < P; ++d) {
     const auto Sd = static_cast<std::int64_t>(slot_experts(d).size());
     for (int c = 0; c < C; ++c) {
@@ -330,12 +331,12 @@ void MoELayer::exchange_counts() {
       std::int64_t* m = count_send_.data() + at + c * (2 + Sd);
       m[0] = hier ? ch.plan_a.rows_per_rank[static_cast<std::size_t>(topology_.node_of(d))] : 0;
       m[1] = ch.plan.rows_per_rank[static_cast<std::size_t>(d)];
-      std::int64_t first = 0;
-      for (int q = 0; q < d; ++q) first += ch.plan.rows_per_rank[static_cast<std::size_t>(q)];
-      for (std::int64_t i = first * K; i < (first + m[1]) * K; ++i) {
+      std::int64_t& f = first[static_cast<std::size_t>(c)];
+      for (std::int64_t i = f * K; i < (f + m[1]) * K; ++i) {
         const std::int32_t s = ch.plan.row_slot[static_cast<std::size_t>(i)];
         if (s >= 0) ++m[2 + s];
       }
+      f += m[1];
     }
     at += C * (2 + Sd);
   }
@@ -865,7 +866,8 @@ void MoELayer::forward(const float* x, std::int64_t tokens, float* y) {
     enqueue_combine(c, H);
   }
   // 7. y = shared + routed, chunk by chunk as the combines arrive.
-  std::int64_t rows_sent = 0;
+  // Rows this rank sent and received, and those of them that stayed on this rank (not sent bytes).
+  std::int64_t rows_sent = 0, own = 0, self_rows = 0;
   for (int c = 0; c < chunks_used_; ++c) {
     Chunk& ch = *chunks_[static_cast<std::size_t>(c)];
     ch.combined.wait(deadline(), "combine " + name_);
@@ -873,14 +875,12 @@ void MoELayer::forward(const float* x, std::int64_t tokens, float* y) {
     finish_chunk(c, H, y, nullptr);
     counters_.combine += ms_since(t0);
     rows_sent += ch.plan.num_rows();
+    own += ch.plan.rows_per_rank[static_cast<std::size_t>(comm_.rank())];
+    self_rows += recv_layout_.rows[recv_layout_.rc(comm_.rank(), c)];
   }
   stats_.rows_sent = rows_sent;
   stats_.rows_received = rows_total;
   stats_.entries_processed = entries;
-  std::int64_t self_rows = 0;
-  for (int c = 0; c < chunks_used_; ++c) self_rows += recv_layout_.rows[recv_layout_.rc(comm_.rank(), c)];
-  std::int64_t own = 0;
-  for (int c = 0; c < chunks_used_; ++c) own += chunks_[static_cast<std::size_t>(c)]->plan.rows_per_rank[static_cast<std::size_t>(comm_.rank())];
   stats_.bytes_sent = (rows_sent - own) * kernels::routed_row_stride(H, K) * 4 + (rows_total - self_rows) * H * 4;
 }
 
