@@ -11,9 +11,11 @@
 
 #include "base/error.h"
 #include "runtime/cuda/kernels.h"
+#include "runtime/cuda/layer_helpers.h"
 #include "runtime/moe_layer.h"
 
 namespace moex::cuda {
+using namespace layer;  // NOLINT: the layer sources' shared helpers
 namespace {
 
 using std::int64_t;
@@ -117,55 +119,11 @@ unsigned elt_blocks(int64_t n) {
   return static_cast<unsigned>(std::clamp<int64_t>((n + kEltThreads - 1) / kEltThreads, 1, 65536));
 }
 
-/// dst[i] = src[index[i]] for i < n.
-__global__ void gather_scalar_kernel(int64_t n, const int64_t* __restrict__ index, const float* __restrict__ src,
-                                     float* __restrict__ dst) {
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
-    dst[i] = src[index[i]];
-}
-
 /// offsets[t] = t * step for t < n (the CSR of a combine where every token has `step` sources).
 __global__ void iota_step_kernel(int64_t n, int64_t step, int64_t* __restrict__ offsets) {
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x)
     offsets[i] = i * step;
-}
-
-// ---------------------------------------------------------------------------------------------------
-// Helpers
-
-/// Calls f(Tag<float>{}) or f(Tag<bf16>{}) for the element type of `d`.
-template <typename T>
-struct Tag {
-  using type = T;
-};
-template <typename F>
-void with_type(DType d, F&& f) {
-  if (d == DType::kFp32)
-    f(Tag<float>{});
-  else
-    f(Tag<bf16>{});
-}
-
-template <typename T>
-T* as(DeviceBuffer<unsigned char>& b) {
-  return reinterpret_cast<T*>(b.data());
-}
-template <typename T>
-const T* as_const(const void* p) {
-  return static_cast<const T*>(p);
-}
-
-/// (Re)allocates `b` for `count` elements of `es` bytes on `stream` (the old memory is freed first).
-void realloc_bytes(DeviceBuffer<unsigned char>& b, int64_t count, std::size_t es, cudaStream_t stream) {
-  b = DeviceBuffer<unsigned char>();
-  b = DeviceBuffer<unsigned char>(static_cast<std::size_t>(count) * es, stream);
-}
-template <typename T>
-void realloc_typed(DeviceBuffer<T>& b, int64_t count, cudaStream_t stream) {
-  b = DeviceBuffer<T>();
-  b = DeviceBuffer<T>(static_cast<std::size_t>(count), stream);
 }
 
 float bf16_bits_to_float(std::uint16_t h) {
@@ -175,26 +133,6 @@ float bf16_bits_to_float(std::uint16_t h) {
   return f;
 }
 
-// Profile marks (events on the caller's stream unless named *_S*: the shared experts' stream).
-enum Mark : int {
-  kF0,   // forward start
-  kFG,   // gate start
-  kF1,   // routed (gate, counting sort, counts copy queued)
-  kF2,   // gathered
-  kF3,   // experts done
-  kF4,   // forward end
-  kFS0,  // shared forward start
-  kFS1,  // shared forward end
-  kB0,   // backward start
-  kBP,   // routing-weight gradients start
-  kB1,   // permuted (d_weights, weighted dy rows)
-  kB2,   // experts done
-  kB3,   // combined (dx rows back per token)
-  kB4,   // backward end (gate backward done)
-  kBS0,  // shared backward start
-  kBS1,  // shared backward end
-  kMarks
-};
 
 }  // namespace
 
@@ -202,6 +140,34 @@ namespace {
 const MoeConfig& validated(const MoeConfig& c) {
   c.validate();
   return c;
+}
+
+/// The routed expert slots a layer holds: all E on one GPU, else its rank's share of `placement`
+/// (validated against the communicators).
+int64_t local_slot_count(const MoeConfig& c, const GpuLayerOptions& o, const comm::Communicator* host,
+                         const comm::Communicator* device, const std::optional<sched::ExpertPlacement>& placement) {
+  if (!placement) return c.n_routed_experts;
+  const std::string what = "GpuMoELayer (expert-parallel): ";
+  if (o.chunks < 1) throw InvalidArgument(what + "chunks = " + std::to_string(o.chunks) + ": must be >= 1");
+  if (host->size() != device->size() || host->rank() != device->rank())
+    throw InvalidArgument(what + "the host communicator is rank " + std::to_string(host->rank()) + " of " +
+                          std::to_string(host->size()) + " but the device communicator rank " +
+                          std::to_string(device->rank()) + " of " + std::to_string(device->size()) +
+                          "; they must span the same ranks in the same order");
+  if (placement->world_size() != device->size())
+    throw InvalidArgument(what + "the placement is for " + std::to_string(placement->world_size()) +
+                          " ranks; the communicators have " + std::to_string(device->size()));
+  if (placement->num_experts() != c.n_routed_experts)
+    throw InvalidArgument(what + "the placement places " + std::to_string(placement->num_experts()) +
+                          " experts; the config has n_routed_experts = " + std::to_string(c.n_routed_experts));
+  if (!layer::is_device_communicator(*device))
+    throw InvalidArgument(what + "the device communicator must be a NcclCommunicator or a StagedCommunicator "
+                                 "(device buffers, ordered against CUDA streams); got another kind");
+  const int64_t n = placement->num_local(device->rank());
+  if (n < 1)
+    throw InvalidArgument(what + "rank " + std::to_string(device->rank()) +
+                          " holds no routed expert; every rank needs at least one");
+  return n;
 }
 }  // namespace
 
@@ -213,30 +179,15 @@ LayerPrecision precision_from_string(const std::string& s) {
   throw ConfigError("precision '" + s + "': expected fp32 or bf16");
 }
 
-struct GpuMoELayer::Events {
-  cudaEvent_t input = nullptr;   // caller's stream: the inputs of the shared experts are ready
-  cudaEvent_t shared = nullptr;  // second stream: the shared experts are done
-  cudaEvent_t counts = nullptr;  // caller's stream: the expert counts reached the host
-  cudaEvent_t last = nullptr;    // caller's stream: end of the last pass
-  cudaEvent_t marks[kMarks] = {};
-  bool fwd_marked = false, fwd_shared_marked = false, bwd_marked = false, bwd_shared_marked = false;
-
-  Events() {
-    for (cudaEvent_t* e : {&input, &shared, &counts, &last})
-      MOEX_CUDA_CHECK(cudaEventCreateWithFlags(e, cudaEventDisableTiming));
-    for (cudaEvent_t& e : marks) MOEX_CUDA_CHECK(cudaEventCreate(&e));
-  }
-  Events(const Events&) = delete;
-  Events& operator=(const Events&) = delete;
-  ~Events() {
-    for (cudaEvent_t e : {input, shared, counts, last})
-      if (e) static_cast<void>(cudaEventDestroy(e));
-    for (cudaEvent_t e : marks)
-      if (e) static_cast<void>(cudaEventDestroy(e));
-  }
-};
-
 GpuMoELayer::GpuMoELayer(const MoeConfig& config, GpuLayerOptions options)
+    : GpuMoELayer(config, options, nullptr, nullptr, std::nullopt) {}
+
+GpuMoELayer::GpuMoELayer(const MoeConfig& config, comm::Communicator& host_comm, comm::Communicator& device_comm,
+                         sched::ExpertPlacement placement, GpuLayerOptions options)
+    : GpuMoELayer(config, options, &host_comm, &device_comm, std::move(placement)) {}
+
+GpuMoELayer::GpuMoELayer(const MoeConfig& config, GpuLayerOptions options, comm::Communicator* host_comm,
+                         comm::Communicator* device_comm, std::optional<sched::ExpertPlacement> placement)
     : config_(validated(config)),
       options_(options),
       dtype_(options.precision == LayerPrecision::kFp32 ? DType::kFp32 : DType::kBf16),
@@ -245,13 +196,18 @@ GpuMoELayer::GpuMoELayer(const MoeConfig& config, GpuLayerOptions options)
       shared_ffn_(config.shared_intermediate_size()),
       experts_(config.n_routed_experts),
       topk_(config.num_experts_per_tok),
+      local_(local_slot_count(config, options, host_comm, device_comm, placement)),
+      host_comm_(host_comm),
+      device_comm_(device_comm),
+      placement_(std::move(placement)),
       gate_params_(kernels::GateParams::from_config(config, 0)),
-      expert_ffn_(GroupedFfnShape{config.n_routed_experts, config.hidden_size, config.moe_intermediate_size,
+      expert_ffn_(GroupedFfnShape{local_, config.hidden_size, config.moe_intermediate_size,
                                   3 * config.moe_intermediate_size * config.hidden_size},
                   options.precision == LayerPrecision::kFp32 ? DType::kFp32 : DType::kBf16, options.gemm) {
   if (shared_ffn_ > 0) shared_mlp_.emplace(GroupedFfnShape{1, hidden_, shared_ffn_}, dtype_, options_.gemm);
   events_ = new Events();
   try {
+    if (expert_parallel()) init_ep();
     void* pinned = nullptr;
     MOEX_CUDA_CHECK(cudaMallocHost(&pinned, sizeof(int64_t) * static_cast<std::size_t>(experts_)));
     counts_pinned_ = static_cast<int64_t*>(pinned);
@@ -264,14 +220,14 @@ GpuMoELayer::GpuMoELayer(const MoeConfig& config, GpuLayerOptions options)
     counts_dev_ = DeviceBuffer<int64_t>(static_cast<std::size_t>(E), s);
     realloc_bytes(shared_w_, 3 * shared_ffn_ * H, es, s);
     realloc_bytes(shared_g_, 3 * shared_ffn_ * H, es, s);
-    realloc_bytes(expert_w_, E * 3 * ffn_ * H, es, s);
-    realloc_bytes(expert_g_, E * 3 * ffn_ * H, es, s);
+    realloc_bytes(expert_w_, local_ * 3 * ffn_ * H, es, s);
+    realloc_bytes(expert_g_, local_ * 3 * ffn_ * H, es, s);
     for (DeviceBuffer<unsigned char>* b : {&shared_w_, &expert_w_})
       if (!b->empty()) MOEX_CUDA_CHECK(cudaMemsetAsync(b->data(), 0, b->bytes(), s));
     MOEX_CUDA_CHECK(cudaMemsetAsync(gate_w_.data(), 0, gate_w_.bytes(), s));
     MOEX_CUDA_CHECK(cudaMemsetAsync(gate_g_.data(), 0, gate_g_.bytes(), s));
     shared_stale_ = expert_stale_ = true;  // zero gradients, cleared lazily
-    counts_.assign(static_cast<std::size_t>(E), 0);
+    counts_.assign(static_cast<std::size_t>(local_), 0);
     shared_rows_.assign(1, 0);
     aux_.synchronize();
   } catch (...) {
@@ -320,14 +276,17 @@ void GpuMoELayer::check_cpu_layer(MoELayer& cpu, const char* what) const {
     throw mismatch("routed_scaling_factor", std::to_string(c.routed_scaling_factor),
                    std::to_string(config_.routed_scaling_factor));
   const auto slots = cpu.slot_experts(cpu.rank());
-  if (static_cast<int64_t>(slots.size()) != experts_)
+  if (static_cast<int64_t>(slots.size()) != local_)
     throw InvalidArgument(std::string(what) + ": the CPU layer holds " + std::to_string(slots.size()) +
-                          " expert slots on rank " + std::to_string(cpu.rank()) + "; expected all " +
-                          std::to_string(experts_) + " experts (a single-rank layer)");
-  for (std::size_t s = 0; s < slots.size(); ++s)
-    if (slots[s] != static_cast<int64_t>(s))
+                          " expert slots on rank " + std::to_string(cpu.rank()) + "; expected " +
+                          (expert_parallel() ? "this rank's " + std::to_string(local_) + " experts of the placement"
+                                             : "all " + std::to_string(experts_) + " experts (a single-rank layer)"));
+  for (std::size_t s = 0; s < slots.size(); ++s) {
+    const int64_t want = expert_parallel() ? placement_->experts_of(device_comm_->rank())[s] : static_cast<int64_t>(s);
+    if (slots[s] != want)
       throw InvalidArgument(std::string(what) + ": the CPU layer's slot " + std::to_string(s) + " holds expert " +
-                            std::to_string(slots[s]) + "; expected slot e = expert e");
+                            std::to_string(slots[s]) + "; expected expert " + std::to_string(want));
+  }
   if (cpu.aux_loss().enabled())
     throw InvalidArgument(std::string(what) + ": the CPU layer has an auxiliary balance loss; GpuMoELayer has none");
   if (cpu.options().capacity_factor > 0.0)
@@ -357,7 +316,7 @@ void GpuMoELayer::load_from(MoELayer& cpu) {
   const std::vector<float>& rep = cpu.replicated().value;
   copy_to_device(gate_w_.data(), rep.data(), static_cast<std::size_t>(E * H), s);
   upload_params(rep.data() + E * H, 3 * shared_ffn_ * H, shared_w_.data());
-  upload_params(cpu.experts().value.data(), E * 3 * ffn_ * H, expert_w_.data());
+  upload_params(cpu.experts().value.data(), local_ * 3 * ffn_ * H, expert_w_.data());
   set_selection_bias(cpu.selection_bias());
   aux_.synchronize();
 }
@@ -402,7 +361,7 @@ std::vector<float> GpuMoELayer::replicated_grads_host(cudaStream_t stream) {
 }
 
 std::vector<float> GpuMoELayer::expert_grads_host(cudaStream_t stream) {
-  const int64_t n = experts_ * 3 * ffn_ * hidden_;
+  const int64_t n = local_ * 3 * ffn_ * hidden_;
   if (expert_stale_) {
     MOEX_CUDA_CHECK(cudaStreamSynchronize(stream));
     return std::vector<float>(static_cast<std::size_t>(n), 0.0f);
@@ -445,20 +404,23 @@ void GpuMoELayer::reserve(int64_t tokens, cudaStream_t stream) {
   realloc_typed(dlogits_, T * E, s);
   realloc_typed(topk_w_, N, s);
   realloc_typed(d_weights_, N, s);
-  realloc_typed(entry_w_, N, s);
-  realloc_typed(d_entry_, N, s);
   realloc_typed(topk_ids_, N, s);
-  realloc_typed(entry_token_, N, s);
-  realloc_typed(pick_entry_, N, s);
-  realloc_typed(csr_offsets_, T + 1, s);
-  realloc_bytes(xe_, N * H, es, s);
-  realloc_bytes(h13_, N * 2 * F, es, s);
-  realloc_bytes(sig_, N * F, es, s);
-  realloc_bytes(a_, N * F, es, s);
-  realloc_bytes(ye_, N * H, es, s);
-  realloc_bytes(dye_, N * H, es, s);
-  realloc_bytes(dxe_, N * H, es, s);
-  realloc_bytes(dh13_, N * 2 * F, es, s);
+  // The routed rows: T * K of them on one GPU; in expert-parallel mode their number depends on
+  // what the other ranks send (grown by forward_ep instead).
+  const int64_t NR = expert_parallel() ? 0 : N;
+  realloc_typed(entry_w_, NR, s);
+  realloc_typed(d_entry_, NR, s);
+  realloc_typed(entry_token_, NR, s);
+  realloc_typed(pick_entry_, NR, s);
+  realloc_typed(csr_offsets_, expert_parallel() ? 0 : T + 1, s);
+  realloc_bytes(xe_, NR * H, es, s);
+  realloc_bytes(h13_, NR * 2 * F, es, s);
+  realloc_bytes(sig_, NR * F, es, s);
+  realloc_bytes(a_, NR * F, es, s);
+  realloc_bytes(ye_, NR * H, es, s);
+  realloc_bytes(dye_, NR * H, es, s);
+  realloc_bytes(dxe_, NR * H, es, s);
+  realloc_bytes(dh13_, NR * 2 * F, es, s);
   realloc_bytes(sh_h13_, T * 2 * Fs, es, s);
   realloc_bytes(sh_sig_, T * Fs, es, s);
   realloc_bytes(sh_a_, T * Fs, es, s);
@@ -468,8 +430,10 @@ void GpuMoELayer::reserve(int64_t tokens, cudaStream_t stream) {
   realloc_bytes(dy_lp_, lp, es, s);
   realloc_bytes(out_lp_, lp, es, s);
   // Every token has exactly K sources in the combine: offsets t * K.
-  iota_step_kernel<<<elt_blocks(T + 1), kEltThreads, 0, s>>>(T + 1, topk_, csr_offsets_.data());
-  MOEX_CUDA_CHECK_LAUNCH("iota_step_kernel");
+  if (!expert_parallel()) {
+    iota_step_kernel<<<elt_blocks(T + 1), kEltThreads, 0, s>>>(T + 1, topk_, csr_offsets_.data());
+    MOEX_CUDA_CHECK_LAUNCH("iota_step_kernel");
+  }
   aux_.synchronize();  // the new buffers are ready for any stream
   capacity_ = tokens;
   ++allocations_;
@@ -488,24 +452,71 @@ void GpuMoELayer::mark(int index, cudaStream_t stream) {
 // ---------------------------------------------------------------------------------------------------
 // Forward and backward
 
+void GpuMoELayer::shared_forward(const void* xin, void* out, cudaStream_t stream) {
+  const int64_t H = hidden_, Fs = shared_ffn_;
+  const std::size_t es = dtype_size(dtype_);
+  cudaStream_t ss = stream;
+  cublasHandle_t sb = blas_.get();
+  if (options_.overlap_shared) {
+    MOEX_CUDA_CHECK(cudaEventRecord(events_->input, stream));
+    MOEX_CUDA_CHECK(cudaStreamWaitEvent(aux_.get(), events_->input, 0));
+    ss = aux_.get();
+    sb = blas_aux_.get();
+  }
+  mark(kFS0, ss);
+  shared_rows_[0] = tokens_;
+  shared_mlp_->forward(sb, shared_rows_, xin, shared_w_.data(), shared_w_.data() + 2 * Fs * H * es, sh_h13_.data(),
+                       sh_sig_.data(), sh_a_.data(), out, ss);
+  mark(kFS1, ss);
+  events_->fwd_shared_marked = true;
+  if (options_.overlap_shared) MOEX_CUDA_CHECK(cudaEventRecord(events_->shared, ss));
+}
+
+void GpuMoELayer::shared_backward(const void* xin, const void* dyin, void* out, cudaStream_t stream) {
+  const int64_t H = hidden_, Fs = shared_ffn_;
+  const std::size_t es = dtype_size(dtype_);
+  cudaStream_t ss = stream;
+  cublasHandle_t sb = blas_.get();
+  if (options_.overlap_shared) {
+    MOEX_CUDA_CHECK(cudaEventRecord(events_->input, stream));
+    MOEX_CUDA_CHECK(cudaStreamWaitEvent(aux_.get(), events_->input, 0));
+    ss = aux_.get();
+    sb = blas_aux_.get();
+  }
+  mark(kBS0, ss);
+  shared_rows_[0] = tokens_;
+  unsigned char* w = shared_w_.data();
+  unsigned char* g = shared_g_.data();
+  shared_mlp_->backward(sb, shared_rows_, xin, w, w + 2 * Fs * H * es, sh_h13_.data(), sh_sig_.data(), sh_a_.data(),
+                        dyin, g, g + 2 * Fs * H * es, out, sh_dh13_.data(), !shared_stale_, ss);
+  mark(kBS1, ss);
+  events_->bwd_shared_marked = true;
+  if (options_.overlap_shared) MOEX_CUDA_CHECK(cudaEventRecord(events_->shared, ss));
+}
+
+void GpuMoELayer::join_shared(cudaStream_t stream) {
+  if (shared_ffn_ > 0 && options_.overlap_shared) MOEX_CUDA_CHECK(cudaStreamWaitEvent(stream, events_->shared, 0));
+}
+
 void GpuMoELayer::forward(const float* x, int64_t tokens, float* y, cudaStream_t stream) {
   if (tokens < 0) throw InvalidArgument("GpuMoELayer::forward: tokens = " + std::to_string(tokens) + ": must be >= 0");
   if (tokens > 0 && (!x || !y))
     throw InvalidArgument("GpuMoELayer::forward: x or y is null with tokens = " + std::to_string(tokens) +
                           " (expected device pointers to [tokens, hidden] floats)");
   reserve(tokens, stream);
-  const int64_t T = tokens, N = tokens * topk_, H = hidden_, E = experts_, F = ffn_, Fs = shared_ffn_;
+  const int64_t T = tokens, N = tokens * topk_, H = hidden_, E = experts_, F = ffn_;
   tokens_ = T;
   x_ = x;
   have_forward_ = true;
   std::fill(counts_.begin(), counts_.end(), int64_t{0});
   events_->fwd_marked = events_->fwd_shared_marked = false;
-  if (T == 0) {
+  // An expert-parallel layer takes part in the exchanges even without tokens of its own.
+  if (T == 0 && !expert_parallel()) {
     MOEX_CUDA_CHECK(cudaEventRecord(events_->last, stream));
     return;
   }
   const bool bf = dtype_ == DType::kBf16;
-  const bool has_shared = Fs > 0;
+  const bool has_shared = shared_ffn_ > 0;
   const std::size_t es = dtype_size(dtype_);
   mark(kF0, stream);
   // The GEMM input: x itself, or its bf16 copy.
@@ -516,24 +527,7 @@ void GpuMoELayer::forward(const float* x, int64_t tokens, float* y, cudaStream_t
   }
   // What the combine adds the routed rows to (the shared output), or overwrites without shared experts.
   void* out = bf ? static_cast<void*>(out_lp_.data()) : static_cast<void*>(y);
-  const bool overlap = has_shared && options_.overlap_shared;
-  if (has_shared) {
-    cudaStream_t ss = stream;
-    cublasHandle_t sb = blas_.get();
-    if (overlap) {
-      MOEX_CUDA_CHECK(cudaEventRecord(events_->input, stream));
-      MOEX_CUDA_CHECK(cudaStreamWaitEvent(aux_.get(), events_->input, 0));
-      ss = aux_.get();
-      sb = blas_aux_.get();
-    }
-    mark(kFS0, ss);
-    shared_rows_[0] = T;
-    shared_mlp_->forward(sb, shared_rows_, xin, shared_w_.data(), shared_w_.data() + 2 * Fs * H * es, sh_h13_.data(),
-                         sh_sig_.data(), sh_a_.data(), out, ss);
-    mark(kFS1, ss);
-    events_->fwd_shared_marked = true;
-    if (overlap) MOEX_CUDA_CHECK(cudaEventRecord(events_->shared, ss));
-  }
+  if (has_shared && T > 0) shared_forward(xin, out, stream);
 
   // Gate, then the counting sort of the picks by expert.
   mark(kFG, stream);
@@ -541,43 +535,48 @@ void GpuMoELayer::forward(const float* x, int64_t tokens, float* y, cudaStream_t
   gp.tokens = T;
   gate_forward(blas_.get(), gp, x, gate_w_.data(), has_bias_ ? bias_.data() : nullptr, scores_.data(),
                topk_ids_.data(), topk_w_.data(), stream);
-  route_count_kernel<<<static_cast<unsigned>(E), kCountThreads, 0, stream>>>(topk_ids_.data(), N, counts_dev_.data());
-  MOEX_CUDA_CHECK_LAUNCH("route_count_kernel");
-  route_place_kernel<<<static_cast<unsigned>(E), kPlaceThreads, 0, stream>>>(
-      topk_ids_.data(), topk_w_.data(), N, topk_, counts_dev_.data(), entry_token_.data(), entry_w_.data(),
-      pick_entry_.data());
-  MOEX_CUDA_CHECK_LAUNCH("route_place_kernel");
-  MOEX_CUDA_CHECK(cudaMemcpyAsync(counts_pinned_, counts_dev_.data(), sizeof(int64_t) * static_cast<std::size_t>(E),
-                                  cudaMemcpyDeviceToHost, stream));
-  MOEX_CUDA_CHECK(cudaEventRecord(events_->counts, stream));
-  mark(kF1, stream);
+  if (expert_parallel()) {
+    forward_ep(xin, out, has_shared && T > 0, stream);
+  } else {
+    route_count_kernel<<<static_cast<unsigned>(E), kCountThreads, 0, stream>>>(topk_ids_.data(), N,
+                                                                               counts_dev_.data());
+    MOEX_CUDA_CHECK_LAUNCH("route_count_kernel");
+    route_place_kernel<<<static_cast<unsigned>(E), kPlaceThreads, 0, stream>>>(
+        topk_ids_.data(), topk_w_.data(), N, topk_, counts_dev_.data(), entry_token_.data(), entry_w_.data(),
+        pick_entry_.data());
+    MOEX_CUDA_CHECK_LAUNCH("route_place_kernel");
+    MOEX_CUDA_CHECK(cudaMemcpyAsync(counts_pinned_, counts_dev_.data(),
+                                    sizeof(int64_t) * static_cast<std::size_t>(E), cudaMemcpyDeviceToHost, stream));
+    MOEX_CUDA_CHECK(cudaEventRecord(events_->counts, stream));
+    mark(kF1, stream);
 
-  // Gather the rows into expert order (needs no host counts: N = T * K), meanwhile fetch the counts.
-  with_type(dtype_, [&](auto tag) {
-    using T_ = typename decltype(tag)::type;
-    gather_rows(N, H, entry_token_.data(), as_const<T_>(xin), H, as<T_>(xe_), H, stream);
-  });
-  mark(kF2, stream);
-  MOEX_CUDA_CHECK(cudaEventSynchronize(events_->counts));
-  int64_t total = 0;
-  for (int64_t e = 0; e < E; ++e) {
-    counts_[static_cast<std::size_t>(e)] = counts_pinned_[e];
-    total += counts_pinned_[e];
+    // Gather the rows into expert order (needs no host counts: N = T * K), meanwhile fetch the counts.
+    with_type(dtype_, [&](auto tag) {
+      using T_ = typename decltype(tag)::type;
+      gather_rows(N, H, entry_token_.data(), as_const<T_>(xin), H, as<T_>(xe_), H, stream);
+    });
+    mark(kF2, stream);
+    MOEX_CUDA_CHECK(cudaEventSynchronize(events_->counts));
+    int64_t total = 0;
+    for (int64_t e = 0; e < E; ++e) {
+      counts_[static_cast<std::size_t>(e)] = counts_pinned_[e];
+      total += counts_pinned_[e];
+    }
+    if (total != N)
+      throw InternalError("GpuMoELayer::forward: the device counted " + std::to_string(total) +
+                          " routed rows over all experts; expected tokens * topk = " + std::to_string(N));
+
+    expert_ffn_.forward(blas_.get(), counts_, xe_.data(), expert_w_.data(), expert_w_.data() + 2 * F * H * es,
+                        h13_.data(), sig_.data(), a_.data(), ye_.data(), stream);
+    mark(kF3, stream);
+
+    join_shared(stream);
+    with_type(dtype_, [&](auto tag) {
+      using T_ = typename decltype(tag)::type;
+      combine_rows(T, H, csr_offsets_.data(), pick_entry_.data(), topk_w_.data(), as<T_>(ye_), H,
+                   static_cast<T_*>(out), H, has_shared, stream);
+    });
   }
-  if (total != N)
-    throw InternalError("GpuMoELayer::forward: the device counted " + std::to_string(total) +
-                        " routed rows over all experts; expected tokens * topk = " + std::to_string(N));
-
-  expert_ffn_.forward(blas_.get(), counts_, xe_.data(), expert_w_.data(), expert_w_.data() + 2 * F * H * es,
-                      h13_.data(), sig_.data(), a_.data(), ye_.data(), stream);
-  mark(kF3, stream);
-
-  if (overlap) MOEX_CUDA_CHECK(cudaStreamWaitEvent(stream, events_->shared, 0));
-  with_type(dtype_, [&](auto tag) {
-    using T_ = typename decltype(tag)::type;
-    combine_rows(T, H, csr_offsets_.data(), pick_entry_.data(), topk_w_.data(), as<T_>(ye_), H,
-                 static_cast<T_*>(out), H, has_shared, stream);
-  });
   if (bf) convert(as<bf16>(out_lp_), y, T * H, stream);
   mark(kF4, stream);
   events_->fwd_marked = true;
@@ -588,9 +587,9 @@ void GpuMoELayer::backward(const float* dy, float* dx, cudaStream_t stream) {
   if (!have_forward_)
     throw InvalidArgument("GpuMoELayer::backward: no forward() to go back through (call forward first; a "
                           "reserve() that grew the workspace also discards the last forward)");
-  const int64_t T = tokens_, N = T * topk_, H = hidden_, F = ffn_, Fs = shared_ffn_;
+  const int64_t T = tokens_, N = T * topk_, H = hidden_, F = ffn_;
   events_->bwd_marked = events_->bwd_shared_marked = false;
-  if (T == 0) {
+  if (T == 0 && !expert_parallel()) {
     // Nothing flows back; gradients zeroed lazily become real zeros.
     if (shared_stale_ && !shared_g_.empty())
       MOEX_CUDA_CHECK(cudaMemsetAsync(shared_g_.data(), 0, shared_g_.bytes(), stream));
@@ -599,11 +598,11 @@ void GpuMoELayer::backward(const float* dy, float* dx, cudaStream_t stream) {
     MOEX_CUDA_CHECK(cudaEventRecord(events_->last, stream));
     return;
   }
-  if (!dy || !dx)
+  if (T > 0 && (!dy || !dx))
     throw InvalidArgument("GpuMoELayer::backward: dy or dx is null with tokens = " + std::to_string(T) +
                           " (expected device pointers to [tokens, hidden] floats)");
   const bool bf = dtype_ == DType::kBf16;
-  const bool has_shared = Fs > 0;
+  const bool has_shared = shared_ffn_ > 0;
   const std::size_t es = dtype_size(dtype_);
   mark(kB0, stream);
   const void* xin = bf ? static_cast<const void*>(x_lp_.data()) : static_cast<const void*>(x_);
@@ -614,53 +613,42 @@ void GpuMoELayer::backward(const float* dy, float* dx, cudaStream_t stream) {
   }
   // Where the input-row gradients are summed per token (the shared experts' dx first, if any).
   void* out = bf ? static_cast<void*>(out_lp_.data()) : static_cast<void*>(dx);
-  const bool overlap = has_shared && options_.overlap_shared;
   if (has_shared) {
-    cudaStream_t ss = stream;
-    cublasHandle_t sb = blas_.get();
-    if (overlap) {
-      MOEX_CUDA_CHECK(cudaEventRecord(events_->input, stream));
-      MOEX_CUDA_CHECK(cudaStreamWaitEvent(aux_.get(), events_->input, 0));
-      ss = aux_.get();
-      sb = blas_aux_.get();
+    if (T > 0) {
+      shared_backward(xin, dyin, out, stream);
+    } else if (shared_stale_) {
+      MOEX_CUDA_CHECK(cudaMemsetAsync(shared_g_.data(), 0, shared_g_.bytes(), stream));
     }
-    mark(kBS0, ss);
-    shared_rows_[0] = T;
-    unsigned char* w = shared_w_.data();
-    unsigned char* g = shared_g_.data();
-    shared_mlp_->backward(sb, shared_rows_, xin, w, w + 2 * Fs * H * es, sh_h13_.data(), sh_sig_.data(), sh_a_.data(),
-                          dyin, g, g + 2 * Fs * H * es, out, sh_dh13_.data(), !shared_stale_, ss);
-    mark(kBS1, ss);
-    events_->bwd_shared_marked = true;
-    if (overlap) MOEX_CUDA_CHECK(cudaEventRecord(events_->shared, ss));
   }
   shared_stale_ = false;
 
-  // Routing-weight gradients d_w[t,k] = dy[t] . expert_out[pick], and the expert-output gradients
-  // w[pick] * dy[t], both in expert order.
-  mark(kBP, stream);
-  with_type(dtype_, [&](auto tag) {
-    using T_ = typename decltype(tag)::type;
-    row_dot(N, H, entry_token_.data(), as_const<T_>(dyin), H, as<T_>(ye_), H, d_entry_.data(), stream);
-    gather_rows_scaled(N, H, entry_token_.data(), entry_w_.data(), as_const<T_>(dyin), H, as<T_>(dye_), H, stream);
-  });
-  gather_scalar_kernel<<<elt_blocks(N), kEltThreads, 0, stream>>>(N, pick_entry_.data(), d_entry_.data(),
-                                                                   d_weights_.data());
-  MOEX_CUDA_CHECK_LAUNCH("gather_scalar_kernel");
-  mark(kB1, stream);
+  if (expert_parallel()) {
+    backward_ep(dyin, out, has_shared && T > 0, stream);
+  } else {
+    // Routing-weight gradients d_w[t,k] = dy[t] . expert_out[pick], and the expert-output gradients
+    // w[pick] * dy[t], both in expert order.
+    mark(kBP, stream);
+    with_type(dtype_, [&](auto tag) {
+      using T_ = typename decltype(tag)::type;
+      row_dot(N, H, entry_token_.data(), as_const<T_>(dyin), H, as<T_>(ye_), H, d_entry_.data(), stream);
+      gather_rows_scaled(N, H, entry_token_.data(), entry_w_.data(), as_const<T_>(dyin), H, as<T_>(dye_), H, stream);
+    });
+    gather_values(N, pick_entry_.data(), d_entry_.data(), d_weights_.data(), stream);
+    mark(kB1, stream);
 
-  expert_ffn_.backward(blas_.get(), counts_, xe_.data(), expert_w_.data(), expert_w_.data() + 2 * F * H * es,
-                       h13_.data(), sig_.data(), a_.data(), dye_.data(), expert_g_.data(),
-                       expert_g_.data() + 2 * F * H * es, dxe_.data(), dh13_.data(), !expert_stale_, stream);
-  expert_stale_ = false;
-  mark(kB2, stream);
+    expert_ffn_.backward(blas_.get(), counts_, xe_.data(), expert_w_.data(), expert_w_.data() + 2 * F * H * es,
+                         h13_.data(), sig_.data(), a_.data(), dye_.data(), expert_g_.data(),
+                         expert_g_.data() + 2 * F * H * es, dxe_.data(), dh13_.data(), !expert_stale_, stream);
+    expert_stale_ = false;
+    mark(kB2, stream);
 
-  if (overlap) MOEX_CUDA_CHECK(cudaStreamWaitEvent(stream, events_->shared, 0));
-  with_type(dtype_, [&](auto tag) {
-    using T_ = typename decltype(tag)::type;
-    combine_rows(T, H, csr_offsets_.data(), pick_entry_.data(), nullptr, as<T_>(dxe_), H, static_cast<T_*>(out), H,
-                 has_shared, stream);
-  });
+    join_shared(stream);
+    with_type(dtype_, [&](auto tag) {
+      using T_ = typename decltype(tag)::type;
+      combine_rows(T, H, csr_offsets_.data(), pick_entry_.data(), nullptr, as<T_>(dxe_), H, static_cast<T_*>(out), H,
+                   has_shared, stream);
+    });
+  }
   if (bf) convert(as<bf16>(out_lp_), dx, T * H, stream);
   mark(kB3, stream);
 

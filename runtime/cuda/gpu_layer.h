@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
@@ -10,10 +11,13 @@
 #include <cublas_v2.h>
 #include <cuda_runtime_api.h>
 
+#include "comm/communicator.h"
 #include "runtime/cuda/device.h"
 #include "runtime/cuda/grouped_gemm.h"
+#include "runtime/ep_plan.h"
 #include "runtime/kernels/gate.h"
 #include "runtime/moe_config.h"
+#include "scheduler/expert_placement.h"
 
 namespace moex {
 class MoELayer;
@@ -39,6 +43,9 @@ struct GpuLayerOptions {
   bool overlap_shared = true;
   /// Record CUDA events between stages (see GpuLayerTimes); costs a few microseconds per pass.
   bool profile = false;
+  /// Expert-parallel layers: pipeline chunks. Chunk i+1's rows travel (on the device communicator's
+  /// stream) while chunk i's experts run on the caller's stream. Every rank must use the same value.
+  int chunks = 1;
 };
 
 /// Device milliseconds of the stages of the last profiled forward and backward (zeros when
@@ -83,12 +90,35 @@ struct GpuLayerTimes {
 /// not copied). Use one stream per layer, and keep it alive as long as the layer (the grouped GEMM's
 /// pointer table lives on it). Workspace is sized for the largest token count seen (or reserve()d):
 /// once warm, no pass allocates device memory. Not thread-safe.
+///
+/// Expert-parallel mode (the second constructor): the routed experts are sharded over the ranks of
+/// a job by an ExpertPlacement, and this layer holds the slots of its rank (expert_params() has
+/// num_local_experts() blocks). forward() and backward() are then collectives: every rank calls them
+/// in the same order, each with its own tokens (0 allowed). A forward copies the top-K ids and
+/// weights to the host, builds an EpPlan (runtime/ep_plan.h) and exchanges its metadata over the HOST
+/// communicator, uploads the plan's index arrays, and then, chunk by chunk, gathers the rows to send,
+/// moves them with alltoallv over the DEVICE communicator (NcclCommunicator: on its stream, ordered
+/// against the caller's stream with CUDA events, so the host does not wait; StagedCommunicator:
+/// through pinned host memory, driven by the host), runs the local experts on the received rows,
+/// combines each row's experts and sends the sums back; the rows coming back are summed per token
+/// onto the shared experts' output. Backward runs the same exchange with dy, and sends back the input
+/// row gradients and the routing-weight gradients. The results equal those of a CPU MoELayer with
+/// the same placement (fp32 mode: up to summation order). Replicated gradients (gate, shared
+/// experts) hold this rank's share until allreduce_replicated_grads(). Workspace for the routed rows
+/// grows (by a quarter more than needed) when a pass needs more rows than any before.
 class GpuMoELayer {
  public:
   /// Validates `config` and allocates the parameters (zeros, no selection bias) and gradients
   /// (zeros) on the current device. Throws ConfigError for an invalid config, CudaError without a
   /// usable device. (A gate too wide for the device kernels is reported by the first forward.)
   explicit GpuMoELayer(const MoeConfig& config, GpuLayerOptions options = {});
+  /// Expert-parallel mode. `host_comm` (host buffers, e.g. an MpiCommunicator) and `device_comm`
+  /// (device buffers: a NcclCommunicator or a StagedCommunicator) span the same ranks in the same
+  /// order, with the placement's world size; both must outlive the layer. Throws InvalidArgument when
+  /// they do not match, when `device_comm` is neither kind, when chunks < 1, or when this rank holds
+  /// no routed expert.
+  GpuMoELayer(const MoeConfig& config, comm::Communicator& host_comm, comm::Communicator& device_comm,
+              sched::ExpertPlacement placement, GpuLayerOptions options = {});
   ~GpuMoELayer();
   GpuMoELayer(const GpuMoELayer&) = delete;
   GpuMoELayer& operator=(const GpuMoELayer&) = delete;
@@ -99,8 +129,9 @@ class GpuMoELayer {
   DType dtype() const { return dtype_; }
 
   /// Copies every parameter (gate, shared and routed experts, converted to dtype()) and the
-  /// selection bias from `cpu`, a layer of the same config holding all E experts in order (slot e =
-  /// expert e, i.e. a single rank). Synchronous. Gradients are not touched. InvalidArgument naming
+  /// selection bias from `cpu`, a layer of the same config holding the same experts in the same
+  /// slots (single-GPU mode: all E in order, slot e = expert e; expert-parallel mode: this rank's
+  /// experts of the placement). Synchronous. Gradients are not touched. InvalidArgument naming
   /// the mismatch otherwise, or when `cpu` has an auxiliary loss or a capacity factor (unsupported).
   void load_from(MoELayer& cpu);
   /// Sets the selection bias (e_score_correction_bias): `bias` has E values, or none to remove it.
@@ -119,6 +150,17 @@ class GpuMoELayer {
   /// From dy [tokens, H] of the last forward: writes dx [tokens, H] (fp32 device pointers) and
   /// accumulates every parameter gradient. InvalidArgument without a forward before it.
   void backward(const float* dy, float* dx, cudaStream_t stream);
+  /// Expert-parallel mode, a collective: sums the gate's and the shared experts' gradients over the
+  /// ranks (in place, on the device communicator; bf16 shared gradients are summed in fp32), after
+  /// the work queued on `stream`, which then waits for the result. Nothing to do in single-GPU mode.
+  void allreduce_replicated_grads(cudaStream_t stream);
+
+  /// Whether the layer is expert-parallel (second constructor).
+  bool expert_parallel() const { return device_comm_ != nullptr; }
+  /// Routed expert slots this layer holds (E in single-GPU mode).
+  std::int64_t num_local_experts() const { return local_; }
+  /// The plan of the last expert-parallel forward (row counts per chunk and peer, entries per slot).
+  const EpPlan& plan() const { return plan_; }
 
   // Device parameters and gradients (layouts in the class comment).
   float* gate_weight() { return gate_w_.data(); }
@@ -144,7 +186,7 @@ class GpuMoELayer {
   /// Top-K expert ids [tokens, K] and routing weights of the last forward (synchronise `stream`).
   std::vector<std::int32_t> topk_ids_host(cudaStream_t stream) const;
   std::vector<float> topk_weights_host(cudaStream_t stream) const;
-  /// Rows each expert processed in the last forward (host, [E]).
+  /// Rows each local expert slot processed in the last forward (host, [num_local_experts()]).
   const std::vector<std::int64_t>& expert_counts() const { return counts_; }
   /// Times the workspace was (re)allocated since construction (stays put once warm).
   std::int64_t workspace_allocations() const { return allocations_; }
@@ -154,8 +196,23 @@ class GpuMoELayer {
   void set_profile(bool on);
 
  private:
-  struct Events;  // the layer's CUDA events (gpu_layer.cu)
+  struct Events;   // the layer's CUDA events (gpu_layer.cu)
+  struct EpState;  // expert-parallel buffers and pending exchanges (gpu_layer_ep.cu)
+  struct EpStateDeleter {
+    void operator()(EpState* p) const;
+  };
+  // Both public constructors (placement and communicators set together, or none).
+  GpuMoELayer(const MoeConfig& config, GpuLayerOptions options, comm::Communicator* host_comm,
+              comm::Communicator* device_comm, std::optional<sched::ExpertPlacement> placement);
   void check_cpu_layer(MoELayer& cpu, const char* what) const;
+  void init_ep();  // checks the device communicator's kind, creates ep_ (gpu_layer_ep.cu)
+  void forward_ep(const void* xin, void* out, bool accumulate, cudaStream_t stream);
+  void backward_ep(const void* dyin, void* out, bool accumulate, cudaStream_t stream);
+  /// Queues the shared experts' forward (backward) on the layer's second stream when overlapping
+  /// (joined later by join_shared()), else on `stream`; writes (backward: accumulates into) `out`.
+  void shared_forward(const void* xin, void* out, cudaStream_t stream);
+  void shared_backward(const void* xin, const void* dyin, void* out, cudaStream_t stream);
+  void join_shared(cudaStream_t stream);
   void upload_params(const float* host, std::int64_t n, void* dst);
   std::vector<float> download(const void* src, std::int64_t n, cudaStream_t stream) const;
   void mark(int index, cudaStream_t stream);
@@ -164,6 +221,13 @@ class GpuMoELayer {
   GpuLayerOptions options_;
   DType dtype_;
   std::int64_t hidden_, ffn_, shared_ffn_, experts_, topk_;
+  std::int64_t local_;  // routed expert slots held here (experts_ in single-GPU mode)
+
+  // Expert-parallel mode (null / empty otherwise).
+  comm::Communicator* host_comm_ = nullptr;
+  comm::Communicator* device_comm_ = nullptr;
+  std::optional<sched::ExpertPlacement> placement_;
+  EpPlan plan_;
   kernels::GateParams gate_params_;
 
   // Declared first so that they outlive every buffer: the buffers are freed on aux_ (after waiting
@@ -198,6 +262,9 @@ class GpuMoELayer {
   const float* x_ = nullptr;
   std::vector<std::int64_t> counts_;
   std::vector<std::int64_t> shared_rows_;  // {tokens}
+
+  // Expert-parallel buffers (device buffers on aux_: declared after it, so released before it).
+  std::unique_ptr<EpState, EpStateDeleter> ep_;
 };
 
 }  // namespace moex::cuda

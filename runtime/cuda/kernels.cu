@@ -374,6 +374,16 @@ void launch_gather(const char* what, int64_t count, int64_t width, const int64_t
   MOEX_CUDA_CHECK_LAUNCH("gather_kernel");
 }
 
+/// dst[i] = index[i] >= 0 ? src[index[i]] : 0 (grid-stride).
+__global__ void gather_values_kernel(int64_t n, const int64_t* __restrict__ index, const float* __restrict__ src,
+                                     float* __restrict__ dst) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t j = index[i];
+    dst[i] = j >= 0 ? src[j] : 0.0f;
+  }
+}
+
 template <typename T, int V>
 __global__ void combine_kernel(int64_t tokens, int64_t width, const int64_t* __restrict__ offsets,
                                const int64_t* __restrict__ src_row, const float* __restrict__ weight,
@@ -712,6 +722,14 @@ CombinePlan build_combine_plan(std::int64_t count, std::int64_t tokens, const st
     if (scale) plan.weight[i] = scale[n];
   }
   return plan;
+}
+
+void gather_values(std::int64_t n, const std::int64_t* index, const float* src, float* dst, cudaStream_t stream) {
+  if (n < 0) throw InvalidArgument("gather_values: n = " + std::to_string(n) + ": must be >= 0");
+  if (n == 0) return;
+  const auto blocks = static_cast<unsigned>(std::clamp<int64_t>((n + 255) / 256, 1, 65536));
+  gather_values_kernel<<<blocks, 256, 0, stream>>>(n, index, src, dst);
+  MOEX_CUDA_CHECK_LAUNCH("gather_values_kernel");
 }
 
 void combine_rows(std::int64_t tokens, std::int64_t width, const std::int64_t* offsets, const std::int64_t* src_row,

@@ -103,6 +103,10 @@ void row_dot(std::int64_t count, std::int64_t width, const std::int64_t* index, 
 void row_dot(std::int64_t count, std::int64_t width, const std::int64_t* index, const bf16* a, std::int64_t a_stride,
              const bf16* b, std::int64_t b_stride, float* out, cudaStream_t stream);
 
+/// dst[i] = index[i] >= 0 ? src[index[i]] : 0 for i < n (fp32 scalars; `index` [n] a device array).
+/// Moves routing weights and their gradients between per-pick, per-entry and per-row orders.
+void gather_values(std::int64_t n, const std::int64_t* index, const float* src, float* dst, cudaStream_t stream);
+
 // ---------------------------------------------------------------------------------------------------
 // SwiGLU activation over rows (fp32 math with the formulas of runtime/kernels/math.h)
 

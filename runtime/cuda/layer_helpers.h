@@ -1,0 +1,103 @@
+// Helpers shared by the sources of GpuMoELayer (gpu_layer.cu, gpu_layer_ep.cu): dtype dispatch,
+// typed views of byte buffers, workspace (re)allocation, the profile marks and the layer's CUDA
+// events. Internal.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "runtime/cuda/device.h"
+#include "runtime/cuda/gpu_layer.h"
+#include "runtime/cuda/grouped_gemm.h"
+#include "runtime/cuda/kernels.h"
+
+namespace moex::cuda::layer {
+
+using std::int64_t;
+
+/// Calls f(Tag<float>{}) or f(Tag<bf16>{}) for the element type of `d`.
+template <typename T>
+struct Tag {
+  using type = T;
+};
+template <typename F>
+void with_type(DType d, F&& f) {
+  if (d == DType::kFp32)
+    f(Tag<float>{});
+  else
+    f(Tag<bf16>{});
+}
+
+template <typename T>
+T* as(DeviceBuffer<unsigned char>& b) {
+  return reinterpret_cast<T*>(b.data());
+}
+template <typename T>
+const T* as_const(const void* p) {
+  return static_cast<const T*>(p);
+}
+
+/// (Re)allocates `b` for `count` elements of `es` bytes on `stream` (the old memory is freed first).
+inline void realloc_bytes(DeviceBuffer<unsigned char>& b, int64_t count, std::size_t es, cudaStream_t stream) {
+  b = DeviceBuffer<unsigned char>();
+  b = DeviceBuffer<unsigned char>(static_cast<std::size_t>(count) * es, stream);
+}
+template <typename T>
+void realloc_typed(DeviceBuffer<T>& b, int64_t count, cudaStream_t stream) {
+  b = DeviceBuffer<T>();
+  b = DeviceBuffer<T>(static_cast<std::size_t>(count), stream);
+}
+
+/// Whether `c` moves device buffers in step with CUDA streams (NcclCommunicator, StagedCommunicator):
+/// what an expert-parallel GpuMoELayer needs (gpu_layer_ep.cu).
+bool is_device_communicator(const comm::Communicator& c);
+
+// Profile marks (events on the caller's stream unless named *_S*: the shared experts' stream).
+enum Mark : int {
+  kF0,   // forward start
+  kFG,   // gate start
+  kF1,   // routed (gate, counting sort, counts copy queued)
+  kF2,   // gathered
+  kF3,   // experts done
+  kF4,   // forward end
+  kFS0,  // shared forward start
+  kFS1,  // shared forward end
+  kB0,   // backward start
+  kBP,   // routing-weight gradients start
+  kB1,   // permuted (d_weights, weighted dy rows)
+  kB2,   // experts done
+  kB3,   // combined (dx rows back per token)
+  kB4,   // backward end (gate backward done)
+  kBS0,  // shared backward start
+  kBS1,  // shared backward end
+  kMarks
+};
+
+}  // namespace moex::cuda::layer
+
+namespace moex::cuda {
+
+struct GpuMoELayer::Events {
+  cudaEvent_t input = nullptr;   // caller's stream: the inputs of the shared experts are ready
+  cudaEvent_t shared = nullptr;  // second stream: the shared experts are done
+  cudaEvent_t counts = nullptr;  // caller's stream: the expert counts reached the host
+  cudaEvent_t last = nullptr;    // caller's stream: end of the last pass
+  cudaEvent_t marks[layer::kMarks] = {};
+  bool fwd_marked = false, fwd_shared_marked = false, bwd_marked = false, bwd_shared_marked = false;
+
+  Events() {
+    for (cudaEvent_t* e : {&input, &shared, &counts, &last})
+      MOEX_CUDA_CHECK(cudaEventCreateWithFlags(e, cudaEventDisableTiming));
+    for (cudaEvent_t& e : marks) MOEX_CUDA_CHECK(cudaEventCreate(&e));
+  }
+  Events(const Events&) = delete;
+  Events& operator=(const Events&) = delete;
+  ~Events() {
+    for (cudaEvent_t e : {input, shared, counts, last})
+      if (e) static_cast<void>(cudaEventDestroy(e));
+    for (cudaEvent_t e : marks)
+      if (e) static_cast<void>(cudaEventDestroy(e));
+  }
+};
+
+}  // namespace moex::cuda

@@ -1,0 +1,166 @@
+// GpuMoELayer in expert-parallel mode against the CPU MoELayer with the same placement, at 1, 2 and 4
+// ranks: top-K ids and weights, rows per local expert slot, y, dx, this rank's gradients, and the
+// replicated gradients after their all-reduce, for the configs of test_cuda_layer.cpp, fp32 and
+// bf16, 1 and 3 pipeline chunks, uneven token counts (rank 1 has none).
+//
+// The device communicator is a StagedCommunicator over MPI, so every rank may share the single GPU
+// of a test machine; at one rank the same runs over NCCL too (NCCL refuses ranks sharing a GPU, so
+// those tests skip at more ranks unless every rank has its own GPU). The constructor's checks run
+// without a device; every other test skips with "no CUDA device: <reason>" where there is none.
+//
+// Tolerances as in test_cuda_layer.cpp (max |got - want| / max |want| per tensor): 1e-5 in fp32,
+// 2e-2 in bf16.
+#include <gtest/gtest.h>
+
+#include <mpi.h>
+
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "base/error.h"
+#include "comm/mpi/mpi_communicator.h"
+#include "comm/staged/staged_communicator.h"
+#include "runtime/cuda/device.h"
+#include "runtime/cuda/gpu_layer.h"
+#include "runtime/moe_layer.h"
+#include "scheduler/expert_placement.h"
+#include "tests/cuda_layer_cases.h"
+#ifdef MOEX_HAVE_NCCL
+#include "comm/nccl/nccl_communicator.h"
+#endif
+
+namespace moex::cuda {
+namespace {
+
+/// Tokens of rank r in step `step`: uneven, and none on rank 1.
+int64_t tokens_of(int rank, int step) {
+  static constexpr int64_t kTokens[] = {37, 0, 61, 16};
+  return kTokens[rank % 4] + (rank == 1 ? 0 : 11 * step);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Host-only: the expert-parallel constructor's checks run before any CUDA call.
+
+TEST(CudaEpLayerHost, RejectsBadCommunicatorsAndPlacements) {
+  comm::MpiCommunicator world(MPI_COMM_WORLD);
+  const MoeConfig cfg = v3_like();
+  const int P = world.size();
+  const auto placement = sched::ExpertPlacement::contiguous(cfg.n_routed_experts, P);
+  auto expect_invalid = [&](const std::string& what, const std::string& needle, auto&& make) {
+    try {
+      make();
+      ADD_FAILURE() << what << ": accepted";
+    } catch (const InvalidArgument& e) {
+      EXPECT_NE(std::string(e.what()).find(needle), std::string::npos)
+          << what << ": the error should mention '" << needle << "'; got: " << e.what();
+    }
+  };
+  expect_invalid("a host MpiCommunicator as the device communicator", "NcclCommunicator or a StagedCommunicator",
+                 [&] { GpuMoELayer gpu(cfg, world, world, placement); });
+  GpuLayerOptions zero_chunks;
+  zero_chunks.chunks = 0;
+  expect_invalid("chunks = 0", "chunks = 0", [&] { GpuMoELayer gpu(cfg, world, world, placement, zero_chunks); });
+  expect_invalid("a placement for another world size", "placement is for",
+                 [&] { GpuMoELayer gpu(cfg, world, world, sched::ExpertPlacement::contiguous(cfg.n_routed_experts, P + 1)); });
+  expect_invalid("a placement of another expert count", "n_routed_experts",
+                 [&] { GpuMoELayer gpu(cfg, world, world, sched::ExpertPlacement::contiguous(cfg.n_routed_experts * 2, P)); });
+}
+
+// ---------------------------------------------------------------------------------------------------
+// GPU vs CPU
+
+struct EpParam {
+  const char* config;
+  LayerPrecision precision;
+  int chunks;
+};
+void PrintTo(const EpParam& p, std::ostream* os) { *os << p.config << "_" << to_string(p.precision) << "_c" << p.chunks; }
+
+class CudaEpLayer : public ::testing::TestWithParam<EpParam> {
+ protected:
+  void SetUp() override {
+    std::string why;
+    // Every rank sees the same machine, so every rank skips alike.
+    const int devices = cuda_device_count(&why);
+    if (devices == 0) GTEST_SKIP() << "no CUDA device: " << why;
+    host_ = std::make_unique<comm::MpiCommunicator>(MPI_COMM_WORLD);
+    MOEX_CUDA_CHECK(cudaSetDevice(host_->rank() % devices));  // one GPU: every rank shares it
+    stream_.emplace();
+  }
+  cudaStream_t stream() const { return stream_->get(); }
+
+  /// Steps of a CPU layer and a GPU layer over `device_comm`, compared after each (rank r draws its
+  /// own tokens), then the replicated gradients after both all-reduces.
+  void run_and_compare(const EpParam& p, comm::Communicator& device_comm, const std::string& backend) {
+    const LayerCase c = case_of(p.config);
+    const bool bf16 = p.precision == LayerPrecision::kBf16;
+    const double tol = bf16 ? kBf16Tol : kFp32Tol;
+    const int P = host_->size(), r = host_->rank();
+    const auto placement = sched::ExpertPlacement::contiguous(c.config.n_routed_experts, P);
+    LayerOptions cpu_opt;
+    cpu_opt.chunks = p.chunks;
+    auto cpu = make_cpu_layer(c, bf16, 21, *host_, placement, cpu_opt);
+    GpuLayerOptions opt;
+    opt.precision = p.precision;
+    opt.chunks = p.chunks;
+    GpuMoELayer gpu(c.config, *host_, device_comm, placement, opt);
+    gpu.load_from(*cpu);
+    ASSERT_EQ(gpu.num_local_experts(), placement.num_local(r));
+
+    for (int step = 0; step < 3; ++step) {
+      const int64_t T = tokens_of(r, step);
+      const std::string tag = "[" + backend + " " + c.name + " " + to_string(p.precision) + " chunks " +
+                              std::to_string(p.chunks) + " rank " + std::to_string(r) + "/" + std::to_string(P) +
+                              " T=" + std::to_string(T) + " step " + std::to_string(step) + "]";
+      step_and_compare(tag, *cpu, gpu, draw_batch(*cpu, T, 1000 + 17 * static_cast<std::uint64_t>(r) + step, bf16), T,
+                       tol, stream());
+    }
+    // Replicated gradients summed over the ranks on both sides.
+    cpu->allreduce_replicated_grads()->wait();
+    gpu.allreduce_replicated_grads(stream());
+    const Vec rep_gpu = gpu.replicated_grads_host(stream());
+    EXPECT_TRUE(within(rep_gpu, cpu->replicated().grad, tol,
+                       "[" + backend + " " + c.name + " rank " + std::to_string(r) + "] all-reduced gate and shared grads"));
+  }
+
+ private:
+  std::optional<Stream> stream_;
+
+ protected:
+  std::unique_ptr<comm::MpiCommunicator> host_;
+};
+
+TEST_P(CudaEpLayer, StagedMatchesCpuLayer) {
+  comm::StagedCommunicator device(std::make_unique<comm::MpiCommunicator>(MPI_COMM_WORLD));
+  run_and_compare(GetParam(), device, "staged");
+}
+
+TEST_P(CudaEpLayer, NcclMatchesCpuLayer) {
+#ifndef MOEX_HAVE_NCCL
+  GTEST_SKIP() << "built without NCCL";
+#else
+  int devices = 0;
+  MOEX_CUDA_CHECK(cudaGetDeviceCount(&devices));
+  if (host_->size() > devices)
+    GTEST_SKIP() << host_->size() << " ranks share " << devices
+                 << " GPU(s); NCCL needs one GPU per rank (the staged test covers this case)";
+  comm::NcclCommunicator device(MPI_COMM_WORLD);
+  run_and_compare(GetParam(), device, "nccl");
+#endif
+}
+
+INSTANTIATE_TEST_SUITE_P(Configs, CudaEpLayer,
+                         ::testing::Values(EpParam{"v3_like", LayerPrecision::kFp32, 1},
+                                           EpParam{"v3_like", LayerPrecision::kFp32, 3},
+                                           EpParam{"v3_like", LayerPrecision::kBf16, 3},
+                                           EpParam{"v2_lite_like", LayerPrecision::kFp32, 2},
+                                           EpParam{"v2_lite_like", LayerPrecision::kBf16, 1}),
+                         [](const ::testing::TestParamInfo<EpParam>& i) {
+                           return std::string(i.param.config) + "_" + to_string(i.param.precision) + "_c" +
+                                  std::to_string(i.param.chunks);
+                         });
+
+}  // namespace
+}  // namespace moex::cuda
