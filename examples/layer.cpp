@@ -8,6 +8,14 @@
 #include "runtime/moe_layer.h"
 #include "scheduler/replica_planner.h"
 #include "runtime/safetensors.h"
+#ifdef MOEX_TOOLS_WITH_CUDA
+#include "comm/staged/staged_communicator.h"
+#include "runtime/cuda/device.h"
+#include "runtime/cuda/gpu_layer.h"
+#ifdef MOEX_HAVE_NCCL
+#include "comm/nccl/nccl_communicator.h"
+#endif
+#endif
 
 namespace {
 using moex::IoError;
@@ -63,6 +71,56 @@ std::vector<float> gather_rows(moex::comm::Communicator& comm, const std::vector
   return all;
 }
 
+/// Exit status of a run that cannot start because there is no GPU (ctest's SKIP_RETURN_CODE).
+constexpr int kNoDevice = 77;
+
+#ifdef MOEX_TOOLS_WITH_CUDA
+/// The pass on the GPU: a GpuMoELayer (expert-parallel over `device_comm`, "staged" or "nccl") with
+/// `cpu`'s parameters runs forward (and backward), writes y (and dx), and leaves every gradient in
+/// `cpu`'s buffers (replicated ones summed over the ranks), so the output is written as for the CPU.
+void run_on_gpu(moex::comm::MpiCommunicator& world, moex::MoELayer& cpu, const std::string& device_comm,
+                const std::string& precision, const std::vector<float>& x, std::int64_t tokens,
+                const std::vector<float>* dy, std::vector<float>& y, std::vector<float>& dx) {
+  namespace cuda = moex::cuda;
+  const int devices = cuda::cuda_device_count();
+  MOEX_CUDA_CHECK(cudaSetDevice(world.rank() % devices));
+  std::unique_ptr<moex::comm::Communicator> dev;
+  if (device_comm == "staged") {
+    dev = std::make_unique<moex::comm::StagedCommunicator>(std::make_unique<moex::comm::MpiCommunicator>(MPI_COMM_WORLD));
+  } else if (device_comm == "nccl") {
+#ifdef MOEX_HAVE_NCCL
+    dev = std::make_unique<moex::comm::NcclCommunicator>(MPI_COMM_WORLD);
+#else
+    throw moex::ConfigError("--device-comm nccl: this build has no NCCL; use staged");
+#endif
+  } else {
+    throw moex::ConfigError("--device-comm = '" + device_comm + "': expected staged or nccl");
+  }
+  dev->set_default_timeout(world.default_timeout());
+  cuda::GpuLayerOptions go;
+  go.precision = cuda::precision_from_string(precision);
+  go.chunks = cpu.options().chunks;
+  cuda::GpuMoELayer gpu(cpu.config(), world, *dev, cpu.placement(), go);
+  gpu.load_from(cpu);
+  cuda::Stream stream;
+  const cudaStream_t s = stream.get();
+  const auto TH = static_cast<std::size_t>(tokens * cpu.config().hidden_size);
+  cuda::DeviceBuffer<float> d_x = cuda::to_device(x, s), d_y(TH, s), d_dx(TH, s);
+  gpu.forward(d_x.data(), tokens, d_y.data(), s);
+  y = cuda::to_host(d_y, s);
+  if (dy) {
+    cuda::DeviceBuffer<float> d_dy = cuda::to_device(*dy, s);
+    gpu.zero_grad(s);
+    gpu.backward(d_dy.data(), d_dx.data(), s);
+    gpu.allreduce_replicated_grads(s);
+    dx = cuda::to_host(d_dx, s);
+    cpu.replicated().grad = gpu.replicated_grads_host(s);
+    cpu.experts().grad = gpu.expert_grads_host(s);
+  }
+  stream.synchronize();
+}
+#endif
+
 int run(moex::comm::MpiCommunicator& world, int argc, char** argv) {
   moex::tools::Options opt("moex-layer",
                            "mpirun -np N moex-layer --config C.json --weights W.safetensors --input I.safetensors "
@@ -76,7 +134,12 @@ int run(moex::comm::MpiCommunicator& world, int argc, char** argv) {
       .value("replicas", "off",
              "on: one spare expert slot per rank; a first forward measures the load, the layer migrates to "
              "the planned replica layout, then the pass that is written out runs")
-      .value("timeout", "", "seconds any wait may take before the job aborts (default MOEX_TIMEOUT_S or 300)");
+      .value("timeout", "", "seconds any wait may take before the job aborts (default MOEX_TIMEOUT_S or 300)")
+      .value("device", "cpu",
+             "cpu, or cuda: the pass runs on the GPU (GpuMoELayer, expert-parallel over --device-comm; each rank "
+             "uses GPU rank % devices). Exits 77 with 'SKIPPED: no CUDA device' where there is none")
+      .value("device-comm", "staged", "cuda: staged (through host memory over MPI; ranks may share a GPU) or nccl")
+      .value("precision", "fp32", "cuda: fp32, or bf16 (bf16 expert weights and activations, fp32 accumulation)");
   moex::tools::add_schedule_options(opt);
   if (!opt.parse(argc, argv)) return 0;
   for (const char* required : {"config", "weights", "input", "output"})
@@ -89,6 +152,22 @@ int run(moex::comm::MpiCommunicator& world, int argc, char** argv) {
   const std::int64_t H = config.hidden_size, E = config.n_routed_experts;
   const moex::LayerOptions lo = moex::tools::schedule_options(opt);
   const bool replicas = opt.on_off("replicas");
+  const std::string device = opt.str("device");
+  if (device != "cpu" && device != "cuda") throw moex::ConfigError("--device = '" + device + "': expected cpu or cuda");
+  if (device == "cuda") {
+#ifndef MOEX_TOOLS_WITH_CUDA
+    throw moex::ConfigError("--device cuda: this moex-layer was built without CUDA (configure with MOEX_WITH_CUDA=ON)");
+#else
+    std::string why;
+    if (moex::cuda::cuda_device_count(&why) == 0) {
+      if (world.rank() == 0) std::fprintf(stderr, "SKIPPED: no CUDA device: %s\n", why.c_str());
+      return kNoDevice;
+    }
+    if (replicas || lo.exchange != moex::ExchangeKind::kFlat || lo.capacity_factor > 0.0 || lo.deterministic)
+      throw moex::ConfigError("--device cuda runs the flat, dropless schedule with one replica per expert: "
+                              "--replicas, --exchange hierarchical, --capacity-factor and --deterministic are CPU-only");
+#endif
+  }
   const auto topology = moex::sched::Topology::from_node_ids(world.node_ids());
   const std::int64_t slots = (E + world.size() - 1) / world.size() + 1;
   const std::string name = prefix.empty() ? "layer" : prefix;
@@ -122,8 +201,14 @@ int run(moex::comm::MpiCommunicator& world, int argc, char** argv) {
     layer.set_replica_layout(moex::sched::plan_replicas(std::vector<double>(load.begin(), load.end()), topology,
                                                         config.n_group, slots));
   }
-  layer.forward(x.data(), mine, y.data());
-  if (backward) {
+  if (device == "cuda") {
+#ifdef MOEX_TOOLS_WITH_CUDA
+    run_on_gpu(world, layer, opt.str("device-comm"), opt.str("precision"), x, mine, backward ? &dy : nullptr, y, dx);
+#endif
+  } else {
+    layer.forward(x.data(), mine, y.data());
+  }
+  if (backward && device == "cpu") {
     layer.zero_grad();
     layer.backward(dy.data(), dx.data());
     layer.allreduce_replicated_grads()->wait();
