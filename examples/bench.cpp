@@ -16,6 +16,9 @@
 #include "runtime/random.h"
 #include "scheduler/load_tracker.h"
 #include "scheduler/replica_planner.h"
+#ifdef MOEX_TOOLS_WITH_CUDA
+#include "examples/bench_layer_gpu.h"
+#endif
 
 namespace {
 using Clock = std::chrono::steady_clock;
@@ -81,6 +84,11 @@ int bench_layer(moex::comm::MpiCommunicator& world, int argc, char** argv) {
              "(--spare-slots extra expert slots per rank), migrated to before the timed iterations")
       .value("spare-slots", "1", "with --replicas on: slots per rank = ceil(experts / ranks) + this")
       .value("reference", "on", "on: time the plain sgemm reference after every iteration (the ratio)")
+      .value("device", "cpu",
+             "cpu, or cuda: the expert-parallel GpuMoELayer on each rank's GPU (rank % devices); prints SKIPPED "
+             "where there is none")
+      .value("device-comm", "staged", "cuda: staged (through host memory over MPI; ranks may share a GPU) or nccl")
+      .value("precision", "bf16", "cuda: bf16 (expert weights and activations, fp32 accumulation) or fp32")
       .flag("json", "also print one JSON line per result");
   moex::tools::add_schedule_options(opt);
   if (!opt.parse(argc, argv, 2)) return 0;
@@ -110,6 +118,27 @@ int bench_layer(moex::comm::MpiCommunicator& world, int argc, char** argv) {
   if (!(skew >= 0.0)) throw moex::ConfigError("--skew = " + opt.str("skew") + ": must be >= 0");
   const bool replicas = opt.on_off("replicas");
   const std::int64_t spare = opt.integer("spare-slots");
+  const std::string device = opt.str("device");
+  if (device != "cpu" && device != "cuda") throw moex::ConfigError("--device = '" + device + "': expected cpu or cuda");
+  if (device == "cuda") {
+#ifdef MOEX_TOOLS_WITH_CUDA
+    if (replicas) throw moex::ConfigError("--device cuda has one replica per expert: --replicas is CPU-only");
+    moex::tools::GpuBenchArgs g;
+    g.config = config;
+    g.schedule = lo;
+    g.tokens_per_rank = T;
+    g.iters = iters;
+    g.warmup = warmup;
+    g.seed = seed;
+    g.skew = skew;
+    g.device_comm = opt.str("device-comm");
+    g.precision = opt.str("precision");
+    g.json = opt.on("json");
+    return moex::tools::bench_layer_gpu(world, g);
+#else
+    throw moex::ConfigError("--device cuda: this moex-bench was built without CUDA (configure with MOEX_WITH_CUDA=ON)");
+#endif
+  }
   if (replicas && (spare < 0 || warmup < 1))
     throw moex::ConfigError("--replicas on needs --spare-slots >= 0 and --warmup >= 1 (the plan uses the warmup load)");
   const auto topology = moex::sched::Topology::from_node_ids(world.node_ids());

@@ -1,0 +1,166 @@
+// moex-bench layer --device cuda: the expert-parallel GpuMoELayer, forward + backward + the replicated
+// gradients' all-reduce, timed per iteration (wall clock from a barrier to the stream's end, max
+// over ranks), with the stage times of profiled passes.
+#include "examples/bench_layer_gpu.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "base/error.h"
+#include "comm/staged/staged_communicator.h"
+#include "runtime/cuda/device.h"
+#include "runtime/cuda/gpu_layer.h"
+#include "runtime/cuda/kernels.h"
+#include "runtime/moe_model.h"
+#ifdef MOEX_HAVE_NCCL
+#include "comm/nccl/nccl_communicator.h"
+#endif
+
+namespace moex::tools {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  const std::size_t n = v.size();
+  return n == 0 ? 0.0 : (n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]));
+}
+
+double max_over_ranks(comm::Communicator& comm, double v) {
+  comm.allreduce_max(&v, 1, comm::DataType::kFloat64, "bench max")->wait();
+  return v;
+}
+
+}  // namespace
+
+int bench_layer_gpu(comm::MpiCommunicator& world, const GpuBenchArgs& a) {
+  namespace cuda = moex::cuda;
+  std::string why;
+  const int devices = cuda::cuda_device_count(&why);
+  if (devices == 0) {
+    if (world.rank() == 0) std::printf("SKIPPED: no CUDA device: %s\n", why.c_str());
+    return 0;
+  }
+  MOEX_CUDA_CHECK(cudaSetDevice(world.rank() % devices));
+  cudaDeviceProp prop{};
+  MOEX_CUDA_CHECK(cudaGetDeviceProperties(&prop, world.rank() % devices));
+  const LayerOptions& lo = a.schedule;
+  if (lo.exchange != ExchangeKind::kFlat || lo.capacity_factor > 0.0 || lo.deterministic)
+    throw ConfigError("--device cuda runs the flat, dropless schedule: --exchange hierarchical, --capacity-factor "
+                      "and --deterministic are CPU-only");
+
+  std::unique_ptr<comm::Communicator> dev;
+  if (a.device_comm == "staged") {
+    dev = std::make_unique<comm::StagedCommunicator>(std::make_unique<comm::MpiCommunicator>(MPI_COMM_WORLD));
+  } else if (a.device_comm == "nccl") {
+#ifdef MOEX_HAVE_NCCL
+    dev = std::make_unique<comm::NcclCommunicator>(MPI_COMM_WORLD);
+#else
+    throw ConfigError("--device-comm nccl: this build has no NCCL; use staged");
+#endif
+  } else {
+    throw ConfigError("--device-comm = '" + a.device_comm + "': expected staged or nccl");
+  }
+  dev->set_default_timeout(world.default_timeout());
+
+  // Parameters drawn on the CPU layer (identical on every rank), then copied to the device.
+  const MoeConfig& config = a.config;
+  const std::int64_t E = config.n_routed_experts, H = config.hidden_size, F = config.moe_intermediate_size,
+                     Fs = config.shared_intermediate_size(), K = config.num_experts_per_tok, T = a.tokens_per_rank;
+  const auto placement = sched::ExpertPlacement::contiguous(E, world.size());
+  MoELayer cpu(config, world, placement, "bench layer (parameters)");
+  init_layer_random(cpu, a.seed, 0);
+  if (a.skew > 0.0) apply_zipf_selection_bias(cpu, a.skew, a.seed);
+  cuda::GpuLayerOptions go;
+  go.precision = cuda::precision_from_string(a.precision);
+  go.chunks = lo.chunks;
+  cuda::GpuMoELayer layer(config, world, *dev, placement, go);
+  layer.load_from(cpu);
+
+  cuda::Stream stream;
+  const cudaStream_t s = stream.get();
+  const auto TH = static_cast<std::size_t>(T * H);
+  cuda::DeviceBuffer<float> x(TH, s), y(TH, s), dy(TH, s), dx(TH, s);
+  const std::uint64_t rseed = a.seed * 1000003u + static_cast<std::uint64_t>(world.rank());
+  cuda::fill_uniform(x.data(), T * H, rseed + 1, 1.7f, s);
+  cuda::fill_uniform(dy.data(), T * H, rseed + 2, 1.7f, s);
+  stream.synchronize();
+
+  const auto step = [&] {
+    layer.zero_grad(s);
+    layer.forward(x.data(), T, y.data(), s);
+    layer.backward(dy.data(), dx.data(), s);
+    layer.allreduce_replicated_grads(s);
+    stream.synchronize();
+  };
+  std::vector<double> step_ms;
+  for (std::int64_t i = 0; i < a.warmup + a.iters; ++i) {
+    world.barrier("gpu bench iteration")->wait();
+    const auto t0 = Clock::now();
+    step();
+    const double ms = max_over_ranks(world, std::chrono::duration<double, std::milli>(Clock::now() - t0).count());
+    if (i >= a.warmup) step_ms.push_back(ms);
+  }
+  // Stage times from separate profiled passes (their events cost a little); max over ranks.
+  layer.set_profile(true);
+  constexpr int kStages = 12;
+  std::vector<std::vector<double>> st(kStages);
+  for (std::int64_t i = 0; i < a.iters; ++i) {
+    world.barrier("gpu bench profiled iteration")->wait();
+    step();
+    const cuda::GpuLayerTimes t = layer.last_times();
+    const double v[kStages] = {t.fwd_total, t.fwd_gate, t.fwd_permute, t.fwd_experts, t.fwd_combine, t.fwd_shared,
+                               t.bwd_total, t.bwd_permute, t.bwd_experts, t.bwd_combine, t.bwd_gate, t.bwd_shared};
+    for (int j = 0; j < kStages; ++j) st[static_cast<std::size_t>(j)].push_back(max_over_ranks(world, v[j]));
+  }
+  const char* names[kStages] = {"fwd_total", "fwd_gate", "fwd_dispatch", "fwd_experts", "fwd_combine", "fwd_shared",
+                                "bwd_total", "bwd_dispatch", "bwd_experts", "bwd_combine", "bwd_gate", "bwd_shared"};
+
+  // Useful FLOPs over all ranks: routed 18 H F per pick, shared 18 H Fs per token, gate 6 T H E.
+  double flops = 18.0 * static_cast<double>(H) *
+                     (static_cast<double>(F) * static_cast<double>(T * K) + static_cast<double>(Fs * T)) +
+                 6.0 * static_cast<double>(T * H * E);
+  world.allreduce_sum(&flops, 1, comm::DataType::kFloat64, "gpu bench flops")->wait();
+  const double ms = median(step_ms);
+  const double tokens_per_s = static_cast<double>(T) * world.size() / (ms * 1e-3);
+  const double tflops = flops / (ms * 1e9);
+  std::int64_t rows[2] = {layer.plan().send_rows(), layer.plan().recv_rows()};
+  world.allreduce_sum(rows, 2, comm::DataType::kInt64, "gpu bench rows")->wait();
+  if (world.rank() == 0) {
+    std::printf("# moex-bench layer --device cuda | %s | ranks %d (%d GPU(s)) | %s over %s | hidden %lld ffn %lld "
+                "experts %lld shared %lld topk %lld | tokens/rank %lld | chunks %d | iters %lld (median)\n",
+                prop.name, world.size(), devices, a.precision.c_str(), a.device_comm.c_str(),
+                static_cast<long long>(H), static_cast<long long>(F), static_cast<long long>(E),
+                static_cast<long long>(config.n_shared_experts), static_cast<long long>(K), static_cast<long long>(T),
+                lo.chunks, static_cast<long long>(a.iters));
+    std::printf("# %12s %12s %12s %10s\n", "ms_step", "ms_min", "tokens/s", "TFLOP/s");
+    std::printf("  %12.3f %12.3f %12.0f %10.2f\n", ms, *std::min_element(step_ms.begin(), step_ms.end()),
+                tokens_per_s, tflops);
+    std::printf("# stages (ms, profiled passes, max over ranks; dispatch includes the plan and its metadata "
+                "exchange, experts the waits for the rows):\n");
+    for (int j = 0; j < kStages; ++j) std::printf("    %-13s %9.3f\n", names[j], median(st[static_cast<std::size_t>(j)]));
+    if (a.json) {
+      nlohmann::json stages = nlohmann::json::object();
+      for (int j = 0; j < kStages; ++j) stages[names[j]] = median(st[static_cast<std::size_t>(j)]);
+      nlohmann::json j{{"bench", "layer"},       {"device", "cuda"},        {"gpu", prop.name},
+                       {"ranks", world.size()},  {"gpus", devices},         {"precision", a.precision},
+                       {"device_comm", a.device_comm}, {"hidden", H},      {"ffn", F},
+                       {"experts", E},           {"shared", config.n_shared_experts}, {"topk", K},
+                       {"tokens_per_rank", T},   {"chunks", lo.chunks},     {"iters", a.iters},
+                       {"skew", a.skew},         {"ms_step", ms},           {"tokens_per_s", tokens_per_s},
+                       {"tflops", tflops},       {"rows_sent", rows[0]},    {"rows_received", rows[1]},
+                       {"stages_ms", stages}};
+      std::printf("%s\n", j.dump().c_str());
+    }
+  }
+  return 0;
+}
+
+}  // namespace moex::tools
