@@ -193,6 +193,8 @@ class MoELayer {
   std::int64_t set_replica_layout(const sched::ReplicaLayout& to, std::span<std::vector<float>* const> slot_state = {});
 
   const LayerRouteStats& route_stats() const { return stats_; }
+  /// For a LayerExecutor that ran this layer's forward elsewhere: the statistics of that pass.
+  void set_route_stats(const LayerRouteStats& stats) { stats_ = stats; }
   /// Per-local-expert blocks of the last forward (rows each expert processed).
   const sched::ExpertBatchLayout& expert_layout() const { return layout_; }
   /// Top-K expert ids [tokens, K] and weights of the last forward.

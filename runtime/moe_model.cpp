@@ -100,7 +100,10 @@ void MoeModel::forward(const float* x, std::int64_t tokens, float* y) {
       rs[static_cast<std::size_t>(t)] = r;
       for (std::int64_t j = 0; j < H; ++j) nm[static_cast<std::size_t>(t * H + j)] = h[t * H + j] * r * g[j];
     }
-    layers_[l]->forward(nm.data(), tokens, moe_out_.data());
+    if (executor_)
+      executor_->forward(*layers_[l], nm.data(), tokens, moe_out_.data());
+    else
+      layers_[l]->forward(nm.data(), tokens, moe_out_.data());
     h_[l + 1].resize(n);
     for (std::size_t i = 0; i < n; ++i) h_[l + 1][i] = h[i] + moe_out_[i];
   }
@@ -113,7 +116,10 @@ void MoeModel::backward(const float* dy) {
   dh_.assign(dy, dy + n);
   dnormed_.resize(n);
   for (std::size_t l = layers_.size(); l-- > 0;) {
-    layers_[l]->backward(dh_.data(), dnormed_.data());
+    if (executor_)
+      executor_->backward(*layers_[l], dh_.data(), dnormed_.data());
+    else
+      layers_[l]->backward(dh_.data(), dnormed_.data());
     // RMSNorm backward: n = x * r * g, r = (mean x^2 + eps)^-1/2.
     const float* x = h_[l].data();
     const float* g = norms_.value.data() + l * static_cast<std::size_t>(H);
@@ -140,6 +146,18 @@ void MoeModel::backward(const float* dy) {
     if (auto w = layer->start_replica_grad_reduce()) pending.push_back(std::move(w));
   for (auto& w : pending) w->wait();
   for (auto& layer : layers_) layer->finish_replica_grad_reduce();
+}
+
+void MoeModel::set_executor(LayerExecutor* executor) {
+  if (executor)
+    for (auto& layer : layers_) executor->check(*layer);
+  executor_ = executor;
+  parameters_changed();
+}
+
+void MoeModel::parameters_changed() {
+  if (executor_)
+    for (auto& layer : layers_) executor_->parameters_changed(*layer);
 }
 
 void MoeModel::zero_grad() {

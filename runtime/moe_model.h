@@ -5,6 +5,7 @@
 #include <memory>
 #include <vector>
 
+#include "runtime/layer_executor.h"
 #include "runtime/moe_layer.h"
 
 namespace moex {
@@ -39,6 +40,12 @@ class MoeModel {
   void zero_grad();
 
   std::vector<std::unique_ptr<MoELayer>>& layers() { return layers_; }
+  /// Runs every layer's passes through `executor` from now on (null: on this host again); checks
+  /// each layer with it (ConfigError) and marks their parameters changed. Not owned.
+  void set_executor(LayerExecutor* executor);
+  LayerExecutor* executor() const { return executor_; }
+  /// The parameters changed on the host (an optimiser step): tells the executor, if any.
+  void parameters_changed();
   /// RMSNorm weights [L, H] (replicated).
   ParamBlock& norms() { return norms_; }
   /// Every trainable block of this rank (norms, each layer's replicated and expert blocks).
@@ -49,6 +56,7 @@ class MoeModel {
   MoeConfig config_;
   comm::Communicator& comm_;
   std::vector<std::unique_ptr<MoELayer>> layers_;
+  LayerExecutor* executor_ = nullptr;
   ParamBlock norms_;
   std::int64_t tokens_ = 0;
   std::vector<std::vector<float>> h_;      // [L+1] block inputs (h_[L] = output)

@@ -138,6 +138,13 @@ std::int64_t Trainer::apply_planned_layouts() {
   return moved;
 }
 
+void Trainer::set_executor(LayerExecutor* executor) {
+  if (executor && options_.replicas.enabled)
+    throw ConfigError("a layer executor (e.g. --device cuda) runs one replica per expert: replicas must be off");
+  teacher_->set_executor(executor);
+  student_->set_executor(executor);
+}
+
 StepRecord Trainer::step() {
   const auto start = std::chrono::steady_clock::now();
   std::int64_t migrated = 0;
@@ -194,6 +201,7 @@ StepRecord Trainer::step() {
           std::span<const std::int64_t>(loads_.data() + l * per_layer, static_cast<std::size_t>(E)),
           options_.bias_update_speed);
   }
+  student_->parameters_changed();  // the optimiser step and the bias update
 
   if (options_.replicas.enabled) {
     for (std::size_t l = 0; l < layers.size(); ++l)

@@ -90,6 +90,11 @@ class Trainer {
   /// Runs one step (a collective).
   StepRecord step();
   MoeModel& student() { return *student_; }
+  MoeModel& teacher() { return *teacher_; }
+  /// Runs the MoE layers of the teacher and the student through `executor` (e.g. on a GPU; see
+  /// LayerExecutor), null: on the host again. The trainer tells it after every optimiser step and
+  /// selection-bias update. ConfigError with replicas on, or when the executor rejects a layer.
+  void set_executor(LayerExecutor* executor);
   const TrainOptions& options() const { return options_; }
 
  private:

@@ -7,6 +7,8 @@
 #include <cstdio>
 #include <cstring>
 #include <limits>
+#include <map>
+#include <memory>
 #include <numeric>
 #include <string>
 
@@ -397,6 +399,116 @@ TEST(ModelGradient, NormAndReplicatedGradsMatchFiniteDifferences) {
     ++checked;
   }
   EXPECT_GE(checked, static_cast<int>(probes.size()) / 2);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Layer executors: the MoE layers' passes run elsewhere (the GPU path's hook), the rest on the host.
+
+/// A LayerExecutor that runs each layer on a second, private host MoELayer (its "device copy"):
+/// parameters are copied over only when the trainer says they changed, and gradients are added back,
+/// exactly the protocol of the GPU executor. Same arithmetic, so training must be bitwise unchanged.
+class MirrorExecutor final : public LayerExecutor {
+ public:
+  int forwards = 0, backwards = 0, uploads = 0;
+  bool ignore_changes = false;  // for the negative check: keep using the first parameters
+
+  void check(const MoELayer& layer) override {
+    if (layer.replica_layout()) throw ConfigError("MirrorExecutor: one replica per expert only");
+  }
+  void forward(MoELayer& layer, const float* x, std::int64_t tokens, float* y) override {
+    Copy& c = copy_of(layer);
+    if (c.dirty) {
+      c.layer->replicated().value = layer.replicated().value;
+      c.layer->experts().value = layer.experts().value;
+      c.layer->selection_bias() = layer.selection_bias();
+      c.dirty = false;
+      ++uploads;
+    }
+    c.layer->forward(x, tokens, y);
+    layer.set_route_stats(c.layer->route_stats());
+    ++forwards;
+  }
+  void backward(MoELayer& layer, const float* dy, float* dx) override {
+    Copy& c = copy_of(layer);
+    c.layer->zero_grad();
+    c.layer->backward(dy, dx);
+    add(layer.replicated().grad, c.layer->replicated().grad);
+    add(layer.experts().grad, c.layer->experts().grad);
+    ++backwards;
+  }
+  void parameters_changed(MoELayer& layer) override {
+    Copy& c = copy_of(layer);
+    if (!ignore_changes || !c.layer) c.dirty = true;
+  }
+
+ private:
+  struct Copy {
+    std::unique_ptr<MoELayer> layer;
+    bool dirty = true;
+  };
+  Copy& copy_of(MoELayer& layer) {
+    Copy& c = copies_[&layer];
+    if (!c.layer)
+      c.layer = std::make_unique<MoELayer>(layer.config(), layer.communicator(), layer.placement(), layer.name() + " copy",
+                                           layer.topology(), layer.options());
+    return c;
+  }
+  static void add(std::vector<float>& into, const std::vector<float>& from) {
+    ASSERT_EQ(into.size(), from.size());
+    for (std::size_t i = 0; i < into.size(); ++i) into[i] += from[i];
+  }
+  std::map<const MoELayer*, Copy> copies_;
+};
+
+TEST(Executor, TrainingThroughAnExecutorIsBitwiseTheSame) {
+  TrainOptions o;
+  o.tokens_per_rank = 24;
+  o.bias_update_speed = 0.001f;  // the selection bias changes every step too
+  const MoeConfig config = tiny("sigmoid");
+  Trainer plain(config, testing::world(), o);
+  Trainer routed(config, testing::world(), o);
+  MirrorExecutor exec;
+  routed.set_executor(&exec);
+  constexpr int kSteps = 6;
+  for (int s = 0; s < kSteps; ++s) {
+    const StepRecord a = plain.step(), b = routed.step();
+    EXPECT_EQ(a.loss, b.loss) << "step " << s;
+    EXPECT_EQ(a.max_mean_load, b.max_mean_load) << "step " << s << ": the executor's route stats";
+    EXPECT_EQ(a.max_mean_rank_load, b.max_mean_rank_load) << "step " << s;
+  }
+  const auto L = static_cast<int>(config.num_hidden_layers);
+  EXPECT_EQ(exec.forwards, kSteps * 2 * L) << "teacher and student forwards, every layer";
+  EXPECT_EQ(exec.backwards, kSteps * L) << "student backwards";
+  EXPECT_EQ(exec.uploads, L + kSteps * L) << "teacher once, student at the start and after every step";
+  for (std::size_t l = 0; l < plain.student().layers().size(); ++l) {
+    EXPECT_EQ(plain.student().layers()[l]->experts().value, routed.student().layers()[l]->experts().value) << "layer " << l;
+    EXPECT_EQ(plain.student().layers()[l]->replicated().value, routed.student().layers()[l]->replicated().value)
+        << "layer " << l;
+  }
+}
+
+TEST(Executor, StaleParametersAreCaught) {
+  // The same run with an executor that ignores parameters_changed(): the student no longer learns
+  // from its updates, so the losses part from the plain run (what the bitwise test above guards).
+  TrainOptions o;
+  o.tokens_per_rank = 24;
+  const MoeConfig config = tiny("sigmoid");
+  Trainer plain(config, testing::world(), o);
+  Trainer routed(config, testing::world(), o);
+  MirrorExecutor exec;
+  exec.ignore_changes = true;
+  routed.set_executor(&exec);
+  bool differ = false;
+  for (int s = 0; s < 4; ++s) differ = plain.step().loss != routed.step().loss || differ;
+  EXPECT_TRUE(differ);
+}
+
+TEST(Executor, ReplicasAreRejected) {
+  TrainOptions o;
+  o.replicas.enabled = true;
+  Trainer t(tiny("sigmoid"), testing::world(), o);
+  MirrorExecutor exec;
+  EXPECT_THROW(t.set_executor(&exec), ConfigError);
 }
 
 }  // namespace
