@@ -84,12 +84,8 @@ int bench_layer(moex::comm::MpiCommunicator& world, int argc, char** argv) {
              "(--spare-slots extra expert slots per rank), migrated to before the timed iterations")
       .value("spare-slots", "1", "with --replicas on: slots per rank = ceil(experts / ranks) + this")
       .value("reference", "on", "on: time the plain sgemm reference after every iteration (the ratio)")
-      .value("device", "cpu",
-             "cpu, or cuda: the expert-parallel GpuMoELayer on each rank's GPU (rank % devices); prints SKIPPED "
-             "where there is none")
-      .value("device-comm", "staged", "cuda: staged (through host memory over MPI; ranks may share a GPU) or nccl")
-      .value("precision", "bf16", "cuda: bf16 (expert weights and activations, fp32 accumulation) or fp32")
       .flag("json", "also print one JSON line per result");
+  moex::tools::add_device_options(opt, "the timed layer (prints SKIPPED where there is no GPU)", "bf16");
   moex::tools::add_schedule_options(opt);
   if (!opt.parse(argc, argv, 2)) return 0;
   nlohmann::json cj{{"model_type", "deepseek_v3"},
@@ -118,9 +114,12 @@ int bench_layer(moex::comm::MpiCommunicator& world, int argc, char** argv) {
   if (!(skew >= 0.0)) throw moex::ConfigError("--skew = " + opt.str("skew") + ": must be >= 0");
   const bool replicas = opt.on_off("replicas");
   const std::int64_t spare = opt.integer("spare-slots");
-  const std::string device = opt.str("device");
-  if (device != "cpu" && device != "cuda") throw moex::ConfigError("--device = '" + device + "': expected cpu or cuda");
-  if (device == "cuda") {
+#ifdef MOEX_TOOLS_WITH_CUDA
+  const moex::tools::DeviceChoice device = moex::tools::device_options(opt, true);
+#else
+  const moex::tools::DeviceChoice device = moex::tools::device_options(opt, false);
+#endif
+  if (device.cuda) {
 #ifdef MOEX_TOOLS_WITH_CUDA
     if (replicas) throw moex::ConfigError("--device cuda has one replica per expert: --replicas is CPU-only");
     moex::tools::GpuBenchArgs g;
@@ -131,12 +130,10 @@ int bench_layer(moex::comm::MpiCommunicator& world, int argc, char** argv) {
     g.warmup = warmup;
     g.seed = seed;
     g.skew = skew;
-    g.device_comm = opt.str("device-comm");
-    g.precision = opt.str("precision");
+    g.device_comm = device.comm;
+    g.precision = device.precision;
     g.json = opt.on("json");
     return moex::tools::bench_layer_gpu(world, g);
-#else
-    throw moex::ConfigError("--device cuda: this moex-bench was built without CUDA (configure with MOEX_WITH_CUDA=ON)");
 #endif
   }
   if (replicas && (spare < 0 || warmup < 1))

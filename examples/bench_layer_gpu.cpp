@@ -13,14 +13,11 @@
 #include <nlohmann/json.hpp>
 
 #include "base/error.h"
-#include "comm/staged/staged_communicator.h"
+#include "comm/device_communicator.h"
 #include "runtime/cuda/device.h"
 #include "runtime/cuda/gpu_layer.h"
 #include "runtime/cuda/kernels.h"
 #include "runtime/moe_model.h"
-#ifdef MOEX_HAVE_NCCL
-#include "comm/nccl/nccl_communicator.h"
-#endif
 
 namespace moex::tools {
 namespace {
@@ -56,19 +53,7 @@ int bench_layer_gpu(comm::MpiCommunicator& world, const GpuBenchArgs& a) {
     throw ConfigError("--device cuda runs the flat, dropless schedule: --exchange hierarchical, --capacity-factor "
                       "and --deterministic are CPU-only");
 
-  std::unique_ptr<comm::Communicator> dev;
-  if (a.device_comm == "staged") {
-    dev = std::make_unique<comm::StagedCommunicator>(std::make_unique<comm::MpiCommunicator>(MPI_COMM_WORLD));
-  } else if (a.device_comm == "nccl") {
-#ifdef MOEX_HAVE_NCCL
-    dev = std::make_unique<comm::NcclCommunicator>(MPI_COMM_WORLD);
-#else
-    throw ConfigError("--device-comm nccl: this build has no NCCL; use staged");
-#endif
-  } else {
-    throw ConfigError("--device-comm = '" + a.device_comm + "': expected staged or nccl");
-  }
-  dev->set_default_timeout(world.default_timeout());
+  const auto dev = comm::make_device_communicator(a.device_comm, MPI_COMM_WORLD, world.default_timeout());
 
   // Parameters drawn on the CPU layer (identical on every rank), then copied to the device.
   const MoeConfig& config = a.config;
@@ -78,13 +63,13 @@ int bench_layer_gpu(comm::MpiCommunicator& world, const GpuBenchArgs& a) {
   MoELayer cpu(config, world, placement, "bench layer (parameters)");
   init_layer_random(cpu, a.seed, 0);
   if (a.skew > 0.0) apply_zipf_selection_bias(cpu, a.skew, a.seed);
+  cuda::Stream stream;  // declared before the layer, which must not outlive it
   cuda::GpuLayerOptions go;
   go.precision = cuda::precision_from_string(a.precision);
   go.chunks = lo.chunks;
   cuda::GpuMoELayer layer(config, world, *dev, placement, go);
   layer.load_from(cpu);
 
-  cuda::Stream stream;
   const cudaStream_t s = stream.get();
   const auto TH = static_cast<std::size_t>(T * H);
   cuda::DeviceBuffer<float> x(TH, s), y(TH, s), dy(TH, s), dx(TH, s);

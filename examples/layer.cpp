@@ -9,12 +9,9 @@
 #include "scheduler/replica_planner.h"
 #include "runtime/safetensors.h"
 #ifdef MOEX_TOOLS_WITH_CUDA
-#include "comm/staged/staged_communicator.h"
+#include "comm/device_communicator.h"
 #include "runtime/cuda/device.h"
 #include "runtime/cuda/gpu_layer.h"
-#ifdef MOEX_HAVE_NCCL
-#include "comm/nccl/nccl_communicator.h"
-#endif
 #endif
 
 namespace {
@@ -73,6 +70,11 @@ std::vector<float> gather_rows(moex::comm::Communicator& comm, const std::vector
 
 /// Exit status of a run that cannot start because there is no GPU (ctest's SKIP_RETURN_CODE).
 constexpr int kNoDevice = 77;
+#ifdef MOEX_TOOLS_WITH_CUDA
+constexpr bool kWithCuda = true;
+#else
+constexpr bool kWithCuda = false;
+#endif
 
 #ifdef MOEX_TOOLS_WITH_CUDA
 /// The pass on the GPU: a GpuMoELayer (expert-parallel over `device_comm`, "staged" or "nccl") with
@@ -84,26 +86,16 @@ void run_on_gpu(moex::comm::MpiCommunicator& world, moex::MoELayer& cpu, const s
   namespace cuda = moex::cuda;
   const int devices = cuda::cuda_device_count();
   MOEX_CUDA_CHECK(cudaSetDevice(world.rank() % devices));
-  std::unique_ptr<moex::comm::Communicator> dev;
-  if (device_comm == "staged") {
-    dev = std::make_unique<moex::comm::StagedCommunicator>(std::make_unique<moex::comm::MpiCommunicator>(MPI_COMM_WORLD));
-  } else if (device_comm == "nccl") {
-#ifdef MOEX_HAVE_NCCL
-    dev = std::make_unique<moex::comm::NcclCommunicator>(MPI_COMM_WORLD);
-#else
-    throw moex::ConfigError("--device-comm nccl: this build has no NCCL; use staged");
-#endif
-  } else {
-    throw moex::ConfigError("--device-comm = '" + device_comm + "': expected staged or nccl");
-  }
-  dev->set_default_timeout(world.default_timeout());
+  const auto dev = moex::comm::make_device_communicator(device_comm, MPI_COMM_WORLD, world.default_timeout());
   cuda::GpuLayerOptions go;
   go.precision = cuda::precision_from_string(precision);
   go.chunks = cpu.options().chunks;
-  cuda::GpuMoELayer gpu(cpu.config(), world, *dev, cpu.placement(), go);
-  gpu.load_from(cpu);
+  // The stream before the layer, so that it outlives it (GpuMoELayer frees its grouped GEMMs'
+  // pointer tables on the caller's stream when it is destroyed).
   cuda::Stream stream;
   const cudaStream_t s = stream.get();
+  cuda::GpuMoELayer gpu(cpu.config(), world, *dev, cpu.placement(), go);
+  gpu.load_from(cpu);
   const auto TH = static_cast<std::size_t>(tokens * cpu.config().hidden_size);
   cuda::DeviceBuffer<float> d_x = cuda::to_device(x, s), d_y(TH, s), d_dx(TH, s);
   gpu.forward(d_x.data(), tokens, d_y.data(), s);
@@ -134,12 +126,8 @@ int run(moex::comm::MpiCommunicator& world, int argc, char** argv) {
       .value("replicas", "off",
              "on: one spare expert slot per rank; a first forward measures the load, the layer migrates to "
              "the planned replica layout, then the pass that is written out runs")
-      .value("timeout", "", "seconds any wait may take before the job aborts (default MOEX_TIMEOUT_S or 300)")
-      .value("device", "cpu",
-             "cpu, or cuda: the pass runs on the GPU (GpuMoELayer, expert-parallel over --device-comm; each rank "
-             "uses GPU rank % devices). Exits 77 with 'SKIPPED: no CUDA device' where there is none")
-      .value("device-comm", "staged", "cuda: staged (through host memory over MPI; ranks may share a GPU) or nccl")
-      .value("precision", "fp32", "cuda: fp32, or bf16 (bf16 expert weights and activations, fp32 accumulation)");
+      .value("timeout", "", "seconds any wait may take before the job aborts (default MOEX_TIMEOUT_S or 300)");
+  moex::tools::add_device_options(opt, "the pass (exit 77, 'SKIPPED: no CUDA device', where there is none)", "fp32");
   moex::tools::add_schedule_options(opt);
   if (!opt.parse(argc, argv)) return 0;
   for (const char* required : {"config", "weights", "input", "output"})
@@ -152,12 +140,9 @@ int run(moex::comm::MpiCommunicator& world, int argc, char** argv) {
   const std::int64_t H = config.hidden_size, E = config.n_routed_experts;
   const moex::LayerOptions lo = moex::tools::schedule_options(opt);
   const bool replicas = opt.on_off("replicas");
-  const std::string device = opt.str("device");
-  if (device != "cpu" && device != "cuda") throw moex::ConfigError("--device = '" + device + "': expected cpu or cuda");
-  if (device == "cuda") {
-#ifndef MOEX_TOOLS_WITH_CUDA
-    throw moex::ConfigError("--device cuda: this moex-layer was built without CUDA (configure with MOEX_WITH_CUDA=ON)");
-#else
+  const moex::tools::DeviceChoice device = moex::tools::device_options(opt, kWithCuda);
+  if (device.cuda) {
+#ifdef MOEX_TOOLS_WITH_CUDA
     std::string why;
     if (moex::cuda::cuda_device_count(&why) == 0) {
       if (world.rank() == 0) std::fprintf(stderr, "SKIPPED: no CUDA device: %s\n", why.c_str());
@@ -201,14 +186,14 @@ int run(moex::comm::MpiCommunicator& world, int argc, char** argv) {
     layer.set_replica_layout(moex::sched::plan_replicas(std::vector<double>(load.begin(), load.end()), topology,
                                                         config.n_group, slots));
   }
-  if (device == "cuda") {
+  if (device.cuda) {
 #ifdef MOEX_TOOLS_WITH_CUDA
-    run_on_gpu(world, layer, opt.str("device-comm"), opt.str("precision"), x, mine, backward ? &dy : nullptr, y, dx);
+    run_on_gpu(world, layer, device.comm, device.precision, x, mine, backward ? &dy : nullptr, y, dx);
 #endif
   } else {
     layer.forward(x.data(), mine, y.data());
   }
-  if (backward && device == "cpu") {
+  if (backward && !device.cuda) {
     layer.zero_grad();
     layer.backward(dy.data(), dx.data());
     layer.allreduce_replicated_grads()->wait();

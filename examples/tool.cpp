@@ -128,6 +128,33 @@ LayerOptions schedule_options(const Options& opt) {
   return lo;
 }
 
+Options& add_device_options(Options& opt, const std::string& what, const std::string& precision) {
+  return opt
+      .value("device", "cpu",
+             "cpu, or cuda: " + what + " runs on the GPU (GpuMoELayer, expert-parallel over --device-comm; rank r uses "
+             "GPU r % devices)")
+      .value("device-comm", "staged", "with --device cuda: staged (through host memory over MPI; ranks may share a "
+                                      "GPU) or nccl (one GPU per rank)")
+      .value("precision", precision, "with --device cuda: fp32, or bf16 (bf16 expert weights and activations, fp32 "
+                                     "accumulation)");
+}
+
+DeviceChoice device_options(const Options& opt, bool built_with_cuda) {
+  DeviceChoice d;
+  const std::string device = opt.str("device");
+  if (device != "cpu" && device != "cuda") throw ConfigError("--device = '" + device + "': expected cpu or cuda");
+  d.cuda = device == "cuda";
+  d.comm = opt.str("device-comm");
+  if (d.comm != "staged" && d.comm != "nccl")
+    throw ConfigError("--device-comm = '" + d.comm + "': expected staged or nccl");
+  d.precision = opt.str("precision");
+  if (d.precision != "fp32" && d.precision != "bf16")
+    throw ConfigError("--precision = '" + d.precision + "': expected fp32 or bf16");
+  if (d.cuda && !built_with_cuda)
+    throw ConfigError("--device cuda: this program was built without CUDA (configure with MOEX_WITH_CUDA=ON)");
+  return d;
+}
+
 std::string Options::usage() const {
   std::ostringstream os;
   os << "usage: " << synopsis_ << "\noptions:\n";

@@ -58,6 +58,19 @@ Options& add_schedule_options(Options& opt);
 /// Reads them back (ConfigError naming the option for a bad value).
 LayerOptions schedule_options(const Options& opt);
 
+/// Where the MoE layers run (--device cpu|cuda), and on the GPU over what (--device-comm staged|nccl)
+/// in which arithmetic (--precision fp32|bf16).
+struct DeviceChoice {
+  bool cuda = false;
+  std::string comm = "staged";
+  std::string precision = "fp32";
+};
+/// Registers --device, --device-comm and --precision (default `precision`) for `what` (e.g. "the pass").
+Options& add_device_options(Options& opt, const std::string& what, const std::string& precision);
+/// Reads them back: ConfigError for a bad value, or for --device cuda in a build without CUDA
+/// (`built_with_cuda`: the tool's own MOEX_TOOLS_WITH_CUDA).
+DeviceChoice device_options(const Options& opt, bool built_with_cuda);
+
 /// Sets the world communicator's deadline from a `--timeout` seconds value (> 0).
 void apply_timeout(comm::MpiCommunicator& world, double seconds);
 

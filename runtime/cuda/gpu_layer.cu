@@ -11,6 +11,7 @@
 
 #include "base/error.h"
 #include "runtime/cuda/kernels.h"
+#include "comm/device_communicator.h"
 #include "runtime/cuda/layer_helpers.h"
 #include "runtime/moe_layer.h"
 
@@ -160,7 +161,7 @@ int64_t local_slot_count(const MoeConfig& c, const GpuLayerOptions& o, const com
   if (placement->num_experts() != c.n_routed_experts)
     throw InvalidArgument(what + "the placement places " + std::to_string(placement->num_experts()) +
                           " experts; the config has n_routed_experts = " + std::to_string(c.n_routed_experts));
-  if (!layer::is_device_communicator(*device))
+  if (!comm::is_device_communicator(*device))
     throw InvalidArgument(what + "the device communicator must be a NcclCommunicator or a StagedCommunicator "
                                  "(device buffers, ordered against CUDA streams); got another kind");
   const int64_t n = placement->num_local(device->rank());
@@ -238,6 +239,13 @@ GpuMoELayer::GpuMoELayer(const MoeConfig& config, GpuLayerOptions options, comm:
 }
 
 GpuMoELayer::~GpuMoELayer() {
+  // Exchanges still in flight end first, within their deadline (an NCCL wait would not).
+  if (ep_) {
+    try {
+      settle_ep();
+    } catch (...) {
+    }
+  }
   // The buffers are freed on aux_ as the members go: first make aux_ wait for the caller's last
   // pass (and the host for everything, so the pinned counts buffer is no longer a copy target).
   static_cast<void>(cudaStreamWaitEvent(aux_.get(), events_->last, 0));
@@ -405,22 +413,24 @@ void GpuMoELayer::reserve(int64_t tokens, cudaStream_t stream) {
   realloc_typed(topk_w_, N, s);
   realloc_typed(d_weights_, N, s);
   realloc_typed(topk_ids_, N, s);
-  // The routed rows: T * K of them on one GPU; in expert-parallel mode their number depends on
-  // what the other ranks send (grown by forward_ep instead).
-  const int64_t NR = expert_parallel() ? 0 : N;
-  realloc_typed(entry_w_, NR, s);
-  realloc_typed(d_entry_, NR, s);
-  realloc_typed(entry_token_, NR, s);
-  realloc_typed(pick_entry_, NR, s);
-  realloc_typed(csr_offsets_, expert_parallel() ? 0 : T + 1, s);
-  realloc_bytes(xe_, NR * H, es, s);
-  realloc_bytes(h13_, NR * 2 * F, es, s);
-  realloc_bytes(sig_, NR * F, es, s);
-  realloc_bytes(a_, NR * F, es, s);
-  realloc_bytes(ye_, NR * H, es, s);
-  realloc_bytes(dye_, NR * H, es, s);
-  realloc_bytes(dxe_, NR * H, es, s);
-  realloc_bytes(dh13_, NR * 2 * F, es, s);
+  // The routed rows: T * K of them on one GPU. In expert-parallel mode their number depends on
+  // what the other ranks send: forward_ep grows them (tracking their size in EpState::entry_capacity),
+  // so they must not be touched here (freeing them would leave entry_capacity stale).
+  if (!expert_parallel()) {
+    realloc_typed(entry_w_, N, s);
+    realloc_typed(d_entry_, N, s);
+    realloc_typed(entry_token_, N, s);
+    realloc_typed(pick_entry_, N, s);
+    realloc_typed(csr_offsets_, T + 1, s);
+    realloc_bytes(xe_, N * H, es, s);
+    realloc_bytes(h13_, N * 2 * F, es, s);
+    realloc_bytes(sig_, N * F, es, s);
+    realloc_bytes(a_, N * F, es, s);
+    realloc_bytes(ye_, N * H, es, s);
+    realloc_bytes(dye_, N * H, es, s);
+    realloc_bytes(dxe_, N * H, es, s);
+    realloc_bytes(dh13_, N * 2 * F, es, s);
+  }
   realloc_bytes(sh_h13_, T * 2 * Fs, es, s);
   realloc_bytes(sh_sig_, T * Fs, es, s);
   realloc_bytes(sh_a_, T * Fs, es, s);
@@ -503,6 +513,8 @@ void GpuMoELayer::forward(const float* x, int64_t tokens, float* y, cudaStream_t
   if (tokens > 0 && (!x || !y))
     throw InvalidArgument("GpuMoELayer::forward: x or y is null with tokens = " + std::to_string(tokens) +
                           " (expected device pointers to [tokens, hidden] floats)");
+  // The last pass's exchanges end (or time out) before reserve() may synchronise the stream on them.
+  if (expert_parallel()) settle_ep();
   reserve(tokens, stream);
   const int64_t T = tokens, N = tokens * topk_, H = hidden_, E = experts_, F = ffn_;
   tokens_ = T;

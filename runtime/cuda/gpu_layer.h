@@ -81,7 +81,7 @@ struct GpuLayerTimes {
 /// replicated() block, experts that of experts() on a single rank.
 ///
 /// Gradients accumulate over backward() calls (in bf16 mode the bf16 gradient buffers accumulate
-/// with one bf16 rounding per call); zero_grad() clears them (the shared and expert ones lazily: the
+/// with one bf16 rounding per call, and per pipeline chunk in expert-parallel mode); zero_grad() clears them (the shared and expert ones lazily: the
 /// next backward overwrites them, as MoELayer does).
 ///
 /// Streams: forward() and backward() queue on the caller's `stream` (and the layer's second
@@ -205,11 +205,13 @@ class GpuMoELayer {
   GpuMoELayer(const MoeConfig& config, GpuLayerOptions options, comm::Communicator* host_comm,
               comm::Communicator* device_comm, std::optional<sched::ExpertPlacement> placement);
   void check_cpu_layer(MoELayer& cpu, const char* what) const;
-  void init_ep();  // checks the device communicator's kind, creates ep_ (gpu_layer_ep.cu)
+  void init_ep();    // creates ep_ (gpu_layer_ep.cu)
+  void settle_ep();  // waits (until the device communicator's timeout) for ep_'s exchanges in flight
   void forward_ep(const void* xin, void* out, bool accumulate, cudaStream_t stream);
   void backward_ep(const void* dyin, void* out, bool accumulate, cudaStream_t stream);
   /// Queues the shared experts' forward (backward) on the layer's second stream when overlapping
-  /// (joined later by join_shared()), else on `stream`; writes (backward: accumulates into) `out`.
+  /// (joined later by join_shared()), else on `stream`; writes `out` (backward: dx, which the routed
+  /// combine then adds to).
   void shared_forward(const void* xin, void* out, cudaStream_t stream);
   void shared_backward(const void* xin, const void* dyin, void* out, cudaStream_t stream);
   void join_shared(cudaStream_t stream);

@@ -86,12 +86,7 @@ struct GpuMoELayer::EpState {
 
 void GpuMoELayer::EpStateDeleter::operator()(EpState* p) const { delete p; }
 
-bool layer::is_device_communicator(const comm::Communicator& c) {
-#ifdef MOEX_HAVE_NCCL
-  if (dynamic_cast<const comm::NcclCommunicator*>(&c)) return true;
-#endif
-  return dynamic_cast<const comm::StagedCommunicator*>(&c) != nullptr;
-}
+void GpuMoELayer::settle_ep() { ep_->settle(Clock::now() + device_comm_->default_timeout()); }
 
 void GpuMoELayer::init_ep() {
   auto ep = std::unique_ptr<EpState, EpStateDeleter>(new EpState());
@@ -99,7 +94,7 @@ void GpuMoELayer::init_ep() {
 #ifdef MOEX_HAVE_NCCL
   ep->nccl = dynamic_cast<comm::NcclCommunicator*>(device_comm_);
 #endif
-  ep_ = std::move(ep);  // the constructor checked the kind (is_device_communicator)
+  ep_ = std::move(ep);  // the constructor checked the kind (comm::is_device_communicator)
 }
 
 namespace {

@@ -48,10 +48,6 @@ void realloc_typed(DeviceBuffer<T>& b, int64_t count, cudaStream_t stream) {
   b = DeviceBuffer<T>(static_cast<std::size_t>(count), stream);
 }
 
-/// Whether `c` moves device buffers in step with CUDA streams (NcclCommunicator, StagedCommunicator):
-/// what an expert-parallel GpuMoELayer needs (gpu_layer_ep.cu).
-bool is_device_communicator(const comm::Communicator& c);
-
 // Profile marks (events on the caller's stream unless named *_S*: the shared experts' stream).
 enum Mark : int {
   kF0,   // forward start
