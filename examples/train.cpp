@@ -2,12 +2,21 @@
 #include <cmath>
 #include <cstdio>
 #include <fstream>
+#include <memory>
 #include <string>
 
 #include "base/error.h"
 #include "examples/tool.h"
 #include "runtime/blas.h"
 #include "runtime/trainer.h"
+#ifdef MOEX_TOOLS_WITH_CUDA
+#include "comm/device_communicator.h"
+#include "runtime/cuda/device.h"
+#include "runtime/cuda/gpu_executor.h"
+constexpr bool kWithCuda = true;
+#else
+constexpr bool kWithCuda = false;
+#endif
 
 namespace {
 
@@ -51,7 +60,9 @@ int train(moex::comm::MpiCommunicator& world, int argc, char** argv) {
       .value("log-every", "1", "print every N-th step")
       .value("timeout", "", "seconds any wait may take before the job aborts (default MOEX_TIMEOUT_S or 300)");
   moex::tools::add_schedule_options(opt);
+  moex::tools::add_device_options(opt, "every MoE layer (norms, loss and AdamW stay on the host)", "fp32");
   if (!opt.parse(argc, argv)) return 0;
+  const moex::tools::DeviceChoice device = moex::tools::device_options(opt, kWithCuda);
   if (opt.given("timeout")) moex::tools::apply_timeout(world, opt.number("timeout"));
   moex::MoeConfig config = opt.str("config").empty() ? tiny_v3() : moex::MoeConfig::from_file(opt.str("config"));
   if (opt.given("layers")) {
@@ -82,6 +93,25 @@ int train(moex::comm::MpiCommunicator& world, int argc, char** argv) {
 
   moex::Trainer trainer(config, world, to);
   const bool lead = world.rank() == 0;
+#ifdef MOEX_TOOLS_WITH_CUDA
+  // --device cuda: the MoE layers' passes run on the GPU through a layer executor.
+  std::unique_ptr<moex::comm::Communicator> device_comm;
+  std::unique_ptr<moex::cuda::GpuLayerExecutor> executor;
+  if (device.cuda) {
+    std::string why;
+    const int devices = moex::cuda::cuda_device_count(&why);
+    if (devices == 0) throw moex::ConfigError("--device cuda: no CUDA device: " + why);
+    MOEX_CUDA_CHECK(cudaSetDevice(world.rank() % devices));
+    device_comm = moex::comm::make_device_communicator(device.comm, MPI_COMM_WORLD, world.default_timeout());
+    moex::cuda::GpuLayerOptions go;
+    go.precision = moex::cuda::precision_from_string(device.precision);
+    executor = std::make_unique<moex::cuda::GpuLayerExecutor>(world, *device_comm, go);
+    trainer.set_executor(executor.get());
+    if (lead)
+      std::printf("moex-train: MoE layers on the GPU (%d device(s), %s, %s exchange)\n", devices,
+                  device.precision.c_str(), device.comm.c_str());
+  }
+#endif
   std::ofstream json;
   if (lead && !opt.str("log-json").empty()) {
     json.open(opt.str("log-json"));

@@ -23,7 +23,9 @@
 #include "comm/mpi/mpi_communicator.h"
 #include "comm/staged/staged_communicator.h"
 #include "runtime/cuda/device.h"
+#include "runtime/cuda/gpu_executor.h"
 #include "runtime/cuda/gpu_layer.h"
+#include "runtime/trainer.h"
 #include "runtime/moe_layer.h"
 #include "scheduler/expert_placement.h"
 #include "tests/cuda_layer_cases.h"
@@ -161,6 +163,65 @@ INSTANTIATE_TEST_SUITE_P(Configs, CudaEpLayer,
                            return std::string(i.param.config) + "_" + to_string(i.param.precision) + "_c" +
                                   std::to_string(i.param.chunks);
                          });
+
+// ---------------------------------------------------------------------------------------------------
+// Training with the MoE layers on the GPU (GpuLayerExecutor) against training on the CPU.
+
+TEST(CudaEpTrain, ExecutorTrainsLikeTheCpu) {
+  std::string why;
+  const int devices = cuda_device_count(&why);
+  if (devices == 0) GTEST_SKIP() << "no CUDA device: " << why;
+  comm::MpiCommunicator world(MPI_COMM_WORLD);
+  MOEX_CUDA_CHECK(cudaSetDevice(world.rank() % devices));
+  comm::StagedCommunicator device(std::make_unique<comm::MpiCommunicator>(MPI_COMM_WORLD));
+  MoeConfig cfg = v3_like();
+  cfg.num_hidden_layers = 2;
+  cfg.validate();
+  TrainOptions o;
+  o.tokens_per_rank = 40;
+  o.bias_update_speed = 0.001f;
+  o.layer.chunks = 2;
+  Trainer cpu(cfg, world, o), gpu(cfg, world, o);
+  GpuLayerExecutor exec(world, device);
+  gpu.set_executor(&exec);
+  // fp32 on both sides: the only differences are summation orders, which the steps compound slowly.
+  for (int s = 0; s < 5; ++s) {
+    const StepRecord a = cpu.step(), b = gpu.step();
+    EXPECT_NEAR(b.loss, a.loss, 1e-4 * std::abs(a.loss)) << "step " << s << " rank " << world.rank();
+    EXPECT_EQ(b.max_mean_load, a.max_mean_load) << "step " << s << ": route statistics from the GPU";
+  }
+  for (std::size_t l = 0; l < cpu.student().layers().size(); ++l) {
+    EXPECT_TRUE(within(gpu.student().layers()[l]->experts().value, cpu.student().layers()[l]->experts().value, 1e-4,
+                       "layer " + std::to_string(l) + " expert parameters after 5 steps"));
+  }
+}
+
+TEST(CudaEpTrainHost, ExecutorRejectsCpuOnlySchedules) {
+  // check() runs before any CUDA call: the executor refuses these layers without a device. (The
+  // device communicator is never used here, so the host one stands in for it.)
+  comm::MpiCommunicator world(MPI_COMM_WORLD);
+  const MoeConfig cfg = v3_like();
+  GpuLayerExecutor exec(world, world);
+  auto rejects = [&](const std::string& what, TrainOptions o) {
+    Trainer t(cfg, world, o);
+    EXPECT_THROW(t.set_executor(&exec), ConfigError) << what;
+  };
+  TrainOptions hier;
+  hier.layer.exchange = ExchangeKind::kHierarchical;
+  rejects("hierarchical exchange", hier);
+  TrainOptions cap;
+  cap.layer.capacity_factor = 1.25;
+  rejects("capacity factor", cap);
+  TrainOptions det;
+  det.layer.deterministic = true;
+  rejects("deterministic schedule", det);
+  TrainOptions aux;
+  aux.aux.expert_alpha = 0.01f;
+  rejects("auxiliary loss", aux);
+  TrainOptions rep;
+  rep.replicas.enabled = true;
+  rejects("replicas", rep);
+}
 
 }  // namespace
 }  // namespace moex::cuda

@@ -1,0 +1,110 @@
+#include "runtime/cuda/gpu_executor.h"
+
+#include <string>
+#include <vector>
+
+#include "base/error.h"
+#include "runtime/moe_layer.h"
+
+namespace moex::cuda {
+
+GpuLayerExecutor::GpuLayerExecutor(comm::Communicator& host_comm, comm::Communicator& device_comm,
+                                   GpuLayerOptions options)
+    : host_comm_(host_comm), device_comm_(device_comm), options_(options) {}
+
+GpuLayerExecutor::~GpuLayerExecutor() {
+  // The twins' buffers may still be read by queued work.
+  if (stream_) static_cast<void>(cudaStreamSynchronize(stream_->get()));
+}
+
+void GpuLayerExecutor::check(const MoELayer& layer) {
+  const std::string what = "GPU layer for '" + layer.name() + "': ";
+  const LayerOptions& o = layer.options();
+  if (layer.replica_layout()) throw ConfigError(what + "replica mode is CPU-only (one replica per expert on the GPU)");
+  if (o.exchange != ExchangeKind::kFlat) throw ConfigError(what + "the hierarchical exchange is CPU-only (use flat)");
+  if (o.capacity_factor > 0.0) throw ConfigError(what + "the capacity factor is CPU-only (the GPU layer is dropless)");
+  if (o.deterministic) throw ConfigError(what + "the deterministic schedule is CPU-only");
+  if (layer.aux_loss().enabled()) throw ConfigError(what + "auxiliary balance losses are CPU-only");
+}
+
+cudaStream_t GpuLayerExecutor::stream() {
+  if (!stream_) stream_.emplace();
+  return stream_->get();
+}
+
+GpuLayerExecutor::Twin& GpuLayerExecutor::twin(MoELayer& layer) {
+  Twin& t = twins_[&layer];
+  if (!t.gpu) {
+    check(layer);
+    GpuLayerOptions o = options_;
+    o.chunks = layer.options().chunks;
+    t.gpu = std::make_unique<GpuMoELayer>(layer.config(), host_comm_, device_comm_, layer.placement(), o);
+  }
+  return t;
+}
+
+GpuMoELayer* GpuLayerExecutor::gpu_layer(const MoELayer& layer) {
+  const auto it = twins_.find(&layer);
+  return it == twins_.end() ? nullptr : it->second.gpu.get();
+}
+
+void GpuLayerExecutor::parameters_changed(MoELayer& layer) { twins_[&layer].dirty = true; }
+
+void GpuLayerExecutor::forward(MoELayer& layer, const float* x, std::int64_t tokens, float* y) {
+  Twin& t = twin(layer);
+  const cudaStream_t s = stream();
+  if (t.dirty) {
+    MOEX_CUDA_CHECK(cudaStreamSynchronize(s));  // load_from replaces parameters queued work may read
+    t.gpu->load_from(layer);
+    t.dirty = false;
+  }
+  const std::int64_t H = layer.config().hidden_size;
+  if (tokens > t.capacity) {
+    MOEX_CUDA_CHECK(cudaStreamSynchronize(s));
+    t.x = DeviceBuffer<float>(static_cast<std::size_t>(tokens * H), s);
+    t.y = DeviceBuffer<float>(static_cast<std::size_t>(tokens * H), s);
+    t.dy = DeviceBuffer<float>(static_cast<std::size_t>(tokens * H), s);
+    t.capacity = tokens;
+  }
+  const auto n = static_cast<std::size_t>(tokens * H);
+  copy_to_device(t.x.data(), x, n, s);
+  t.gpu->forward(t.x.data(), tokens, t.y.data(), s);
+  copy_to_host(y, t.y.data(), n, s);
+
+  // The pass's statistics, as the host layer would have recorded them.
+  LayerRouteStats st;
+  st.expert_tokens.assign(static_cast<std::size_t>(layer.config().n_routed_experts), 0);
+  for (const std::int32_t e : t.gpu->topk_ids_host(s)) ++st.expert_tokens[static_cast<std::size_t>(e)];
+  for (const std::int64_t c : t.gpu->expert_counts()) st.entries_processed += c;
+  const EpPlan& plan = t.gpu->plan();
+  st.rows_sent = plan.send_rows();
+  st.rows_received = plan.recv_rows();
+  const int me = host_comm_.rank();
+  std::int64_t to_others = 0;
+  for (int c = 0; c < plan.chunks; ++c)
+    for (int p = 0; p < plan.world; ++p)
+      if (p != me) to_others += plan.send_counts[plan.cp(c, p)];
+  st.bytes_sent = to_others * H * static_cast<std::int64_t>(dtype_size(t.gpu->dtype()));
+  layer.set_route_stats(st);
+}
+
+void GpuLayerExecutor::backward(MoELayer& layer, const float* dy, float* dx) {
+  Twin& t = twin(layer);
+  const cudaStream_t s = stream();
+  const std::int64_t tokens = t.gpu->tokens(), H = layer.config().hidden_size;
+  const auto n = static_cast<std::size_t>(tokens * H);
+  copy_to_device(t.dy.data(), dy, n, s);
+  t.gpu->zero_grad(s);
+  t.gpu->backward(t.dy.data(), t.y.data(), s);  // y's buffer takes dx
+  copy_to_host(dx, t.y.data(), n, s);
+  auto add = [](std::vector<float>& into, const std::vector<float>& from, const char* what) {
+    if (into.size() != from.size())
+      throw InternalError(std::string("GpuLayerExecutor: ") + what + " gradient sizes differ (host " +
+                          std::to_string(into.size()) + ", GPU " + std::to_string(from.size()) + ")");
+    for (std::size_t i = 0; i < into.size(); ++i) into[i] += from[i];
+  };
+  add(layer.replicated().grad, t.gpu->replicated_grads_host(s), "replicated");
+  add(layer.experts().grad, t.gpu->expert_grads_host(s), "expert");
+}
+
+}  // namespace moex::cuda
