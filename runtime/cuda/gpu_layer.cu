@@ -462,17 +462,17 @@ void GpuMoELayer::mark(int index, cudaStream_t stream) {
 // ---------------------------------------------------------------------------------------------------
 // Forward and backward
 
+std::pair<cudaStream_t, cublasHandle_t> GpuMoELayer::shared_stream(cudaStream_t stream) {
+  if (!options_.overlap_shared) return {stream, blas_.get()};
+  MOEX_CUDA_CHECK(cudaEventRecord(events_->input, stream));
+  MOEX_CUDA_CHECK(cudaStreamWaitEvent(aux_.get(), events_->input, 0));
+  return {aux_.get(), blas_aux_.get()};
+}
+
 void GpuMoELayer::shared_forward(const void* xin, void* out, cudaStream_t stream) {
   const int64_t H = hidden_, Fs = shared_ffn_;
   const std::size_t es = dtype_size(dtype_);
-  cudaStream_t ss = stream;
-  cublasHandle_t sb = blas_.get();
-  if (options_.overlap_shared) {
-    MOEX_CUDA_CHECK(cudaEventRecord(events_->input, stream));
-    MOEX_CUDA_CHECK(cudaStreamWaitEvent(aux_.get(), events_->input, 0));
-    ss = aux_.get();
-    sb = blas_aux_.get();
-  }
+  const auto [ss, sb] = shared_stream(stream);
   mark(kFS0, ss);
   shared_rows_[0] = tokens_;
   shared_mlp_->forward(sb, shared_rows_, xin, shared_w_.data(), shared_w_.data() + 2 * Fs * H * es, sh_h13_.data(),
@@ -485,14 +485,7 @@ void GpuMoELayer::shared_forward(const void* xin, void* out, cudaStream_t stream
 void GpuMoELayer::shared_backward(const void* xin, const void* dyin, void* out, cudaStream_t stream) {
   const int64_t H = hidden_, Fs = shared_ffn_;
   const std::size_t es = dtype_size(dtype_);
-  cudaStream_t ss = stream;
-  cublasHandle_t sb = blas_.get();
-  if (options_.overlap_shared) {
-    MOEX_CUDA_CHECK(cudaEventRecord(events_->input, stream));
-    MOEX_CUDA_CHECK(cudaStreamWaitEvent(aux_.get(), events_->input, 0));
-    ss = aux_.get();
-    sb = blas_aux_.get();
-  }
+  const auto [ss, sb] = shared_stream(stream);
   mark(kBS0, ss);
   shared_rows_[0] = tokens_;
   unsigned char* w = shared_w_.data();

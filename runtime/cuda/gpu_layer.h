@@ -6,6 +6,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <cublas_v2.h>
@@ -215,6 +216,9 @@ class GpuMoELayer {
   void shared_forward(const void* xin, void* out, cudaStream_t stream);
   void shared_backward(const void* xin, const void* dyin, void* out, cudaStream_t stream);
   void join_shared(cudaStream_t stream);
+  /// Where the shared experts run: the second stream (after the work on `stream` so far) and its
+  /// cuBLAS handle when overlapping, else `stream` itself.
+  std::pair<cudaStream_t, cublasHandle_t> shared_stream(cudaStream_t stream);
   void upload_params(const float* host, std::int64_t n, void* dst);
   std::vector<float> download(const void* src, std::int64_t n, cudaStream_t stream) const;
   void mark(int index, cudaStream_t stream);

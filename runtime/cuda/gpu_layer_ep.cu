@@ -74,6 +74,45 @@ struct GpuMoELayer::EpState {
 #endif
     w.wait(deadline);
   }
+  /// Chunk c of a dispatch: the rows of `src` ([tokens, H] of `dtype`) this rank sends, gathered
+  /// into send_rows, then moved to the peers' recv_rows (an alltoallv on `comm` after `stream`).
+  comm::WorkPtr dispatch_chunk(const EpPlan& plan, comm::Communicator& comm, int c, DType dtype, int64_t H,
+                               const void* src, cudaStream_t stream, const std::string& label) {
+    const std::size_t es = dtype_size(dtype);
+    const int64_t f = plan.chunk_send_first(c), n = plan.chunk_send_count(c);
+    with_type(dtype, [&](auto tag) {
+      using T_ = typename decltype(tag)::type;
+      gather_rows(n, H, send_token.data() + f, static_cast<const T_*>(src), H,
+                  reinterpret_cast<T_*>(send_rows.data() + row_bytes(f, H, es)), H, stream);
+    });
+    producer_ready(stream);
+    return move_chunk(plan, comm, c, /*forward=*/true, send_rows.data() + row_bytes(f, H, es),
+                      recv_rows.data() + row_bytes(plan.chunk_recv_first(c), H, es), H * static_cast<int64_t>(es),
+                      comm::DataType::kByte, label);
+  }
+  /// Chunk c of an exchange: forward, this rank's send blocks to the peers' recv blocks; backward
+  /// (the way back), its recv blocks to the peers' send blocks. `width` elements of `type` per row;
+  /// `from` / `to` point at the chunk's first row. The caller has ordered the producer (producer_ready).
+  comm::WorkPtr move_chunk(const EpPlan& plan, comm::Communicator& comm, int c, bool forward, const void* from,
+                           void* to, int64_t width, comm::DataType type, const std::string& label) {
+    comm::AlltoallvArgs a;
+    a.send = from;
+    a.recv = to;
+    a.send_counts = forward ? plan.send_block_counts(c, width, sc) : plan.recv_block_counts(c, width, sc);
+    a.send_displs = forward ? plan.send_block_displs(c, width, sd) : plan.recv_block_displs(c, width, sd);
+    a.recv_counts = forward ? plan.recv_block_counts(c, width, rc) : plan.send_block_counts(c, width, rc);
+    a.recv_displs = forward ? plan.recv_block_displs(c, width, rd) : plan.send_block_displs(c, width, rd);
+    a.type = type;
+    a.label = label + " chunk " + std::to_string(c);
+    return comm.alltoallv(a);
+  }
+  /// Chunk c's combined rows (ret_rows, one per received row) back to their senders' back_rows.
+  comm::WorkPtr return_chunk(const EpPlan& plan, comm::Communicator& comm, int c, int64_t H, std::size_t es,
+                             const std::string& label) {
+    return move_chunk(plan, comm, c, /*forward=*/false, ret_rows.data() + row_bytes(plan.chunk_recv_first(c), H, es),
+                      back_rows.data() + row_bytes(plan.chunk_send_first(c), H, es), H * static_cast<int64_t>(es),
+                      comm::DataType::kByte, label);
+  }
   /// Waits for every exchange still in flight and drops it.
   void settle(Clock::time_point deadline) {
     for (auto* list : {&dispatch, &combine, &combine_dw, &reduce}) {
@@ -188,30 +227,11 @@ void GpuMoELayer::forward_ep(const void* xin, void* out, bool accumulate, cudaSt
     for (int64_t s = 0; s < S; ++s) counts_[static_cast<std::size_t>(s)] += plan_.slot_counts(c, s);
   mark(kF1, stream);
 
-  const comm::DataType bytes = comm::DataType::kByte;
-  const int64_t row_w = H * static_cast<int64_t>(es);  // bytes per row
   // Dispatch: gather chunk c's rows, then hand them to the communicator (its stream waits for the
   // gather on the device with NCCL).
   ep.dispatch.resize(static_cast<std::size_t>(C));
-  for (int c = 0; c < C; ++c) {
-    const int64_t f = plan_.chunk_send_first(c), n = plan_.chunk_send_count(c);
-    with_type(dtype_, [&](auto tag) {
-      using T_ = typename decltype(tag)::type;
-      gather_rows(n, H, ep.send_token.data() + f, as_const<T_>(xin), H,
-                  reinterpret_cast<T_*>(ep.send_rows.data() + row_bytes(f, H, es)), H, stream);
-    });
-    ep.producer_ready(stream);
-    comm::AlltoallvArgs a;
-    a.send = ep.send_rows.data() + row_bytes(f, H, es);
-    a.send_counts = plan_.send_block_counts(c, row_w, ep.sc);
-    a.send_displs = plan_.send_block_displs(c, row_w, ep.sd);
-    a.recv = ep.recv_rows.data() + row_bytes(plan_.chunk_recv_first(c), H, es);
-    a.recv_counts = plan_.recv_block_counts(c, row_w, ep.rc);
-    a.recv_displs = plan_.recv_block_displs(c, row_w, ep.rd);
-    a.type = bytes;
-    a.label = "gpu dispatch chunk " + std::to_string(c);
-    ep.dispatch[static_cast<std::size_t>(c)] = device_comm_->alltoallv(a);
-  }
+  for (int c = 0; c < C; ++c)
+    ep.dispatch[static_cast<std::size_t>(c)] = ep.dispatch_chunk(plan_, *device_comm_, c, dtype_, H, xin, stream, "gpu dispatch");
   mark(kF2, stream);
 
   // Experts of chunk c once its rows arrived; the combined rows go back while chunk c+1 computes.
@@ -236,16 +256,7 @@ void GpuMoELayer::forward_ep(const void* xin, void* out, bool accumulate, cudaSt
                    reinterpret_cast<T_*>(ep.ret_rows.data() + row_bytes(rf, H, es)), H, false, stream);
     });
     ep.producer_ready(stream);
-    comm::AlltoallvArgs a;
-    a.send = ep.ret_rows.data() + row_bytes(rf, H, es);
-    a.send_counts = plan_.recv_block_counts(c, row_w, ep.sc);
-    a.send_displs = plan_.recv_block_displs(c, row_w, ep.sd);
-    a.recv = ep.back_rows.data() + row_bytes(plan_.chunk_send_first(c), H, es);
-    a.recv_counts = plan_.send_block_counts(c, row_w, ep.rc);
-    a.recv_displs = plan_.send_block_displs(c, row_w, ep.rd);
-    a.type = bytes;
-    a.label = "gpu combine chunk " + std::to_string(c);
-    ep.combine[static_cast<std::size_t>(c)] = device_comm_->alltoallv(a);
+    ep.combine[static_cast<std::size_t>(c)] = ep.return_chunk(plan_, *device_comm_, c, H, es, "gpu combine");
   }
   mark(kF3, stream);
 
@@ -272,27 +283,10 @@ void GpuMoELayer::backward_ep(const void* dyin, void* out, bool accumulate, cuda
   ep.settle(deadline);
   mark(kBP, stream);
 
-  const int64_t row_w = H * static_cast<int64_t>(es);
   ep.dispatch.resize(static_cast<std::size_t>(C));
-  for (int c = 0; c < C; ++c) {
-    const int64_t f = plan_.chunk_send_first(c), n = plan_.chunk_send_count(c);
-    with_type(dtype_, [&](auto tag) {
-      using T_ = typename decltype(tag)::type;
-      gather_rows(n, H, ep.send_token.data() + f, as_const<T_>(dyin), H,
-                  reinterpret_cast<T_*>(ep.send_rows.data() + row_bytes(f, H, es)), H, stream);
-    });
-    ep.producer_ready(stream);
-    comm::AlltoallvArgs a;
-    a.send = ep.send_rows.data() + row_bytes(f, H, es);
-    a.send_counts = plan_.send_block_counts(c, row_w, ep.sc);
-    a.send_displs = plan_.send_block_displs(c, row_w, ep.sd);
-    a.recv = ep.recv_rows.data() + row_bytes(plan_.chunk_recv_first(c), H, es);
-    a.recv_counts = plan_.recv_block_counts(c, row_w, ep.rc);
-    a.recv_displs = plan_.recv_block_displs(c, row_w, ep.rd);
-    a.type = comm::DataType::kByte;
-    a.label = "gpu dispatch grad chunk " + std::to_string(c);
-    ep.dispatch[static_cast<std::size_t>(c)] = device_comm_->alltoallv(a);
-  }
+  for (int c = 0; c < C; ++c)
+    ep.dispatch[static_cast<std::size_t>(c)] =
+        ep.dispatch_chunk(plan_, *device_comm_, c, dtype_, H, dyin, stream, "gpu dispatch grad");
   mark(kB1, stream);
 
   ep.combine.resize(static_cast<std::size_t>(C));
@@ -326,26 +320,11 @@ void GpuMoELayer::backward_ep(const void* dyin, void* out, bool accumulate, cuda
     });
     gather_values(rn * K, ep.row_dw_entry.data() + rf * K, d_entry_.data(), ep.dw_out.data() + rf * K, stream);
     ep.producer_ready(stream);
-    comm::AlltoallvArgs a;
-    a.send = ep.ret_rows.data() + row_bytes(rf, H, es);
-    a.send_counts = plan_.recv_block_counts(c, row_w, ep.sc);
-    a.send_displs = plan_.recv_block_displs(c, row_w, ep.sd);
-    a.recv = ep.back_rows.data() + row_bytes(plan_.chunk_send_first(c), H, es);
-    a.recv_counts = plan_.send_block_counts(c, row_w, ep.rc);
-    a.recv_displs = plan_.send_block_displs(c, row_w, ep.rd);
-    a.type = comm::DataType::kByte;
-    a.label = "gpu combine grad chunk " + std::to_string(c);
-    ep.combine[static_cast<std::size_t>(c)] = device_comm_->alltoallv(a);
-    comm::AlltoallvArgs d;
-    d.send = ep.dw_out.data() + rf * K;
-    d.send_counts = plan_.recv_block_counts(c, K, ep.sc);
-    d.send_displs = plan_.recv_block_displs(c, K, ep.sd);
-    d.recv = ep.dw_back.data() + plan_.chunk_send_first(c) * K;
-    d.recv_counts = plan_.send_block_counts(c, K, ep.rc);
-    d.recv_displs = plan_.send_block_displs(c, K, ep.rd);
-    d.type = comm::DataType::kFloat32;
-    d.label = "gpu routing-weight grad chunk " + std::to_string(c);
-    ep.combine_dw[static_cast<std::size_t>(c)] = device_comm_->alltoallv(d);
+    ep.combine[static_cast<std::size_t>(c)] = ep.return_chunk(plan_, *device_comm_, c, H, es, "gpu combine grad");
+    ep.combine_dw[static_cast<std::size_t>(c)] =
+        ep.move_chunk(plan_, *device_comm_, c, /*forward=*/false, ep.dw_out.data() + rf * K,
+                      ep.dw_back.data() + plan_.chunk_send_first(c) * K, K, comm::DataType::kFloat32,
+                      "gpu routing-weight grad");
   }
   expert_stale_ = false;
   mark(kB2, stream);
