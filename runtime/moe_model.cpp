@@ -77,6 +77,7 @@ void MoeModel::init_buffers() {
 void MoeModel::init_random(std::uint64_t seed) {
   for (std::size_t l = 0; l < layers_.size(); ++l) init_layer_random(*layers_[l], seed, static_cast<std::int64_t>(l));
   std::fill(norms_.value.begin(), norms_.value.end(), 1.0f);
+  parameters_changed();
 }
 
 void MoeModel::forward(const float* x, std::int64_t tokens, float* y) {

@@ -14,6 +14,8 @@
 
 #include <mpi.h>
 
+#include <algorithm>
+#include <cmath>
 #include <memory>
 #include <optional>
 #include <string>
@@ -184,15 +186,37 @@ TEST(CudaEpTrain, ExecutorTrainsLikeTheCpu) {
   Trainer cpu(cfg, world, o), gpu(cfg, world, o);
   GpuLayerExecutor exec(world, device);
   gpu.set_executor(&exec);
-  // fp32 on both sides: the only differences are summation orders, which the steps compound slowly.
+  // fp32 on both sides: the only differences are summation orders. The loss agrees far inside 1e-4
+  // (2e-7 in a host emulation with injected rounding noise). The load statistic is exact: these
+  // seeds' smallest routing margin is >= 2e-6, 20x the fp32 noise of the scores, and a flipped pick
+  // would also move the loss by O(1 / tokens).
   for (int s = 0; s < 5; ++s) {
     const StepRecord a = cpu.step(), b = gpu.step();
     EXPECT_NEAR(b.loss, a.loss, 1e-4 * std::abs(a.loss)) << "step " << s << " rank " << world.rank();
     EXPECT_EQ(b.max_mean_load, a.max_mean_load) << "step " << s << ": route statistics from the GPU";
   }
+  // Parameters: AdamW moves a weight by about lr per step whatever the gradient's size, so a
+  // gradient that is zero but for rounding can move one weight by up to 2 lr differently: compare
+  // the relative L2 norm (1e-5 under 1e-6 injected noise on the host), and every element within
+  // 2 lr per step.
+  auto close = [&](const Vec& got, const Vec& want, const std::string& what) {
+    ASSERT_EQ(got.size(), want.size()) << what;
+    double d2 = 0.0, w2 = 0.0, worst = 0.0;
+    for (std::size_t i = 0; i < got.size(); ++i) {
+      const double d = static_cast<double>(got[i]) - want[i];
+      d2 += d * d;
+      w2 += static_cast<double>(want[i]) * want[i];
+      worst = std::max(worst, std::abs(d));
+    }
+    EXPECT_LE(std::sqrt(d2 / std::max(w2, 1e-30)), 1e-4) << what << ": relative L2 difference";
+    EXPECT_LE(worst, 2.0 * o.adam.lr * 5) << what << ": largest element difference";
+  };
   for (std::size_t l = 0; l < cpu.student().layers().size(); ++l) {
-    EXPECT_TRUE(within(gpu.student().layers()[l]->experts().value, cpu.student().layers()[l]->experts().value, 1e-4,
-                       "layer " + std::to_string(l) + " expert parameters after 5 steps"));
+    const std::string tag = "layer " + std::to_string(l) + " rank " + std::to_string(world.rank());
+    close(gpu.student().layers()[l]->experts().value, cpu.student().layers()[l]->experts().value,
+          tag + " expert parameters after 5 steps");
+    close(gpu.student().layers()[l]->replicated().value, cpu.student().layers()[l]->replicated().value,
+          tag + " gate and shared parameters after 5 steps");
   }
 }
 

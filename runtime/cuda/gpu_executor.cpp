@@ -25,6 +25,12 @@ void GpuLayerExecutor::check(const MoELayer& layer) {
   if (o.capacity_factor > 0.0) throw ConfigError(what + "the capacity factor is CPU-only (the GPU layer is dropless)");
   if (o.deterministic) throw ConfigError(what + "the deterministic schedule is CPU-only");
   if (layer.aux_loss().enabled()) throw ConfigError(what + "auxiliary balance losses are CPU-only");
+  const sched::ExpertPlacement& p = layer.placement();
+  for (int r = 0; r < p.world_size(); ++r)
+    if (p.num_local(r) == 0)
+      throw ConfigError(what + "rank " + std::to_string(r) + " holds no routed expert (" +
+                        std::to_string(p.num_experts()) + " experts over " + std::to_string(p.world_size()) +
+                        " ranks); the GPU layer needs at least one per rank");
 }
 
 cudaStream_t GpuLayerExecutor::stream() {

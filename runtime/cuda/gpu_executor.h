@@ -18,7 +18,8 @@ namespace moex::cuda {
 /// at the first forward after parameters_changed(); activations travel host <-> device per pass;
 /// gradients are downloaded after each backward and added to the host layer's (so the host model's
 /// all-reduces and optimiser work unchanged); the route statistics of each forward (expert_tokens,
-/// entries_processed, rows and bytes) are recorded in the host layer. The chunk count is each host
+/// entries_processed, rows; bytes_sent counts only the forward dispatch's rows to other ranks, at the
+/// layer's element size) are recorded in the host layer. The chunk count is each host
 /// layer's (LayerOptions::chunks). Convenient rather than fast: every pass copies its activations,
 /// every step its gradients and parameters, across PCIe.
 class GpuLayerExecutor final : public LayerExecutor {
