@@ -94,7 +94,9 @@ struct EpPlan {
   std::int64_t send_rows() const { return send_offsets.empty() ? 0 : send_offsets.back(); }
   std::int64_t recv_rows() const { return recv_offsets.empty() ? 0 : recv_offsets.back(); }
   std::int64_t entries() const { return entry_offsets.empty() ? 0 : entry_offsets.back(); }
-  std::size_t cp(int c, int p) const { return static_cast<std::size_t>(c) * static_cast<std::size_t>(world) + static_cast<std::size_t>(p); }
+  std::size_t cp(int c, int p) const {
+    return static_cast<std::size_t>(c) * static_cast<std::size_t>(world) + static_cast<std::size_t>(p);
+  }
   std::size_t cs(int c, std::int64_t s) const {
     return static_cast<std::size_t>(c) * static_cast<std::size_t>(num_local) + static_cast<std::size_t>(s);
   }
@@ -106,9 +108,13 @@ struct EpPlan {
   std::int64_t slot_counts(int c, std::int64_t s) const { return slot_count[cs(c, s)]; }
   /// Chunk c's send rows, recv rows and entries: [first, first + count).
   std::int64_t chunk_send_first(int c) const { return send_displ(c, 0); }
-  std::int64_t chunk_send_count(int c) const { return send_offsets[cp(c, 0) + static_cast<std::size_t>(world)] - send_displ(c, 0); }
+  std::int64_t chunk_send_count(int c) const {
+    return send_offsets[cp(c, 0) + static_cast<std::size_t>(world)] - send_displ(c, 0);
+  }
   std::int64_t chunk_recv_first(int c) const { return recv_displ(c, 0); }
-  std::int64_t chunk_recv_count(int c) const { return recv_offsets[cp(c, 0) + static_cast<std::size_t>(world)] - recv_displ(c, 0); }
+  std::int64_t chunk_recv_count(int c) const {
+    return recv_offsets[cp(c, 0) + static_cast<std::size_t>(world)] - recv_displ(c, 0);
+  }
   std::int64_t chunk_entry_first(int c) const { return entry_displ(c, 0); }
   std::int64_t chunk_entry_count(int c) const {
     return entry_offsets[cs(c, 0) + static_cast<std::size_t>(num_local)] - entry_displ(c, 0);

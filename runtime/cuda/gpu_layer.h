@@ -82,7 +82,8 @@ struct GpuLayerTimes {
 /// replicated() block, experts that of experts() on a single rank.
 ///
 /// Gradients accumulate over backward() calls (in bf16 mode the bf16 gradient buffers accumulate
-/// with one bf16 rounding per call, and per pipeline chunk in expert-parallel mode); zero_grad() clears them (the shared and expert ones lazily: the
+/// with one bf16 rounding per call, and per pipeline chunk in expert-parallel mode);
+/// zero_grad() clears them (the shared and expert ones lazily: the
 /// next backward overwrites them, as MoELayer does).
 ///
 /// Streams: forward() and backward() queue on the caller's `stream` (and the layer's second

@@ -231,7 +231,8 @@ void GpuMoELayer::forward_ep(const void* xin, void* out, bool accumulate, cudaSt
   // gather on the device with NCCL).
   ep.dispatch.resize(static_cast<std::size_t>(C));
   for (int c = 0; c < C; ++c)
-    ep.dispatch[static_cast<std::size_t>(c)] = ep.dispatch_chunk(plan_, *device_comm_, c, dtype_, H, xin, stream, "gpu dispatch");
+    ep.dispatch[static_cast<std::size_t>(c)] =
+        ep.dispatch_chunk(plan_, *device_comm_, c, dtype_, H, xin, stream, "gpu dispatch");
   mark(kF2, stream);
 
   // Experts of chunk c once its rows arrived; the combined rows go back while chunk c+1 computes.
