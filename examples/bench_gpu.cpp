@@ -127,27 +127,6 @@ Tensor random_tensor(DType dtype, int64_t count, std::uint64_t seed, float scale
   return t;
 }
 
-const void* at(const void* base, int64_t elems, std::size_t es) {
-  return static_cast<const char*>(base) + elems * static_cast<int64_t>(es);
-}
-void* at(void* base, int64_t elems, std::size_t es) { return static_cast<char*>(base) + elems * static_cast<int64_t>(es); }
-
-GemmProblem make_problem(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const void* a, int64_t lda, const void* b,
-                         int64_t ldb, void* c, int64_t ldc) {
-  GemmProblem p;
-  p.trans_a = ta;
-  p.trans_b = tb;
-  p.m = m;
-  p.n = n;
-  p.k = k;
-  p.a = a;
-  p.lda = lda;
-  p.b = b;
-  p.ldb = ldb;
-  p.c = c;
-  p.ldc = ldc;
-  return p;
-}
 
 double gemm_flops(const std::vector<GemmProblem>& ps) {
   double f = 0.0;
@@ -177,28 +156,28 @@ std::vector<GemmCase> gemm_cases(const std::vector<int64_t>& rows, int64_t H, in
   // One lambda per GEMM: (rows r, row offset o, expert e) -> problem; the dense twin is (N, 0, 0).
   const std::function<GemmProblem(int64_t, int64_t, int64_t)> make[6] = {
       [&](int64_t r, int64_t o, int64_t e) {
-        return make_problem(false, true, r, 2 * F, H, at(t.x.data(), o * H, es), H, at(t.w13.data(), e * 2 * F * H, es),
-                            H, at(t.h13.data(), o * 2 * F, es), 2 * F);
+        return gemm_problem(false, true, r, 2 * F, H, elem_at(t.x.data(), o * H, es), H,
+                            elem_at(t.w13.data(), e * 2 * F * H, es), H, elem_at(t.h13.data(), o * 2 * F, es), 2 * F);
       },
       [&](int64_t r, int64_t o, int64_t e) {
-        return make_problem(false, true, r, H, F, at(t.a.data(), o * F, es), F, at(t.w2.data(), e * H * F, es), F,
-                            at(t.y.data(), o * H, es), H);
+        return gemm_problem(false, true, r, H, F, elem_at(t.a.data(), o * F, es), F,
+                            elem_at(t.w2.data(), e * H * F, es), F, elem_at(t.y.data(), o * H, es), H);
       },
       [&](int64_t r, int64_t o, int64_t e) {
-        return make_problem(false, false, r, F, H, at(t.dy.data(), o * H, es), H, at(t.w2.data(), e * H * F, es), F,
-                            at(t.dh13.data(), o * 2 * F + F, es), 2 * F);
+        return gemm_problem(false, false, r, F, H, elem_at(t.dy.data(), o * H, es), H,
+                            elem_at(t.w2.data(), e * H * F, es), F, elem_at(t.dh13.data(), o * 2 * F + F, es), 2 * F);
       },
       [&](int64_t r, int64_t o, int64_t e) {
-        return make_problem(false, false, r, H, 2 * F, at(t.dh13.data(), o * 2 * F, es), 2 * F,
-                            at(t.w13.data(), e * 2 * F * H, es), H, at(t.dx.data(), o * H, es), H);
+        return gemm_problem(false, false, r, H, 2 * F, elem_at(t.dh13.data(), o * 2 * F, es), 2 * F,
+                            elem_at(t.w13.data(), e * 2 * F * H, es), H, elem_at(t.dx.data(), o * H, es), H);
       },
       [&](int64_t r, int64_t o, int64_t e) {
-        return make_problem(true, false, H, F, r, at(t.dy.data(), o * H, es), H, at(t.a.data(), o * F, es), F,
-                            at(t.dw2.data(), e * H * F, es), F);
+        return gemm_problem(true, false, H, F, r, elem_at(t.dy.data(), o * H, es), H, elem_at(t.a.data(), o * F, es), F,
+                            elem_at(t.dw2.data(), e * H * F, es), F);
       },
       [&](int64_t r, int64_t o, int64_t e) {
-        return make_problem(true, false, 2 * F, H, r, at(t.dh13.data(), o * 2 * F, es), 2 * F,
-                            at(t.x.data(), o * H, es), H, at(t.dw13.data(), e * 2 * F * H, es), H);
+        return gemm_problem(true, false, 2 * F, H, r, elem_at(t.dh13.data(), o * 2 * F, es), 2 * F,
+                            elem_at(t.x.data(), o * H, es), H, elem_at(t.dw13.data(), e * 2 * F * H, es), H);
       }};
   for (std::size_t c = 0; c < cs.size(); ++c) {
     int64_t o = 0;
@@ -231,8 +210,8 @@ void bench_layer(const moex::MoeConfig& cfg, int64_t T, DType dtype, const Timin
   fill_uniform(layer.gate_weight(), E * H, seed + 30, inv_sqrt(H), s);
   for (int64_t e = 0; e < E; ++e) {
     const std::size_t es = dtype_size(dtype);
-    void* w13 = at(layer.expert_params(), e * 3 * F * H, es);
-    void* w2 = at(w13, 2 * F * H, es);
+    void* w13 = elem_at(layer.expert_params(), e * 3 * F * H, es);
+    void* w2 = elem_at(w13, 2 * F * H, es);
     if (dtype == DType::kBf16) {
       fill_uniform(static_cast<bf16*>(w13), 2 * F * H, seed + 31 + static_cast<std::uint64_t>(e), inv_sqrt(H), s);
       fill_uniform(static_cast<bf16*>(w2), H * F, seed + 1031 + static_cast<std::uint64_t>(e), inv_sqrt(F), s);
@@ -244,7 +223,7 @@ void bench_layer(const moex::MoeConfig& cfg, int64_t T, DType dtype, const Timin
   if (Fs > 0) {
     const std::size_t es = dtype_size(dtype);
     void* w13 = layer.shared_params();
-    void* w2 = at(w13, 2 * Fs * H, es);
+    void* w2 = elem_at(w13, 2 * Fs * H, es);
     if (dtype == DType::kBf16) {
       fill_uniform(static_cast<bf16*>(w13), 2 * Fs * H, seed + 40, inv_sqrt(H), s);
       fill_uniform(static_cast<bf16*>(w2), H * Fs, seed + 41, inv_sqrt(Fs), s);

@@ -240,32 +240,6 @@ void GroupedFfn::swiglu_bwd(std::int64_t rows, const void* h13, const void* sig,
   }
 }
 
-namespace {
-/// Byte offset arithmetic on untyped device pointers.
-const void* at(const void* base, std::int64_t elems, std::size_t es) {
-  return static_cast<const char*>(base) + elems * static_cast<std::int64_t>(es);
-}
-void* at(void* base, std::int64_t elems, std::size_t es) {
-  return static_cast<char*>(base) + elems * static_cast<std::int64_t>(es);
-}
-GemmProblem problem(bool ta, bool tb, std::int64_t m, std::int64_t n, std::int64_t k, const void* a, std::int64_t lda,
-                    const void* b, std::int64_t ldb, void* c, std::int64_t ldc, float beta = 0.0f) {
-  GemmProblem p;
-  p.trans_a = ta;
-  p.trans_b = tb;
-  p.m = m;
-  p.n = n;
-  p.k = k;
-  p.a = a;
-  p.lda = lda;
-  p.b = b;
-  p.ldb = ldb;
-  p.c = c;
-  p.ldc = ldc;
-  p.beta = beta;
-  return p;
-}
-}  // namespace
 
 void GroupedFfn::forward(cublasHandle_t blas, std::span<const std::int64_t> rows_per_expert, const void* x,
                          const void* w13, const void* w2, void* h13, void* sig, void* a, void* y, cudaStream_t stream) {
@@ -277,8 +251,8 @@ void GroupedFfn::forward(cublasHandle_t blas, std::span<const std::int64_t> rows
   for (std::int64_t e = 0; e < shape_.experts; ++e) {
     const std::int64_t r = rows_per_expert[static_cast<std::size_t>(e)], o = offsets_[static_cast<std::size_t>(e)];
     if (r == 0) continue;
-    problems_.push_back(problem(false, true, r, 2 * F, H, at(x, o * H, es), H, at(w13, e * S13, es), H,
-                                at(h13, o * 2 * F, es), 2 * F));
+    problems_.push_back(gemm_problem(false, true, r, 2 * F, H, elem_at(x, o * H, es), H, elem_at(w13, e * S13, es), H,
+                                     elem_at(h13, o * 2 * F, es), 2 * F));
   }
   gemm_.run(blas, dtype_, problems_, stream);
   swiglu_fwd(N, h13, sig, a, stream);
@@ -287,8 +261,8 @@ void GroupedFfn::forward(cublasHandle_t blas, std::span<const std::int64_t> rows
   for (std::int64_t e = 0; e < shape_.experts; ++e) {
     const std::int64_t r = rows_per_expert[static_cast<std::size_t>(e)], o = offsets_[static_cast<std::size_t>(e)];
     if (r == 0) continue;
-    problems_.push_back(problem(false, true, r, H, F, at(a, o * F, es), F, at(w2, e * S2, es), F,
-                                at(y, o * H, es), H));
+    problems_.push_back(gemm_problem(false, true, r, H, F, elem_at(a, o * F, es), F, elem_at(w2, e * S2, es), F,
+                                     elem_at(y, o * H, es), H));
   }
   gemm_.run(blas, dtype_, problems_, stream);
 }
@@ -305,10 +279,10 @@ void GroupedFfn::backward(cublasHandle_t blas, std::span<const std::int64_t> row
   for (std::int64_t e = 0; e < shape_.experts; ++e) {
     const std::int64_t r = rows_per_expert[static_cast<std::size_t>(e)], o = offsets_[static_cast<std::size_t>(e)];
     if (r > 0)
-      problems_.push_back(problem(false, false, r, F, H, at(dy, o * H, es), H, at(w2, e * S2, es), F,
-                                  at(dh13, o * 2 * F + F, es), 2 * F));
-    problems_.push_back(problem(true, false, H, F, r, at(dy, o * H, es), H, at(a, o * F, es), F,
-                                at(dw2, e * S2, es), F, beta));
+      problems_.push_back(gemm_problem(false, false, r, F, H, elem_at(dy, o * H, es), H, elem_at(w2, e * S2, es), F,
+                                       elem_at(dh13, o * 2 * F + F, es), 2 * F));
+    problems_.push_back(gemm_problem(true, false, H, F, r, elem_at(dy, o * H, es), H, elem_at(a, o * F, es), F,
+                                     elem_at(dw2, e * S2, es), F, beta));
   }
   gemm_.run(blas, dtype_, problems_, stream);
   swiglu_bwd(N, h13, sig, dh13, stream);
@@ -317,10 +291,10 @@ void GroupedFfn::backward(cublasHandle_t blas, std::span<const std::int64_t> row
   for (std::int64_t e = 0; e < shape_.experts; ++e) {
     const std::int64_t r = rows_per_expert[static_cast<std::size_t>(e)], o = offsets_[static_cast<std::size_t>(e)];
     if (r > 0)
-      problems_.push_back(problem(false, false, r, H, 2 * F, at(dh13, o * 2 * F, es), 2 * F,
-                                  at(w13, e * S13, es), H, at(dx, o * H, es), H));
-    problems_.push_back(problem(true, false, 2 * F, H, r, at(dh13, o * 2 * F, es), 2 * F, at(x, o * H, es), H,
-                                at(dw13, e * S13, es), H, beta));
+      problems_.push_back(gemm_problem(false, false, r, H, 2 * F, elem_at(dh13, o * 2 * F, es), 2 * F,
+                                       elem_at(w13, e * S13, es), H, elem_at(dx, o * H, es), H));
+    problems_.push_back(gemm_problem(true, false, 2 * F, H, r, elem_at(dh13, o * 2 * F, es), 2 * F,
+                                     elem_at(x, o * H, es), H, elem_at(dw13, e * S13, es), H, beta));
   }
   gemm_.run(blas, dtype_, problems_, stream);
 }

@@ -42,6 +42,33 @@ struct GemmProblem {
   float beta = 0.0f;
 };
 
+/// A GemmProblem from its fields in declaration order (alpha = 1).
+inline GemmProblem gemm_problem(bool trans_a, bool trans_b, std::int64_t m, std::int64_t n, std::int64_t k,
+                                const void* a, std::int64_t lda, const void* b, std::int64_t ldb, void* c,
+                                std::int64_t ldc, float beta = 0.0f) {
+  GemmProblem p;
+  p.trans_a = trans_a;
+  p.trans_b = trans_b;
+  p.m = m;
+  p.n = n;
+  p.k = k;
+  p.a = a;
+  p.lda = lda;
+  p.b = b;
+  p.ldb = ldb;
+  p.c = c;
+  p.ldc = ldc;
+  p.beta = beta;
+  return p;
+}
+/// `base` advanced by `elems` elements of `es` bytes (untyped device pointers).
+inline const void* elem_at(const void* base, std::int64_t elems, std::size_t es) {
+  return static_cast<const char*>(base) + elems * static_cast<std::int64_t>(es);
+}
+inline void* elem_at(void* base, std::int64_t elems, std::size_t es) {
+  return static_cast<char*>(base) + elems * static_cast<std::int64_t>(es);
+}
+
 /// Runs one GEMM with cublasGemmEx on `stream` (sets the handle's stream). m == 0 or n == 0 is a
 /// no-op; k == 0 scales C by beta (beta must then be 0 or 1). Throws InvalidArgument for a negative
 /// size, a leading dimension smaller than its row, or a size above INT_MAX; CudaError from cuBLAS.

@@ -618,17 +618,9 @@ void gate_forward(cublasHandle_t blas, const kernels::GateParams& p, const float
   if (p.tokens == 0) return;
   const std::size_t per_warp = gate_select_smem(g);
   const int warps = gate_warps(per_warp, "gate_forward", p.experts);
-  GemmProblem logits;
-  logits.trans_b = true;
-  logits.m = p.tokens;
-  logits.n = p.experts;
-  logits.k = p.hidden;
-  logits.a = x;
-  logits.lda = p.hidden;
-  logits.b = wg;
-  logits.ldb = p.hidden;
-  logits.c = scores;
-  logits.ldc = p.experts;
+  // scores [T,E] = x [T,H] . wg [E,H]^T (the logits; the select kernel turns them into scores)
+  const GemmProblem logits = gemm_problem(false, true, p.tokens, p.experts, p.hidden, x, p.hidden, wg, p.hidden, scores,
+                                          p.experts);
   gemm(blas, DType::kFp32, logits, stream);
   const unsigned blocks = static_cast<unsigned>((p.tokens + warps - 1) / warps);
   gate_select_kernel<<<blocks, static_cast<unsigned>(warps * kWarp), per_warp * static_cast<std::size_t>(warps),
@@ -648,31 +640,12 @@ void gate_backward(cublasHandle_t blas, const kernels::GateParams& p, const floa
                         stream>>>(g, scores, topk_ids, d_weights, d_scores_extra, dlogits);
   MOEX_CUDA_CHECK_LAUNCH("gate_dlogits_kernel");
   // dwg [E,H] += dlogits^T [E,T] . x [T,H]
-  GemmProblem dw;
-  dw.trans_a = true;
-  dw.m = p.experts;
-  dw.n = p.hidden;
-  dw.k = p.tokens;
-  dw.a = dlogits;
-  dw.lda = p.experts;
-  dw.b = x;
-  dw.ldb = p.hidden;
-  dw.c = dwg;
-  dw.ldc = p.hidden;
-  dw.beta = 1.0f;
+  const GemmProblem dw = gemm_problem(true, false, p.experts, p.hidden, p.tokens, dlogits, p.experts, x, p.hidden, dwg,
+                                      p.hidden, 1.0f);
   gemm(blas, DType::kFp32, dw, stream);
   // dx [T,H] += dlogits [T,E] . wg [E,H]
-  GemmProblem dxp;
-  dxp.m = p.tokens;
-  dxp.n = p.hidden;
-  dxp.k = p.experts;
-  dxp.a = dlogits;
-  dxp.lda = p.experts;
-  dxp.b = wg;
-  dxp.ldb = p.hidden;
-  dxp.c = dx;
-  dxp.ldc = p.hidden;
-  dxp.beta = 1.0f;
+  const GemmProblem dxp = gemm_problem(false, false, p.tokens, p.hidden, p.experts, dlogits, p.experts, wg, p.hidden,
+                                       dx, p.hidden, 1.0f);
   gemm(blas, DType::kFp32, dxp, stream);
 }
 
