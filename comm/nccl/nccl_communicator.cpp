@@ -667,46 +667,31 @@ WorkPtr NcclCommunicator::alltoallv(const AlltoallvArgs& args) {
   return finish_issue(std::move(op), std::move(event));
 }
 
-namespace {
-
-/// Shared body of allreduce_sum / allreduce_max: validation only (the launch is the caller's).
-void check_reduce(void* data, std::int64_t count, DataType type, const std::string& op, const char* what) {
-  nccl_type(type, op);
-  if (type == DataType::kByte) throw InvalidArgument(op + ": type byte " + what + "; use a numeric DataType");
+WorkPtr NcclCommunicator::allreduce(void* data, std::int64_t count, DataType type, std::string label, bool max) {
+  std::string op = op_name(max ? "allreduce_max" : "allreduce_sum", label);
+  const ncclDataType_t dt = nccl_type(type, op);
+  if (type == DataType::kByte)
+    throw InvalidArgument(op + ": type byte " + (max ? "has no max" : "cannot be summed") + "; use a numeric DataType");
   require_count(count, op, "count");
   require_buffer(data, count, op, "data");
-}
-
-}  // namespace
-
-WorkPtr NcclCommunicator::allreduce_sum(void* data, std::int64_t count, DataType type, std::string label) {
-  std::string op = op_name("allreduce_sum", label);
-  check_reduce(data, count, type, op, "cannot be summed");
-  const ncclDataType_t dt = nccl_type(type, op);
   settle_launch(*shared_, Clock::now() + default_timeout_, op);
   std::lock_guard lock(shared_->mutex);
   if (shared_->comm == nullptr) throw NcclError(aborted_message(*shared_, op));
   NcclShared& s = *shared_;
+  const ncclRedOp_t red = max ? ncclMax : ncclSum;
   auto event = launch_locked(s, op, [&](auto&& nccl, auto&& cuda) {
     if (count > 0)
-      nccl(ncclAllReduce(data, data, static_cast<std::size_t>(count), dt, ncclSum, s.comm, s.stream), "ncclAllReduce");
+      nccl(ncclAllReduce(data, data, static_cast<std::size_t>(count), dt, red, s.comm, s.stream), "ncclAllReduce");
   });
   return finish_issue(std::move(op), std::move(event));
+}
+
+WorkPtr NcclCommunicator::allreduce_sum(void* data, std::int64_t count, DataType type, std::string label) {
+  return allreduce(data, count, type, std::move(label), false);
 }
 
 WorkPtr NcclCommunicator::allreduce_max(void* data, std::int64_t count, DataType type, std::string label) {
-  std::string op = op_name("allreduce_max", label);
-  check_reduce(data, count, type, op, "has no max");
-  const ncclDataType_t dt = nccl_type(type, op);
-  settle_launch(*shared_, Clock::now() + default_timeout_, op);
-  std::lock_guard lock(shared_->mutex);
-  if (shared_->comm == nullptr) throw NcclError(aborted_message(*shared_, op));
-  NcclShared& s = *shared_;
-  auto event = launch_locked(s, op, [&](auto&& nccl, auto&& cuda) {
-    if (count > 0)
-      nccl(ncclAllReduce(data, data, static_cast<std::size_t>(count), dt, ncclMax, s.comm, s.stream), "ncclAllReduce");
-  });
-  return finish_issue(std::move(op), std::move(event));
+  return allreduce(data, count, type, std::move(label), true);
 }
 
 WorkPtr NcclCommunicator::allgather(const void* send, void* recv, std::int64_t count, DataType type,

@@ -142,6 +142,8 @@ class NcclCommunicator final : public Communicator {
 
  private:
   WorkPtr finish_issue(std::string op, std::shared_ptr<detail::NcclOpEvent> event);
+  /// allreduce_sum (max = false) and allreduce_max: the same checks and launch, ncclSum or ncclMax.
+  WorkPtr allreduce(void* data, std::int64_t count, DataType type, std::string label, bool max);
 
   std::unique_ptr<MpiCommunicator> mpi_;
   std::shared_ptr<detail::NcclShared> shared_;

@@ -491,10 +491,11 @@ WorkPtr StagedCommunicator::alltoallv(const AlltoallvArgs& args) {
                    std::move(copies));
 }
 
-WorkPtr StagedCommunicator::allreduce_sum(void* data, std::int64_t count, DataType type, std::string label) {
-  std::string op = op_name("allreduce_sum", label);
+WorkPtr StagedCommunicator::allreduce(void* data, std::int64_t count, DataType type, std::string label, bool max) {
+  std::string op = op_name(max ? "allreduce_max" : "allreduce_sum", label);
   element_size(type);
-  if (type == DataType::kByte) throw InvalidArgument(op + ": type byte cannot be summed; use a numeric DataType");
+  if (type == DataType::kByte)
+    throw InvalidArgument(op + ": type byte " + (max ? "has no max" : "cannot be summed") + "; use a numeric DataType");
   require_count(count, op, "count");
   require_buffer(data, count, op, "data");
   const std::size_t bytes = bytes_of(count, type);
@@ -502,29 +503,20 @@ WorkPtr StagedCommunicator::allreduce_sum(void* data, std::int64_t count, DataTy
   Staging staging(shared_);
   staging.recv = shared_->acquire(bytes, op);
   stage_down(*shared_, staging.recv, data, bytes, Clock::now() + default_timeout_, op, rank());
-  WorkPtr inner = inner_->allreduce_sum(staging.recv.ptr, count, type, label);
+  WorkPtr inner = max ? inner_->allreduce_max(staging.recv.ptr, count, type, label)
+                      : inner_->allreduce_sum(staging.recv.ptr, count, type, label);
   std::vector<StagedWork::CopyBack> copies;
   if (bytes > 0) copies.push_back({data, 0, bytes});
   return make_work(next_sequence_, std::move(op), default_timeout_, shared_, rank(), size(), std::move(inner), staging,
                    std::move(copies));
 }
 
+WorkPtr StagedCommunicator::allreduce_sum(void* data, std::int64_t count, DataType type, std::string label) {
+  return allreduce(data, count, type, std::move(label), false);
+}
+
 WorkPtr StagedCommunicator::allreduce_max(void* data, std::int64_t count, DataType type, std::string label) {
-  std::string op = op_name("allreduce_max", label);
-  element_size(type);
-  if (type == DataType::kByte) throw InvalidArgument(op + ": type byte has no max; use a numeric DataType");
-  require_count(count, op, "count");
-  require_buffer(data, count, op, "data");
-  const std::size_t bytes = bytes_of(count, type);
-  inner_->set_default_timeout(default_timeout_);
-  Staging staging(shared_);
-  staging.recv = shared_->acquire(bytes, op);
-  stage_down(*shared_, staging.recv, data, bytes, Clock::now() + default_timeout_, op, rank());
-  WorkPtr inner = inner_->allreduce_max(staging.recv.ptr, count, type, label);
-  std::vector<StagedWork::CopyBack> copies;
-  if (bytes > 0) copies.push_back({data, 0, bytes});
-  return make_work(next_sequence_, std::move(op), default_timeout_, shared_, rank(), size(), std::move(inner), staging,
-                   std::move(copies));
+  return allreduce(data, count, type, std::move(label), true);
 }
 
 WorkPtr StagedCommunicator::allgather(const void* send, void* recv, std::int64_t count, DataType type,

@@ -93,6 +93,9 @@ class StagedCommunicator final : public Communicator {
   std::size_t staging_allocations() const;
 
  private:
+  /// allreduce_sum (max = false) and allreduce_max: the same staging around the inner op.
+  WorkPtr allreduce(void* data, std::int64_t count, DataType type, std::string label, bool max);
+
   std::unique_ptr<Communicator> inner_;
   std::shared_ptr<detail::StagedShared> shared_;
   std::uint64_t next_sequence_ = 0;
