@@ -113,6 +113,19 @@ struct GpuMoELayer::EpState {
                       back_rows.data() + row_bytes(plan.chunk_send_first(c), H, es), H * static_cast<int64_t>(es),
                       comm::DataType::kByte, label);
   }
+  /// Chunk c's rows that came back (back_rows), summed per token into `out` ([tokens, H] of
+  /// `dtype`; added to it when `accumulate`), in destination-rank order.
+  void sum_per_token(const EpPlan& plan, int c, DType dtype, int64_t H, void* out, bool accumulate,
+                     cudaStream_t stream) {
+    const int64_t t0 = sched::chunk_begin(plan.tokens, plan.chunks, c);
+    const int64_t t1 = sched::chunk_begin(plan.tokens, plan.chunks, c + 1);
+    with_type(dtype, [&](auto tag) {
+      using T_ = typename decltype(tag)::type;
+      combine_rows(t1 - t0, H, token_offsets.data() + t0, token_rows.data(), nullptr,
+                   reinterpret_cast<const T_*>(back_rows.data()), H, static_cast<T_*>(out) + t0 * H, H, accumulate,
+                   stream);
+    });
+  }
   /// Waits for every exchange still in flight and drops it.
   void settle(Clock::time_point deadline) {
     for (auto* list : {&dispatch, &combine, &combine_dw, &reduce}) {
@@ -265,13 +278,7 @@ void GpuMoELayer::forward_ep(const void* xin, void* out, bool accumulate, cudaSt
   join_shared(stream);
   for (int c = 0; c < C; ++c) {
     ep.consume(*ep.combine[static_cast<std::size_t>(c)], stream, deadline);
-    const int64_t t0 = sched::chunk_begin(T, C, c), t1 = sched::chunk_begin(T, C, c + 1);
-    with_type(dtype_, [&](auto tag) {
-      using T_ = typename decltype(tag)::type;
-      combine_rows(t1 - t0, H, ep.token_offsets.data() + t0, ep.token_rows.data(), nullptr,
-                   reinterpret_cast<const T_*>(ep.back_rows.data()), H, static_cast<T_*>(out) + t0 * H, H, accumulate,
-                   stream);
-    });
+    ep.sum_per_token(plan_, c, dtype_, H, out, accumulate, stream);
   }
 }
 
@@ -334,13 +341,7 @@ void GpuMoELayer::backward_ep(const void* dyin, void* out, bool accumulate, cuda
   for (int c = 0; c < C; ++c) {
     ep.consume(*ep.combine[static_cast<std::size_t>(c)], stream, deadline);
     ep.consume(*ep.combine_dw[static_cast<std::size_t>(c)], stream, deadline);
-    const int64_t t0 = sched::chunk_begin(T, C, c), t1 = sched::chunk_begin(T, C, c + 1);
-    with_type(dtype_, [&](auto tag) {
-      using T_ = typename decltype(tag)::type;
-      combine_rows(t1 - t0, H, ep.token_offsets.data() + t0, ep.token_rows.data(), nullptr,
-                   reinterpret_cast<const T_*>(ep.back_rows.data()), H, static_cast<T_*>(out) + t0 * H, H, accumulate,
-                   stream);
-    });
+    ep.sum_per_token(plan_, c, dtype_, H, out, accumulate, stream);
   }
   gather_values(T * K, ep.pick_back.data(), ep.dw_back.data(), d_weights_.data(), stream);
 }
