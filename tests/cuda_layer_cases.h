@@ -23,9 +23,12 @@
 #include "runtime/random.h"
 #include "scheduler/expert_placement.h"
 #include "tests/reference_moe.h"
+#include "tests/tolerance.h"
 
 namespace moex::cuda {
 namespace {
+
+using moex::testing::within;
 using std::int64_t;
 using Vec = std::vector<float>;
 
@@ -99,31 +102,6 @@ float bf16_round(float f) {
 }
 void round_to_bf16(float* v, std::size_t n) {
   for (std::size_t i = 0; i < n; ++i) v[i] = bf16_round(v[i]);
-}
-
-/// max |got - want| / max |want| <= tol over n values (an all-zero `want` needs max |got| <= tol).
-::testing::AssertionResult within(const float* got, const float* want, std::size_t n, double tol,
-                                  const std::string& what) {
-  double max_diff = 0.0, max_ref = 0.0;
-  std::size_t at = 0;
-  for (std::size_t i = 0; i < n; ++i) {
-    const double d = std::abs(static_cast<double>(got[i]) - static_cast<double>(want[i]));
-    if (!(d <= max_diff)) {  // also catches NaN
-      max_diff = std::isnan(d) ? std::numeric_limits<double>::infinity() : d;
-      at = i;
-    }
-    max_ref = std::max(max_ref, std::abs(static_cast<double>(want[i])));
-  }
-  const double rel = max_ref > 0.0 ? max_diff / max_ref : max_diff;
-  if (rel <= tol) return ::testing::AssertionSuccess();
-  return ::testing::AssertionFailure() << what << ": max |gpu - cpu| = " << max_diff << " at [" << at << "] of " << n
-                                       << " (gpu " << got[at] << ", cpu " << want[at] << "), max |cpu| = " << max_ref
-                                       << ", relative " << rel << " > tolerance " << tol;
-}
-::testing::AssertionResult within(const Vec& got, const Vec& want, double tol, const std::string& what) {
-  if (got.size() != want.size())
-    return ::testing::AssertionFailure() << what << ": gpu has " << got.size() << " values, cpu " << want.size();
-  return within(got.data(), want.data(), got.size(), tol, what);
 }
 
 template <typename T>

@@ -37,6 +37,7 @@
 #include "runtime/kernels/swiglu_rows.h"
 #include "runtime/parallel.h"
 #include "runtime/random.h"
+#include "tests/tolerance.h"
 
 namespace moex::cuda {
 namespace {
@@ -117,26 +118,7 @@ Vec normal(Rng& rng, int64_t n, double stddev) {
   return v;
 }
 
-/// max |got - want| / max |want| <= tol (an all-zero `want` needs max |got - want| <= tol).
-::testing::AssertionResult within(const Vec& got, const Vec& want, double tol, const std::string& what) {
-  if (got.size() != want.size())
-    return ::testing::AssertionFailure() << what << ": " << got.size() << " values, expected " << want.size();
-  double max_diff = 0.0, max_ref = 0.0;
-  std::size_t at = 0;
-  for (std::size_t i = 0; i < want.size(); ++i) {
-    const double d = std::abs(static_cast<double>(got[i]) - static_cast<double>(want[i]));
-    if (!(d <= max_diff)) {  // also catches NaN
-      max_diff = std::isnan(d) ? std::numeric_limits<double>::infinity() : d;
-      at = i;
-    }
-    max_ref = std::max(max_ref, std::abs(static_cast<double>(want[i])));
-  }
-  const double rel = max_ref > 0.0 ? max_diff / max_ref : max_diff;
-  if (rel <= tol) return ::testing::AssertionSuccess();
-  return ::testing::AssertionFailure() << what << ": max |got - want| = " << max_diff << " at [" << at << "] (got "
-                                       << got[at] << ", want " << want[at] << "), max |want| = " << max_ref
-                                       << ", relative " << rel << " > tolerance " << tol;
-}
+using moex::testing::within;
 
 template <typename T>
 std::vector<T> download(const DeviceBuffer<T>& d, cudaStream_t s) {

@@ -22,6 +22,7 @@
 #include "runtime/random.h"
 #include "scheduler/expert_placement.h"
 #include "tests/mpi_test_env.h"
+#include "tests/tolerance.h"
 
 namespace moex {
 namespace {
@@ -249,16 +250,7 @@ MoeConfig config_of(const ReplayCase& c) {
 /// Tokens of each rank: uneven, and rank 1 has none.
 constexpr std::int64_t kTokens[] = {7, 0, 11, 4};
 
-/// Max |a - b| over max(max |b|, 1e-6): the fp32 results differ only in summation order and GEMM
-/// blocking, so they must agree to 1e-5 of the tensor's scale.
-double rel_err(const float* a, const float* b, std::size_t n) {
-  double diff = 0.0, mag = 1e-6;
-  for (std::size_t i = 0; i < n; ++i) {
-    diff = std::max(diff, std::abs(static_cast<double>(a[i]) - b[i]));
-    mag = std::max(mag, std::abs(static_cast<double>(b[i])));
-  }
-  return diff / mag;
-}
+using testing::rel_err;
 
 struct ReplayResult {
   F32 y, dx;

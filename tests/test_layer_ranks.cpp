@@ -13,6 +13,7 @@
 #include "runtime/random.h"
 #include "scheduler/replica_planner.h"
 #include "tests/mpi_test_env.h"
+#include "tests/tolerance.h"
 
 namespace moex {
 namespace {
@@ -36,15 +37,7 @@ MoeConfig config_of(const Case& c) {
   return MoeConfig::from_json(j);
 }
 
-/// Max |a - b| over max(|b|, 1e-6): fp32 results whose only difference is summation order.
-double rel_err(const float* a, const float* b, std::size_t n) {
-  double diff = 0.0, mag = 1e-6;
-  for (std::size_t i = 0; i < n; ++i) {
-    diff = std::max(diff, std::abs(static_cast<double>(a[i]) - b[i]));
-    mag = std::max(mag, std::abs(static_cast<double>(b[i])));
-  }
-  return diff / mag;
-}
+using testing::rel_err;
 
 /// The skew of the `skew` cases: one gate row dominates, so expert 0 wins every token with positive
 /// features.
