@@ -16,6 +16,7 @@
 #include "runtime/kernels/gate.h"
 #include "runtime/random.h"
 #include "tests/reference_moe.h"
+#include "tests/tolerance.h"
 
 namespace moex {
 
@@ -79,26 +80,8 @@ RefLoss ref_balance(const BalanceLossParams& p, const Vec& s, const Ids& ids) {
   return r;
 }
 
-double max_abs(const Vec& v) {
-  double m = 0.0;
-  for (double x : v) m = std::max(m, std::abs(x));
-  return m;
-}
-
-/// Every |got - want| <= rel * max|want| + abs.
-::testing::AssertionResult close_to(const std::vector<float>& got, const Vec& want, double rel, const std::string& what,
-                                    double abs = 0.0) {
-  if (got.size() != want.size())
-    return ::testing::AssertionFailure() << what << ": size " << got.size() << ", expected " << want.size();
-  const double tol = rel * max_abs(want) + abs;
-  for (std::size_t i = 0; i < want.size(); ++i) {
-    const double err = std::abs(static_cast<double>(got[i]) - want[i]);
-    if (!(err <= tol))
-      return ::testing::AssertionFailure() << what << "[" << i << "] = " << got[i] << ", expected " << want[i]
-                                           << " (error " << err << " > tolerance " << tol << ")";
-  }
-  return ::testing::AssertionSuccess();
-}
+using testing::close_to;
+using testing::max_abs;
 
 BalanceLossParams bparams(std::int64_t T, std::int64_t E, std::int64_t K, std::int64_t seq_len, float seq_alpha,
                           float expert_alpha) {

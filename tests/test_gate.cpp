@@ -14,6 +14,7 @@
 #include "runtime/kernels/gate.h"
 #include "runtime/random.h"
 #include "tests/reference_moe.h"
+#include "tests/tolerance.h"
 
 namespace moex {
 
@@ -23,26 +24,8 @@ void PrintTo(TopkMethod m, std::ostream* os) { *os << to_string(m); }
 
 namespace {
 
-double max_abs(const ref::Vec& v) {
-  double m = 0.0;
-  for (double x : v) m = std::max(m, std::abs(x));
-  return m;
-}
-
-/// Every |got - want| <= rel * max|want| (an all-zero `want` must be matched exactly).
-template <typename T>
-::testing::AssertionResult close_to(const std::vector<T>& got, const ref::Vec& want, double rel, const std::string& what) {
-  if (got.size() != want.size())
-    return ::testing::AssertionFailure() << what << ": size " << got.size() << ", expected " << want.size();
-  const double tol = rel * max_abs(want);
-  for (std::size_t i = 0; i < want.size(); ++i) {
-    const double err = std::abs(static_cast<double>(got[i]) - want[i]);
-    if (!(err <= tol))
-      return ::testing::AssertionFailure() << what << "[" << i << "] = " << got[i] << ", expected " << want[i]
-                                           << " (error " << err << " > tolerance " << tol << ")";
-  }
-  return ::testing::AssertionSuccess();
-}
+using testing::close_to;
+using testing::max_abs;
 
 ref::Vec to_double(const std::vector<float>& v) { return ref::Vec(v.begin(), v.end()); }
 

@@ -25,6 +25,7 @@
 #include "scheduler/expert_placement.h"
 #include "scheduler/route_plan.h"
 #include "tests/reference_moe.h"
+#include "tests/tolerance.h"
 
 namespace moex {
 namespace {
@@ -37,34 +38,8 @@ std::vector<float> random_floats(Rng& rng, std::int64_t n, double stddev) {
 
 ref::Vec to_double(const float* p, std::int64_t n) { return ref::Vec(p, p + n); }
 
-double max_abs(const ref::Vec& v) {
-  double m = 0.0;
-  for (double x : v) m = std::max(m, std::abs(x));
-  return m;
-}
-
-/// Every |got - want| <= rel * max|want| (an all-zero `want` must be matched exactly).
-::testing::AssertionResult close_to(const float* got, const ref::Vec& want, double rel, const std::string& what) {
-  const double tol = rel * max_abs(want);
-  for (std::size_t i = 0; i < want.size(); ++i) {
-    const double err = std::abs(static_cast<double>(got[i]) - want[i]);
-    if (!(err <= tol))
-      return ::testing::AssertionFailure() << what << "[" << i << "] = " << got[i] << ", expected " << want[i]
-                                           << " (error " << err << " > tolerance " << tol << ")";
-  }
-  return ::testing::AssertionSuccess();
-}
-
-::testing::AssertionResult close_to(const ref::Vec& got, const ref::Vec& want, double rel, const std::string& what) {
-  const double tol = rel * max_abs(want);
-  for (std::size_t i = 0; i < want.size(); ++i) {
-    const double err = std::abs(got[i] - want[i]);
-    if (!(err <= tol))
-      return ::testing::AssertionFailure() << what << "[" << i << "] = " << got[i] << ", expected " << want[i]
-                                           << " (error " << err << " > tolerance " << tol << ")";
-  }
-  return ::testing::AssertionSuccess();
-}
+using testing::close_to;
+using testing::max_abs;
 
 // ---------------------------------------------------------------------------------------------------
 // math.h

@@ -1,5 +1,5 @@
-// Relative-error checks shared by the tests: the error of a tensor is max |got - want| over the
-// largest |want|, so the tolerance is relative to the tensor's scale.
+// Tolerance checks shared by the tests. Errors are relative to the tensor's scale: max |want| (or
+// max |b|), not each element's own size.
 #pragma once
 
 #include <gtest/gtest.h>
@@ -12,6 +12,35 @@
 #include <vector>
 
 namespace moex::testing {
+
+/// Largest |v[i]| (0 for an empty v).
+inline double max_abs(const std::vector<double>& v) {
+  double m = 0.0;
+  for (double x : v) m = std::max(m, std::abs(x));
+  return m;
+}
+
+/// Every |got[i] - want[i]| <= rel * max |want| + abs, i < want.size() (`got` holds that many); an
+/// all-zero `want` with abs = 0 must be matched exactly. Names the first element out of bounds.
+template <typename T>
+::testing::AssertionResult close_to(const T* got, const std::vector<double>& want, double rel, const std::string& what,
+                                    double abs = 0.0) {
+  const double tol = rel * max_abs(want) + abs;
+  for (std::size_t i = 0; i < want.size(); ++i) {
+    const double err = std::abs(static_cast<double>(got[i]) - want[i]);
+    if (!(err <= tol))
+      return ::testing::AssertionFailure() << what << "[" << i << "] = " << got[i] << ", expected " << want[i]
+                                           << " (error " << err << " > tolerance " << tol << ")";
+  }
+  return ::testing::AssertionSuccess();
+}
+template <typename T>
+::testing::AssertionResult close_to(const std::vector<T>& got, const std::vector<double>& want, double rel,
+                                    const std::string& what, double abs = 0.0) {
+  if (got.size() != want.size())
+    return ::testing::AssertionFailure() << what << ": size " << got.size() << ", expected " << want.size();
+  return close_to(got.data(), want, rel, what, abs);
+}
 
 /// Max |a - b| over max(max |b|, 1e-6): fp32 results whose only difference is summation order.
 inline double rel_err(const float* a, const float* b, std::size_t n) {
