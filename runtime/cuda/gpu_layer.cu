@@ -407,7 +407,7 @@ void GpuMoELayer::reserve(int64_t tokens, cudaStream_t stream) {
   aux_.synchronize();
   const cudaStream_t s = aux_.get();
   const std::size_t es = dtype_size(dtype_);
-  const int64_t T = tokens, N = tokens * topk_, H = hidden_, F = ffn_, Fs = shared_ffn_, E = experts_;
+  const int64_t T = tokens, N = tokens * topk_, H = hidden_, Fs = shared_ffn_, E = experts_;
   realloc_typed(scores_, T * E, s);
   realloc_typed(dlogits_, T * E, s);
   realloc_typed(topk_w_, N, s);
@@ -417,19 +417,10 @@ void GpuMoELayer::reserve(int64_t tokens, cudaStream_t stream) {
   // what the other ranks send: forward_ep grows them (tracking their size in EpState::entry_capacity),
   // so they must not be touched here (freeing them would leave entry_capacity stale).
   if (!expert_parallel()) {
-    realloc_typed(entry_w_, N, s);
-    realloc_typed(d_entry_, N, s);
     realloc_typed(entry_token_, N, s);
     realloc_typed(pick_entry_, N, s);
     realloc_typed(csr_offsets_, T + 1, s);
-    realloc_bytes(xe_, N * H, es, s);
-    realloc_bytes(h13_, N * 2 * F, es, s);
-    realloc_bytes(sig_, N * F, es, s);
-    realloc_bytes(a_, N * F, es, s);
-    realloc_bytes(ye_, N * H, es, s);
-    realloc_bytes(dye_, N * H, es, s);
-    realloc_bytes(dxe_, N * H, es, s);
-    realloc_bytes(dh13_, N * 2 * F, es, s);
+    realloc_routed(N, s);
   }
   realloc_bytes(sh_h13_, T * 2 * Fs, es, s);
   realloc_bytes(sh_sig_, T * Fs, es, s);
@@ -448,6 +439,21 @@ void GpuMoELayer::reserve(int64_t tokens, cudaStream_t stream) {
   capacity_ = tokens;
   ++allocations_;
   have_forward_ = false;  // what a forward saved is gone
+}
+
+void GpuMoELayer::realloc_routed(int64_t rows, cudaStream_t s) {
+  const std::size_t es = dtype_size(dtype_);
+  const int64_t H = hidden_, F = ffn_;
+  realloc_typed(entry_w_, rows, s);
+  realloc_typed(d_entry_, rows, s);
+  realloc_bytes(xe_, rows * H, es, s);
+  realloc_bytes(h13_, rows * 2 * F, es, s);
+  realloc_bytes(sig_, rows * F, es, s);
+  realloc_bytes(a_, rows * F, es, s);
+  realloc_bytes(ye_, rows * H, es, s);
+  realloc_bytes(dye_, rows * H, es, s);
+  realloc_bytes(dxe_, rows * H, es, s);
+  realloc_bytes(dh13_, rows * 2 * F, es, s);
 }
 
 void GpuMoELayer::set_profile(bool on) {

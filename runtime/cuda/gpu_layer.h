@@ -217,6 +217,8 @@ class GpuMoELayer {
   void shared_forward(const void* xin, void* out, cudaStream_t stream);
   void shared_backward(const void* xin, const void* dyin, void* out, cudaStream_t stream);
   void join_shared(cudaStream_t stream);
+  /// (Re)allocates the per-entry buffers of the routed experts (entry_w_ ... dh13_) for `rows` rows on `s`.
+  void realloc_routed(std::int64_t rows, cudaStream_t s);
   /// Where the shared experts run: the second stream (after the work on `stream` so far) and its
   /// cuBLAS handle when overlapping, else `stream` itself.
   std::pair<cudaStream_t, cublasHandle_t> shared_stream(cudaStream_t stream);

@@ -207,16 +207,7 @@ void GpuMoELayer::forward_ep(const void* xin, void* out, bool accumulate, cudaSt
     grew |= grow(ep.dw_back, SR * K, s);
     if (N > ep.entry_capacity) {
       const int64_t cap = N + N / 4;
-      realloc_typed(entry_w_, cap, s);
-      realloc_typed(d_entry_, cap, s);
-      realloc_bytes(xe_, cap * H, es, s);
-      realloc_bytes(h13_, cap * 2 * F, es, s);
-      realloc_bytes(sig_, cap * F, es, s);
-      realloc_bytes(a_, cap * F, es, s);
-      realloc_bytes(ye_, cap * H, es, s);
-      realloc_bytes(dye_, cap * H, es, s);
-      realloc_bytes(dxe_, cap * H, es, s);
-      realloc_bytes(dh13_, cap * 2 * F, es, s);
+      realloc_routed(cap, s);
       ep.entry_capacity = cap;
       grew = true;
     }
