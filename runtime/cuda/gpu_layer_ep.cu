@@ -168,8 +168,8 @@ void GpuMoELayer::forward_ep(const void* xin, void* out, bool accumulate, cudaSt
   const int64_t T = tokens_, K = topk_, H = hidden_, F = ffn_, S = local_;
   const int C = options_.chunks;
   const std::size_t es = dtype_size(dtype_);
+  // (forward() settled the last pass's exchanges before it touched any buffer.)
   const Clock::time_point deadline = Clock::now() + device_comm_->default_timeout();
-  ep.settle(deadline);
 
   // The top-K to the host, the plan, its metadata exchanged over the host communicator.
   ep.ids.resize(static_cast<std::size_t>(T * K));
