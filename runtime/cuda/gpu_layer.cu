@@ -12,6 +12,7 @@
 #include "base/error.h"
 #include "runtime/cuda/kernels.h"
 #include "comm/device_communicator.h"
+#include "runtime/cuda/launch.h"
 #include "runtime/cuda/layer_helpers.h"
 #include "runtime/moe_layer.h"
 
@@ -432,7 +433,7 @@ void GpuMoELayer::reserve(int64_t tokens, cudaStream_t stream) {
   realloc_bytes(out_lp_, lp, es, s);
   // Every token has exactly K sources in the combine: offsets t * K.
   if (!expert_parallel()) {
-    iota_step_kernel<<<elt_blocks(T + 1), kEltThreads, 0, s>>>(T + 1, topk_, csr_offsets_.data());
+    MOEX_LAUNCH(elt_blocks(T + 1), kEltThreads, 0, s, iota_step_kernel)(T + 1, topk_, csr_offsets_.data());
     MOEX_CUDA_CHECK_LAUNCH("iota_step_kernel");
   }
   aux_.synchronize();  // the new buffers are ready for any stream
@@ -549,10 +550,10 @@ void GpuMoELayer::forward(const float* x, int64_t tokens, float* y, cudaStream_t
   if (expert_parallel()) {
     forward_ep(xin, out, has_shared && T > 0, stream);
   } else {
-    route_count_kernel<<<static_cast<unsigned>(E), kCountThreads, 0, stream>>>(topk_ids_.data(), N,
+    MOEX_LAUNCH(static_cast<unsigned>(E), kCountThreads, 0, stream, route_count_kernel)(topk_ids_.data(), N,
                                                                                counts_dev_.data());
     MOEX_CUDA_CHECK_LAUNCH("route_count_kernel");
-    route_place_kernel<<<static_cast<unsigned>(E), kPlaceThreads, 0, stream>>>(
+    MOEX_LAUNCH(static_cast<unsigned>(E), kPlaceThreads, 0, stream, route_place_kernel)(
         topk_ids_.data(), topk_w_.data(), N, topk_, counts_dev_.data(), entry_token_.data(), entry_w_.data(),
         pick_entry_.data());
     MOEX_CUDA_CHECK_LAUNCH("route_place_kernel");

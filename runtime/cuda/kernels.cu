@@ -10,6 +10,7 @@
 
 #include "base/error.h"
 #include "runtime/cuda/device.h"
+#include "runtime/cuda/launch.h"
 #include "runtime/cuda/grouped_gemm.h"
 #include "runtime/kernels/math.h"
 
@@ -54,6 +55,17 @@ __device__ __forceinline__ void store_pack(T* p, const Pack<T, V>& v) {
 /// Elements per 16-byte pack.
 template <typename T>
 constexpr int kVec = static_cast<int>(16 / sizeof(T));
+
+/// The block's dynamic shared memory (16-byte aligned). The tests' CUDA emulator has no
+/// `extern __shared__`; it hands out its own per-block buffer.
+__device__ __forceinline__ unsigned char* dynamic_shared() {
+#if defined(MOEX_CUDA_EMULATION)
+  return ::moex_emu::dynamic_smem();
+#else
+  extern __shared__ __align__(16) unsigned char smem[];
+  return smem;
+#endif
+}
 
 bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
 
@@ -152,7 +164,7 @@ std::size_t gate_select_smem(const GateDev& g) {
 __global__ void gate_select_kernel(GateDev p, const float* __restrict__ bias, float* scores,
                                    std::int32_t* __restrict__ topk_ids, float* __restrict__ topk_weights,
                                    unsigned warp_smem) {
-  extern __shared__ __align__(16) unsigned char smem[];
+  unsigned char* smem = dynamic_shared();
   const int warp = static_cast<int>(threadIdx.x) / kWarp, lane = static_cast<int>(threadIdx.x) % kWarp;
   const int64_t t = static_cast<int64_t>(blockIdx.x) * (blockDim.x / kWarp) + warp;
   if (t >= p.tokens) return;  // the whole warp leaves together
@@ -238,7 +250,7 @@ __global__ void gate_select_kernel(GateDev p, const float* __restrict__ bias, fl
 __global__ void gate_dlogits_kernel(GateDev p, const float* __restrict__ scores, const std::int32_t* __restrict__ topk_ids,
                                     const float* __restrict__ d_weights, const float* __restrict__ d_extra,
                                     float* __restrict__ dlogits) {
-  extern __shared__ __align__(16) unsigned char smem[];
+  unsigned char* smem = dynamic_shared();
   const int warp = static_cast<int>(threadIdx.x) / kWarp, lane = static_cast<int>(threadIdx.x) % kWarp;
   const int64_t t = static_cast<int64_t>(blockIdx.x) * (blockDim.x / kWarp) + warp;
   if (t >= p.tokens) return;
@@ -365,10 +377,10 @@ void launch_gather(const char* what, int64_t count, int64_t width, const int64_t
   const unsigned blocks = blocks_for(count, 1);
   if (can_vectorise<T>({width, src_stride, dst_stride}, {src, dst})) {
     constexpr int V = kVec<T>;
-    gather_kernel<T, V, kScaled><<<blocks, row_threads(width / V), 0, stream>>>(count, width, index, scale, src,
-                                                                                 src_stride, dst, dst_stride);
+    MOEX_LAUNCH(blocks, row_threads(width / V), 0, stream, gather_kernel<T, V, kScaled>)(count, width, index, scale,
+        src, src_stride, dst, dst_stride);
   } else {
-    gather_kernel<T, 1, kScaled><<<blocks, row_threads(width), 0, stream>>>(count, width, index, scale, src,
+    MOEX_LAUNCH(blocks, row_threads(width), 0, stream, gather_kernel<T, 1, kScaled>)(count, width, index, scale, src,
                                                                              src_stride, dst, dst_stride);
   }
   MOEX_CUDA_CHECK_LAUNCH("gather_kernel");
@@ -427,11 +439,11 @@ void launch_combine(int64_t tokens, int64_t width, const int64_t* offsets, const
   const unsigned blocks = blocks_for(tokens, 1);
   if (can_vectorise<T>({width, src_stride, dst_stride}, {src, dst})) {
     constexpr int V = kVec<T>;
-    combine_kernel<T, V><<<blocks, row_threads(width / V), 0, stream>>>(tokens, width, offsets, src_row, weight, src,
-                                                                         src_stride, dst, dst_stride, accumulate);
+    MOEX_LAUNCH(blocks, row_threads(width / V), 0, stream, combine_kernel<T, V>)(tokens, width, offsets, src_row,
+        weight, src, src_stride, dst, dst_stride, accumulate);
   } else {
-    combine_kernel<T, 1><<<blocks, row_threads(width), 0, stream>>>(tokens, width, offsets, src_row, weight, src,
-                                                                     src_stride, dst, dst_stride, accumulate);
+    MOEX_LAUNCH(blocks, row_threads(width), 0, stream, combine_kernel<T, 1>)(tokens, width, offsets, src_row, weight,
+        src, src_stride, dst, dst_stride, accumulate);
   }
   MOEX_CUDA_CHECK_LAUNCH("combine_kernel");
 }
@@ -467,11 +479,11 @@ void launch_row_dot(int64_t count, int64_t width, const int64_t* index, const T*
   if (count == 0) return;
   const unsigned blocks = blocks_for(count, kDotWarps);
   if (can_vectorise<T>({width, a_stride, b_stride}, {a, b})) {
-    row_dot_kernel<T, kVec<T>><<<blocks, kDotWarps * kWarp, 0, stream>>>(count, width, index, a, a_stride, b,
+    MOEX_LAUNCH(blocks, kDotWarps * kWarp, 0, stream, row_dot_kernel<T, kVec<T>>)(count, width, index, a, a_stride, b,
                                                                           b_stride, out);
   } else {
-    row_dot_kernel<T, 1><<<blocks, kDotWarps * kWarp, 0, stream>>>(count, width, index, a, a_stride, b, b_stride,
-                                                                    out);
+    MOEX_LAUNCH(blocks, kDotWarps * kWarp, 0, stream, row_dot_kernel<T, 1>)(count, width, index, a, a_stride, b,
+        b_stride, out);
   }
   MOEX_CUDA_CHECK_LAUNCH("row_dot_kernel");
 }
@@ -535,10 +547,11 @@ void launch_swiglu_fwd(int64_t rows, int64_t ffn, const T* h13, T* sig, T* a, cu
   if (rows == 0 || ffn == 0) return;
   if (can_vectorise<T>({ffn}, {h13, sig, a})) {
     constexpr int V = kVec<T>;
-    swiglu_fwd_kernel<T, V><<<blocks_for(rows * (ffn / V), kEltThreads), kEltThreads, 0, stream>>>(rows, ffn, h13,
-                                                                                                   sig, a);
+    MOEX_LAUNCH(blocks_for(rows * (ffn / V), kEltThreads), kEltThreads, 0, stream, swiglu_fwd_kernel<T, V>)(rows, ffn,
+        h13, sig, a);
   } else {
-    swiglu_fwd_kernel<T, 1><<<blocks_for(rows * ffn, kEltThreads), kEltThreads, 0, stream>>>(rows, ffn, h13, sig, a);
+    MOEX_LAUNCH(blocks_for(rows * ffn, kEltThreads), kEltThreads, 0, stream, swiglu_fwd_kernel<T, 1>)(rows, ffn, h13,
+        sig, a);
   }
   MOEX_CUDA_CHECK_LAUNCH("swiglu_fwd_kernel");
 }
@@ -555,11 +568,11 @@ void launch_swiglu_bwd(int64_t rows, int64_t ffn, const T* h13, const T* sig, co
                           std::to_string(ffn));
   if (can_vectorise<T>({ffn, da_stride}, {h13, sig, da, dh13})) {
     constexpr int V = kVec<T>;
-    swiglu_bwd_kernel<T, V><<<blocks_for(rows * (ffn / V), kEltThreads), kEltThreads, 0, stream>>>(
+    MOEX_LAUNCH(blocks_for(rows * (ffn / V), kEltThreads), kEltThreads, 0, stream, swiglu_bwd_kernel<T, V>)(
         rows, ffn, h13, sig, da, da_stride, dh13);
   } else {
-    swiglu_bwd_kernel<T, 1><<<blocks_for(rows * ffn, kEltThreads), kEltThreads, 0, stream>>>(rows, ffn, h13, sig, da,
-                                                                                             da_stride, dh13);
+    MOEX_LAUNCH(blocks_for(rows * ffn, kEltThreads), kEltThreads, 0, stream, swiglu_bwd_kernel<T, 1>)(rows, ffn, h13,
+        sig, da, da_stride, dh13);
   }
   MOEX_CUDA_CHECK_LAUNCH("swiglu_bwd_kernel");
 }
@@ -578,7 +591,7 @@ template <typename S, typename D>
 void launch_convert(const S* src, D* dst, int64_t n, cudaStream_t stream) {
   if (n < 0) throw InvalidArgument("convert: n = " + std::to_string(n) + ": must be >= 0");
   if (n == 0) return;
-  convert_kernel<S, D><<<blocks_for(n, kEltThreads), kEltThreads, 0, stream>>>(src, dst, n);
+  MOEX_LAUNCH(blocks_for(n, kEltThreads), kEltThreads, 0, stream, convert_kernel<S, D>)(src, dst, n);
   MOEX_CUDA_CHECK_LAUNCH("convert_kernel");
 }
 
@@ -602,7 +615,7 @@ template <typename T>
 void launch_fill(T* dst, int64_t n, std::uint64_t seed, float scale, cudaStream_t stream) {
   if (n < 0) throw InvalidArgument("fill_uniform: n = " + std::to_string(n) + ": must be >= 0");
   if (n == 0) return;
-  fill_uniform_kernel<T><<<blocks_for(n, kEltThreads), kEltThreads, 0, stream>>>(dst, n, seed, scale);
+  MOEX_LAUNCH(blocks_for(n, kEltThreads), kEltThreads, 0, stream, fill_uniform_kernel<T>)(dst, n, seed, scale);
   MOEX_CUDA_CHECK_LAUNCH("fill_uniform_kernel");
 }
 
@@ -623,8 +636,10 @@ void gate_forward(cublasHandle_t blas, const kernels::GateParams& p, const float
                                           p.experts);
   gemm(blas, DType::kFp32, logits, stream);
   const unsigned blocks = static_cast<unsigned>((p.tokens + warps - 1) / warps);
-  gate_select_kernel<<<blocks, static_cast<unsigned>(warps * kWarp), per_warp * static_cast<std::size_t>(warps),
-                       stream>>>(g, bias, scores, topk_ids, topk_weights, static_cast<unsigned>(per_warp));
+  const auto threads = static_cast<unsigned>(warps * kWarp);
+  const std::size_t smem = per_warp * static_cast<std::size_t>(warps);
+  MOEX_LAUNCH(blocks, threads, smem, stream, gate_select_kernel)(g, bias, scores, topk_ids, topk_weights,
+                                                                static_cast<unsigned>(per_warp));
   MOEX_CUDA_CHECK_LAUNCH("gate_select_kernel");
 }
 
@@ -636,8 +651,10 @@ void gate_backward(cublasHandle_t blas, const kernels::GateParams& p, const floa
   const std::size_t per_warp = sizeof(float) * static_cast<std::size_t>(p.experts);
   const int warps = gate_warps(per_warp, "gate_backward", p.experts);
   const unsigned blocks = static_cast<unsigned>((p.tokens + warps - 1) / warps);
-  gate_dlogits_kernel<<<blocks, static_cast<unsigned>(warps * kWarp), per_warp * static_cast<std::size_t>(warps),
-                        stream>>>(g, scores, topk_ids, d_weights, d_scores_extra, dlogits);
+  const auto threads = static_cast<unsigned>(warps * kWarp);
+  const std::size_t smem = per_warp * static_cast<std::size_t>(warps);
+  MOEX_LAUNCH(blocks, threads, smem, stream, gate_dlogits_kernel)(g, scores, topk_ids, d_weights, d_scores_extra,
+                                                                 dlogits);
   MOEX_CUDA_CHECK_LAUNCH("gate_dlogits_kernel");
   // dwg [E,H] += dlogits^T [E,T] . x [T,H]
   const GemmProblem dw = gemm_problem(true, false, p.experts, p.hidden, p.tokens, dlogits, p.experts, x, p.hidden, dwg,
@@ -701,7 +718,7 @@ void gather_values(std::int64_t n, const std::int64_t* index, const float* src, 
   if (n < 0) throw InvalidArgument("gather_values: n = " + std::to_string(n) + ": must be >= 0");
   if (n == 0) return;
   const auto blocks = static_cast<unsigned>(std::clamp<int64_t>((n + 255) / 256, 1, 65536));
-  gather_values_kernel<<<blocks, 256, 0, stream>>>(n, index, src, dst);
+  MOEX_LAUNCH(blocks, 256, 0, stream, gather_values_kernel)(n, index, src, dst);
   MOEX_CUDA_CHECK_LAUNCH("gather_values_kernel");
 }
 
