@@ -551,7 +551,7 @@ void GpuMoELayer::forward(const float* x, int64_t tokens, float* y, cudaStream_t
     forward_ep(xin, out, has_shared && T > 0, stream);
   } else {
     MOEX_LAUNCH(static_cast<unsigned>(E), kCountThreads, 0, stream, route_count_kernel)(topk_ids_.data(), N,
-                                                                               counts_dev_.data());
+                                                                                        counts_dev_.data());
     MOEX_CUDA_CHECK_LAUNCH("route_count_kernel");
     MOEX_LAUNCH(static_cast<unsigned>(E), kPlaceThreads, 0, stream, route_place_kernel)(
         topk_ids_.data(), topk_w_.data(), N, topk_, counts_dev_.data(), entry_token_.data(), entry_w_.data(),

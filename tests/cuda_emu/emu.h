@@ -1,8 +1,8 @@
 // moex's CUDA emulator: runs the GPU path's own code (kernels, cuBLAS calls, streams and events) on
 // the CPU, so that the CUDA tests exercise it on machines without a GPU. Test infrastructure only:
-// it stands in for libcudart and libcublas at link time (cudart.cpp, cublas.cpp define their C
-// functions against the toolkit's own headers) and for nvcc's device side (device_prelude.h, which
-// the .cu files are compiled with as plain C++).
+// it stands in for libcudart, libcublas and libnccl at link time (cudart.cpp, cublas.cpp, nccl.cpp
+// define their C functions against the real headers) and for nvcc's device side
+// (device_prelude.h, which the .cu files are compiled with as plain C++).
 //
 // What it models, and so can catch:
 //   - Stream order, lazily: an operation runs only when something the host waits on needs it
@@ -17,8 +17,9 @@
 //     launch configurations are validated, and a deadlock is reported instead of hanging.
 //   - cuBLAS: column-major GEMM with cuBLAS's argument rules (leading dimensions, supported type
 //     combinations), fp32 accumulation, beta == 0 not reading C.
+//   - NCCL: over MPI point-to-point messages (nccl.cpp).
 // What it does not model: timing, real concurrency between streams, the device memory model beyond
-// barriers, NCCL. A kernel error (deadlock, bad mask) is sticky, like a device fault: it is printed
+// barriers. A kernel error (deadlock, bad mask) is sticky, like a device fault: it is printed
 // to stderr once and every later synchronising call returns cudaErrorLaunchFailure.
 #pragma once
 
