@@ -192,6 +192,25 @@ const char* mem_name(Mem m) {
   }
 }
 
+/// Runs what `stream` has queued: all of it when `blocking` (a synchronisation), else as far as it
+/// goes without waiting (a query: cudaErrorNotReady when something is left).
+cudaError_t settle_stream(cudaStream_t stream, bool blocking, const char* api) {
+  std::lock_guard<std::recursive_mutex> lock(st().mutex);
+  StreamRec* s = find_stream(stream);
+  if (!s) return fail(cudaErrorInvalidResourceHandle, std::string(api) + ": unknown or destroyed stream");
+  if (!force(s, s->enqueued, blocking)) return cudaErrorNotReady;
+  return st().sticky;
+}
+
+/// The same up to a recorded event (an event never recorded is complete).
+cudaError_t settle_event(cudaEvent_t event, bool blocking, const char* api) {
+  std::lock_guard<std::recursive_mutex> lock(st().mutex);
+  EventRec* e = find_event(event);
+  if (!e) return fail(cudaErrorInvalidResourceHandle, std::string(api) + ": unknown event");
+  if (e->stream && !force(e->stream, e->pos, blocking)) return cudaErrorNotReady;
+  return st().sticky;
+}
+
 cudaError_t copy(void* dst, const void* src, std::size_t bytes, cudaMemcpyKind kind, cudaStream_t stream, bool sync,
                  const char* api) {
   std::lock_guard<std::recursive_mutex> lock(st().mutex);
@@ -282,14 +301,6 @@ void enqueue_polled(cudaStream_t stream, std::string what, std::function<bool()>
   push(s, std::move(what), std::move(op));
 }
 
-cudaError_t synchronize_stream(cudaStream_t stream) {
-  std::lock_guard<std::recursive_mutex> lock(st().mutex);
-  StreamRec* s = find_stream(stream);
-  if (!s) return fail(cudaErrorInvalidResourceHandle, "cudaStreamSynchronize: unknown or destroyed stream");
-  force(s, s->enqueued);
-  return st().sticky;
-}
-
 void fault(const std::string& message) {
   State& g = st();
   if (g.sticky != cudaSuccess) return;
@@ -297,7 +308,6 @@ void fault(const std::string& message) {
   std::fprintf(stderr, "moex CUDA emulator: device fault: %s\n", message.c_str());
 }
 
-cudaError_t sticky_error() { return st().sticky; }
 void set_last_error(cudaError_t error) { st().last_error = error; }
 
 bool device_range_ok(const void* p, std::size_t bytes, bool* is_device, std::string* why) {
@@ -307,11 +317,6 @@ bool device_range_ok(const void* p, std::size_t bytes, bool* is_device, std::str
   *is_device = m == Mem::kDevice;
   if (why) *why = w;
   return m == Mem::kDevice && w.empty();
-}
-
-bool is_device_pointer(const void* p) {
-  std::lock_guard<std::recursive_mutex> lock(st().mutex);
-  return classify(p, 0, nullptr) == Mem::kDevice;
 }
 
 }  // namespace moex_emu
@@ -437,15 +442,11 @@ cudaError_t cudaStreamDestroy(cudaStream_t stream) {
   return cudaSuccess;
 }
 
-cudaError_t cudaStreamSynchronize(cudaStream_t stream) { return moex_emu::synchronize_stream(stream); }
-
-cudaError_t cudaStreamQuery(cudaStream_t stream) {
-  std::lock_guard<std::recursive_mutex> lock(st().mutex);
-  moex_emu::StreamRec* s = moex_emu::find_stream(stream);
-  if (!s) return moex_emu::fail(cudaErrorInvalidResourceHandle, "cudaStreamQuery: unknown or destroyed stream");
-  if (!moex_emu::force(s, s->enqueued, false)) return cudaErrorNotReady;
-  return st().sticky;
+cudaError_t cudaStreamSynchronize(cudaStream_t stream) {
+  return moex_emu::settle_stream(stream, true, "cudaStreamSynchronize");
 }
+
+cudaError_t cudaStreamQuery(cudaStream_t stream) { return moex_emu::settle_stream(stream, false, "cudaStreamQuery"); }
 
 cudaError_t cudaStreamWaitEvent(cudaStream_t stream, cudaEvent_t event, unsigned int flags) {
   std::lock_guard<std::recursive_mutex> lock(st().mutex);
@@ -495,20 +496,10 @@ cudaError_t cudaEventRecord(cudaEvent_t event, cudaStream_t stream) {
 }
 
 cudaError_t cudaEventSynchronize(cudaEvent_t event) {
-  std::lock_guard<std::recursive_mutex> lock(st().mutex);
-  moex_emu::EventRec* e = moex_emu::find_event(event);
-  if (!e) return moex_emu::fail(cudaErrorInvalidResourceHandle, "cudaEventSynchronize: unknown event");
-  if (e->stream) moex_emu::force(e->stream, e->pos);
-  return st().sticky;
+  return moex_emu::settle_event(event, true, "cudaEventSynchronize");
 }
 
-cudaError_t cudaEventQuery(cudaEvent_t event) {
-  std::lock_guard<std::recursive_mutex> lock(st().mutex);
-  moex_emu::EventRec* e = moex_emu::find_event(event);
-  if (!e) return moex_emu::fail(cudaErrorInvalidResourceHandle, "cudaEventQuery: unknown event");
-  if (e->stream && !moex_emu::force(e->stream, e->pos, false)) return cudaErrorNotReady;
-  return st().sticky;
-}
+cudaError_t cudaEventQuery(cudaEvent_t event) { return moex_emu::settle_event(event, false, "cudaEventQuery"); }
 
 cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t start, cudaEvent_t end) {
   std::lock_guard<std::recursive_mutex> lock(st().mutex);

@@ -124,20 +124,14 @@ void enqueue(cudaStream_t stream, std::string what, std::function<void()> op);
 void enqueue_polled(cudaStream_t stream, std::string what, std::function<bool()> op);
 /// Runs what is queued on `stream` as far as it can without waiting; true when all of it is done.
 bool drain(cudaStream_t stream);
-/// Runs everything queued on `stream` so far. Returns the sticky error, if any.
-cudaError_t synchronize_stream(cudaStream_t stream);
 /// Records an emulator error (kernel fault, bad cuBLAS operand found at run time): printed once, and
 /// sticky from then on.
 void fault(const std::string& message);
-cudaError_t sticky_error();
 /// What cudaGetLastError returns next (a bad launch configuration, a bad argument).
 void set_last_error(cudaError_t error);
-/// Whether [p, p + bytes) lies inside one live device allocation; `what` names the operand for the
-/// message of fault() / the caller. Pointers outside every device allocation return false and set
-/// `*is_device` false.
+/// Whether [p, p + bytes) lies inside one live device allocation. `*is_device` tells whether `p`
+/// is in one at all; `*why` (may be null) explains a range that runs past its allocation's end.
 bool device_range_ok(const void* p, std::size_t bytes, bool* is_device, std::string* why);
-/// Whether `p` points into a live device allocation.
-bool is_device_pointer(const void* p);
 /// The API lock: the emulator is used from one process's threads one call at a time.
 std::recursive_mutex& api_mutex();
 
