@@ -156,6 +156,9 @@ class Runner:
         self.lock = threading.Lock()
         self.results = {"tests": {}, "steps": {}}
         self.env = dict(os.environ)
+        # PyTorch runs in the machine's own environment: the kit's libraries (Debian's libgfortran,
+        # libnuma, ...) stay out of its way.
+        self.plain_env = dict(os.environ, PYTHONUNBUFFERED="1")
 
     def say(self, text):
         with self.lock:
@@ -210,15 +213,22 @@ class Runner:
         missing = [n for n in CUDA_LIBS if n not in found]
         if missing:
             self.say("kit: not found on this machine: " + ", ".join(missing))
-        for probe in (["nvidia-smi", "--query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm",
-                       "--format=csv,noheader"], ["nvcc", "--version"],
-                      [sys.executable, "-c", "import torch; print('torch', torch.__version__)"],
-                      ["ldd", os.path.join(self.kit, "build/bin/moex-bench-gpu")], [self.mpirun, "--version"]):
-            code, text, _ = self.exec("probe " + probe[0], probe, 60)
+        probes = [(["nvidia-smi", "--query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm",
+                    "--format=csv,noheader"], self.plain_env), (["nvcc", "--version"], self.plain_env),
+                  ([sys.executable, "-c", "import torch; print('torch', torch.__version__)"], self.plain_env),
+                  (["sh", "-c", "ldd --version | head -1; grep PRETTY /etc/os-release"], self.plain_env),
+                  (["ldd", os.path.join(self.kit, "build/bin/moex-bench-gpu")], self.env),
+                  ([self.mpirun, "--version"], self.env)]
+        for probe, env in probes:
+            code, text, _ = self.exec("probe " + probe[0], probe, 60, env)
             lines = [ln for ln in text.strip().splitlines() if ln.strip()]
-            notfound = [ln.strip() for ln in lines if "not found" in ln]
-            shown = notfound if probe[0] == "ldd" else lines[-1:] if lines else ["(no output)"]
-            self.say(f"probe {os.path.basename(probe[0])}: exit {code}: " + (" | ".join(shown) or "all found"))
+            if probe[0] == "ldd":
+                shown = [ln.strip() for ln in lines if "not found" in ln] or ["every library found"]
+            elif probe[0] in ("sh", self.mpirun):
+                shown = lines[:2]
+            else:
+                shown = lines[-1:] or ["(no output)"]
+            self.say(f"probe {os.path.basename(probe[0])}: exit {code}: " + " | ".join(shown))
 
     def find_cuda_libs(self):
         found = {}
@@ -288,12 +298,12 @@ class Runner:
             for name, status, dt in pool.map(self.run_test, tests):
                 self.results["tests"][name] = {"status": status, "seconds": round(dt, 1)}
 
-    def step(self, name, cmd, timeout, json_lines=True):
+    def step(self, name, cmd, timeout, json_lines=True, env=None):
         if self.left() < 10:
             self.say(f"step {name}: not run (budget spent)")
             self.results["steps"][name] = {"status": "not run (budget)"}
             return []
-        code, text, dt = self.exec(name, cmd, timeout)
+        code, text, dt = self.exec(name, cmd, timeout, env)
         rows = []
         for line in text.splitlines():
             if json_lines and line.startswith("{"):
@@ -306,7 +316,9 @@ class Runner:
                 self.bench.write(json.dumps(row) + "\n")
         self.bench.flush()
         status = "ok" if code == 0 else "timeout" if code is None else f"failed ({code})"
-        tail = [ln for ln in text.strip().splitlines() if ln.strip()][-1:] or [""]
+        said = [ln for ln in text.strip().splitlines() if ln.strip() and not ln.startswith("---")]
+        errors = [ln for ln in said if "error" in ln.lower()]
+        tail = (errors[:1] if code != 0 and errors else said[-1:]) or [""]
         self.say(f"step {name:28s} {status:12s} {dt:6.1f} s  {tail[0][:150]}")
         self.results["steps"][name] = {"status": status, "seconds": round(dt, 1), "rows": len(rows)}
         return rows
@@ -315,8 +327,9 @@ class Runner:
         b = os.path.join(self.kit, "build", "bin")
         mpi = [self.mpirun, "-np"]
         gpu = self.step("moex-bench-gpu", [os.path.join(b, "moex-bench-gpu"), "--json"], 240)
-        self.step("torch --check", [sys.executable, "examples/torch_moe_bench.py", "--check"], 120, False)
-        torch = self.step("torch bench", [sys.executable, "examples/torch_moe_bench.py"], 180)
+        torch_cmd = [sys.executable, "examples/torch_moe_bench.py"]
+        self.step("torch --check", torch_cmd + ["--check"], 120, False, self.plain_env)
+        torch = self.step("torch bench", torch_cmd, 180, True, self.plain_env)
         layer = []
         shape = ["--hidden", "2048", "--ffn", "1408", "--experts", "64", "--topk", "6", "--shared", "2",
                  "--groups", "1", "--topk-group", "1", "--tokens-per-rank", "4096", "--iters", "10", "--json"]
