@@ -422,6 +422,81 @@ TEST_F(CudaTest, GateBackwardMatchesCpu) {
 }
 
 // ---------------------------------------------------------------------------------------------------
+// Auxiliary balance losses
+
+TEST(CudaHost, BalanceLossRejectsBadParamsBeforeTouchingTheDevice) {
+  kernels::BalanceLossParams p;
+  p.tokens = 4;
+  p.experts = 8;
+  p.topk = 9;
+  EXPECT_THROW(balance_loss_scratch_bytes(p), InvalidArgument);
+  EXPECT_THROW(balance_loss_forward(p, nullptr, nullptr, nullptr, nullptr, nullptr), InvalidArgument);
+  p.topk = 2;
+  p.seq_len = -1;
+  EXPECT_THROW(balance_loss_backward(p, nullptr, nullptr, 1.0f, nullptr, nullptr), InvalidArgument);
+  p.seq_len = 3;
+  // T = 4, E = 8, two sequences: 8 * (4 + 16 + 2 * 17) bytes.
+  EXPECT_EQ(balance_loss_scratch_bytes(p), std::size_t{8 * (4 + 16 + 2 * 17)});
+  p.tokens = 0;
+  EXPECT_EQ(balance_loss_scratch_bytes(p), std::size_t{0});
+}
+
+// Both losses and their score gradient against the CPU (the same sums in the same order, so the
+// values agree to double rounding and the gradients to 1e-6 relative), over one sequence, several
+// (the last one short), one token per sequence, and no tokens.
+TEST_F(CudaTest, BalanceLossMatchesCpu) {
+  struct Case {
+    int64_t tokens, experts, topk, seq_len;
+  };
+  for (const Case c : {Case{37, 16, 4, 0}, Case{64, 64, 6, 10}, Case{9, 8, 2, 1}, Case{50, 5, 5, 50},
+                       Case{0, 8, 2, 0}}) {
+    SCOPED_TRACE("tokens " + std::to_string(c.tokens) + " experts " + std::to_string(c.experts) + " topk " +
+                 std::to_string(c.topk) + " seq_len " + std::to_string(c.seq_len));
+    kernels::BalanceLossParams p;
+    p.tokens = c.tokens;
+    p.experts = c.experts;
+    p.topk = c.topk;
+    p.seq_len = c.seq_len;
+    p.seq_alpha = 0.37f;
+    p.expert_alpha = 0.011f;
+    const int64_t T = c.tokens, E = c.experts, K = c.topk;
+    Rng rng(Rng::mix(21, static_cast<std::uint64_t>(T), static_cast<std::uint64_t>(E), static_cast<std::uint64_t>(K)));
+    Vec scores = uniform(rng, T * E, 1.0);
+    for (float& v : scores) v = 0.5f * (v + 1.0f);  // sigmoid-like scores in [0, 1)
+    std::vector<std::int32_t> ids(static_cast<std::size_t>(T * K));
+    for (int64_t t = 0; t < T; ++t) {  // K distinct experts per token
+      std::vector<std::int32_t> all(static_cast<std::size_t>(E));
+      std::iota(all.begin(), all.end(), 0);
+      for (int64_t j = 0; j < K; ++j) {
+        std::swap(all[static_cast<std::size_t>(j)],
+                  all[static_cast<std::size_t>(j + static_cast<int64_t>(rng.next() % static_cast<std::uint64_t>(E - j)))]);
+        ids[static_cast<std::size_t>(t * K + j)] = all[static_cast<std::size_t>(j)];
+      }
+    }
+    const Vec d0 = normal(rng, T * E, 0.1);
+    const kernels::BalanceLossValue want = kernels::balance_loss_forward(p, scores.data(), ids.data());
+    Vec d_want = d0;
+    kernels::balance_loss_backward(p, scores.data(), ids.data(), 1.7f, d_want.data());
+
+    auto d_scores = to_device(scores, stream());
+    auto d_ids = to_device(ids, stream());
+    auto d_grad = to_device(d0, stream());
+    DeviceBuffer<double> scratch(balance_loss_scratch_bytes(p) / sizeof(double) + 1, stream());
+    DeviceBuffer<double> value(2, stream());
+    balance_loss_forward(p, d_scores.data(), d_ids.data(), scratch.data(), value.data(), stream());
+    balance_loss_backward(p, d_scores.data(), scratch.data(), 1.7f, d_grad.data(), stream());
+    const std::vector<double> got = to_host(value, stream());
+    EXPECT_NEAR(got[0], want.seq, 1e-12 * std::max(1.0, std::abs(want.seq)));
+    EXPECT_NEAR(got[1], want.expert, 1e-12 * std::max(1.0, std::abs(want.expert)));
+    if (T > 0) {
+      EXPECT_GT(want.seq, 0.0);
+      EXPECT_GT(want.expert, 0.0);
+    }
+    EXPECT_TRUE(within(download(d_grad, stream()), d_want, 1e-6, "d_scores"));
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
 // Permute and combine
 
 struct RowCase {

@@ -619,6 +619,134 @@ void launch_fill(T* dst, int64_t n, std::uint64_t seed, float scale, cudaStream_
   MOEX_CUDA_CHECK_LAUNCH("fill_uniform_kernel");
 }
 
+// ---------------------------------------------------------------------------------------------------
+// Auxiliary balance losses: the CPU's loops (runtime/kernels/balance.cpp), one thread per sum, so
+// every double is summed in the CPU's order.
+
+constexpr double kBalanceEps = 1e-20;  // as balance.cpp (DeepSeek-V3's scores / (sum + 1e-20))
+
+/// Where the statistics live in the scratch (doubles).
+struct BalanceLayout {
+  int64_t tokens, experts, topk, seq_len, n_seq;
+  double *inv, *cnt_seq, *psum_seq, *cnt_all, *psum_all, *term;
+};
+
+BalanceLayout balance_layout(const kernels::BalanceLossParams& p, void* scratch) {
+  BalanceLayout b{};
+  b.tokens = p.tokens;
+  b.experts = p.experts;
+  b.topk = p.topk;
+  b.seq_len = p.seq_len == 0 ? p.tokens : std::min(p.seq_len, p.tokens);
+  b.n_seq = b.seq_len > 0 ? (p.tokens + b.seq_len - 1) / b.seq_len : 0;
+  auto* d = static_cast<double*>(scratch);
+  b.inv = d;
+  b.cnt_seq = b.inv + p.tokens;
+  b.psum_seq = b.cnt_seq + b.n_seq * p.experts;
+  b.cnt_all = b.psum_seq + b.n_seq * p.experts;
+  b.psum_all = b.cnt_all + p.experts;
+  b.term = b.psum_all + p.experts;
+  return b;
+}
+
+__device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+/// inv[t] = 1 / (sum_e scores[t,e] + eps), the sum in double in expert order.
+__global__ void balance_inv_kernel(BalanceLayout b, const float* __restrict__ scores) {
+  for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; t < b.tokens;
+       t += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const float* s = scores + t * b.experts;
+    double z = 0.0;
+    for (int64_t e = 0; e < b.experts; ++e) z += s[e];
+    b.inv[t] = 1.0 / (z + kBalanceEps);
+  }
+}
+
+/// Item (seq, e) < n_seq * E: the tokens of sequence seq that picked e (each once) and the sum of
+/// their normalised scores of e; item n_seq * E + e: the same over all tokens with the raw scores.
+/// Tokens in order; consecutive threads read consecutive experts of a row.
+__global__ void balance_stats_kernel(BalanceLayout b, const float* __restrict__ scores,
+                                     const std::int32_t* __restrict__ topk_ids) {
+  const int64_t E = b.experts, K = b.topk, items = (b.n_seq + 1) * E;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < items;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t seq = i / E, e = i % E;
+    const bool all = seq == b.n_seq;
+    const int64_t t0 = all ? 0 : seq * b.seq_len, t1 = all ? b.tokens : min64(t0 + b.seq_len, b.tokens);
+    double cnt = 0.0, psum = 0.0;
+    for (int64_t t = t0; t < t1; ++t) {
+      bool picked = false;
+      for (int64_t j = 0; j < K; ++j) picked = picked || topk_ids[t * K + j] == e;
+      if (picked) cnt += 1.0;
+      const float s = scores[t * E + e];
+      psum += all ? static_cast<double>(s) : s * b.inv[t];
+    }
+    (all ? b.cnt_all : b.cnt_seq)[all ? e : i] = cnt;
+    (all ? b.psum_all : b.psum_seq)[all ? e : i] = psum;
+  }
+}
+
+constexpr int kBalanceValueThreads = 256;
+
+/// One block: each sequence's term E / (K Ts^2) sum_i c_i P_i in parallel, then one thread adds
+/// them, and the expert-level sum, in the CPU's order. value = {seq, expert}.
+__global__ void balance_value_kernel(BalanceLayout b, float seq_alpha, float expert_alpha, double* value) {
+  const int64_t E = b.experts;
+  for (int64_t seq = threadIdx.x; seq < b.n_seq; seq += blockDim.x) {
+    const int64_t Ts = min64(b.seq_len, b.tokens - seq * b.seq_len);
+    double a = 0.0;
+    for (int64_t e = 0; e < E; ++e) a += b.cnt_seq[seq * E + e] * b.psum_seq[seq * E + e];
+    b.term[seq] = static_cast<double>(E) / (static_cast<double>(b.topk) * Ts * Ts) * a;
+  }
+  __syncthreads();
+  if (threadIdx.x != 0) return;
+  double acc = 0.0;
+  for (int64_t e = 0; e < E; ++e) acc += b.cnt_all[e] * b.psum_all[e];
+  value[1] = static_cast<double>(expert_alpha) * static_cast<double>(E) /
+             (static_cast<double>(b.topk) * b.tokens * b.tokens) * acc;
+  double seq_total = 0.0;
+  for (int64_t seq = 0; seq < b.n_seq; ++seq) seq_total += b.term[seq];
+  value[0] = static_cast<double>(seq_alpha) * seq_total / static_cast<double>(b.n_seq);
+}
+
+/// One thread per token: d_scores[t,e] += g_exp_e + (g_seq_e - sum_i g_seq_i s'_{i,t}) / z_t.
+__global__ void balance_grad_kernel(BalanceLayout b, const float* __restrict__ scores, float d_loss, float seq_alpha,
+                                    float expert_alpha, float* __restrict__ d_scores) {
+  const int64_t E = b.experts, T = b.tokens;
+  const double c_exp = static_cast<double>(d_loss) * static_cast<double>(expert_alpha) * static_cast<double>(E) /
+                       (static_cast<double>(b.topk) * T * T);
+  for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; t < T;
+       t += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t seq = t / b.seq_len, Ts = min64(b.seq_len, T - seq * b.seq_len);
+    const double c_seq = static_cast<double>(d_loss) * static_cast<double>(seq_alpha) * static_cast<double>(E) /
+                         (static_cast<double>(b.topk) * Ts * Ts * static_cast<double>(b.n_seq));
+    const double* cnt = b.cnt_seq + seq * E;
+    const float* s = scores + t * E;
+    float* ds = d_scores + t * E;
+    double z = 0.0, dot = 0.0;
+    for (int64_t e = 0; e < E; ++e) {
+      z += s[e];
+      dot += c_seq * cnt[e] * s[e];
+    }
+    const double inv = 1.0 / (z + kBalanceEps);
+    const double mean = dot * inv;
+    for (int64_t e = 0; e < E; ++e) {
+      const double d = c_exp * b.cnt_all[e] + (c_seq * cnt[e] - mean) * inv;
+      ds[e] = static_cast<float>(static_cast<double>(ds[e]) + d);
+    }
+  }
+}
+
+/// The CPU's shape checks (balance.cpp), for the device entry points.
+void check_balance(const kernels::BalanceLossParams& p, const char* what) {
+  auto bad = [&](const std::string& m) { throw InvalidArgument(std::string(what) + ": " + m); };
+  if (p.tokens < 0) bad("tokens = " + std::to_string(p.tokens) + ", must be >= 0");
+  if (p.tokens == 0) return;
+  if (p.experts < 1) bad("experts = " + std::to_string(p.experts) + ", must be >= 1");
+  if (p.topk < 1 || p.topk > p.experts)
+    bad("topk = " + std::to_string(p.topk) + ", must be in [1, experts = " + std::to_string(p.experts) + "]");
+  if (p.seq_len < 0) bad("seq_len = " + std::to_string(p.seq_len) + ", must be >= 0 (0 = one sequence)");
+}
+
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------------
@@ -769,6 +897,47 @@ void fill_uniform(float* dst, std::int64_t n, std::uint64_t seed, float scale, c
 }
 void fill_uniform(bf16* dst, std::int64_t n, std::uint64_t seed, float scale, cudaStream_t stream) {
   launch_fill<bf16>(dst, n, seed, scale, stream);
+}
+
+std::size_t balance_loss_scratch_bytes(const kernels::BalanceLossParams& p) {
+  check_balance(p, "balance_loss_scratch_bytes");
+  if (p.tokens == 0) return 0;
+  const BalanceLayout b = balance_layout(p, nullptr);
+  return sizeof(double) * static_cast<std::size_t>(p.tokens + 2 * p.experts + b.n_seq * (2 * p.experts + 1));
+}
+
+void balance_loss_forward(const kernels::BalanceLossParams& p, const float* scores, const std::int32_t* topk_ids,
+                          void* scratch, double* value, cudaStream_t stream) {
+  check_balance(p, "balance_loss_forward");
+  if (!value) throw InvalidArgument("balance_loss_forward: value is null (expected a device array of 2 doubles)");
+  if (p.tokens == 0) {
+    MOEX_CUDA_CHECK(cudaMemsetAsync(value, 0, 2 * sizeof(double), stream));
+    return;
+  }
+  if (!scores || !topk_ids || !scratch)
+    throw InvalidArgument("balance_loss_forward: scores, topk_ids or scratch is null with tokens = " +
+                          std::to_string(p.tokens));
+  const BalanceLayout b = balance_layout(p, scratch);
+  MOEX_LAUNCH(blocks_for(p.tokens, kEltThreads), kEltThreads, 0, stream, balance_inv_kernel)(b, scores);
+  MOEX_CUDA_CHECK_LAUNCH("balance_inv_kernel");
+  MOEX_LAUNCH(blocks_for((b.n_seq + 1) * p.experts, kEltThreads), kEltThreads, 0, stream, balance_stats_kernel)(
+      b, scores, topk_ids);
+  MOEX_CUDA_CHECK_LAUNCH("balance_stats_kernel");
+  MOEX_LAUNCH(1, kBalanceValueThreads, 0, stream, balance_value_kernel)(b, p.seq_alpha, p.expert_alpha, value);
+  MOEX_CUDA_CHECK_LAUNCH("balance_value_kernel");
+}
+
+void balance_loss_backward(const kernels::BalanceLossParams& p, const float* scores, const void* scratch,
+                           float d_loss, float* d_scores, cudaStream_t stream) {
+  check_balance(p, "balance_loss_backward");
+  if (p.tokens == 0) return;
+  if (!scores || !scratch || !d_scores)
+    throw InvalidArgument("balance_loss_backward: scores, scratch or d_scores is null with tokens = " +
+                          std::to_string(p.tokens));
+  const BalanceLayout b = balance_layout(p, const_cast<void*>(scratch));
+  MOEX_LAUNCH(blocks_for(p.tokens, kEltThreads), kEltThreads, 0, stream, balance_grad_kernel)(
+      b, scores, d_loss, p.seq_alpha, p.expert_alpha, d_scores);
+  MOEX_CUDA_CHECK_LAUNCH("balance_grad_kernel");
 }
 
 }  // namespace moex::cuda

@@ -8,6 +8,7 @@
 // CudaError (a fault inside a kernel surfaces at a later synchronisation).
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <vector>
 
@@ -15,6 +16,7 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime_api.h>
 
+#include "runtime/kernels/balance.h"
 #include "runtime/kernels/gate.h"
 
 namespace moex::cuda {
@@ -44,6 +46,27 @@ void gate_forward(cublasHandle_t blas, const kernels::GateParams& p, const float
 void gate_backward(cublasHandle_t blas, const kernels::GateParams& p, const float* x, const float* wg,
                    const float* scores, const std::int32_t* topk_ids, const float* d_weights, float* dx,
                    float* dwg, float* dlogits, const float* d_scores_extra, cudaStream_t stream);
+
+// ---------------------------------------------------------------------------------------------------
+// Auxiliary balance losses (runtime/kernels/balance.h: fp32 scores, sums in double)
+
+/// Device scratch, in bytes, that balance_loss_forward and balance_loss_backward need for `p`:
+/// 8 * (T + 2 E + n_seq (2 E + 1)), n_seq the number of sequences.
+std::size_t balance_loss_scratch_bytes(const kernels::BalanceLossParams& p);
+
+/// Device version of kernels::balance_loss_forward, with the CPU's formulas and summation order (so
+/// the values agree to double rounding): from `scores` [T,E] and `topk_ids` [T,K] (ids in [0, E):
+/// the gate's outputs; not checked on the device) writes value[0] = the sequence-wise loss and
+/// value[1] = the expert-level loss (device doubles), and leaves the per-sequence counts and score
+/// sums in `scratch` (balance_loss_scratch_bytes(p), 8-byte aligned) for balance_loss_backward.
+/// InvalidArgument for the CPU's shape errors, or null pointers where T > 0.
+void balance_loss_forward(const kernels::BalanceLossParams& p, const float* scores, const std::int32_t* topk_ids,
+                          void* scratch, double* value, cudaStream_t stream);
+/// Device version of kernels::balance_loss_backward: d_scores [T,E] += d_loss * d(L_seq + L_exp) /
+/// d(scores), from the statistics that a balance_loss_forward with the same p, scores and topk_ids
+/// left in `scratch`. Pass d_scores to gate_backward as d_scores_extra.
+void balance_loss_backward(const kernels::BalanceLossParams& p, const float* scores, const void* scratch,
+                           float d_loss, float* d_scores, cudaStream_t stream);
 
 // ---------------------------------------------------------------------------------------------------
 // Permute and combine (fp32 or bf16 rows; bf16 is accumulated in fp32). Indexes are not checked on
