@@ -155,6 +155,8 @@ class MoELayer {
   const AuxLossOptions& aux_loss() const { return aux_; }
   /// The auxiliary balance losses of the last forward (zeros when off).
   const kernels::BalanceLossValue& aux_loss_value() const { return aux_value_; }
+  /// For a LayerExecutor that ran this layer's forward elsewhere: the auxiliary losses of that pass.
+  void set_aux_loss_value(const kernels::BalanceLossValue& value) { aux_value_ = value; }
 
   std::int64_t shared_w13_offset() const { return experts_total_ * hidden_; }
   std::int64_t shared_w2_offset() const { return shared_w13_offset() + 2 * shared_ffn_ * hidden_; }

@@ -184,8 +184,8 @@ std::vector<int64_t> cpu_rows_per_slot(const MoELayer& cpu) {
 
 /// One step on both layers (zero_grad, forward, backward when `zero`; else forward and backward
 /// only, so gradients accumulate) on `stream`, and the comparison of everything they produce: top-K
-/// ids and weights, rows per local expert slot, y, dx, and this rank's gradients (replicated ones
-/// before any all-reduce).
+/// ids and weights, rows per local expert slot, y, dx, the auxiliary losses, and this rank's
+/// gradients (replicated ones before any all-reduce).
 void step_and_compare(const std::string& tag, MoELayer& cpu, GpuMoELayer& gpu, const Batch& b, int64_t tokens,
                       double tol, cudaStream_t s, bool zero = true) {
   const MoeConfig& cfg = cpu.config();
@@ -211,6 +211,13 @@ void step_and_compare(const std::string& tag, MoELayer& cpu, GpuMoELayer& gpu, c
   EXPECT_TRUE(same_values(gpu.expert_counts(), cpu_rows_per_slot(cpu), 1, tag + " rows per local expert slot"));
   EXPECT_TRUE(within(y_gpu, y_cpu, tol, tag + " y"));
   EXPECT_TRUE(within(dx_gpu, dx_cpu, tol, tag + " dx"));
+  // The auxiliary balance losses (zeros when off): the same double sums from the same fp32 scores.
+  const kernels::BalanceLossValue aux_gpu = gpu.aux_loss_value(s), aux_cpu = cpu.aux_loss_value();
+  EXPECT_NEAR(aux_gpu.seq, aux_cpu.seq, 1e-5 * std::abs(aux_cpu.seq)) << tag << " sequence-wise balance loss";
+  EXPECT_NEAR(aux_gpu.expert, aux_cpu.expert, 1e-5 * std::abs(aux_cpu.expert)) << tag << " expert-level balance loss";
+  if (cpu.aux_loss().enabled() && tokens > 0) {
+    EXPECT_GT(aux_cpu.total(), 0.0) << tag;
+  }
 
   const Vec rep_gpu = gpu.replicated_grads_host(s), ex_gpu = gpu.expert_grads_host(s);
   const Vec& rep_cpu = cpu.replicated().grad;

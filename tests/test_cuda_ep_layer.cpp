@@ -79,8 +79,12 @@ struct EpParam {
   const char* config;
   LayerPrecision precision;
   int chunks;
+  bool aux = false;  // auxiliary balance losses on (large coefficients, several sequences per rank)
 };
-void PrintTo(const EpParam& p, std::ostream* os) { *os << p.config << "_" << to_string(p.precision) << "_c" << p.chunks; }
+std::string name_of(const EpParam& p) {
+  return std::string(p.config) + "_" + to_string(p.precision) + "_c" + std::to_string(p.chunks) + (p.aux ? "_aux" : "");
+}
+void PrintTo(const EpParam& p, std::ostream* os) { *os << name_of(p); }
 
 class CudaEpLayer : public ::testing::TestWithParam<EpParam> {
  protected:
@@ -106,6 +110,13 @@ class CudaEpLayer : public ::testing::TestWithParam<EpParam> {
     LayerOptions cpu_opt;
     cpu_opt.chunks = p.chunks;
     auto cpu = make_cpu_layer(c, bf16, 21, *host_, placement, cpu_opt);
+    if (p.aux) {
+      AuxLossOptions aux;
+      aux.seq_alpha = 0.5f;
+      aux.seq_len = 6;
+      aux.expert_alpha = 0.1f;
+      cpu->set_aux_loss(aux);
+    }
     GpuLayerOptions opt;
     opt.precision = p.precision;
     opt.chunks = p.chunks;
@@ -115,8 +126,7 @@ class CudaEpLayer : public ::testing::TestWithParam<EpParam> {
 
     for (int step = 0; step < 3; ++step) {
       const int64_t T = tokens_of(r, step);
-      const std::string tag = "[" + backend + " " + c.name + " " + to_string(p.precision) + " chunks " +
-                              std::to_string(p.chunks) + " rank " + std::to_string(r) + "/" + std::to_string(P) +
+      const std::string tag = "[" + backend + " " + name_of(p) + " rank " + std::to_string(r) + "/" + std::to_string(P) +
                               " T=" + std::to_string(T) + " step " + std::to_string(step) + "]";
       step_and_compare(tag, *cpu, gpu, draw_batch(*cpu, T, 1000 + 17 * static_cast<std::uint64_t>(r) + step, bf16), T,
                        tol, stream());
@@ -160,16 +170,15 @@ INSTANTIATE_TEST_SUITE_P(Configs, CudaEpLayer,
                                            EpParam{"v3_like", LayerPrecision::kFp32, 3},
                                            EpParam{"v3_like", LayerPrecision::kBf16, 3},
                                            EpParam{"v2_lite_like", LayerPrecision::kFp32, 2},
-                                           EpParam{"v2_lite_like", LayerPrecision::kBf16, 1}),
-                         [](const ::testing::TestParamInfo<EpParam>& i) {
-                           return std::string(i.param.config) + "_" + to_string(i.param.precision) + "_c" +
-                                  std::to_string(i.param.chunks);
-                         });
+                                           EpParam{"v2_lite_like", LayerPrecision::kBf16, 1},
+                                           EpParam{"v3_like", LayerPrecision::kFp32, 2, true}),
+                         [](const ::testing::TestParamInfo<EpParam>& i) { return name_of(i.param); });
 
 // ---------------------------------------------------------------------------------------------------
 // Training with the MoE layers on the GPU (GpuLayerExecutor) against training on the CPU.
 
-TEST(CudaEpTrain, ExecutorTrainsLikeTheCpu) {
+/// Five steps of `o` with the MoE layers on the GPU against the same on the CPU.
+void expect_trains_like_the_cpu(const TrainOptions& o) {
   std::string why;
   const int devices = cuda_device_count(&why);
   if (devices == 0) GTEST_SKIP() << "no CUDA device: " << why;
@@ -179,10 +188,6 @@ TEST(CudaEpTrain, ExecutorTrainsLikeTheCpu) {
   MoeConfig cfg = v3_like();
   cfg.num_hidden_layers = 2;
   cfg.validate();
-  TrainOptions o;
-  o.tokens_per_rank = 40;
-  o.bias_update_speed = 0.001f;
-  o.layer.chunks = 2;
   Trainer cpu(cfg, world, o), gpu(cfg, world, o);
   GpuLayerExecutor exec(world, device);
   gpu.set_executor(&exec);
@@ -194,6 +199,10 @@ TEST(CudaEpTrain, ExecutorTrainsLikeTheCpu) {
     const StepRecord a = cpu.step(), b = gpu.step();
     EXPECT_NEAR(b.loss, a.loss, 1e-4 * std::abs(a.loss)) << "step " << s << " rank " << world.rank();
     EXPECT_EQ(b.max_mean_load, a.max_mean_load) << "step " << s << ": route statistics from the GPU";
+    EXPECT_NEAR(b.aux_loss, a.aux_loss, 1e-5 * std::abs(a.aux_loss)) << "step " << s << ": auxiliary losses";
+    if (o.aux.enabled()) {
+      EXPECT_GT(a.aux_loss, 0.0) << "step " << s;
+    }
   }
   // Parameters: AdamW moves a weight by about lr per step whatever the gradient's size, so a
   // gradient that is zero but for rounding can move one weight by up to 2 lr differently: compare
@@ -220,6 +229,26 @@ TEST(CudaEpTrain, ExecutorTrainsLikeTheCpu) {
   }
 }
 
+TEST(CudaEpTrain, ExecutorTrainsLikeTheCpu) {
+  TrainOptions o;
+  o.tokens_per_rank = 40;
+  o.bias_update_speed = 0.001f;
+  o.layer.chunks = 2;
+  expect_trains_like_the_cpu(o);
+}
+
+// The auxiliary balance losses run on the GPU (value and gradient); coefficients far above
+// DeepSeek-V3's 1e-4, so that their gradient moves the gate visibly within five steps.
+TEST(CudaEpTrain, ExecutorTrainsLikeTheCpuWithAuxiliaryLosses) {
+  TrainOptions o;
+  o.tokens_per_rank = 40;
+  o.layer.chunks = 2;
+  o.aux.seq_alpha = 0.05f;
+  o.aux.seq_len = 16;  // 40 tokens per rank: sequences of 16, 16 and 8
+  o.aux.expert_alpha = 0.02f;
+  expect_trains_like_the_cpu(o);
+}
+
 TEST(CudaEpTrainHost, ExecutorRejectsCpuOnlySchedules) {
   // check() runs before any CUDA call: the executor refuses these layers without a device. (The
   // device communicator is never used here, so the host one stands in for it.)
@@ -239,9 +268,6 @@ TEST(CudaEpTrainHost, ExecutorRejectsCpuOnlySchedules) {
   TrainOptions det;
   det.layer.deterministic = true;
   rejects("deterministic schedule", det);
-  TrainOptions aux;
-  aux.aux.expert_alpha = 0.01f;
-  rejects("auxiliary loss", aux);
   TrainOptions rep;
   rep.replicas.enabled = true;
   rejects("replicas", rep);

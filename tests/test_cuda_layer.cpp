@@ -173,6 +173,34 @@ TEST_F(CudaLayerTest, NoSharedExpertsMatchesCpu) {
   }
 }
 
+/// The auxiliary balance losses (load_from copies the CPU layer's options): their values, and their
+/// gradient in the gate's, over several sequences (the last one short) and over one.
+TEST_F(CudaLayerTest, AuxiliaryLossesMatchCpu) {
+  for (const char* name : {"v3_like", "v2_lite_like"}) {
+    const LayerCase c = case_of(name);
+    auto cpu = cpu_layer(c, false, 16);
+    AuxLossOptions aux;
+    aux.seq_alpha = 0.5f;  // far above DeepSeek-V3's 1e-4, so the term is visible in the gate's gradient
+    aux.seq_len = 10;
+    aux.expert_alpha = 0.1f;
+    cpu->set_aux_loss(aux);
+    GpuMoELayer gpu(c.config, {});
+    gpu.load_from(*cpu);
+    EXPECT_EQ(gpu.aux_loss().seq_len, 10);
+    step_and_compare(std::string("[") + name + " fp32 aux losses, T=37]", *cpu, gpu, draw_batch(*cpu, 37, 9, false),
+                     37, kFp32Tol);
+    aux.seq_len = 0;
+    cpu->set_aux_loss(aux);
+    gpu.set_aux_loss(aux);
+    step_and_compare(std::string("[") + name + " fp32 aux losses, one sequence, T=20]", *cpu, gpu,
+                     draw_batch(*cpu, 20, 10, false), 20, kFp32Tol);
+  }
+  GpuMoELayer gpu(case_of("v3_like").config, {});
+  AuxLossOptions bad;
+  bad.seq_len = -1;
+  EXPECT_THROW(gpu.set_aux_loss(bad), InvalidArgument);
+}
+
 TEST_F(CudaLayerTest, RejectsMismatchesAndMisuse) {
   const LayerCase c = case_of("v3_like");
   GpuMoELayer gpu(c.config, {});

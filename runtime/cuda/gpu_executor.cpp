@@ -24,7 +24,6 @@ void GpuLayerExecutor::check(const MoELayer& layer) {
   if (o.exchange != ExchangeKind::kFlat) throw ConfigError(what + "the hierarchical exchange is CPU-only (use flat)");
   if (o.capacity_factor > 0.0) throw ConfigError(what + "the capacity factor is CPU-only (the GPU layer is dropless)");
   if (o.deterministic) throw ConfigError(what + "the deterministic schedule is CPU-only");
-  if (layer.aux_loss().enabled()) throw ConfigError(what + "auxiliary balance losses are CPU-only");
   const sched::ExpertPlacement& p = layer.placement();
   for (int r = 0; r < p.world_size(); ++r)
     if (p.num_local(r) == 0)
@@ -92,6 +91,7 @@ void GpuLayerExecutor::forward(MoELayer& layer, const float* x, std::int64_t tok
       if (p != me) to_others += plan.send_counts[plan.cp(c, p)];
   st.bytes_sent = to_others * H * static_cast<std::int64_t>(dtype_size(t.gpu->dtype()));
   layer.set_route_stats(st);
+  layer.set_aux_loss_value(t.gpu->aux_loss_value(s));
 }
 
 void GpuLayerExecutor::backward(MoELayer& layer, const float* dy, float* dx) {

@@ -19,7 +19,8 @@ namespace moex::cuda {
 /// gradients are downloaded after each backward and added to the host layer's (so the host model's
 /// all-reduces and optimiser work unchanged); the route statistics of each forward (expert_tokens,
 /// entries_processed, rows; bytes_sent counts only the forward dispatch's rows to other ranks, at the
-/// layer's element size) are recorded in the host layer. The chunk count is each host
+/// layer's element size) and its auxiliary balance losses (computed on the GPU, their gradient
+/// added there in backward) are recorded in the host layer. The chunk count is each host
 /// layer's (LayerOptions::chunks). Convenient rather than fast: every pass copies its activations,
 /// every step its gradients and parameters, across PCIe.
 class GpuLayerExecutor final : public LayerExecutor {
@@ -30,7 +31,7 @@ class GpuLayerExecutor final : public LayerExecutor {
   ~GpuLayerExecutor() override;
 
   /// ConfigError for what the GPU layer does not run: replica mode, the hierarchical exchange,
-  /// capacity factor, the deterministic schedule, auxiliary balance losses.
+  /// capacity factor, the deterministic schedule.
   void check(const MoELayer& layer) override;
   void forward(MoELayer& layer, const float* x, std::int64_t tokens, float* y) override;
   void backward(MoELayer& layer, const float* dy, float* dx) override;

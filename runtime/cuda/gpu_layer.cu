@@ -296,8 +296,6 @@ void GpuMoELayer::check_cpu_layer(MoELayer& cpu, const char* what) const {
       throw InvalidArgument(std::string(what) + ": the CPU layer's slot " + std::to_string(s) + " holds expert " +
                             std::to_string(slots[s]) + "; expected expert " + std::to_string(want));
   }
-  if (cpu.aux_loss().enabled())
-    throw InvalidArgument(std::string(what) + ": the CPU layer has an auxiliary balance loss; GpuMoELayer has none");
   if (cpu.options().capacity_factor > 0.0)
     throw InvalidArgument(std::string(what) + ": the CPU layer has capacity_factor = " +
                           std::to_string(cpu.options().capacity_factor) + "; GpuMoELayer is dropless only (0)");
@@ -327,7 +325,45 @@ void GpuMoELayer::load_from(MoELayer& cpu) {
   upload_params(rep.data() + E * H, 3 * shared_ffn_ * H, shared_w_.data());
   upload_params(cpu.experts().value.data(), local_ * 3 * ffn_ * H, expert_w_.data());
   set_selection_bias(cpu.selection_bias());
+  set_aux_loss(cpu.aux_loss());
   aux_.synchronize();
+}
+
+void GpuMoELayer::set_aux_loss(const AuxLossOptions& options) {
+  if (options.seq_len < 0)
+    throw InvalidArgument("GpuMoELayer::set_aux_loss: seq_len = " + std::to_string(options.seq_len) +
+                          ": must be >= 0 (0 = all tokens are one sequence)");
+  balance_ = options;
+}
+
+kernels::BalanceLossValue GpuMoELayer::aux_loss_value(cudaStream_t stream) const {
+  if (balance_params_.tokens == 0) return {};
+  const std::vector<double> v = to_host(balance_value_, stream);
+  return {v[0], v[1]};
+}
+
+void GpuMoELayer::balance_forward(int64_t tokens, cudaStream_t stream) {
+  kernels::BalanceLossParams p;
+  p.tokens = tokens;
+  p.experts = experts_;
+  p.topk = topk_;
+  p.seq_len = balance_.seq_len;
+  p.seq_alpha = balance_.seq_alpha;
+  p.expert_alpha = balance_.expert_alpha;
+  const auto need = static_cast<int64_t>((balance_loss_scratch_bytes(p) + sizeof(double) - 1) / sizeof(double));
+  if (need > static_cast<int64_t>(balance_scratch_.size()) ||
+      tokens * experts_ > static_cast<int64_t>(d_scores_.size()) || balance_value_.empty()) {
+    // The buffers about to be replaced may still be read by work queued on either stream.
+    MOEX_CUDA_CHECK(cudaStreamSynchronize(stream));
+    aux_.synchronize();
+    const cudaStream_t s = aux_.get();
+    realloc_typed(balance_scratch_, std::max(need, static_cast<int64_t>(balance_scratch_.size())), s);
+    realloc_typed(d_scores_, std::max(capacity_, tokens) * experts_, s);
+    if (balance_value_.empty()) realloc_typed(balance_value_, 2, s);
+    aux_.synchronize();
+  }
+  balance_loss_forward(p, scores_.data(), topk_ids_.data(), balance_scratch_.data(), balance_value_.data(), stream);
+  balance_params_ = p;
 }
 
 void GpuMoELayer::set_selection_bias(const std::vector<float>& bias) {
@@ -520,6 +556,7 @@ void GpuMoELayer::forward(const float* x, int64_t tokens, float* y, cudaStream_t
   tokens_ = T;
   x_ = x;
   have_forward_ = true;
+  balance_params_.tokens = 0;  // no auxiliary losses until balance_forward() queues them
   std::fill(counts_.begin(), counts_.end(), int64_t{0});
   events_->fwd_marked = events_->fwd_shared_marked = false;
   // An expert-parallel layer takes part in the exchanges even without tokens of its own.
@@ -547,6 +584,7 @@ void GpuMoELayer::forward(const float* x, int64_t tokens, float* y, cudaStream_t
   gp.tokens = T;
   gate_forward(blas_.get(), gp, x, gate_w_.data(), has_bias_ ? bias_.data() : nullptr, scores_.data(),
                topk_ids_.data(), topk_w_.data(), stream);
+  if (balance_.enabled() && T > 0) balance_forward(T, stream);
   if (expert_parallel()) {
     forward_ep(xin, out, has_shared && T > 0, stream);
   } else {
@@ -666,8 +704,16 @@ void GpuMoELayer::backward(const float* dy, float* dx, cudaStream_t stream) {
 
   kernels::GateParams gp = gate_params_;
   gp.tokens = T;
+  // The auxiliary losses' gradient wrt the scores joins the gate's.
+  const float* d_scores = nullptr;
+  if (balance_params_.tokens > 0) {
+    MOEX_CUDA_CHECK(cudaMemsetAsync(d_scores_.data(), 0, sizeof(float) * static_cast<std::size_t>(T * experts_),
+                                    stream));
+    balance_loss_backward(balance_params_, scores_.data(), balance_scratch_.data(), 1.0f, d_scores_.data(), stream);
+    d_scores = d_scores_.data();
+  }
   gate_backward(blas_.get(), gp, x_, gate_w_.data(), scores_.data(), topk_ids_.data(), d_weights_.data(), dx,
-                gate_g_.data(), dlogits_.data(), nullptr, stream);
+                gate_g_.data(), dlogits_.data(), d_scores, stream);
   mark(kB4, stream);
   events_->bwd_marked = true;
   MOEX_CUDA_CHECK(cudaEventRecord(events_->last, stream));

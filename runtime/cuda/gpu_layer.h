@@ -18,6 +18,7 @@
 #include "runtime/ep_plan.h"
 #include "runtime/kernels/gate.h"
 #include "runtime/moe_config.h"
+#include "runtime/moe_layer.h"
 #include "scheduler/expert_placement.h"
 
 namespace moex {
@@ -62,7 +63,7 @@ struct GpuLayerTimes {
 ///   y = shared(x) + sum_k w_k(x) * expert_{id_k}(x)
 /// with the DeepSeek gate of kernels::gate_forward (softmax / sigmoid, selection bias, group limit,
 /// top-K, normalisation, scaling), dropless (every pick is computed). Same semantics as MoELayer on
-/// one rank; no auxiliary balance loss and no capacity factor.
+/// one rank, the auxiliary balance losses included (set_aux_loss); no capacity factor.
 ///
 /// Forward: gate (cuBLAS + one warp per token) -> on the device, the row count of every expert and
 /// every pick's row in expert-sorted order (a stable counting sort: within an expert, picks keep
@@ -133,9 +134,19 @@ class GpuMoELayer {
   /// Copies every parameter (gate, shared and routed experts, converted to dtype()) and the
   /// selection bias from `cpu`, a layer of the same config holding the same experts in the same
   /// slots (single-GPU mode: all E in order, slot e = expert e; expert-parallel mode: this rank's
-  /// experts of the placement). Synchronous. Gradients are not touched. InvalidArgument naming
-  /// the mismatch otherwise, or when `cpu` has an auxiliary loss or a capacity factor (unsupported).
+  /// experts of the placement), and its auxiliary loss options. Synchronous. Gradients are not
+  /// touched. InvalidArgument naming the mismatch otherwise, or when `cpu` has a capacity factor
+  /// (unsupported).
   void load_from(MoELayer& cpu);
+  /// The auxiliary balance losses (MoELayer's options; off by default): each forward computes them
+  /// on the device from the gate's scores over this layer's tokens (in expert-parallel mode, this
+  /// rank's, as MoELayer does), and backward adds their gradient (upstream gradient 1) to the gate's.
+  /// InvalidArgument for seq_len < 0.
+  void set_aux_loss(const AuxLossOptions& options);
+  const AuxLossOptions& aux_loss() const { return balance_; }
+  /// The auxiliary losses of the last forward (zeros when off or without tokens); synchronises
+  /// `stream`.
+  kernels::BalanceLossValue aux_loss_value(cudaStream_t stream) const;
   /// Sets the selection bias (e_score_correction_bias): `bias` has E values, or none to remove it.
   /// Synchronous.
   void set_selection_bias(const std::vector<float>& bias);
@@ -225,6 +236,8 @@ class GpuMoELayer {
   void upload_params(const float* host, std::int64_t n, void* dst);
   std::vector<float> download(const void* src, std::int64_t n, cudaStream_t stream) const;
   void mark(int index, cudaStream_t stream);
+  /// Queues the auxiliary losses of a forward of `tokens` tokens (sizing their buffers first).
+  void balance_forward(std::int64_t tokens, cudaStream_t stream);
 
   MoeConfig config_;
   GpuLayerOptions options_;
@@ -264,6 +277,12 @@ class GpuMoELayer {
   DeviceBuffer<unsigned char> xe_, h13_, sig_, a_, ye_, dye_, dxe_, dh13_;             // routed rows
   DeviceBuffer<unsigned char> sh_h13_, sh_sig_, sh_a_, sh_dh13_;                      // shared, per token
   DeviceBuffer<unsigned char> x_lp_, dy_lp_, out_lp_;                                 // bf16 [T, H] copies
+
+  // Auxiliary balance losses: options, statistics of the last forward, its value and score gradient.
+  AuxLossOptions balance_;
+  kernels::BalanceLossParams balance_params_;  // of the last forward; tokens 0 = none computed
+  DeviceBuffer<double> balance_scratch_, balance_value_;
+  DeviceBuffer<float> d_scores_;  // [T, E]
 
   // State of the last forward.
   std::int64_t tokens_ = 0;

@@ -3,7 +3,8 @@
 
 For each rank count, runs `mpirun -np N moex-train` twice with the same seed and model (once with
 --device cpu, once with --device cuda and the chosen --device-comm / --precision), reads both
---log-json files, and requires every step's loss to agree:
+--log-json files, and requires every step's loss (and auxiliary balance loss, where --train-args turns
+one on) to agree:
 
     |loss_gpu - loss_cpu| / |loss_cpu| <= rtol   (default 1e-5 for fp32, 2e-2 for bf16)
 
@@ -14,6 +15,7 @@ when the GPU run finds no CUDA device, 1 on any mismatch or failure.
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -23,14 +25,19 @@ NO_DEVICE = 77
 
 def run_train(args, binary, ranks, log, extra):
     cmd = [args.mpirun, "-np", str(ranks), binary, "--steps", str(args.steps), "--tokens-per-rank",
-           str(args.tokens_per_rank), "--seed", "3", "--log-json", log, "--chunks", str(args.chunks)] + extra
+           str(args.tokens_per_rank), "--seed", "3", "--log-json", log, "--chunks", str(args.chunks)]
+    cmd += shlex.split(args.train_args) + extra
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
     return cmd, proc
 
 
-def losses(path):
+def losses(path, key):
     with open(path) as f:
-        return [json.loads(line)["loss"] for line in f if line.strip()]
+        return [json.loads(line)[key] for line in f if line.strip()]
+
+
+def max_rel(a, b):
+    return max((abs(y - x) / max(abs(x), 1e-12) for x, y in zip(a, b)), default=0.0)
 
 
 def main():
@@ -44,6 +51,8 @@ def main():
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--tokens-per-rank", type=int, default=64)
     ap.add_argument("--chunks", type=int, default=1)
+    ap.add_argument("--train-args", default="", help="further moex-train options for both runs, e.g. "
+                    "'--aux-seq-alpha 0.01 --seq-len 16'")
     ap.add_argument("--rtol", type=float, default=None)
     ap.add_argument("--timeout", type=float, default=600, help="seconds each run may take")
     args = ap.parse_args()
@@ -75,16 +84,19 @@ def main():
                     return NO_DEVICE
                 print(f"FAIL ranks {n}: GPU run exited {proc.returncode}: {' '.join(cmd)}\n{proc.stderr}")
                 return 1
-            a, b = losses(cpu_log), losses(gpu_log)
+            a, b = losses(cpu_log, "loss"), losses(gpu_log, "loss")
+            aux_a, aux_b = losses(cpu_log, "aux_loss"), losses(gpu_log, "aux_loss")
             if len(a) != args.steps or len(b) != args.steps:
                 print(f"FAIL ranks {n}: expected {args.steps} logged steps, got {len(a)} (cpu) and {len(b)} (gpu)")
                 failed += 1
                 continue
-            err = max(abs(y - x) / max(abs(x), 1e-12) for x, y in zip(a, b))
-            ok = err <= args.rtol
+            err = max_rel(a, b)
+            aux_err = max_rel(aux_a, aux_b) if any(aux_a) else 0.0
+            ok = err <= args.rtol and aux_err <= args.rtol
             failed += not ok
             print(f"ranks {n} {args.device_comm} {args.precision}: loss {a[0]:.6f} -> {a[-1]:.6f} (cpu), "
-                  f"-> {b[-1]:.6f} (gpu); max relative step difference {err:.3e} (rtol {args.rtol:g})  "
+                  f"-> {b[-1]:.6f} (gpu); max relative step difference {err:.3e}"
+                  + (f", auxiliary loss {aux_err:.3e}" if any(aux_a) else "") + f" (rtol {args.rtol:g})  "
                   f"{'PASS' if ok else 'FAIL'}")
     print(f"{len(ranks) - failed} passed, {failed} failed")
     return 1 if failed else 0
