@@ -65,7 +65,7 @@ std::span<const std::int64_t> EpPlan::recv_block_displs(int c, std::int64_t widt
 
 void EpPlan::plan_send(std::span<const std::int32_t> topk_ids, std::span<const float> topk_weights,
                        std::int64_t tokens_in, std::int64_t k, const sched::ExpertPlacement& placement, int rank_in,
-                       int chunks_in) {
+                       int chunks_in, std::span<const std::uint8_t> kept) {
   const int P = placement.world_size();
   if (tokens_in < 0) throw InvalidArgument("ep plan: tokens = " + str(tokens_in) + " must be >= 0");
   if (k < 1) throw InvalidArgument("ep plan: K = " + str(k) + " picks per token must be >= 1");
@@ -80,6 +80,10 @@ void EpPlan::plan_send(std::span<const std::int32_t> topk_ids, std::span<const f
   if (static_cast<std::int64_t>(topk_weights.size()) != picks)
     throw InvalidArgument("ep plan: topk_weights has " + str(static_cast<std::int64_t>(topk_weights.size())) +
                           " weights, expected tokens * K = " + str(tokens_in) + " * " + str(k) + " = " + str(picks));
+  if (!kept.empty() && static_cast<std::int64_t>(kept.size()) != picks)
+    throw InvalidArgument("ep plan: kept has " + str(static_cast<std::int64_t>(kept.size())) +
+                          " flags, expected none or tokens * K = " + str(picks));
+  auto dropped = [&](std::size_t i) { return !kept.empty() && kept[i] == 0; };
   const std::int64_t E = placement.num_experts();
   for (std::int64_t i = 0; i < picks; ++i) {
     const std::int32_t e = topk_ids[z(i)];
@@ -111,6 +115,7 @@ void EpPlan::plan_send(std::span<const std::int32_t> topk_ids, std::span<const f
     const std::int64_t t0 = sched::chunk_begin(tokens, chunks, c), t1 = sched::chunk_begin(tokens, chunks, c + 1);
     for (std::int64_t t = t0; t < t1; ++t)
       for (std::int64_t j = 0; j < k; ++j) {
+        if (dropped(z(t * k + j))) continue;
         const auto d = z(placement.owner(topk_ids[z(t * k + j)]));
         if (last[d] == t) continue;
         last[d] = t;
@@ -136,6 +141,10 @@ void EpPlan::plan_send(std::span<const std::int32_t> topk_ids, std::span<const f
       std::int64_t at = token_offsets[z(t)];
       for (std::int64_t j = 0; j < k; ++j) {
         const std::size_t i = z(t * k + j);
+        if (dropped(i)) {
+          pick_back[i] = -1;
+          continue;
+        }
         const std::int32_t e = topk_ids[i];
         const auto d = z(placement.owner(e));
         if (last[d] != t) {

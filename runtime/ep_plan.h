@@ -15,7 +15,7 @@
 
 namespace moex {
 
-/// One rank's plan for one forward (and the matching backward) of a dropless MoE layer whose routed
+/// One rank's plan for one forward (and the matching backward) of a MoE layer whose routed
 /// experts are placed by an ExpertPlacement, with the tokens cut into `chunks` pipeline chunks
 /// (sched::chunk_begin). Built in two steps:
 ///   1. plan_send(): from this rank's top-K ids and weights (host copies), the send side;
@@ -55,7 +55,7 @@ namespace moex {
 ///   dw_out[r*K+j]= dw_entry[row_dw_entry[r*K+j]], or 0 where row_dw_entry is -1
 ///   dx_back, dw_back = alltoallv(dx_out), alltoallv(dw_out)  (dw blocks are K floats per row)
 ///   dx[t]       += sum_{i in token_offsets[t]..} dx_back[token_rows[i]]
-///   d_weights[t*K+k] = dw_back[pick_back[t*K+k]]                       every pick (dropless)
+///   d_weights[t*K+k] = dw_back[pick_back[t*K+k]], or 0 where pick_back is -1 (a dropped pick)
 ///
 /// Every vector is reused across builds, so a warm plan allocates nothing.
 struct EpPlan {
@@ -76,7 +76,7 @@ struct EpPlan {
   std::vector<float> send_meta;
   std::vector<std::int64_t> token_offsets;  ///< [T + 1] per token, its send rows (CSR)
   std::vector<std::int64_t> token_rows;     ///< [S] the send rows of each token, by destination rank
-  std::vector<std::int64_t> pick_back;      ///< [T*K] index into dw_back ([S*K]) of every pick
+  std::vector<std::int64_t> pick_back;      ///< [T*K] index into dw_back ([S*K]) of every pick; -1 = dropped
 
   // ---- receive side (exchange_metadata) ----
   std::vector<std::int64_t> recv_counts;   ///< [C*P] rows from rank p in chunk c, at c*P + p
@@ -128,9 +128,12 @@ struct EpPlan {
 
   /// Step 1. `topk_ids` / `topk_weights` are [tokens * K] host arrays; every id must be a routed
   /// expert of `placement` (InvalidArgument naming the token otherwise). chunks >= 1 (more chunks than
-  /// tokens is allowed: some chunks are empty).
+  /// tokens is allowed: some chunks are empty). `kept` ([tokens * K], or empty: every pick) marks the
+  /// picks that reach their expert (sched::apply_capacity); a dropped pick makes no row and no entry,
+  /// and its routing-weight gradient is 0.
   void plan_send(std::span<const std::int32_t> topk_ids, std::span<const float> topk_weights, std::int64_t tokens,
-                 std::int64_t k, const sched::ExpertPlacement& placement, int rank, int chunks);
+                 std::int64_t k, const sched::ExpertPlacement& placement, int rank, int chunks,
+                 std::span<const std::uint8_t> kept = {});
   /// Step 2, a blocking collective over `host_comm` (host buffers; its rank and size must equal
   /// plan_send's): an allgather of every rank's chunk count (InvalidArgument naming the ranks and
   /// counts when they differ, on every rank), an alltoall of the [C] row counts per peer, then one

@@ -12,6 +12,7 @@
 #include "runtime/kernels/gate.h"
 #include "runtime/kernels/permute.h"
 #include "runtime/parallel.h"
+#include "scheduler/capacity.h"
 
 namespace moex {
 namespace {
@@ -264,28 +265,10 @@ void MoELayer::route_picks() {
 }
 
 void MoELayer::apply_capacity() {
-  const std::int64_t n = tokens_ * topk_, E = experts_total_;
-  kept_.assign(static_cast<std::size_t>(n), 1);
-  stats_.picks_dropped = 0;
-  if (options_.capacity_factor <= 0.0 || n == 0) return;
-  const auto cap = static_cast<std::int64_t>(
-      std::ceil(options_.capacity_factor * static_cast<double>(n) / static_cast<double>(E)));
-  // Picks grouped by expert (counting sort keeps pick order), then each group by weight, descending.
-  std::vector<std::int64_t> first(static_cast<std::size_t>(E) + 1, 0);
-  for (std::int64_t i = 0; i < n; ++i) ++first[static_cast<std::size_t>(topk_ids_[static_cast<std::size_t>(i)]) + 1];
-  for (std::int64_t e = 0; e < E; ++e) first[static_cast<std::size_t>(e) + 1] += first[static_cast<std::size_t>(e)];
-  grow(order_, n);
-  std::vector<std::int64_t> next(first.begin(), first.end() - 1);
-  for (std::int64_t i = 0; i < n; ++i) order_[static_cast<std::size_t>(next[static_cast<std::size_t>(topk_ids_[static_cast<std::size_t>(i)])]++)] = i;
-  for (std::int64_t e = 0; e < E; ++e) {
-    const auto b = order_.begin() + first[static_cast<std::size_t>(e)], end = order_.begin() + first[static_cast<std::size_t>(e) + 1];
-    if (end - b <= cap) continue;
-    std::stable_sort(b, end, [&](std::int64_t p, std::int64_t q) {
-      return topk_weights_[static_cast<std::size_t>(p)] > topk_weights_[static_cast<std::size_t>(q)];
-    });
-    for (auto it = b + cap; it != end; ++it) kept_[static_cast<std::size_t>(*it)] = 0;
-    stats_.picks_dropped += (end - b) - cap;
-  }
+  const auto n = static_cast<std::size_t>(tokens_ * topk_);
+  stats_.picks_dropped = sched::apply_capacity(std::span<const std::int32_t>(topk_ids_).first(n),
+                                               std::span<const float>(topk_weights_).first(n), experts_total_,
+                                               options_.capacity_factor, kept_, order_);
 }
 
 void MoELayer::build_chunk_plans(int chunks) {

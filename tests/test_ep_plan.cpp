@@ -20,6 +20,7 @@
 #include "runtime/moe_layer.h"
 #include "runtime/moe_model.h"
 #include "runtime/random.h"
+#include "scheduler/capacity.h"
 #include "scheduler/expert_placement.h"
 #include "tests/mpi_test_env.h"
 #include "tests/tolerance.h"
@@ -224,6 +225,7 @@ struct ReplayCase {
   bool norm;
   double scale;
   bool bias;  ///< a nonzero selection bias (e_score_correction_bias)
+  double capacity = 0.0;  ///< LayerOptions::capacity_factor (0 = dropless)
 };
 
 /// Names the case in GoogleTest's messages.
@@ -258,6 +260,7 @@ struct ReplayResult {
   F32 expert_grad;      ///< layout of MoELayer::experts()
   std::vector<std::int32_t> ids;
   F32 weights;
+  std::vector<std::uint8_t> kept;
 };
 
 /// One chunk's all-to-all of `width`-float rows: dispatch (send rows -> recv rows) or its reverse.
@@ -307,13 +310,17 @@ ReplayResult replay(MoELayer& layer, comm::Communicator& comm, const F32& x, con
                         layer.selection_bias().empty() ? nullptr : layer.selection_bias().data(), scores.data(),
                         res.ids.data(), res.weights.data());
 
+  // Capacity-factor mode: the picks over capacity go nowhere (as MoELayer drops them).
+  std::vector<std::int64_t> order;
+  sched::apply_capacity(res.ids, res.weights, E, layer.options().capacity_factor, res.kept, order);
+
   EpPlan plan;
-  plan.plan_send(res.ids, res.weights, T, K, layer.placement(), comm.rank(), chunks);
+  plan.plan_send(res.ids, res.weights, T, K, layer.placement(), comm.rank(), chunks, res.kept);
   plan.exchange_metadata(comm, kTimeout);
   // A warm plan rebuilt from the same routing moves no storage.
   const auto* meta = plan.recv_meta.data();
   const auto* rows = plan.entry_row.data();
-  plan.plan_send(res.ids, res.weights, T, K, layer.placement(), comm.rank(), chunks);
+  plan.plan_send(res.ids, res.weights, T, K, layer.placement(), comm.rank(), chunks, res.kept);
   plan.exchange_metadata(comm, kTimeout);
   EXPECT_EQ(plan.recv_meta.data(), meta);
   EXPECT_EQ(plan.entry_row.data(), rows);
@@ -409,7 +416,10 @@ ReplayResult replay(MoELayer& layer, comm::Communicator& comm, const F32& x, con
         const float* src = dx_back.data() + plan.token_rows[z(i)] * H;
         for (std::int64_t h = 0; h < H; ++h) res.dx[z(t * H + h)] += src[h];
       }
-      for (std::int64_t k = 0; k < K; ++k) d_weights[z(t * K + k)] = dw_back[z(plan.pick_back[z(t * K + k)])];
+      for (std::int64_t k = 0; k < K; ++k) {
+        const std::int64_t b = plan.pick_back[z(t * K + k)];
+        d_weights[z(t * K + k)] = b < 0 ? 0.0f : dw_back[z(b)];  // a dropped pick: no gradient
+      }
     }
   }
   F32 dlogits(z(T * E));
@@ -427,7 +437,10 @@ TEST_P(EpPlanReplay, MatchesMoELayer) {
   const std::int64_t H = cfg.hidden_size, K = cfg.num_experts_per_tok;
   // The same parameters on every rank: each expert's weights come from its own seed (every rank
   // draws all of them alike and keeps its slots), the gate, shared experts and bias are replicated.
-  MoELayer layer(cfg, world, sched::ExpertPlacement::contiguous(cfg.n_routed_experts, world.size()), "ref");
+  LayerOptions options;
+  options.capacity_factor = c.capacity;
+  MoELayer layer(cfg, world, sched::ExpertPlacement::contiguous(cfg.n_routed_experts, world.size()), "ref",
+                 std::nullopt, options);
   init_layer_random(layer, 11, 0);
   if (c.bias) {
     layer.selection_bias().assign(z(cfg.n_routed_experts), 0.0f);
@@ -448,6 +461,10 @@ TEST_P(EpPlanReplay, MatchesMoELayer) {
   const ReplayResult r = replay(layer, world, x, dy, T, chunks);
   EXPECT_EQ(r.ids, layer.topk_ids());
   EXPECT_EQ(r.weights, layer.topk_weights());
+  EXPECT_EQ(r.kept, std::vector<std::uint8_t>(layer.topk_kept().begin(), layer.topk_kept().begin() + T * K));
+  if (c.capacity > 0.0 && T > 0) {
+    EXPECT_GT(layer.route_stats().picks_dropped, 0) << "rank " << world.rank() << ": the case should drop picks";
+  }
   ASSERT_EQ(r.ids.size(), z(T * K));
   const double tol = 1e-5;
   auto check = [&](const char* what, const F32& got, const F32& want, std::size_t first, std::size_t n) {
@@ -482,6 +499,8 @@ const ReplayCase kCases[] = {
     {"softmax_shared", ScoringFunc::kSoftmax, TopkMethod::kGreedy, 6, 2, 1, 1, 2, false, 1.0, false},
     // Fewer experts than ranks at 4 ranks: a rank holds no expert slot.
     {"softmax_few_experts", ScoringFunc::kSoftmax, TopkMethod::kGreedy, 3, 2, 1, 1, 1, false, 1.0, false},
+    // Capacity-factor mode: dropped picks make no row, no entry and no routing-weight gradient.
+    {"v3_capacity", ScoringFunc::kSigmoid, TopkMethod::kNoauxTc, 8, 4, 4, 2, 1, true, 2.5, true, 0.75},
 };
 
 INSTANTIATE_TEST_SUITE_P(Cases, EpPlanReplay,
