@@ -49,9 +49,8 @@ int bench_layer_gpu(comm::MpiCommunicator& world, const GpuBenchArgs& a) {
   cudaDeviceProp prop{};
   MOEX_CUDA_CHECK(cudaGetDeviceProperties(&prop, world.rank() % devices));
   const LayerOptions& lo = a.schedule;
-  if (lo.exchange != ExchangeKind::kFlat || lo.capacity_factor > 0.0 || lo.deterministic)
-    throw ConfigError("--device cuda runs the flat, dropless schedule: --exchange hierarchical, --capacity-factor "
-                      "and --deterministic are CPU-only");
+  if (lo.exchange != ExchangeKind::kFlat || lo.deterministic)
+    throw ConfigError("--device cuda runs the flat schedule: --exchange hierarchical and --deterministic are CPU-only");
 
   const auto dev = comm::make_device_communicator(a.device_comm, MPI_COMM_WORLD, world.default_timeout());
 
@@ -67,6 +66,7 @@ int bench_layer_gpu(comm::MpiCommunicator& world, const GpuBenchArgs& a) {
   cuda::GpuLayerOptions go;
   go.precision = cuda::precision_from_string(a.precision);
   go.chunks = lo.chunks;
+  go.capacity_factor = lo.capacity_factor;
   cuda::GpuMoELayer layer(config, world, *dev, placement, go);
   layer.load_from(cpu);
 
@@ -116,8 +116,8 @@ int bench_layer_gpu(comm::MpiCommunicator& world, const GpuBenchArgs& a) {
   const double ms = median(step_ms);
   const double tokens_per_s = static_cast<double>(T) * world.size() / (ms * 1e-3);
   const double tflops = flops / (ms * 1e9);
-  std::int64_t rows[2] = {layer.plan().send_rows(), layer.plan().recv_rows()};
-  world.allreduce_sum(rows, 2, comm::DataType::kInt64, "gpu bench rows")->wait();
+  std::int64_t rows[3] = {layer.plan().send_rows(), layer.plan().recv_rows(), layer.picks_dropped()};
+  world.allreduce_sum(rows, 3, comm::DataType::kInt64, "gpu bench rows")->wait();
   if (world.rank() == 0) {
     std::printf("# moex-bench layer --device cuda | %s | ranks %d (%d GPU(s)) | %s over %s | hidden %lld ffn %lld "
                 "experts %lld shared %lld topk %lld | tokens/rank %lld | chunks %d | iters %lld (median)\n",
@@ -125,6 +125,9 @@ int bench_layer_gpu(comm::MpiCommunicator& world, const GpuBenchArgs& a) {
                 static_cast<long long>(H), static_cast<long long>(F), static_cast<long long>(E),
                 static_cast<long long>(config.n_shared_experts), static_cast<long long>(K), static_cast<long long>(T),
                 lo.chunks, static_cast<long long>(a.iters));
+    if (lo.capacity_factor > 0.0)
+      std::printf("# capacity factor %g: %lld of %lld picks dropped in the last pass\n", lo.capacity_factor,
+                  static_cast<long long>(rows[2]), static_cast<long long>(T * K * world.size()));
     std::printf("# %12s %12s %12s %10s\n", "ms_step", "ms_min", "tokens/s", "TFLOP/s");
     std::printf("  %12.3f %12.3f %12.0f %10.2f\n", ms, *std::min_element(step_ms.begin(), step_ms.end()),
                 tokens_per_s, tflops);
@@ -141,6 +144,7 @@ int bench_layer_gpu(comm::MpiCommunicator& world, const GpuBenchArgs& a) {
                        {"tokens_per_rank", T},   {"chunks", lo.chunks},     {"iters", a.iters},
                        {"skew", a.skew},         {"ms_step", ms},           {"tokens_per_s", tokens_per_s},
                        {"tflops", tflops},       {"rows_sent", rows[0]},    {"rows_received", rows[1]},
+                       {"capacity_factor", lo.capacity_factor}, {"picks_dropped", rows[2]},
                        {"stages_ms", stages}};
       std::printf("%s\n", j.dump().c_str());
     }

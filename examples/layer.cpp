@@ -90,6 +90,7 @@ void run_on_gpu(moex::comm::MpiCommunicator& world, moex::MoELayer& cpu, const s
   cuda::GpuLayerOptions go;
   go.precision = cuda::precision_from_string(precision);
   go.chunks = cpu.options().chunks;
+  go.capacity_factor = cpu.options().capacity_factor;
   // The stream before the layer, so that it outlives it (GpuMoELayer frees its grouped GEMMs'
   // pointer tables on the caller's stream when it is destroyed).
   cuda::Stream stream;
@@ -148,9 +149,9 @@ int run(moex::comm::MpiCommunicator& world, int argc, char** argv) {
       if (world.rank() == 0) std::fprintf(stderr, "SKIPPED: no CUDA device: %s\n", why.c_str());
       return kNoDevice;
     }
-    if (replicas || lo.exchange != moex::ExchangeKind::kFlat || lo.capacity_factor > 0.0 || lo.deterministic)
-      throw moex::ConfigError("--device cuda runs the flat, dropless schedule with one replica per expert: "
-                              "--replicas, --exchange hierarchical, --capacity-factor and --deterministic are CPU-only");
+    if (replicas || lo.exchange != moex::ExchangeKind::kFlat || lo.deterministic)
+      throw moex::ConfigError("--device cuda runs the flat schedule with one replica per expert: "
+                              "--replicas, --exchange hierarchical and --deterministic are CPU-only");
 #endif
   }
   const auto topology = moex::sched::Topology::from_node_ids(world.node_ids());

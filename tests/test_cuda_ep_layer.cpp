@@ -79,10 +79,12 @@ struct EpParam {
   const char* config;
   LayerPrecision precision;
   int chunks;
-  bool aux = false;  // auxiliary balance losses on (large coefficients, several sequences per rank)
+  bool aux = false;        // auxiliary balance losses on (large coefficients, several sequences per rank)
+  double capacity = 0.0;   // capacity factor (0 = dropless)
 };
 std::string name_of(const EpParam& p) {
-  return std::string(p.config) + "_" + to_string(p.precision) + "_c" + std::to_string(p.chunks) + (p.aux ? "_aux" : "");
+  return std::string(p.config) + "_" + to_string(p.precision) + "_c" + std::to_string(p.chunks) +
+         (p.aux ? "_aux" : "") + (p.capacity > 0.0 ? "_capacity" : "");
 }
 void PrintTo(const EpParam& p, std::ostream* os) { *os << name_of(p); }
 
@@ -109,6 +111,7 @@ class CudaEpLayer : public ::testing::TestWithParam<EpParam> {
     const auto placement = sched::ExpertPlacement::contiguous(c.config.n_routed_experts, P);
     LayerOptions cpu_opt;
     cpu_opt.chunks = p.chunks;
+    cpu_opt.capacity_factor = p.capacity;
     auto cpu = make_cpu_layer(c, bf16, 21, *host_, placement, cpu_opt);
     if (p.aux) {
       AuxLossOptions aux;
@@ -120,6 +123,7 @@ class CudaEpLayer : public ::testing::TestWithParam<EpParam> {
     GpuLayerOptions opt;
     opt.precision = p.precision;
     opt.chunks = p.chunks;
+    opt.capacity_factor = p.capacity;
     GpuMoELayer gpu(c.config, *host_, device_comm, placement, opt);
     gpu.load_from(*cpu);
     ASSERT_EQ(gpu.num_local_experts(), placement.num_local(r));
@@ -130,6 +134,10 @@ class CudaEpLayer : public ::testing::TestWithParam<EpParam> {
                               " T=" + std::to_string(T) + " step " + std::to_string(step) + "]";
       step_and_compare(tag, *cpu, gpu, draw_batch(*cpu, T, 1000 + 17 * static_cast<std::uint64_t>(r) + step, bf16), T,
                        tol, stream());
+      EXPECT_EQ(gpu.picks_dropped(), cpu->route_stats().picks_dropped) << tag << " picks dropped by capacity";
+      if (p.capacity > 0.0 && T > 0) {
+        EXPECT_GT(cpu->route_stats().picks_dropped, 0) << tag << " the case should drop picks";
+      }
     }
     // Replicated gradients summed over the ranks on both sides.
     cpu->allreduce_replicated_grads()->wait();
@@ -171,7 +179,9 @@ INSTANTIATE_TEST_SUITE_P(Configs, CudaEpLayer,
                                            EpParam{"v3_like", LayerPrecision::kBf16, 3},
                                            EpParam{"v2_lite_like", LayerPrecision::kFp32, 2},
                                            EpParam{"v2_lite_like", LayerPrecision::kBf16, 1},
-                                           EpParam{"v3_like", LayerPrecision::kFp32, 2, true}),
+                                           EpParam{"v3_like", LayerPrecision::kFp32, 2, true},
+                                           EpParam{"v3_like", LayerPrecision::kFp32, 2, false, 0.75},
+                                           EpParam{"v2_lite_like", LayerPrecision::kBf16, 3, false, 1.0}),
                          [](const ::testing::TestParamInfo<EpParam>& i) { return name_of(i.param); });
 
 // ---------------------------------------------------------------------------------------------------
@@ -199,6 +209,7 @@ void expect_trains_like_the_cpu(const TrainOptions& o) {
     const StepRecord a = cpu.step(), b = gpu.step();
     EXPECT_NEAR(b.loss, a.loss, 1e-4 * std::abs(a.loss)) << "step " << s << " rank " << world.rank();
     EXPECT_EQ(b.max_mean_load, a.max_mean_load) << "step " << s << ": route statistics from the GPU";
+    EXPECT_EQ(b.picks_dropped, a.picks_dropped) << "step " << s << ": picks dropped by capacity";
     EXPECT_NEAR(b.aux_loss, a.aux_loss, 1e-5 * std::abs(a.aux_loss)) << "step " << s << ": auxiliary losses";
     if (o.aux.enabled()) {
       EXPECT_GT(a.aux_loss, 0.0) << "step " << s;
@@ -237,6 +248,15 @@ TEST(CudaEpTrain, ExecutorTrainsLikeTheCpu) {
   expect_trains_like_the_cpu(o);
 }
 
+// Capacity-factor mode on the GPU: the same picks dropped, the same training.
+TEST(CudaEpTrain, ExecutorTrainsLikeTheCpuWithACapacityFactor) {
+  TrainOptions o;
+  o.tokens_per_rank = 40;
+  o.layer.chunks = 3;
+  o.layer.capacity_factor = 1.0;
+  expect_trains_like_the_cpu(o);
+}
+
 // The auxiliary balance losses run on the GPU (value and gradient); coefficients far above
 // DeepSeek-V3's 1e-4, so that their gradient moves the gate visibly within five steps.
 TEST(CudaEpTrain, ExecutorTrainsLikeTheCpuWithAuxiliaryLosses) {
@@ -262,9 +282,6 @@ TEST(CudaEpTrainHost, ExecutorRejectsCpuOnlySchedules) {
   TrainOptions hier;
   hier.layer.exchange = ExchangeKind::kHierarchical;
   rejects("hierarchical exchange", hier);
-  TrainOptions cap;
-  cap.layer.capacity_factor = 1.25;
-  rejects("capacity factor", cap);
   TrainOptions det;
   det.layer.deterministic = true;
   rejects("deterministic schedule", det);

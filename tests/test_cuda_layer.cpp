@@ -208,6 +208,9 @@ TEST_F(CudaLayerTest, RejectsMismatchesAndMisuse) {
   EXPECT_THROW(gpu.forward(nullptr, -1, nullptr, stream()), InvalidArgument) << "negative token count";
   EXPECT_THROW(gpu.forward(nullptr, 4, nullptr, stream()), InvalidArgument) << "null x / y with tokens > 0";
   EXPECT_THROW(gpu.set_selection_bias(std::vector<float>(3, 0.0f)), InvalidArgument) << "bias of the wrong size";
+  GpuLayerOptions capacity;
+  capacity.capacity_factor = 1.25;
+  EXPECT_THROW(GpuMoELayer(c.config, capacity), InvalidArgument) << "capacity factor on the single-GPU layer";
   LayerCase other = case_of("v2_lite_like");
   auto cpu = cpu_layer(other, false, 15);
   try {

@@ -22,7 +22,6 @@ void GpuLayerExecutor::check(const MoELayer& layer) {
   const LayerOptions& o = layer.options();
   if (layer.replica_layout()) throw ConfigError(what + "replica mode is CPU-only (one replica per expert on the GPU)");
   if (o.exchange != ExchangeKind::kFlat) throw ConfigError(what + "the hierarchical exchange is CPU-only (use flat)");
-  if (o.capacity_factor > 0.0) throw ConfigError(what + "the capacity factor is CPU-only (the GPU layer is dropless)");
   if (o.deterministic) throw ConfigError(what + "the deterministic schedule is CPU-only");
   const sched::ExpertPlacement& p = layer.placement();
   for (int r = 0; r < p.world_size(); ++r)
@@ -43,6 +42,7 @@ GpuLayerExecutor::Twin& GpuLayerExecutor::twin(MoELayer& layer) {
     check(layer);
     GpuLayerOptions o = options_;
     o.chunks = layer.options().chunks;
+    o.capacity_factor = layer.options().capacity_factor;
     t.gpu = std::make_unique<GpuMoELayer>(layer.config(), host_comm_, device_comm_, layer.placement(), o);
   }
   return t;
@@ -84,6 +84,7 @@ void GpuLayerExecutor::forward(MoELayer& layer, const float* x, std::int64_t tok
   const EpPlan& plan = t.gpu->plan();
   st.rows_sent = plan.send_rows();
   st.rows_received = plan.recv_rows();
+  st.picks_dropped = t.gpu->picks_dropped();
   const int me = host_comm_.rank();
   std::int64_t to_others = 0;
   for (int c = 0; c < plan.chunks; ++c)

@@ -18,11 +18,12 @@ namespace moex::cuda {
 /// at the first forward after parameters_changed(); activations travel host <-> device per pass;
 /// gradients are downloaded after each backward and added to the host layer's (so the host model's
 /// all-reduces and optimiser work unchanged); the route statistics of each forward (expert_tokens,
-/// entries_processed, rows; bytes_sent counts only the forward dispatch's rows to other ranks, at the
-/// layer's element size) and its auxiliary balance losses (computed on the GPU, their gradient
-/// added there in backward) are recorded in the host layer. The chunk count is each host
-/// layer's (LayerOptions::chunks). Convenient rather than fast: every pass copies its activations,
-/// every step its gradients and parameters, across PCIe.
+/// entries_processed, rows, picks dropped by the capacity factor; bytes_sent counts only the
+/// forward dispatch's rows to other ranks, at the layer's element size) and its auxiliary balance
+/// losses (computed on the GPU, their gradient added there in backward) are recorded in the host
+/// layer. The chunk count and capacity factor are each host layer's (LayerOptions). Convenient
+/// rather than fast: every pass copies its activations, every step its gradients and parameters,
+/// across PCIe.
 class GpuLayerExecutor final : public LayerExecutor {
  public:
   /// `host_comm` / `device_comm` as for GpuMoELayer's expert-parallel constructor; both outlive this.
@@ -30,8 +31,8 @@ class GpuLayerExecutor final : public LayerExecutor {
   GpuLayerExecutor(comm::Communicator& host_comm, comm::Communicator& device_comm, GpuLayerOptions options = {});
   ~GpuLayerExecutor() override;
 
-  /// ConfigError for what the GPU layer does not run: replica mode, the hierarchical exchange,
-  /// capacity factor, the deterministic schedule.
+  /// ConfigError for what the GPU layer does not run: replica mode, the hierarchical exchange, the
+  /// deterministic schedule.
   void check(const MoELayer& layer) override;
   void forward(MoELayer& layer, const float* x, std::int64_t tokens, float* y) override;
   void backward(MoELayer& layer, const float* dy, float* dx) override;

@@ -2,6 +2,7 @@
 #include "runtime/cuda/gpu_layer.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <numeric>
@@ -148,7 +149,15 @@ const MoeConfig& validated(const MoeConfig& c) {
 /// (validated against the communicators).
 int64_t local_slot_count(const MoeConfig& c, const GpuLayerOptions& o, const comm::Communicator* host,
                          const comm::Communicator* device, const std::optional<sched::ExpertPlacement>& placement) {
-  if (!placement) return c.n_routed_experts;
+  if (!(o.capacity_factor >= 0.0) || !std::isfinite(o.capacity_factor))
+    throw InvalidArgument("GpuMoELayer: capacity_factor = " + std::to_string(o.capacity_factor) +
+                          ": must be 0 (dropless) or a finite value > 0");
+  if (!placement) {
+    if (o.capacity_factor > 0.0)
+      throw InvalidArgument("GpuMoELayer: capacity_factor = " + std::to_string(o.capacity_factor) +
+                            ": the single-GPU layer is dropless only (use the expert-parallel constructor)");
+    return c.n_routed_experts;
+  }
   const std::string what = "GpuMoELayer (expert-parallel): ";
   if (o.chunks < 1) throw InvalidArgument(what + "chunks = " + std::to_string(o.chunks) + ": must be >= 1");
   if (host->size() != device->size() || host->rank() != device->rank())
@@ -296,9 +305,9 @@ void GpuMoELayer::check_cpu_layer(MoELayer& cpu, const char* what) const {
       throw InvalidArgument(std::string(what) + ": the CPU layer's slot " + std::to_string(s) + " holds expert " +
                             std::to_string(slots[s]) + "; expected expert " + std::to_string(want));
   }
-  if (cpu.options().capacity_factor > 0.0)
-    throw InvalidArgument(std::string(what) + ": the CPU layer has capacity_factor = " +
-                          std::to_string(cpu.options().capacity_factor) + "; GpuMoELayer is dropless only (0)");
+  if (cpu.options().capacity_factor != options_.capacity_factor)
+    throw mismatch("capacity_factor", std::to_string(cpu.options().capacity_factor),
+                   std::to_string(options_.capacity_factor));
 }
 
 void GpuMoELayer::upload_params(const float* host, int64_t n, void* dst) {
@@ -558,6 +567,7 @@ void GpuMoELayer::forward(const float* x, int64_t tokens, float* y, cudaStream_t
   have_forward_ = true;
   balance_params_.tokens = 0;  // no auxiliary losses until balance_forward() queues them
   std::fill(counts_.begin(), counts_.end(), int64_t{0});
+  picks_dropped_ = 0;
   events_->fwd_marked = events_->fwd_shared_marked = false;
   // An expert-parallel layer takes part in the exchanges even without tokens of its own.
   if (T == 0 && !expert_parallel()) {

@@ -48,6 +48,11 @@ struct GpuLayerOptions {
   /// Expert-parallel layers: pipeline chunks. Chunk i+1's rows travel (on the device communicator's
   /// stream) while chunk i's experts run on the caller's stream. Every rank must use the same value.
   int chunks = 1;
+  /// Expert-parallel layers: 0 = dropless; > 0 = capacity-factor mode with MoELayer's rule
+  /// (LayerOptions::capacity_factor, sched::apply_capacity): each rank keeps at most
+  /// ceil(cf * tokens * K / E) of its own picks per expert, the highest-weight ones; the others are
+  /// not sent, add nothing and get no gradient. Single-GPU layers are dropless only.
+  double capacity_factor = 0.0;
 };
 
 /// Device milliseconds of the stages of the last profiled forward and backward (zeros when
@@ -62,8 +67,9 @@ struct GpuLayerTimes {
 /// One MoE layer on the current CUDA device:
 ///   y = shared(x) + sum_k w_k(x) * expert_{id_k}(x)
 /// with the DeepSeek gate of kernels::gate_forward (softmax / sigmoid, selection bias, group limit,
-/// top-K, normalisation, scaling), dropless (every pick is computed). Same semantics as MoELayer on
-/// one rank, the auxiliary balance losses included (set_aux_loss); no capacity factor.
+/// top-K, normalisation, scaling), dropless (every pick is computed; the expert-parallel mode also
+/// has the capacity factor, GpuLayerOptions::capacity_factor). Same semantics as MoELayer on one
+/// rank, the auxiliary balance losses included (set_aux_loss).
 ///
 /// Forward: gate (cuBLAS + one warp per token) -> on the device, the row count of every expert and
 /// every pick's row in expert-sorted order (a stable counting sort: within an expert, picks keep
@@ -135,8 +141,8 @@ class GpuMoELayer {
   /// selection bias from `cpu`, a layer of the same config holding the same experts in the same
   /// slots (single-GPU mode: all E in order, slot e = expert e; expert-parallel mode: this rank's
   /// experts of the placement), and its auxiliary loss options. Synchronous. Gradients are not
-  /// touched. InvalidArgument naming the mismatch otherwise, or when `cpu` has a capacity factor
-  /// (unsupported).
+  /// touched. InvalidArgument naming the mismatch otherwise (the capacity factor included: it is
+  /// this layer's GpuLayerOptions::capacity_factor).
   void load_from(MoELayer& cpu);
   /// The auxiliary balance losses (MoELayer's options; off by default): each forward computes them
   /// on the device from the gate's scores over this layer's tokens (in expert-parallel mode, this
@@ -201,6 +207,8 @@ class GpuMoELayer {
   std::vector<float> topk_weights_host(cudaStream_t stream) const;
   /// Rows each local expert slot processed in the last forward (host, [num_local_experts()]).
   const std::vector<std::int64_t>& expert_counts() const { return counts_; }
+  /// Capacity-factor mode: this rank's picks the last forward dropped (0 when dropless).
+  std::int64_t picks_dropped() const { return picks_dropped_; }
   /// Times the workspace was (re)allocated since construction (stays put once warm).
   std::int64_t workspace_allocations() const { return allocations_; }
   /// Stage times of the last forward and backward (profile on); synchronises their events.
@@ -290,6 +298,7 @@ class GpuMoELayer {
   const float* x_ = nullptr;
   std::vector<std::int64_t> counts_;
   std::vector<std::int64_t> shared_rows_;  // {tokens}
+  std::int64_t picks_dropped_ = 0;
 
   // Expert-parallel buffers (device buffers on aux_: declared after it, so released before it).
   std::unique_ptr<EpState, EpStateDeleter> ep_;

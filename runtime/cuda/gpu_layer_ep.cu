@@ -12,6 +12,7 @@
 #include "runtime/cuda/gpu_layer.h"
 #include "runtime/cuda/kernels.h"
 #include "runtime/cuda/layer_helpers.h"
+#include "scheduler/capacity.h"
 #ifdef MOEX_HAVE_NCCL
 #include "comm/nccl/nccl_communicator.h"
 #endif
@@ -48,6 +49,8 @@ struct GpuMoELayer::EpState {
   // Host copies of the top-K of the last forward.
   std::vector<std::int32_t> ids;
   std::vector<float> weights;
+  std::vector<std::uint8_t> kept;   // capacity-factor mode: the picks kept
+  std::vector<int64_t> order;       // scratch of sched::apply_capacity
   // Exchanges in flight (kept until the next pass settles them: a Work must outlive its op).
   std::vector<comm::WorkPtr> dispatch, combine, combine_dw, reduce;
   std::vector<int64_t> sc, sd, rc, rd;  // per-peer block counts / displacements scratch
@@ -181,7 +184,10 @@ void GpuMoELayer::forward_ep(const void* xin, void* out, bool accumulate, cudaSt
                                     cudaMemcpyDeviceToHost, stream));
   }
   MOEX_CUDA_CHECK(cudaStreamSynchronize(stream));
-  plan_.plan_send(ep.ids, ep.weights, T, K, *placement_, device_comm_->rank(), C);
+  ep.kept.clear();
+  if (options_.capacity_factor > 0.0)
+    picks_dropped_ = sched::apply_capacity(ep.ids, ep.weights, experts_, options_.capacity_factor, ep.kept, ep.order);
+  plan_.plan_send(ep.ids, ep.weights, T, K, *placement_, device_comm_->rank(), C, ep.kept);
   plan_.exchange_metadata(*host_comm_, device_comm_->default_timeout());
   const int64_t SR = plan_.send_rows(), R = plan_.recv_rows(), N = plan_.entries();
 
