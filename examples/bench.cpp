@@ -121,7 +121,6 @@ int bench_layer(moex::comm::MpiCommunicator& world, int argc, char** argv) {
 #endif
   if (device.cuda) {
 #ifdef MOEX_TOOLS_WITH_CUDA
-    if (replicas) throw moex::ConfigError("--device cuda has one replica per expert: --replicas is CPU-only");
     moex::tools::GpuBenchArgs g;
     g.config = config;
     g.schedule = lo;
@@ -133,6 +132,8 @@ int bench_layer(moex::comm::MpiCommunicator& world, int argc, char** argv) {
     g.device_comm = device.comm;
     g.precision = device.precision;
     g.json = opt.on("json");
+    g.replicas = replicas;
+    g.spare_slots = spare;
     return moex::tools::bench_layer_gpu(world, g);
 #endif
   }

@@ -59,7 +59,13 @@ int bench_layer_gpu(comm::MpiCommunicator& world, const GpuBenchArgs& a) {
   const std::int64_t E = config.n_routed_experts, H = config.hidden_size, F = config.moe_intermediate_size,
                      Fs = config.shared_intermediate_size(), K = config.num_experts_per_tok, T = a.tokens_per_rank;
   const auto placement = sched::ExpertPlacement::contiguous(E, world.size());
-  MoELayer cpu(config, world, placement, "bench layer (parameters)");
+  const auto topology = sched::Topology::from_node_ids(world.node_ids());
+  const std::int64_t slots = (E + world.size() - 1) / world.size() + a.spare_slots;
+  std::unique_ptr<MoELayer> cpu_ptr =
+      a.replicas ? std::make_unique<MoELayer>(config, world, sched::identity_layout(E, topology, slots),
+                                              "bench layer (parameters)", topology, lo)
+                 : std::make_unique<MoELayer>(config, world, placement, "bench layer (parameters)", topology, lo);
+  MoELayer& cpu = *cpu_ptr;
   init_layer_random(cpu, a.seed, 0);
   if (a.skew > 0.0) apply_zipf_selection_bias(cpu, a.skew, a.seed);
   cuda::Stream stream;  // declared before the layer, which must not outlive it
@@ -67,8 +73,14 @@ int bench_layer_gpu(comm::MpiCommunicator& world, const GpuBenchArgs& a) {
   go.precision = cuda::precision_from_string(a.precision);
   go.chunks = lo.chunks;
   go.capacity_factor = lo.capacity_factor;
-  cuda::GpuMoELayer layer(config, world, *dev, placement, go);
-  layer.load_from(cpu);
+  auto make_layer = [&] {
+    auto l = cpu.replica_layout()
+                 ? std::make_unique<cuda::GpuMoELayer>(config, world, *dev, *cpu.replica_layout(), topology, go)
+                 : std::make_unique<cuda::GpuMoELayer>(config, world, *dev, placement, go);
+    l->load_from(cpu);
+    return l;
+  };
+  std::unique_ptr<cuda::GpuMoELayer> layer_ptr = make_layer();
 
   const cudaStream_t s = stream.get();
   const auto TH = static_cast<std::size_t>(T * H);
@@ -77,6 +89,18 @@ int bench_layer_gpu(comm::MpiCommunicator& world, const GpuBenchArgs& a) {
   cuda::fill_uniform(x.data(), T * H, rseed + 1, 1.7f, s);
   cuda::fill_uniform(dy.data(), T * H, rseed + 2, 1.7f, s);
   stream.synchronize();
+  std::int64_t migrated = 0;
+  if (a.replicas) {  // the load of one pass planned into replicas, migrated to, as moex-bench on the CPU
+    layer_ptr->forward(x.data(), T, y.data(), s);
+    std::vector<std::int64_t> load(static_cast<std::size_t>(E), 0);
+    for (const std::int32_t e : layer_ptr->topk_ids_host(s)) ++load[static_cast<std::size_t>(e)];
+    world.allreduce_sum(load.data(), E, comm::DataType::kInt64, "gpu bench expert load")->wait();
+    migrated = cpu.set_replica_layout(
+        sched::plan_replicas(std::vector<double>(load.begin(), load.end()), topology, config.n_group, slots));
+    layer_ptr.reset();
+    layer_ptr = make_layer();
+  }
+  cuda::GpuMoELayer& layer = *layer_ptr;
 
   const auto step = [&] {
     layer.zero_grad(s);
@@ -125,6 +149,9 @@ int bench_layer_gpu(comm::MpiCommunicator& world, const GpuBenchArgs& a) {
                 static_cast<long long>(H), static_cast<long long>(F), static_cast<long long>(E),
                 static_cast<long long>(config.n_shared_experts), static_cast<long long>(K), static_cast<long long>(T),
                 lo.chunks, static_cast<long long>(a.iters));
+    if (a.replicas)
+      std::printf("# replicas: %lld slots per rank, %lld slot blocks migrated to the layout planned from one pass\n",
+                  static_cast<long long>(slots), static_cast<long long>(migrated));
     if (lo.capacity_factor > 0.0)
       std::printf("# capacity factor %g: %lld of %lld picks dropped in the last pass\n", lo.capacity_factor,
                   static_cast<long long>(rows[2]), static_cast<long long>(T * K * world.size()));
@@ -145,6 +172,8 @@ int bench_layer_gpu(comm::MpiCommunicator& world, const GpuBenchArgs& a) {
                        {"skew", a.skew},         {"ms_step", ms},           {"tokens_per_s", tokens_per_s},
                        {"tflops", tflops},       {"rows_sent", rows[0]},    {"rows_received", rows[1]},
                        {"capacity_factor", lo.capacity_factor}, {"picks_dropped", rows[2]},
+                       {"replicas", a.replicas ? "on" : "off"}, {"slots_per_rank", a.replicas ? slots : 0},
+                       {"migrated_slots", migrated},
                        {"stages_ms", stages}};
       std::printf("%s\n", j.dump().c_str());
     }

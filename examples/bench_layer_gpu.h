@@ -20,6 +20,10 @@ struct GpuBenchArgs {
   std::string device_comm = "staged";  ///< staged or nccl
   std::string precision = "bf16";      ///< fp32 or bf16
   bool json = false;
+  /// Hot-expert replicas: the warmup passes' load planned into a layout (ceil(E / ranks) +
+  /// spare_slots slots per rank), migrated to before the timed passes.
+  bool replicas = false;
+  std::int64_t spare_slots = 1;
 };
 
 /// Times the expert-parallel GpuMoELayer (each rank on GPU rank % devices). Prints "SKIPPED: no CUDA

@@ -79,7 +79,8 @@ constexpr bool kWithCuda = false;
 #ifdef MOEX_TOOLS_WITH_CUDA
 /// The pass on the GPU: a GpuMoELayer (expert-parallel over `device_comm`, "staged" or "nccl") with
 /// `cpu`'s parameters runs forward (and backward), writes y (and dx), and leaves every gradient in
-/// `cpu`'s buffers (replicated ones summed over the ranks), so the output is written as for the CPU.
+/// `cpu`'s buffers (replicated ones summed over the ranks, and in replica mode each expert's over its
+/// replicas), so the output is written as for the CPU.
 void run_on_gpu(moex::comm::MpiCommunicator& world, moex::MoELayer& cpu, const std::string& device_comm,
                 const std::string& precision, const std::vector<float>& x, std::int64_t tokens,
                 const std::vector<float>* dy, std::vector<float>& y, std::vector<float>& dx) {
@@ -95,7 +96,11 @@ void run_on_gpu(moex::comm::MpiCommunicator& world, moex::MoELayer& cpu, const s
   // pointer tables on the caller's stream when it is destroyed).
   cuda::Stream stream;
   const cudaStream_t s = stream.get();
-  cuda::GpuMoELayer gpu(cpu.config(), world, *dev, cpu.placement(), go);
+  std::unique_ptr<cuda::GpuMoELayer> made =
+      cpu.replica_layout()
+          ? std::make_unique<cuda::GpuMoELayer>(cpu.config(), world, *dev, *cpu.replica_layout(), cpu.topology(), go)
+          : std::make_unique<cuda::GpuMoELayer>(cpu.config(), world, *dev, cpu.placement(), go);
+  cuda::GpuMoELayer& gpu = *made;
   gpu.load_from(cpu);
   const auto TH = static_cast<std::size_t>(tokens * cpu.config().hidden_size);
   cuda::DeviceBuffer<float> d_x = cuda::to_device(x, s), d_y(TH, s), d_dx(TH, s);
@@ -109,6 +114,7 @@ void run_on_gpu(moex::comm::MpiCommunicator& world, moex::MoELayer& cpu, const s
     dx = cuda::to_host(d_dx, s);
     cpu.replicated().grad = gpu.replicated_grads_host(s);
     cpu.experts().grad = gpu.expert_grads_host(s);
+    cpu.reduce_replica_grads();  // replica mode: each replica held its share of the expert's gradient
   }
   stream.synchronize();
 }
@@ -149,9 +155,9 @@ int run(moex::comm::MpiCommunicator& world, int argc, char** argv) {
       if (world.rank() == 0) std::fprintf(stderr, "SKIPPED: no CUDA device: %s\n", why.c_str());
       return kNoDevice;
     }
-    if (replicas || lo.exchange != moex::ExchangeKind::kFlat || lo.deterministic)
-      throw moex::ConfigError("--device cuda runs the flat schedule with one replica per expert: "
-                              "--replicas, --exchange hierarchical and --deterministic are CPU-only");
+    if (lo.exchange != moex::ExchangeKind::kFlat || lo.deterministic)
+      throw moex::ConfigError("--device cuda runs the flat schedule: --exchange hierarchical and --deterministic "
+                              "are CPU-only");
 #endif
   }
   const auto topology = moex::sched::Topology::from_node_ids(world.node_ids());

@@ -67,37 +67,68 @@ void EpPlan::plan_send(std::span<const std::int32_t> topk_ids, std::span<const f
                        std::int64_t tokens_in, std::int64_t k, const sched::ExpertPlacement& placement, int rank_in,
                        int chunks_in, std::span<const std::uint8_t> kept) {
   const int P = placement.world_size();
-  if (tokens_in < 0) throw InvalidArgument("ep plan: tokens = " + str(tokens_in) + " must be >= 0");
-  if (k < 1) throw InvalidArgument("ep plan: K = " + str(k) + " picks per token must be >= 1");
-  if (chunks_in < 1) throw InvalidArgument("ep plan: chunks = " + str(chunks_in) + " must be >= 1");
   if (rank_in < 0 || rank_in >= P)
     throw InvalidArgument("ep plan: rank = " + str(rank_in) + " is outside [0, " + str(P) +
                           ") (the placement's ranks)");
+  if (tokens_in < 0) throw InvalidArgument("ep plan: tokens = " + str(tokens_in) + " must be >= 0");
+  if (k < 1) throw InvalidArgument("ep plan: K = " + str(k) + " picks per token must be >= 1");
   const std::int64_t picks = tokens_in * k;
   if (static_cast<std::int64_t>(topk_ids.size()) != picks)
     throw InvalidArgument("ep plan: topk_ids has " + str(static_cast<std::int64_t>(topk_ids.size())) +
                           " ids, expected tokens * K = " + str(tokens_in) + " * " + str(k) + " = " + str(picks));
-  if (static_cast<std::int64_t>(topk_weights.size()) != picks)
-    throw InvalidArgument("ep plan: topk_weights has " + str(static_cast<std::int64_t>(topk_weights.size())) +
-                          " weights, expected tokens * K = " + str(tokens_in) + " * " + str(k) + " = " + str(picks));
   if (!kept.empty() && static_cast<std::int64_t>(kept.size()) != picks)
     throw InvalidArgument("ep plan: kept has " + str(static_cast<std::int64_t>(kept.size())) +
                           " flags, expected none or tokens * K = " + str(picks));
-  auto dropped = [&](std::size_t i) { return !kept.empty() && kept[i] == 0; };
   const std::int64_t E = placement.num_experts();
+  pick_rank_.resize(z(picks));
+  pick_slot_.resize(z(picks));
   for (std::int64_t i = 0; i < picks; ++i) {
     const std::int32_t e = topk_ids[z(i)];
     if (e < 0 || e >= E)
       throw InvalidArgument("ep plan: expert id " + str(e) + " of token " + str(i / k) + " (top-K position " +
                             str(i % k) + ") is outside [0, " + str(E) + ") (the placement's routed experts)");
+    const bool drop = !kept.empty() && kept[z(i)] == 0;
+    pick_rank_[z(i)] = drop ? -1 : placement.owner(e);
+    pick_slot_[z(i)] = drop ? -1 : static_cast<std::int32_t>(placement.local_slot(e));
   }
+  plan_send_picks(topk_weights, tokens_in, k, P, placement.num_local(rank_in), rank_in, chunks_in, pick_rank_,
+                  pick_slot_);
+}
+
+void EpPlan::plan_send_picks(std::span<const float> topk_weights, std::int64_t tokens_in, std::int64_t k, int world_in,
+                             std::int64_t num_local_in, int rank_in, int chunks_in, std::span<const int> pick_rank,
+                             std::span<const std::int32_t> pick_slot) {
+  const int P = world_in;
+  if (P < 1) throw InvalidArgument("ep plan: world = " + str(P) + " must be >= 1");
+  if (tokens_in < 0) throw InvalidArgument("ep plan: tokens = " + str(tokens_in) + " must be >= 0");
+  if (k < 1) throw InvalidArgument("ep plan: K = " + str(k) + " picks per token must be >= 1");
+  if (chunks_in < 1) throw InvalidArgument("ep plan: chunks = " + str(chunks_in) + " must be >= 1");
+  if (rank_in < 0 || rank_in >= P)
+    throw InvalidArgument("ep plan: rank = " + str(rank_in) + " is outside [0, " + str(P) + ")");
+  if (num_local_in < 0) throw InvalidArgument("ep plan: num_local = " + str(num_local_in) + " must be >= 0");
+  const std::int64_t picks = tokens_in * k;
+  if (static_cast<std::int64_t>(topk_weights.size()) != picks)
+    throw InvalidArgument("ep plan: topk_weights has " + str(static_cast<std::int64_t>(topk_weights.size())) +
+                          " weights, expected tokens * K = " + str(tokens_in) + " * " + str(k) + " = " + str(picks));
+  if (static_cast<std::int64_t>(pick_rank.size()) != picks || static_cast<std::int64_t>(pick_slot.size()) != picks)
+    throw InvalidArgument("ep plan: " + str(static_cast<std::int64_t>(pick_rank.size())) + " pick ranks and " +
+                          str(static_cast<std::int64_t>(pick_slot.size())) + " pick slots, expected tokens * K = " +
+                          str(picks) + " of each");
+  for (std::int64_t i = 0; i < picks; ++i) {
+    const int d = pick_rank[z(i)];
+    if (d < -1 || d >= P || (d >= 0 && pick_slot[z(i)] < 0))
+      throw InvalidArgument("ep plan: pick " + str(i) + " (token " + str(i / k) + ") goes to rank " + str(d) +
+                            ", slot " + str(pick_slot[z(i)]) + "; expected a rank in [0, " + str(P) +
+                            ") and a slot >= 0, or rank -1 (dropped)");
+  }
+  auto dropped = [&](std::size_t i) { return pick_rank[i] < 0; };
 
   world = P;
   rank = rank_in;
   chunks = chunks_in;
   tokens = tokens_in;
   topk = k;
-  num_local = placement.num_local(rank_in);
+  num_local = num_local_in;
   const auto W = z(P), K = z(k), K2 = 2 * z(k);
 
   // Scratch per destination rank: the last token that made a row to it, that row, the picks the row
@@ -116,7 +147,7 @@ void EpPlan::plan_send(std::span<const std::int32_t> topk_ids, std::span<const f
     for (std::int64_t t = t0; t < t1; ++t)
       for (std::int64_t j = 0; j < k; ++j) {
         if (dropped(z(t * k + j))) continue;
-        const auto d = z(placement.owner(topk_ids[z(t * k + j)]));
+        const auto d = z(pick_rank[z(t * k + j)]);
         if (last[d] == t) continue;
         last[d] = t;
         ++send_counts[cp(c, static_cast<int>(d))];
@@ -145,8 +176,7 @@ void EpPlan::plan_send(std::span<const std::int32_t> topk_ids, std::span<const f
           pick_back[i] = -1;
           continue;
         }
-        const std::int32_t e = topk_ids[i];
-        const auto d = z(placement.owner(e));
+        const auto d = z(pick_rank[i]);
         if (last[d] != t) {
           last[d] = t;
           row_of[d] = next[d]++;
@@ -158,7 +188,7 @@ void EpPlan::plan_send(std::span<const std::int32_t> topk_ids, std::span<const f
           token_rows[z(at++)] = row_of[d];
         }
         const std::int64_t r = row_of[d], f = fill[d]++;
-        send_meta[z(r) * K2 + z(f)] = static_cast<float>(placement.local_slot(e));
+        send_meta[z(r) * K2 + z(f)] = static_cast<float>(pick_slot[i]);
         send_meta[z(r) * K2 + K + z(f)] = topk_weights[i];
         pick_back[i] = r * k + f;
       }

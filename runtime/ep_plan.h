@@ -134,6 +134,14 @@ struct EpPlan {
   void plan_send(std::span<const std::int32_t> topk_ids, std::span<const float> topk_weights, std::int64_t tokens,
                  std::int64_t k, const sched::ExpertPlacement& placement, int rank, int chunks,
                  std::span<const std::uint8_t> kept = {});
+  /// Step 1, general form (replica layouts: each pick chooses its replica): pick i = t*K + j goes to
+  /// local slot pick_slot[i] of rank pick_rank[i] (-1: dropped), of `world` ranks; this rank
+  /// (`rank`) holds `num_local` slots. InvalidArgument on sizes that differ, a rank outside
+  /// [-1, world) or a negative slot of a kept pick (a slot the destination does not hold is reported
+  /// there, by build_receive()).
+  void plan_send_picks(std::span<const float> topk_weights, std::int64_t tokens, std::int64_t k, int world,
+                       std::int64_t num_local, int rank, int chunks, std::span<const int> pick_rank,
+                       std::span<const std::int32_t> pick_slot);
   /// Step 2, a blocking collective over `host_comm` (host buffers; its rank and size must equal
   /// plan_send's): an allgather of every rank's chunk count (InvalidArgument naming the ranks and
   /// counts when they differ, on every rank), an alltoall of the [C] row counts per peer, then one
@@ -149,6 +157,8 @@ struct EpPlan {
   std::vector<std::int64_t> count_send_, count_recv_;
   std::vector<std::int64_t> meta_send_counts_, meta_recv_counts_, meta_send_displs_, meta_recv_displs_;
   std::vector<std::int64_t> cursor_;
+  std::vector<int> pick_rank_;          // plan_send()'s picks for plan_send_picks()
+  std::vector<std::int32_t> pick_slot_;
 };
 
 }  // namespace moex

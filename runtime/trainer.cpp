@@ -139,8 +139,6 @@ std::int64_t Trainer::apply_planned_layouts() {
 }
 
 void Trainer::set_executor(LayerExecutor* executor) {
-  if (executor && options_.replicas.enabled)
-    throw ConfigError("a layer executor (e.g. --device cuda) runs one replica per expert: replicas must be off");
   if (executor)  // every layer of both models first, so a refusal leaves neither switched
     for (MoeModel* m : {teacher_.get(), student_.get()})
       for (auto& layer : m->layers()) executor->check(*layer);

@@ -93,7 +93,8 @@ class Trainer {
   MoeModel& teacher() { return *teacher_; }
   /// Runs the MoE layers of the teacher and the student through `executor` (e.g. on a GPU; see
   /// LayerExecutor), null: on the host again. The trainer tells it after every optimiser step and
-  /// selection-bias update. ConfigError with replicas on, or when the executor rejects a layer.
+  /// selection-bias update and replica migration. ConfigError when the executor rejects a layer (its
+  /// check(), e.g. a schedule it cannot run).
   void set_executor(LayerExecutor* executor);
   const TrainOptions& options() const { return options_; }
 

@@ -22,6 +22,8 @@
 #include "runtime/moe_model.h"
 #include "runtime/random.h"
 #include "scheduler/expert_placement.h"
+#include "scheduler/replica_planner.h"
+#include "scheduler/topology.h"
 #include "tests/reference_moe.h"
 #include "tests/tolerance.h"
 
@@ -149,28 +151,43 @@ Batch draw_batch(MoELayer& cpu, int64_t tokens, std::uint64_t seed, bool bf16) {
 }
 
 
-/// A CPU layer over `comm` with `placement` and init_layer_random parameters (identical on every
-/// rank; plus a random selection bias when the case has one); with `bf16` the shared and expert
-/// weights are made bf16-representable.
-std::unique_ptr<MoELayer> make_cpu_layer(const LayerCase& c, bool bf16, std::uint64_t seed, comm::Communicator& comm,
-                                         sched::ExpertPlacement placement, LayerOptions options = {}) {
+/// init_layer_random parameters for `layer` (identical on every rank; plus a random selection bias
+/// when the case has one); with `bf16` the shared and expert weights are made bf16-representable.
+void init_cpu_layer(MoELayer& layer, const LayerCase& c, bool bf16, std::uint64_t seed) {
   const MoeConfig& cfg = c.config;
-  auto layer = std::make_unique<MoELayer>(cfg, comm, std::move(placement), std::string("cpu_") + c.name, std::nullopt,
-                                          options);
-  init_layer_random(*layer, seed, 0);
+  init_layer_random(layer, seed, 0);
   if (c.bias_sd > 0.0) {
-    std::vector<float>& bias = layer->selection_bias();
+    std::vector<float>& bias = layer.selection_bias();
     bias.resize(static_cast<std::size_t>(cfg.n_routed_experts));
     Rng rng(seed + 77);
     rng.fill_normal(bias.data(), cfg.n_routed_experts, c.bias_sd);
   }
   if (bf16) {
     const int64_t gate_n = cfg.n_routed_experts * cfg.hidden_size;
-    Vec& rep = layer->replicated().value;
+    Vec& rep = layer.replicated().value;
     round_to_bf16(rep.data() + gate_n, rep.size() - static_cast<std::size_t>(gate_n));
-    Vec& ex = layer->experts().value;
+    Vec& ex = layer.experts().value;
     round_to_bf16(ex.data(), ex.size());
   }
+}
+
+/// A CPU layer over `comm` with `placement` and init_cpu_layer's parameters.
+std::unique_ptr<MoELayer> make_cpu_layer(const LayerCase& c, bool bf16, std::uint64_t seed, comm::Communicator& comm,
+                                         sched::ExpertPlacement placement, LayerOptions options = {}) {
+  auto layer = std::make_unique<MoELayer>(c.config, comm, std::move(placement), std::string("cpu_") + c.name,
+                                          std::nullopt, options);
+  init_cpu_layer(*layer, c, bf16, seed);
+  return layer;
+}
+
+/// A replica-mode CPU layer over `comm` in `layout` (on `topology`) with init_cpu_layer's parameters
+/// (every replica of an expert holds its weights).
+std::unique_ptr<MoELayer> make_cpu_layer(const LayerCase& c, bool bf16, std::uint64_t seed, comm::Communicator& comm,
+                                         sched::ReplicaLayout layout, const sched::Topology& topology,
+                                         LayerOptions options = {}) {
+  auto layer = std::make_unique<MoELayer>(c.config, comm, std::move(layout), std::string("cpu_") + c.name, topology,
+                                          options);
+  init_cpu_layer(*layer, c, bf16, seed);
   return layer;
 }
 

@@ -70,6 +70,10 @@ TEST(CudaEpLayerHost, RejectsBadCommunicatorsAndPlacements) {
                  [&] { GpuMoELayer gpu(cfg, world, world, sched::ExpertPlacement::contiguous(cfg.n_routed_experts, P + 1)); });
   expect_invalid("a placement of another expert count", "n_routed_experts",
                  [&] { GpuMoELayer gpu(cfg, world, world, sched::ExpertPlacement::contiguous(cfg.n_routed_experts * 2, P)); });
+  const sched::Topology wider = sched::Topology::from_node_ids(std::vector<int>(static_cast<std::size_t>(P + 1), 0));
+  expect_invalid("a replica layout for another world size", "replica layout is for", [&] {
+    GpuMoELayer gpu(cfg, world, world, sched::identity_layout(cfg.n_routed_experts, wider, cfg.n_routed_experts), wider);
+  });
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -81,10 +85,27 @@ struct EpParam {
   int chunks;
   bool aux = false;        // auxiliary balance losses on (large coefficients, several sequences per rank)
   double capacity = 0.0;   // capacity factor (0 = dropless)
+  bool replicas = false;   // replica mode: a layout planned for a skewed load (hot experts replicated)
 };
 std::string name_of(const EpParam& p) {
   return std::string(p.config) + "_" + to_string(p.precision) + "_c" + std::to_string(p.chunks) +
-         (p.aux ? "_aux" : "") + (p.capacity > 0.0 ? "_capacity" : "");
+         (p.aux ? "_aux" : "") + (p.capacity > 0.0 ? "_capacity" : "") + (p.replicas ? "_replicas" : "");
+}
+
+/// Replica mode at P ranks on 2-rank nodes: every rank ceil(E / P) + 1 slots, the layout planned for
+/// a Zipf-like load, so the hot experts have several replicas (on other nodes too at 4 ranks).
+struct ReplicaSetup {
+  sched::Topology topology;
+  sched::ReplicaLayout identity, planned;
+};
+ReplicaSetup replica_setup(const MoeConfig& cfg, int P) {
+  std::vector<int> nodes(static_cast<std::size_t>(P));
+  for (int r = 0; r < P; ++r) nodes[static_cast<std::size_t>(r)] = r / 2;
+  const sched::Topology topo = sched::Topology::from_node_ids(nodes);
+  const int64_t E = cfg.n_routed_experts, slots = (E + P - 1) / P + 1;
+  std::vector<double> load(static_cast<std::size_t>(E));
+  for (int64_t e = 0; e < E; ++e) load[static_cast<std::size_t>(e)] = 1000.0 / std::pow(static_cast<double>(e + 1), 1.2);
+  return {topo, sched::identity_layout(E, topo, slots), sched::plan_replicas(load, topo, cfg.n_group, slots)};
 }
 void PrintTo(const EpParam& p, std::ostream* os) { *os << name_of(p); }
 
@@ -112,7 +133,18 @@ class CudaEpLayer : public ::testing::TestWithParam<EpParam> {
     LayerOptions cpu_opt;
     cpu_opt.chunks = p.chunks;
     cpu_opt.capacity_factor = p.capacity;
-    auto cpu = make_cpu_layer(c, bf16, 21, *host_, placement, cpu_opt);
+    std::optional<ReplicaSetup> rs;
+    std::unique_ptr<MoELayer> cpu;
+    if (p.replicas) {
+      rs = replica_setup(c.config, P);
+      cpu = make_cpu_layer(c, bf16, 21, *host_, rs->identity, rs->topology, cpu_opt);
+      cpu->set_replica_layout(rs->planned);  // a collective: moves the slot blocks
+      int64_t multi = 0;
+      for (int64_t e = 0; e < c.config.n_routed_experts; ++e) multi += rs->planned.num_replicas(e) > 1 ? 1 : 0;
+      EXPECT_GT(multi, 0) << "the planned layout should replicate some hot expert";
+    } else {
+      cpu = make_cpu_layer(c, bf16, 21, *host_, placement, cpu_opt);
+    }
     if (p.aux) {
       AuxLossOptions aux;
       aux.seq_alpha = 0.5f;
@@ -124,9 +156,12 @@ class CudaEpLayer : public ::testing::TestWithParam<EpParam> {
     opt.precision = p.precision;
     opt.chunks = p.chunks;
     opt.capacity_factor = p.capacity;
-    GpuMoELayer gpu(c.config, *host_, device_comm, placement, opt);
+    std::unique_ptr<GpuMoELayer> made =
+        rs ? std::make_unique<GpuMoELayer>(c.config, *host_, device_comm, rs->planned, rs->topology, opt)
+           : std::make_unique<GpuMoELayer>(c.config, *host_, device_comm, placement, opt);
+    GpuMoELayer& gpu = *made;
     gpu.load_from(*cpu);
-    ASSERT_EQ(gpu.num_local_experts(), placement.num_local(r));
+    ASSERT_EQ(gpu.num_local_experts(), rs ? rs->planned.slots_per_rank() : placement.num_local(r));
 
     for (int step = 0; step < 3; ++step) {
       const int64_t T = tokens_of(r, step);
@@ -181,7 +216,9 @@ INSTANTIATE_TEST_SUITE_P(Configs, CudaEpLayer,
                                            EpParam{"v2_lite_like", LayerPrecision::kBf16, 1},
                                            EpParam{"v3_like", LayerPrecision::kFp32, 2, true},
                                            EpParam{"v3_like", LayerPrecision::kFp32, 2, false, 0.75},
-                                           EpParam{"v2_lite_like", LayerPrecision::kBf16, 3, false, 1.0}),
+                                           EpParam{"v2_lite_like", LayerPrecision::kBf16, 3, false, 1.0},
+                                           EpParam{"v3_like", LayerPrecision::kFp32, 2, false, 0.0, true},
+                                           EpParam{"v2_lite_like", LayerPrecision::kBf16, 1, true, 1.25, true}),
                          [](const ::testing::TestParamInfo<EpParam>& i) { return name_of(i.param); });
 
 // ---------------------------------------------------------------------------------------------------
@@ -199,6 +236,7 @@ void expect_trains_like_the_cpu(const TrainOptions& o) {
   cfg.num_hidden_layers = 2;
   cfg.validate();
   Trainer cpu(cfg, world, o), gpu(cfg, world, o);
+  std::int64_t migrated = 0;
   GpuLayerExecutor exec(world, device);
   gpu.set_executor(&exec);
   // fp32 on both sides: the only differences are summation orders. The loss agrees far inside 1e-4
@@ -210,10 +248,15 @@ void expect_trains_like_the_cpu(const TrainOptions& o) {
     EXPECT_NEAR(b.loss, a.loss, 1e-4 * std::abs(a.loss)) << "step " << s << " rank " << world.rank();
     EXPECT_EQ(b.max_mean_load, a.max_mean_load) << "step " << s << ": route statistics from the GPU";
     EXPECT_EQ(b.picks_dropped, a.picks_dropped) << "step " << s << ": picks dropped by capacity";
+    EXPECT_EQ(b.migrated_slots, a.migrated_slots) << "step " << s << ": replica slots migrated";
+    migrated += a.migrated_slots;
     EXPECT_NEAR(b.aux_loss, a.aux_loss, 1e-5 * std::abs(a.aux_loss)) << "step " << s << ": auxiliary losses";
     if (o.aux.enabled()) {
       EXPECT_GT(a.aux_loss, 0.0) << "step " << s;
     }
+  }
+  if (o.replicas.enabled && world.size() > 1) {  // one rank has nothing to balance
+    EXPECT_GT(migrated, 0) << "the replica planner should have moved slots within five steps";
   }
   // Parameters: AdamW moves a weight by about lr per step whatever the gradient's size, so a
   // gradient that is zero but for rounding can move one weight by up to 2 lr differently: compare
@@ -257,6 +300,20 @@ TEST(CudaEpTrain, ExecutorTrainsLikeTheCpuWithACapacityFactor) {
   expect_trains_like_the_cpu(o);
 }
 
+// Hot-expert replicas: planned from the (skewed) load while training, migrated on the host, and the
+// GPU layers rebuilt in the new layout; the same losses, loads and migrations as on the CPU.
+TEST(CudaEpTrain, ExecutorTrainsLikeTheCpuWithReplicas) {
+  TrainOptions o;
+  o.tokens_per_rank = 40;
+  o.layer.chunks = 2;
+  o.skew = 1.2;
+  o.replicas.enabled = true;
+  o.replicas.interval = 2;
+  o.replicas.lag = 1;
+  o.replicas.ema = 0.5;
+  expect_trains_like_the_cpu(o);
+}
+
 // The auxiliary balance losses run on the GPU (value and gradient); coefficients far above
 // DeepSeek-V3's 1e-4, so that their gradient moves the gate visibly within five steps.
 TEST(CudaEpTrain, ExecutorTrainsLikeTheCpuWithAuxiliaryLosses) {
@@ -285,9 +342,6 @@ TEST(CudaEpTrainHost, ExecutorRejectsCpuOnlySchedules) {
   TrainOptions det;
   det.layer.deterministic = true;
   rejects("deterministic schedule", det);
-  TrainOptions rep;
-  rep.replicas.enabled = true;
-  rejects("replicas", rep);
 }
 
 }  // namespace

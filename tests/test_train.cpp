@@ -503,7 +503,8 @@ TEST(Executor, StaleParametersAreCaught) {
   EXPECT_TRUE(differ);
 }
 
-TEST(Executor, ReplicasAreRejected) {
+// An executor that cannot run replica layouts refuses them in check(), so set_executor() throws.
+TEST(Executor, ReplicasAreRejectedByAnExecutorWithout) {
   TrainOptions o;
   o.replicas.enabled = true;
   Trainer t(tiny("sigmoid"), testing::world(), o);

@@ -20,9 +20,9 @@ GpuLayerExecutor::~GpuLayerExecutor() {
 void GpuLayerExecutor::check(const MoELayer& layer) {
   const std::string what = "GPU layer for '" + layer.name() + "': ";
   const LayerOptions& o = layer.options();
-  if (layer.replica_layout()) throw ConfigError(what + "replica mode is CPU-only (one replica per expert on the GPU)");
   if (o.exchange != ExchangeKind::kFlat) throw ConfigError(what + "the hierarchical exchange is CPU-only (use flat)");
   if (o.deterministic) throw ConfigError(what + "the deterministic schedule is CPU-only");
+  if (layer.replica_layout()) return;  // every rank has the layout's slots
   const sched::ExpertPlacement& p = layer.placement();
   for (int r = 0; r < p.world_size(); ++r)
     if (p.num_local(r) == 0)
@@ -38,12 +38,22 @@ cudaStream_t GpuLayerExecutor::stream() {
 
 GpuLayerExecutor::Twin& GpuLayerExecutor::twin(MoELayer& layer) {
   Twin& t = twins_[&layer];
+  // A replica layout the host layer migrated to needs a GPU layer with the new slots.
+  const std::optional<sched::ReplicaLayout>& layout = layer.replica_layout();
+  if (t.gpu && (layout.has_value() != t.layout.has_value() || (layout && !(*layout == *t.layout)))) {
+    MOEX_CUDA_CHECK(cudaStreamSynchronize(stream()));  // queued work may still use the old layer
+    t.gpu.reset();
+  }
   if (!t.gpu) {
     check(layer);
     GpuLayerOptions o = options_;
     o.chunks = layer.options().chunks;
     o.capacity_factor = layer.options().capacity_factor;
-    t.gpu = std::make_unique<GpuMoELayer>(layer.config(), host_comm_, device_comm_, layer.placement(), o);
+    t.gpu = layout ? std::make_unique<GpuMoELayer>(layer.config(), host_comm_, device_comm_, *layout,
+                                                   layer.topology(), o)
+                   : std::make_unique<GpuMoELayer>(layer.config(), host_comm_, device_comm_, layer.placement(), o);
+    t.layout = layout;
+    t.dirty = true;
   }
   return t;
 }

@@ -21,9 +21,10 @@ namespace moex::cuda {
 /// entries_processed, rows, picks dropped by the capacity factor; bytes_sent counts only the
 /// forward dispatch's rows to other ranks, at the layer's element size) and its auxiliary balance
 /// losses (computed on the GPU, their gradient added there in backward) are recorded in the host
-/// layer. The chunk count and capacity factor are each host layer's (LayerOptions). Convenient
-/// rather than fast: every pass copies its activations, every step its gradients and parameters,
-/// across PCIe.
+/// layer. The chunk count, capacity factor and replica layout are each host layer's (a migration to
+/// a new layout makes a new GPU layer at the next pass; the host sums the replicas' gradients and
+/// moves the slots, as without the executor). Convenient rather than fast: every pass copies its
+/// activations, every step its gradients and parameters, across PCIe.
 class GpuLayerExecutor final : public LayerExecutor {
  public:
   /// `host_comm` / `device_comm` as for GpuMoELayer's expert-parallel constructor; both outlive this.
@@ -31,8 +32,8 @@ class GpuLayerExecutor final : public LayerExecutor {
   GpuLayerExecutor(comm::Communicator& host_comm, comm::Communicator& device_comm, GpuLayerOptions options = {});
   ~GpuLayerExecutor() override;
 
-  /// ConfigError for what the GPU layer does not run: replica mode, the hierarchical exchange, the
-  /// deterministic schedule.
+  /// ConfigError for what the GPU layer does not run: the hierarchical exchange, the deterministic
+  /// schedule.
   void check(const MoELayer& layer) override;
   void forward(MoELayer& layer, const float* x, std::int64_t tokens, float* y) override;
   void backward(MoELayer& layer, const float* dy, float* dx) override;
@@ -44,6 +45,7 @@ class GpuLayerExecutor final : public LayerExecutor {
  private:
   struct Twin {
     std::unique_ptr<GpuMoELayer> gpu;
+    std::optional<sched::ReplicaLayout> layout;  // the host layer's when `gpu` was made
     bool dirty = true;
     DeviceBuffer<float> x, y;  // [capacity, H] (y is reused for dy, x keeps the forward's input)
     DeviceBuffer<float> dy;

@@ -145,14 +145,16 @@ const MoeConfig& validated(const MoeConfig& c) {
   return c;
 }
 
-/// The routed expert slots a layer holds: all E on one GPU, else its rank's share of `placement`
-/// (validated against the communicators).
+/// The routed expert slots a layer holds: all E on one GPU, else its rank's share of `placement`, or
+/// every rank's slots_per_rank() of `layout` (validated against the communicators).
 int64_t local_slot_count(const MoeConfig& c, const GpuLayerOptions& o, const comm::Communicator* host,
-                         const comm::Communicator* device, const std::optional<sched::ExpertPlacement>& placement) {
+                         const comm::Communicator* device, const std::optional<sched::ExpertPlacement>& placement,
+                         const std::optional<sched::ReplicaLayout>& layout,
+                         const std::optional<sched::Topology>& topology) {
   if (!(o.capacity_factor >= 0.0) || !std::isfinite(o.capacity_factor))
     throw InvalidArgument("GpuMoELayer: capacity_factor = " + std::to_string(o.capacity_factor) +
                           ": must be 0 (dropless) or a finite value > 0");
-  if (!placement) {
+  if (!placement && !layout) {
     if (o.capacity_factor > 0.0)
       throw InvalidArgument("GpuMoELayer: capacity_factor = " + std::to_string(o.capacity_factor) +
                             ": the single-GPU layer is dropless only (use the expert-parallel constructor)");
@@ -165,15 +167,26 @@ int64_t local_slot_count(const MoeConfig& c, const GpuLayerOptions& o, const com
                           std::to_string(host->size()) + " but the device communicator rank " +
                           std::to_string(device->rank()) + " of " + std::to_string(device->size()) +
                           "; they must span the same ranks in the same order");
-  if (placement->world_size() != device->size())
-    throw InvalidArgument(what + "the placement is for " + std::to_string(placement->world_size()) +
-                          " ranks; the communicators have " + std::to_string(device->size()));
-  if (placement->num_experts() != c.n_routed_experts)
-    throw InvalidArgument(what + "the placement places " + std::to_string(placement->num_experts()) +
-                          " experts; the config has n_routed_experts = " + std::to_string(c.n_routed_experts));
+  if (layout) {
+    layout->validate(c.n_routed_experts);
+    if (layout->world_size() != device->size())
+      throw InvalidArgument(what + "the replica layout is for " + std::to_string(layout->world_size()) +
+                            " ranks; the communicators have " + std::to_string(device->size()));
+    if (topology->world_size() != device->size())
+      throw InvalidArgument(what + "the topology is for " + std::to_string(topology->world_size()) +
+                            " ranks; the communicators have " + std::to_string(device->size()));
+  } else {
+    if (placement->world_size() != device->size())
+      throw InvalidArgument(what + "the placement is for " + std::to_string(placement->world_size()) +
+                            " ranks; the communicators have " + std::to_string(device->size()));
+    if (placement->num_experts() != c.n_routed_experts)
+      throw InvalidArgument(what + "the placement places " + std::to_string(placement->num_experts()) +
+                            " experts; the config has n_routed_experts = " + std::to_string(c.n_routed_experts));
+  }
   if (!comm::is_device_communicator(*device))
     throw InvalidArgument(what + "the device communicator must be a NcclCommunicator or a StagedCommunicator "
                                  "(device buffers, ordered against CUDA streams); got another kind");
+  if (layout) return layout->slots_per_rank();
   const int64_t n = placement->num_local(device->rank());
   if (n < 1)
     throw InvalidArgument(what + "rank " + std::to_string(device->rank()) +
@@ -197,8 +210,13 @@ GpuMoELayer::GpuMoELayer(const MoeConfig& config, comm::Communicator& host_comm,
                          sched::ExpertPlacement placement, GpuLayerOptions options)
     : GpuMoELayer(config, options, &host_comm, &device_comm, std::move(placement)) {}
 
+GpuMoELayer::GpuMoELayer(const MoeConfig& config, comm::Communicator& host_comm, comm::Communicator& device_comm,
+                         sched::ReplicaLayout layout, sched::Topology topology, GpuLayerOptions options)
+    : GpuMoELayer(config, options, &host_comm, &device_comm, std::nullopt, std::move(layout), std::move(topology)) {}
+
 GpuMoELayer::GpuMoELayer(const MoeConfig& config, GpuLayerOptions options, comm::Communicator* host_comm,
-                         comm::Communicator* device_comm, std::optional<sched::ExpertPlacement> placement)
+                         comm::Communicator* device_comm, std::optional<sched::ExpertPlacement> placement,
+                         std::optional<sched::ReplicaLayout> layout, std::optional<sched::Topology> topology)
     : config_(validated(config)),
       options_(options),
       dtype_(options.precision == LayerPrecision::kFp32 ? DType::kFp32 : DType::kBf16),
@@ -207,10 +225,12 @@ GpuMoELayer::GpuMoELayer(const MoeConfig& config, GpuLayerOptions options, comm:
       shared_ffn_(config.shared_intermediate_size()),
       experts_(config.n_routed_experts),
       topk_(config.num_experts_per_tok),
-      local_(local_slot_count(config, options, host_comm, device_comm, placement)),
+      local_(local_slot_count(config, options, host_comm, device_comm, placement, layout, topology)),
       host_comm_(host_comm),
       device_comm_(device_comm),
       placement_(std::move(placement)),
+      layout_(std::move(layout)),
+      topology_(std::move(topology)),
       gate_params_(kernels::GateParams::from_config(config, 0)),
       expert_ffn_(GroupedFfnShape{local_, config.hidden_size, config.moe_intermediate_size,
                                   3 * config.moe_intermediate_size * config.hidden_size},
@@ -300,10 +320,23 @@ void GpuMoELayer::check_cpu_layer(MoELayer& cpu, const char* what) const {
                           (expert_parallel() ? "this rank's " + std::to_string(local_) + " experts of the placement"
                                              : "all " + std::to_string(experts_) + " experts (a single-rank layer)"));
   for (std::size_t s = 0; s < slots.size(); ++s) {
-    const int64_t want = expert_parallel() ? placement_->experts_of(device_comm_->rank())[s] : static_cast<int64_t>(s);
+    const int64_t want = layout_      ? layout_->expert_at(device_comm_->rank(), static_cast<int64_t>(s))
+                         : placement_ ? placement_->experts_of(device_comm_->rank())[s]
+                                      : static_cast<int64_t>(s);
     if (slots[s] != want)
       throw InvalidArgument(std::string(what) + ": the CPU layer's slot " + std::to_string(s) + " holds expert " +
                             std::to_string(slots[s]) + "; expected expert " + std::to_string(want));
+  }
+  // Replica mode on both sides or neither, with the same layout and node map (the replica choice).
+  const std::optional<sched::ReplicaLayout>& cpu_layout = cpu.replica_layout();
+  if (cpu_layout.has_value() != layout_.has_value() || (layout_ && !(*layout_ == *cpu_layout)))
+    throw mismatch("replica layout", !cpu_layout ? "none (one replica per expert)" : "another layout",
+                   !layout_ ? "none (one replica per expert)" : "another layout");
+  if (layout_) {
+    bool same_nodes = cpu.topology().world_size() == topology_->world_size();
+    for (int r = 0; same_nodes && r < topology_->world_size(); ++r)
+      same_nodes = cpu.topology().node_of(r) == topology_->node_of(r);
+    if (!same_nodes) throw mismatch("topology", "another node map", "its own");
   }
   if (cpu.options().capacity_factor != options_.capacity_factor)
     throw mismatch("capacity_factor", std::to_string(cpu.options().capacity_factor),

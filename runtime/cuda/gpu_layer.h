@@ -20,6 +20,8 @@
 #include "runtime/moe_config.h"
 #include "runtime/moe_layer.h"
 #include "scheduler/expert_placement.h"
+#include "scheduler/replica_planner.h"
+#include "scheduler/topology.h"
 
 namespace moex {
 class MoELayer;
@@ -128,6 +130,14 @@ class GpuMoELayer {
   /// no routed expert.
   GpuMoELayer(const MoeConfig& config, comm::Communicator& host_comm, comm::Communicator& device_comm,
               sched::ExpertPlacement placement, GpuLayerOptions options = {});
+  /// Expert-parallel replica mode (MoELayer's): the routed experts live in the physical slots of
+  /// `layout` (layout.slots_per_rank() on every rank; hot experts may have several replicas), and
+  /// each pick goes to the replica ReplicaLayout::choose(expert, this rank, token, topology) names, as
+  /// on the CPU. The expert gradients are per slot: the replicas of an expert hold partial sums (the
+  /// caller adds them up, as MoELayer::start_replica_grad_reduce does on the host). InvalidArgument
+  /// as above, or for a layout or topology of another world size or expert count.
+  GpuMoELayer(const MoeConfig& config, comm::Communicator& host_comm, comm::Communicator& device_comm,
+              sched::ReplicaLayout layout, sched::Topology topology, GpuLayerOptions options = {});
   ~GpuMoELayer();
   GpuMoELayer(const GpuMoELayer&) = delete;
   GpuMoELayer& operator=(const GpuMoELayer&) = delete;
@@ -178,6 +188,8 @@ class GpuMoELayer {
   bool expert_parallel() const { return device_comm_ != nullptr; }
   /// Routed expert slots this layer holds (E in single-GPU mode).
   std::int64_t num_local_experts() const { return local_; }
+  /// The replica layout of a replica-mode layer (null otherwise).
+  const sched::ReplicaLayout* replica_layout() const { return layout_ ? &*layout_ : nullptr; }
   /// The plan of the last expert-parallel forward (row counts per chunk and peer, entries per slot).
   const EpPlan& plan() const { return plan_; }
 
@@ -224,7 +236,9 @@ class GpuMoELayer {
   };
   // Both public constructors (placement and communicators set together, or none).
   GpuMoELayer(const MoeConfig& config, GpuLayerOptions options, comm::Communicator* host_comm,
-              comm::Communicator* device_comm, std::optional<sched::ExpertPlacement> placement);
+              comm::Communicator* device_comm, std::optional<sched::ExpertPlacement> placement,
+              std::optional<sched::ReplicaLayout> layout = std::nullopt,
+              std::optional<sched::Topology> topology = std::nullopt);
   void check_cpu_layer(MoELayer& cpu, const char* what) const;
   void init_ep();    // creates ep_ (gpu_layer_ep.cu)
   void settle_ep();  // waits (until the device communicator's timeout) for ep_'s exchanges in flight
@@ -256,7 +270,9 @@ class GpuMoELayer {
   // Expert-parallel mode (null / empty otherwise).
   comm::Communicator* host_comm_ = nullptr;
   comm::Communicator* device_comm_ = nullptr;
-  std::optional<sched::ExpertPlacement> placement_;
+  std::optional<sched::ExpertPlacement> placement_;  // expert-parallel mode, one replica per expert
+  std::optional<sched::ReplicaLayout> layout_;       // replica mode (with topology_)
+  std::optional<sched::Topology> topology_;
   EpPlan plan_;
   kernels::GateParams gate_params_;
 

@@ -50,6 +50,8 @@ struct GpuMoELayer::EpState {
   std::vector<std::int32_t> ids;
   std::vector<float> weights;
   std::vector<std::uint8_t> kept;   // capacity-factor mode: the picks kept
+  std::vector<int> pick_rank;       // replica mode: each pick's replica (rank, slot)
+  std::vector<std::int32_t> pick_slot;
   std::vector<int64_t> order;       // scratch of sched::apply_capacity
   // Exchanges in flight (kept until the next pass settles them: a Work must outlive its op).
   std::vector<comm::WorkPtr> dispatch, combine, combine_dw, reduce;
@@ -187,7 +189,31 @@ void GpuMoELayer::forward_ep(const void* xin, void* out, bool accumulate, cudaSt
   ep.kept.clear();
   if (options_.capacity_factor > 0.0)
     picks_dropped_ = sched::apply_capacity(ep.ids, ep.weights, experts_, options_.capacity_factor, ep.kept, ep.order);
-  plan_.plan_send(ep.ids, ep.weights, T, K, *placement_, device_comm_->rank(), C, ep.kept);
+  const int me = device_comm_->rank();
+  if (layout_) {
+    // Each kept pick goes to the replica the layout chooses for (expert, this rank, token), as MoELayer.
+    ep.pick_rank.resize(static_cast<std::size_t>(T * K));
+    ep.pick_slot.resize(static_cast<std::size_t>(T * K));
+    for (int64_t i = 0; i < T * K; ++i) {
+      const auto u = static_cast<std::size_t>(i);
+      if (!ep.kept.empty() && !ep.kept[u]) {
+        ep.pick_rank[u] = -1;
+        ep.pick_slot[u] = -1;
+        continue;
+      }
+      const std::int32_t e = ep.ids[u];
+      if (e < 0 || e >= experts_)
+        throw InternalError("GpuMoELayer: the gate picked expert " + std::to_string(e) + " outside [0, " +
+                            std::to_string(experts_) + ")");
+      const sched::ReplicaLayout::Replica& r = layout_->replicas(e)[static_cast<std::size_t>(
+          layout_->choose(e, me, i / K, *topology_))];
+      ep.pick_rank[u] = r.rank;
+      ep.pick_slot[u] = static_cast<std::int32_t>(r.slot);
+    }
+    plan_.plan_send_picks(ep.weights, T, K, device_comm_->size(), local_, me, C, ep.pick_rank, ep.pick_slot);
+  } else {
+    plan_.plan_send(ep.ids, ep.weights, T, K, *placement_, me, C, ep.kept);
+  }
   plan_.exchange_metadata(*host_comm_, device_comm_->default_timeout());
   const int64_t SR = plan_.send_rows(), R = plan_.recv_rows(), N = plan_.entries();
 

@@ -4,7 +4,7 @@
 For each rank count, runs `mpirun -np N moex-train` twice with the same seed and model (once with
 --device cpu, once with --device cuda and the chosen --device-comm / --precision), reads both
 --log-json files, and requires every step's loss (and auxiliary balance loss, where --train-args turns
-one on) to agree, and the picks a capacity factor drops to be the same:
+one on) to agree, and the picks a capacity factor drops and the replica slots migrated to be the same:
 
     |loss_gpu - loss_cpu| / |loss_cpu| <= rtol   (default 1e-5 for fp32, 2e-2 for bf16)
 
@@ -87,18 +87,20 @@ def main():
             a, b = losses(cpu_log, "loss"), losses(gpu_log, "loss")
             aux_a, aux_b = losses(cpu_log, "aux_loss"), losses(gpu_log, "aux_loss")
             drop_a, drop_b = losses(cpu_log, "picks_dropped"), losses(gpu_log, "picks_dropped")
+            mig_a, mig_b = losses(cpu_log, "migrated_slots"), losses(gpu_log, "migrated_slots")
             if len(a) != args.steps or len(b) != args.steps:
                 print(f"FAIL ranks {n}: expected {args.steps} logged steps, got {len(a)} (cpu) and {len(b)} (gpu)")
                 failed += 1
                 continue
             err = max_rel(a, b)
             aux_err = max_rel(aux_a, aux_b) if any(aux_a) else 0.0
-            ok = err <= args.rtol and aux_err <= args.rtol and drop_a == drop_b
+            ok = err <= args.rtol and aux_err <= args.rtol and drop_a == drop_b and mig_a == mig_b
             failed += not ok
             print(f"ranks {n} {args.device_comm} {args.precision}: loss {a[0]:.6f} -> {a[-1]:.6f} (cpu), "
                   f"-> {b[-1]:.6f} (gpu); max relative step difference {err:.3e}"
                   + (f", auxiliary loss {aux_err:.3e}" if any(aux_a) else "")
                   + (f"; picks dropped {sum(drop_a)} (cpu), {sum(drop_b)} (gpu)" if any(drop_a) or any(drop_b) else "")
+                  + (f"; slots migrated {sum(mig_a)} (cpu), {sum(mig_b)} (gpu)" if any(mig_a) or any(mig_b) else "")
                   + f" (rtol {args.rtol:g})  "
                   f"{'PASS' if ok else 'FAIL'}")
     print(f"{len(ranks) - failed} passed, {failed} failed")
