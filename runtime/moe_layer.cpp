@@ -934,14 +934,7 @@ void MoELayer::backward(const float* dy, float* dx) {
 }
 
 kernels::BalanceLossParams MoELayer::aux_params(std::int64_t tokens) const {
-  kernels::BalanceLossParams p;
-  p.tokens = tokens;
-  p.experts = experts_total_;
-  p.topk = topk_;
-  p.seq_len = aux_.seq_len;
-  p.seq_alpha = aux_.seq_alpha;
-  p.expert_alpha = aux_.expert_alpha;
-  return p;
+  return aux_.params(tokens, experts_total_, topk_);
 }
 
 void MoELayer::update_selection_bias(std::span<const std::int64_t> load, float speed) {

@@ -38,6 +38,18 @@ struct AuxLossOptions {
   float seq_alpha = 0.0f;     ///< sequence-wise balance loss coefficient (DeepSeek-V3 uses 1e-4)
   float expert_alpha = 0.0f;  ///< expert-level balance loss coefficient (DeepSeekMoE)
   bool enabled() const { return seq_alpha != 0.0f || expert_alpha != 0.0f; }
+  /// The balance-loss kernels' parameters for `tokens` tokens of a layer with `experts` routed
+  /// experts and top-`topk` routing.
+  kernels::BalanceLossParams params(std::int64_t tokens, std::int64_t experts, std::int64_t topk) const {
+    kernels::BalanceLossParams p;
+    p.tokens = tokens;
+    p.experts = experts;
+    p.topk = topk;
+    p.seq_len = seq_len;
+    p.seq_alpha = seq_alpha;
+    p.expert_alpha = expert_alpha;
+    return p;
+  }
 };
 
 /// How routed tokens travel between ranks.

@@ -34,6 +34,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -170,19 +171,24 @@ class Runner:
         return self.deadline - time.monotonic()
 
     def exec(self, name, cmd, timeout, env=None, cwd=None):
-        """Runs cmd (a list) with a deadline; returns (code, stdout+stderr text, seconds). code None = timed out."""
+        """Runs cmd (a list) with a deadline; returns (code, stdout+stderr text, seconds). code None = timed out.
+        The command runs in its own process group, killed whole at the deadline (mpirun and its ranks)."""
         timeout = max(1.0, min(timeout, self.left()))
         t0 = time.monotonic()
         try:
-            p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env or self.env,
-                               cwd=cwd or REPO, start_new_session=True)
-            code, text = p.returncode, p.stdout + p.stderr
-        except subprocess.TimeoutExpired as e:
-            code = None
-            text = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
-            text += f"\n[gpu_kit: {name} stopped after {timeout:.0f} s]"
+            p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                 env=env or self.env, cwd=cwd or REPO, start_new_session=True)
         except OSError as e:
             code, text = 127, str(e)
+        else:
+            try:
+                text, _ = p.communicate(timeout=timeout)
+                code = p.returncode
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                text, _ = p.communicate()
+                code = None
+                text = (text or "") + f"\n[gpu_kit: {name} stopped after {timeout:.0f} s]"
         dt = time.monotonic() - t0
         with self.lock:
             self.log.write(f"\n===== {name} (exit {code}, {dt:.1f} s): {' '.join(cmd)}\n{text}\n")

@@ -385,13 +385,7 @@ kernels::BalanceLossValue GpuMoELayer::aux_loss_value(cudaStream_t stream) const
 }
 
 void GpuMoELayer::balance_forward(int64_t tokens, cudaStream_t stream) {
-  kernels::BalanceLossParams p;
-  p.tokens = tokens;
-  p.experts = experts_;
-  p.topk = topk_;
-  p.seq_len = balance_.seq_len;
-  p.seq_alpha = balance_.seq_alpha;
-  p.expert_alpha = balance_.expert_alpha;
+  const kernels::BalanceLossParams p = balance_.params(tokens, experts_, topk_);
   const auto need = static_cast<int64_t>((balance_loss_scratch_bytes(p) + sizeof(double) - 1) / sizeof(double));
   if (need > static_cast<int64_t>(balance_scratch_.size()) ||
       tokens * experts_ > static_cast<int64_t>(d_scores_.size()) || balance_value_.empty()) {

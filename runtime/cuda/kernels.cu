@@ -736,17 +736,6 @@ __global__ void balance_grad_kernel(BalanceLayout b, const float* __restrict__ s
   }
 }
 
-/// The CPU's shape checks (balance.cpp), for the device entry points.
-void check_balance(const kernels::BalanceLossParams& p, const char* what) {
-  auto bad = [&](const std::string& m) { throw InvalidArgument(std::string(what) + ": " + m); };
-  if (p.tokens < 0) bad("tokens = " + std::to_string(p.tokens) + ", must be >= 0");
-  if (p.tokens == 0) return;
-  if (p.experts < 1) bad("experts = " + std::to_string(p.experts) + ", must be >= 1");
-  if (p.topk < 1 || p.topk > p.experts)
-    bad("topk = " + std::to_string(p.topk) + ", must be in [1, experts = " + std::to_string(p.experts) + "]");
-  if (p.seq_len < 0) bad("seq_len = " + std::to_string(p.seq_len) + ", must be >= 0 (0 = one sequence)");
-}
-
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------------
@@ -900,7 +889,7 @@ void fill_uniform(bf16* dst, std::int64_t n, std::uint64_t seed, float scale, cu
 }
 
 std::size_t balance_loss_scratch_bytes(const kernels::BalanceLossParams& p) {
-  check_balance(p, "balance_loss_scratch_bytes");
+  kernels::check_balance_params(p, "balance_loss_scratch_bytes");
   if (p.tokens == 0) return 0;
   const BalanceLayout b = balance_layout(p, nullptr);
   return sizeof(double) * static_cast<std::size_t>(p.tokens + 2 * p.experts + b.n_seq * (2 * p.experts + 1));
@@ -908,7 +897,7 @@ std::size_t balance_loss_scratch_bytes(const kernels::BalanceLossParams& p) {
 
 void balance_loss_forward(const kernels::BalanceLossParams& p, const float* scores, const std::int32_t* topk_ids,
                           void* scratch, double* value, cudaStream_t stream) {
-  check_balance(p, "balance_loss_forward");
+  kernels::check_balance_params(p, "balance_loss_forward");
   if (!value) throw InvalidArgument("balance_loss_forward: value is null (expected a device array of 2 doubles)");
   if (p.tokens == 0) {
     MOEX_CUDA_CHECK(cudaMemsetAsync(value, 0, 2 * sizeof(double), stream));
@@ -929,7 +918,7 @@ void balance_loss_forward(const kernels::BalanceLossParams& p, const float* scor
 
 void balance_loss_backward(const kernels::BalanceLossParams& p, const float* scores, const void* scratch,
                            float d_loss, float* d_scores, cudaStream_t stream) {
-  check_balance(p, "balance_loss_backward");
+  kernels::check_balance_params(p, "balance_loss_backward");
   if (p.tokens == 0) return;
   if (!scores || !scratch || !d_scores)
     throw InvalidArgument("balance_loss_backward: scores, scratch or d_scores is null with tokens = " +

@@ -12,15 +12,7 @@ namespace {
 
 constexpr double kNormEps = 1e-20;  // DeepSeek-V3: scores / (scores.sum(-1) + 1e-20)
 
-void check_params(const BalanceLossParams& p) {
-  auto bad = [](const std::string& what) { throw InvalidArgument("balance loss: " + what); };
-  if (p.tokens < 0) bad("tokens = " + std::to_string(p.tokens) + ", must be >= 0");
-  if (p.tokens == 0) return;
-  if (p.experts < 1) bad("experts = " + std::to_string(p.experts) + ", must be >= 1");
-  if (p.topk < 1 || p.topk > p.experts)
-    bad("topk = " + std::to_string(p.topk) + ", must be in [1, experts = " + std::to_string(p.experts) + "]");
-  if (p.seq_len < 0) bad("seq_len = " + std::to_string(p.seq_len) + ", must be >= 0 (0 = one sequence)");
-}
+void check_params(const BalanceLossParams& p) { check_balance_params(p, "balance loss"); }
 
 /// counts[i] = number of tokens in [begin, end) that picked expert i (each token counts once).
 /// `stamp` is scratch of E entries, all < begin on entry.
@@ -47,6 +39,16 @@ std::int64_t sequence_length(const BalanceLossParams& p) {
 }
 
 }  // namespace
+
+void check_balance_params(const BalanceLossParams& p, const char* what) {
+  auto bad = [&](const std::string& m) { throw InvalidArgument(std::string(what) + ": " + m); };
+  if (p.tokens < 0) bad("tokens = " + std::to_string(p.tokens) + ", must be >= 0");
+  if (p.tokens == 0) return;
+  if (p.experts < 1) bad("experts = " + std::to_string(p.experts) + ", must be >= 1");
+  if (p.topk < 1 || p.topk > p.experts)
+    bad("topk = " + std::to_string(p.topk) + ", must be in [1, experts = " + std::to_string(p.experts) + "]");
+  if (p.seq_len < 0) bad("seq_len = " + std::to_string(p.seq_len) + ", must be >= 0 (0 = one sequence)");
+}
 
 BalanceLossValue balance_loss_forward(const BalanceLossParams& p, const float* scores, const std::int32_t* topk_ids) {
   check_params(p);

@@ -40,6 +40,11 @@ struct BalanceLossValue {
   double total() const { return seq + expert; }
 };
 
+/// The shape checks of both functions (also the device versions'): InvalidArgument, its message
+/// starting with `what`, unless tokens >= 0 and, with tokens > 0, experts >= 1, 1 <= topk <= experts
+/// and seq_len >= 0.
+void check_balance_params(const BalanceLossParams& p, const char* what);
+
 /// Both losses (see above). scores: [T,E]; topk_ids: [T,K] with ids in [0, E).
 /// Throws InvalidArgument on bad shapes (tokens < 0, experts < 1, topk not in [1, E], seq_len < 0)
 /// or an id out of range. With tokens = 0 the pointers are not read.
