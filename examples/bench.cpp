@@ -119,6 +119,8 @@ int bench_layer(moex::comm::MpiCommunicator& world, int argc, char** argv) {
 #else
   const moex::tools::DeviceChoice device = moex::tools::device_options(opt, false);
 #endif
+  if (replicas && (spare < 0 || warmup < 1))
+    throw moex::ConfigError("--replicas on needs --spare-slots >= 0 and --warmup >= 1 (the plan uses the warmup load)");
   if (device.cuda) {
 #ifdef MOEX_TOOLS_WITH_CUDA
     moex::tools::GpuBenchArgs g;
@@ -137,8 +139,6 @@ int bench_layer(moex::comm::MpiCommunicator& world, int argc, char** argv) {
     return moex::tools::bench_layer_gpu(world, g);
 #endif
   }
-  if (replicas && (spare < 0 || warmup < 1))
-    throw moex::ConfigError("--replicas on needs --spare-slots >= 0 and --warmup >= 1 (the plan uses the warmup load)");
   const auto topology = moex::sched::Topology::from_node_ids(world.node_ids());
   const std::int64_t E = config.n_routed_experts;
   const std::int64_t slots = (E + world.size() - 1) / world.size() + spare;

@@ -90,13 +90,16 @@ int bench_layer_gpu(comm::MpiCommunicator& world, const GpuBenchArgs& a) {
   cuda::fill_uniform(dy.data(), T * H, rseed + 2, 1.7f, s);
   stream.synchronize();
   std::int64_t migrated = 0;
-  if (a.replicas) {  // the load of one pass planned into replicas, migrated to, as moex-bench on the CPU
+  // The load of one pass planned into replicas and migrated to, as moex-bench on the CPU; the timed
+  // steps then include the replicas' gradient sum (in allreduce_replicated_grads).
+  if (a.replicas) {
     layer_ptr->forward(x.data(), T, y.data(), s);
     std::vector<std::int64_t> load(static_cast<std::size_t>(E), 0);
     for (const std::int32_t e : layer_ptr->topk_ids_host(s)) ++load[static_cast<std::size_t>(e)];
     world.allreduce_sum(load.data(), E, comm::DataType::kInt64, "gpu bench expert load")->wait();
     migrated = cpu.set_replica_layout(
         sched::plan_replicas(std::vector<double>(load.begin(), load.end()), topology, config.n_group, slots));
+    world.allreduce_sum(&migrated, 1, comm::DataType::kInt64, "gpu bench migrated slots")->wait();
     layer_ptr.reset();
     layer_ptr = make_layer();
   }
@@ -132,9 +135,10 @@ int bench_layer_gpu(comm::MpiCommunicator& world, const GpuBenchArgs& a) {
   const char* names[kStages] = {"fwd_total", "fwd_gate", "fwd_dispatch", "fwd_experts", "fwd_combine", "fwd_shared",
                                 "bwd_total", "bwd_dispatch", "bwd_experts", "bwd_combine", "bwd_gate", "bwd_shared"};
 
-  // Useful FLOPs over all ranks: routed 18 H F per pick, shared 18 H Fs per token, gate 6 T H E.
+  // Useful FLOPs over all ranks: routed 18 H F per kept pick, shared 18 H Fs per token, gate 6 T H E.
+  const std::int64_t kept = T * K - layer.picks_dropped();
   double flops = 18.0 * static_cast<double>(H) *
-                     (static_cast<double>(F) * static_cast<double>(T * K) + static_cast<double>(Fs * T)) +
+                     (static_cast<double>(F) * static_cast<double>(kept) + static_cast<double>(Fs * T)) +
                  6.0 * static_cast<double>(T * H * E);
   world.allreduce_sum(&flops, 1, comm::DataType::kFloat64, "gpu bench flops")->wait();
   const double ms = median(step_ms);

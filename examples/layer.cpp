@@ -80,7 +80,7 @@ constexpr bool kWithCuda = false;
 /// The pass on the GPU: a GpuMoELayer (expert-parallel over `device_comm`, "staged" or "nccl") with
 /// `cpu`'s parameters runs forward (and backward), writes y (and dx), and leaves every gradient in
 /// `cpu`'s buffers (replicated ones summed over the ranks, and in replica mode each expert's over its
-/// replicas), so the output is written as for the CPU.
+/// replicas, by allreduce_replicated_grads), so the output is written as for the CPU.
 void run_on_gpu(moex::comm::MpiCommunicator& world, moex::MoELayer& cpu, const std::string& device_comm,
                 const std::string& precision, const std::vector<float>& x, std::int64_t tokens,
                 const std::vector<float>* dy, std::vector<float>& y, std::vector<float>& dx) {
@@ -114,7 +114,6 @@ void run_on_gpu(moex::comm::MpiCommunicator& world, moex::MoELayer& cpu, const s
     dx = cuda::to_host(d_dx, s);
     cpu.replicated().grad = gpu.replicated_grads_host(s);
     cpu.experts().grad = gpu.expert_grads_host(s);
-    cpu.reduce_replica_grads();  // replica mode: each replica held its share of the expert's gradient
   }
   stream.synchronize();
 }

@@ -174,12 +174,23 @@ class CudaEpLayer : public ::testing::TestWithParam<EpParam> {
         EXPECT_GT(cpu->route_stats().picks_dropped, 0) << tag << " the case should drop picks";
       }
     }
-    // Replicated gradients summed over the ranks on both sides.
+    // Replicated gradients summed over the ranks on both sides (and in replica mode each expert's
+    // gradient over its replicas).
     cpu->allreduce_replicated_grads()->wait();
+    cpu->reduce_replica_grads();
     gpu.allreduce_replicated_grads(stream());
-    const Vec rep_gpu = gpu.replicated_grads_host(stream());
-    EXPECT_TRUE(within(rep_gpu, cpu->replicated().grad, tol,
-                       "[" + backend + " " + c.name + " rank " + std::to_string(r) + "] all-reduced gate and shared grads"));
+    const std::string tag = "[" + backend + " " + name_of(p) + " rank " + std::to_string(r) + "] all-reduced ";
+    EXPECT_TRUE(within(gpu.replicated_grads_host(stream()), cpu->replicated().grad, tol, tag + "gate and shared grads"));
+    EXPECT_TRUE(within(gpu.expert_grads_host(stream()), cpu->experts().grad, tol, tag + "expert grads"));
+    if (rs) {  // a GPU layer in another layout refuses the CPU layer's parameters
+      GpuMoELayer stale(c.config, *host_, device_comm, rs->identity, rs->topology, opt);
+      try {
+        stale.load_from(*cpu);
+        ADD_FAILURE() << tag << "load_from accepted a CPU layer in another replica layout";
+      } catch (const InvalidArgument& e) {
+        EXPECT_NE(std::string(e.what()).find("replica layout differs"), std::string::npos) << e.what();
+      }
+    }
   }
 
  private:

@@ -260,6 +260,11 @@ GpuMoELayer::GpuMoELayer(const MoeConfig& config, GpuLayerOptions options, comm:
     shared_stale_ = expert_stale_ = true;  // zero gradients, cleared lazily
     counts_.assign(static_cast<std::size_t>(local_), 0);
     shared_rows_.assign(1, 0);
+    if (layout_) {
+      multi_index_.assign(static_cast<std::size_t>(experts_), -1);
+      for (int64_t e = 0; e < experts_; ++e)
+        if (layout_->num_replicas(e) > 1) multi_index_[static_cast<std::size_t>(e)] = multi_experts_++;
+    }
     aux_.synchronize();
   } catch (...) {
     if (counts_pinned_) static_cast<void>(cudaFreeHost(counts_pinned_));
@@ -313,12 +318,29 @@ void GpuMoELayer::check_cpu_layer(MoELayer& cpu, const char* what) const {
   if (c.routed_scaling_factor != config_.routed_scaling_factor)
     throw mismatch("routed_scaling_factor", std::to_string(c.routed_scaling_factor),
                    std::to_string(config_.routed_scaling_factor));
+  // Replica mode on both sides or neither, with the same layout and node map (the replica choice).
+  const std::optional<sched::ReplicaLayout>& cpu_layout = cpu.replica_layout();
+  if (cpu_layout.has_value() != layout_.has_value())
+    throw mismatch("replica layout", cpu_layout ? "set (replica mode)" : "none (one replica per expert)",
+                   layout_ ? "one (replica mode)" : "none (one replica per expert)");
+  if (layout_ && !(*layout_ == *cpu_layout))
+    throw InvalidArgument(std::string(what) + ": the CPU layer's replica layout differs from this GPU layer's "
+                          "(build the GPU layer from the CPU layer's current layout)");
+  if (layout_) {
+    bool same_nodes = cpu.topology().world_size() == topology_->world_size();
+    for (int r = 0; same_nodes && r < topology_->world_size(); ++r)
+      same_nodes = cpu.topology().node_of(r) == topology_->node_of(r);
+    if (!same_nodes)
+      throw InvalidArgument(std::string(what) + ": the CPU layer's topology (rank -> node) differs from this GPU "
+                            "layer's; the replica choice depends on it");
+  }
   const auto slots = cpu.slot_experts(cpu.rank());
   if (static_cast<int64_t>(slots.size()) != local_)
     throw InvalidArgument(std::string(what) + ": the CPU layer holds " + std::to_string(slots.size()) +
                           " expert slots on rank " + std::to_string(cpu.rank()) + "; expected " +
-                          (expert_parallel() ? "this rank's " + std::to_string(local_) + " experts of the placement"
-                                             : "all " + std::to_string(experts_) + " experts (a single-rank layer)"));
+                          (layout_            ? "the replica layout's " + std::to_string(local_) + " slots per rank"
+                           : expert_parallel() ? "this rank's " + std::to_string(local_) + " experts of the placement"
+                                               : "all " + std::to_string(experts_) + " experts (a single-rank layer)"));
   for (std::size_t s = 0; s < slots.size(); ++s) {
     const int64_t want = layout_      ? layout_->expert_at(device_comm_->rank(), static_cast<int64_t>(s))
                          : placement_ ? placement_->experts_of(device_comm_->rank())[s]
@@ -326,17 +348,6 @@ void GpuMoELayer::check_cpu_layer(MoELayer& cpu, const char* what) const {
     if (slots[s] != want)
       throw InvalidArgument(std::string(what) + ": the CPU layer's slot " + std::to_string(s) + " holds expert " +
                             std::to_string(slots[s]) + "; expected expert " + std::to_string(want));
-  }
-  // Replica mode on both sides or neither, with the same layout and node map (the replica choice).
-  const std::optional<sched::ReplicaLayout>& cpu_layout = cpu.replica_layout();
-  if (cpu_layout.has_value() != layout_.has_value() || (layout_ && !(*layout_ == *cpu_layout)))
-    throw mismatch("replica layout", !cpu_layout ? "none (one replica per expert)" : "another layout",
-                   !layout_ ? "none (one replica per expert)" : "another layout");
-  if (layout_) {
-    bool same_nodes = cpu.topology().world_size() == topology_->world_size();
-    for (int r = 0; same_nodes && r < topology_->world_size(); ++r)
-      same_nodes = cpu.topology().node_of(r) == topology_->node_of(r);
-    if (!same_nodes) throw mismatch("topology", "another node map", "its own");
   }
   if (cpu.options().capacity_factor != options_.capacity_factor)
     throw mismatch("capacity_factor", std::to_string(cpu.options().capacity_factor),

@@ -133,8 +133,8 @@ class GpuMoELayer {
   /// Expert-parallel replica mode (MoELayer's): the routed experts live in the physical slots of
   /// `layout` (layout.slots_per_rank() on every rank; hot experts may have several replicas), and
   /// each pick goes to the replica ReplicaLayout::choose(expert, this rank, token, topology) names, as
-  /// on the CPU. The expert gradients are per slot: the replicas of an expert hold partial sums (the
-  /// caller adds them up, as MoELayer::start_replica_grad_reduce does on the host). InvalidArgument
+  /// on the CPU. After backward the expert gradients are per slot (each replica of an expert holds
+  /// the part its tokens gave); allreduce_replicated_grads() sums them over the replicas. InvalidArgument
   /// as above, or for a layout or topology of another world size or expert count.
   GpuMoELayer(const MoeConfig& config, comm::Communicator& host_comm, comm::Communicator& device_comm,
               sched::ReplicaLayout layout, sched::Topology topology, GpuLayerOptions options = {});
@@ -180,8 +180,10 @@ class GpuMoELayer {
   /// accumulates every parameter gradient. InvalidArgument without a forward before it.
   void backward(const float* dy, float* dx, cudaStream_t stream);
   /// Expert-parallel mode, a collective: sums the gate's and the shared experts' gradients over the
-  /// ranks (in place, on the device communicator; bf16 shared gradients are summed in fp32), after
-  /// the work queued on `stream`, which then waits for the result. Nothing to do in single-GPU mode.
+  /// ranks (in place, on the device communicator; bf16 shared gradients are summed in fp32), and in
+  /// replica mode the gradient of each expert with several replicas over its replicas (in fp32, as
+  /// MoELayer::reduce_replica_grads; every replica then holds the sum), after the work queued on
+  /// `stream`, which then waits for the result. Nothing to do in single-GPU mode.
   void allreduce_replicated_grads(cudaStream_t stream);
 
   /// Whether the layer is expert-parallel (second constructor).
@@ -273,6 +275,8 @@ class GpuMoELayer {
   std::optional<sched::ExpertPlacement> placement_;  // expert-parallel mode, one replica per expert
   std::optional<sched::ReplicaLayout> layout_;       // replica mode (with topology_)
   std::optional<sched::Topology> topology_;
+  std::int64_t multi_experts_ = 0;       // replica mode: experts with several replicas
+  std::vector<std::int64_t> multi_index_;  // [E] an expert's index among those, or -1
   EpPlan plan_;
   kernels::GateParams gate_params_;
 

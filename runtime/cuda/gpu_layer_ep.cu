@@ -46,6 +46,7 @@ struct GpuMoELayer::EpState {
   DeviceBuffer<unsigned char> send_rows, recv_rows, ret_rows, back_rows;
   DeviceBuffer<float> dw_out, dw_back;  // routing-weight gradients [R*K], [S*K]
   DeviceBuffer<float> grad32;           // bf16 shared gradients summed in fp32
+  DeviceBuffer<float> replica32;        // replica mode: [multi-replica experts, 3FH] gradient sums
   // Host copies of the top-K of the last forward.
   std::vector<std::int32_t> ids;
   std::vector<float> weights;
@@ -385,13 +386,51 @@ void GpuMoELayer::allreduce_replicated_grads(cudaStream_t stream) {
     aux_.synchronize();
     convert(as<bf16>(shared_g_), ep.grad32.data(), n_shared, stream);
   }
+  // Replica mode: this rank's slot gradients of every multi-replica expert, summed per expert in fp32
+  // (zeros for the experts it holds no replica of), as MoELayer::start_replica_grad_reduce.
+  const int me = device_comm_->rank();
+  const int64_t stride = 3 * ffn_ * hidden_, n_multi = multi_experts_ * stride;
+  if (n_multi > 0) {
+    if (expert_stale_) {  // zero_grad() without a backward since: the gradients are zeros
+      MOEX_CUDA_CHECK(cudaMemsetAsync(expert_g_.data(), 0, expert_g_.bytes(), stream));
+      expert_stale_ = false;
+    }
+    grow(ep.replica32, n_multi, aux_.get());
+    aux_.synchronize();
+    MOEX_CUDA_CHECK(cudaMemsetAsync(ep.replica32.data(), 0, sizeof(float) * static_cast<std::size_t>(n_multi), stream));
+    for (int64_t slot = 0; slot < local_; ++slot) {
+      const int64_t m = multi_index_[static_cast<std::size_t>(layout_->expert_at(me, slot))];
+      if (m < 0) continue;
+      float* dst = ep.replica32.data() + m * stride;
+      if (bf)
+        add_to(as<bf16>(expert_g_) + slot * stride, dst, stride, stream);
+      else
+        add_to(as<float>(expert_g_) + slot * stride, dst, stride, stream);
+    }
+  }
   ep.producer_ready(stream);
   ep.reduce.push_back(device_comm_->allreduce_sum(gate_g_.data(), n_gate, comm::DataType::kFloat32, "gpu gate grads"));
   if (n_shared > 0)
     ep.reduce.push_back(device_comm_->allreduce_sum(bf ? static_cast<void*>(ep.grad32.data()) : shared_g_.data(),
                                                     n_shared, comm::DataType::kFloat32, "gpu shared expert grads"));
+  if (n_multi > 0)
+    ep.reduce.push_back(device_comm_->allreduce_sum(ep.replica32.data(), n_multi, comm::DataType::kFloat32,
+                                                    "gpu replica expert grads"));
   for (comm::WorkPtr& w : ep.reduce) ep.consume(*w, stream, deadline);
   if (n_shared > 0 && bf) convert(ep.grad32.data(), as<bf16>(shared_g_), n_shared, stream);
+  // Every replica of an expert takes the sum.
+  for (int64_t slot = 0; n_multi > 0 && slot < local_; ++slot) {
+    const int64_t m = multi_index_[static_cast<std::size_t>(layout_->expert_at(me, slot))];
+    if (m < 0) continue;
+    const float* src = ep.replica32.data() + m * stride;
+    if (bf) {
+      convert(src, as<bf16>(expert_g_) + slot * stride, stride, stream);
+    } else {
+      MOEX_CUDA_CHECK(cudaMemcpyAsync(as<float>(expert_g_) + slot * stride, src,
+                                      sizeof(float) * static_cast<std::size_t>(stride), cudaMemcpyDeviceToDevice,
+                                      stream));
+    }
+  }
   MOEX_CUDA_CHECK(cudaEventRecord(events_->last, stream));
 }
 

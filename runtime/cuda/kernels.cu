@@ -587,6 +587,22 @@ __global__ void convert_kernel(const S* __restrict__ src, D* __restrict__ dst, i
     dst[i] = from_f32<D>(to_f32(src[i]));
 }
 
+/// dst[i] += src[i] in fp32.
+template <typename S>
+__global__ void add_f32_kernel(const S* __restrict__ src, float* __restrict__ dst, int64_t n) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    dst[i] += to_f32(src[i]);
+}
+
+template <typename S>
+void launch_add_f32(const S* src, float* dst, int64_t n, cudaStream_t stream) {
+  if (n < 0) throw InvalidArgument("add_to: n = " + std::to_string(n) + ": must be >= 0");
+  if (n == 0) return;
+  MOEX_LAUNCH(blocks_for(n, kEltThreads), kEltThreads, 0, stream, add_f32_kernel<S>)(src, dst, n);
+  MOEX_CUDA_CHECK_LAUNCH("add_f32_kernel");
+}
+
 template <typename S, typename D>
 void launch_convert(const S* src, D* dst, int64_t n, cudaStream_t stream) {
   if (n < 0) throw InvalidArgument("convert: n = " + std::to_string(n) + ": must be >= 0");
@@ -880,6 +896,9 @@ void convert(const float* src, bf16* dst, std::int64_t n, cudaStream_t stream) {
 void convert(const bf16* src, float* dst, std::int64_t n, cudaStream_t stream) {
   launch_convert<bf16, float>(src, dst, n, stream);
 }
+
+void add_to(const float* src, float* dst, std::int64_t n, cudaStream_t stream) { launch_add_f32(src, dst, n, stream); }
+void add_to(const bf16* src, float* dst, std::int64_t n, cudaStream_t stream) { launch_add_f32(src, dst, n, stream); }
 
 void fill_uniform(float* dst, std::int64_t n, std::uint64_t seed, float scale, cudaStream_t stream) {
   launch_fill<float>(dst, n, seed, scale, stream);

@@ -153,6 +153,9 @@ void swiglu_backward(std::int64_t rows, std::int64_t ffn, const bf16* h13, const
 void convert(const float* src, bf16* dst, std::int64_t n, cudaStream_t stream);
 /// dst[i] = src[i] widened to fp32 (exact) for i < n.
 void convert(const bf16* src, float* dst, std::int64_t n, cudaStream_t stream);
+/// dst[i] += src[i] (widened to fp32) for i < n.
+void add_to(const float* src, float* dst, std::int64_t n, cudaStream_t stream);
+void add_to(const bf16* src, float* dst, std::int64_t n, cudaStream_t stream);
 
 /// dst[i] = uniform in [-scale, scale), a hash of (seed, i): the same values on every device and
 /// launch shape (test and benchmark data without a host round trip).
