@@ -90,12 +90,14 @@ int bench_layer_gpu(comm::MpiCommunicator& world, const GpuBenchArgs& a) {
   cuda::fill_uniform(dy.data(), T * H, rseed + 2, 1.7f, s);
   stream.synchronize();
   std::int64_t migrated = 0;
-  // The load of one pass planned into replicas and migrated to, as moex-bench on the CPU; the timed
+  // The load of the warmup passes planned into replicas and migrated to, as moex-bench on the CPU; the timed
   // steps then include the replicas' gradient sum (in allreduce_replicated_grads).
   if (a.replicas) {
-    layer_ptr->forward(x.data(), T, y.data(), s);
     std::vector<std::int64_t> load(static_cast<std::size_t>(E), 0);
-    for (const std::int32_t e : layer_ptr->topk_ids_host(s)) ++load[static_cast<std::size_t>(e)];
+    for (std::int64_t i = 0; i < std::max<std::int64_t>(a.warmup, 1); ++i) {
+      layer_ptr->forward(x.data(), T, y.data(), s);
+      for (const std::int32_t e : layer_ptr->topk_ids_host(s)) ++load[static_cast<std::size_t>(e)];
+    }
     world.allreduce_sum(load.data(), E, comm::DataType::kInt64, "gpu bench expert load")->wait();
     migrated = cpu.set_replica_layout(
         sched::plan_replicas(std::vector<double>(load.begin(), load.end()), topology, config.n_group, slots));
@@ -154,7 +156,7 @@ int bench_layer_gpu(comm::MpiCommunicator& world, const GpuBenchArgs& a) {
                 static_cast<long long>(config.n_shared_experts), static_cast<long long>(K), static_cast<long long>(T),
                 lo.chunks, static_cast<long long>(a.iters));
     if (a.replicas)
-      std::printf("# replicas: %lld slots per rank, %lld slot blocks migrated to the layout planned from one pass\n",
+      std::printf("# replicas: %lld slots per rank, %lld slot blocks migrated to the layout planned from the warmup\n",
                   static_cast<long long>(slots), static_cast<long long>(migrated));
     if (lo.capacity_factor > 0.0)
       std::printf("# capacity factor %g: %lld of %lld picks dropped in the last pass\n", lo.capacity_factor,

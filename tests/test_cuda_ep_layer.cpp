@@ -72,7 +72,8 @@ TEST(CudaEpLayerHost, RejectsBadCommunicatorsAndPlacements) {
                  [&] { GpuMoELayer gpu(cfg, world, world, sched::ExpertPlacement::contiguous(cfg.n_routed_experts * 2, P)); });
   const sched::Topology wider = sched::Topology::from_node_ids(std::vector<int>(static_cast<std::size_t>(P + 1), 0));
   expect_invalid("a replica layout for another world size", "replica layout is for", [&] {
-    GpuMoELayer gpu(cfg, world, world, sched::identity_layout(cfg.n_routed_experts, wider, cfg.n_routed_experts), wider);
+    const auto layout = sched::identity_layout(cfg.n_routed_experts, wider, cfg.n_routed_experts);
+    GpuMoELayer gpu(cfg, world, world, layout, wider);
   });
 }
 
@@ -104,7 +105,8 @@ ReplicaSetup replica_setup(const MoeConfig& cfg, int P) {
   const sched::Topology topo = sched::Topology::from_node_ids(nodes);
   const int64_t E = cfg.n_routed_experts, slots = (E + P - 1) / P + 1;
   std::vector<double> load(static_cast<std::size_t>(E));
-  for (int64_t e = 0; e < E; ++e) load[static_cast<std::size_t>(e)] = 1000.0 / std::pow(static_cast<double>(e + 1), 1.2);
+  for (int64_t e = 0; e < E; ++e)
+    load[static_cast<std::size_t>(e)] = 1000.0 / std::pow(static_cast<double>(e + 1), 1.2);
   return {topo, sched::identity_layout(E, topo, slots), sched::plan_replicas(load, topo, cfg.n_group, slots)};
 }
 void PrintTo(const EpParam& p, std::ostream* os) { *os << name_of(p); }
@@ -165,8 +167,8 @@ class CudaEpLayer : public ::testing::TestWithParam<EpParam> {
 
     for (int step = 0; step < 3; ++step) {
       const int64_t T = tokens_of(r, step);
-      const std::string tag = "[" + backend + " " + name_of(p) + " rank " + std::to_string(r) + "/" + std::to_string(P) +
-                              " T=" + std::to_string(T) + " step " + std::to_string(step) + "]";
+      const std::string tag = "[" + backend + " " + name_of(p) + " rank " + std::to_string(r) + "/" +
+                              std::to_string(P) + " T=" + std::to_string(T) + " step " + std::to_string(step) + "]";
       step_and_compare(tag, *cpu, gpu, draw_batch(*cpu, T, 1000 + 17 * static_cast<std::uint64_t>(r) + step, bf16), T,
                        tol, stream());
       EXPECT_EQ(gpu.picks_dropped(), cpu->route_stats().picks_dropped) << tag << " picks dropped by capacity";
@@ -180,7 +182,8 @@ class CudaEpLayer : public ::testing::TestWithParam<EpParam> {
     cpu->reduce_replica_grads();
     gpu.allreduce_replicated_grads(stream());
     const std::string tag = "[" + backend + " " + name_of(p) + " rank " + std::to_string(r) + "] all-reduced ";
-    EXPECT_TRUE(within(gpu.replicated_grads_host(stream()), cpu->replicated().grad, tol, tag + "gate and shared grads"));
+    EXPECT_TRUE(
+        within(gpu.replicated_grads_host(stream()), cpu->replicated().grad, tol, tag + "gate and shared grads"));
     EXPECT_TRUE(within(gpu.expert_grads_host(stream()), cpu->experts().grad, tol, tag + "expert grads"));
     if (rs) {  // a GPU layer in another layout refuses the CPU layer's parameters
       GpuMoELayer stale(c.config, *host_, device_comm, rs->identity, rs->topology, opt);

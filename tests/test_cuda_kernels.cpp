@@ -435,21 +435,23 @@ TEST(CudaHost, BalanceLossRejectsBadParamsBeforeTouchingTheDevice) {
   p.seq_len = -1;
   EXPECT_THROW(balance_loss_backward(p, nullptr, nullptr, 1.0f, nullptr, nullptr), InvalidArgument);
   p.seq_len = 3;
-  // T = 4, E = 8, two sequences: 8 * (4 + 16 + 2 * 17) bytes.
-  EXPECT_EQ(balance_loss_scratch_bytes(p), std::size_t{8 * (4 + 16 + 2 * 17)});
+  // T = 4, E = 8, two sequences of one token block each, one block over all tokens:
+  // 8 * (4 + 16 + 2 * 17 + 2 * 8 * (2 + 1)) bytes.
+  EXPECT_EQ(balance_loss_scratch_bytes(p), std::size_t{8 * (4 + 16 + 2 * 17 + 2 * 8 * 3)});
   p.tokens = 0;
   EXPECT_EQ(balance_loss_scratch_bytes(p), std::size_t{0});
 }
 
-// Both losses and their score gradient against the CPU (the same sums in the same order, so the
-// values agree to double rounding and the gradients to 1e-6 relative), over one sequence, several
-// (the last one short), one token per sequence, and no tokens.
+// Both losses and their score gradient against the CPU (the same sums in double, so the values agree
+// to double rounding and the gradients to 1e-6 relative), over one sequence, several (the last one
+// short), one token per sequence, sums over several token blocks, and no tokens.
 TEST_F(CudaTest, BalanceLossMatchesCpu) {
   struct Case {
     int64_t tokens, experts, topk, seq_len;
   };
+  // (600 tokens: several 256-token blocks per sum, the last one short.)
   for (const Case c : {Case{37, 16, 4, 0}, Case{64, 64, 6, 10}, Case{9, 8, 2, 1}, Case{50, 5, 5, 50},
-                       Case{0, 8, 2, 0}}) {
+                       Case{0, 8, 2, 0}, Case{600, 16, 4, 0}, Case{600, 8, 2, 300}}) {
     SCOPED_TRACE("tokens " + std::to_string(c.tokens) + " experts " + std::to_string(c.experts) + " topk " +
                  std::to_string(c.topk) + " seq_len " + std::to_string(c.seq_len));
     kernels::BalanceLossParams p;
@@ -468,8 +470,8 @@ TEST_F(CudaTest, BalanceLossMatchesCpu) {
       std::vector<std::int32_t> all(static_cast<std::size_t>(E));
       std::iota(all.begin(), all.end(), 0);
       for (int64_t j = 0; j < K; ++j) {
-        std::swap(all[static_cast<std::size_t>(j)],
-                  all[static_cast<std::size_t>(j + static_cast<int64_t>(rng.next() % static_cast<std::uint64_t>(E - j)))]);
+        const auto pick = j + static_cast<int64_t>(rng.next() % static_cast<std::uint64_t>(E - j));
+        std::swap(all[static_cast<std::size_t>(j)], all[static_cast<std::size_t>(pick)]);
         ids[static_cast<std::size_t>(t * K + j)] = all[static_cast<std::size_t>(j)];
       }
     }

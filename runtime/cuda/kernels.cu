@@ -636,15 +636,21 @@ void launch_fill(T* dst, int64_t n, std::uint64_t seed, float scale, cudaStream_
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Auxiliary balance losses: the CPU's loops (runtime/kernels/balance.cpp), one thread per sum, so
-// every double is summed in the CPU's order.
+// Auxiliary balance losses: the CPU's formulas (runtime/kernels/balance.cpp), every sum in double in
+// a fixed order: per-token sums in expert order, per-expert sums over tokens in blocks of
+// kBalancePart tokens (each block in token order, then the blocks in order), so the values agree
+// with the CPU's to double rounding and do not depend on the launch.
 
 constexpr double kBalanceEps = 1e-20;  // as balance.cpp (DeepSeek-V3's scores / (sum + 1e-20))
+constexpr int64_t kBalancePart = 256;  // tokens per partial sum
 
 /// Where the statistics live in the scratch (doubles).
 struct BalanceLayout {
   int64_t tokens, experts, topk, seq_len, n_seq;
+  int64_t seq_parts, all_parts;  // token blocks per sequence, and over all tokens
   double *inv, *cnt_seq, *psum_seq, *cnt_all, *psum_all, *term;
+  double *cnt_part, *psum_part;  // [n_seq * E * seq_parts] for the sequences, then [E * all_parts]
+  __host__ __device__ int64_t part_items() const { return (n_seq * seq_parts + all_parts) * experts; }
 };
 
 BalanceLayout balance_layout(const kernels::BalanceLossParams& p, void* scratch) {
@@ -654,6 +660,8 @@ BalanceLayout balance_layout(const kernels::BalanceLossParams& p, void* scratch)
   b.topk = p.topk;
   b.seq_len = p.seq_len == 0 ? p.tokens : std::min(p.seq_len, p.tokens);
   b.n_seq = b.seq_len > 0 ? (p.tokens + b.seq_len - 1) / b.seq_len : 0;
+  b.seq_parts = (b.seq_len + kBalancePart - 1) / kBalancePart;
+  b.all_parts = (p.tokens + kBalancePart - 1) / kBalancePart;
   auto* d = static_cast<double*>(scratch);
   b.inv = d;
   b.cnt_seq = b.inv + p.tokens;
@@ -661,6 +669,8 @@ BalanceLayout balance_layout(const kernels::BalanceLossParams& p, void* scratch)
   b.cnt_all = b.psum_seq + b.n_seq * p.experts;
   b.psum_all = b.cnt_all + p.experts;
   b.term = b.psum_all + p.experts;
+  b.cnt_part = b.term + b.n_seq;
+  b.psum_part = b.cnt_part + b.part_items();
   return b;
 }
 
@@ -677,24 +687,54 @@ __global__ void balance_inv_kernel(BalanceLayout b, const float* __restrict__ sc
   }
 }
 
-/// Item (seq, e) < n_seq * E: the tokens of sequence seq that picked e (each once) and the sum of
-/// their normalised scores of e; item n_seq * E + e: the same over all tokens with the raw scores.
-/// Tokens in order; consecutive threads read consecutive experts of a row.
-__global__ void balance_stats_kernel(BalanceLayout b, const float* __restrict__ scores,
+/// Partial sums, one item per (sequence, token block, expert), then per (token block, expert) over all
+/// tokens: of the block's tokens that picked e (each once), the count and the sum of their scores of e
+/// (normalised per token for the sequences, raw over all tokens). Consecutive threads read
+/// consecutive experts of a row.
+__global__ void balance_parts_kernel(BalanceLayout b, const float* __restrict__ scores,
                                      const std::int32_t* __restrict__ topk_ids) {
-  const int64_t E = b.experts, K = b.topk, items = (b.n_seq + 1) * E;
+  const int64_t E = b.experts, K = b.topk, seq_items = b.n_seq * b.seq_parts * E;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < b.part_items();
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const bool all = i >= seq_items;
+    const int64_t j = all ? i - seq_items : i, e = j % E, block = j / E;  // block: (seq, part) or part
+    int64_t t0, t1;
+    if (all) {
+      t0 = block * kBalancePart;
+      t1 = min64(t0 + kBalancePart, b.tokens);
+    } else {
+      const int64_t seq = block / b.seq_parts, part = block % b.seq_parts;
+      const int64_t s0 = seq * b.seq_len, s1 = min64(s0 + b.seq_len, b.tokens);
+      t0 = min64(s0 + part * kBalancePart, s1);
+      t1 = min64(t0 + kBalancePart, s1);
+    }
+    double cnt = 0.0, psum = 0.0;
+    for (int64_t t = t0; t < t1; ++t) {
+      bool picked = false;
+      for (int64_t k = 0; k < K; ++k) picked = picked || topk_ids[t * K + k] == e;
+      if (picked) cnt += 1.0;
+      const float s = scores[t * E + e];
+      psum += all ? static_cast<double>(s) : s * b.inv[t];
+    }
+    b.cnt_part[i] = cnt;
+    b.psum_part[i] = psum;
+  }
+}
+
+/// One item per (sequence, expert), then per expert over all tokens: its partial sums added in block
+/// order.
+__global__ void balance_stats_kernel(BalanceLayout b) {
+  const int64_t E = b.experts, items = (b.n_seq + 1) * E, seq_items = b.n_seq * b.seq_parts * E;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < items;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t seq = i / E, e = i % E;
     const bool all = seq == b.n_seq;
-    const int64_t t0 = all ? 0 : seq * b.seq_len, t1 = all ? b.tokens : min64(t0 + b.seq_len, b.tokens);
+    const int64_t parts = all ? b.all_parts : b.seq_parts;
+    const int64_t first = all ? seq_items + e : seq * b.seq_parts * E + e;  // part p at first + p * E
     double cnt = 0.0, psum = 0.0;
-    for (int64_t t = t0; t < t1; ++t) {
-      bool picked = false;
-      for (int64_t j = 0; j < K; ++j) picked = picked || topk_ids[t * K + j] == e;
-      if (picked) cnt += 1.0;
-      const float s = scores[t * E + e];
-      psum += all ? static_cast<double>(s) : s * b.inv[t];
+    for (int64_t q = 0; q < parts; ++q) {
+      cnt += b.cnt_part[first + q * E];
+      psum += b.psum_part[first + q * E];
     }
     (all ? b.cnt_all : b.cnt_seq)[all ? e : i] = cnt;
     (all ? b.psum_all : b.psum_seq)[all ? e : i] = psum;
@@ -911,7 +951,8 @@ std::size_t balance_loss_scratch_bytes(const kernels::BalanceLossParams& p) {
   kernels::check_balance_params(p, "balance_loss_scratch_bytes");
   if (p.tokens == 0) return 0;
   const BalanceLayout b = balance_layout(p, nullptr);
-  return sizeof(double) * static_cast<std::size_t>(p.tokens + 2 * p.experts + b.n_seq * (2 * p.experts + 1));
+  return sizeof(double) *
+         static_cast<std::size_t>(p.tokens + 2 * p.experts + b.n_seq * (2 * p.experts + 1) + 2 * b.part_items());
 }
 
 void balance_loss_forward(const kernels::BalanceLossParams& p, const float* scores, const std::int32_t* topk_ids,
@@ -928,8 +969,10 @@ void balance_loss_forward(const kernels::BalanceLossParams& p, const float* scor
   const BalanceLayout b = balance_layout(p, scratch);
   MOEX_LAUNCH(blocks_for(p.tokens, kEltThreads), kEltThreads, 0, stream, balance_inv_kernel)(b, scores);
   MOEX_CUDA_CHECK_LAUNCH("balance_inv_kernel");
-  MOEX_LAUNCH(blocks_for((b.n_seq + 1) * p.experts, kEltThreads), kEltThreads, 0, stream, balance_stats_kernel)(
-      b, scores, topk_ids);
+  MOEX_LAUNCH(blocks_for(b.part_items(), kEltThreads), kEltThreads, 0, stream, balance_parts_kernel)(b, scores,
+                                                                                                   topk_ids);
+  MOEX_CUDA_CHECK_LAUNCH("balance_parts_kernel");
+  MOEX_LAUNCH(blocks_for((b.n_seq + 1) * p.experts, kEltThreads), kEltThreads, 0, stream, balance_stats_kernel)(b);
   MOEX_CUDA_CHECK_LAUNCH("balance_stats_kernel");
   MOEX_LAUNCH(1, kBalanceValueThreads, 0, stream, balance_value_kernel)(b, p.seq_alpha, p.expert_alpha, value);
   MOEX_CUDA_CHECK_LAUNCH("balance_value_kernel");

@@ -51,11 +51,13 @@ void gate_backward(cublasHandle_t blas, const kernels::GateParams& p, const floa
 // Auxiliary balance losses (runtime/kernels/balance.h: fp32 scores, sums in double)
 
 /// Device scratch, in bytes, that balance_loss_forward and balance_loss_backward need for `p`:
-/// 8 * (T + 2 E + n_seq (2 E + 1)), n_seq the number of sequences.
+/// 8 * (T + 2 E + n_seq (2 E + 1) + 2 E (n_seq ceil(L / 256) + ceil(T / 256))), n_seq the number of
+/// sequences and L their length.
 std::size_t balance_loss_scratch_bytes(const kernels::BalanceLossParams& p);
 
-/// Device version of kernels::balance_loss_forward, with the CPU's formulas and summation order (so
-/// the values agree to double rounding): from `scores` [T,E] and `topk_ids` [T,K] (ids in [0, E):
+/// Device version of kernels::balance_loss_forward, with the CPU's formulas and sums in double (over
+/// tokens in blocks of 256, added in order; so the values agree with the CPU's to double rounding and
+/// do not depend on the launch): from `scores` [T,E] and `topk_ids` [T,K] (ids in [0, E):
 /// the gate's outputs; not checked on the device) writes value[0] = the sequence-wise loss and
 /// value[1] = the expert-level loss (device doubles), and leaves the per-sequence counts and score
 /// sums in `scratch` (balance_loss_scratch_bytes(p), 8-byte aligned) for balance_loss_backward.
