@@ -260,10 +260,17 @@ void run_block(BlockRun& run) {
 }
 
 std::string dims(dim3 d) {
-  return "(" + std::to_string(d.x) + "," + std::to_string(d.y) + "," + std::to_string(d.z) + ")";
+  std::string s(1, '(');  // appended piece by piece: GCC 12 warns (-Wrestrict) on "(" + to_string(...)
+  s += std::to_string(d.x);
+  s += ',';
+  s += std::to_string(d.y);
+  s += ',';
+  s += std::to_string(d.z);
+  s += ')';
+  return s;
 }
 
-/// Runs every block of one launch, in order.
+/// Runs every block of one launch, one after another (in reverse order on odd launches).
 void execute(const std::string& name, dim3 grid, dim3 block, std::size_t smem, const std::function<void()>& body) {
   BlockRun run;
   const std::size_t n = std::size_t{block.x} * block.y * block.z;
@@ -275,22 +282,25 @@ void execute(const std::string& name, dim3 grid, dim3 block, std::size_t smem, c
   g_block.grid_dim = grid;
   g_block.block_dim = block;
   g_block.dynamic_smem = reinterpret_cast<unsigned char*>(shared.data());
-  // Odd launches run their threads in reverse order: a read of another lane's or thread's write
-  // without a barrier in between then sees stale data in one of the two orders.
+  // Odd launches run their blocks, and the threads of each block, in reverse order: a read of
+  // another thread's (or block's) write without a barrier in between (or within one launch) then
+  // sees stale data in one of the two orders.
   static std::uint64_t launches = 0;
   run.reverse = (launches++ & 1u) != 0;
   BlockRun* const saved = g_run;
   g_run = &run;
-  for (unsigned z = 0; z < grid.z && run.error.empty(); ++z)
-    for (unsigned y = 0; y < grid.y && run.error.empty(); ++y)
-      for (unsigned x = 0; x < grid.x && run.error.empty(); ++x) {
-        g_block.block_idx = uint3{x, y, z};
-        std::memset(shared.data(), 0xff, smem);  // shared memory starts as garbage
-        run_block(run);
-        if (!run.error.empty())
-          run.error = "kernel " + name + ", block " + dims(uint3{x, y, z}) + " of grid " + dims(grid) +
-                      " x block " + dims(block) + ": " + run.error;
-      }
+  const std::uint64_t blocks = std::uint64_t{grid.x} * grid.y * grid.z;
+  for (std::uint64_t i = 0; i < blocks && run.error.empty(); ++i) {
+    const std::uint64_t b = run.reverse ? blocks - 1 - i : i;
+    const uint3 idx{static_cast<unsigned>(b % grid.x), static_cast<unsigned>(b / grid.x % grid.y),
+                    static_cast<unsigned>(b / grid.x / grid.y)};
+    g_block.block_idx = idx;
+    std::memset(shared.data(), 0xff, smem);  // shared memory starts as garbage
+    run_block(run);
+    if (!run.error.empty())
+      run.error = "kernel " + name + ", block " + dims(idx) + " of grid " + dims(grid) + " x block " + dims(block) +
+                  ": " + run.error;
+  }
   g_run = saved;
   g_thread = nullptr;
   if (!run.error.empty()) fault(run.error);
