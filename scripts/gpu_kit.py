@@ -141,7 +141,11 @@ def unpack_deb(deb, root):
                 f.read(1)
             if name.startswith("data.tar"):
                 with tarfile.open(fileobj=io.BytesIO(body)) as tar:
-                    tar.extractall(root)
+                    # Our own Debian packages: extracted as dpkg would (Python >= 3.12 asks for a filter).
+                    if hasattr(tarfile, "fully_trusted_filter"):
+                        tar.extractall(root, filter="fully_trusted")
+                    else:
+                        tar.extractall(root)
                 return
 
 
