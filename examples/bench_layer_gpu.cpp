@@ -71,12 +71,8 @@ int bench_layer_gpu(comm::MpiCommunicator& world, const GpuBenchArgs& a) {
   cuda::Stream stream;  // declared before the layer, which must not outlive it
   cuda::GpuLayerOptions go;
   go.precision = cuda::precision_from_string(a.precision);
-  go.chunks = lo.chunks;
-  go.capacity_factor = lo.capacity_factor;
-  auto make_layer = [&] {
-    auto l = cpu.replica_layout()
-                 ? std::make_unique<cuda::GpuMoELayer>(config, world, *dev, *cpu.replica_layout(), topology, go)
-                 : std::make_unique<cuda::GpuMoELayer>(config, world, *dev, placement, go);
+  auto make_layer = [&] {  // chunks and capacity factor from the CPU layer's options (lo)
+    auto l = cuda::make_gpu_layer_like(cpu, world, *dev, go);
     l->load_from(cpu);
     return l;
   };

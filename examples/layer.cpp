@@ -90,16 +90,11 @@ void run_on_gpu(moex::comm::MpiCommunicator& world, moex::MoELayer& cpu, const s
   const auto dev = moex::comm::make_device_communicator(device_comm, MPI_COMM_WORLD, world.default_timeout());
   cuda::GpuLayerOptions go;
   go.precision = cuda::precision_from_string(precision);
-  go.chunks = cpu.options().chunks;
-  go.capacity_factor = cpu.options().capacity_factor;
   // The stream before the layer, so that it outlives it (GpuMoELayer frees its grouped GEMMs'
   // pointer tables on the caller's stream when it is destroyed).
   cuda::Stream stream;
   const cudaStream_t s = stream.get();
-  std::unique_ptr<cuda::GpuMoELayer> made =
-      cpu.replica_layout()
-          ? std::make_unique<cuda::GpuMoELayer>(cpu.config(), world, *dev, *cpu.replica_layout(), cpu.topology(), go)
-          : std::make_unique<cuda::GpuMoELayer>(cpu.config(), world, *dev, cpu.placement(), go);
+  const std::unique_ptr<cuda::GpuMoELayer> made = cuda::make_gpu_layer_like(cpu, world, *dev, go);
   cuda::GpuMoELayer& gpu = *made;
   gpu.load_from(cpu);
   const auto TH = static_cast<std::size_t>(tokens * cpu.config().hidden_size);

@@ -151,9 +151,7 @@ MoELayer::~MoELayer() = default;
 void MoELayer::set_options(const LayerOptions& options) {
   if (options.chunks < 1)
     throw InvalidArgument(name_ + ": chunks = " + std::to_string(options.chunks) + " must be >= 1");
-  if (!std::isfinite(options.capacity_factor) || options.capacity_factor < 0.0)
-    throw InvalidArgument(name_ + ": capacity_factor = " + std::to_string(options.capacity_factor) +
-                          " must be finite and >= 0 (0 = dropless)");
+  sched::check_capacity_factor(options.capacity_factor, name_);
   options_ = options;
   // The communication stream is a thread only when overlapping and MPI lets a second thread call it.
   const bool threaded = options_.overlap && comm_.allows_progress_thread();

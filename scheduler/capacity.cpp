@@ -8,6 +8,12 @@
 
 namespace moex::sched {
 
+void check_capacity_factor(double capacity_factor, const std::string& who) {
+  if (!std::isfinite(capacity_factor) || capacity_factor < 0.0)
+    throw InvalidArgument(who + ": capacity_factor = " + std::to_string(capacity_factor) +
+                          " must be finite and >= 0 (0 = dropless)");
+}
+
 std::int64_t expert_capacity(double capacity_factor, std::int64_t picks, std::int64_t experts) {
   if (!(capacity_factor > 0.0) || !std::isfinite(capacity_factor))
     throw InvalidArgument("capacity factor = " + std::to_string(capacity_factor) + ": must be a finite value > 0");

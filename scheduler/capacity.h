@@ -3,9 +3,13 @@
 
 #include <cstdint>
 #include <span>
+#include <string>
 #include <vector>
 
 namespace moex::sched {
+
+/// InvalidArgument naming `who` unless capacity_factor is finite and >= 0 (0 = dropless).
+void check_capacity_factor(double capacity_factor, const std::string& who);
 
 /// The per-rank capacity of every expert for `picks` picks (tokens * K) over `experts` experts:
 /// ceil(capacity_factor * picks / experts). capacity_factor must be > 0.

@@ -33,6 +33,8 @@ class Topology {
   bool contiguous() const;
   /// "2 nodes x 2 ranks" or "3 nodes (2,2,1 ranks)".
   std::string describe() const;
+  /// The same ranks on the same nodes (nodes are numbered canonically, so the node map decides).
+  friend bool operator==(const Topology& a, const Topology& b) { return a.node_ == b.node_; }
 
  private:
   std::vector<int> node_, local_;

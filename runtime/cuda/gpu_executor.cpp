@@ -40,18 +40,13 @@ GpuLayerExecutor::Twin& GpuLayerExecutor::twin(MoELayer& layer) {
   Twin& t = twins_[&layer];
   // A replica layout the host layer migrated to needs a GPU layer with the new slots.
   const std::optional<sched::ReplicaLayout>& layout = layer.replica_layout();
-  if (t.gpu && (layout.has_value() != t.layout.has_value() || (layout && !(*layout == *t.layout)))) {
+  if (t.gpu && layout != t.layout) {
     MOEX_CUDA_CHECK(cudaStreamSynchronize(stream()));  // queued work may still use the old layer
     t.gpu.reset();
   }
   if (!t.gpu) {
     check(layer);
-    GpuLayerOptions o = options_;
-    o.chunks = layer.options().chunks;
-    o.capacity_factor = layer.options().capacity_factor;
-    t.gpu = layout ? std::make_unique<GpuMoELayer>(layer.config(), host_comm_, device_comm_, *layout,
-                                                   layer.topology(), o)
-                   : std::make_unique<GpuMoELayer>(layer.config(), host_comm_, device_comm_, layer.placement(), o);
+    t.gpu = make_gpu_layer_like(layer, host_comm_, device_comm_, options_);
     t.layout = layout;
     t.dirty = true;
   }

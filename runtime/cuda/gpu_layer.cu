@@ -2,7 +2,6 @@
 #include "runtime/cuda/gpu_layer.h"
 
 #include <algorithm>
-#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <numeric>
@@ -16,6 +15,7 @@
 #include "runtime/cuda/launch.h"
 #include "runtime/cuda/layer_helpers.h"
 #include "runtime/moe_layer.h"
+#include "scheduler/capacity.h"
 
 namespace moex::cuda {
 using namespace layer;  // NOLINT: the layer sources' shared helpers
@@ -151,9 +151,7 @@ int64_t local_slot_count(const MoeConfig& c, const GpuLayerOptions& o, const com
                          const comm::Communicator* device, const std::optional<sched::ExpertPlacement>& placement,
                          const std::optional<sched::ReplicaLayout>& layout,
                          const std::optional<sched::Topology>& topology) {
-  if (!(o.capacity_factor >= 0.0) || !std::isfinite(o.capacity_factor))
-    throw InvalidArgument("GpuMoELayer: capacity_factor = " + std::to_string(o.capacity_factor) +
-                          ": must be 0 (dropless) or a finite value > 0");
+  sched::check_capacity_factor(o.capacity_factor, "GpuMoELayer");
   if (!placement && !layout) {
     if (o.capacity_factor > 0.0)
       throw InvalidArgument("GpuMoELayer: capacity_factor = " + std::to_string(o.capacity_factor) +
@@ -323,17 +321,12 @@ void GpuMoELayer::check_cpu_layer(MoELayer& cpu, const char* what) const {
   if (cpu_layout.has_value() != layout_.has_value())
     throw mismatch("replica layout", cpu_layout ? "set (replica mode)" : "none (one replica per expert)",
                    layout_ ? "one (replica mode)" : "none (one replica per expert)");
-  if (layout_ && !(*layout_ == *cpu_layout))
+  if (cpu_layout != layout_)
     throw InvalidArgument(std::string(what) + ": the CPU layer's replica layout differs from this GPU layer's "
                           "(build the GPU layer from the CPU layer's current layout)");
-  if (layout_) {
-    bool same_nodes = cpu.topology().world_size() == topology_->world_size();
-    for (int r = 0; same_nodes && r < topology_->world_size(); ++r)
-      same_nodes = cpu.topology().node_of(r) == topology_->node_of(r);
-    if (!same_nodes)
-      throw InvalidArgument(std::string(what) + ": the CPU layer's topology (rank -> node) differs from this GPU "
-                            "layer's; the replica choice depends on it");
-  }
+  if (layout_ && cpu.topology() != *topology_)
+    throw InvalidArgument(std::string(what) + ": the CPU layer's topology (rank -> node) differs from this GPU "
+                          "layer's; the replica choice depends on it");
   const auto slots = cpu.slot_experts(cpu.rank());
   if (static_cast<int64_t>(slots.size()) != local_)
     throw InvalidArgument(std::string(what) + ": the CPU layer holds " + std::to_string(slots.size()) +
@@ -380,6 +373,15 @@ void GpuMoELayer::load_from(MoELayer& cpu) {
   set_selection_bias(cpu.selection_bias());
   set_aux_loss(cpu.aux_loss());
   aux_.synchronize();
+}
+
+std::unique_ptr<GpuMoELayer> make_gpu_layer_like(const MoELayer& cpu, comm::Communicator& host_comm,
+                                                 comm::Communicator& device_comm, GpuLayerOptions options) {
+  options.chunks = cpu.options().chunks;
+  options.capacity_factor = cpu.options().capacity_factor;
+  if (const std::optional<sched::ReplicaLayout>& layout = cpu.replica_layout())
+    return std::make_unique<GpuMoELayer>(cpu.config(), host_comm, device_comm, *layout, cpu.topology(), options);
+  return std::make_unique<GpuMoELayer>(cpu.config(), host_comm, device_comm, cpu.placement(), options);
 }
 
 void GpuMoELayer::set_aux_loss(const AuxLossOptions& options) {

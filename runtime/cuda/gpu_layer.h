@@ -324,4 +324,10 @@ class GpuMoELayer {
   std::unique_ptr<EpState, EpStateDeleter> ep_;
 };
 
+/// An expert-parallel GpuMoELayer laid out as the CPU layer `cpu` (its replica layout and topology
+/// in replica mode, else its placement), with `options` but `cpu`'s chunk count and capacity factor;
+/// its parameters are not loaded yet (load_from). Same errors as the constructors.
+std::unique_ptr<GpuMoELayer> make_gpu_layer_like(const MoELayer& cpu, comm::Communicator& host_comm,
+                                                 comm::Communicator& device_comm, GpuLayerOptions options);
+
 }  // namespace moex::cuda

@@ -12,8 +12,6 @@ namespace {
 
 constexpr double kNormEps = 1e-20;  // DeepSeek-V3: scores / (scores.sum(-1) + 1e-20)
 
-void check_params(const BalanceLossParams& p) { check_balance_params(p, "balance loss"); }
-
 /// counts[i] = number of tokens in [begin, end) that picked expert i (each token counts once).
 /// `stamp` is scratch of E entries, all < begin on entry.
 void count_picks(const BalanceLossParams& p, const std::int32_t* topk_ids, std::int64_t begin, std::int64_t end,
@@ -51,7 +49,7 @@ void check_balance_params(const BalanceLossParams& p, const char* what) {
 }
 
 BalanceLossValue balance_loss_forward(const BalanceLossParams& p, const float* scores, const std::int32_t* topk_ids) {
-  check_params(p);
+  check_balance_params(p, "balance loss");
   BalanceLossValue v;
   if (p.tokens == 0) return v;
   const std::int64_t T = p.tokens, E = p.experts, K = p.topk;
@@ -93,7 +91,7 @@ BalanceLossValue balance_loss_forward(const BalanceLossParams& p, const float* s
 
 void balance_loss_backward(const BalanceLossParams& p, const float* scores, const std::int32_t* topk_ids, float d_loss,
                            float* d_scores) {
-  check_params(p);
+  check_balance_params(p, "balance loss");
   if (p.tokens == 0) return;
   const std::int64_t T = p.tokens, E = p.experts, K = p.topk;
   const std::int64_t L = sequence_length(p);
