@@ -778,12 +778,9 @@ __global__ void balance_grad_kernel(BalanceLayout b, const float* __restrict__ s
     const double* cnt = b.cnt_seq + seq * E;
     const float* s = scores + t * E;
     float* ds = d_scores + t * E;
-    double z = 0.0, dot = 0.0;
-    for (int64_t e = 0; e < E; ++e) {
-      z += s[e];
-      dot += c_seq * cnt[e] * s[e];
-    }
-    const double inv = 1.0 / (z + kBalanceEps);
+    double dot = 0.0;
+    for (int64_t e = 0; e < E; ++e) dot += c_seq * cnt[e] * s[e];
+    const double inv = b.inv[t];  // the forward's 1 / (sum_e scores[t,e] + eps)
     const double mean = dot * inv;
     for (int64_t e = 0; e < E; ++e) {
       const double d = c_exp * b.cnt_all[e] + (c_seq * cnt[e] - mean) * inv;
