@@ -1,10 +1,12 @@
 // GoogleTest main for multi-rank tests: rank 0 prints the usual report, other ranks print only their
-// failures, and the exit code is non-zero on every rank if any rank failed.
+// failures, and the exit code is non-zero on every rank if any rank failed (77 when none failed and
+// tests skipped for want of a CUDA device: tests/device_skips.h).
 #include <gtest/gtest.h>
 
 #include <cstdio>
 #include <memory>
 
+#include "tests/device_skips.h"
 #include "tests/mpi_test_env.h"
 
 namespace moex::testing {
@@ -49,11 +51,14 @@ int main(int argc, char** argv) {
       delete listeners.Release(listeners.default_result_printer());
       listeners.Append(new moex::testing::FailurePrinter(world.rank()));
     }
+    auto* skips = new moex::testing::NoDeviceSkips();  // owned by GoogleTest's listener list
+    ::testing::UnitTest::GetInstance()->listeners().Append(skips);
     result = RUN_ALL_TESTS();
-    int any_failed = result != 0 ? 1 : 0;
-    MPI_Allreduce(MPI_IN_PLACE, &any_failed, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
-    result = any_failed;
-    if (world.rank() == 0 && any_failed) std::fprintf(stderr, "FAILED on at least one rank\n");
+    int flags[2] = {result != 0 ? 1 : 0, skips->count()};  // any rank failed; no-device skips
+    MPI_Allreduce(MPI_IN_PLACE, &flags[0], 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
+    MPI_Allreduce(MPI_IN_PLACE, &flags[1], 1, MPI_INT, MPI_SUM, MPI_COMM_WORLD);
+    if (world.rank() == 0 && flags[0]) std::fprintf(stderr, "FAILED on at least one rank\n");
+    result = moex::testing::exit_code(flags[0], flags[1], /*print=*/world.rank() == 0);
     moex::testing::g_world = nullptr;
   }
   return result;
