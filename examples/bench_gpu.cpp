@@ -3,7 +3,8 @@
 //       64 experts, top-6, 8192 tokens, rows per expert from a uniform random routing with a fixed
 //       seed), for both GroupedGemmImpl, as TFLOP/s and as a ratio to ONE dense cuBLAS GEMM of the
 //       same FLOPs (the same shape with every row in one matrix); plus the whole FFN forward /
-//       backward against the same FFN run as one dense expert;
+//       backward against the same FFN run as one dense expert (also with kFixedOrder, the kernel of
+//       the deterministic mode);
 //   (b) permute (gather into expert order) and combine (weighted, deterministic CSR sum back into
 //       token order) as bytes/s and as a ratio to cudaMemcpyAsync device-to-device of the same bytes;
 //   (c) `layer`: one whole GpuMoELayer (softmax greedy gate, `--shared` shared experts, --dtype),
@@ -397,7 +398,8 @@ int run(int argc, char** argv) {
       dense_ffn.backward(blas, all_rows, t.x.data(), t.w13.data(), t.w2.data(), t.h13.data(), t.sig.data(), t.a.data(),
                          t.dy.data(), t.dw13.data(), t.dw2.data(), t.dx.data(), t.dh13.data(), false, s);
     });
-    for (GroupedGemmImpl impl : {GroupedGemmImpl::kGroupedBatched, GroupedGemmImpl::kLoop}) {
+    // kFixedOrder: the deterministic mode's own kernel (no cuBLAS), for its cost.
+    for (GroupedGemmImpl impl : {GroupedGemmImpl::kGroupedBatched, GroupedGemmImpl::kLoop, GroupedGemmImpl::kFixedOrder}) {
       GroupedFfn ffn({E, H, F}, dtype, impl);
       const double fwd = time_ms(s, timing, [&] {
         ffn.forward(blas, routing.rows_per_expert, t.x.data(), t.w13.data(), t.w2.data(), t.h13.data(), t.sig.data(),

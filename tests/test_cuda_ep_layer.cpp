@@ -16,6 +16,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <memory>
 #include <optional>
 #include <string>
@@ -87,10 +88,12 @@ struct EpParam {
   bool aux = false;        // auxiliary balance losses on (large coefficients, several sequences per rank)
   double capacity = 0.0;   // capacity factor (0 = dropless)
   bool replicas = false;   // replica mode: a layout planned for a skewed load (hot experts replicated)
+  bool deterministic = false;  // fixed-order expert GEMMs, weight gradients once per backward
 };
 std::string name_of(const EpParam& p) {
   return std::string(p.config) + "_" + to_string(p.precision) + "_c" + std::to_string(p.chunks) +
-         (p.aux ? "_aux" : "") + (p.capacity > 0.0 ? "_capacity" : "") + (p.replicas ? "_replicas" : "");
+         (p.aux ? "_aux" : "") + (p.capacity > 0.0 ? "_capacity" : "") + (p.replicas ? "_replicas" : "") +
+         (p.deterministic ? "_det" : "");
 }
 
 /// Replica mode at P ranks on 2-rank nodes: every rank ceil(E / P) + 1 slots, the layout planned for
@@ -135,6 +138,7 @@ class CudaEpLayer : public ::testing::TestWithParam<EpParam> {
     LayerOptions cpu_opt;
     cpu_opt.chunks = p.chunks;
     cpu_opt.capacity_factor = p.capacity;
+    cpu_opt.deterministic = p.deterministic;
     std::optional<ReplicaSetup> rs;
     std::unique_ptr<MoELayer> cpu;
     if (p.replicas) {
@@ -158,6 +162,7 @@ class CudaEpLayer : public ::testing::TestWithParam<EpParam> {
     opt.precision = p.precision;
     opt.chunks = p.chunks;
     opt.capacity_factor = p.capacity;
+    opt.deterministic = p.deterministic;
     std::unique_ptr<GpuMoELayer> made =
         rs ? std::make_unique<GpuMoELayer>(c.config, *host_, device_comm, rs->planned, rs->topology, opt)
            : std::make_unique<GpuMoELayer>(c.config, *host_, device_comm, placement, opt);
@@ -232,8 +237,84 @@ INSTANTIATE_TEST_SUITE_P(Configs, CudaEpLayer,
                                            EpParam{"v3_like", LayerPrecision::kFp32, 2, false, 0.75},
                                            EpParam{"v2_lite_like", LayerPrecision::kBf16, 3, false, 1.0},
                                            EpParam{"v3_like", LayerPrecision::kFp32, 2, false, 0.0, true},
-                                           EpParam{"v2_lite_like", LayerPrecision::kBf16, 1, true, 1.25, true}),
+                                           EpParam{"v2_lite_like", LayerPrecision::kBf16, 1, true, 1.25, true},
+                                           EpParam{"v3_like", LayerPrecision::kFp32, 3, false, 0.0, false, true},
+                                           EpParam{"v2_lite_like", LayerPrecision::kBf16, 2, true, 1.25, true, true}),
                          [](const ::testing::TestParamInfo<EpParam>& i) { return name_of(i.param); });
+
+/// Deterministic mode: the same layer run with 1, 2 and 3 pipeline chunks gives the same bits for y,
+/// dx and every gradient (this rank's, and after the all-reduce), over two steps whose gradients
+/// accumulate. (Without it, the weight gradients already differ with the chunk count: each chunk's
+/// part is added to them separately.)
+TEST(CudaEpDeterministic, SameBitsForEveryChunkCount) {
+  std::string why;
+  const int devices = cuda_device_count(&why);
+  if (devices == 0) GTEST_SKIP() << "no CUDA device: " << why;
+  comm::MpiCommunicator host(MPI_COMM_WORLD);
+  MOEX_CUDA_CHECK(cudaSetDevice(host.rank() % devices));
+  comm::StagedCommunicator device(std::make_unique<comm::MpiCommunicator>(MPI_COMM_WORLD));
+  Stream stream;
+  const cudaStream_t s = stream.get();
+  const int P = host.size(), r = host.rank();
+  for (const bool bf16 : {false, true}) {
+    for (const bool replicas : {false, true}) {
+      const LayerCase c = case_of(bf16 ? "v2_lite_like" : "v3_like");
+      std::optional<ReplicaSetup> rs;
+      std::unique_ptr<MoELayer> cpu;
+      const auto placement = sched::ExpertPlacement::contiguous(c.config.n_routed_experts, P);
+      LayerOptions lo;  // the parameters' source only; with replicas also capacity-factor drops
+      lo.capacity_factor = replicas ? 1.25 : 0.0;
+      if (replicas) {
+        rs = replica_setup(c.config, P);
+        cpu = make_cpu_layer(c, bf16, 31, host, rs->planned, rs->topology, lo);
+      } else {
+        cpu = make_cpu_layer(c, bf16, 31, host, placement, lo);
+      }
+      std::vector<Vec> first;  // chunks = 1: y, dx per step, then the gradients
+      for (int chunks : {1, 2, 3}) {
+        const std::string tag = std::string(bf16 ? "bf16" : "fp32") + (replicas ? " replicas" : "") + " rank " +
+                                std::to_string(r) + "/" + std::to_string(P) + " chunks " + std::to_string(chunks);
+        GpuLayerOptions opt;
+        opt.precision = bf16 ? LayerPrecision::kBf16 : LayerPrecision::kFp32;
+        opt.chunks = chunks;
+        opt.deterministic = true;
+        opt.capacity_factor = lo.capacity_factor;
+        std::unique_ptr<GpuMoELayer> gpu =
+            rs ? std::make_unique<GpuMoELayer>(c.config, host, device, rs->planned, rs->topology, opt)
+               : std::make_unique<GpuMoELayer>(c.config, host, device, placement, opt);
+        gpu->load_from(*cpu);
+        std::vector<Vec> got;
+        gpu->zero_grad(s);
+        for (int step = 0; step < 2; ++step) {
+          const int64_t T = 60 + 17 * r + 9 * step;  // every rank sends: the sources' order matters
+          const Batch b = draw_batch(*cpu, T, 500 + 13 * static_cast<std::uint64_t>(r) + step, bf16);
+          DeviceBuffer<float> d_x = to_device(b.x, s), d_dy = to_device(b.dy, s);
+          DeviceBuffer<float> d_y(b.x.size(), s), d_dx(b.x.size(), s);
+          gpu->forward(d_x.data(), T, d_y.data(), s);
+          gpu->backward(d_dy.data(), d_dx.data(), s);
+          got.push_back(to_host(d_y, s));
+          got.push_back(to_host(d_dx, s));
+        }
+        got.push_back(gpu->expert_grads_host(s));
+        gpu->allreduce_replicated_grads(s);
+        got.push_back(gpu->replicated_grads_host(s));
+        got.push_back(gpu->expert_grads_host(s));
+        if (chunks == 1) {
+          first = got;
+          continue;
+        }
+        static const char* kWhat[] = {"y step 0", "dx step 0", "y step 1", "dx step 1", "expert grads",
+                                      "all-reduced gate and shared grads", "all-reduced expert grads"};
+        ASSERT_EQ(got.size(), first.size());
+        for (std::size_t i = 0; i < got.size(); ++i) {
+          ASSERT_EQ(got[i].size(), first[i].size()) << tag << " " << kWhat[i];
+          EXPECT_EQ(std::memcmp(got[i].data(), first[i].data(), got[i].size() * sizeof(float)), 0)
+              << tag << ": " << kWhat[i] << " differ from 1 chunk's";
+        }
+      }
+    }
+  }
+}
 
 // ---------------------------------------------------------------------------------------------------
 // Training with the MoE layers on the GPU (GpuLayerExecutor) against training on the CPU.
@@ -353,9 +434,6 @@ TEST(CudaEpTrainHost, ExecutorRejectsCpuOnlySchedules) {
   TrainOptions hier;
   hier.layer.exchange = ExchangeKind::kHierarchical;
   rejects("hierarchical exchange", hier);
-  TrainOptions det;
-  det.layer.deterministic = true;
-  rejects("deterministic schedule", det);
 }
 
 }  // namespace

@@ -212,6 +212,19 @@ TEST(CudaHost, GroupedFfnRejectsBadShapesAndRowCounts) {
   bad.a = bad.b = &dummy;
   bad.c = &dummy;
   EXPECT_THROW(gemm(nullptr, DType::kFp32, bad, nullptr), InvalidArgument);
+  EXPECT_THROW(fixed_order_gemm(DType::kFp32, bad, nullptr, nullptr), InvalidArgument);
+  // k_rows needs an operand stored k-major: neither is when A is [m, k] and B is stored [n, k].
+  GemmProblem nt = gemm_problem(false, true, 4, 4, 4, &dummy, 4, &dummy, 4, &dummy, 4);
+  const int64_t rows[4] = {0, 1, 2, 3};
+  try {
+    fixed_order_gemm(DType::kFp32, nt, rows, nullptr);
+    ADD_FAILURE() << "fixed_order_gemm accepted k_rows without a k-major operand";
+  } catch (const InvalidArgument& e) {
+    EXPECT_NE(std::string(e.what()).find("k_rows"), std::string::npos) << e.what();
+  }
+  const std::vector<int64_t> counts = {1, 2, 0};
+  EXPECT_THROW(ffn.backward_weights(counts, nullptr, &dummy, &dummy, &dummy, &dummy, &dummy, &dummy, false, nullptr),
+               InvalidArgument);  // rows but no k_rows
 }
 
 TEST(CudaHost, CombinePlanIsAStableCsrOfTheScatter) {
@@ -693,6 +706,115 @@ TEST_F(CudaTest, SwigluForwardAndBackwardMatchCpu) {
 }
 
 // ---------------------------------------------------------------------------------------------------
+// Fixed-order GEMM
+
+/// A host vector on the device in element type T (float or bf16), and back.
+template <typename T>
+DeviceBuffer<T> upload(const Vec& v, cudaStream_t s) {
+  if constexpr (std::is_same_v<T, float>)
+    return to_device(v, s);
+  else
+    return to_device(to_bf16(v), s);
+}
+template <typename T>
+Vec fetch(const DeviceBuffer<T>& d, cudaStream_t s) {
+  if constexpr (std::is_same_v<T, float>)
+    return to_host(d, s);
+  else
+    return from_bf16(to_host(d, s));
+}
+
+
+/// One op(A) op(B) problem on the host: A stored [m, k] or (trans_a) [kstore, m], B stored [k, n] or
+/// (trans_b) [n, k]; `k_rows` (empty: 0..k-1) picks the stored rows of the k-major operands.
+struct FixedCase {
+  bool ta, tb;
+  int64_t m, n, k, kstore;
+  std::vector<int64_t> k_rows;
+  float alpha, beta;
+};
+
+/// C from fixed_order_gemm in element type T for `fc` on inputs a, b, c0 (stored layouts above).
+template <typename T>
+Vec run_fixed(const FixedCase& fc, const Vec& a, const Vec& b, const Vec& c0, int64_t row0, int64_t rows,
+              cudaStream_t s) {
+  const DType dt = std::is_same_v<T, float> ? DType::kFp32 : DType::kBf16;
+  const int64_t lda = fc.ta ? fc.m : fc.k, ldb = fc.tb ? fc.k : fc.n;
+  DeviceBuffer<T> da = upload<T>(a, s), db = upload<T>(b, s), dc = upload<T>(c0, s);
+  DeviceBuffer<int64_t> dk;
+  if (!fc.k_rows.empty()) dk = to_device(fc.k_rows, s);
+  // Rows [row0, row0 + rows) of C only: A's rows (or columns when trans_a) offset by row0.
+  const std::size_t es = sizeof(T);
+  const void* a0 = elem_at(da.data(), fc.ta ? row0 : row0 * lda, es);
+  GemmProblem p = gemm_problem(fc.ta, fc.tb, rows, fc.n, fc.k, a0, lda, db.data(), ldb,
+                               elem_at(dc.data(), row0 * fc.n, es), fc.n, fc.beta);
+  p.alpha = fc.alpha;
+  fixed_order_gemm(dt, p, fc.k_rows.empty() ? nullptr : dk.data(), s);
+  return fetch(dc, s);
+}
+
+/// The host reference: per element alpha * (fmaf chain over l in order) + beta * c, and in double.
+void fixed_reference(const FixedCase& fc, const Vec& a, const Vec& b, const Vec& c0, Vec& chain, Vec& exact) {
+  const int64_t lda = fc.ta ? fc.m : fc.k, ldb = fc.tb ? fc.k : fc.n;
+  chain.assign(static_cast<std::size_t>(fc.m * fc.n), 0.0f);
+  exact = chain;
+  for (int64_t i = 0; i < fc.m; ++i)
+    for (int64_t j = 0; j < fc.n; ++j) {
+      float acc = 0.0f;
+      double d = 0.0;
+      for (int64_t l = 0; l < fc.k; ++l) {
+        const int64_t kr = fc.k_rows.empty() ? l : fc.k_rows[static_cast<std::size_t>(l)];
+        const float av = fc.ta ? a[static_cast<std::size_t>(kr * lda + i)] : a[static_cast<std::size_t>(i * lda + l)];
+        const float bv = fc.tb ? b[static_cast<std::size_t>(j * ldb + l)] : b[static_cast<std::size_t>(kr * ldb + j)];
+        acc = std::fma(av, bv, acc);
+        d += static_cast<double>(av) * bv;
+      }
+      const auto o = static_cast<std::size_t>(i * fc.n + j);
+      chain[o] = fc.alpha * acc;
+      exact[o] = static_cast<float>(fc.alpha * d + fc.beta * static_cast<double>(c0[o]));
+    }
+}
+
+TEST_F(CudaTest, FixedOrderGemmIsOneFmaChainPerElementWhateverTheRows) {
+  Rng rng(808);
+  // Sizes off the 64 x 64 tile and the 16-step k; all four transposes; gathered k rows (a weight
+  // gradient over rows picked in a chosen order: repeats and gaps allowed).
+  std::vector<FixedCase> cases = {{false, false, 70, 45, 37, 37, {}, 1.0f, 0.0f},
+                                  {false, true, 130, 67, 16, 16, {}, 1.0f, 0.0f},
+                                  {true, false, 65, 80, 33, 33, {}, 1.0f, 0.0f},
+                                  {true, true, 3, 129, 50, 50, {}, 1.0f, 0.0f},
+                                  {true, false, 40, 72, 21, 30, {}, 1.0f, 0.0f},
+                                  {false, false, 17, 20, 9, 12, {}, 0.5f, 1.0f}};
+  for (int64_t l = 0; l < 21; ++l) cases[4].k_rows.push_back((29 - l * 7 % 30 + 30) % 30);
+  for (int64_t l = 0; l < 9; ++l) cases[5].k_rows.push_back(11 - l);
+  for (std::size_t ci = 0; ci < cases.size(); ++ci) {
+    const FixedCase& fc = cases[ci];
+    SCOPED_TRACE("case " + std::to_string(ci));
+    const int64_t a_rows = fc.ta ? fc.kstore : fc.m, a_cols = fc.ta ? fc.m : fc.k;
+    const int64_t b_rows = fc.tb ? fc.n : fc.kstore, b_cols = fc.tb ? fc.k : fc.n;
+    Vec a = uniform(rng, a_rows * a_cols, 1.0), b = uniform(rng, b_rows * b_cols, 1.0),
+        c0 = uniform(rng, fc.m * fc.n, 1.0);
+    for (Vec* v : {&a, &b, &c0}) round_to_bf16(*v);
+    Vec chain, exact;
+    fixed_reference(fc, a, b, c0, chain, exact);
+    const Vec whole = run_fixed<float>(fc, a, b, c0, 0, fc.m, stream());
+    EXPECT_TRUE(within(whole, exact, kFp32Tol, "fp32 vs float64"));
+    if (fc.beta == 0.0f) {  // the exact fmaf chain of the CPU (std::fma)
+      EXPECT_EQ(std::memcmp(whole.data(), chain.data(), whole.size() * sizeof(float)), 0)
+          << "fp32 C differs from the host's fmaf chain in k order";
+    }
+    // The rows split over two calls: the same bits (a row depends only on itself).
+    const int64_t cut = fc.m / 2 + 1;
+    Vec split = run_fixed<float>(fc, a, b, c0, 0, cut, stream());
+    const Vec rest = run_fixed<float>(fc, a, b, c0, cut, fc.m - cut, stream());
+    std::copy(rest.begin() + cut * fc.n, rest.end(), split.begin() + cut * fc.n);
+    EXPECT_EQ(std::memcmp(whole.data(), split.data(), whole.size() * sizeof(float)), 0)
+        << "rows computed in two calls differ from one call";
+    EXPECT_TRUE(within(run_fixed<bf16>(fc, a, b, c0, 0, fc.m, stream()), exact, kBf16Tol, "bf16 vs float64"));
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
 // Grouped expert FFN
 
 /// Inputs (bf16-exact) and the CPU reference of one grouped FFN problem.
@@ -764,20 +886,6 @@ struct FfnDevice {
   DeviceBuffer<T> x, w13, w2, dy, h13, sig, a, y, dx, dh13, dw13, dw2;
 };
 
-template <typename T>
-DeviceBuffer<T> upload(const Vec& v, cudaStream_t s) {
-  if constexpr (std::is_same_v<T, float>)
-    return to_device(v, s);
-  else
-    return to_device(to_bf16(v), s);
-}
-template <typename T>
-Vec fetch(const DeviceBuffer<T>& d, cudaStream_t s) {
-  if constexpr (std::is_same_v<T, float>)
-    return to_host(d, s);
-  else
-    return from_bf16(to_host(d, s));
-}
 
 template <typename T>
 void check_grouped_ffn(const FfnProblem& P, DType dtype, GroupedGemmImpl impl, bool accumulate, double tol,
@@ -817,12 +925,58 @@ void check_grouped_ffn(const FfnProblem& P, DType dtype, GroupedGemmImpl impl, b
 }
 
 void check_all_modes(const FfnProblem& P, bool with_accumulate, cublasHandle_t blas, cudaStream_t s) {
-  for (GroupedGemmImpl impl : {GroupedGemmImpl::kGroupedBatched, GroupedGemmImpl::kLoop}) {
+  for (GroupedGemmImpl impl : {GroupedGemmImpl::kGroupedBatched, GroupedGemmImpl::kLoop, GroupedGemmImpl::kFixedOrder}) {
     for (bool acc : {false, true}) {
       if (acc && !with_accumulate) continue;
       check_grouped_ffn<float>(P, DType::kFp32, impl, acc, kFp32Tol, blas, s);
       check_grouped_ffn<bf16>(P, DType::kBf16, impl, acc, kBf16Tol, blas, s);
     }
+  }
+}
+
+/// backward_data, then backward_weights over each expert's rows in reverse order (k_rows), against
+/// the CPU's backward: the split backward of the deterministic expert-parallel layer.
+template <typename T>
+void check_split_backward(const FfnProblem& P, DType dtype, bool accumulate, double tol, cublasHandle_t blas,
+                          cudaStream_t s) {
+  SCOPED_TRACE(std::string("split backward ") + to_string(dtype) + (accumulate ? " accumulate" : " overwrite"));
+  FfnDevice<T> d;
+  d.x = upload<T>(P.x, s);
+  d.w13 = upload<T>(P.w13, s);
+  d.w2 = upload<T>(P.w2, s);
+  d.dy = upload<T>(P.dy, s);
+  d.h13 = DeviceBuffer<T>(P.h13.size(), s);
+  d.sig = DeviceBuffer<T>(P.sig.size(), s);
+  d.a = DeviceBuffer<T>(P.a.size(), s);
+  d.y = DeviceBuffer<T>(P.y.size(), s);
+  d.dx = DeviceBuffer<T>(P.dx.size(), s);
+  d.dh13 = DeviceBuffer<T>(P.h13.size(), s);
+  d.dw13 = accumulate ? upload<T>(P.dw13_init, s) : DeviceBuffer<T>(P.w13.size(), s);
+  d.dw2 = accumulate ? upload<T>(P.dw2_init, s) : DeviceBuffer<T>(P.w2.size(), s);
+  std::vector<int64_t> k_rows;
+  int64_t o = 0;
+  for (int64_t r : P.rows) {
+    for (int64_t i = r - 1; i >= 0; --i) k_rows.push_back(o + i);
+    o += r;
+  }
+  DeviceBuffer<int64_t> d_rows = to_device(k_rows, s);
+  GroupedFfn ffn(P.shape, dtype, GroupedGemmImpl::kFixedOrder);
+  ffn.forward(blas, P.rows, d.x.data(), d.w13.data(), d.w2.data(), d.h13.data(), d.sig.data(), d.a.data(), d.y.data(),
+              s);
+  ffn.backward_data(blas, P.rows, d.w13.data(), d.w2.data(), d.h13.data(), d.sig.data(), d.dy.data(), d.dx.data(),
+                    d.dh13.data(), s);
+  ffn.backward_weights(P.rows, d_rows.data(), d.x.data(), d.a.data(), d.dy.data(), d.dh13.data(), d.dw13.data(),
+                       d.dw2.data(), accumulate, s);
+  EXPECT_TRUE(within(fetch(d.dx, s), P.dx, tol, "dx"));
+  EXPECT_TRUE(within(fetch(d.dw13, s), accumulate ? P.dw13_acc : P.dw13_new, tol, "dw13"));
+  EXPECT_TRUE(within(fetch(d.dw2, s), accumulate ? P.dw2_acc : P.dw2_new, tol, "dw2"));
+}
+
+TEST_F(CudaTest, GroupedFfnSplitBackwardMatchesCpu) {
+  const FfnProblem P = make_ffn_problem({4, 48, 40}, {7, 0, 20, 1}, 65, true);
+  for (bool acc : {false, true}) {
+    check_split_backward<float>(P, DType::kFp32, acc, kFp32Tol, blas(), stream());
+    check_split_backward<bf16>(P, DType::kBf16, acc, kBf16Tol, blas(), stream());
   }
 }
 

@@ -21,7 +21,6 @@ void GpuLayerExecutor::check(const MoELayer& layer) {
   const std::string what = "GPU layer for '" + layer.name() + "': ";
   const LayerOptions& o = layer.options();
   if (o.exchange != ExchangeKind::kFlat) throw ConfigError(what + "the hierarchical exchange is CPU-only (use flat)");
-  if (o.deterministic) throw ConfigError(what + "the deterministic schedule is CPU-only");
   if (layer.replica_layout()) return;  // every rank has the layout's slots
   const sched::ExpertPlacement& p = layer.placement();
   for (int r = 0; r < p.world_size(); ++r)

@@ -232,7 +232,8 @@ GpuMoELayer::GpuMoELayer(const MoeConfig& config, GpuLayerOptions options, comm:
       gate_params_(kernels::GateParams::from_config(config, 0)),
       expert_ffn_(GroupedFfnShape{local_, config.hidden_size, config.moe_intermediate_size,
                                   3 * config.moe_intermediate_size * config.hidden_size},
-                  options.precision == LayerPrecision::kFp32 ? DType::kFp32 : DType::kBf16, options.gemm) {
+                  options.precision == LayerPrecision::kFp32 ? DType::kFp32 : DType::kBf16,
+                  options.deterministic ? GroupedGemmImpl::kFixedOrder : options.gemm) {
   if (shared_ffn_ > 0) shared_mlp_.emplace(GroupedFfnShape{1, hidden_, shared_ffn_}, dtype_, options_.gemm);
   events_ = new Events();
   try {
@@ -379,6 +380,7 @@ std::unique_ptr<GpuMoELayer> make_gpu_layer_like(const MoELayer& cpu, comm::Comm
                                                  comm::Communicator& device_comm, GpuLayerOptions options) {
   options.chunks = cpu.options().chunks;
   options.capacity_factor = cpu.options().capacity_factor;
+  options.deterministic = cpu.options().deterministic;
   if (const std::optional<sched::ReplicaLayout>& layout = cpu.replica_layout())
     return std::make_unique<GpuMoELayer>(cpu.config(), host_comm, device_comm, *layout, cpu.topology(), options);
   return std::make_unique<GpuMoELayer>(cpu.config(), host_comm, device_comm, cpu.placement(), options);

@@ -55,6 +55,11 @@ struct GpuLayerOptions {
   /// ceil(cf * tokens * K / E) of its own picks per expert, the highest-weight ones; the others are
   /// not sent, add nothing and get no gradient. Single-GPU layers are dropless only.
   double capacity_factor = 0.0;
+  /// The routed experts' GEMMs through fixed_order_gemm (GroupedGemmImpl::kFixedOrder, overriding
+  /// `gemm`), and in expert-parallel mode their weight gradients computed once per backward over
+  /// each slot's rows in an order that does not depend on the chunks (source rank, then token):
+  /// results are bitwise the same for every `chunks` (LayerOptions::deterministic). Slower.
+  bool deterministic = false;
 };
 
 /// Device milliseconds of the stages of the last profiled forward and backward (zeros when

@@ -57,6 +57,9 @@ struct GpuMoELayer::EpState {
   // Exchanges in flight (kept until the next pass settles them: a Work must outlive its op).
   std::vector<comm::WorkPtr> dispatch, combine, combine_dw, reduce;
   std::vector<int64_t> sc, sd, rc, rd;  // per-peer block counts / displacements scratch
+  // Deterministic mode: every entry, slot by slot, in (source rank, chunk, entry) order.
+  std::vector<int64_t> canon_host;
+  DeviceBuffer<int64_t> canon;
   int64_t entry_capacity = 0;           // entries the layer's routed buffers (xe_, ...) hold
 
   /// Orders the device communicator's next ops after the work queued on `producer` so far.
@@ -131,6 +134,25 @@ struct GpuMoELayer::EpState {
                    reinterpret_cast<const T_*>(back_rows.data()), H, static_cast<T_*>(out) + t0 * H, H, accumulate,
                    stream);
     });
+  }
+  /// canon_host = the plan's entries slot by slot, each slot's in (source rank, chunk, entry) order.
+  /// A slot's entries of chunk c are sorted by receive row, and chunk c's receive rows by source
+  /// rank, so each (chunk, slot, source) is a contiguous run; a source's tokens come chunk after
+  /// chunk in token order, so the result is the (source rank, token) order of a single chunk.
+  void canonical_entries(const EpPlan& plan) {
+    const int C = plan.chunks, P = plan.world;
+    canon_host.clear();
+    canon_host.reserve(static_cast<std::size_t>(plan.entries()));
+    for (int64_t s = 0; s < plan.num_local; ++s)
+      for (int p = 0; p < P; ++p)
+        for (int c = 0; c < C; ++c) {
+          const int64_t r0 = plan.recv_displ(c, p), r1 = plan.recv_offsets[plan.cp(c, p) + 1];
+          const int64_t e0 = plan.entry_displ(c, s), e1 = e0 + plan.slot_counts(c, s);
+          // The run of entries whose receive row lies in [r0, r1).
+          const auto* first = std::lower_bound(plan.entry_row.data() + e0, plan.entry_row.data() + e1, r0);
+          for (const auto* q = first; q != plan.entry_row.data() + e1 && *q < r1; ++q)
+            canon_host.push_back(q - plan.entry_row.data());
+        }
   }
   /// Waits for every exchange still in flight and drops it.
   void settle(Clock::time_point deadline) {
@@ -324,6 +346,7 @@ void GpuMoELayer::backward_ep(const void* dyin, void* out, bool accumulate, cuda
   ep.combine.resize(static_cast<std::size_t>(C));
   ep.combine_dw.resize(static_cast<std::size_t>(C));
   bool acc_experts = !expert_stale_;
+  const std::size_t w2 = static_cast<std::size_t>(2 * F * H) * es;  // w2's byte offset in an expert block
   for (int c = 0; c < C; ++c) {
     ep.consume(*ep.dispatch[static_cast<std::size_t>(c)], stream, deadline);
     const int64_t ef = plan_.chunk_entry_first(c), en = plan_.chunk_entry_count(c);
@@ -337,13 +360,19 @@ void GpuMoELayer::backward_ep(const void* dyin, void* out, bool accumulate, cuda
                          stream);
     });
     const std::span<const int64_t> rows(plan_.slot_count.data() + plan_.cs(c, 0), static_cast<std::size_t>(S));
-    const std::size_t w2 = static_cast<std::size_t>(2 * F * H) * es;
-    expert_ffn_.backward(blas_.get(), rows, xe_.data() + row_bytes(ef, H, es), expert_w_.data(), expert_w_.data() + w2,
-                         h13_.data() + row_bytes(ef, 2 * F, es), sig_.data() + row_bytes(ef, F, es),
-                         a_.data() + row_bytes(ef, F, es), dye_.data() + row_bytes(ef, H, es), expert_g_.data(),
-                         expert_g_.data() + w2, dxe_.data() + row_bytes(ef, H, es), dh13_.data() + row_bytes(ef, 2 * F, es),
-                         acc_experts, stream);
-    acc_experts = true;
+    if (options_.deterministic) {  // the weight gradients once, after the chunks (below)
+      expert_ffn_.backward_data(blas_.get(), rows, expert_w_.data(), expert_w_.data() + w2, h13_.data() + row_bytes(ef, 2 * F, es),
+                                sig_.data() + row_bytes(ef, F, es), dye_.data() + row_bytes(ef, H, es),
+                                dxe_.data() + row_bytes(ef, H, es), dh13_.data() + row_bytes(ef, 2 * F, es), stream);
+    } else {
+      expert_ffn_.backward(blas_.get(), rows, xe_.data() + row_bytes(ef, H, es), expert_w_.data(),
+                           expert_w_.data() + w2, h13_.data() + row_bytes(ef, 2 * F, es),
+                           sig_.data() + row_bytes(ef, F, es), a_.data() + row_bytes(ef, F, es),
+                           dye_.data() + row_bytes(ef, H, es), expert_g_.data(), expert_g_.data() + w2,
+                           dxe_.data() + row_bytes(ef, H, es), dh13_.data() + row_bytes(ef, 2 * F, es), acc_experts,
+                           stream);
+      acc_experts = true;
+    }
     // Per received row: the sum of its entries' input gradients, and its K routing-weight gradients.
     with_type(dtype_, [&](auto tag) {
       using T_ = typename decltype(tag)::type;
@@ -357,6 +386,15 @@ void GpuMoELayer::backward_ep(const void* dyin, void* out, bool accumulate, cuda
         ep.move_chunk(plan_, *device_comm_, c, /*forward=*/false, ep.dw_out.data() + rf * K,
                       ep.dw_back.data() + plan_.chunk_send_first(c) * K, K, comm::DataType::kFloat32,
                       "gpu routing-weight grad");
+  }
+  if (options_.deterministic) {
+    // Each slot's weight gradients over all its entries, in (source rank, token) order: the order
+    // one chunk gives, whatever the chunk count.
+    ep.canonical_entries(plan_);
+    if (grow(ep.canon, plan_.entries(), aux_.get())) aux_.synchronize();
+    copy_to_device(ep.canon.data(), ep.canon_host.data(), ep.canon_host.size(), stream);
+    expert_ffn_.backward_weights(counts_, ep.canon.data(), xe_.data(), a_.data(), dye_.data(), dh13_.data(),
+                                 expert_g_.data(), expert_g_.data() + w2, acc_experts, stream);
   }
   expert_stale_ = false;
   mark(kB2, stream);

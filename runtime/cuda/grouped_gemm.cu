@@ -11,9 +11,12 @@
 
 #include "base/error.h"
 #include "runtime/cuda/kernels.h"
+#include "runtime/cuda/launch.h"
 
 namespace moex::cuda {
 namespace {
+
+using std::int64_t;
 
 cudaDataType_t cuda_type(DType t) { return t == DType::kFp32 ? CUDA_R_32F : CUDA_R_16BF; }
 
@@ -82,10 +85,156 @@ auto group_key(const GemmProblem& p) {
   return std::make_tuple(p.trans_a, p.trans_b, p.m, p.n, p.k, p.lda, p.ldb, p.ldc, p.alpha, p.beta);
 }
 
+// ---------------------------------------------------------------------------------------------------
+// Fixed-order GEMM: a 64 x 64 tile of C per block of 16 x 16 threads, 4 x 4 elements per thread,
+// k in steps of 16 through shared memory. Each thread adds its elements' products in k order, one
+// fmaf at a time, so an element's value is the same whatever tile, launch or m it belongs to.
+
+constexpr int kFixedTile = 64;
+constexpr int kFixedStep = 16;
+constexpr int kFixedThreads = 256;  // 16 x 16, each 4 x 4 elements
+
+__device__ __forceinline__ float load_f32(const float* p) { return *p; }
+__device__ __forceinline__ float load_f32(const bf16* p) { return __bfloat162float(*p); }
+__device__ __forceinline__ void store_f32(float* p, float v) { *p = v; }
+__device__ __forceinline__ void store_f32(bf16* p, float v) { *p = __float2bfloat16_rn(v); }
+
+struct FixedGemmArgs {
+  int64_t m, n, k, lda, ldb, ldc;
+  bool trans_a, trans_b;
+  float alpha, beta;
+  const int64_t* k_rows;  // null: stored rows 0..k-1
+};
+
+template <typename T>
+__global__ void fixed_order_gemm_kernel(FixedGemmArgs g, const T* __restrict__ A, const T* __restrict__ B,
+                                        T* __restrict__ C) {
+  __shared__ float As[kFixedStep][kFixedTile + 1];  // As[l][i] = op(A)[row0 + i, l0 + l]
+  __shared__ float Bs[kFixedStep][kFixedTile + 1];  // Bs[l][j] = op(B)[l0 + l, col0 + j]
+  const int tx = static_cast<int>(threadIdx.x) % 16, ty = static_cast<int>(threadIdx.x) / 16;
+  const int64_t tiles_m = (g.m + kFixedTile - 1) / kFixedTile;
+  const int64_t col0 = static_cast<int64_t>(blockIdx.x) * kFixedTile;
+  for (int64_t tm = blockIdx.y; tm < tiles_m; tm += gridDim.y) {
+    const int64_t row0 = tm * kFixedTile;
+    float acc[4][4];
+#pragma unroll
+    for (int r = 0; r < 4; ++r)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) acc[r][c] = 0.0f;
+    for (int64_t l0 = 0; l0 < g.k; l0 += kFixedStep) {
+      // Each thread loads 4 elements of each tile, along the operand's contiguous dimension.
+      for (int q = static_cast<int>(threadIdx.x); q < kFixedStep * kFixedTile; q += kFixedThreads) {
+        int l, i;
+        if (g.trans_a) {
+          i = q % kFixedTile;
+          l = q / kFixedTile;
+        } else {
+          l = q % kFixedStep;
+          i = q / kFixedStep;
+        }
+        const int64_t gl = l0 + l, gi = row0 + i;
+        float v = 0.0f;
+        if (gl < g.k && gi < g.m) {
+          if (g.trans_a) {
+            const int64_t kr = g.k_rows ? g.k_rows[gl] : gl;
+            v = load_f32(A + kr * g.lda + gi);
+          } else {
+            v = load_f32(A + gi * g.lda + gl);
+          }
+        }
+        As[l][i] = v;
+        int j;
+        if (g.trans_b) {
+          l = q % kFixedStep;
+          j = q / kFixedStep;
+        } else {
+          j = q % kFixedTile;
+          l = q / kFixedTile;
+        }
+        const int64_t gl2 = l0 + l, gj = col0 + j;
+        float w = 0.0f;
+        if (gl2 < g.k && gj < g.n) {
+          if (g.trans_b) {
+            w = load_f32(B + gj * g.ldb + gl2);
+          } else {
+            const int64_t kr = g.k_rows ? g.k_rows[gl2] : gl2;
+            w = load_f32(B + kr * g.ldb + gj);
+          }
+        }
+        Bs[l][j] = w;
+      }
+      __syncthreads();
+      const int steps = static_cast<int>(g.k - l0 < kFixedStep ? g.k - l0 : kFixedStep);
+      for (int l = 0; l < steps; ++l) {
+        float a[4], b[4];
+#pragma unroll
+        for (int r = 0; r < 4; ++r) a[r] = As[l][ty * 4 + r];
+#pragma unroll
+        for (int c = 0; c < 4; ++c) b[c] = Bs[l][tx * 4 + c];
+#pragma unroll
+        for (int r = 0; r < 4; ++r)
+#pragma unroll
+          for (int c = 0; c < 4; ++c) acc[r][c] = fmaf(a[r], b[c], acc[r][c]);
+      }
+      __syncthreads();
+    }
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const int64_t i = row0 + ty * 4 + r;
+      if (i >= g.m) continue;
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        const int64_t j = col0 + tx * 4 + c;
+        if (j >= g.n) continue;
+        T* out = C + i * g.ldc + j;
+        const float v = g.alpha * acc[r][c];
+        store_f32(out, g.beta == 0.0f ? v : v + g.beta * load_f32(out));
+      }
+    }
+  }
+}
+
+/// One validated, non-empty problem through fixed_order_gemm_kernel.
+void fixed_order_run(DType dtype, const GemmProblem& p, const int64_t* k_rows, cudaStream_t stream) {
+  const FixedGemmArgs g{p.m, p.n, p.k, p.lda, p.ldb, p.ldc, p.trans_a, p.trans_b, p.alpha, p.beta, k_rows};
+  const int64_t tiles_n = (p.n + kFixedTile - 1) / kFixedTile, tiles_m = (p.m + kFixedTile - 1) / kFixedTile;
+  const dim3 grid(static_cast<unsigned>(tiles_n), static_cast<unsigned>(std::min<int64_t>(tiles_m, 65535)));
+  if (dtype == DType::kFp32) {
+    MOEX_LAUNCH(grid, kFixedThreads, 0, stream, fixed_order_gemm_kernel<float>)(
+        g, static_cast<const float*>(p.a), static_cast<const float*>(p.b), static_cast<float*>(p.c));
+  } else {
+    MOEX_LAUNCH(grid, kFixedThreads, 0, stream, fixed_order_gemm_kernel<bf16>)(
+        g, static_cast<const bf16*>(p.a), static_cast<const bf16*>(p.b), static_cast<bf16*>(p.c));
+  }
+  MOEX_CUDA_CHECK_LAUNCH("fixed_order_gemm_kernel");
+}
+
 }  // namespace
 
 const char* to_string(DType t) { return t == DType::kFp32 ? "fp32" : "bf16"; }
-const char* to_string(GroupedGemmImpl impl) { return impl == GroupedGemmImpl::kGroupedBatched ? "grouped" : "loop"; }
+const char* to_string(GroupedGemmImpl impl) {
+  switch (impl) {
+    case GroupedGemmImpl::kGroupedBatched:
+      return "grouped";
+    case GroupedGemmImpl::kLoop:
+      return "loop";
+    case GroupedGemmImpl::kFixedOrder:
+      return "fixed";
+  }
+  return "?";
+}
+
+void fixed_order_gemm(DType dtype, const GemmProblem& p, const std::int64_t* k_rows, cudaStream_t stream) {
+  check_problem(p, "fixed_order_gemm", -1);
+  if (k_rows && !p.trans_a && p.trans_b)
+    throw InvalidArgument("fixed_order_gemm: k_rows needs an operand stored k-major (trans_a, or not trans_b)");
+  if (p.m == 0 || p.n == 0) return;
+  if (p.k == 0) {
+    scale_empty_product(p, dtype, "fixed_order_gemm", -1, stream);
+    return;
+  }
+  fixed_order_run(dtype, p, k_rows, stream);
+}
 std::size_t dtype_size(DType t) { return t == DType::kFp32 ? 4 : 2; }
 
 void gemm(cublasHandle_t blas, DType dtype, const GemmProblem& p, cudaStream_t stream) {
@@ -115,6 +264,10 @@ void GroupedGemm::run(cublasHandle_t blas, DType dtype, std::span<const GemmProb
     order_.push_back(i);
   }
   if (order_.empty()) return;
+  if (impl_ == GroupedGemmImpl::kFixedOrder) {
+    for (std::size_t i : order_) fixed_order_run(dtype, problems[i], nullptr, stream);
+    return;
+  }
   MOEX_CUBLAS_CHECK(cublasSetStream(blas, stream));
   if (impl_ == GroupedGemmImpl::kLoop) {
     for (std::size_t i : order_) gemm_ex(blas, dtype, problems[i]);
@@ -265,6 +418,55 @@ void GroupedFfn::forward(cublasHandle_t blas, std::span<const std::int64_t> rows
                                      elem_at(y, o * H, es), H));
   }
   gemm_.run(blas, dtype_, problems_, stream);
+}
+
+void GroupedFfn::backward_data(cublasHandle_t blas, std::span<const std::int64_t> rows_per_expert, const void* w13,
+                               const void* w2, const void* h13, const void* sig, const void* dy, void* dx, void* dh13,
+                               cudaStream_t stream) {
+  const std::int64_t N = plan_rows(rows_per_expert, "GroupedFfn::backward_data");
+  if (N == 0) return;
+  const std::int64_t H = shape_.hidden, F = shape_.ffn, S13 = shape_.w13_stride(), S2 = shape_.w2_stride();
+  const std::size_t es = dtype_size(dtype_);
+  // dA_e [r, F] (the up half of dh13_e) = dy_e [r, H] . w2_e [H, F]
+  for (std::int64_t e = 0; e < shape_.experts; ++e) {
+    const std::int64_t r = rows_per_expert[static_cast<std::size_t>(e)], o = offsets_[static_cast<std::size_t>(e)];
+    if (r > 0)
+      problems_.push_back(gemm_problem(false, false, r, F, H, elem_at(dy, o * H, es), H, elem_at(w2, e * S2, es), F,
+                                       elem_at(dh13, o * 2 * F + F, es), 2 * F));
+  }
+  gemm_.run(blas, dtype_, problems_, stream);
+  swiglu_bwd(N, h13, sig, dh13, stream);
+  // dx_e [r, H] = dh13_e [r, 2F] . w13_e [2F, H]
+  problems_.clear();
+  for (std::int64_t e = 0; e < shape_.experts; ++e) {
+    const std::int64_t r = rows_per_expert[static_cast<std::size_t>(e)], o = offsets_[static_cast<std::size_t>(e)];
+    if (r > 0)
+      problems_.push_back(gemm_problem(false, false, r, H, 2 * F, elem_at(dh13, o * 2 * F, es), 2 * F,
+                                       elem_at(w13, e * S13, es), H, elem_at(dx, o * H, es), H));
+  }
+  gemm_.run(blas, dtype_, problems_, stream);
+}
+
+void GroupedFfn::backward_weights(std::span<const std::int64_t> rows_per_expert, const std::int64_t* k_rows,
+                                  const void* x, const void* a, const void* dy, const void* dh13, void* dw13, void* dw2,
+                                  bool accumulate, cudaStream_t stream) {
+  const std::int64_t N = plan_rows(rows_per_expert, "GroupedFfn::backward_weights");
+  if (N > 0 && !k_rows)
+    throw InvalidArgument("GroupedFfn::backward_weights: k_rows is null (expected a device array of " +
+                          std::to_string(N) + " row indexes)");
+  const std::int64_t H = shape_.hidden, F = shape_.ffn, S13 = shape_.w13_stride(), S2 = shape_.w2_stride();
+  const std::size_t es = dtype_size(dtype_);
+  const float beta = accumulate ? 1.0f : 0.0f;
+  for (std::int64_t e = 0; e < shape_.experts; ++e) {
+    const std::int64_t r = rows_per_expert[static_cast<std::size_t>(e)], o = offsets_[static_cast<std::size_t>(e)];
+    const std::int64_t* rows = r > 0 ? k_rows + o : nullptr;
+    // dw2_e [H, F] (+)= dy^T . a and dw13_e [2F, H] (+)= dh13^T . x over the expert's rows, in k_rows order.
+    fixed_order_gemm(dtype_, gemm_problem(true, false, H, F, r, dy, H, a, F, elem_at(dw2, e * S2, es), F, beta), rows,
+                     stream);
+    fixed_order_gemm(dtype_, gemm_problem(true, false, 2 * F, H, r, dh13, 2 * F, x, H, elem_at(dw13, e * S13, es), H,
+                                          beta),
+                     rows, stream);
+  }
 }
 
 void GroupedFfn::backward(cublasHandle_t blas, std::span<const std::int64_t> rows_per_expert, const void* x,

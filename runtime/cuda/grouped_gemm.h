@@ -16,9 +16,11 @@ namespace moex::cuda {
 /// Element type of a GEMM's A, B and C. Both accumulate in fp32 (CUBLAS_COMPUTE_32F; no TF32, so
 /// kFp32 matches the CPU up to summation order). kBf16: __nv_bfloat16 inputs AND outputs.
 enum class DType { kFp32, kBf16 };
-/// How GroupedGemm runs its problems: one cublasGemmGroupedBatchedEx call (cuBLAS >= 12.5), or a
-/// loop of cublasGemmEx calls (one per problem). Both give results equal up to rounding.
-enum class GroupedGemmImpl { kGroupedBatched, kLoop };
+/// How GroupedGemm runs its problems: one cublasGemmGroupedBatchedEx call (cuBLAS >= 12.5), a loop
+/// of cublasGemmEx calls (one per problem), or fixed_order_gemm() per problem (no cuBLAS: slower, but
+/// a row's result does not depend on the other rows of the call). All give results equal up to
+/// rounding.
+enum class GroupedGemmImpl { kGroupedBatched, kLoop, kFixedOrder };
 
 const char* to_string(DType t);
 const char* to_string(GroupedGemmImpl impl);
@@ -73,6 +75,17 @@ inline void* elem_at(void* base, std::int64_t elems, std::size_t es) {
 /// no-op; k == 0 scales C by beta (beta must then be 0 or 1). Throws InvalidArgument for a negative
 /// size, a leading dimension smaller than its row, or a size above INT_MAX; CudaError from cuBLAS.
 void gemm(cublasHandle_t blas, DType dtype, const GemmProblem& p, cudaStream_t stream);
+
+/// One GEMM (GemmProblem's rules) through moex's own tiled kernel instead of cuBLAS: every element of
+/// C is alpha * (one fp32 fused multiply-add chain over l = 0, 1, ..., k-1, in that order) + beta * C.
+/// The result of a row of C therefore depends only on that row of op(A) and on op(B): not on m, on
+/// the other rows, on the tiling or on the device, so splitting the rows over several calls (pipeline
+/// chunks) gives the same bits. With `k_rows` (a device array of k indexes, or null), the reduction
+/// runs over the stored rows k_rows[0], k_rows[1], ... of the operands that are stored k-major (A
+/// when trans_a, B when !trans_b) instead of rows 0..k-1: a weight gradient over gathered rows in a
+/// chosen order. Same validation as gemm(), plus InvalidArgument for k_rows with an operand whose
+/// k dimension is not its rows (neither trans_a nor !trans_b). Elements of `dtype`, fp32 accumulation.
+void fixed_order_gemm(DType dtype, const GemmProblem& p, const std::int64_t* k_rows, cudaStream_t stream);
 
 /// Runs a set of independent GEMMs of different shapes (outputs must not overlap). kGroupedBatched
 /// merges problems of identical shape into one cuBLAS group and issues a single
@@ -145,6 +158,21 @@ class GroupedFfn {
   void backward(cublasHandle_t blas, std::span<const std::int64_t> rows_per_expert, const void* x,
                 const void* w13, const void* w2, const void* h13, const void* sig, const void* a, const void* dy,
                 void* dw13, void* dw2, void* dx, void* dh13, bool accumulate, cudaStream_t stream);
+
+  /// The data half of backward(): dh13 and dx only (the weight gradients are left alone). Each row's
+  /// results depend only on that row (with kFixedOrder, bitwise).
+  void backward_data(cublasHandle_t blas, std::span<const std::int64_t> rows_per_expert, const void* w13,
+                     const void* w2, const void* h13, const void* sig, const void* dy, void* dx, void* dh13,
+                     cudaStream_t stream);
+  /// The weight half of backward() through fixed_order_gemm over gathered rows: expert e's
+  /// gradients sum over the rows k_rows[o_e], ..., k_rows[o_e + r_e - 1] of x, a, dy and dh13 (in that
+  /// order; o_e = sum of the counts before e, r_e = rows_per_expert[e]; `k_rows` is a device array of
+  /// sum(rows_per_expert) row indexes into those arrays). dw13 / dw2 accumulate when `accumulate`,
+  /// else are overwritten (zeros for a 0-row expert). The sum's order is the one k_rows gives, so
+  /// the gradients do not depend on how the rows were split into forward / data-backward calls.
+  void backward_weights(std::span<const std::int64_t> rows_per_expert, const std::int64_t* k_rows, const void* x,
+                        const void* a, const void* dy, const void* dh13, void* dw13, void* dw2, bool accumulate,
+                        cudaStream_t stream);
 
   /// FLOPs of forward (6 N H F) and backward (12 N H F) for N routed rows.
   static double forward_flops(std::int64_t rows, std::int64_t hidden, std::int64_t ffn);

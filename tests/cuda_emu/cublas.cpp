@@ -76,6 +76,9 @@ bool operand_ok(const char* what, const void* p, int rows, int cols, int ld, cud
 }
 
 /// Runs one GEMM (on the stream, at run time).
+/// Output size (m * n) from which run_gemm sums k in two halves (see there).
+constexpr long long kSplitElems = 1536;
+
 void run_gemm(const Gemm& g, cudaDataType_t at, cudaDataType_t bt, cudaDataType_t ct, const std::string& api) {
   if (g.m == 0 || g.n == 0) return;
   std::string why;
@@ -86,8 +89,12 @@ void run_gemm(const Gemm& g, cudaDataType_t at, cudaDataType_t bt, cudaDataType_
     fault(api + ": " + why);
     return;
   }
-  // op(A) as m rows of k and op(B)^T as n rows of k, in fp32, so the dot products run contiguously
-  // (the sum still goes in k order).
+  // op(A) as m rows of k and op(B)^T as n rows of k, in fp32, so the dot products run contiguously.
+  // Like cuBLAS, which picks its kernel (tiling, split-K) by shape, a row's bits depend on the call:
+  // for an output of at least kSplitElems elements the k sum runs as two halves added at the end,
+  // else in k order. So code
+  // that needs a row's result independent of how rows are batched (the deterministic mode) cannot
+  // pass here by relying on cuBLAS.
   std::vector<float> a(static_cast<std::size_t>(g.m) * g.k), b(static_cast<std::size_t>(g.n) * g.k);
   for (int i = 0; i < g.m; ++i)
     for (int l = 0; l < g.k; ++l)
@@ -101,8 +108,11 @@ void run_gemm(const Gemm& g, cudaDataType_t at, cudaDataType_t bt, cudaDataType_
     for (int i = 0; i < g.m; ++i) {
       const float* ar = a.data() + static_cast<std::size_t>(i) * g.k;
       const float* br = b.data() + static_cast<std::size_t>(j) * g.k;
-      float acc = 0.0f;
-      for (int l = 0; l < g.k; ++l) acc += ar[l] * br[l];
+      const int split = static_cast<long long>(g.m) * g.n >= kSplitElems ? g.k / 2 : g.k;
+      float acc = 0.0f, acc2 = 0.0f;
+      for (int l = 0; l < split; ++l) acc += ar[l] * br[l];
+      for (int l = split; l < g.k; ++l) acc2 += ar[l] * br[l];
+      acc += acc2;
       const std::size_t ci = static_cast<std::size_t>(i) + static_cast<std::size_t>(j) * g.ldc;
       float out = g.alpha * acc;
       if (g.beta != 0.0f) out += g.beta * load(g.c, ci, ct);
