@@ -97,7 +97,7 @@ void EpPlan::plan_send(std::span<const std::int32_t> topk_ids, std::span<const f
 
 void EpPlan::plan_send_picks(std::span<const float> topk_weights, std::int64_t tokens_in, std::int64_t k, int world_in,
                              std::int64_t num_local_in, int rank_in, int chunks_in, std::span<const int> pick_rank,
-                             std::span<const std::int32_t> pick_slot) {
+                             std::span<const std::int32_t> pick_slot, std::span<const std::int64_t> chunk_starts) {
   const int P = world_in;
   if (P < 1) throw InvalidArgument("ep plan: world = " + str(P) + " must be >= 1");
   if (tokens_in < 0) throw InvalidArgument("ep plan: tokens = " + str(tokens_in) + " must be >= 0");
@@ -121,7 +121,19 @@ void EpPlan::plan_send_picks(std::span<const float> topk_weights, std::int64_t t
                             ", slot " + str(pick_slot[z(i)]) + "; expected a rank in [0, " + str(P) +
                             ") and a slot >= 0, or rank -1 (dropped)");
   }
+  if (!chunk_starts.empty()) {
+    bool ok = static_cast<std::int64_t>(chunk_starts.size()) == chunks_in + 1 && chunk_starts.front() == 0 &&
+              chunk_starts.back() == tokens_in;
+    for (std::size_t c = 1; ok && c < chunk_starts.size(); ++c) ok = chunk_starts[c] >= chunk_starts[c - 1];
+    if (!ok)
+      throw InvalidArgument("ep plan: chunk_starts has " + str(static_cast<std::int64_t>(chunk_starts.size())) +
+                            " entries; expected chunks + 1 = " + str(chunks_in + 1) +
+                            " ascending token indexes from 0 to tokens = " + str(tokens_in));
+  }
   auto dropped = [&](std::size_t i) { return pick_rank[i] < 0; };
+  chunk_tokens.resize(z(chunks_in) + 1);
+  for (int c = 0; c <= chunks_in; ++c)
+    chunk_tokens[z(c)] = chunk_starts.empty() ? sched::chunk_begin(tokens_in, chunks_in, c) : chunk_starts[z(c)];
 
   world = P;
   rank = rank_in;
@@ -143,7 +155,7 @@ void EpPlan::plan_send_picks(std::span<const float> topk_weights, std::int64_t t
   send_counts.assign(z(chunks) * W, 0);
   token_offsets.assign(z(tokens) + 1, 0);
   for (int c = 0; c < chunks; ++c) {
-    const std::int64_t t0 = sched::chunk_begin(tokens, chunks, c), t1 = sched::chunk_begin(tokens, chunks, c + 1);
+    const std::int64_t t0 = chunk_tokens[z(c)], t1 = chunk_tokens[z(c) + 1];
     for (std::int64_t t = t0; t < t1; ++t)
       for (std::int64_t j = 0; j < k; ++j) {
         if (dropped(z(t * k + j))) continue;
@@ -167,7 +179,7 @@ void EpPlan::plan_send_picks(std::span<const float> topk_weights, std::int64_t t
   std::fill_n(last, W, -1);
   for (int c = 0; c < chunks; ++c) {
     for (int p = 0; p < P; ++p) next[p] = send_displ(c, p);
-    const std::int64_t t0 = sched::chunk_begin(tokens, chunks, c), t1 = sched::chunk_begin(tokens, chunks, c + 1);
+    const std::int64_t t0 = chunk_tokens[z(c)], t1 = chunk_tokens[z(c) + 1];
     for (std::int64_t t = t0; t < t1; ++t) {
       std::int64_t at = token_offsets[z(t)];
       for (std::int64_t j = 0; j < k; ++j) {

@@ -65,6 +65,8 @@ struct EpPlan {
   std::int64_t tokens = 0;
   std::int64_t topk = 0;
   std::int64_t num_local = 0;  ///< local expert slots of this rank
+  /// [C + 1] the first token of each chunk (sched::chunk_begin, or plan_send_picks' chunk_starts).
+  std::vector<std::int64_t> chunk_tokens;
 
   // ---- send side (plan_send) ----
   std::vector<std::int64_t> send_counts;  ///< [C*P] rows to rank p in chunk c, at c*P + p
@@ -136,12 +138,14 @@ struct EpPlan {
                  std::span<const std::uint8_t> kept = {});
   /// Step 1, general form (replica layouts: each pick chooses its replica): pick i = t*K + j goes to
   /// local slot pick_slot[i] of rank pick_rank[i] (-1: dropped), of `world` ranks; this rank
-  /// (`rank`) holds `num_local` slots. InvalidArgument on sizes that differ, a rank outside
-  /// [-1, world) or a negative slot of a kept pick (a slot the destination does not hold is reported
-  /// there, by build_receive()).
+  /// (`rank`) holds `num_local` slots. `chunk_starts` ([chunks + 1], ascending from 0 to tokens)
+  /// cuts the tokens into chunks instead of sched::chunk_begin (a forwarder's plan, whose "tokens"
+  /// are the rows it received, chunk by chunk). InvalidArgument on sizes that differ, a rank outside
+  /// [-1, world), a negative slot of a kept pick (a slot the destination does not hold is reported
+  /// there, by build_receive()) or chunk starts that are not such a sequence.
   void plan_send_picks(std::span<const float> topk_weights, std::int64_t tokens, std::int64_t k, int world,
                        std::int64_t num_local, int rank, int chunks, std::span<const int> pick_rank,
-                       std::span<const std::int32_t> pick_slot);
+                       std::span<const std::int32_t> pick_slot, std::span<const std::int64_t> chunk_starts = {});
   /// Step 2, a blocking collective over `host_comm` (host buffers; its rank and size must equal
   /// plan_send's): an allgather of every rank's chunk count (InvalidArgument naming the ranks and
   /// counts when they differ, on every rank), an alltoall of the [C] row counts per peer, then one

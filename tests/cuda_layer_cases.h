@@ -171,11 +171,13 @@ void init_cpu_layer(MoELayer& layer, const LayerCase& c, bool bf16, std::uint64_
   }
 }
 
-/// A CPU layer over `comm` with `placement` and init_cpu_layer's parameters.
+/// A CPU layer over `comm` with `placement` (on `topology`: default one node) and init_cpu_layer's
+/// parameters.
 std::unique_ptr<MoELayer> make_cpu_layer(const LayerCase& c, bool bf16, std::uint64_t seed, comm::Communicator& comm,
-                                         sched::ExpertPlacement placement, LayerOptions options = {}) {
+                                         sched::ExpertPlacement placement, LayerOptions options = {},
+                                         std::optional<sched::Topology> topology = std::nullopt) {
   auto layer = std::make_unique<MoELayer>(c.config, comm, std::move(placement), std::string("cpu_") + c.name,
-                                          std::nullopt, options);
+                                          std::move(topology), options);
   init_cpu_layer(*layer, c, bf16, seed);
   return layer;
 }

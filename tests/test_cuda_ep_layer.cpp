@@ -67,6 +67,14 @@ TEST(CudaEpLayerHost, RejectsBadCommunicatorsAndPlacements) {
   GpuLayerOptions zero_chunks;
   zero_chunks.chunks = 0;
   expect_invalid("chunks = 0", "chunks = 0", [&] { GpuMoELayer gpu(cfg, world, world, placement, zero_chunks); });
+  GpuLayerOptions hier_det;
+  hier_det.exchange = ExchangeKind::kHierarchical;
+  hier_det.deterministic = true;
+  expect_invalid("deterministic with the hierarchical exchange", "flat exchange only",
+                 [&] { GpuMoELayer gpu(cfg, world, world, placement, hier_det); });
+  expect_invalid("a topology for another world size", "topology is for", [&] {
+    GpuMoELayer gpu(cfg, world, world, placement, {}, sched::Topology::single_node(P + 1));
+  });
   expect_invalid("a placement for another world size", "placement is for",
                  [&] { GpuMoELayer gpu(cfg, world, world, sched::ExpertPlacement::contiguous(cfg.n_routed_experts, P + 1)); });
   expect_invalid("a placement of another expert count", "n_routed_experts",
@@ -89,11 +97,12 @@ struct EpParam {
   double capacity = 0.0;   // capacity factor (0 = dropless)
   bool replicas = false;   // replica mode: a layout planned for a skewed load (hot experts replicated)
   bool deterministic = false;  // fixed-order expert GEMMs, weight gradients once per backward
+  bool hier = false;           // the hierarchical exchange, on 2-rank nodes
 };
 std::string name_of(const EpParam& p) {
   return std::string(p.config) + "_" + to_string(p.precision) + "_c" + std::to_string(p.chunks) +
          (p.aux ? "_aux" : "") + (p.capacity > 0.0 ? "_capacity" : "") + (p.replicas ? "_replicas" : "") +
-         (p.deterministic ? "_det" : "");
+         (p.deterministic ? "_det" : "") + (p.hier ? "_hier" : "");
 }
 
 /// Replica mode at P ranks on 2-rank nodes: every rank ceil(E / P) + 1 slots, the layout planned for
@@ -139,6 +148,7 @@ class CudaEpLayer : public ::testing::TestWithParam<EpParam> {
     cpu_opt.chunks = p.chunks;
     cpu_opt.capacity_factor = p.capacity;
     cpu_opt.deterministic = p.deterministic;
+    cpu_opt.exchange = p.hier ? ExchangeKind::kHierarchical : ExchangeKind::kFlat;
     std::optional<ReplicaSetup> rs;
     std::unique_ptr<MoELayer> cpu;
     if (p.replicas) {
@@ -149,7 +159,7 @@ class CudaEpLayer : public ::testing::TestWithParam<EpParam> {
       for (int64_t e = 0; e < c.config.n_routed_experts; ++e) multi += rs->planned.num_replicas(e) > 1 ? 1 : 0;
       EXPECT_GT(multi, 0) << "the planned layout should replicate some hot expert";
     } else {
-      cpu = make_cpu_layer(c, bf16, 21, *host_, placement, cpu_opt);
+      cpu = make_cpu_layer(c, bf16, 21, *host_, placement, cpu_opt, replica_setup(c.config, P).topology);
     }
     if (p.aux) {
       AuxLossOptions aux;
@@ -163,9 +173,10 @@ class CudaEpLayer : public ::testing::TestWithParam<EpParam> {
     opt.chunks = p.chunks;
     opt.capacity_factor = p.capacity;
     opt.deterministic = p.deterministic;
+    opt.exchange = cpu_opt.exchange;
     std::unique_ptr<GpuMoELayer> made =
         rs ? std::make_unique<GpuMoELayer>(c.config, *host_, device_comm, rs->planned, rs->topology, opt)
-           : std::make_unique<GpuMoELayer>(c.config, *host_, device_comm, placement, opt);
+           : std::make_unique<GpuMoELayer>(c.config, *host_, device_comm, placement, opt, cpu->topology());
     GpuMoELayer& gpu = *made;
     gpu.load_from(*cpu);
     ASSERT_EQ(gpu.num_local_experts(), rs ? rs->planned.slots_per_rank() : placement.num_local(r));
@@ -239,7 +250,12 @@ INSTANTIATE_TEST_SUITE_P(Configs, CudaEpLayer,
                                            EpParam{"v3_like", LayerPrecision::kFp32, 2, false, 0.0, true},
                                            EpParam{"v2_lite_like", LayerPrecision::kBf16, 1, true, 1.25, true},
                                            EpParam{"v3_like", LayerPrecision::kFp32, 3, false, 0.0, false, true},
-                                           EpParam{"v2_lite_like", LayerPrecision::kBf16, 2, true, 1.25, true, true}),
+                                           EpParam{"v2_lite_like", LayerPrecision::kBf16, 2, true, 1.25, true, true},
+                                           EpParam{"v3_like", LayerPrecision::kFp32, 3, false, 0.0, false, false, true},
+                                           EpParam{"v2_lite_like", LayerPrecision::kFp32, 2, true, 1.25, true, false,
+                                                   true},
+                                           EpParam{"v2_lite_like", LayerPrecision::kBf16, 1, false, 0.0, false, false,
+                                                   true}),
                          [](const ::testing::TestParamInfo<EpParam>& i) { return name_of(i.param); });
 
 /// Deterministic mode: the same layer run with 1, 2 and 3 pipeline chunks gives the same bits for y,
@@ -421,6 +437,21 @@ TEST(CudaEpTrain, ExecutorTrainsLikeTheCpuWithAuxiliaryLosses) {
   expect_trains_like_the_cpu(o);
 }
 
+// The hierarchical exchange (on the nodes the trainer finds: one node here, unless MOEX_RANKS_PER_NODE
+// makes more), with replicas migrating while training.
+TEST(CudaEpTrain, ExecutorTrainsLikeTheCpuOverTheHierarchicalExchange) {
+  TrainOptions o;
+  o.tokens_per_rank = 40;
+  o.layer.chunks = 2;
+  o.layer.exchange = ExchangeKind::kHierarchical;
+  o.skew = 1.2;
+  o.replicas.enabled = true;
+  o.replicas.interval = 2;
+  o.replicas.lag = 1;
+  o.replicas.ema = 0.5;
+  expect_trains_like_the_cpu(o);
+}
+
 TEST(CudaEpTrainHost, ExecutorRejectsCpuOnlySchedules) {
   // check() runs before any CUDA call: the executor refuses these layers without a device. (The
   // device communicator is never used here, so the host one stands in for it.)
@@ -431,9 +462,10 @@ TEST(CudaEpTrainHost, ExecutorRejectsCpuOnlySchedules) {
     Trainer t(cfg, world, o);
     EXPECT_THROW(t.set_executor(&exec), ConfigError) << what;
   };
-  TrainOptions hier;
-  hier.layer.exchange = ExchangeKind::kHierarchical;
-  rejects("hierarchical exchange", hier);
+  TrainOptions hier_det;
+  hier_det.layer.exchange = ExchangeKind::kHierarchical;
+  hier_det.layer.deterministic = true;
+  rejects("deterministic mode with the hierarchical exchange", hier_det);
 }
 
 }  // namespace

@@ -211,6 +211,9 @@ TEST_F(CudaLayerTest, RejectsMismatchesAndMisuse) {
   GpuLayerOptions capacity;
   capacity.capacity_factor = 1.25;
   EXPECT_THROW(GpuMoELayer(c.config, capacity), InvalidArgument) << "capacity factor on the single-GPU layer";
+  GpuLayerOptions hier;
+  hier.exchange = ExchangeKind::kHierarchical;
+  EXPECT_THROW(GpuMoELayer(c.config, hier), InvalidArgument) << "hierarchical exchange on the single-GPU layer";
   LayerCase other = case_of("v2_lite_like");
   auto cpu = cpu_layer(other, false, 15);
   try {

@@ -20,7 +20,8 @@ GpuLayerExecutor::~GpuLayerExecutor() {
 void GpuLayerExecutor::check(const MoELayer& layer) {
   const std::string what = "GPU layer for '" + layer.name() + "': ";
   const LayerOptions& o = layer.options();
-  if (o.exchange != ExchangeKind::kFlat) throw ConfigError(what + "the hierarchical exchange is CPU-only (use flat)");
+  if (o.deterministic && o.exchange != ExchangeKind::kFlat)
+    throw ConfigError(what + "the deterministic mode runs the flat exchange only on the GPU (use one of them)");
   if (layer.replica_layout()) return;  // every rank has the layout's slots
   const sched::ExpertPlacement& p = layer.placement();
   for (int r = 0; r < p.world_size(); ++r)

@@ -32,8 +32,8 @@ class GpuLayerExecutor final : public LayerExecutor {
   GpuLayerExecutor(comm::Communicator& host_comm, comm::Communicator& device_comm, GpuLayerOptions options = {});
   ~GpuLayerExecutor() override;
 
-  /// ConfigError for what the GPU layer does not run: the hierarchical exchange, or a rank without a
-  /// routed expert.
+  /// ConfigError for what the GPU layer does not run: the deterministic mode with the hierarchical
+  /// exchange, or a rank without a routed expert.
   void check(const MoELayer& layer) override;
   void forward(MoELayer& layer, const float* x, std::int64_t tokens, float* y) override;
   void backward(MoELayer& layer, const float* dy, float* dx) override;

@@ -156,10 +156,15 @@ int64_t local_slot_count(const MoeConfig& c, const GpuLayerOptions& o, const com
     if (o.capacity_factor > 0.0)
       throw InvalidArgument("GpuMoELayer: capacity_factor = " + std::to_string(o.capacity_factor) +
                             ": the single-GPU layer is dropless only (use the expert-parallel constructor)");
+    if (o.exchange != ExchangeKind::kFlat)
+      throw InvalidArgument("GpuMoELayer: the hierarchical exchange needs the expert-parallel constructor");
     return c.n_routed_experts;
   }
   const std::string what = "GpuMoELayer (expert-parallel): ";
   if (o.chunks < 1) throw InvalidArgument(what + "chunks = " + std::to_string(o.chunks) + ": must be >= 1");
+  if (o.deterministic && o.exchange != ExchangeKind::kFlat)
+    throw InvalidArgument(what + "the deterministic mode runs the flat exchange only (its weight-gradient order "
+                                 "is the source ranks'; through forwarders that order changes with the chunks)");
   if (host->size() != device->size() || host->rank() != device->rank())
     throw InvalidArgument(what + "the host communicator is rank " + std::to_string(host->rank()) + " of " +
                           std::to_string(host->size()) + " but the device communicator rank " +
@@ -170,9 +175,6 @@ int64_t local_slot_count(const MoeConfig& c, const GpuLayerOptions& o, const com
     if (layout->world_size() != device->size())
       throw InvalidArgument(what + "the replica layout is for " + std::to_string(layout->world_size()) +
                             " ranks; the communicators have " + std::to_string(device->size()));
-    if (topology->world_size() != device->size())
-      throw InvalidArgument(what + "the topology is for " + std::to_string(topology->world_size()) +
-                            " ranks; the communicators have " + std::to_string(device->size()));
   } else {
     if (placement->world_size() != device->size())
       throw InvalidArgument(what + "the placement is for " + std::to_string(placement->world_size()) +
@@ -181,6 +183,9 @@ int64_t local_slot_count(const MoeConfig& c, const GpuLayerOptions& o, const com
       throw InvalidArgument(what + "the placement places " + std::to_string(placement->num_experts()) +
                             " experts; the config has n_routed_experts = " + std::to_string(c.n_routed_experts));
   }
+  if (topology->world_size() != device->size())
+    throw InvalidArgument(what + "the topology is for " + std::to_string(topology->world_size()) +
+                          " ranks; the communicators have " + std::to_string(device->size()));
   if (!comm::is_device_communicator(*device))
     throw InvalidArgument(what + "the device communicator must be a NcclCommunicator or a StagedCommunicator "
                                  "(device buffers, ordered against CUDA streams); got another kind");
@@ -205,8 +210,11 @@ GpuMoELayer::GpuMoELayer(const MoeConfig& config, GpuLayerOptions options)
     : GpuMoELayer(config, options, nullptr, nullptr, std::nullopt) {}
 
 GpuMoELayer::GpuMoELayer(const MoeConfig& config, comm::Communicator& host_comm, comm::Communicator& device_comm,
-                         sched::ExpertPlacement placement, GpuLayerOptions options)
-    : GpuMoELayer(config, options, &host_comm, &device_comm, std::move(placement)) {}
+                         sched::ExpertPlacement placement, GpuLayerOptions options,
+                         std::optional<sched::Topology> topology)
+    : GpuMoELayer(config, options, &host_comm, &device_comm, std::move(placement), std::nullopt,
+                  topology ? std::move(topology) : std::optional<sched::Topology>(
+                                                       sched::Topology::single_node(device_comm.size()))) {}
 
 GpuMoELayer::GpuMoELayer(const MoeConfig& config, comm::Communicator& host_comm, comm::Communicator& device_comm,
                          sched::ReplicaLayout layout, sched::Topology topology, GpuLayerOptions options)
@@ -259,6 +267,11 @@ GpuMoELayer::GpuMoELayer(const MoeConfig& config, GpuLayerOptions options, comm:
     shared_stale_ = expert_stale_ = true;  // zero gradients, cleared lazily
     counts_.assign(static_cast<std::size_t>(local_), 0);
     shared_rows_.assign(1, 0);
+    if (placement_) {
+      for (int r = 0; r < placement_->world_size(); ++r) max_slots_ = std::max(max_slots_, placement_->num_local(r));
+    } else if (layout_) {
+      max_slots_ = layout_->slots_per_rank();
+    }
     if (layout_) {
       multi_index_.assign(static_cast<std::size_t>(experts_), -1);
       for (int64_t e = 0; e < experts_; ++e)
@@ -381,9 +394,11 @@ std::unique_ptr<GpuMoELayer> make_gpu_layer_like(const MoELayer& cpu, comm::Comm
   options.chunks = cpu.options().chunks;
   options.capacity_factor = cpu.options().capacity_factor;
   options.deterministic = cpu.options().deterministic;
+  options.exchange = cpu.options().exchange;
   if (const std::optional<sched::ReplicaLayout>& layout = cpu.replica_layout())
     return std::make_unique<GpuMoELayer>(cpu.config(), host_comm, device_comm, *layout, cpu.topology(), options);
-  return std::make_unique<GpuMoELayer>(cpu.config(), host_comm, device_comm, cpu.placement(), options);
+  return std::make_unique<GpuMoELayer>(cpu.config(), host_comm, device_comm, cpu.placement(), options,
+                                       cpu.topology());
 }
 
 void GpuMoELayer::set_aux_loss(const AuxLossOptions& options) {

@@ -2,6 +2,7 @@
 // local; no communication). The device twin of a single-rank MoELayer.
 #pragma once
 
+#include <chrono>
 #include <cstdint>
 #include <memory>
 #include <optional>
@@ -60,6 +61,12 @@ struct GpuLayerOptions {
   /// each slot's rows in an order that does not depend on the chunks (source rank, then token):
   /// results are bitwise the same for every `chunks` (LayerOptions::deterministic). Slower.
   bool deterministic = false;
+  /// Expert-parallel layers: how routed rows travel. kHierarchical (MoELayer's): a token goes once to
+  /// each destination node, to the rank there with this rank's local index (the constructor's
+  /// topology), which forwards it to the ranks of its node that hold its experts; the combine
+  /// reverses both stages, the forwarder summing a token's rows from its node. Single-GPU layers and
+  /// `deterministic` need kFlat.
+  ExchangeKind exchange = ExchangeKind::kFlat;
 };
 
 /// Device milliseconds of the stages of the last profiled forward and backward (zeros when
@@ -118,7 +125,9 @@ struct GpuLayerTimes {
 /// through pinned host memory, driven by the host), runs the local experts on the received rows,
 /// combines each row's experts and sends the sums back; the rows coming back are summed per token
 /// onto the shared experts' output. Backward runs the same exchange with dy, and sends back the input
-/// row gradients and the routing-weight gradients. The results equal those of a CPU MoELayer with
+/// row gradients and the routing-weight gradients. With GpuLayerOptions::exchange = kHierarchical
+/// the rows travel in two stages (to a forwarder on each destination node, then inside that node)
+/// and come back the same way. The results equal those of a CPU MoELayer with
 /// the same placement (fp32 mode: up to summation order). Replicated gradients (gate, shared
 /// experts) hold this rank's share until allreduce_replicated_grads(). Workspace for the routed rows
 /// grows (by a quarter more than needed) when a pass needs more rows than any before.
@@ -130,11 +139,13 @@ class GpuMoELayer {
   explicit GpuMoELayer(const MoeConfig& config, GpuLayerOptions options = {});
   /// Expert-parallel mode. `host_comm` (host buffers, e.g. an MpiCommunicator) and `device_comm`
   /// (device buffers: a NcclCommunicator or a StagedCommunicator) span the same ranks in the same
-  /// order, with the placement's world size; both must outlive the layer. Throws InvalidArgument when
-  /// they do not match, when `device_comm` is neither kind, when chunks < 1, or when this rank holds
-  /// no routed expert.
+  /// order, with the placement's world size; both must outlive the layer. `topology` (the nodes of
+  /// the ranks; default: one node) matters to the hierarchical exchange only. Throws InvalidArgument
+  /// when they do not match, when `device_comm` is neither kind, when chunks < 1, or when this rank
+  /// holds no routed expert.
   GpuMoELayer(const MoeConfig& config, comm::Communicator& host_comm, comm::Communicator& device_comm,
-              sched::ExpertPlacement placement, GpuLayerOptions options = {});
+              sched::ExpertPlacement placement, GpuLayerOptions options = {},
+              std::optional<sched::Topology> topology = std::nullopt);
   /// Expert-parallel replica mode (MoELayer's): the routed experts live in the physical slots of
   /// `layout` (layout.slots_per_rank() on every rank; hot experts may have several replicas), and
   /// each pick goes to the replica ReplicaLayout::choose(expert, this rank, token, topology) names, as
@@ -197,8 +208,12 @@ class GpuMoELayer {
   std::int64_t num_local_experts() const { return local_; }
   /// The replica layout of a replica-mode layer (null otherwise).
   const sched::ReplicaLayout* replica_layout() const { return layout_ ? &*layout_ : nullptr; }
-  /// The plan of the last expert-parallel forward (row counts per chunk and peer, entries per slot).
+  /// The plan of the last expert-parallel forward (row counts per chunk and peer, entries per slot):
+  /// with the hierarchical exchange, that of its stage B (forwarders -> the experts' ranks).
   const EpPlan& plan() const { return plan_; }
+  /// Hierarchical exchange: the plan of stage A (this rank -> the forwarders on the destination
+  /// nodes) of the last forward; null otherwise.
+  const EpPlan* node_plan() const;
 
   // Device parameters and gradients (layouts in the class comment).
   float* gate_weight() { return gate_w_.data(); }
@@ -251,6 +266,16 @@ class GpuMoELayer {
   void settle_ep();  // waits (until the device communicator's timeout) for ep_'s exchanges in flight
   void forward_ep(const void* xin, void* out, bool accumulate, cudaStream_t stream);
   void backward_ep(const void* dyin, void* out, bool accumulate, cudaStream_t stream);
+  /// The top-K to the host and the pass's plans (capacity, replica choice, hierarchical stages),
+  /// their metadata exchanged over the host communicator (gpu_layer_ep.cu).
+  void plan_ep(cudaStream_t stream);
+  /// Queues every chunk's dispatch of `src` ([tokens, H], the layer dtype) to the experts' ranks.
+  void dispatch_ep(const void* src, cudaStream_t stream, std::chrono::steady_clock::time_point deadline,
+                   const std::string& label);
+  /// After the experts queued every chunk's combine: the rows back to their tokens, summed into
+  /// `out` (added when `accumulate`); `with_dw`: also the routing-weight gradients into d_weights_.
+  void return_ep(void* out, bool accumulate, bool with_dw, cudaStream_t stream,
+                 std::chrono::steady_clock::time_point deadline, const std::string& label);
   /// Queues the shared experts' forward (backward) on the layer's second stream when overlapping
   /// (joined later by join_shared()), else on `stream`; writes `out` (backward: dx, which the routed
   /// combine then adds to).
@@ -279,7 +304,8 @@ class GpuMoELayer {
   comm::Communicator* device_comm_ = nullptr;
   std::optional<sched::ExpertPlacement> placement_;  // expert-parallel mode, one replica per expert
   std::optional<sched::ReplicaLayout> layout_;       // replica mode (with topology_)
-  std::optional<sched::Topology> topology_;
+  std::optional<sched::Topology> topology_;  // expert-parallel mode (one node unless given)
+  std::int64_t max_slots_ = 0;               // the most slots a rank holds (hierarchical codes)
   std::int64_t multi_experts_ = 0;       // replica mode: experts with several replicas
   std::vector<std::int64_t> multi_index_;  // [E] an expert's index among those, or -1
   EpPlan plan_;

@@ -24,6 +24,16 @@ namespace {
 using std::int64_t;
 using Clock = std::chrono::steady_clock;
 
+/// Grows `b` to hold at least `need` elements (a quarter more, so that small variations do not
+/// reallocate every pass); true when it reallocated.
+template <typename T>
+bool grow(DeviceBuffer<T>& b, int64_t need, cudaStream_t s) {
+  if (need <= static_cast<int64_t>(b.size())) return false;
+  b = DeviceBuffer<T>();
+  b = DeviceBuffer<T>(static_cast<std::size_t>(need + need / 4), s);
+  return true;
+}
+
 /// Byte offset of row `row` of a [*, width] matrix of `es`-byte elements.
 std::size_t row_bytes(int64_t row, int64_t width, std::size_t es) {
   return static_cast<std::size_t>(row) * static_cast<std::size_t>(width) * es;
@@ -38,29 +48,71 @@ struct GpuMoELayer::EpState {
 #ifdef MOEX_HAVE_NCCL
   comm::NcclCommunicator* nccl = nullptr;
 #endif
-  // The plan's index arrays (EpPlan names).
-  DeviceBuffer<int64_t> send_token, token_offsets, token_rows, pick_back;
+  /// One exchange: the send-side index arrays of its plan (EpPlan names), its rows (sent, received,
+  /// returned per received row, come back; layer dtype), the routing-weight gradients going back
+  /// ([R*K] out, [S*K] back), and its exchanges in flight (kept until settled: a Work must outlive
+  /// its op).
+  struct Stage {
+    DeviceBuffer<int64_t> send_token, token_offsets, token_rows, pick_back;
+    DeviceBuffer<unsigned char> send_rows, recv_rows, ret_rows, back_rows;
+    DeviceBuffer<float> dw_out, dw_back;
+    std::vector<comm::WorkPtr> dispatch, combine, combine_dw;
+
+    /// Grows the buffers for `plan` (rows of `row_bytes` bytes); true when any reallocated.
+    bool reserve(const EpPlan& plan, int64_t row_bytes, cudaStream_t s) {
+      const int64_t SR = plan.send_rows(), R = plan.recv_rows(), K = plan.topk;
+      bool grew = false;
+      grew |= grow(send_token, SR, s);
+      grew |= grow(token_rows, SR, s);
+      grew |= grow(token_offsets, plan.tokens + 1, s);
+      grew |= grow(pick_back, plan.tokens * K, s);
+      grew |= grow(send_rows, SR * row_bytes, s);
+      grew |= grow(back_rows, SR * row_bytes, s);
+      grew |= grow(recv_rows, R * row_bytes, s);
+      grew |= grow(ret_rows, R * row_bytes, s);
+      grew |= grow(dw_out, R * K, s);
+      grew |= grow(dw_back, SR * K, s);
+      return grew;
+    }
+    /// Uploads the plan's send-side index arrays.
+    void upload(const EpPlan& plan, cudaStream_t stream) {
+      const auto SR = static_cast<std::size_t>(plan.send_rows());
+      copy_to_device(send_token.data(), plan.send_token.data(), SR, stream);
+      copy_to_device(token_rows.data(), plan.token_rows.data(), SR, stream);
+      copy_to_device(token_offsets.data(), plan.token_offsets.data(), static_cast<std::size_t>(plan.tokens + 1),
+                     stream);
+      copy_to_device(pick_back.data(), plan.pick_back.data(), static_cast<std::size_t>(plan.tokens * plan.topk),
+                     stream);
+    }
+  };
+  /// The exchange that reaches the experts: the only one of the flat exchange; stage B (forwarder ->
+  /// expert owner, inside a node) of the hierarchical one, whose "tokens" are stage A's receive rows.
+  Stage main;
+  /// Hierarchical exchange, stage A: origin -> the rank with its local index on each destination node.
+  Stage a;
+  EpPlan plan_a;  // stage A's plan (the layer's plan_ is the main stage's)
+  // The main plan's receive side (entries of the local slots).
   DeviceBuffer<int64_t> entry_row, row_offsets, row_entries, row_dw_entry;
   DeviceBuffer<float> row_weight;
-  // Rows: sent (S), received (R), combined per received row (R), come back (S); layer dtype.
-  DeviceBuffer<unsigned char> send_rows, recv_rows, ret_rows, back_rows;
-  DeviceBuffer<float> dw_out, dw_back;  // routing-weight gradients [R*K], [S*K]
-  DeviceBuffer<float> grad32;           // bf16 shared gradients summed in fp32
-  DeviceBuffer<float> replica32;        // replica mode: [multi-replica experts, 3FH] gradient sums
+  DeviceBuffer<float> grad32;     // bf16 shared gradients summed in fp32
+  DeviceBuffer<float> replica32;  // replica mode: [multi-replica experts, 3FH] gradient sums
   // Host copies of the top-K of the last forward.
   std::vector<std::int32_t> ids;
   std::vector<float> weights;
   std::vector<std::uint8_t> kept;   // capacity-factor mode: the picks kept
-  std::vector<int> pick_rank;       // replica mode: each pick's replica (rank, slot)
+  std::vector<int> pick_rank;       // each pick's destination (rank, slot); -1 = dropped
   std::vector<std::int32_t> pick_slot;
+  std::vector<int> fwd_rank;        // hierarchical: each pick's forwarder, and its code there
+  std::vector<std::int32_t> fwd_code;
+  std::vector<float> b_weights;     // hierarchical: stage B's picks, from stage A's receive side
+  std::vector<int64_t> b_chunks;
   std::vector<int64_t> order;       // scratch of sched::apply_capacity
-  // Exchanges in flight (kept until the next pass settles them: a Work must outlive its op).
-  std::vector<comm::WorkPtr> dispatch, combine, combine_dw, reduce;
+  std::vector<comm::WorkPtr> reduce;
   std::vector<int64_t> sc, sd, rc, rd;  // per-peer block counts / displacements scratch
+  int64_t entry_capacity = 0;           // entries the layer's routed buffers (xe_, ...) hold
   // Deterministic mode: every entry, slot by slot, in (source rank, chunk, entry) order.
   std::vector<int64_t> canon_host;
   DeviceBuffer<int64_t> canon;
-  int64_t entry_capacity = 0;           // entries the layer's routed buffers (xe_, ...) hold
 
   /// Orders the device communicator's next ops after the work queued on `producer` so far.
   void producer_ready(cudaStream_t producer) {
@@ -83,20 +135,21 @@ struct GpuMoELayer::EpState {
 #endif
     w.wait(deadline);
   }
-  /// Chunk c of a dispatch: the rows of `src` ([tokens, H] of `dtype`) this rank sends, gathered
-  /// into send_rows, then moved to the peers' recv_rows (an alltoallv on `comm` after `stream`).
-  comm::WorkPtr dispatch_chunk(const EpPlan& plan, comm::Communicator& comm, int c, DType dtype, int64_t H,
+  /// Chunk c of a dispatch of stage `st`: the rows of `src` ([*, H] of `dtype`; its rows are the
+  /// plan's tokens) this rank sends, gathered into st.send_rows, then moved to the peers' recv_rows
+  /// (an alltoallv on `comm` after `stream`).
+  comm::WorkPtr dispatch_chunk(const EpPlan& plan, Stage& st, comm::Communicator& comm, int c, DType dtype, int64_t H,
                                const void* src, cudaStream_t stream, const std::string& label) {
     const std::size_t es = dtype_size(dtype);
     const int64_t f = plan.chunk_send_first(c), n = plan.chunk_send_count(c);
     with_type(dtype, [&](auto tag) {
       using T_ = typename decltype(tag)::type;
-      gather_rows(n, H, send_token.data() + f, static_cast<const T_*>(src), H,
-                  reinterpret_cast<T_*>(send_rows.data() + row_bytes(f, H, es)), H, stream);
+      gather_rows(n, H, st.send_token.data() + f, static_cast<const T_*>(src), H,
+                  reinterpret_cast<T_*>(st.send_rows.data() + row_bytes(f, H, es)), H, stream);
     });
     producer_ready(stream);
-    return move_chunk(plan, comm, c, /*forward=*/true, send_rows.data() + row_bytes(f, H, es),
-                      recv_rows.data() + row_bytes(plan.chunk_recv_first(c), H, es), H * static_cast<int64_t>(es),
+    return move_chunk(plan, comm, c, /*forward=*/true, st.send_rows.data() + row_bytes(f, H, es),
+                      st.recv_rows.data() + row_bytes(plan.chunk_recv_first(c), H, es), H * static_cast<int64_t>(es),
                       comm::DataType::kByte, label);
   }
   /// Chunk c of an exchange: forward, this rank's send blocks to the peers' recv blocks; backward
@@ -115,23 +168,32 @@ struct GpuMoELayer::EpState {
     a.label = label + " chunk " + std::to_string(c);
     return comm.alltoallv(a);
   }
-  /// Chunk c's combined rows (ret_rows, one per received row) back to their senders' back_rows.
-  comm::WorkPtr return_chunk(const EpPlan& plan, comm::Communicator& comm, int c, int64_t H, std::size_t es,
-                             const std::string& label) {
-    return move_chunk(plan, comm, c, /*forward=*/false, ret_rows.data() + row_bytes(plan.chunk_recv_first(c), H, es),
-                      back_rows.data() + row_bytes(plan.chunk_send_first(c), H, es), H * static_cast<int64_t>(es),
+  /// Chunk c's combined rows of stage `st` (ret_rows, one per received row) back to their senders'
+  /// back_rows.
+  comm::WorkPtr return_chunk(const EpPlan& plan, Stage& st, comm::Communicator& comm, int c, int64_t H,
+                             std::size_t es, const std::string& label) {
+    return move_chunk(plan, comm, c, /*forward=*/false, st.ret_rows.data() + row_bytes(plan.chunk_recv_first(c), H, es),
+                      st.back_rows.data() + row_bytes(plan.chunk_send_first(c), H, es), H * static_cast<int64_t>(es),
                       comm::DataType::kByte, label);
   }
-  /// Chunk c's rows that came back (back_rows), summed per token into `out` ([tokens, H] of
-  /// `dtype`; added to it when `accumulate`), in destination-rank order.
-  void sum_per_token(const EpPlan& plan, int c, DType dtype, int64_t H, void* out, bool accumulate,
+  /// Chunk c's K routing-weight gradients per received row of stage `st` (dw_out) back to the
+  /// senders' dw_back.
+  comm::WorkPtr return_dw_chunk(const EpPlan& plan, Stage& st, comm::Communicator& comm, int c,
+                                const std::string& label) {
+    const int64_t K = plan.topk;
+    return move_chunk(plan, comm, c, /*forward=*/false, st.dw_out.data() + plan.chunk_recv_first(c) * K,
+                      st.dw_back.data() + plan.chunk_send_first(c) * K, K, comm::DataType::kFloat32, label);
+  }
+  /// The rows of stage `st` that came back for chunk c (back_rows), summed per token of the plan
+  /// into `out` ([tokens, H] of `dtype`; added to it when `accumulate`), in destination-rank order.
+  void sum_per_token(const EpPlan& plan, Stage& st, int c, DType dtype, int64_t H, void* out, bool accumulate,
                      cudaStream_t stream) {
-    const int64_t t0 = sched::chunk_begin(plan.tokens, plan.chunks, c);
-    const int64_t t1 = sched::chunk_begin(plan.tokens, plan.chunks, c + 1);
+    const int64_t t0 = plan.chunk_tokens[static_cast<std::size_t>(c)];
+    const int64_t t1 = plan.chunk_tokens[static_cast<std::size_t>(c) + 1];
     with_type(dtype, [&](auto tag) {
       using T_ = typename decltype(tag)::type;
-      combine_rows(t1 - t0, H, token_offsets.data() + t0, token_rows.data(), nullptr,
-                   reinterpret_cast<const T_*>(back_rows.data()), H, static_cast<T_*>(out) + t0 * H, H, accumulate,
+      combine_rows(t1 - t0, H, st.token_offsets.data() + t0, st.token_rows.data(), nullptr,
+                   reinterpret_cast<const T_*>(st.back_rows.data()), H, static_cast<T_*>(out) + t0 * H, H, accumulate,
                    stream);
     });
   }
@@ -156,7 +218,8 @@ struct GpuMoELayer::EpState {
   }
   /// Waits for every exchange still in flight and drops it.
   void settle(Clock::time_point deadline) {
-    for (auto* list : {&dispatch, &combine, &combine_dw, &reduce}) {
+    for (auto* list : {&main.dispatch, &main.combine, &main.combine_dw, &a.dispatch, &a.combine, &a.combine_dw,
+                       &reduce}) {
       for (comm::WorkPtr& w : *list)
         if (w) w->wait(deadline);
       list->clear();
@@ -165,6 +228,10 @@ struct GpuMoELayer::EpState {
 };
 
 void GpuMoELayer::EpStateDeleter::operator()(EpState* p) const { delete p; }
+
+const EpPlan* GpuMoELayer::node_plan() const {
+  return ep_ && options_.exchange == ExchangeKind::kHierarchical ? &ep_->plan_a : nullptr;
+}
 
 void GpuMoELayer::settle_ep() { ep_->settle(Clock::now() + device_comm_->default_timeout()); }
 
@@ -177,29 +244,11 @@ void GpuMoELayer::init_ep() {
   ep_ = std::move(ep);  // the constructor checked the kind (comm::is_device_communicator)
 }
 
-namespace {
-
-/// Grows `b` to hold at least `need` elements (a quarter more, so that small variations do not
-/// reallocate every pass); true when it reallocated.
-template <typename T>
-bool grow(DeviceBuffer<T>& b, int64_t need, cudaStream_t s) {
-  if (need <= static_cast<int64_t>(b.size())) return false;
-  b = DeviceBuffer<T>();
-  b = DeviceBuffer<T>(static_cast<std::size_t>(need + need / 4), s);
-  return true;
-}
-
-}  // namespace
-
-void GpuMoELayer::forward_ep(const void* xin, void* out, bool accumulate, cudaStream_t stream) {
+void GpuMoELayer::plan_ep(cudaStream_t stream) {
   EpState& ep = *ep_;
-  const int64_t T = tokens_, K = topk_, H = hidden_, F = ffn_, S = local_;
+  const int64_t T = tokens_, K = topk_;
   const int C = options_.chunks;
-  const std::size_t es = dtype_size(dtype_);
-  // (forward() settled the last pass's exchanges before it touched any buffer.)
-  const Clock::time_point deadline = Clock::now() + device_comm_->default_timeout();
-
-  // The top-K to the host, the plan, its metadata exchanged over the host communicator.
+  // The top-K to the host, the plan(s), their metadata exchanged over the host communicator.
   ep.ids.resize(static_cast<std::size_t>(T * K));
   ep.weights.resize(static_cast<std::size_t>(T * K));
   if (T > 0) {
@@ -212,54 +261,110 @@ void GpuMoELayer::forward_ep(const void* xin, void* out, bool accumulate, cudaSt
   ep.kept.clear();
   if (options_.capacity_factor > 0.0)
     picks_dropped_ = sched::apply_capacity(ep.ids, ep.weights, experts_, options_.capacity_factor, ep.kept, ep.order);
-  const int me = device_comm_->rank();
-  if (layout_) {
-    // Each kept pick goes to the replica the layout chooses for (expert, this rank, token), as MoELayer.
-    ep.pick_rank.resize(static_cast<std::size_t>(T * K));
-    ep.pick_slot.resize(static_cast<std::size_t>(T * K));
-    for (int64_t i = 0; i < T * K; ++i) {
-      const auto u = static_cast<std::size_t>(i);
-      if (!ep.kept.empty() && !ep.kept[u]) {
-        ep.pick_rank[u] = -1;
-        ep.pick_slot[u] = -1;
-        continue;
-      }
-      const std::int32_t e = ep.ids[u];
-      if (e < 0 || e >= experts_)
-        throw InternalError("GpuMoELayer: the gate picked expert " + std::to_string(e) + " outside [0, " +
-                            std::to_string(experts_) + ")");
-      const sched::ReplicaLayout::Replica& r = layout_->replicas(e)[static_cast<std::size_t>(
-          layout_->choose(e, me, i / K, *topology_))];
+  const int me = device_comm_->rank(), P = device_comm_->size();
+  const bool hier = options_.exchange == ExchangeKind::kHierarchical;
+  if (!layout_ && !hier) {
+    plan_.plan_send(ep.ids, ep.weights, T, K, *placement_, me, C, ep.kept);
+    plan_.exchange_metadata(*host_comm_, device_comm_->default_timeout());
+    return;
+  }
+  // Each kept pick's destination (rank, slot): in replica mode the replica the layout chooses for
+  // (expert, this rank, token), as MoELayer; else the placement's owner.
+  ep.pick_rank.resize(static_cast<std::size_t>(T * K));
+  ep.pick_slot.resize(static_cast<std::size_t>(T * K));
+  for (int64_t i = 0; i < T * K; ++i) {
+    const auto u = static_cast<std::size_t>(i);
+    if (!ep.kept.empty() && !ep.kept[u]) {
+      ep.pick_rank[u] = -1;
+      ep.pick_slot[u] = -1;
+      continue;
+    }
+    const std::int32_t e = ep.ids[u];
+    if (e < 0 || e >= experts_)
+      throw InternalError("GpuMoELayer: the gate picked expert " + std::to_string(e) + " outside [0, " +
+                          std::to_string(experts_) + ")");
+    if (layout_) {
+      const sched::ReplicaLayout::Replica& r =
+          layout_->replicas(e)[static_cast<std::size_t>(layout_->choose(e, me, i / K, *topology_))];
       ep.pick_rank[u] = r.rank;
       ep.pick_slot[u] = static_cast<std::int32_t>(r.slot);
+    } else {
+      ep.pick_rank[u] = placement_->owner(e);
+      ep.pick_slot[u] = static_cast<std::int32_t>(placement_->local_slot(e));
     }
-    plan_.plan_send_picks(ep.weights, T, K, device_comm_->size(), local_, me, C, ep.pick_rank, ep.pick_slot);
-  } else {
-    plan_.plan_send(ep.ids, ep.weights, T, K, *placement_, me, C, ep.kept);
   }
+  if (!hier) {
+    plan_.plan_send_picks(ep.weights, T, K, P, local_, me, C, ep.pick_rank, ep.pick_slot);
+    plan_.exchange_metadata(*host_comm_, device_comm_->default_timeout());
+    return;
+  }
+  // Hierarchical. Stage A: a pick for rank d goes to d's node, to the rank there with this rank's
+  // local index (the forwarder), as code local_index(d) * max_slots_ + slot.
+  const sched::Topology& topo = *topology_;
+  ep.fwd_rank.resize(static_cast<std::size_t>(T * K));
+  ep.fwd_code.resize(static_cast<std::size_t>(T * K));
+  for (std::size_t u = 0; u < ep.pick_rank.size(); ++u) {
+    const int d = ep.pick_rank[u];
+    ep.fwd_rank[u] = d < 0 ? -1 : topo.peer_on(topo.node_of(d), me);
+    ep.fwd_code[u] = d < 0 ? -1 : static_cast<std::int32_t>(topo.local_index(d) * max_slots_ + ep.pick_slot[u]);
+  }
+  const int my_node = topo.node_of(me);
+  ep.plan_a.plan_send_picks(ep.weights, T, K, P, topo.node_size(my_node) * max_slots_, me, C, ep.fwd_rank,
+                            ep.fwd_code);
+  ep.plan_a.exchange_metadata(*host_comm_, device_comm_->default_timeout());
+  // Stage B: the forwarder's "tokens" are the rows stage A brought it (chunk by chunk); each row's
+  // picks go to their rank on this node.
+  const EpPlan& pa = ep.plan_a;
+  const int64_t RA = pa.recv_rows();
+  const std::span<const int> node_ranks = topo.ranks_of(my_node);
+  ep.b_weights.resize(static_cast<std::size_t>(RA * K));
+  ep.pick_rank.resize(static_cast<std::size_t>(RA * K));
+  ep.pick_slot.resize(static_cast<std::size_t>(RA * K));
+  for (int64_t r = 0; r < RA; ++r)
+    for (int64_t j = 0; j < K; ++j) {
+      const auto u = static_cast<std::size_t>(r * K + j);
+      const float v = pa.recv_meta[static_cast<std::size_t>(r * 2 * K + j)];
+      if (v < 0.0f) {  // -1: no pick at this position (plan_a's receive side checked the codes)
+        ep.pick_rank[u] = -1;
+        ep.pick_slot[u] = -1;
+        ep.b_weights[u] = 0.0f;
+        continue;
+      }
+      const auto code = static_cast<int64_t>(v);
+      ep.pick_rank[u] = node_ranks[static_cast<std::size_t>(code / max_slots_)];
+      ep.pick_slot[u] = static_cast<std::int32_t>(code % max_slots_);
+      ep.b_weights[u] = pa.recv_meta[static_cast<std::size_t>(r * 2 * K + K + j)];
+    }
+  ep.b_chunks.resize(static_cast<std::size_t>(C) + 1);
+  for (int c = 0; c < C; ++c) ep.b_chunks[static_cast<std::size_t>(c)] = pa.chunk_recv_first(c);
+  ep.b_chunks[static_cast<std::size_t>(C)] = RA;
+  plan_.plan_send_picks(ep.b_weights, RA, K, P, local_, me, C, ep.pick_rank, ep.pick_slot, ep.b_chunks);
   plan_.exchange_metadata(*host_comm_, device_comm_->default_timeout());
-  const int64_t SR = plan_.send_rows(), R = plan_.recv_rows(), N = plan_.entries();
+}
+
+void GpuMoELayer::forward_ep(const void* xin, void* out, bool accumulate, cudaStream_t stream) {
+  EpState& ep = *ep_;
+  const int64_t H = hidden_, F = ffn_, S = local_;
+  const int C = options_.chunks;
+  const bool hier = options_.exchange == ExchangeKind::kHierarchical;
+  const std::size_t es = dtype_size(dtype_);
+  const int64_t rb = H * static_cast<int64_t>(es);  // bytes per row
+  // (forward() settled the last pass's exchanges before it touched any buffer.)
+  const Clock::time_point deadline = Clock::now() + device_comm_->default_timeout();
+  plan_ep(stream);
+  const int64_t R = plan_.recv_rows(), N = plan_.entries();
 
   // Workspace for this pass's rows (grows only; nothing in flight uses the old buffers: settled
   // above, and the caller's stream is synchronised).
   {
     const cudaStream_t s = aux_.get();
-    bool grew = false;
-    grew |= grow(ep.send_token, SR, s);
-    grew |= grow(ep.token_rows, SR, s);
-    grew |= grow(ep.token_offsets, T + 1, s);
-    grew |= grow(ep.pick_back, T * K, s);
+    bool grew = ep.main.reserve(plan_, rb, s);
+    if (hier) grew |= ep.a.reserve(ep.plan_a, rb, s);
     grew |= grow(ep.entry_row, N, s);
     grew |= grow(ep.row_entries, N, s);
     grew |= grow(ep.row_weight, N, s);
     grew |= grow(ep.row_offsets, R + 1, s);
-    grew |= grow(ep.row_dw_entry, R * K, s);
-    grew |= grow(ep.send_rows, SR * H * static_cast<int64_t>(es), s);
-    grew |= grow(ep.back_rows, SR * H * static_cast<int64_t>(es), s);
-    grew |= grow(ep.recv_rows, R * H * static_cast<int64_t>(es), s);
-    grew |= grow(ep.ret_rows, R * H * static_cast<int64_t>(es), s);
-    grew |= grow(ep.dw_out, R * K, s);
-    grew |= grow(ep.dw_back, SR * K, s);
+    grew |= grow(ep.row_dw_entry, R * topk_, s);
     if (N > ep.entry_capacity) {
       const int64_t cap = N + N / 4;
       realloc_routed(cap, s);
@@ -271,38 +376,31 @@ void GpuMoELayer::forward_ep(const void* xin, void* out, bool accumulate, cudaSt
       ++allocations_;
     }
   }
-  copy_to_device(ep.send_token.data(), plan_.send_token.data(), static_cast<std::size_t>(SR), stream);
-  copy_to_device(ep.token_rows.data(), plan_.token_rows.data(), static_cast<std::size_t>(SR), stream);
-  copy_to_device(ep.token_offsets.data(), plan_.token_offsets.data(), static_cast<std::size_t>(T + 1), stream);
-  copy_to_device(ep.pick_back.data(), plan_.pick_back.data(), static_cast<std::size_t>(T * K), stream);
+  ep.main.upload(plan_, stream);
+  if (hier) ep.a.upload(ep.plan_a, stream);
   copy_to_device(ep.entry_row.data(), plan_.entry_row.data(), static_cast<std::size_t>(N), stream);
   copy_to_device(entry_w_.data(), plan_.entry_weight.data(), static_cast<std::size_t>(N), stream);
   copy_to_device(ep.row_entries.data(), plan_.row_entries.data(), static_cast<std::size_t>(N), stream);
   copy_to_device(ep.row_weight.data(), plan_.row_weight.data(), static_cast<std::size_t>(N), stream);
   copy_to_device(ep.row_offsets.data(), plan_.row_offsets.data(), static_cast<std::size_t>(R + 1), stream);
-  copy_to_device(ep.row_dw_entry.data(), plan_.row_dw_entry.data(), static_cast<std::size_t>(R * K), stream);
+  copy_to_device(ep.row_dw_entry.data(), plan_.row_dw_entry.data(), static_cast<std::size_t>(R * topk_), stream);
   std::fill(counts_.begin(), counts_.end(), int64_t{0});
   for (int c = 0; c < C; ++c)
     for (int64_t s = 0; s < S; ++s) counts_[static_cast<std::size_t>(s)] += plan_.slot_counts(c, s);
   mark(kF1, stream);
 
-  // Dispatch: gather chunk c's rows, then hand them to the communicator (its stream waits for the
-  // gather on the device with NCCL).
-  ep.dispatch.resize(static_cast<std::size_t>(C));
-  for (int c = 0; c < C; ++c)
-    ep.dispatch[static_cast<std::size_t>(c)] =
-        ep.dispatch_chunk(plan_, *device_comm_, c, dtype_, H, xin, stream, "gpu dispatch");
+  dispatch_ep(xin, stream, deadline, "gpu dispatch");
   mark(kF2, stream);
 
   // Experts of chunk c once its rows arrived; the combined rows go back while chunk c+1 computes.
-  ep.combine.resize(static_cast<std::size_t>(C));
+  ep.main.combine.resize(static_cast<std::size_t>(C));
   for (int c = 0; c < C; ++c) {
-    ep.consume(*ep.dispatch[static_cast<std::size_t>(c)], stream, deadline);
+    ep.consume(*ep.main.dispatch[static_cast<std::size_t>(c)], stream, deadline);
     const int64_t ef = plan_.chunk_entry_first(c), en = plan_.chunk_entry_count(c);
     const int64_t rf = plan_.chunk_recv_first(c), rn = plan_.chunk_recv_count(c);
     with_type(dtype_, [&](auto tag) {
       using T_ = typename decltype(tag)::type;
-      gather_rows(en, H, ep.entry_row.data() + ef, reinterpret_cast<const T_*>(ep.recv_rows.data()), H,
+      gather_rows(en, H, ep.entry_row.data() + ef, reinterpret_cast<const T_*>(ep.main.recv_rows.data()), H,
                   as<T_>(xe_) + ef * H, H, stream);
     });
     const std::span<const int64_t> rows(plan_.slot_count.data() + plan_.cs(c, 0), static_cast<std::size_t>(S));
@@ -313,57 +411,121 @@ void GpuMoELayer::forward_ep(const void* xin, void* out, bool accumulate, cudaSt
     with_type(dtype_, [&](auto tag) {
       using T_ = typename decltype(tag)::type;
       combine_rows(rn, H, ep.row_offsets.data() + rf, ep.row_entries.data(), ep.row_weight.data(), as<T_>(ye_), H,
-                   reinterpret_cast<T_*>(ep.ret_rows.data() + row_bytes(rf, H, es)), H, false, stream);
+                   reinterpret_cast<T_*>(ep.main.ret_rows.data() + row_bytes(rf, H, es)), H, false, stream);
     });
     ep.producer_ready(stream);
-    ep.combine[static_cast<std::size_t>(c)] = ep.return_chunk(plan_, *device_comm_, c, H, es, "gpu combine");
+    ep.main.combine[static_cast<std::size_t>(c)] =
+        ep.return_chunk(plan_, ep.main, *device_comm_, c, H, es, "gpu combine");
   }
   mark(kF3, stream);
 
-  // Sum each token's rows (one per rank it went to) onto the shared experts' output.
+  return_ep(out, accumulate, /*with_dw=*/false, stream, deadline, "gpu combine");
+}
+
+void GpuMoELayer::dispatch_ep(const void* src, cudaStream_t stream, Clock::time_point deadline,
+                              const std::string& label) {
+  EpState& ep = *ep_;
+  const int C = plan_.chunks;
+  const int64_t H = hidden_;
+  ep.main.dispatch.resize(static_cast<std::size_t>(C));
+  if (options_.exchange != ExchangeKind::kHierarchical) {
+    // Every chunk's rows gathered and handed to the communicator (its stream waits for the gather
+    // on the device with NCCL).
+    for (int c = 0; c < C; ++c)
+      ep.main.dispatch[static_cast<std::size_t>(c)] =
+          ep.dispatch_chunk(plan_, ep.main, *device_comm_, c, dtype_, H, src, stream, label);
+    return;
+  }
+  // Stage A for every chunk, then each chunk's stage B from the rows stage A brought.
+  ep.a.dispatch.resize(static_cast<std::size_t>(C));
+  for (int c = 0; c < C; ++c)
+    ep.a.dispatch[static_cast<std::size_t>(c)] =
+        ep.dispatch_chunk(ep.plan_a, ep.a, *device_comm_, c, dtype_, H, src, stream, label + " (to nodes)");
+  for (int c = 0; c < C; ++c) {
+    ep.consume(*ep.a.dispatch[static_cast<std::size_t>(c)], stream, deadline);
+    ep.main.dispatch[static_cast<std::size_t>(c)] = ep.dispatch_chunk(
+        plan_, ep.main, *device_comm_, c, dtype_, H, ep.a.recv_rows.data(), stream, label + " (in node)");
+  }
+}
+
+void GpuMoELayer::return_ep(void* out, bool accumulate, bool with_dw, cudaStream_t stream,
+                            Clock::time_point deadline, const std::string& label) {
+  EpState& ep = *ep_;
+  const int C = plan_.chunks;
+  const int64_t H = hidden_, K = topk_;
+  const std::size_t es = dtype_size(dtype_);
+  EpState::Stage* last = &ep.main;
+  const EpPlan* last_plan = &plan_;
+  if (options_.exchange == ExchangeKind::kHierarchical) {
+    // The forwarder sums each stage-A row's rows from its node (in rank order) and sends the sum
+    // back to the origin, with the row's K routing-weight gradients in backward.
+    ep.a.combine.resize(static_cast<std::size_t>(C));
+    ep.a.combine_dw.resize(static_cast<std::size_t>(C));
+    for (int c = 0; c < C; ++c) {
+      ep.consume(*ep.main.combine[static_cast<std::size_t>(c)], stream, deadline);
+      if (with_dw) ep.consume(*ep.main.combine_dw[static_cast<std::size_t>(c)], stream, deadline);
+      ep.sum_per_token(plan_, ep.main, c, dtype_, H, ep.a.ret_rows.data(), false, stream);
+      if (with_dw) {
+        const int64_t t0 = plan_.chunk_tokens[static_cast<std::size_t>(c)];
+        const int64_t t1 = plan_.chunk_tokens[static_cast<std::size_t>(c) + 1];
+        gather_values((t1 - t0) * K, ep.main.pick_back.data() + t0 * K, ep.main.dw_back.data(),
+                      ep.a.dw_out.data() + t0 * K, stream);
+      }
+      ep.producer_ready(stream);
+      ep.a.combine[static_cast<std::size_t>(c)] =
+          ep.return_chunk(ep.plan_a, ep.a, *device_comm_, c, H, es, label + " (to origins)");
+      if (with_dw)
+        ep.a.combine_dw[static_cast<std::size_t>(c)] =
+            ep.return_dw_chunk(ep.plan_a, ep.a, *device_comm_, c, "gpu routing-weight grad (to origins)");
+    }
+    last = &ep.a;
+    last_plan = &ep.plan_a;
+  }
+  // Sum each token's rows (one per rank, or per node, it went to) onto the shared experts' output.
   join_shared(stream);
   for (int c = 0; c < C; ++c) {
-    ep.consume(*ep.combine[static_cast<std::size_t>(c)], stream, deadline);
-    ep.sum_per_token(plan_, c, dtype_, H, out, accumulate, stream);
+    ep.consume(*last->combine[static_cast<std::size_t>(c)], stream, deadline);
+    if (with_dw) ep.consume(*last->combine_dw[static_cast<std::size_t>(c)], stream, deadline);
+    ep.sum_per_token(*last_plan, *last, c, dtype_, H, out, accumulate, stream);
   }
+  if (with_dw)
+    gather_values(tokens_ * K, last->pick_back.data(), last->dw_back.data(), d_weights_.data(), stream);
 }
 
 void GpuMoELayer::backward_ep(const void* dyin, void* out, bool accumulate, cudaStream_t stream) {
   EpState& ep = *ep_;
-  const int64_t T = tokens_, K = topk_, H = hidden_, F = ffn_, S = local_;
+  const int64_t K = topk_, H = hidden_, F = ffn_, S = local_;
   const int C = plan_.chunks;
   const std::size_t es = dtype_size(dtype_);
   const Clock::time_point deadline = Clock::now() + device_comm_->default_timeout();
   ep.settle(deadline);
   mark(kBP, stream);
 
-  ep.dispatch.resize(static_cast<std::size_t>(C));
-  for (int c = 0; c < C; ++c)
-    ep.dispatch[static_cast<std::size_t>(c)] =
-        ep.dispatch_chunk(plan_, *device_comm_, c, dtype_, H, dyin, stream, "gpu dispatch grad");
+  dispatch_ep(dyin, stream, deadline, "gpu dispatch grad");
   mark(kB1, stream);
 
-  ep.combine.resize(static_cast<std::size_t>(C));
-  ep.combine_dw.resize(static_cast<std::size_t>(C));
+  ep.main.combine.resize(static_cast<std::size_t>(C));
+  ep.main.combine_dw.resize(static_cast<std::size_t>(C));
   bool acc_experts = !expert_stale_;
   const std::size_t w2 = static_cast<std::size_t>(2 * F * H) * es;  // w2's byte offset in an expert block
   for (int c = 0; c < C; ++c) {
-    ep.consume(*ep.dispatch[static_cast<std::size_t>(c)], stream, deadline);
+    ep.consume(*ep.main.dispatch[static_cast<std::size_t>(c)], stream, deadline);
     const int64_t ef = plan_.chunk_entry_first(c), en = plan_.chunk_entry_count(c);
     const int64_t rf = plan_.chunk_recv_first(c), rn = plan_.chunk_recv_count(c);
     // Routing-weight gradients dot(dy row, expert output) and the expert-output gradients w * dy row.
     with_type(dtype_, [&](auto tag) {
       using T_ = typename decltype(tag)::type;
-      const T_* drecv = reinterpret_cast<const T_*>(ep.recv_rows.data());
+      const T_* drecv = reinterpret_cast<const T_*>(ep.main.recv_rows.data());
       row_dot(en, H, ep.entry_row.data() + ef, drecv, H, as<T_>(ye_) + ef * H, H, d_entry_.data() + ef, stream);
       gather_rows_scaled(en, H, ep.entry_row.data() + ef, entry_w_.data() + ef, drecv, H, as<T_>(dye_) + ef * H, H,
                          stream);
     });
     const std::span<const int64_t> rows(plan_.slot_count.data() + plan_.cs(c, 0), static_cast<std::size_t>(S));
     if (options_.deterministic) {  // the weight gradients once, after the chunks (below)
-      expert_ffn_.backward_data(blas_.get(), rows, expert_w_.data(), expert_w_.data() + w2, h13_.data() + row_bytes(ef, 2 * F, es),
-                                sig_.data() + row_bytes(ef, F, es), dye_.data() + row_bytes(ef, H, es),
-                                dxe_.data() + row_bytes(ef, H, es), dh13_.data() + row_bytes(ef, 2 * F, es), stream);
+      expert_ffn_.backward_data(blas_.get(), rows, expert_w_.data(), expert_w_.data() + w2,
+                                h13_.data() + row_bytes(ef, 2 * F, es), sig_.data() + row_bytes(ef, F, es),
+                                dye_.data() + row_bytes(ef, H, es), dxe_.data() + row_bytes(ef, H, es),
+                                dh13_.data() + row_bytes(ef, 2 * F, es), stream);
     } else {
       expert_ffn_.backward(blas_.get(), rows, xe_.data() + row_bytes(ef, H, es), expert_w_.data(),
                            expert_w_.data() + w2, h13_.data() + row_bytes(ef, 2 * F, es),
@@ -377,15 +539,14 @@ void GpuMoELayer::backward_ep(const void* dyin, void* out, bool accumulate, cuda
     with_type(dtype_, [&](auto tag) {
       using T_ = typename decltype(tag)::type;
       combine_rows(rn, H, ep.row_offsets.data() + rf, ep.row_entries.data(), nullptr, as<T_>(dxe_), H,
-                   reinterpret_cast<T_*>(ep.ret_rows.data() + row_bytes(rf, H, es)), H, false, stream);
+                   reinterpret_cast<T_*>(ep.main.ret_rows.data() + row_bytes(rf, H, es)), H, false, stream);
     });
-    gather_values(rn * K, ep.row_dw_entry.data() + rf * K, d_entry_.data(), ep.dw_out.data() + rf * K, stream);
+    gather_values(rn * K, ep.row_dw_entry.data() + rf * K, d_entry_.data(), ep.main.dw_out.data() + rf * K, stream);
     ep.producer_ready(stream);
-    ep.combine[static_cast<std::size_t>(c)] = ep.return_chunk(plan_, *device_comm_, c, H, es, "gpu combine grad");
-    ep.combine_dw[static_cast<std::size_t>(c)] =
-        ep.move_chunk(plan_, *device_comm_, c, /*forward=*/false, ep.dw_out.data() + rf * K,
-                      ep.dw_back.data() + plan_.chunk_send_first(c) * K, K, comm::DataType::kFloat32,
-                      "gpu routing-weight grad");
+    ep.main.combine[static_cast<std::size_t>(c)] =
+        ep.return_chunk(plan_, ep.main, *device_comm_, c, H, es, "gpu combine grad");
+    ep.main.combine_dw[static_cast<std::size_t>(c)] =
+        ep.return_dw_chunk(plan_, ep.main, *device_comm_, c, "gpu routing-weight grad");
   }
   if (options_.deterministic) {
     // Each slot's weight gradients over all its entries, in (source rank, token) order: the order
@@ -399,13 +560,7 @@ void GpuMoELayer::backward_ep(const void* dyin, void* out, bool accumulate, cuda
   expert_stale_ = false;
   mark(kB2, stream);
 
-  join_shared(stream);
-  for (int c = 0; c < C; ++c) {
-    ep.consume(*ep.combine[static_cast<std::size_t>(c)], stream, deadline);
-    ep.consume(*ep.combine_dw[static_cast<std::size_t>(c)], stream, deadline);
-    ep.sum_per_token(plan_, c, dtype_, H, out, accumulate, stream);
-  }
-  gather_values(T * K, ep.pick_back.data(), ep.dw_back.data(), d_weights_.data(), stream);
+  return_ep(out, accumulate, /*with_dw=*/true, stream, deadline, "gpu combine grad");
 }
 
 void GpuMoELayer::allreduce_replicated_grads(cudaStream_t stream) {

@@ -202,12 +202,13 @@ SCHEDULES = {
     "determ-serial": (["--deterministic", "on", "--chunks", "2", "--overlap", "off"], {}),
     "replicas": (["--replicas", "on", "--chunks", "2"], {"MOEX_RANKS_PER_NODE": "2"}),
 }
-# With --device cuda (GpuMoELayer: the flat exchange) the chunking, the deterministic mode and the
-# replicas apply.
+# With --device cuda (GpuMoELayer) every option applies but the deterministic mode over the
+# hierarchical exchange.
 CUDA_SCHEDULES = {
-    "chunks3": (["--chunks", "3"], {}),
+    "chunks3-hier": (["--chunks", "3", "--exchange", "hierarchical"], {"MOEX_RANKS_PER_NODE": "2"}),
     "determ": (["--deterministic", "on", "--chunks", "2"], {}),
     "replicas": (["--replicas", "on", "--chunks", "2"], {"MOEX_RANKS_PER_NODE": "2"}),
+    "replicas-hier": (["--replicas", "on", "--exchange", "hierarchical"], {"MOEX_RANKS_PER_NODE": "2"}),
 }
 # Exit status of moex-layer (and of this script) where --device cuda finds no GPU: ctest's skip code.
 NO_DEVICE = 77
