@@ -90,6 +90,31 @@ TEST(EpPlanExample, SendSide) {
   EXPECT_EQ(plan.token_rows, (I64{0, 2, 3, 1}));
 }
 
+TEST(EpPlanExample, ExplicitChunkStarts) {
+  // The example's picks as (rank, slot), cut into chunks at tokens 0 | 2 | 3 (a forwarder's plan,
+  // whose chunks are the row ranges that arrived): chunk 0 holds tokens 0 and 1, chunk 1 token 2.
+  const std::vector<int> ranks{1, 0, 1, 1, 0, 0};
+  const std::vector<std::int32_t> slots{1, 0, 0, 1, 1, 0};
+  EpPlan plan;
+  plan.plan_send_picks(kWeights, 3, 2, 2, 2, 0, 2, ranks, slots, I64{0, 2, 3});
+  EXPECT_EQ(plan.chunk_tokens, (I64{0, 2, 3}));
+  // chunk 0: t0 -> rank 0; t0, t1 -> rank 1. chunk 1: t2 -> rank 0.
+  EXPECT_EQ(plan.send_counts, (I64{1, 2, 1, 0}));
+  EXPECT_EQ(plan.send_token, (I64{0, 0, 1, 2}));
+  // Without chunk_starts the tokens are cut by sched::chunk_begin (token 0 | tokens 1, 2).
+  plan.plan_send_picks(kWeights, 3, 2, 2, 2, 0, 2, ranks, slots);
+  EXPECT_EQ(plan.chunk_tokens, (I64{0, 1, 3}));
+  EXPECT_EQ(plan.send_counts, (I64{1, 1, 1, 1}));
+  for (const I64& bad : {I64{0, 3}, I64{0, 3, 2}, I64{1, 2, 3}, I64{0, 1, 2}}) {
+    try {
+      plan.plan_send_picks(kWeights, 3, 2, 2, 2, 0, 2, ranks, slots, bad);
+      ADD_FAILURE() << "chunk_starts of " << bad.size() << " entries ending at " << bad.back() << " was accepted";
+    } catch (const InvalidArgument& e) {
+      EXPECT_NE(std::string(e.what()).find("chunk_starts"), std::string::npos) << e.what();
+    }
+  }
+}
+
 /// The example's plan with a simulated receive side of rank 0 (2 chunks, K = 2, 2 local slots):
 ///   chunk 0: from rank 0 one row, from rank 1 two rows; chunk 1: from rank 0 one row.
 EpPlan example_receive() {
