@@ -399,7 +399,8 @@ int run(int argc, char** argv) {
                          t.dy.data(), t.dw13.data(), t.dw2.data(), t.dx.data(), t.dh13.data(), false, s);
     });
     // kFixedOrder: the deterministic mode's own kernel (no cuBLAS), for its cost.
-    for (GroupedGemmImpl impl : {GroupedGemmImpl::kGroupedBatched, GroupedGemmImpl::kLoop, GroupedGemmImpl::kFixedOrder}) {
+    for (GroupedGemmImpl impl :
+         {GroupedGemmImpl::kGroupedBatched, GroupedGemmImpl::kLoop, GroupedGemmImpl::kFixedOrder}) {
       GroupedFfn ffn({E, H, F}, dtype, impl);
       const double fwd = time_ms(s, timing, [&] {
         ffn.forward(blas, routing.rows_per_expert, t.x.data(), t.w13.data(), t.w2.data(), t.h13.data(), t.sig.data(),

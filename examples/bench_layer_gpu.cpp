@@ -142,18 +142,20 @@ int bench_layer_gpu(comm::MpiCommunicator& world, const GpuBenchArgs& a) {
   const double ms = median(step_ms);
   const double tokens_per_s = static_cast<double>(T) * world.size() / (ms * 1e-3);
   const double tflops = flops / (ms * 1e9);
-  // Rows moved per pass: the exchange to the experts, plus stage A (to the nodes) when hierarchical.
+  // Rows moved per pass, over every stage (stage A to the nodes too when hierarchical).
   const EpPlan* to_nodes = layer.node_plan();
   std::int64_t rows[3] = {layer.plan().send_rows() + (to_nodes ? to_nodes->send_rows() : 0),
                           layer.plan().recv_rows() + (to_nodes ? to_nodes->recv_rows() : 0), layer.picks_dropped()};
   world.allreduce_sum(rows, 3, comm::DataType::kInt64, "gpu bench rows")->wait();
   if (world.rank() == 0) {
     std::printf("# moex-bench layer --device cuda | %s | ranks %d (%d GPU(s)) | %s over %s | hidden %lld ffn %lld "
-                "experts %lld shared %lld topk %lld | tokens/rank %lld | chunks %d | %s exchange | iters %lld (median)\n",
+                "experts %lld shared %lld topk %lld | tokens/rank %lld | chunks %d | %s exchange | "
+                "iters %lld (median)\n",
                 prop.name, world.size(), devices, a.precision.c_str(), a.device_comm.c_str(),
                 static_cast<long long>(H), static_cast<long long>(F), static_cast<long long>(E),
                 static_cast<long long>(config.n_shared_experts), static_cast<long long>(K), static_cast<long long>(T),
-                lo.chunks, lo.exchange == ExchangeKind::kFlat ? "flat" : "hierarchical", static_cast<long long>(a.iters));
+                lo.chunks, lo.exchange == ExchangeKind::kFlat ? "flat" : "hierarchical",
+                static_cast<long long>(a.iters));
     if (a.replicas)
       std::printf("# replicas: %lld slots per rank, %lld slot blocks migrated to the layout planned from the warmup\n",
                   static_cast<long long>(slots), static_cast<long long>(migrated));

@@ -1,7 +1,7 @@
 // How a test binary reports tests that could not run for want of a CUDA device. GoogleTest counts a
 // skipped test as passed, so a GPU test binary on a machine without a GPU would show "Passed" in
 // ctest. The test mains install NoDeviceSkips and end with exit_code(): when no test failed and at
-// least one skipped with a reason that starts "no CUDA device", the binary exits kSkipExit (77),
+// least one skipped with a reason that contains "no CUDA device", the binary exits kSkipExit (77),
 // which ctest (SKIP_RETURN_CODE) reports as "Not Run (Skipped)". Tests skipped for other reasons
 // (e.g. NCCL refusing two ranks on one GPU) leave the exit code alone.
 #pragma once
@@ -34,7 +34,8 @@ class NoDeviceSkips : public ::testing::EmptyTestEventListener {
 inline int exit_code(int gtest_result, int no_device_skips, bool print) {
   if (gtest_result != 0 || no_device_skips == 0) return gtest_result;
   if (print)
-    std::fprintf(stderr, "SKIPPED: %d test(s) need a CUDA device and did not run; exit %d (ctest: skipped)\n",
+    std::fprintf(stderr, "SKIPPED: tests that need a CUDA device did not run (%d skips over all ranks); exit %d "
+                         "(ctest: skipped)\n",
                  no_device_skips, kSkipExit);
   return kSkipExit;
 }

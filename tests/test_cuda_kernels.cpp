@@ -925,7 +925,8 @@ void check_grouped_ffn(const FfnProblem& P, DType dtype, GroupedGemmImpl impl, b
 }
 
 void check_all_modes(const FfnProblem& P, bool with_accumulate, cublasHandle_t blas, cudaStream_t s) {
-  for (GroupedGemmImpl impl : {GroupedGemmImpl::kGroupedBatched, GroupedGemmImpl::kLoop, GroupedGemmImpl::kFixedOrder}) {
+  for (GroupedGemmImpl impl :
+       {GroupedGemmImpl::kGroupedBatched, GroupedGemmImpl::kLoop, GroupedGemmImpl::kFixedOrder}) {
     for (bool acc : {false, true}) {
       if (acc && !with_accumulate) continue;
       check_grouped_ffn<float>(P, DType::kFp32, impl, acc, kFp32Tol, blas, s);

@@ -21,7 +21,8 @@ void GpuLayerExecutor::check(const MoELayer& layer) {
   const std::string what = "GPU layer for '" + layer.name() + "': ";
   const LayerOptions& o = layer.options();
   if (o.deterministic && o.exchange != ExchangeKind::kFlat)
-    throw ConfigError(what + "the deterministic mode runs the flat exchange only on the GPU (use one of them)");
+    throw ConfigError(what + "on the GPU the deterministic mode runs the flat exchange only (drop the "
+                             "hierarchical exchange or the deterministic mode)");
   if (layer.replica_layout()) return;  // every rank has the layout's slots
   const sched::ExpertPlacement& p = layer.placement();
   for (int r = 0; r < p.world_size(); ++r)
@@ -86,16 +87,11 @@ void GpuLayerExecutor::forward(MoELayer& layer, const float* x, std::int64_t tok
   st.expert_tokens.assign(static_cast<std::size_t>(layer.config().n_routed_experts), 0);
   for (const std::int32_t e : t.gpu->topk_ids_host(s)) ++st.expert_tokens[static_cast<std::size_t>(e)];
   for (const std::int64_t c : t.gpu->expert_counts()) st.entries_processed += c;
-  const EpPlan& plan = t.gpu->plan();
-  st.rows_sent = plan.send_rows();
-  st.rows_received = plan.recv_rows();
+  st.rows_sent = t.gpu->token_rank_rows();
+  st.rows_received = t.gpu->plan().recv_rows();
   st.picks_dropped = t.gpu->picks_dropped();
-  const int me = host_comm_.rank();
-  std::int64_t to_others = 0;
-  for (int c = 0; c < plan.chunks; ++c)
-    for (int p = 0; p < plan.world; ++p)
-      if (p != me) to_others += plan.send_counts[plan.cp(c, p)];
-  st.bytes_sent = to_others * H * static_cast<std::int64_t>(dtype_size(t.gpu->dtype()));
+  // Rows to other ranks over every stage (the hierarchical exchange's forwarders included).
+  st.bytes_sent = t.gpu->rows_sent_to_others() * H * static_cast<std::int64_t>(dtype_size(t.gpu->dtype()));
   layer.set_route_stats(st);
   layer.set_aux_loss_value(t.gpu->aux_loss_value(s));
 }

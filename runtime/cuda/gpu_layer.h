@@ -214,6 +214,11 @@ class GpuMoELayer {
   /// Hierarchical exchange: the plan of stage A (this rank -> the forwarders on the destination
   /// nodes) of the last forward; null otherwise.
   const EpPlan* node_plan() const;
+  /// Expert-parallel mode, the last forward: rows of this rank's tokens, one per (token, destination
+  /// rank), as MoELayer's LayerRouteStats::rows_sent counts them (with the hierarchical exchange too);
+  /// and the rows this rank sent to other ranks over every stage of the exchange.
+  std::int64_t token_rank_rows() const;
+  std::int64_t rows_sent_to_others() const;
 
   // Device parameters and gradients (layouts in the class comment).
   float* gate_weight() { return gate_w_.data(); }

@@ -106,6 +106,7 @@ struct GpuMoELayer::EpState {
   std::vector<std::int32_t> fwd_code;
   std::vector<float> b_weights;     // hierarchical: stage B's picks, from stage A's receive side
   std::vector<int64_t> b_chunks;
+  int64_t token_rank_rows = 0;      // (token, destination rank) pairs of the last forward
   std::vector<int64_t> order;       // scratch of sched::apply_capacity
   std::vector<comm::WorkPtr> reduce;
   std::vector<int64_t> sc, sd, rc, rd;  // per-peer block counts / displacements scratch
@@ -233,6 +234,20 @@ const EpPlan* GpuMoELayer::node_plan() const {
   return ep_ && options_.exchange == ExchangeKind::kHierarchical ? &ep_->plan_a : nullptr;
 }
 
+std::int64_t GpuMoELayer::token_rank_rows() const { return ep_ ? ep_->token_rank_rows : 0; }
+
+std::int64_t GpuMoELayer::rows_sent_to_others() const {
+  if (!ep_) return 0;
+  std::int64_t n = 0;
+  for (const EpPlan* plan : {&plan_, node_plan()}) {
+    if (!plan || plan->world < 1) continue;
+    for (int c = 0; c < plan->chunks; ++c)
+      for (int p = 0; p < plan->world; ++p)
+        if (p != plan->rank) n += plan->send_counts[plan->cp(c, p)];
+  }
+  return n;
+}
+
 void GpuMoELayer::settle_ep() { ep_->settle(Clock::now() + device_comm_->default_timeout()); }
 
 void GpuMoELayer::init_ep() {
@@ -266,6 +281,7 @@ void GpuMoELayer::plan_ep(cudaStream_t stream) {
   if (!layout_ && !hier) {
     plan_.plan_send(ep.ids, ep.weights, T, K, *placement_, me, C, ep.kept);
     plan_.exchange_metadata(*host_comm_, device_comm_->default_timeout());
+    ep.token_rank_rows = plan_.send_rows();
     return;
   }
   // Each kept pick's destination (rank, slot): in replica mode the replica the layout chooses for
@@ -296,11 +312,25 @@ void GpuMoELayer::plan_ep(cudaStream_t stream) {
   if (!hier) {
     plan_.plan_send_picks(ep.weights, T, K, P, local_, me, C, ep.pick_rank, ep.pick_slot);
     plan_.exchange_metadata(*host_comm_, device_comm_->default_timeout());
+    ep.token_rank_rows = plan_.send_rows();
     return;
   }
   // Hierarchical. Stage A: a pick for rank d goes to d's node, to the rank there with this rank's
   // local index (the forwarder), as code local_index(d) * max_slots_ + slot.
   const sched::Topology& topo = *topology_;
+  const int my_node = topo.node_of(me);
+  if (static_cast<double>(topo.node_size(my_node)) * static_cast<double>(max_slots_) > 16777216.0)
+    throw InvalidArgument("GpuMoELayer: the hierarchical exchange codes (rank in node, slot) as floats exact "
+                          "below 2^24; " + std::to_string(topo.node_size(my_node)) + " ranks x " +
+                          std::to_string(max_slots_) + " slots is too many");
+  ep.token_rank_rows = 0;  // (token, destination rank) pairs, as the flat exchange's rows
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t j = 0; j < K; ++j) {
+      const int d = ep.pick_rank[static_cast<std::size_t>(t * K + j)];
+      bool first = d >= 0;
+      for (int64_t q = 0; first && q < j; ++q) first = ep.pick_rank[static_cast<std::size_t>(t * K + q)] != d;
+      ep.token_rank_rows += first ? 1 : 0;
+    }
   ep.fwd_rank.resize(static_cast<std::size_t>(T * K));
   ep.fwd_code.resize(static_cast<std::size_t>(T * K));
   for (std::size_t u = 0; u < ep.pick_rank.size(); ++u) {
@@ -308,7 +338,6 @@ void GpuMoELayer::plan_ep(cudaStream_t stream) {
     ep.fwd_rank[u] = d < 0 ? -1 : topo.peer_on(topo.node_of(d), me);
     ep.fwd_code[u] = d < 0 ? -1 : static_cast<std::int32_t>(topo.local_index(d) * max_slots_ + ep.pick_slot[u]);
   }
-  const int my_node = topo.node_of(me);
   ep.plan_a.plan_send_picks(ep.weights, T, K, P, topo.node_size(my_node) * max_slots_, me, C, ep.fwd_rank,
                             ep.fwd_code);
   ep.plan_a.exchange_metadata(*host_comm_, device_comm_->default_timeout());

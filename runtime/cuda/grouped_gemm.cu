@@ -227,7 +227,8 @@ const char* to_string(GroupedGemmImpl impl) {
 void fixed_order_gemm(DType dtype, const GemmProblem& p, const std::int64_t* k_rows, cudaStream_t stream) {
   check_problem(p, "fixed_order_gemm", -1);
   if (k_rows && !p.trans_a && p.trans_b)
-    throw InvalidArgument("fixed_order_gemm: k_rows needs an operand stored k-major (trans_a, or not trans_b)");
+    throw InvalidArgument("fixed_order_gemm: k_rows needs an operand stored k-major (trans_a, or not trans_b); "
+                          "neither is");
   if (p.m == 0 || p.n == 0) return;
   if (p.k == 0) {
     scale_empty_product(p, dtype, "fixed_order_gemm", -1, stream);
