@@ -886,11 +886,11 @@ struct FfnDevice {
   DeviceBuffer<T> x, w13, w2, dy, h13, sig, a, y, dx, dh13, dw13, dw2;
 };
 
-
+/// A problem's inputs on the device, its outputs allocated; the weight gradients start as the
+/// problem's initial values (`accumulate`) or as garbage (an overwrite must not read them, and a
+/// 0-row expert's gradient must become 0).
 template <typename T>
-void check_grouped_ffn(const FfnProblem& P, DType dtype, GroupedGemmImpl impl, bool accumulate, double tol,
-                       cublasHandle_t blas, cudaStream_t s) {
-  SCOPED_TRACE(std::string(to_string(dtype)) + " " + to_string(impl) + (accumulate ? " accumulate" : " overwrite"));
+FfnDevice<T> ffn_device(const FfnProblem& P, bool accumulate, cudaStream_t s) {
   FfnDevice<T> d;
   d.x = upload<T>(P.x, s);
   d.w13 = upload<T>(P.w13, s);
@@ -905,12 +905,21 @@ void check_grouped_ffn(const FfnProblem& P, DType dtype, GroupedGemmImpl impl, b
   if (accumulate) {
     d.dw13 = upload<T>(P.dw13_init, s);
     d.dw2 = upload<T>(P.dw2_init, s);
-  } else {  // garbage in: an overwrite must not read it (a 0-row expert's gradient must become 0)
+  } else {
     d.dw13 = DeviceBuffer<T>(P.w13.size(), s);
     d.dw2 = DeviceBuffer<T>(P.w2.size(), s);
     MOEX_CUDA_CHECK(cudaMemsetAsync(d.dw13.data(), 0x7f, d.dw13.bytes(), s));
     MOEX_CUDA_CHECK(cudaMemsetAsync(d.dw2.data(), 0x7f, d.dw2.bytes(), s));
   }
+  return d;
+}
+
+
+template <typename T>
+void check_grouped_ffn(const FfnProblem& P, DType dtype, GroupedGemmImpl impl, bool accumulate, double tol,
+                       cublasHandle_t blas, cudaStream_t s) {
+  SCOPED_TRACE(std::string(to_string(dtype)) + " " + to_string(impl) + (accumulate ? " accumulate" : " overwrite"));
+  FfnDevice<T> d = ffn_device<T>(P, accumulate, s);
   GroupedFfn ffn(P.shape, dtype, impl);
   ffn.forward(blas, P.rows, d.x.data(), d.w13.data(), d.w2.data(), d.h13.data(), d.sig.data(), d.a.data(), d.y.data(),
               s);
@@ -941,19 +950,7 @@ template <typename T>
 void check_split_backward(const FfnProblem& P, DType dtype, bool accumulate, double tol, cublasHandle_t blas,
                           cudaStream_t s) {
   SCOPED_TRACE(std::string("split backward ") + to_string(dtype) + (accumulate ? " accumulate" : " overwrite"));
-  FfnDevice<T> d;
-  d.x = upload<T>(P.x, s);
-  d.w13 = upload<T>(P.w13, s);
-  d.w2 = upload<T>(P.w2, s);
-  d.dy = upload<T>(P.dy, s);
-  d.h13 = DeviceBuffer<T>(P.h13.size(), s);
-  d.sig = DeviceBuffer<T>(P.sig.size(), s);
-  d.a = DeviceBuffer<T>(P.a.size(), s);
-  d.y = DeviceBuffer<T>(P.y.size(), s);
-  d.dx = DeviceBuffer<T>(P.dx.size(), s);
-  d.dh13 = DeviceBuffer<T>(P.h13.size(), s);
-  d.dw13 = accumulate ? upload<T>(P.dw13_init, s) : DeviceBuffer<T>(P.w13.size(), s);
-  d.dw2 = accumulate ? upload<T>(P.dw2_init, s) : DeviceBuffer<T>(P.w2.size(), s);
+  FfnDevice<T> d = ffn_device<T>(P, accumulate, s);
   std::vector<int64_t> k_rows;
   int64_t o = 0;
   for (int64_t r : P.rows) {
