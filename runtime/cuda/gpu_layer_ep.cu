@@ -278,12 +278,6 @@ void GpuMoELayer::plan_ep(cudaStream_t stream) {
     picks_dropped_ = sched::apply_capacity(ep.ids, ep.weights, experts_, options_.capacity_factor, ep.kept, ep.order);
   const int me = device_comm_->rank(), P = device_comm_->size();
   const bool hier = options_.exchange == ExchangeKind::kHierarchical;
-  if (!layout_ && !hier) {
-    plan_.plan_send(ep.ids, ep.weights, T, K, *placement_, me, C, ep.kept);
-    plan_.exchange_metadata(*host_comm_, device_comm_->default_timeout());
-    ep.token_rank_rows = plan_.send_rows();
-    return;
-  }
   // Each kept pick's destination (rank, slot): in replica mode the replica the layout chooses for
   // (expert, this rank, token), as MoELayer; else the placement's owner.
   ep.pick_rank.resize(static_cast<std::size_t>(T * K));

@@ -106,6 +106,25 @@ struct FixedGemmArgs {
   const int64_t* k_rows;  // null: stored rows 0..k-1
 };
 
+/// Loads one operand's tile into S[l][x] (fp32): element (x0 + x, l0 + l) of an operand whose other
+/// dimension x (rows of op(A), columns of op(B)) is `extent` long and whose reduction index l is below
+/// k. Stored k-major (M[k_row(l) * ld + x], k_row(l) = k_rows[l] or l) or x-major (M[x * ld + l]);
+/// the threads load along the stored contiguous dimension, 4 elements each. Out of range: 0.
+template <typename T>
+__device__ __forceinline__ void load_fixed_tile(float (&S)[kFixedStep][kFixedTile + 1], const T* __restrict__ M,
+                                                int64_t ld, bool k_major, const int64_t* k_rows, int64_t x0,
+                                                int64_t extent, int64_t l0, int64_t k) {
+  for (int q = static_cast<int>(threadIdx.x); q < kFixedStep * kFixedTile; q += kFixedThreads) {
+    const int x = k_major ? q % kFixedTile : q / kFixedStep;
+    const int l = k_major ? q / kFixedTile : q % kFixedStep;
+    const int64_t gx = x0 + x, gl = l0 + l;
+    float v = 0.0f;
+    if (gl < k && gx < extent)
+      v = k_major ? load_f32(M + (k_rows ? k_rows[gl] : gl) * ld + gx) : load_f32(M + gx * ld + gl);
+    S[l][x] = v;
+  }
+}
+
 template <typename T>
 __global__ void fixed_order_gemm_kernel(FixedGemmArgs g, const T* __restrict__ A, const T* __restrict__ B,
                                         T* __restrict__ C) {
@@ -122,47 +141,8 @@ __global__ void fixed_order_gemm_kernel(FixedGemmArgs g, const T* __restrict__ A
 #pragma unroll
       for (int c = 0; c < 4; ++c) acc[r][c] = 0.0f;
     for (int64_t l0 = 0; l0 < g.k; l0 += kFixedStep) {
-      // Each thread loads 4 elements of each tile, along the operand's contiguous dimension.
-      for (int q = static_cast<int>(threadIdx.x); q < kFixedStep * kFixedTile; q += kFixedThreads) {
-        int l, i;
-        if (g.trans_a) {
-          i = q % kFixedTile;
-          l = q / kFixedTile;
-        } else {
-          l = q % kFixedStep;
-          i = q / kFixedStep;
-        }
-        const int64_t gl = l0 + l, gi = row0 + i;
-        float v = 0.0f;
-        if (gl < g.k && gi < g.m) {
-          if (g.trans_a) {
-            const int64_t kr = g.k_rows ? g.k_rows[gl] : gl;
-            v = load_f32(A + kr * g.lda + gi);
-          } else {
-            v = load_f32(A + gi * g.lda + gl);
-          }
-        }
-        As[l][i] = v;
-        int j;
-        if (g.trans_b) {
-          l = q % kFixedStep;
-          j = q / kFixedStep;
-        } else {
-          j = q % kFixedTile;
-          l = q / kFixedTile;
-        }
-        const int64_t gl2 = l0 + l, gj = col0 + j;
-        float w = 0.0f;
-        if (gl2 < g.k && gj < g.n) {
-          if (g.trans_b) {
-            w = load_f32(B + gj * g.ldb + gl2);
-          } else {
-            const int64_t kr = g.k_rows ? g.k_rows[gl2] : gl2;
-            w = load_f32(B + kr * g.ldb + gj);
-          }
-        }
-        Bs[l][j] = w;
-      }
+      load_fixed_tile(As, A, g.lda, g.trans_a, g.k_rows, row0, g.m, l0, g.k);
+      load_fixed_tile(Bs, B, g.ldb, !g.trans_b, g.k_rows, col0, g.n, l0, g.k);
       __syncthreads();
       const int steps = static_cast<int>(g.k - l0 < kFixedStep ? g.k - l0 : kFixedStep);
       for (int l = 0; l < steps; ++l) {
