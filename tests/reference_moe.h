@@ -35,8 +35,12 @@ struct GateSpec {
     g.topk_group = c.topk_group;
     g.scoring = c.scoring_func;
     g.method = c.topk_method;
-    g.norm_topk_prob = c.norm_topk_prob;
-    g.routed_scaling_factor = c.routed_scaling_factor;
+    // As the Hugging Face modeling code of each model_type reads:
+    //   if top_k > 1 and norm_topk_prob: w /= sum(w) + 1e-20
+    //   deepseek_v3: w *= routed_scaling_factor (always); deepseek_v2 / deepseek: only in the else branch.
+    const bool normalise = c.num_experts_per_tok > 1 && c.norm_topk_prob;
+    g.norm_topk_prob = normalise;
+    g.routed_scaling_factor = (c.model_type == "deepseek_v3" || !normalise) ? c.routed_scaling_factor : 1.0;
     return g;
   }
 };

@@ -536,6 +536,58 @@ TEST(CommTopology, NodeIdsAreConsistentAndHonourTheOverride) {
   expect_all_ranks_passed();
 }
 
+// The communicator's own setup collectives have deadlines too: a rank that never joins the
+// duplication (MPI_Comm_idup) or node detection (MPI_Comm_split_type) becomes a TimeoutError naming
+// it on the ranks that wait, instead of a hang.
+TEST(CommTimeouts, DuplicationWithAnAbsentRankTimesOut) {
+  auto& w = world();
+  if (w.size() == 1) GTEST_SKIP() << "needs a peer that does not join the duplication; there is only one rank";
+  MpiCommunicator side(w.native());
+  std::string message;
+  if (w.rank() == 0) {
+    const auto start = Clock::now();
+    try {
+      MpiCommunicator lonely(side.native(), std::chrono::milliseconds(300));
+      ADD_FAILURE() << "the duplication completed without the other ranks";
+    } catch (const TimeoutError& e) {
+      message = e.what();
+    }
+    const double s = std::chrono::duration<double>(Clock::now() - start).count();
+    EXPECT_TRUE(contains(message, "MPI_Comm_idup")) << message;
+    EXPECT_LT(s, 5.0) << "the 300 ms deadline was overshot";
+  }
+  w.barrier("duplication test: rank 0 timed out")->wait();
+  if (w.rank() != 0) MpiCommunicator late(side.native());  // completes rank 0's abandoned duplication too
+  expect_all_ranks_passed();
+}
+
+TEST(CommTimeouts, NodeDetectionWithAnAbsentRankTimesOut) {
+  auto& w = world();
+  if (w.size() == 1) GTEST_SKIP() << "needs a peer that does not join node detection; there is only one rank";
+  const char* env = std::getenv("MOEX_RANKS_PER_NODE");
+  const std::string saved = env ? env : "";
+  unsetenv("MOEX_RANKS_PER_NODE");
+  MpiCommunicator side(w.native());
+  side.set_default_timeout(std::chrono::milliseconds(300));
+  if (w.rank() == 0) {
+    std::string message;
+    try {
+      side.node_ids();
+      ADD_FAILURE() << "node detection completed without the other ranks";
+    } catch (const TimeoutError& e) {
+      message = e.what();
+    }
+    EXPECT_TRUE(contains(message, "node detection")) << message;
+  }
+  w.barrier("node detection test: rank 0 timed out")->wait();
+  if (w.rank() != 0) {
+    side.set_default_timeout(w.default_timeout());
+    side.barrier("matches rank 0's abandoned arrival barrier")->wait();
+  }
+  if (env) setenv("MOEX_RANKS_PER_NODE", saved.c_str(), 1);
+  expect_all_ranks_passed();
+}
+
 TEST(CommArguments, NullBuffersWithZeroCountsAreAccepted) {
   auto& w = world();
   const std::vector<std::int64_t> zeros(static_cast<std::size_t>(w.size()), 0);

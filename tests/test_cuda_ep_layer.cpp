@@ -98,11 +98,12 @@ struct EpParam {
   bool replicas = false;   // replica mode: a layout planned for a skewed load (hot experts replicated)
   bool deterministic = false;  // fixed-order expert GEMMs, weight gradients once per backward
   bool hier = false;           // the hierarchical exchange, on 2-rank nodes
+  bool serial = false;         // overlap off: every exchange waited for once issued, shared experts inline
 };
 std::string name_of(const EpParam& p) {
   return std::string(p.config) + "_" + to_string(p.precision) + "_c" + std::to_string(p.chunks) +
          (p.aux ? "_aux" : "") + (p.capacity > 0.0 ? "_capacity" : "") + (p.replicas ? "_replicas" : "") +
-         (p.deterministic ? "_det" : "") + (p.hier ? "_hier" : "");
+         (p.deterministic ? "_det" : "") + (p.hier ? "_hier" : "") + (p.serial ? "_serial" : "");
 }
 
 /// Replica mode at P ranks on 2-rank nodes: every rank ceil(E / P) + 1 slots, the layout planned for
@@ -174,6 +175,7 @@ class CudaEpLayer : public ::testing::TestWithParam<EpParam> {
     opt.capacity_factor = p.capacity;
     opt.deterministic = p.deterministic;
     opt.exchange = cpu_opt.exchange;
+    opt.overlap = opt.overlap_shared = !p.serial;
     std::unique_ptr<GpuMoELayer> made =
         rs ? std::make_unique<GpuMoELayer>(c.config, *host_, device_comm, rs->planned, rs->topology, opt)
            : std::make_unique<GpuMoELayer>(c.config, *host_, device_comm, placement, opt, cpu->topology());
@@ -221,6 +223,18 @@ class CudaEpLayer : public ::testing::TestWithParam<EpParam> {
   std::unique_ptr<comm::MpiCommunicator> host_;
 };
 
+class CudaEpLayerSchedule : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    std::string why;
+    const int devices = cuda_device_count(&why);
+    if (devices == 0) GTEST_SKIP() << "no CUDA device: " << why;
+    host_ = std::make_unique<comm::MpiCommunicator>(MPI_COMM_WORLD);
+    MOEX_CUDA_CHECK(cudaSetDevice(host_->rank() % devices));
+  }
+  std::unique_ptr<comm::MpiCommunicator> host_;
+};
+
 TEST_P(CudaEpLayer, StagedMatchesCpuLayer) {
   comm::StagedCommunicator device(std::make_unique<comm::MpiCommunicator>(MPI_COMM_WORLD));
   run_and_compare(GetParam(), device, "staged");
@@ -257,8 +271,34 @@ INSTANTIATE_TEST_SUITE_P(Configs, CudaEpLayer,
                                            EpParam{"v2_lite_like", LayerPrecision::kFp32, 2, true, 1.25, true, false,
                                                    true},
                                            EpParam{"v2_lite_like", LayerPrecision::kBf16, 1, false, 0.0, false, false,
-                                                   true}),
+                                                   true},
+                                           EpParam{"v3_like", LayerPrecision::kFp32, 3, false, 0.0, false, false, false,
+                                                   true},
+                                           EpParam{"v2_lite_like", LayerPrecision::kFp32, 2, true, 0.0, false, false,
+                                                   true, true}),
                          [](const ::testing::TestParamInfo<EpParam>& i) { return name_of(i.param); });
+
+// The CPU layer's schedule reaches the GPU layer laid out like it: overlap off serialises the
+// exchanges and runs the shared experts on the caller's stream.
+TEST_F(CudaEpLayerSchedule, MakeGpuLayerLikeHonoursTheSchedule) {
+  const LayerCase c = case_of("v3_like");
+  const int P = host_->size();
+  for (const bool overlap : {true, false}) {
+    LayerOptions o;
+    o.chunks = 2;
+    o.overlap = overlap;
+    o.exchange = ExchangeKind::kHierarchical;
+    const auto placement = sched::ExpertPlacement::contiguous(c.config.n_routed_experts, P);
+    MoELayer cpu(c.config, *host_, placement, "cpu", std::nullopt, o);
+    comm::StagedCommunicator device(std::make_unique<comm::MpiCommunicator>(MPI_COMM_WORLD));
+    GpuLayerOptions g;  // overlap_shared defaults to on
+    const auto gpu = make_gpu_layer_like(cpu, *host_, device, g);
+    EXPECT_EQ(gpu->options().overlap, overlap);
+    EXPECT_EQ(gpu->options().overlap_shared, overlap);
+    EXPECT_EQ(gpu->options().chunks, 2);
+    EXPECT_EQ(gpu->options().exchange, ExchangeKind::kHierarchical);
+  }
+}
 
 /// Deterministic mode: the same layer run with 1, 2 and 3 pipeline chunks gives the same bits for y,
 /// dx and every gradient (this rank's, and after the all-reduce), over two steps whose gradients

@@ -184,6 +184,55 @@ TEST(GateForward, OtherShapes) {
   }
 }
 
+// The picked weights follow the Hugging Face code of each model_type (hand-worked values; the
+// float64 layer reference checks the same rule end to end in layer_reference).
+TEST(GateForward, WeightRuleFollowsEachModelType) {
+  struct Case {
+    const char* model_type;
+    std::int64_t topk;
+    bool norm;
+    bool want_norm;
+    float want_scale;
+  };
+  const Case cases[] = {
+      {"deepseek_v3", 4, true, true, 2.5f},   {"deepseek_v3", 1, true, false, 2.5f},
+      {"deepseek_v3", 4, false, false, 2.5f}, {"deepseek_v2", 4, true, true, 1.0f},
+      {"deepseek_v2", 4, false, false, 2.5f}, {"deepseek_v2", 1, true, false, 2.5f},
+      {"deepseek", 6, true, true, 1.0f},      {"deepseek", 6, false, false, 2.5f},
+  };
+  for (const Case& c : cases) {
+    MoeConfig cfg = MoeConfig::defaults_for(c.model_type);
+    cfg.hidden_size = 2;
+    cfg.moe_intermediate_size = 2;
+    cfg.n_routed_experts = 8;
+    cfg.num_experts_per_tok = c.topk;
+    cfg.n_group = 1;
+    cfg.topk_group = 1;
+    cfg.topk_method = TopkMethod::kGreedy;
+    cfg.scoring_func = ScoringFunc::kSigmoid;
+    cfg.norm_topk_prob = c.norm;
+    cfg.routed_scaling_factor = 2.5;
+    const auto p = kernels::GateParams::from_config(cfg, 1);
+    SCOPED_TRACE(std::string(c.model_type) + " top-" + std::to_string(c.topk) + (c.norm ? " norm" : ""));
+    EXPECT_EQ(p.norm_topk_prob, c.want_norm);
+    EXPECT_EQ(p.routed_scaling_factor, c.want_scale);
+    // One token: expert e has logit e / 4 along x = (1, 0); the weights of the kernel's picks.
+    std::vector<float> x{1.0f, 0.0f}, wg(16, 0.0f), scores(8);
+    for (int e = 0; e < 8; ++e) wg[static_cast<std::size_t>(2 * e)] = static_cast<float>(e) / 4.0f;
+    std::vector<std::int32_t> ids(static_cast<std::size_t>(c.topk));
+    std::vector<float> w(static_cast<std::size_t>(c.topk));
+    kernels::gate_forward(p, x.data(), wg.data(), nullptr, scores.data(), ids.data(), w.data());
+    double sum = 0.0;
+    for (std::int64_t j = 0; j < c.topk; ++j) sum += 1.0 / (1.0 + std::exp(-(7.0 - static_cast<double>(j)) / 4.0));
+    for (std::int64_t j = 0; j < c.topk; ++j) {
+      EXPECT_EQ(ids[static_cast<std::size_t>(j)], 7 - j);
+      const double s = 1.0 / (1.0 + std::exp(-(7.0 - static_cast<double>(j)) / 4.0));
+      const double want = c.want_norm ? s / (sum + 1e-20) * c.want_scale : s * c.want_scale;
+      EXPECT_NEAR(w[static_cast<std::size_t>(j)], want, 1e-6) << "pick " << j;
+    }
+  }
+}
+
 TEST(GateForward, ZeroTokensWriteNothing) {
   const auto p = params(0, 4, 8, 2, 1, 1, ScoringFunc::kSigmoid, TopkMethod::kGreedy, true, 1.0f);
   const std::vector<float> wg(32, 0.5f);

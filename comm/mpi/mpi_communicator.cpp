@@ -210,8 +210,21 @@ MpiRuntime::~MpiRuntime() {
   if (MPI_Finalized(&finalized) == MPI_SUCCESS && !finalized) MPI_Finalize();
 }
 
-MpiCommunicator::MpiCommunicator(MPI_Comm base) {
-  MOEX_MPI_CHECK(MPI_Comm_dup(base, &comm_));
+MpiCommunicator::MpiCommunicator(MPI_Comm base, std::chrono::milliseconds timeout) {
+  default_timeout_ = timeout.count() > 0 ? timeout : timeout_from_env(default_timeout_);
+  int base_rank = 0, base_size = 1;
+  MOEX_MPI_CHECK(MPI_Comm_rank(base, &base_rank));
+  MOEX_MPI_CHECK(MPI_Comm_size(base, &base_size));
+  {
+    // The duplication is a collective over `base`: nonblocking, so that a rank that never joins
+    // becomes a TimeoutError here. On a timeout the pending request (and the communicator it would
+    // make) is left to MPI; comm_ stays null.
+    MPI_Comm dup = MPI_COMM_NULL;
+    MpiWork work(0, "communicator duplication (MPI_Comm_idup)", default_timeout_, base_rank, base_size, {});
+    MOEX_MPI_CHECK(MPI_Comm_idup(base, &dup, work.request()));
+    work.wait(Clock::now() + default_timeout_);
+    comm_ = dup;
+  }
   try {
     MOEX_MPI_CHECK(MPI_Comm_set_errhandler(comm_, MPI_ERRORS_RETURN));
     MOEX_MPI_CHECK(MPI_Comm_rank(comm_, &rank_));
@@ -274,15 +287,27 @@ std::vector<int> MpiCommunicator::node_ids() {
     for (int p = 0; p < size_; ++p) ids[static_cast<std::size_t>(p)] = p / static_cast<int>(r);
     return ids;
   }
-  // Ranks that can share memory form one node; its id is the lowest rank on it.
+  // Ranks that can share memory form one node; its id is the lowest rank on it. MPI has no
+  // nonblocking MPI_Comm_split_type, so every rank first meets the others in a barrier with a
+  // deadline: once all are there, the split cannot wait for an absent rank.
+  barrier("node detection: every rank arrives")->wait();
   MPI_Comm node = MPI_COMM_NULL;
   MOEX_MPI_CHECK(MPI_Comm_split_type(comm_, MPI_COMM_TYPE_SHARED, rank_, MPI_INFO_NULL, &node));
-  int leader = rank_;
-  const int rc = MPI_Allreduce(MPI_IN_PLACE, &leader, 1, MPI_INT, MPI_MIN, node);
+  int leader = rank_, node_rank = 0, node_size = 1;
+  MPI_Comm_rank(node, &node_rank);
+  MPI_Comm_size(node, &node_size);
+  std::exception_ptr failure;
+  try {
+    MpiWork work(0, "node detection: lowest rank on the node (allreduce_min)", default_timeout_, node_rank, node_size,
+                 {});
+    MOEX_MPI_CHECK(MPI_Iallreduce(MPI_IN_PLACE, &leader, 1, MPI_INT, MPI_MIN, node, work.request()));
+    work.wait(Clock::now() + default_timeout_);
+  } catch (...) {
+    failure = std::current_exception();
+  }
   MPI_Comm_free(&node);
-  MOEX_MPI_CHECK(rc);
-  auto work = allgather(&leader, ids.data(), 1, DataType::kInt32, "node ids");
-  work->wait();
+  if (failure) std::rethrow_exception(failure);
+  allgather(&leader, ids.data(), 1, DataType::kInt32, "node ids")->wait();
   return ids;
 }
 

@@ -26,7 +26,10 @@ class MpiRuntime {
 /// Communicator over an MPI communicator (duplicated on construction, freed on destruction).
 class MpiCommunicator final : public Communicator {
  public:
-  explicit MpiCommunicator(MPI_Comm base = MPI_COMM_WORLD);
+  /// Duplicates `base` (a collective over it, MPI_Comm_idup) and waits for that until `timeout`
+  /// (0: MOEX_TIMEOUT_S, else 300 s), which also becomes default_timeout(); TimeoutError naming
+  /// the duplication when a rank of `base` does not join in time.
+  explicit MpiCommunicator(MPI_Comm base = MPI_COMM_WORLD, std::chrono::milliseconds timeout = {});
   ~MpiCommunicator() override;
   MpiCommunicator(const MpiCommunicator&) = delete;
   MpiCommunicator& operator=(const MpiCommunicator&) = delete;
@@ -48,6 +51,9 @@ class MpiCommunicator final : public Communicator {
   WorkPtr broadcast(void* data, std::int64_t count, DataType type, int root,
                     std::string label) override;
   WorkPtr barrier(std::string label) override;
+  /// Node detection (MPI_Comm_split_type over shared memory) is guarded: every rank first meets
+  /// the others in a nonblocking barrier with the default deadline, so a missing rank becomes a
+  /// TimeoutError naming node detection instead of a hang.
   std::vector<int> node_ids() override;
   bool allows_progress_thread() const override { return thread_level_ >= MPI_THREAD_SERIALIZED; }
 

@@ -1,7 +1,12 @@
 // CUDA device plumbing: device discovery, error messages, streams and cuBLAS handles.
 #include "runtime/cuda/device.h"
 
+#include <algorithm>
+#include <iomanip>
 #include <sstream>
+#include <thread>
+
+#include "comm/communicator.h"
 
 namespace moex::cuda {
 
@@ -23,6 +28,36 @@ int cuda_device_count(std::string* reason) {
   } catch (...) {  // e.g. std::bad_alloc while building the reason: still never throw
     return 0;
   }
+}
+
+std::chrono::milliseconds default_wait_timeout() { return comm::timeout_from_env(std::chrono::seconds(300)); }
+
+void synchronize(cudaStream_t stream, const std::string& what, std::chrono::milliseconds timeout) {
+  const auto start = std::chrono::steady_clock::now(), deadline = start + timeout;
+  cudaEvent_t done = nullptr;
+  MOEX_CUDA_CHECK(cudaEventCreateWithFlags(&done, cudaEventDisableTiming));
+  cudaError_t rc = cudaEventRecord(done, stream);
+  auto pause = std::chrono::microseconds(1);
+  for (int polls = 0; rc == cudaSuccess; ++polls) {
+    rc = cudaEventQuery(done);
+    if (rc != cudaErrorNotReady) break;
+    rc = cudaSuccess;
+    if (std::chrono::steady_clock::now() >= deadline) {
+      static_cast<void>(cudaEventDestroy(done));
+      std::ostringstream os;
+      os << "waiting for the device (" << what << ") did not finish within " << std::fixed << std::setprecision(1)
+         << std::chrono::duration<double>(timeout).count()
+         << " s: queued work waits for an exchange a peer did not join, or the device stalled; raise MOEX_TIMEOUT_S "
+            "or --timeout if the step is legitimately slower";
+      throw TimeoutError(os.str());
+    }
+    if (polls > 64) {
+      std::this_thread::sleep_for(pause);
+      pause = std::min(pause * 2, std::chrono::microseconds(1000));
+    }
+  }
+  static_cast<void>(cudaEventDestroy(done));
+  if (rc != cudaSuccess) detail::throw_cuda_error(rc, ("waiting for the device: " + what).c_str(), __FILE__, __LINE__);
 }
 
 namespace detail {
@@ -57,7 +92,7 @@ Stream::~Stream() {
   if (s_) static_cast<void>(cudaStreamDestroy(s_));
 }
 
-void Stream::synchronize() const { MOEX_CUDA_CHECK(cudaStreamSynchronize(s_)); }
+void Stream::synchronize() const { cuda::synchronize(s_, "a stream of the layer"); }
 
 CublasHandle::CublasHandle() {
   MOEX_CUBLAS_CHECK(cublasCreate(&h_));

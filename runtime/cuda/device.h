@@ -2,6 +2,7 @@
 // and cuBLAS handles. Plain C++ (no device code): usable from .cpp and .cu files alike.
 #pragma once
 
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <span>
@@ -60,6 +61,16 @@ namespace detail {
   } while (0)
 
 namespace moex::cuda {
+
+/// The host's deadline for waits on the device: MOEX_TIMEOUT_S, else 300 s (a communicator's
+/// default_timeout() where one is at hand).
+std::chrono::milliseconds default_wait_timeout();
+
+/// Waits on the host until `stream` has run the work queued on it so far, polling (never a blocking
+/// cudaStreamSynchronize: the stream may wait for an exchange a peer never joins) until `timeout`
+/// from now; TimeoutError naming `what` after it, CudaError on a device fault.
+void synchronize(cudaStream_t stream, const std::string& what,
+                 std::chrono::milliseconds timeout = default_wait_timeout());
 
 /// Device memory for `size()` elements of T, owned (move-only). Allocated with cudaMallocAsync on
 /// the stream given at construction and released with cudaFreeAsync on that same stream, so it is
@@ -128,7 +139,7 @@ void copy_to_device(T* dst, const T* src, std::size_t count, cudaStream_t stream
 template <typename T>
 void copy_to_host(T* dst, const T* src, std::size_t count, cudaStream_t stream) {
   if (count > 0) MOEX_CUDA_CHECK(cudaMemcpyAsync(dst, src, count * sizeof(T), cudaMemcpyDeviceToHost, stream));
-  MOEX_CUDA_CHECK(cudaStreamSynchronize(stream));
+  synchronize(stream, "copy to the host");
 }
 /// A new device buffer holding a copy of `host` (asynchronous on `stream`).
 template <typename T>

@@ -42,7 +42,7 @@ GpuLayerExecutor::Twin& GpuLayerExecutor::twin(MoELayer& layer) {
   // A replica layout the host layer migrated to needs a GPU layer with the new slots.
   const std::optional<sched::ReplicaLayout>& layout = layer.replica_layout();
   if (t.gpu && layout != t.layout) {
-    MOEX_CUDA_CHECK(cudaStreamSynchronize(stream()));  // queued work may still use the old layer
+    synchronize(stream(), "before rebuilding a migrated layer", device_comm_.default_timeout());  // queued work may still use the old layer
     t.gpu.reset();
   }
   if (!t.gpu) {
@@ -65,13 +65,13 @@ void GpuLayerExecutor::forward(MoELayer& layer, const float* x, std::int64_t tok
   Twin& t = twin(layer);
   const cudaStream_t s = stream();
   if (t.dirty) {
-    MOEX_CUDA_CHECK(cudaStreamSynchronize(s));  // load_from replaces parameters queued work may read
+    synchronize(s, "before loading parameters", device_comm_.default_timeout());  // queued work may read them
     t.gpu->load_from(layer);
     t.dirty = false;
   }
   const std::int64_t H = layer.config().hidden_size;
   if (tokens > t.capacity) {
-    MOEX_CUDA_CHECK(cudaStreamSynchronize(s));
+    synchronize(s, "before growing the activation buffers", device_comm_.default_timeout());
     t.x = DeviceBuffer<float>(static_cast<std::size_t>(tokens * H), s);
     t.y = DeviceBuffer<float>(static_cast<std::size_t>(tokens * H), s);
     t.dy = DeviceBuffer<float>(static_cast<std::size_t>(tokens * H), s);

@@ -395,6 +395,8 @@ std::unique_ptr<GpuMoELayer> make_gpu_layer_like(const MoELayer& cpu, comm::Comm
   options.capacity_factor = cpu.options().capacity_factor;
   options.deterministic = cpu.options().deterministic;
   options.exchange = cpu.options().exchange;
+  options.overlap = cpu.options().overlap;
+  if (!options.overlap) options.overlap_shared = false;
   if (const std::optional<sched::ReplicaLayout>& layout = cpu.replica_layout())
     return std::make_unique<GpuMoELayer>(cpu.config(), host_comm, device_comm, *layout, cpu.topology(), options);
   return std::make_unique<GpuMoELayer>(cpu.config(), host_comm, device_comm, cpu.placement(), options,
@@ -420,7 +422,7 @@ void GpuMoELayer::balance_forward(int64_t tokens, cudaStream_t stream) {
   if (need > static_cast<int64_t>(balance_scratch_.size()) ||
       tokens * experts_ > static_cast<int64_t>(d_scores_.size()) || balance_value_.empty()) {
     // The buffers about to be replaced may still be read by work queued on either stream.
-    MOEX_CUDA_CHECK(cudaStreamSynchronize(stream));
+    synchronize(stream, "before growing the balance-loss buffers", wait_timeout());
     aux_.synchronize();
     const cudaStream_t s = aux_.get();
     realloc_typed(balance_scratch_, std::max(need, static_cast<int64_t>(balance_scratch_.size())), s);
@@ -474,7 +476,7 @@ std::vector<float> GpuMoELayer::replicated_grads_host(cudaStream_t stream) {
 std::vector<float> GpuMoELayer::expert_grads_host(cudaStream_t stream) {
   const int64_t n = local_ * 3 * ffn_ * hidden_;
   if (expert_stale_) {
-    MOEX_CUDA_CHECK(cudaStreamSynchronize(stream));
+    synchronize(stream, "expert gradients to the host", wait_timeout());
     return std::vector<float>(static_cast<std::size_t>(n), 0.0f);
   }
   return download(expert_g_.data(), n, stream);
@@ -506,7 +508,7 @@ void GpuMoELayer::reserve(int64_t tokens, cudaStream_t stream) {
     throw InvalidArgument("GpuMoELayer::reserve: tokens = " + std::to_string(tokens) + ": must be >= 0");
   if (tokens <= capacity_) return;
   // The buffers about to be replaced may still be in use by work queued on either stream.
-  MOEX_CUDA_CHECK(cudaStreamSynchronize(stream));
+  synchronize(stream, "before growing the layer's buffers", wait_timeout());
   aux_.synchronize();
   const cudaStream_t s = aux_.get();
   const std::size_t es = dtype_size(dtype_);

@@ -48,6 +48,10 @@ struct GpuLayerOptions {
   bool overlap_shared = true;
   /// Record CUDA events between stages (see GpuLayerTimes); costs a few microseconds per pass.
   bool profile = false;
+  /// Expert-parallel layers: exchanges overlap the compute (LayerOptions::overlap). Off: every
+  /// exchange is waited for on the host as soon as it is issued, so nothing computes while rows
+  /// travel (make_gpu_layer_like then also runs the shared experts on the caller's stream).
+  bool overlap = true;
   /// Expert-parallel layers: pipeline chunks. Chunk i+1's rows travel (on the device communicator's
   /// stream) while chunk i's experts run on the caller's stream. Every rank must use the same value.
   int chunks = 1;
@@ -160,6 +164,11 @@ class GpuMoELayer {
 
   const MoeConfig& config() const { return config_; }
   const GpuLayerOptions& options() const { return options_; }
+  /// The host's deadline for waits on the device: the device communicator's timeout, else
+  /// default_wait_timeout().
+  std::chrono::milliseconds wait_timeout() const {
+    return device_comm_ ? device_comm_->default_timeout() : default_wait_timeout();
+  }
   /// Element type of the shared and expert parameters, gradients and activations.
   DType dtype() const { return dtype_; }
 
@@ -361,7 +370,8 @@ class GpuMoELayer {
 };
 
 /// An expert-parallel GpuMoELayer laid out as the CPU layer `cpu` (its replica layout and topology
-/// in replica mode, else its placement), with `options` but `cpu`'s chunk count and capacity factor;
+/// in replica mode, else its placement), with `options` but `cpu`'s schedule (chunks, overlap, exchange,
+/// deterministic; overlap off also turns overlap_shared off) and capacity factor;
 /// its parameters are not loaded yet (load_from). Same errors as the constructors.
 std::unique_ptr<GpuMoELayer> make_gpu_layer_like(const MoELayer& cpu, comm::Communicator& host_comm,
                                                  comm::Communicator& device_comm, GpuLayerOptions options);

@@ -44,6 +44,7 @@ std::size_t row_bytes(int64_t row, int64_t width, std::size_t es) {
 /// Buffers and pending exchanges of an expert-parallel layer. Device buffers live on the layer's
 /// second stream (aux_) and only grow.
 struct GpuMoELayer::EpState {
+  bool serial = false;  // GpuLayerOptions::overlap off: each exchange is waited for once issued
   comm::StagedCommunicator* staged = nullptr;
 #ifdef MOEX_HAVE_NCCL
   comm::NcclCommunicator* nccl = nullptr;
@@ -167,7 +168,9 @@ struct GpuMoELayer::EpState {
     a.recv_displs = forward ? plan.recv_block_displs(c, width, rd) : plan.send_block_displs(c, width, rd);
     a.type = type;
     a.label = label + " chunk " + std::to_string(c);
-    return comm.alltoallv(a);
+    comm::WorkPtr w = comm.alltoallv(a);
+    if (serial) w->wait(Clock::now() + comm.default_timeout());
+    return w;
   }
   /// Chunk c's combined rows of stage `st` (ret_rows, one per received row) back to their senders'
   /// back_rows.
@@ -252,6 +255,7 @@ void GpuMoELayer::settle_ep() { ep_->settle(Clock::now() + device_comm_->default
 
 void GpuMoELayer::init_ep() {
   auto ep = std::unique_ptr<EpState, EpStateDeleter>(new EpState());
+  ep->serial = !options_.overlap;
   ep->staged = dynamic_cast<comm::StagedCommunicator*>(device_comm_);
 #ifdef MOEX_HAVE_NCCL
   ep->nccl = dynamic_cast<comm::NcclCommunicator*>(device_comm_);
@@ -272,7 +276,7 @@ void GpuMoELayer::plan_ep(cudaStream_t stream) {
     MOEX_CUDA_CHECK(cudaMemcpyAsync(ep.weights.data(), topk_w_.data(), ep.weights.size() * sizeof(float),
                                     cudaMemcpyDeviceToHost, stream));
   }
-  MOEX_CUDA_CHECK(cudaStreamSynchronize(stream));
+  synchronize(stream, "top-K to the host", device_comm_->default_timeout());
   ep.kept.clear();
   if (options_.capacity_factor > 0.0)
     picks_dropped_ = sched::apply_capacity(ep.ids, ep.weights, experts_, options_.capacity_factor, ep.kept, ep.order);

@@ -35,8 +35,12 @@ GateParams GateParams::from_config(const MoeConfig& c, std::int64_t tokens) {
   p.topk_group = c.topk_group;
   p.scoring = c.scoring_func;
   p.method = c.topk_method;
-  p.norm_topk_prob = c.norm_topk_prob;
-  p.routed_scaling_factor = static_cast<float>(c.routed_scaling_factor);
+  // The Hugging Face code of each model_type: every one normalises the picked weights only when
+  // top_k > 1 and norm_topk_prob; deepseek_v3 then always multiplies by routed_scaling_factor,
+  // deepseek_v2 and deepseek multiply by it only when they did not normalise (never both).
+  p.norm_topk_prob = c.norm_topk_prob && c.num_experts_per_tok > 1;
+  const bool scale = c.model_type == "deepseek_v3" || !p.norm_topk_prob;
+  p.routed_scaling_factor = scale ? static_cast<float>(c.routed_scaling_factor) : 1.0f;
   return p;
 }
 

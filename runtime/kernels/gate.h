@@ -17,9 +17,12 @@ struct GateParams {
   std::int64_t topk_group = 1;
   ScoringFunc scoring = ScoringFunc::kSoftmax;
   TopkMethod method = TopkMethod::kGreedy;
-  bool norm_topk_prob = false;
-  float routed_scaling_factor = 1.0f;
+  bool norm_topk_prob = false;         ///< divide the picked weights by their sum (+1e-20)
+  float routed_scaling_factor = 1.0f;  ///< then multiply them by this
 
+  /// The rule of the Hugging Face code of c.model_type, resolved into the two fields above:
+  /// normalise only when top-K > 1 and norm_topk_prob; deepseek_v3 then always scales by
+  /// routed_scaling_factor, deepseek_v2 and deepseek scale only when they did not normalise.
   static GateParams from_config(const MoeConfig& c, std::int64_t tokens);
 };
 

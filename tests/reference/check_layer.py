@@ -93,6 +93,16 @@ CASES = {
         config=_cfg("deepseek_v3", 24, 8, 10, 3, topk_method="greedy", scoring_func="softmax",
                     norm_topk_prob=True, routed_scaling_factor=2.0, n_group=1, topk_group=1, n_shared_experts=1),
         T=13, prefix="model.layers.0.mlp.", bias=False),
+    # deepseek_v2 with norm_topk_prob and scaling != 1: the HF V2 code normalises OR scales, never both
+    "v2_norm_not_scaled": dict(
+        config=_cfg("deepseek_v2", 24, 8, 12, 3, topk_method="group_limited_greedy", scoring_func="softmax",
+                    norm_topk_prob=True, routed_scaling_factor=16.0, n_group=3, topk_group=2, n_shared_experts=1),
+        T=15, prefix="model.layers.0.mlp.", bias=False),
+    # top-1 with norm_topk_prob: no model_type normalises at K = 1; deepseek_v3 still scales
+    "v3_top1_norm": dict(
+        config=_cfg("deepseek_v3", 16, 8, 8, 1, topk_method="noaux_tc", scoring_func="sigmoid",
+                    norm_topk_prob=True, routed_scaling_factor=2.5, n_group=2, topk_group=1, n_shared_experts=1),
+        T=12, prefix="model.layers.0.mlp.", bias=True),
     # no shared experts; T < ranks so some ranks hold no tokens
     "no_shared_few_tokens": dict(
         config=_cfg("deepseek_v3", 16, 8, 8, 2, topk_method="noaux_tc", scoring_func="sigmoid",

@@ -192,6 +192,15 @@ def route(rc, sc):
     return idx.astype(np.int64), {"topk": topk_gap, "group": group_gap, "min_picked": min_picked}
 
 
+def weight_rule(rc):
+    """(normalise, factor) of the picked weights, as the Hugging Face modeling code of each model_type
+    reads: `if top_k > 1 and norm_topk_prob: w /= w.sum() + 1e-20`; deepseek_v3 then always does
+    `w *= routed_scaling_factor`, deepseek_v2 and deepseek do it only in the else branch."""
+    normalise = rc["K"] > 1 and rc["norm"]
+    factor = rc["scale"] if rc["model_type"] == "deepseek_v3" or not normalise else 1.0
+    return normalise, factor
+
+
 def gate_forward(rc, weights, x):
     Wg = weights["gate.weight"]
     logits = x @ Wg.T
@@ -200,12 +209,13 @@ def gate_forward(rc, weights, x):
     sc = scores + bias[None, :] if bias is not None else scores
     idx, margins = route(rc, sc)
     p = np.take_along_axis(scores, idx, axis=1)
-    if rc["norm"]:
+    normalise, factor = weight_rule(rc)
+    if normalise:
         denom = p.sum(axis=1, keepdims=True) + NORM_EPS
-        w = p / denom * rc["scale"]
+        w = p / denom * factor
     else:
         denom = None
-        w = p * rc["scale"]
+        w = p * factor
     return {"logits": logits, "scores": scores, "sc": sc, "idx": idx, "p": p, "denom": denom,
             "w": w, "margins": margins}
 
@@ -283,8 +293,8 @@ def backward(weights, cache, R):
         grads["shared_experts.up_proj.weight"] += dup
         grads["shared_experts.down_proj.weight"] += ddown
     # w = s * p / D (norm) or s * p; D = sum(p) + eps
-    s = rc["scale"]
-    if rc["norm"]:
+    normalise, s = weight_rule(rc)
+    if normalise:
         D = g["denom"]
         dp = s * (dw / D - np.sum(dw * g["p"], axis=1, keepdims=True) / (D * D))
     else:
@@ -348,10 +358,11 @@ def forward_naive(rc, weights, x):
             allowed = [e for e in range(E) if e // gsz in kept]
         chosen = sorted(allowed, key=lambda e: (-sel[e], e))[:K]
         p = [s[e] for e in chosen]
-        if rc["norm"]:
+        normalise, factor = weight_rule(rc)
+        if normalise:
             tot = sum(p) + NORM_EPS
             p = [v / tot for v in p]
-        wts = [v * rc["scale"] for v in p]
+        wts = [v * factor for v in p]
         picks.append(set(chosen))
         for e, wt in zip(chosen, wts):
             n = f"experts.{e}."
@@ -486,6 +497,15 @@ def _routing_unit_tests():
     g = gate_forward(rc, w, xg)
     if g["idx"][0].tolist() != [1] or abs(g["w"][0, 0] - 3.0 / (1.0 + math.exp(-0.5))) > 1e-15:
         failures.append(f"bias: idx {g['idx'][0].tolist()} w {g['w'][0].tolist()}, expected [1] and 3*sigmoid(0.5)")
+    # the picked weights' rule of each model_type's HF code
+    for mt, K, norm, want in (("deepseek_v3", 4, True, (True, 2.5)), ("deepseek_v3", 1, True, (False, 2.5)),
+                              ("deepseek_v3", 4, False, (False, 2.5)), ("deepseek_v2", 4, True, (True, 1.0)),
+                              ("deepseek_v2", 4, False, (False, 2.5)), ("deepseek_v2", 1, True, (False, 2.5)),
+                              ("deepseek", 4, True, (True, 1.0))):
+        check()
+        got = weight_rule({"model_type": mt, "K": K, "norm": norm, "scale": 2.5})
+        if got != want:
+            failures.append(f"weight rule {mt} K={K} norm={norm}: {got} != {want}")
     # defaults
     r3 = resolve_config({"hidden_size": 8, "moe_intermediate_size": 4, "n_routed_experts": 16,
                          "num_experts_per_tok": 4})
