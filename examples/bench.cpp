@@ -76,7 +76,7 @@ int bench_layer(moex::comm::MpiCommunicator& world, int argc, char** argv) {
       .value("scoring", "sigmoid", "scoring_func: sigmoid or softmax")
       .value("tokens-per-rank", "2048", "tokens per rank per iteration")
       .value("iters", "10", "timed iterations")
-      .value("warmup", "2", "untimed iterations first")
+      .value("warmup", "3", "untimed iterations first (auto schedules: two measured passes, then the choice)")
       .value("seed", "1", "seed of weights and inputs")
       .value("skew", "0", "Zipf exponent z of a router selection bias b_e = -0.1 z ln(1 + rank of e) (0 = none)")
       .value("replicas", "off",
@@ -223,6 +223,10 @@ int bench_layer(moex::comm::MpiCommunicator& world, int argc, char** argv) {
     }
   }
   const double ms_comm = median(comm_ms), ms_compute = median(compute_ms), max_mean_load = median(load_ratio);
+  // The schedule the timed passes ran, and the cost model's prediction of it (auto only: the model
+  // is fed by the layer's own measured passes).
+  const moex::ScheduleChoice& choice = layer.schedule_choice();
+  const double predicted = choice.decided ? choice.predicted_ms[choice.chosen] : 0.0;
   double global_flops = local_flops;
   world.allreduce_sum(&global_flops, 1, moex::comm::DataType::kFloat64, "bench flops")->wait();
   const double ms = median(layer_ms), ref_ms = median(gemm_ms);
@@ -237,9 +241,19 @@ int bench_layer(moex::comm::MpiCommunicator& world, int argc, char** argv) {
                 static_cast<long long>(config.n_routed_experts), static_cast<long long>(config.n_shared_experts),
                 static_cast<long long>(config.num_experts_per_tok), static_cast<long long>(T),
                 moex::blas::kernel_name().c_str(), static_cast<long long>(iters));
-    std::printf("# nodes: %s | chunks %d | overlap %s | exchange %s | skew %.2f | replicas %s\n",
-                topology.describe().c_str(), lo.chunks, lo.overlap ? "on" : "off", moex::to_string(lo.exchange), skew,
+    std::printf("# nodes: %s | schedule %s%s | overlap %s | exchange %s | skew %.2f | replicas %s\n",
+                topology.describe().c_str(), choice.schedule.describe().c_str(),
+                choice.automatic ? (choice.decided ? " (auto)" : " (auto, undecided: too few warmup passes)") : "",
+                lo.overlap ? "on" : "off", moex::to_string(lo.exchange), skew,
                 replicas ? ("on, " + std::to_string(slots) + " slots/rank").c_str() : "off");
+    if (choice.decided) {
+      std::printf("# auto: GEMM %.3f ms + %.4f ms/row, link %.1f MB/s (rank 0); predicted pass ms (slowest rank):",
+                  choice.rates.gemm_fixed_ms, choice.rates.gemm_row_ms, choice.rates.link_bytes_per_ms / 1000.0);
+      for (std::size_t i = 0; i < choice.candidates.size(); ++i)
+        std::printf("%s %s %.1f", i == 0 ? "" : ",", choice.candidates[i].describe().c_str(), choice.predicted_ms[i]);
+      std::printf("\n# auto: chose %s, predicted %.1f ms, measured %.1f ms (median)\n",
+                  choice.schedule.describe().c_str(), predicted, median(layer_ms));
+    }
     std::printf("# %12s %12s %12s %14s %14s %10s\n", "ms_step", "ms_min", "tokens/s", "expert_GF/s", "sgemm_GF/s",
                 "ratio");
     std::printf("  %12.2f %12.2f %12.0f %14.1f %14.1f %10.3f\n", ms,
@@ -257,7 +271,8 @@ int bench_layer(moex::comm::MpiCommunicator& world, int argc, char** argv) {
                        {"topk", config.num_experts_per_tok}, {"tokens_per_rank", T}, {"iters", iters},
                        {"ms_step", ms}, {"tokens_per_s", tokens_per_s}, {"expert_gflops", gflops},
                        {"blas", moex::blas::kernel_name()}, {"nodes", topology.num_nodes()},
-                       {"chunks", lo.chunks}, {"overlap", lo.overlap ? "on" : "off"},
+                       {"chunks", choice.schedule.chunks}, {"local_first", choice.schedule.local_first},
+                       {"schedule", choice.automatic ? "auto" : "fixed"}, {"overlap", lo.overlap ? "on" : "off"},
                        {"exchange", moex::to_string(lo.exchange)}, {"skew", skew}, {"ms_comm", ms_comm},
                        {"ms_compute", ms_compute}, {"step_over_max_comm_compute", ms / std::max(ms_comm, ms_compute)},
                        {"ms_gate", median(stage_ms[0])}, {"ms_permute", median(stage_ms[1])},
@@ -269,6 +284,7 @@ int bench_layer(moex::comm::MpiCommunicator& world, int argc, char** argv) {
                        {"capacity_factor", lo.capacity_factor}, {"deterministic", lo.deterministic ? "on" : "off"}, {"picks_dropped", dropped},
                        {"dropped_fraction", static_cast<double>(dropped) /
                                                 std::max(1.0, static_cast<double>(T * world.size() * config.num_experts_per_tok))}};
+      if (choice.decided) j["ms_predicted"] = predicted;
       if (reference) {
         j["sgemm_ms"] = ref_ms;
         j["sgemm_gflops"] = sgemm_gflops;

@@ -107,7 +107,11 @@ double Options::non_negative(const std::string& name) const {
 }
 
 Options& add_schedule_options(Options& opt) {
-  return opt.value("chunks", "1", "pipeline chunks per layer pass: chunk i+1's exchange travels while chunk i computes")
+  return opt.value("chunks", "auto",
+                   "auto (measure two passes, then a cost model picks the schedule), or C: pipeline chunks per layer pass "
+                   "(chunk i+1's exchange travels while chunk i computes)")
+      .value("local-first", "off",
+             "with --chunks C: on = this rank's own rows skip the exchange and compute first while the rest travel")
       .value("overlap", "on", "on: exchanges on a communication thread beside compute; off: serialised")
       .value("exchange", "flat", "flat, or hierarchical (once per destination node, then forwarded inside it)")
       .value("deterministic", "off", "on: row-wise expert GEMMs, so results are bitwise the same for every --chunks")
@@ -118,9 +122,14 @@ Options& add_schedule_options(Options& opt) {
 
 LayerOptions schedule_options(const Options& opt) {
   LayerOptions lo;
-  const std::int64_t chunks = opt.integer("chunks");
-  if (chunks < 1) throw ConfigError("--chunks = " + opt.str("chunks") + ": must be >= 1");
-  lo.chunks = static_cast<int>(chunks);
+  if (opt.str("chunks") == "auto") {
+    lo.chunks = 0;
+  } else {
+    const std::int64_t chunks = opt.integer("chunks");
+    if (chunks < 1 || chunks > 1 << 20) throw ConfigError("--chunks = " + opt.str("chunks") + ": expected auto or 1..2^20");
+    lo.chunks = static_cast<int>(chunks);
+  }
+  lo.local_first = opt.on_off("local-first");
   lo.overlap = opt.on_off("overlap");
   lo.exchange = exchange_from_string(opt.str("exchange"));
   lo.deterministic = opt.on_off("deterministic");

@@ -149,10 +149,14 @@ const sched::ExpertPlacement& MoELayer::placement() const {
 MoELayer::~MoELayer() = default;
 
 void MoELayer::set_options(const LayerOptions& options) {
-  if (options.chunks < 1)
-    throw InvalidArgument(name_ + ": chunks = " + std::to_string(options.chunks) + " must be >= 1");
+  if (options.chunks < 0)
+    throw InvalidArgument(name_ + ": chunks = " + std::to_string(options.chunks) + " must be >= 1, or 0 (auto)");
   sched::check_capacity_factor(options.capacity_factor, name_);
   options_ = options;
+  passes_ = 0;
+  measured_ = false;
+  choice_ = {};
+  choice_.automatic = options_.chunks == 0;
   // The communication stream is a thread only when overlapping and MPI lets a second thread call it.
   const bool threaded = options_.overlap && comm_.allows_progress_thread();
   if (options_.overlap && !threaded) {
@@ -217,8 +221,10 @@ void MoELayer::count_bytes(std::span<const std::int64_t> send_elems, std::int64_
   for (int q = 0; q < comm_.size(); ++q) {
     if (q == me) continue;
     const std::int64_t b = send_elems[static_cast<std::size_t>(q)] * elem_bytes;
-    if (topology_.node_of(q) == topology_.node_of(me)) counters_.bytes_intra_node += b;
-    else counters_.bytes_inter_node += b;
+    std::int64_t LayerCounters::*field =
+        topology_.node_of(q) == topology_.node_of(me) ? &LayerCounters::bytes_intra_node : &LayerCounters::bytes_inter_node;
+    counters_.*field += b;
+    own_.*field += b;
   }
 }
 
@@ -358,9 +364,13 @@ void MoELayer::dispatch_flat(Chunk& ch, int c, bool grad) {
     rc[static_cast<std::size_t>(p)] = recv_layout_.rows[recv_layout_.rc(p, c)] * W;
     rd[static_cast<std::size_t>(p)] = recv_layout_.row_base[recv_layout_.rc(p, c)] * W;
   }
+  // Local-first: the block to itself was copied on the compute thread; the others keep their places.
+  std::vector<std::int64_t> sd(static_cast<std::size_t>(P), 0);
+  for (int p = 1; p < P; ++p) sd[static_cast<std::size_t>(p)] = sd[static_cast<std::size_t>(p - 1)] + sc[static_cast<std::size_t>(p - 1)];
+  if (local_first_) sc[static_cast<std::size_t>(comm_.rank())] = rc[static_cast<std::size_t>(comm_.rank())] = 0;
   count_bytes(sc, 4);
   // Rows land directly at their canonical place.
-  alltoallv(ch.send.data(), sc, {}, grad ? rgrad_.data() : recv_.data(), rc, rd, grad ? "dispatch grad" : "dispatch")->wait();
+  alltoallv(ch.send.data(), sc, sd, grad ? rgrad_.data() : recv_.data(), rc, rd, grad ? "dispatch grad" : "dispatch")->wait();
 }
 
 void MoELayer::dispatch_hierarchical(Chunk& ch, int c, bool grad) {
@@ -500,9 +510,11 @@ void MoELayer::combine_flat(Chunk& ch, int c, std::int64_t width) {
     sd[static_cast<std::size_t>(p)] = recv_layout_.row_base[recv_layout_.rc(p, c)] * width;
     rc[static_cast<std::size_t>(p)] = ch.plan.rows_per_rank[static_cast<std::size_t>(p)] * width;
   }
-  grow(ch.back, ch.plan.num_rows() * width);
+  std::vector<std::int64_t> rd(static_cast<std::size_t>(P), 0);
+  for (int p = 1; p < P; ++p) rd[static_cast<std::size_t>(p)] = rd[static_cast<std::size_t>(p - 1)] + rc[static_cast<std::size_t>(p - 1)];
+  if (local_first_) sc[static_cast<std::size_t>(comm_.rank())] = rc[static_cast<std::size_t>(comm_.rank())] = 0;
   count_bytes(sc, 4);
-  alltoallv(out_.data(), sc, sd, ch.back.data(), rc, {}, width == hidden_ ? "combine" : "combine grad")->wait();
+  alltoallv(out_.data(), sc, sd, ch.back.data(), rc, rd, width == hidden_ ? "combine" : "combine grad")->wait();
 }
 
 void MoELayer::combine_hierarchical(Chunk& ch, int c, std::int64_t width) {
@@ -574,23 +586,28 @@ void MoELayer::enqueue_dispatch(int c, bool grad, const float* dy) {
     grow(ch.send, plan.num_rows() * H);
     kernels::gather_rows(plan.num_rows(), H, plan.row_token.data(), dy + ch.t0 * H, H, ch.send.data(), H);
   }
-  counters_.permute += ms_since(t_pack);
+  tally(&LayerCounters::permute, ms_since(t_pack));
   comm_stream_->enqueue([this, &ch, c, grad, hier] {
     const auto t0 = std::chrono::steady_clock::now();
+    const std::int64_t b0 = own_.bytes_intra_node + own_.bytes_inter_node;
     if (hier) dispatch_hierarchical(ch, c, grad);
     else dispatch_flat(ch, c, grad);
-    counters_.dispatch += ms_since(t0);
+    const double ms = ms_since(t0);
+    tally(&LayerCounters::dispatch, ms);
+    link_bytes_ += static_cast<double>(own_.bytes_intra_node + own_.bytes_inter_node - b0);
+    link_ms_ += ms;
   }, &ch.dispatched);
 }
 
 void MoELayer::enqueue_combine(int c, std::int64_t width) {
   Chunk& ch = *chunks_[static_cast<std::size_t>(c)];
   const bool hier = options_.exchange == ExchangeKind::kHierarchical;
+  if (!hier) grow(ch.back, ch.plan.num_rows() * width);  // here: the local-first stage writes into it
   comm_stream_->enqueue([this, &ch, c, width, hier] {
     const auto t0 = std::chrono::steady_clock::now();
     if (hier) combine_hierarchical(ch, c, width);
     else combine_flat(ch, c, width);
-    counters_.combine_comm += ms_since(t0);
+    tally(&LayerCounters::combine_comm, ms_since(t0));
   }, &ch.combined);
 }
 
@@ -652,15 +669,58 @@ void MoELayer::finish_chunk(int c, std::int64_t width, float* out, float* d_weig
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Expert computation of one chunk
+// The local-first stage: the rows this rank routes to itself skip the exchange
 
-void MoELayer::place_chunk_entries(int c) {
-  // Each received pick of chunk c becomes an entry at its canonical place (expert, source, token).
-  const int P = comm_.size();
+void MoELayer::copy_self_rows(bool grad) {
+  const int me = comm_.rank();
+  const std::int64_t W = grad ? hidden_ : kernels::routed_row_stride(hidden_, topk_);
+  float* dst = grad ? rgrad_.data() : recv_.data();
+  for (int c = 0; c < chunks_used_; ++c) {
+    const Chunk& ch = *chunks_[static_cast<std::size_t>(c)];
+    std::int64_t first = 0;
+    for (int q = 0; q < me; ++q) first += ch.plan.rows_per_rank[static_cast<std::size_t>(q)];
+    const auto i = recv_layout_.rc(me, c);
+    if (recv_layout_.rows[i] > 0)
+      std::memcpy(dst + recv_layout_.row_base[i] * W, ch.send.data() + first * W,
+                  sizeof(float) * static_cast<std::size_t>(recv_layout_.rows[i] * W));
+  }
+}
+
+void MoELayer::return_self_rows(std::int64_t width) {
+  const int me = comm_.rank();
+  for (int c = 0; c < chunks_used_; ++c) {
+    Chunk& ch = *chunks_[static_cast<std::size_t>(c)];
+    std::int64_t first = 0;
+    for (int q = 0; q < me; ++q) first += ch.plan.rows_per_rank[static_cast<std::size_t>(q)];
+    grow(ch.back, ch.plan.num_rows() * width);
+    const auto i = recv_layout_.rc(me, c);
+    if (recv_layout_.rows[i] > 0)
+      std::memcpy(ch.back.data() + first * width, out_.data() + recv_layout_.row_base[i] * width,
+                  sizeof(float) * static_cast<std::size_t>(recv_layout_.rows[i] * width));
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Expert computation of one stage
+
+void MoELayer::set_stage(int c, StagePart part) {
+  const int P = comm_.size(), me = comm_.rank();
+  stage_.clear();
+  if (part == StagePart::kSelf) {
+    for (int k = 0; k < chunks_used_; ++k) stage_.emplace_back(me, k);
+    return;
+  }
+  for (int p = 0; p < P; ++p)
+    if (part == StagePart::kAll || p != me) stage_.emplace_back(p, c);
+}
+
+void MoELayer::place_stage_entries() {
+  // Each received pick of the stage's blocks becomes an entry at its canonical place (expert,
+  // source, token).
   const std::int64_t H = hidden_, K = topk_, S = num_local_experts();
   const std::int64_t stride = kernels::routed_row_stride(H, K);
   std::vector<std::int64_t> cursor(static_cast<std::size_t>(S));
-  for (int p = 0; p < P; ++p) {
+  for (const auto& [p, c] : stage_) {
     for (std::int64_t s = 0; s < S; ++s) cursor[static_cast<std::size_t>(s)] = recv_layout_.entry_base[recv_layout_.spc(s, p, c)];
     const std::int64_t r0 = recv_layout_.row_base[recv_layout_.rc(p, c)];
     const std::int64_t r1 = r0 + recv_layout_.rows[recv_layout_.rc(p, c)];
@@ -684,11 +744,13 @@ void MoELayer::place_chunk_entries(int c) {
 }
 
 namespace {
-/// Calls fn(begin, count) for each maximal run of consecutive (source) blocks of expert s in chunk c.
+/// Calls fn(begin, count) for each maximal run of consecutive blocks of expert s among `blocks`
+/// ((source, chunk) pairs in the layout's order), so each run is one GEMM.
 template <typename Fn>
-void for_each_block(const sched::ReceiveLayout& L, std::int64_t s, int c, Fn&& fn) {
+void for_each_block(const sched::ReceiveLayout& L, std::int64_t s, std::span<const std::pair<int, int>> blocks,
+                    Fn&& fn) {
   std::int64_t begin = -1, count = 0;
-  for (int p = 0; p < L.world; ++p) {
+  for (const auto& [p, c] : blocks) {
     const std::int64_t b = L.entry_base[L.spc(s, p, c)], n = L.picks[L.spc(s, p, c)];
     if (n == 0) continue;
     if (begin >= 0 && begin + count == b) {
@@ -703,44 +765,44 @@ void for_each_block(const sched::ReceiveLayout& L, std::int64_t s, int c, Fn&& f
 }
 }  // namespace
 
-void MoELayer::run_experts_forward(int c) {
+void MoELayer::run_experts_forward() {
   const std::int64_t H = hidden_, F = ffn_, S = num_local_experts();
   const std::int64_t stride = kernels::routed_row_stride(H, topk_);
   auto t0 = std::chrono::steady_clock::now();
-  place_chunk_entries(c);
+  place_stage_entries();
   for (std::int64_t s = 0; s < S; ++s)
-    for_each_block(recv_layout_, s, c, [&](std::int64_t b, std::int64_t n) {
+    for_each_block(recv_layout_, s, stage_, [&](std::int64_t b, std::int64_t n) {
       kernels::gather_rows(n, H, layout_.entry_row.data() + b, recv_.data(), stride, xe_.data() + b * H, H);
     });
-  counters_.permute += ms_since(t0);
+  tally(&LayerCounters::permute, ms_since(t0));
   t0 = std::chrono::steady_clock::now();
   for (std::int64_t s = 0; s < S; ++s)
-    for_each_block(recv_layout_, s, c, [&](std::int64_t b, std::int64_t n) {
+    for_each_block(recv_layout_, s, stage_, [&](std::int64_t b, std::int64_t n) {
       kernels::swiglu_ffn_forward({n, H, F}, xe_.data() + b * H, expert_w13(s), expert_w2(s), h13_.data() + b * 2 * F,
                                   sig_.data() + b * F, a_.data() + b * F, ye_.data() + b * H, gemm_kind());
     });
-  counters_.experts += ms_since(t0);
+  tally(&LayerCounters::experts, ms_since(t0));
   // Weighted sum per received row, experts in slot order (the same order for every chunking).
   t0 = std::chrono::steady_clock::now();
-  for (int p = 0; p < comm_.size(); ++p) {
+  for (const auto& [p, c] : stage_) {
     const auto i = recv_layout_.rc(p, c);
     std::fill_n(out_.data() + recv_layout_.row_base[i] * H, recv_layout_.rows[i] * H, 0.0f);
   }
   for (std::int64_t s = 0; s < S; ++s)
-    for_each_block(recv_layout_, s, c, [&](std::int64_t b, std::int64_t n) {
+    for_each_block(recv_layout_, s, stage_, [&](std::int64_t b, std::int64_t n) {
       kernels::scatter_add_rows(n, H, layout_.entry_row.data() + b, entry_weight_.data() + b, ye_.data() + b * H, H,
                                 out_.data(), H);
     });
-  counters_.combine += ms_since(t0);
+  tally(&LayerCounters::combine, ms_since(t0));
 }
 
-void MoELayer::run_experts_backward(int c) {
+void MoELayer::run_experts_backward() {
   const std::int64_t H = hidden_, F = ffn_, K = topk_, S = num_local_experts();
   const std::int64_t W = H + K;
   auto t0 = std::chrono::steady_clock::now();
   // Each entry's output gradient is w * dy_row; the routing weight's gradient is dy_row . expert_out.
   for (std::int64_t s = 0; s < S; ++s)
-    for_each_block(recv_layout_, s, c, [&](std::int64_t b, std::int64_t n) {
+    for_each_block(recv_layout_, s, stage_, [&](std::int64_t b, std::int64_t n) {
       parallel_for(n, 64, [&](std::int64_t n0, std::int64_t n1) {
         for (std::int64_t e = b + n0; e < b + n1; ++e) {
           const std::int64_t r = layout_.entry_row[static_cast<std::size_t>(e)];
@@ -757,29 +819,29 @@ void MoELayer::run_experts_backward(int c) {
         }
       });
     });
-  counters_.combine += ms_since(t0);
+  tally(&LayerCounters::combine, ms_since(t0));
   t0 = std::chrono::steady_clock::now();
   for (std::int64_t s = 0; s < S; ++s)
-    for_each_block(recv_layout_, s, c, [&](std::int64_t b, std::int64_t n) {
+    for_each_block(recv_layout_, s, stage_, [&](std::int64_t b, std::int64_t n) {
       kernels::swiglu_ffn_backward_data({n, H, F}, expert_w13(s), expert_w2(s), h13_.data() + b * 2 * F,
                                         sig_.data() + b * F, dye_.data() + b * H, dh13_.data() + b * 2 * F,
                                         dxe_.data() + b * H, gemm_kind());
     });
-  counters_.experts += ms_since(t0);
+  tally(&LayerCounters::experts, ms_since(t0));
   // One row back per received row: its dx (experts in slot order), then the K weight gradients.
   t0 = std::chrono::steady_clock::now();
-  for (int p = 0; p < comm_.size(); ++p) {
+  for (const auto& [p, c] : stage_) {
     const auto i = recv_layout_.rc(p, c);
     std::fill_n(out_.data() + recv_layout_.row_base[i] * W, recv_layout_.rows[i] * W, 0.0f);
   }
   for (std::int64_t s = 0; s < S; ++s)
-    for_each_block(recv_layout_, s, c, [&](std::int64_t b, std::int64_t n) {
+    for_each_block(recv_layout_, s, stage_, [&](std::int64_t b, std::int64_t n) {
       kernels::scatter_add_rows(n, H, layout_.entry_row.data() + b, nullptr, dxe_.data() + b * H, H, out_.data(), W);
       for (std::int64_t e = b; e < b + n; ++e)
         out_[static_cast<std::size_t>(layout_.entry_row[static_cast<std::size_t>(e)] * W + H +
                                       layout_.entry_pick[static_cast<std::size_t>(e)])] = dpick_[static_cast<std::size_t>(e)];
     });
-  counters_.combine += ms_since(t0);
+  tally(&LayerCounters::combine, ms_since(t0));
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -789,7 +851,10 @@ void MoELayer::forward(const float* x, std::int64_t tokens, float* y) {
   if (tokens < 0) throw InvalidArgument(name_ + ": tokens = " + std::to_string(tokens) + " must be >= 0");
   const std::int64_t H = hidden_, K = topk_, E = experts_total_, F = ffn_;
   tokens_ = tokens;
-  chunks_used_ = options_.chunks;
+  resolve_schedule();
+  pass_start_ = own_;
+  chunks_used_ = choice_.schedule.chunks;
+  local_first_ = choice_.schedule.local_first;
   grow(x_, tokens * H);
   if (tokens > 0) std::memcpy(x_.data(), x, sizeof(float) * static_cast<std::size_t>(tokens * H));
 
@@ -811,7 +876,7 @@ void MoELayer::forward(const float* x, std::int64_t tokens, float* y) {
   //    row and entry before any token moves.
   apply_capacity();
   build_chunk_plans(chunks_used_);
-  counters_.gate += ms_since(t0);
+  tally(&LayerCounters::gate, ms_since(t0));
   exchange_counts();
   const std::int64_t rows_total = recv_layout_.total_rows, entries = recv_layout_.total_entries;
   grow(recv_, rows_total * kernels::routed_row_stride(H, K));
@@ -838,12 +903,19 @@ void MoELayer::forward(const float* x, std::int64_t tokens, float* y) {
   } else if (tokens > 0) {
     std::fill_n(y, tokens * H, 0.0f);
   }
-  counters_.shared += ms_since(t0);
+  tally(&LayerCounters::shared, ms_since(t0));
 
   // 5-6. per chunk: experts, then its combine goes out while the next chunk computes.
+  if (local_first_) {  // this rank's own rows, every chunk's in one GEMM per expert, while the rest travel
+    copy_self_rows(false);
+    set_stage(0, StagePart::kSelf);
+    run_experts_forward();
+    return_self_rows(H);
+  }
   for (int c = 0; c < chunks_used_; ++c) {
     chunks_[static_cast<std::size_t>(c)]->dispatched.wait(deadline(), "dispatch " + name_);
-    run_experts_forward(c);
+    set_stage(c, local_first_ ? StagePart::kRemote : StagePart::kAll);
+    run_experts_forward();
     enqueue_combine(c, H);
   }
   // 7. y = shared + routed, chunk by chunk as the combines arrive.
@@ -854,7 +926,7 @@ void MoELayer::forward(const float* x, std::int64_t tokens, float* y) {
     ch.combined.wait(deadline(), "combine " + name_);
     t0 = std::chrono::steady_clock::now();
     finish_chunk(c, H, y, nullptr);
-    counters_.combine += ms_since(t0);
+    tally(&LayerCounters::combine, ms_since(t0));
     rows_sent += ch.plan.num_rows();
     own += ch.plan.rows_per_rank[static_cast<std::size_t>(comm_.rank())];
     self_rows += recv_layout_.rows[recv_layout_.rc(comm_.rank(), c)];
@@ -863,6 +935,8 @@ void MoELayer::forward(const float* x, std::int64_t tokens, float* y) {
   stats_.rows_received = rows_total;
   stats_.entries_processed = entries;
   stats_.bytes_sent = (rows_sent - own) * kernels::routed_row_stride(H, K) * 4 + (rows_total - self_rows) * H * 4;
+  fwd_end_ = own_;
+  ++passes_;
 }
 
 void MoELayer::backward(const float* dy, float* dx) {
@@ -887,11 +961,18 @@ void MoELayer::backward(const float* dy, float* dx) {
   } else if (tokens > 0) {
     std::fill_n(dx, tokens * H, 0.0f);
   }
-  counters_.shared += ms_since(t0);
+  tally(&LayerCounters::shared, ms_since(t0));
 
+  if (local_first_) {
+    copy_self_rows(true);
+    set_stage(0, StagePart::kSelf);
+    run_experts_backward();
+    return_self_rows(W);
+  }
   for (int c = 0; c < chunks_used_; ++c) {
     chunks_[static_cast<std::size_t>(c)]->dispatched.wait(deadline(), "dispatch grad " + name_);
-    run_experts_backward(c);
+    set_stage(c, local_first_ ? StagePart::kRemote : StagePart::kAll);
+    run_experts_backward();
     enqueue_combine(c, W);
   }
   // Weight gradients over each expert's whole block, in canonical order, while the last combines
@@ -906,7 +987,7 @@ void MoELayer::backward(const float* dy, float* dx) {
                                          dye_.data() + off * H, dh13_.data() + off * 2 * F, g13,
                                          g13 + 2 * F * H, !overwrite);
   }
-  counters_.experts += ms_since(t0);
+  tally(&LayerCounters::experts, ms_since(t0));
 
   grow(d_weights_, tokens * K);
   std::fill(d_weights_.begin(), d_weights_.end(), 0.0f);
@@ -914,7 +995,7 @@ void MoELayer::backward(const float* dy, float* dx) {
     chunks_[static_cast<std::size_t>(c)]->combined.wait(deadline(), "combine grad " + name_);
     t0 = std::chrono::steady_clock::now();
     finish_chunk(c, W, dx, d_weights_.data());
-    counters_.combine += ms_since(t0);
+    tally(&LayerCounters::combine, ms_since(t0));
   }
   t0 = std::chrono::steady_clock::now();
   grow(dlogits_, tokens * E);
@@ -928,7 +1009,109 @@ void MoELayer::backward(const float* dy, float* dx) {
   const auto gp = kernels::GateParams::from_config(config_, tokens);
   kernels::gate_backward(gp, x_.data(), gate_weight(), scores_.data(), topk_ids_.data(),
                          d_weights_.data(), dx, grad_of(gate_weight()), dlogits_.data(), d_scores);
-  counters_.gate += ms_since(t0);
+  tally(&LayerCounters::gate, ms_since(t0));
+  if (choice_.automatic && !choice_.decided) record_pass();
+}
+
+// ---------------------------------------------------------------------------------------------------
+// --chunks auto: measure two passes of the unsplit schedule, then let the cost model choose
+
+void MoELayer::tally(double LayerCounters::*field, double ms) {
+  counters_.*field += ms;
+  own_.*field += ms;
+}
+
+void MoELayer::record_pass() {
+  // The work of this pass (schedule-independent) and the times its stages took.
+  const int P = comm_.size(), me = comm_.rank(), C = chunks_used_;
+  const std::int64_t S = num_local_experts(), H = hidden_, K = topk_;
+  sched::PassWork& w = work_;
+  w.self_entries.assign(static_cast<std::size_t>(S), 0);
+  w.remote_entries.assign(static_cast<std::size_t>(S), std::vector<std::int64_t>(static_cast<std::size_t>(P - 1), 0));
+  std::int64_t rows_in = 0, rows_out = 0;
+  for (int p = 0; p < P; ++p)
+    for (int c = 0; c < C; ++c) {
+      if (p != me) rows_in += recv_layout_.rows[recv_layout_.rc(p, c)];
+      for (std::int64_t s = 0; s < S; ++s) {
+        const std::int64_t n = recv_layout_.picks[recv_layout_.spc(s, p, c)];
+        if (p == me) w.self_entries[static_cast<std::size_t>(s)] += n;
+        else w.remote_entries[static_cast<std::size_t>(s)][static_cast<std::size_t>(p < me ? p : p - 1)] += n;
+      }
+    }
+  for (int c = 0; c < C; ++c) {
+    const sched::RoutePlan& plan = chunks_[static_cast<std::size_t>(c)]->plan;
+    rows_out += plan.num_rows() - plan.rows_per_rank[static_cast<std::size_t>(me)];
+  }
+  const auto rows = static_cast<double>(std::max(rows_in, rows_out));
+  w.fwd_dispatch_bytes = rows * static_cast<double>(kernels::routed_row_stride(H, K)) * 4.0;
+  w.fwd_combine_bytes = w.bwd_dispatch_bytes = rows * static_cast<double>(H) * 4.0;
+  w.bwd_combine_bytes = rows * static_cast<double>(H + K) * 4.0;
+  w.shared_fwd_ms = fwd_end_.shared - pass_start_.shared;
+  w.shared_bwd_ms = own_.shared - fwd_end_.shared;
+  w.other_ms = (own_.gate - pass_start_.gate) + (own_.permute - pass_start_.permute) +
+               (own_.combine - pass_start_.combine);
+  measured_ = passes_ >= kAutoPasses;  // the first pass pays first touches: the next one is measured
+  if (!measured_) link_bytes_ = link_ms_ = 0.0;
+}
+
+void MoELayer::calibrate_gemm() {
+  // Times this rank's expert FFN forward at two row counts (the best of two runs each) and fits
+  // time = fixed + rows * per_row. A rank without experts computes no expert GEMMs.
+  sched::MachineRates& r = choice_.rates;
+  r.gemm_fixed_ms = r.gemm_row_ms = 0.0;
+  const std::int64_t S = num_local_experts(), H = hidden_, F = ffn_;
+  if (S == 0) return;
+  std::int64_t most = 64;
+  for (std::int64_t s = 0; s < S; ++s) {
+    std::int64_t n = work_.self_entries[static_cast<std::size_t>(s)];
+    for (auto m : work_.remote_entries[static_cast<std::size_t>(s)]) n += m;
+    most = std::max(most, n);
+  }
+  const std::int64_t big = std::min<std::int64_t>(most, 4096), small = std::max<std::int64_t>(big / 8, 1);
+  std::vector<float> xe(static_cast<std::size_t>(big * H), 0.01f), h13(static_cast<std::size_t>(big * 2 * F)),
+      sig(static_cast<std::size_t>(big * F)), a(static_cast<std::size_t>(big * F)), ye(static_cast<std::size_t>(big * H));
+  auto time_rows = [&](std::int64_t n) {
+    double best = 1e300;
+    for (int rep = 0; rep < 3; ++rep) {  // the first run also touches the scratch pages
+      const auto t0 = std::chrono::steady_clock::now();
+      kernels::swiglu_ffn_forward({n, H, F}, xe.data(), expert_w13(0), expert_w2(0), h13.data(), sig.data(), a.data(),
+                                  ye.data(), gemm_kind());
+      if (rep > 0) best = std::min(best, ms_since(t0));
+    }
+    return best;
+  };
+  const double t_small = time_rows(small), t_big = time_rows(big);
+  r.gemm_row_ms = std::max(0.0, (t_big - t_small) / static_cast<double>(big - small));
+  r.gemm_fixed_ms = std::max(0.0, t_small - r.gemm_row_ms * static_cast<double>(small));
+}
+
+void MoELayer::resolve_schedule() {
+  const bool flat = options_.exchange == ExchangeKind::kFlat;
+  if (!choice_.automatic) {
+    choice_.schedule = {options_.chunks, options_.local_first && flat && comm_.size() > 1};
+    return;
+  }
+  if (choice_.decided || !measured_) {
+    if (!choice_.decided) choice_.schedule = {};
+    return;
+  }
+  // Every rank reaches this in the same pass (the passes are collectives), predicts every candidate
+  // from its own work and rates, and takes the slowest rank's prediction of each.
+  calibrate_gemm();
+  choice_.rates.link_bytes_per_ms = link_ms_ > 0.0 && link_bytes_ > 0.0 ? link_bytes_ / link_ms_ : 0.0;
+  choice_.candidates = sched::candidate_schedules(comm_.size(), flat);
+  choice_.predicted_ms.assign(choice_.candidates.size(), 0.0);
+  for (std::size_t i = 0; i < choice_.candidates.size(); ++i)
+    choice_.predicted_ms[i] = sched::predict(work_, choice_.rates, choice_.candidates[i], options_.overlap).total_ms();
+  Event done;
+  comm_stream_->enqueue([&] {
+    comm_.allreduce_max(choice_.predicted_ms.data(), static_cast<std::int64_t>(choice_.predicted_ms.size()),
+                        comm::DataType::kFloat64, "schedule predictions " + name_)->wait();
+  }, &done);
+  done.wait(deadline(), "schedule predictions " + name_);
+  choice_.chosen = sched::choose_schedule(choice_.candidates, choice_.predicted_ms);
+  choice_.schedule = choice_.candidates[choice_.chosen];
+  choice_.decided = true;
 }
 
 kernels::BalanceLossParams MoELayer::aux_params(std::int64_t tokens) const {

@@ -6,6 +6,7 @@
 #include <optional>
 #include <span>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "comm/communicator.h"
@@ -14,6 +15,7 @@
 #include "runtime/moe_config.h"
 #include "runtime/stream.h"
 #include "scheduler/expert_placement.h"
+#include "scheduler/pipeline_model.h"
 #include "scheduler/replica_planner.h"
 #include "scheduler/route_plan.h"
 #include "scheduler/topology.h"
@@ -66,7 +68,10 @@ ExchangeKind exchange_from_string(const std::string& s);
 /// same for every overlap and exchange choice (the canonical orders of sched::ReceiveLayout make them
 /// so), and for every chunk count too with `deterministic`.
 struct LayerOptions {
-  int chunks = 1;        ///< pipeline chunks: chunk i+1's exchange runs while chunk i computes
+  /// Pipeline chunks: chunk i+1's exchange runs while chunk i computes. 0 = auto (the default): the
+  /// first passes run unsplit and are measured, then a cost model (sched::predict over the measured
+  /// GEMM and link rates) picks chunks and local_first for the slowest rank (see ScheduleChoice).
+  int chunks = 0;
   bool overlap = true;   ///< exchanges on a communication stream (thread) beside the compute
   ExchangeKind exchange = ExchangeKind::kFlat;
   /// 0 (default): dropless. > 0: capacity-factor mode. Each rank lets at most
@@ -82,6 +87,21 @@ struct LayerOptions {
   /// results are bitwise the same across overlap and exchange for a fixed chunk count, and agree
   /// across chunk counts to fp32 rounding.
   bool deterministic = false;
+  /// Flat exchange, more than one rank: the rows a rank routes to itself skip the exchange and are
+  /// computed first (one GEMM per expert over every chunk's) while the other ranks' rows travel.
+  /// Only read when chunks > 0 (auto decides it).
+  bool local_first = false;
+};
+
+/// The schedule a layer runs and, with `chunks = 0` (auto), how it was chosen.
+struct ScheduleChoice {
+  bool automatic = false;  ///< LayerOptions::chunks == 0
+  bool decided = false;    ///< auto: the model has chosen (after LayerOptions' measured passes)
+  sched::Schedule schedule;  ///< what the next pass runs
+  std::vector<sched::Schedule> candidates;  ///< auto: what the model compared ...
+  std::vector<double> predicted_ms;         ///< ... and each one's predicted pass, slowest rank
+  std::size_t chosen = 0;                   ///< index of `schedule` among the candidates
+  sched::MachineRates rates;                ///< this rank's measured rates
 };
 
 /// What one forward pass routed, for logs and balancing.
@@ -126,11 +146,16 @@ class MoELayer {
            std::optional<sched::Topology> topology = std::nullopt, LayerOptions options = {});
   ~MoELayer();
 
-  /// Changes the schedule (between passes; every rank alike). Throws InvalidArgument on chunks < 1.
+  /// Changes the schedule (between passes; every rank alike; auto measures and chooses again). Throws
+  /// InvalidArgument on chunks < 0.
   void set_options(const LayerOptions& options);
   const LayerOptions& options() const { return options_; }
   const sched::Topology& topology() const { return topology_; }
   const LayerCounters& counters() const { return counters_; }
+  /// The schedule of the next pass (and with auto how it was chosen).
+  const ScheduleChoice& schedule_choice() const { return choice_; }
+  /// Passes auto measures before it chooses (the first pays first touches; the second is measured).
+  static constexpr int kAutoPasses = 2;
   void reset_counters() { counters_ = {}; }
 
   const MoeConfig& config() const { return config_; }
@@ -251,6 +276,8 @@ class MoELayer {
   // Saved by forward for backward; reused across steps so no step allocates once warm.
   std::int64_t tokens_ = 0;
   int chunks_used_ = 1;
+  bool local_first_ = false;                              // this pass: own rows computed first, not exchanged
+  std::vector<std::pair<int, int>> stage_;                // (source, chunk) blocks of the current stage
   std::vector<float> x_, scores_, topk_weights_;
   std::vector<std::int32_t> topk_ids_;
   std::vector<std::uint8_t> kept_;                        // [T*K] capacity mode: pick kept
@@ -271,6 +298,14 @@ class MoELayer {
   std::vector<float> dye_, dxe_, dh13_, dpick_, d_weights_, dlogits_;
   LayerRouteStats stats_;
   LayerCounters counters_;
+  // --chunks auto: counters nobody resets, their values at this pass's start and forward's end,
+  // the dispatches' bytes and busy time, and the last measured pass's work.
+  LayerCounters own_, pass_start_, fwd_end_;
+  double link_bytes_ = 0.0, link_ms_ = 0.0;
+  int passes_ = 0;
+  bool measured_ = false;
+  sched::PassWork work_;
+  ScheduleChoice choice_;
 
   // Both public constructors: exactly one of placement and layout is set.
   MoELayer(const MoeConfig& config, comm::Communicator& comm, std::string name,
@@ -286,9 +321,19 @@ class MoELayer {
   std::chrono::steady_clock::time_point deadline() const;
   void exchange_counts();
   void build_chunk_plans(int chunks);
-  void place_chunk_entries(int c);
-  void run_experts_forward(int c);
-  void run_experts_backward(int c);
+  /// Which received blocks a compute stage covers: every source of chunk c, the other ranks' rows
+  /// of chunk c, or this rank's own rows of every chunk (the local-first stage).
+  enum class StagePart { kAll, kRemote, kSelf };
+  void set_stage(int c, StagePart part);
+  void place_stage_entries();
+  void run_experts_forward();   // over stage_
+  void run_experts_backward();  // over stage_
+  void copy_self_rows(bool grad);
+  void tally(double LayerCounters::*field, double ms);  // into counters_ and own_
+  void record_pass();
+  void calibrate_gemm();
+  void resolve_schedule();
+  void return_self_rows(std::int64_t width);
   void enqueue_dispatch(int c, bool grad, const float* dy);
   void enqueue_combine(int c, std::int64_t width);
   void dispatch_flat(Chunk& ch, int c, bool grad);

@@ -171,6 +171,13 @@ void expect_schedules_agree(const MoeConfig& cfg, std::int64_t T, bool skew, std
                             << to_string(ex) << ": first difference at " << first << " of " << got.size();
           ok = ok && same;
         }
+      // Local-first: the own rows' GEMMs run apart from the others', so fp32 rounding again.
+      for (bool overlap : {false, true}) {
+        const auto got = run_layer(cfg, topo, {chunks, overlap, ExchangeKind::kFlat, 0.0, false, true}, x, dy, b, e, skew);
+        const double lf_err = rel_err(got.data(), one_chunk.data(), got.size());
+        EXPECT_LE(lf_err, 1e-5) << topo.describe() << ", chunks " << chunks << ", local-first, overlap " << overlap;
+        ok = ok && lf_err <= 1e-5;
+      }
     }
     // Deterministic schedule: bitwise the same for every chunk count too.
     const auto det_one = run_layer(cfg, topo, {1, false, ExchangeKind::kFlat, 0.0, true}, x, dy, b, e, skew);
@@ -185,6 +192,12 @@ void expect_schedules_agree(const MoeConfig& cfg, std::int64_t T, bool skew, std
                           << ": differs from 1 chunk";
         ok = ok && same;
       }
+    for (int chunks : chunk_counts) {
+      const auto got = run_layer(cfg, topo, {chunks, true, ExchangeKind::kFlat, 0.0, true, true}, x, dy, b, e, skew);
+      const bool same = got == det_one;
+      EXPECT_TRUE(same) << topo.describe() << ", deterministic, chunks " << chunks << ", local-first: differs";
+      ok = ok && same;
+    }
   }
   EXPECT_TRUE(testing::all_ranks(ok));
 }
@@ -192,6 +205,49 @@ void expect_schedules_agree(const MoeConfig& cfg, std::int64_t T, bool skew, std
 TEST_P(LayerRanks, EveryScheduleGivesTheSameResults) {
   const Case& c = GetParam();
   expect_schedules_agree(config_of(c), c.tokens, c.skew, 78, {1, 2, testing::world().size()}, {1, 2, 3, 5});
+}
+
+// --chunks auto: two measured passes of the unsplit schedule, then the same choice on every rank
+// (the slowest rank's predictions), and results that agree with the one-chunk layer.
+TEST(LayerSchedule, AutoChoosesOneScheduleOnEveryRank) {
+  auto& world = testing::world();
+  const MoeConfig cfg =
+      config_of(Case{"v3_sigmoid_noaux_groups_bias", "sigmoid", "noaux_tc", 8, 1, 3, 4, 2, 40, true, 2.5, false});
+  const std::int64_t H = cfg.hidden_size, T = 40;
+  const auto [x, dy] = draw_inputs(T, H, 5, false);
+  const std::int64_t b = T * world.rank() / world.size(), e = T * (world.rank() + 1) / world.size();
+  const auto topo = sched::Topology::single_node(world.size());
+  const auto placement = sched::ExpertPlacement::node_aware(cfg.n_routed_experts, topo);
+  MoELayer autol(cfg, world, placement, "auto", topo, LayerOptions{});
+  MoELayer plain(cfg, world, placement, "plain", topo, LayerOptions{1, false});
+  init_layer_random(autol, 9, 0);
+  init_layer_random(plain, 9, 0);
+  std::vector<float> y(static_cast<std::size_t>((e - b) * H)), dx(y.size()), y1(y.size()), dx1(y.size());
+  bool ok = true;
+  for (int pass = 0; pass < 4; ++pass) {
+    EXPECT_EQ(autol.schedule_choice().decided, pass > MoELayer::kAutoPasses) << "pass " << pass;
+    for (MoELayer* l : {&autol, &plain}) l->zero_grad();
+    autol.forward(x.data() + b * H, e - b, y.data());
+    autol.backward(dy.data() + b * H, dx.data());
+    plain.forward(x.data() + b * H, e - b, y1.data());
+    plain.backward(dy.data() + b * H, dx1.data());
+    const double err = std::max(rel_err(y.data(), y1.data(), y.size()), rel_err(dx.data(), dx1.data(), dx.size()));
+    EXPECT_LE(err, 1e-5) << "pass " << pass << ", schedule " << autol.schedule_choice().schedule.describe();
+    ok = ok && err <= 1e-5;
+  }
+  const ScheduleChoice& ch = autol.schedule_choice();
+  ASSERT_TRUE(ch.decided);
+  EXPECT_EQ(ch.candidates.size(), ch.predicted_ms.size());
+  EXPECT_EQ(ch.candidates[ch.chosen], ch.schedule);
+  for (double ms : ch.predicted_ms) EXPECT_GT(ms, 0.0);
+  int mine[2] = {ch.schedule.chunks, ch.schedule.local_first ? 1 : 0};
+  std::vector<int> all(static_cast<std::size_t>(2 * world.size()));
+  world.allgather(mine, all.data(), 2, comm::DataType::kInt32, "auto schedules")->wait();
+  for (int r = 0; r < world.size(); ++r) {
+    EXPECT_EQ(all[static_cast<std::size_t>(2 * r)], mine[0]) << "rank " << r << " chose other chunks";
+    EXPECT_EQ(all[static_cast<std::size_t>(2 * r + 1)], mine[1]) << "rank " << r << " chose otherwise";
+  }
+  EXPECT_TRUE(testing::all_ranks(ok));
 }
 
 TEST(LayerSchedule, LargerShapesAgreeForEveryChunking) {

@@ -391,7 +391,7 @@ void GpuMoELayer::load_from(MoELayer& cpu) {
 
 std::unique_ptr<GpuMoELayer> make_gpu_layer_like(const MoELayer& cpu, comm::Communicator& host_comm,
                                                  comm::Communicator& device_comm, GpuLayerOptions options) {
-  options.chunks = cpu.options().chunks;
+  options.chunks = std::max(1, cpu.options().chunks);  // auto (0): the GPU runs the unsplit schedule
   options.capacity_factor = cpu.options().capacity_factor;
   options.deterministic = cpu.options().deterministic;
   options.exchange = cpu.options().exchange;

@@ -1,0 +1,118 @@
+// The pipeline cost model: a two-resource simulation of one pass per candidate schedule.
+#include "scheduler/pipeline_model.h"
+
+#include <algorithm>
+
+#include "base/error.h"
+
+namespace moex::sched {
+
+std::string Schedule::describe() const {
+  return "chunks " + std::to_string(chunks) + (local_first ? ", local-first" : "");
+}
+
+double gemm_ms(const MachineRates& r, std::int64_t rows) {
+  return rows > 0 ? r.gemm_fixed_ms + r.gemm_row_ms * static_cast<double>(rows) : 0.0;
+}
+
+namespace {
+
+/// Compute of chunk c's routed rows (every source's, or only the other ranks' when local-first):
+/// one GEMM run per (expert, source) with rows, n / C rows each (the layout keeps a source's chunks
+/// apart, so chunked runs do not merge across sources; unchunked they do).
+double chunk_compute(const PassWork& w, const MachineRates& r, Schedule s, int c) {
+  double ms = 0.0;
+  const std::int64_t C = s.chunks;
+  auto part = [&](std::int64_t n) { return n * (c + 1) / C - n * c / C; };
+  for (std::size_t e = 0; e < w.self_entries.size(); ++e) {
+    const auto& remote = w.remote_entries[e];
+    if (C == 1 && !s.local_first) {  // one block of every source
+      std::int64_t n = w.self_entries[e];
+      for (auto m : remote) n += m;
+      ms += gemm_ms(r, n);
+      continue;
+    }
+    if (!s.local_first) ms += gemm_ms(r, part(w.self_entries[e]));
+    for (auto m : remote) ms += gemm_ms(r, part(m));
+  }
+  return ms;
+}
+
+double self_compute(const PassWork& w, const MachineRates& r) {
+  double ms = 0.0;
+  for (auto n : w.self_entries) ms += gemm_ms(r, n);
+  return ms;
+}
+
+double weight_compute(const PassWork& w, const MachineRates& r) {
+  double ms = 0.0;
+  for (std::size_t e = 0; e < w.self_entries.size(); ++e) {
+    std::int64_t n = w.self_entries[e];
+    for (auto m : w.remote_entries[e]) n += m;
+    ms += gemm_ms(r, n);
+  }
+  return ms;
+}
+
+/// One direction of the pass: dispatch (bytes `d`) -> experts per chunk -> combine (bytes `b`),
+/// `shared` ms of shared experts first and `tail` ms of compute after the chunks.
+double simulate(const PassWork& w, const MachineRates& r, Schedule s, bool overlap, double d, double b,
+                double shared, double tail) {
+  const int C = s.chunks;
+  const double rate = r.link_bytes_per_ms;
+  const double dc = rate > 0 ? d / C / rate : 0.0, bc = rate > 0 ? b / C / rate : 0.0;
+  const double own = s.local_first ? self_compute(w, r) : 0.0;
+  if (!overlap) {
+    double t = shared + own + tail;
+    for (int c = 0; c < C; ++c) t += dc + chunk_compute(w, r, s, c) + bc;
+    return t;
+  }
+  double comm = 0.0;
+  std::vector<double> arrived(static_cast<std::size_t>(C));
+  for (int c = 0; c < C; ++c) arrived[static_cast<std::size_t>(c)] = comm += dc;
+  double t = shared + own;
+  for (int c = 0; c < C; ++c) {
+    t = std::max(t, arrived[static_cast<std::size_t>(c)]) + chunk_compute(w, r, s, c);
+    comm = std::max(comm, t) + bc;
+  }
+  t += tail;
+  return std::max(t, comm);
+}
+
+}  // namespace
+
+Prediction predict(const PassWork& w, const MachineRates& r, Schedule s, bool overlap) {
+  if (s.chunks < 1) throw InvalidArgument("pipeline model: chunks = " + std::to_string(s.chunks) + " must be >= 1");
+  if (w.remote_entries.size() != w.self_entries.size())
+    throw InvalidArgument("pipeline model: remote_entries has " + std::to_string(w.remote_entries.size()) +
+                          " experts, self_entries " + std::to_string(w.self_entries.size()));
+  Prediction p;
+  p.forward_ms = simulate(w, r, s, overlap, w.fwd_dispatch_bytes, w.fwd_combine_bytes, w.shared_fwd_ms, 0.0) +
+                 w.other_ms / 2;
+  p.backward_ms = simulate(w, r, s, overlap, w.bwd_dispatch_bytes, w.bwd_combine_bytes, w.shared_bwd_ms,
+                           weight_compute(w, r)) +
+                  w.other_ms / 2;
+  return p;
+}
+
+std::vector<Schedule> candidate_schedules(int world, bool flat_exchange) {
+  std::vector<Schedule> out;
+  for (int c : {1, 2, 3, 4, 6, 8}) {
+    out.push_back({c, false});
+    if (world > 1 && flat_exchange) out.push_back({c, true});
+  }
+  return out;
+}
+
+std::size_t choose_schedule(const std::vector<Schedule>& candidates, const std::vector<double>& predicted_ms,
+                            double min_gain) {
+  if (candidates.empty() || candidates.size() != predicted_ms.size() || !(candidates[0] == Schedule{}))
+    throw InvalidArgument("choose_schedule: " + std::to_string(candidates.size()) + " candidates (the first must be "
+                          "chunks 1) and " + std::to_string(predicted_ms.size()) + " predictions");
+  std::size_t best = 0;
+  for (std::size_t i = 1; i < candidates.size(); ++i)
+    if (predicted_ms[i] < predicted_ms[best]) best = i;
+  return predicted_ms[best] < (1.0 - min_gain) * predicted_ms[0] ? best : 0;
+}
+
+}  // namespace moex::sched

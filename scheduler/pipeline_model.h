@@ -1,0 +1,69 @@
+// The pipeline schedule of one expert-parallel pass and the cost model that chooses it
+// (`--chunks auto`): pure arithmetic over measured rates, no MPI, no timing of its own.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace moex::sched {
+
+/// How one pass is staged.
+///   chunks:      the tokens are cut into this many ranges; chunk i+1's rows travel while chunk i's
+///                experts compute (each expert's GEMM is cut into as many pieces).
+///   local_first: the rows a rank routes to itself skip the exchange and are computed first, every
+///                chunk's in one GEMM per expert, while the other ranks' rows travel.
+struct Schedule {
+  int chunks = 1;
+  bool local_first = false;
+  bool operator==(const Schedule&) const = default;
+  std::string describe() const;  ///< e.g. "chunks 2, local-first"
+};
+
+/// Rates measured on this machine.
+struct MachineRates {
+  double gemm_fixed_ms = 0.0;  ///< one expert FFN GEMM pair (forward) at zero rows: packing, calls
+  double gemm_row_ms = 0.0;    ///< ... and per row
+  /// This rank's exchange rate (bytes it sends or receives, whichever is more, per ms); <= 0 when
+  /// nothing was measured (no other rank): exchanges then cost nothing.
+  double link_bytes_per_ms = 0.0;
+};
+
+/// One rank's work in one pass; none of it depends on the schedule.
+struct PassWork {
+  std::vector<std::int64_t> self_entries;                  ///< [S] entries of each local expert from own tokens
+  std::vector<std::vector<std::int64_t>> remote_entries;   ///< [S][other sources] entries from each other rank
+  /// Bytes to and from other ranks (the larger of the two) of the four exchanges of a pass.
+  double fwd_dispatch_bytes = 0, fwd_combine_bytes = 0, bwd_dispatch_bytes = 0, bwd_combine_bytes = 0;
+  double shared_fwd_ms = 0, shared_bwd_ms = 0;  ///< the shared experts (they overlap the first dispatch)
+  double other_ms = 0;  ///< gate, permutes, weighted sums: the same for every schedule
+};
+
+/// Predicted milliseconds of one forward + backward.
+struct Prediction {
+  double forward_ms = 0, backward_ms = 0;
+  double total_ms() const { return forward_ms + backward_ms; }
+};
+
+/// The time of one expert's forward GEMMs over `rows` rows (0 for none). Backward data and weight
+/// GEMMs have the same shapes and are modelled alike.
+double gemm_ms(const MachineRates& r, std::int64_t rows);
+
+/// Simulates the pass on two resources (the compute thread; the communication stream, exchanges
+/// in the order they are issued), as MoELayer runs it: dispatches issued at once, shared experts
+/// then (local_first) the own rows while they travel, per chunk {wait dispatch, experts, issue the
+/// combine}; backward the same, then the weight gradients over each expert's whole block while the
+/// last combines travel. overlap = false: everything in sequence.
+Prediction predict(const PassWork& work, const MachineRates& rates, Schedule schedule, bool overlap);
+
+/// The schedules `--chunks auto` considers: chunks 1, 2, 3, 4, 6, 8, each with local_first where it
+/// applies (more than one rank, the flat exchange).
+std::vector<Schedule> candidate_schedules(int world, bool flat_exchange);
+
+/// Index of the schedule to run among `candidates` (candidates[0] must be {1, false}), given each
+/// one's predicted time (the slowest rank's): the fastest, unless it saves less than
+/// `min_gain` (a fraction) over candidates[0], which needs no splitting at all.
+std::size_t choose_schedule(const std::vector<Schedule>& candidates, const std::vector<double>& predicted_ms,
+                            double min_gain = 0.03);
+
+}  // namespace moex::sched

@@ -1,0 +1,95 @@
+// The pipeline cost model (scheduler/pipeline_model.h): hand-worked timelines, the candidates and
+// the choice between them. Pure arithmetic: no MPI, no timing.
+#include <gtest/gtest.h>
+
+#include <vector>
+
+#include "base/error.h"
+#include "scheduler/pipeline_model.h"
+
+namespace moex::sched {
+namespace {
+
+/// One local expert with 100 own entries and 100 from one other rank; 1 ms per row, no fixed
+/// cost; every whole exchange takes 100 ms at the link rate; no shared experts or other work.
+PassWork two_rank_work() {
+  PassWork w;
+  w.self_entries = {100};
+  w.remote_entries = {{100}};
+  w.fwd_dispatch_bytes = w.fwd_combine_bytes = w.bwd_dispatch_bytes = w.bwd_combine_bytes = 1000.0;
+  return w;
+}
+MachineRates rates(double fixed_ms, double link) {
+  MachineRates r;
+  r.gemm_fixed_ms = fixed_ms;
+  r.gemm_row_ms = 1.0;
+  r.link_bytes_per_ms = link;
+  return r;
+}
+
+TEST(PipelineModel, HandWorkedTimelines) {
+  const PassWork w = two_rank_work();
+  const MachineRates r = rates(0.0, 10.0);  // 1000 bytes at 10 bytes/ms = 100 ms per exchange
+  // Unsplit: dispatch 100, experts 200, combine 100 = 400; backward the same plus the weight
+  // gradients (200) after the combine went out: 100 + 200 + max(100, 200) = 500.
+  Prediction p = predict(w, r, {1, false}, true);
+  EXPECT_DOUBLE_EQ(p.forward_ms, 400.0);
+  EXPECT_DOUBLE_EQ(p.backward_ms, 500.0);
+  // Local-first: own rows (100) while the dispatch travels (100), the others' rows (100), their
+  // combine (100): 300; backward 100 + 100 + weights 200 (the combine travels meanwhile) = 400.
+  p = predict(w, r, {1, true}, true);
+  EXPECT_DOUBLE_EQ(p.forward_ms, 300.0);
+  EXPECT_DOUBLE_EQ(p.backward_ms, 400.0);
+  // Local-first, 2 chunks: dispatches at 50 and 100; own rows 0-100, chunk 0 100-150, its combine
+  // 150-200, chunk 1 150-200, its combine 200-250: 250. Backward: 250 ... then weights 200-400.
+  p = predict(w, r, {2, true}, true);
+  EXPECT_DOUBLE_EQ(p.forward_ms, 250.0);
+  EXPECT_DOUBLE_EQ(p.backward_ms, 400.0);
+  // Serialised: every exchange and every GEMM in a row, for any chunking.
+  p = predict(w, r, {2, true}, false);
+  EXPECT_DOUBLE_EQ(p.forward_ms, 400.0);
+  EXPECT_DOUBLE_EQ(p.backward_ms, 600.0);
+}
+
+TEST(PipelineModel, FixedCostsPerGemmCallMakeSplittingExpensive) {
+  PassWork w = two_rank_work();
+  const MachineRates r = rates(50.0, 0.0);  // no link: exchanges are free
+  // Unsplit: one call over 200 rows = 250 per direction, +250 for the weights.
+  EXPECT_DOUBLE_EQ(predict(w, r, {1, false}, true).total_ms(), 250.0 + 500.0);
+  // 2 chunks: 4 calls of 50 rows = 400 per direction (weights still whole: 250).
+  EXPECT_DOUBLE_EQ(predict(w, r, {2, false}, true).total_ms(), 400.0 + 650.0);
+  const auto cands = candidate_schedules(2, true);
+  std::vector<double> ms;
+  for (const Schedule& s : cands) ms.push_back(predict(w, r, s, true).total_ms());
+  EXPECT_EQ(cands[choose_schedule(cands, ms)], (Schedule{1, false}));
+}
+
+TEST(PipelineModel, ChoosesToHideASlowLink) {
+  const PassWork w = two_rank_work();
+  const auto cands = candidate_schedules(2, true);
+  std::vector<double> ms;
+  for (const Schedule& s : cands) ms.push_back(predict(w, rates(0.5, 10.0), s, true).total_ms());
+  const Schedule best = cands[choose_schedule(cands, ms)];
+  EXPECT_TRUE(best.local_first);
+  EXPECT_GT(best.chunks, 1);
+}
+
+TEST(PipelineModel, CandidatesAndChoice) {
+  EXPECT_EQ(candidate_schedules(1, true).size(), 6u);  // one rank: nothing travels, no local-first
+  EXPECT_EQ(candidate_schedules(4, false).size(), 6u);  // hierarchical: chunks only
+  const auto c = candidate_schedules(4, true);
+  ASSERT_EQ(c.size(), 12u);
+  EXPECT_EQ(c[0], (Schedule{1, false}));
+  // A gain under min_gain keeps the unsplit schedule; a larger one takes the fastest.
+  EXPECT_EQ(choose_schedule(c, std::vector<double>{100, 98, 99, 99, 99, 99, 99, 99, 99, 99, 99, 99}), 0u);
+  EXPECT_EQ(choose_schedule(c, std::vector<double>{100, 98, 99, 90, 99, 99, 99, 99, 99, 99, 99, 99}), 3u);
+  EXPECT_THROW(choose_schedule(c, std::vector<double>{1.0}), InvalidArgument);
+  EXPECT_THROW(predict(two_rank_work(), rates(0, 1), {0, false}, true), InvalidArgument);
+  PassWork bad = two_rank_work();
+  bad.remote_entries.clear();
+  EXPECT_THROW(predict(bad, rates(0, 1), {1, false}, true), InvalidArgument);
+  EXPECT_EQ((Schedule{2, true}).describe(), "chunks 2, local-first");
+}
+
+}  // namespace
+}  // namespace moex::sched
