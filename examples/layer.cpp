@@ -7,6 +7,7 @@
 #include "examples/tool.h"
 #include "runtime/moe_layer.h"
 #include "scheduler/replica_planner.h"
+#include "runtime/hf_layer.h"
 #include "runtime/safetensors.h"
 #ifdef MOEX_TOOLS_WITH_CUDA
 #include "comm/device_communicator.h"
@@ -17,33 +18,6 @@
 namespace {
 using moex::IoError;
 using Shape = std::vector<std::int64_t>;
-
-void copy_into(float* dst, const std::vector<float>& src) { std::memcpy(dst, src.data(), src.size() * sizeof(float)); }
-
-/// Loads this rank's share of the layer's weights (HF names under `prefix`).
-void load_weights(moex::MoELayer& layer, const moex::SafetensorsFile& file, const std::string& prefix) {
-  const moex::MoeConfig& c = layer.config();
-  const std::int64_t H = c.hidden_size, F = c.moe_intermediate_size, Fs = c.shared_intermediate_size();
-  auto read = [&](const std::string& name, const Shape& shape) { return file.read_f32(prefix + name, shape); };
-  copy_into(layer.gate_weight(), read("gate.weight", {c.n_routed_experts, H}));
-  if (file.contains(prefix + "gate.e_score_correction_bias"))
-    layer.selection_bias() = read("gate.e_score_correction_bias", {c.n_routed_experts});
-  if (Fs > 0) {
-    copy_into(layer.shared_w13(), read("shared_experts.gate_proj.weight", {Fs, H}));
-    copy_into(layer.shared_w13() + Fs * H, read("shared_experts.up_proj.weight", {Fs, H}));
-    copy_into(layer.shared_w2(), read("shared_experts.down_proj.weight", {H, Fs}));
-  } else if (file.contains(prefix + "shared_experts.gate_proj.weight")) {
-    throw IoError(file.path() + " holds " + prefix + "shared_experts.* but the config has n_shared_experts = 0");
-  }
-  const auto mine = layer.slot_experts(layer.rank());  // every replica of an expert loads it
-  for (std::size_t slot = 0; slot < mine.size(); ++slot) {
-    const std::string e = "experts." + std::to_string(mine[slot]) + ".";
-    const auto s = static_cast<std::int64_t>(slot);
-    copy_into(layer.expert_w13(s), read(e + "gate_proj.weight", {F, H}));
-    copy_into(layer.expert_w13(s) + F * H, read(e + "up_proj.weight", {F, H}));
-    copy_into(layer.expert_w2(s), read(e + "down_proj.weight", {H, F}));
-  }
-}
 
 /// Rows [begin, end) of `total` that rank `r` of `world` handles.
 std::pair<std::int64_t, std::int64_t> token_range(std::int64_t total, int r, int world) {
@@ -164,7 +138,7 @@ int run(moex::comm::MpiCommunicator& world, int argc, char** argv) {
                                                   name, topology, lo);
   moex::MoELayer& layer = *layer_ptr;
   const auto weights = moex::SafetensorsFile::open(opt.str("weights"));
-  load_weights(layer, weights, prefix);
+  moex::load_hf_layer(layer, weights, prefix);
 
   const auto input_file = moex::SafetensorsFile::open(opt.str("input"));
   const auto& in = input_file.entry("input");

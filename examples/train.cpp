@@ -139,8 +139,19 @@ int train(moex::comm::MpiCommunicator& world, int argc, char** argv) {
   }
   double first_loss = 0.0, last_loss = 0.0;
   std::int64_t dropped = 0;
+  bool schedule_told = false;
   for (std::int64_t s = 0; s < to.steps; ++s) {
     const moex::StepRecord r = trainer.step();
+    // --chunks auto: say once what the first layer chose (every layer chooses alike, from its own
+    // measured passes; the losses depend on the choice only through fp32 rounding).
+    const auto& layers = trainer.student().layers();
+    if (lead && !schedule_told && !layers.empty() && layers[0]->schedule_choice().decided) {
+      const moex::ScheduleChoice& c = layers[0]->schedule_choice();
+      std::printf("moex-train: step %lld: --chunks auto chose %s for %s (predicted %.1f ms per layer pass)\n",
+                  static_cast<long long>(r.step), c.schedule.describe().c_str(), layers[0]->name().c_str(),
+                  c.predicted_ms[c.chosen]);
+      schedule_told = true;
+    }
     dropped += r.picks_dropped;
     if (s == 0) first_loss = r.loss;
     last_loss = r.loss;

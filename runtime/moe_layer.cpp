@@ -329,6 +329,7 @@ void MoELayer::exchange_counts() {
   }
   Event done;
   comm_stream_->enqueue([&] {
+    const auto t0 = std::chrono::steady_clock::now();
     comm::AlltoallvArgs args;
     args.send = count_send_.data();
     args.send_counts = send_counts;
@@ -337,6 +338,7 @@ void MoELayer::exchange_counts() {
     args.type = comm::DataType::kInt64;
     args.label = "dispatch counts " + name_;
     comm_.alltoallv(args)->wait();
+    counts_ms_ = ms_since(t0);  // a small all-to-all: what an exchange costs beyond its bytes
   }, &done);
   done.wait(deadline(), "dispatch counts " + name_);
 
@@ -1050,6 +1052,8 @@ void MoELayer::record_pass() {
   w.shared_bwd_ms = own_.shared - fwd_end_.shared;
   w.other_ms = (own_.gate - pass_start_.gate) + (own_.permute - pass_start_.permute) +
                (own_.combine - pass_start_.combine);
+  latency_ms_ = counts_ms_;
+  dispatches_ = 2 * chunks_used_;
   measured_ = passes_ >= kAutoPasses;  // the first pass pays first touches: the next one is measured
   if (!measured_) link_bytes_ = link_ms_ = 0.0;
 }
@@ -1098,7 +1102,10 @@ void MoELayer::resolve_schedule() {
   // Every rank reaches this in the same pass (the passes are collectives), predicts every candidate
   // from its own work and rates, and takes the slowest rank's prediction of each.
   calibrate_gemm();
-  choice_.rates.link_bytes_per_ms = link_ms_ > 0.0 && link_bytes_ > 0.0 ? link_bytes_ / link_ms_ : 0.0;
+  // The dispatches' time beyond the latency of each is what their bytes took.
+  choice_.rates.exchange_latency_ms = comm_.size() > 1 ? latency_ms_ : 0.0;
+  const double bytes_ms = link_ms_ - latency_ms_ * dispatches_;
+  choice_.rates.link_bytes_per_ms = link_bytes_ > 0.0 ? link_bytes_ / std::max(bytes_ms, 0.05 * link_ms_) : 0.0;
   choice_.candidates = sched::candidate_schedules(comm_.size(), flat);
   choice_.predicted_ms.assign(choice_.candidates.size(), 0.0);
   for (std::size_t i = 0; i < choice_.candidates.size(); ++i)

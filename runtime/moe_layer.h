@@ -302,6 +302,8 @@ class MoELayer {
   // the dispatches' bytes and busy time, and the last measured pass's work.
   LayerCounters own_, pass_start_, fwd_end_;
   double link_bytes_ = 0.0, link_ms_ = 0.0;
+  double counts_ms_ = 0.0, latency_ms_ = 0.0;  // the last counts exchange; that of the measured pass
+  int dispatches_ = 0;                          // exchanges in the measured pass's link_ms_
   int passes_ = 0;
   bool measured_ = false;
   sched::PassWork work_;

@@ -60,7 +60,8 @@ double simulate(const PassWork& w, const MachineRates& r, Schedule s, bool overl
                 double shared, double tail) {
   const int C = s.chunks;
   const double rate = r.link_bytes_per_ms;
-  const double dc = rate > 0 ? d / C / rate : 0.0, bc = rate > 0 ? b / C / rate : 0.0;
+  const double lat = r.exchange_latency_ms;
+  const double dc = lat + (rate > 0 ? d / C / rate : 0.0), bc = lat + (rate > 0 ? b / C / rate : 0.0);
   const double own = s.local_first ? self_compute(w, r) : 0.0;
   if (!overlap) {
     double t = shared + own + tail;
@@ -105,14 +106,16 @@ std::vector<Schedule> candidate_schedules(int world, bool flat_exchange) {
 }
 
 std::size_t choose_schedule(const std::vector<Schedule>& candidates, const std::vector<double>& predicted_ms,
-                            double min_gain) {
+                            double min_gain, double min_gain_ms) {
   if (candidates.empty() || candidates.size() != predicted_ms.size() || !(candidates[0] == Schedule{}))
     throw InvalidArgument("choose_schedule: " + std::to_string(candidates.size()) + " candidates (the first must be "
                           "chunks 1) and " + std::to_string(predicted_ms.size()) + " predictions");
   std::size_t best = 0;
   for (std::size_t i = 1; i < candidates.size(); ++i)
     if (predicted_ms[i] < predicted_ms[best]) best = i;
-  return predicted_ms[best] < (1.0 - min_gain) * predicted_ms[0] ? best : 0;
+  const bool worth = predicted_ms[best] < (1.0 - min_gain) * predicted_ms[0] &&
+                     predicted_ms[best] < predicted_ms[0] - min_gain_ms;
+  return worth ? best : 0;
 }
 
 }  // namespace moex::sched

@@ -27,6 +27,9 @@ struct MachineRates {
   /// This rank's exchange rate (bytes it sends or receives, whichever is more, per ms); <= 0 when
   /// nothing was measured (no other rank): exchanges then cost nothing.
   double link_bytes_per_ms = 0.0;
+  /// What every exchange costs on top of its bytes (a small all-to-all's time): a chunked schedule
+  /// pays it once per chunk and exchange.
+  double exchange_latency_ms = 0.0;
 };
 
 /// One rank's work in one pass; none of it depends on the schedule.
@@ -61,9 +64,10 @@ Prediction predict(const PassWork& work, const MachineRates& rates, Schedule sch
 std::vector<Schedule> candidate_schedules(int world, bool flat_exchange);
 
 /// Index of the schedule to run among `candidates` (candidates[0] must be {1, false}), given each
-/// one's predicted time (the slowest rank's): the fastest, unless it saves less than
-/// `min_gain` (a fraction) over candidates[0], which needs no splitting at all.
+/// one's predicted time (the slowest rank's): the fastest, unless it saves less than `min_gain` (a
+/// fraction) or `min_gain_ms` over candidates[0], which needs no splitting at all (so a small or
+/// noisy pass keeps the schedule whose results a run with --chunks 1 reproduces bit for bit).
 std::size_t choose_schedule(const std::vector<Schedule>& candidates, const std::vector<double>& predicted_ms,
-                            double min_gain = 0.03);
+                            double min_gain = 0.03, double min_gain_ms = 2.0);
 
 }  // namespace moex::sched

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <ostream>
 #include <stdexcept>
@@ -15,6 +16,7 @@
 
 #include "base/error.h"
 #include "comm/mpi/mpi_communicator.h"
+#include "runtime/hf_layer.h"
 #include "runtime/kernels/permute.h"
 #include "runtime/moe_layer.h"
 #include "runtime/parallel.h"
@@ -591,6 +593,83 @@ TEST(LayerArguments, RejectsMismatchedPlacementAndNegativeTokens) {
   MoELayer layer(cfg, comm, sched::ExpertPlacement::contiguous(cfg.n_routed_experts, comm.size()), "moe");
   float x = 0.0f, y = 0.0f;
   EXPECT_THROW(layer.forward(&x, -1, &y), InvalidArgument);
+  expect_all_ranks_passed();
+}
+
+// load_hf_layer (runtime/hf_layer.h): a checkpoint written with Hugging Face names loads into a
+// layer sharded over the ranks; every rank gets exactly its experts' tensors.
+TEST(LayerCheckpoint, LoadsHuggingFaceNamesIntoEveryRanksSlots) {
+  auto& comm = world();
+  const MoeConfig cfg = config_of(v3_like("hf", 1));
+  const std::int64_t H = cfg.hidden_size, F = cfg.moe_intermediate_size, Fs = cfg.shared_intermediate_size();
+  const std::int64_t E = cfg.n_routed_experts;
+  const std::string prefix = "model.layers.2.mlp.";
+  // Tensor value = a code of (tensor, element), so a tensor in the wrong place shows.
+  auto tensor = [](int code, std::vector<std::int64_t> shape) {
+    std::int64_t n = 1;
+    for (auto d : shape) n *= d;
+    NamedTensor t{"", shape, std::vector<float>(static_cast<std::size_t>(n))};
+    for (std::int64_t i = 0; i < n; ++i) t.data[static_cast<std::size_t>(i)] = static_cast<float>(code * 1000 + i % 997);
+    return t;
+  };
+  std::vector<NamedTensor> ts;
+  auto add = [&](const std::string& name, int code, std::vector<std::int64_t> shape) {
+    ts.push_back(tensor(code, std::move(shape)));
+    ts.back().name = prefix + name;
+  };
+  add("gate.weight", 1, {E, H});
+  add("gate.e_score_correction_bias", 2, {E});
+  add("shared_experts.gate_proj.weight", 3, {Fs, H});
+  add("shared_experts.up_proj.weight", 4, {Fs, H});
+  add("shared_experts.down_proj.weight", 5, {H, Fs});
+  for (std::int64_t e = 0; e < E; ++e) {
+    const std::string n = "experts." + std::to_string(e) + ".";
+    add(n + "gate_proj.weight", static_cast<int>(10 + 3 * e), {F, H});
+    add(n + "up_proj.weight", static_cast<int>(11 + 3 * e), {F, H});
+    add(n + "down_proj.weight", static_cast<int>(12 + 3 * e), {H, F});
+  }
+  const std::string path = "/tmp/moex_test_hf_layer_" + std::to_string(comm.size()) + "_" + std::to_string(comm.rank()) +
+                           ".safetensors";
+  write_safetensors(path, ts);
+  const SafetensorsFile file = SafetensorsFile::open(path);
+  MoELayer layer(cfg, comm, sched::ExpertPlacement::contiguous(E, comm.size()), "hf");
+  load_hf_layer(layer, file, prefix);
+  auto same = [](const float* got, const NamedTensor& want) {
+    return std::equal(want.data.begin(), want.data.end(), got);
+  };
+  EXPECT_TRUE(same(layer.gate_weight(), ts[0]));
+  ASSERT_EQ(layer.selection_bias().size(), static_cast<std::size_t>(E));
+  EXPECT_TRUE(same(layer.selection_bias().data(), ts[1]));
+  EXPECT_TRUE(same(layer.shared_w13(), ts[2]));
+  EXPECT_TRUE(same(layer.shared_w13() + Fs * H, ts[3]));
+  EXPECT_TRUE(same(layer.shared_w2(), ts[4]));
+  const auto mine = layer.slot_experts(comm.rank());
+  for (std::size_t s = 0; s < mine.size(); ++s) {
+    const auto e = static_cast<std::size_t>(mine[s]);
+    const auto slot = static_cast<std::int64_t>(s);
+    EXPECT_TRUE(same(layer.expert_w13(slot), ts[5 + 3 * e])) << "expert " << e << " gate_proj";
+    EXPECT_TRUE(same(layer.expert_w13(slot) + F * H, ts[6 + 3 * e])) << "expert " << e << " up_proj";
+    EXPECT_TRUE(same(layer.expert_w2(slot), ts[7 + 3 * e])) << "expert " << e << " down_proj";
+  }
+  // A missing tensor, and one of the wrong shape, are named.
+  auto expect_io = [&](std::vector<NamedTensor> bad, const std::string& what) {
+    write_safetensors(path, bad);
+    const SafetensorsFile f = SafetensorsFile::open(path);
+    MoELayer l(cfg, comm, sched::ExpertPlacement::contiguous(E, comm.size()), "hf");
+    try {
+      load_hf_layer(l, f, prefix);
+      ADD_FAILURE() << "loaded a checkpoint with " << what;
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find(prefix + "gate.weight"), std::string::npos) << e.what();
+    }
+  };
+  std::vector<NamedTensor> missing(ts.begin() + 1, ts.end());
+  expect_io(missing, "no gate.weight");
+  std::vector<NamedTensor> wrong(ts);
+  wrong[0] = tensor(1, {E, H + 1});
+  wrong[0].name = prefix + "gate.weight";
+  expect_io(wrong, "a gate.weight of the wrong shape");
+  std::remove(path.c_str());
   expect_all_ranks_passed();
 }
 

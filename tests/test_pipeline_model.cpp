@@ -74,6 +74,22 @@ TEST(PipelineModel, ChoosesToHideASlowLink) {
   EXPECT_GT(best.chunks, 1);
 }
 
+TEST(PipelineModel, EveryChunkPaysTheExchangeLatency) {
+  PassWork w = two_rank_work();
+  w.fwd_dispatch_bytes = w.fwd_combine_bytes = w.bwd_dispatch_bytes = w.bwd_combine_bytes = 10.0;
+  MachineRates r = rates(0.0, 10.0);  // 1 ms of bytes per exchange ...
+  r.exchange_latency_ms = 30.0;       // ... and 30 ms each, however few bytes
+  // Serialised: 31 + 200 + 31 unsplit; 2 x (30.5 + 100 + 30.5) in 2 chunks, so serialised runs stay unsplit.
+  EXPECT_DOUBLE_EQ(predict(w, r, {1, false}, false).forward_ms, 262.0);
+  EXPECT_DOUBLE_EQ(predict(w, r, {2, false}, false).forward_ms, 322.0);
+  const auto cands = candidate_schedules(2, true);
+  std::vector<double> ms;
+  for (const Schedule& s : cands) ms.push_back(predict(w, r, s, false).total_ms());
+  EXPECT_EQ(cands[choose_schedule(cands, ms)], (Schedule{1, false}));
+  // Overlapped, the own rows hide the first dispatch's latency: local-first pays it only at the tail.
+  EXPECT_LT(predict(w, r, {1, true}, true).forward_ms, predict(w, r, {1, false}, true).forward_ms);
+}
+
 TEST(PipelineModel, CandidatesAndChoice) {
   EXPECT_EQ(candidate_schedules(1, true).size(), 6u);  // one rank: nothing travels, no local-first
   EXPECT_EQ(candidate_schedules(4, false).size(), 6u);  // hierarchical: chunks only
@@ -83,6 +99,8 @@ TEST(PipelineModel, CandidatesAndChoice) {
   // A gain under min_gain keeps the unsplit schedule; a larger one takes the fastest.
   EXPECT_EQ(choose_schedule(c, std::vector<double>{100, 98, 99, 99, 99, 99, 99, 99, 99, 99, 99, 99}), 0u);
   EXPECT_EQ(choose_schedule(c, std::vector<double>{100, 98, 99, 90, 99, 99, 99, 99, 99, 99, 99, 99}), 3u);
+  // ... and one under min_gain_ms too (a 5 ms pass saving 10 % keeps the unsplit schedule).
+  EXPECT_EQ(choose_schedule(c, std::vector<double>{5, 5, 5, 4.5, 5, 5, 5, 5, 5, 5, 5, 5}), 0u);
   EXPECT_THROW(choose_schedule(c, std::vector<double>{1.0}), InvalidArgument);
   EXPECT_THROW(predict(two_rank_work(), rates(0, 1), {0, false}, true), InvalidArgument);
   PassWork bad = two_rank_work();
