@@ -9,9 +9,9 @@
 
 namespace moex::comm {
 
-std::unique_ptr<Communicator> make_device_communicator(const std::string& kind, MPI_Comm base,
-                                                       std::chrono::milliseconds timeout) {
-  std::unique_ptr<Communicator> c;
+std::unique_ptr<DeviceCommunicator> make_device_communicator(const std::string& kind, MPI_Comm base,
+                                                             std::chrono::milliseconds timeout) {
+  std::unique_ptr<DeviceCommunicator> c;
   if (kind == "staged") {
     c = std::make_unique<StagedCommunicator>(std::make_unique<MpiCommunicator>(base));
   } else if (kind == "nccl") {
@@ -29,11 +29,8 @@ std::unique_ptr<Communicator> make_device_communicator(const std::string& kind, 
   return c;
 }
 
-bool is_device_communicator(const Communicator& c) {
-#ifdef MOEX_HAVE_NCCL
-  if (dynamic_cast<const NcclCommunicator*>(&c)) return true;
-#endif
-  return dynamic_cast<const StagedCommunicator*>(&c) != nullptr;
-}
+DeviceCommunicator* as_device_communicator(Communicator& c) { return dynamic_cast<DeviceCommunicator*>(&c); }
+
+bool is_device_communicator(const Communicator& c) { return dynamic_cast<const DeviceCommunicator*>(&c) != nullptr; }
 
 }  // namespace moex::comm

@@ -223,17 +223,8 @@ class CudaEpLayer : public ::testing::TestWithParam<EpParam> {
   std::unique_ptr<comm::MpiCommunicator> host_;
 };
 
-class CudaEpLayerSchedule : public ::testing::Test {
- protected:
-  void SetUp() override {
-    std::string why;
-    const int devices = cuda_device_count(&why);
-    if (devices == 0) GTEST_SKIP() << "no CUDA device: " << why;
-    host_ = std::make_unique<comm::MpiCommunicator>(MPI_COMM_WORLD);
-    MOEX_CUDA_CHECK(cudaSetDevice(host_->rank() % devices));
-  }
-  std::unique_ptr<comm::MpiCommunicator> host_;
-};
+/// The same device setup for tests that are not parameterised (they never call GetParam()).
+class CudaEpLayerSchedule : public CudaEpLayer {};
 
 TEST_P(CudaEpLayer, StagedMatchesCpuLayer) {
   comm::StagedCommunicator device(std::make_unique<comm::MpiCommunicator>(MPI_COMM_WORLD));

@@ -542,6 +542,13 @@ void NcclCommunicator::abort(const std::string& reason) {
   abort_locked(*shared_, "abort(): " + reason);
 }
 
+void NcclCommunicator::consume(Work& work, cudaStream_t stream, Clock::time_point /*deadline*/) {
+  auto* w = dynamic_cast<NcclWork*>(&work);  // its own ops' Work: an NcclWork, unless misused
+  if (w == nullptr)
+    throw InvalidArgument("NcclCommunicator::consume: " + work.op() + " is not an op of an NcclCommunicator");
+  w->wait_on_stream(stream);
+}
+
 void NcclCommunicator::wait_for_stream(cudaStream_t producer) {
   // NCCL forbids other work on its stream while it still launches an op in the background
   // (ncclGroupEnd returned ncclInProgress): finish that launch first.

@@ -11,6 +11,7 @@
 #include <string>
 
 #include "comm/communicator.h"
+#include "comm/device_communicator.h"
 #include "comm/mpi/mpi_communicator.h"
 
 namespace moex::comm {
@@ -72,7 +73,7 @@ class NcclWork final : public Work {
 /// finished before the op is issued, or made visible with `wait_for_stream(producer)` first; data
 /// received is ready for another stream after `NcclWork::wait_on_stream()`, or on the host side
 /// after `wait()`.
-class NcclCommunicator final : public Communicator {
+class NcclCommunicator final : public DeviceCommunicator {
  public:
   struct Options {
     /// Stream the ops are enqueued on; null: the communicator creates (and owns) a non-blocking one.
@@ -127,7 +128,9 @@ class NcclCommunicator final : public Communicator {
   /// Makes the comm stream wait (on the device) for everything enqueued on `producer` so far, so
   /// that ops issued afterwards read the data `producer` writes. Does not block the host, except
   /// for finishing NCCL's background launch of the previous op (bounded by the default timeout).
-  void wait_for_stream(cudaStream_t producer);
+  void wait_for_stream(cudaStream_t producer) override;
+  /// `stream` waits on the device for `work` (an NcclWork of this communicator): NcclWork::wait_on_stream.
+  void consume(Work& work, cudaStream_t stream, Clock::time_point deadline) override;
   /// Aborts the NCCL communicator now (e.g. after another rank failed): kernels in flight stop,
   /// unfinished ops fail and later ops throw NcclError naming `reason`.
   void abort(const std::string& reason);

@@ -388,6 +388,10 @@ std::size_t StagedCommunicator::staging_allocations() const {
   return shared_->allocations;
 }
 
+void StagedCommunicator::consume(Work& work, cudaStream_t /*stream*/, Clock::time_point deadline) {
+  work.wait(deadline);
+}
+
 void StagedCommunicator::wait_for_stream(cudaStream_t producer) {
   DeviceGuard guard(shared_->device);
   cudaEvent_t event = nullptr;

@@ -10,6 +10,7 @@
 #include <string>
 
 #include "comm/communicator.h"
+#include "comm/device_communicator.h"
 
 namespace moex::comm {
 
@@ -39,7 +40,7 @@ struct StagedShared;  // comm stream, device and pinned staging pool (staged_com
 /// Timeouts: `wait(deadline)` throws TimeoutError naming the op, the rank, the peers and the phase
 /// it was in; the op stays valid (as with MpiCommunicator) and can be waited on again. The staged
 /// Work's sequence numbers count the ops issued through this communicator.
-class StagedCommunicator final : public Communicator {
+class StagedCommunicator final : public DeviceCommunicator {
  public:
   struct Options {
     /// Stream for the staging copies; null: the communicator creates (and owns) a non-blocking one.
@@ -85,7 +86,9 @@ class StagedCommunicator final : public Communicator {
 
   /// Makes the staging stream wait (on the device) for everything enqueued on `producer` so far,
   /// so that ops issued afterwards stage the data `producer` writes. Does not block the host.
-  void wait_for_stream(cudaStream_t producer);
+  void wait_for_stream(cudaStream_t producer) override;
+  /// Waits on the host until `deadline`: then the received data is on the device for every stream.
+  void consume(Work& work, cudaStream_t stream, Clock::time_point deadline) override;
 
   /// Pinned bytes the staging pool holds (free and in use).
   std::size_t staging_bytes() const;

@@ -8,14 +8,11 @@
 #include <vector>
 
 #include "base/error.h"
-#include "comm/staged/staged_communicator.h"
+#include "comm/device_communicator.h"
 #include "runtime/cuda/gpu_layer.h"
 #include "runtime/cuda/kernels.h"
 #include "runtime/cuda/layer_helpers.h"
 #include "scheduler/capacity.h"
-#ifdef MOEX_HAVE_NCCL
-#include "comm/nccl/nccl_communicator.h"
-#endif
 
 namespace moex::cuda {
 using namespace layer;  // NOLINT: the layer sources' shared helpers
@@ -45,10 +42,7 @@ std::size_t row_bytes(int64_t row, int64_t width, std::size_t es) {
 /// second stream (aux_) and only grow.
 struct GpuMoELayer::EpState {
   bool serial = false;  // GpuLayerOptions::overlap off: each exchange is waited for once issued
-  comm::StagedCommunicator* staged = nullptr;
-#ifdef MOEX_HAVE_NCCL
-  comm::NcclCommunicator* nccl = nullptr;
-#endif
+  comm::DeviceCommunicator* device = nullptr;
   /// One exchange: the send-side index arrays of its plan (EpPlan names), its rows (sent, received,
   /// returned per received row, come back; layer dtype), the routing-weight gradients going back
   /// ([R*K] out, [S*K] back), and its exchanges in flight (kept until settled: a Work must outlive
@@ -117,25 +111,11 @@ struct GpuMoELayer::EpState {
   DeviceBuffer<int64_t> canon;
 
   /// Orders the device communicator's next ops after the work queued on `producer` so far.
-  void producer_ready(cudaStream_t producer) {
-#ifdef MOEX_HAVE_NCCL
-    if (nccl) {
-      nccl->wait_for_stream(producer);
-      return;
-    }
-#endif
-    staged->wait_for_stream(producer);
-  }
+  void producer_ready(cudaStream_t producer) { device->wait_for_stream(producer); }
   /// Makes `stream` see what `w` received: on the device for NCCL (the host goes on), by waiting on
   /// the host (until `deadline`) for the staged path, whose copies to the device the host drives.
   void consume(comm::Work& w, cudaStream_t stream, Clock::time_point deadline) {
-#ifdef MOEX_HAVE_NCCL
-    if (nccl) {
-      static_cast<comm::NcclWork&>(w).wait_on_stream(stream);
-      return;
-    }
-#endif
-    w.wait(deadline);
+    device->consume(w, stream, deadline);
   }
   /// Chunk c of a dispatch of stage `st`: the rows of `src` ([*, H] of `dtype`; its rows are the
   /// plan's tokens) this rank sends, gathered into st.send_rows, then moved to the peers' recv_rows
@@ -256,11 +236,8 @@ void GpuMoELayer::settle_ep() { ep_->settle(Clock::now() + device_comm_->default
 void GpuMoELayer::init_ep() {
   auto ep = std::unique_ptr<EpState, EpStateDeleter>(new EpState());
   ep->serial = !options_.overlap;
-  ep->staged = dynamic_cast<comm::StagedCommunicator*>(device_comm_);
-#ifdef MOEX_HAVE_NCCL
-  ep->nccl = dynamic_cast<comm::NcclCommunicator*>(device_comm_);
-#endif
-  ep_ = std::move(ep);  // the constructor checked the kind (comm::is_device_communicator)
+  ep->device = comm::as_device_communicator(*device_comm_);
+  ep_ = std::move(ep);  // not null: the constructor checked the kind (comm::is_device_communicator)
 }
 
 void GpuMoELayer::plan_ep(cudaStream_t stream) {
