@@ -1065,10 +1065,10 @@ void MoELayer::calibrate_gemm() {
   r.gemm_fixed_ms = r.gemm_row_ms = 0.0;
   const std::int64_t S = num_local_experts(), H = hidden_, F = ffn_;
   if (S == 0) return;
-  std::int64_t most = 64;
-  for (std::int64_t s = 0; s < S; ++s) {
-    std::int64_t n = work_.self_entries[static_cast<std::size_t>(s)];
-    for (auto m : work_.remote_entries[static_cast<std::size_t>(s)]) n += m;
+  std::int64_t most = 64;  // the measured pass's largest expert block (its slots, which a migration may change)
+  for (std::size_t s = 0; s < work_.self_entries.size(); ++s) {
+    std::int64_t n = work_.self_entries[s];
+    for (auto m : work_.remote_entries[s]) n += m;
     most = std::max(most, n);
   }
   const std::int64_t big = std::min<std::int64_t>(most, 4096), small = std::max<std::int64_t>(big / 8, 1);

@@ -96,7 +96,7 @@ struct LayerOptions {
 /// The schedule a layer runs and, with `chunks = 0` (auto), how it was chosen.
 struct ScheduleChoice {
   bool automatic = false;  ///< LayerOptions::chunks == 0
-  bool decided = false;    ///< auto: the model has chosen (after LayerOptions' measured passes)
+  bool decided = false;    ///< auto: the model has chosen (at the forward after kAutoPasses measured passes)
   sched::Schedule schedule;  ///< what the next pass runs
   std::vector<sched::Schedule> candidates;  ///< auto: what the model compared ...
   std::vector<double> predicted_ms;         ///< ... and each one's predicted pass, slowest rank

@@ -499,6 +499,10 @@ TEST(CudaEpTrainHost, ExecutorRejectsCpuOnlySchedules) {
   hier_det.layer.exchange = ExchangeKind::kHierarchical;
   hier_det.layer.deterministic = true;
   rejects("deterministic mode with the hierarchical exchange", hier_det);
+  TrainOptions local_first;
+  local_first.layer.chunks = 2;
+  local_first.layer.local_first = true;
+  rejects("the CPU layer's local-first stage", local_first);
 }
 
 }  // namespace

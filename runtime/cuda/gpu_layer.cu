@@ -391,6 +391,9 @@ void GpuMoELayer::load_from(MoELayer& cpu) {
 
 std::unique_ptr<GpuMoELayer> make_gpu_layer_like(const MoELayer& cpu, comm::Communicator& host_comm,
                                                  comm::Communicator& device_comm, GpuLayerOptions options) {
+  if (cpu.options().local_first && cpu.options().chunks > 0)
+    throw ConfigError("GPU layer for '" + cpu.name() + "': --local-first is a schedule of the CPU layer only; the GPU "
+                      "layer runs token chunks (drop --local-first)");
   options.chunks = std::max(1, cpu.options().chunks);  // auto (0): the GPU runs the unsplit schedule
   options.capacity_factor = cpu.options().capacity_factor;
   options.deterministic = cpu.options().deterministic;
