@@ -6,6 +6,7 @@
 #include <cstdio>
 #include <exception>
 #include <iomanip>
+#include <memory>
 #include <sstream>
 #include <cstdlib>
 #include <utility>
@@ -217,13 +218,18 @@ MpiCommunicator::MpiCommunicator(MPI_Comm base, std::chrono::milliseconds timeou
   MOEX_MPI_CHECK(MPI_Comm_size(base, &base_size));
   {
     // The duplication is a collective over `base`: nonblocking, so that a rank that never joins
-    // becomes a TimeoutError here. On a timeout the pending request (and the communicator it would
-    // make) is left to MPI; comm_ stays null.
-    MPI_Comm dup = MPI_COMM_NULL;
+    // becomes a TimeoutError here. On a timeout the pending request is left to MPI and comm_ stays
+    // null; the handle MPI writes when it completes later lives on the heap and is left behind.
+    auto dup = std::make_unique<MPI_Comm>(MPI_COMM_NULL);
     MpiWork work(0, "communicator duplication (MPI_Comm_idup)", default_timeout_, base_rank, base_size, {});
-    MOEX_MPI_CHECK(MPI_Comm_idup(base, &dup, work.request()));
-    work.wait(Clock::now() + default_timeout_);
-    comm_ = dup;
+    MOEX_MPI_CHECK(MPI_Comm_idup(base, dup.get(), work.request()));
+    try {
+      work.wait(Clock::now() + default_timeout_);
+    } catch (const TimeoutError&) {
+      static_cast<void>(dup.release());  // still MPI's target
+      throw;
+    }
+    comm_ = *dup;
   }
   try {
     MOEX_MPI_CHECK(MPI_Comm_set_errhandler(comm_, MPI_ERRORS_RETURN));
@@ -293,21 +299,28 @@ std::vector<int> MpiCommunicator::node_ids() {
   barrier("node detection: every rank arrives")->wait();
   MPI_Comm node = MPI_COMM_NULL;
   MOEX_MPI_CHECK(MPI_Comm_split_type(comm_, MPI_COMM_TYPE_SHARED, rank_, MPI_INFO_NULL, &node));
-  int leader = rank_, node_rank = 0, node_size = 1;
+  int node_rank = 0, node_size = 1;
   MPI_Comm_rank(node, &node_rank);
   MPI_Comm_size(node, &node_size);
+  // On the heap: after a timeout the pending reduction may still write it, so it is left behind then.
+  auto leader = std::make_unique<int>(rank_);
   std::exception_ptr failure;
   try {
     MpiWork work(0, "node detection: lowest rank on the node (allreduce_min)", default_timeout_, node_rank, node_size,
                  {});
-    MOEX_MPI_CHECK(MPI_Iallreduce(MPI_IN_PLACE, &leader, 1, MPI_INT, MPI_MIN, node, work.request()));
-    work.wait(Clock::now() + default_timeout_);
+    MOEX_MPI_CHECK(MPI_Iallreduce(MPI_IN_PLACE, leader.get(), 1, MPI_INT, MPI_MIN, node, work.request()));
+    try {
+      work.wait(Clock::now() + default_timeout_);
+    } catch (const TimeoutError&) {
+      static_cast<void>(leader.release());
+      throw;
+    }
   } catch (...) {
     failure = std::current_exception();
   }
   MPI_Comm_free(&node);
   if (failure) std::rethrow_exception(failure);
-  allgather(&leader, ids.data(), 1, DataType::kInt32, "node ids")->wait();
+  allgather(leader.get(), ids.data(), 1, DataType::kInt32, "node ids")->wait();
   return ids;
 }
 
