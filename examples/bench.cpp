@@ -12,7 +12,7 @@
 #include "examples/tool.h"
 #include "runtime/blas.h"
 #include "runtime/moe_layer.h"
-#include "runtime/moe_model.h"
+#include "runtime/model/moe_model.h"
 #include "runtime/random.h"
 #include "scheduler/load_tracker.h"
 #include "scheduler/replica_planner.h"

@@ -17,7 +17,7 @@
 #include "runtime/cuda/device.h"
 #include "runtime/cuda/gpu_layer.h"
 #include "runtime/cuda/kernels.h"
-#include "runtime/moe_model.h"
+#include "runtime/model/moe_model.h"
 
 namespace moex::tools {
 namespace {

@@ -5,7 +5,7 @@
 #include <string>
 
 #include "comm/mpi/mpi_communicator.h"
-#include "runtime/moe_config.h"
+#include "runtime/io/moe_config.h"
 #include "runtime/moe_layer.h"
 
 namespace moex::tools {

@@ -7,8 +7,8 @@
 #include "examples/tool.h"
 #include "runtime/moe_layer.h"
 #include "scheduler/replica_planner.h"
-#include "runtime/hf_layer.h"
-#include "runtime/safetensors.h"
+#include "runtime/io/hf_layer.h"
+#include "runtime/io/safetensors.h"
 #ifdef MOEX_TOOLS_WITH_CUDA
 #include "comm/device_communicator.h"
 #include "runtime/cuda/device.h"

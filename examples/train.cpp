@@ -8,7 +8,7 @@
 #include "base/error.h"
 #include "examples/tool.h"
 #include "runtime/blas.h"
-#include "runtime/trainer.h"
+#include "runtime/model/trainer.h"
 #ifdef MOEX_TOOLS_WITH_CUDA
 #include "comm/device_communicator.h"
 #include "runtime/cuda/device.h"

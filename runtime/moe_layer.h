@@ -12,7 +12,7 @@
 #include "comm/communicator.h"
 #include "runtime/kernels/balance.h"
 #include "runtime/kernels/expert_ffn.h"
-#include "runtime/moe_config.h"
+#include "runtime/io/moe_config.h"
 #include "runtime/stream.h"
 #include "scheduler/expert_placement.h"
 #include "scheduler/pipeline_model.h"

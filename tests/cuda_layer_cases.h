@@ -19,7 +19,7 @@
 #include "runtime/cuda/device.h"
 #include "runtime/cuda/gpu_layer.h"
 #include "runtime/moe_layer.h"
-#include "runtime/moe_model.h"
+#include "runtime/model/moe_model.h"
 #include "runtime/random.h"
 #include "scheduler/expert_placement.h"
 #include "scheduler/replica_planner.h"

@@ -10,7 +10,7 @@
 #include <numeric>
 #include <vector>
 
-#include "runtime/moe_config.h"
+#include "runtime/io/moe_config.h"
 
 namespace moex::ref {
 

@@ -28,7 +28,7 @@
 #include "runtime/cuda/device.h"
 #include "runtime/cuda/gpu_executor.h"
 #include "runtime/cuda/gpu_layer.h"
-#include "runtime/trainer.h"
+#include "runtime/model/trainer.h"
 #include "runtime/moe_layer.h"
 #include "scheduler/expert_placement.h"
 #include "tests/cuda_layer_cases.h"

@@ -18,7 +18,7 @@
 #include "runtime/kernels/expert_ffn.h"
 #include "runtime/kernels/gate.h"
 #include "runtime/moe_layer.h"
-#include "runtime/moe_model.h"
+#include "runtime/model/moe_model.h"
 #include "runtime/random.h"
 #include "scheduler/capacity.h"
 #include "scheduler/expert_placement.h"

@@ -7,9 +7,9 @@
 #include <nlohmann/json.hpp>
 
 #include "base/error.h"
-#include "runtime/moe_config.h"
+#include "runtime/io/moe_config.h"
 #include "runtime/random.h"
-#include "runtime/safetensors.h"
+#include "runtime/io/safetensors.h"
 
 namespace moex {
 namespace {

@@ -16,7 +16,7 @@
 
 #include "base/error.h"
 #include "comm/mpi/mpi_communicator.h"
-#include "runtime/hf_layer.h"
+#include "runtime/io/hf_layer.h"
 #include "runtime/kernels/permute.h"
 #include "runtime/moe_layer.h"
 #include "runtime/parallel.h"
@@ -596,7 +596,7 @@ TEST(LayerArguments, RejectsMismatchedPlacementAndNegativeTokens) {
   expect_all_ranks_passed();
 }
 
-// load_hf_layer (runtime/hf_layer.h): a checkpoint written with Hugging Face names loads into a
+// load_hf_layer (runtime/io/hf_layer.h): a checkpoint written with Hugging Face names loads into a
 // layer sharded over the ranks; every rank gets exactly its experts' tensors.
 TEST(LayerCheckpoint, LoadsHuggingFaceNamesIntoEveryRanksSlots) {
   auto& comm = world();

@@ -9,7 +9,7 @@
 
 #include "base/error.h"
 #include "runtime/moe_layer.h"
-#include "runtime/moe_model.h"
+#include "runtime/model/moe_model.h"
 #include "runtime/random.h"
 #include "scheduler/replica_planner.h"
 #include "tests/mpi_test_env.h"

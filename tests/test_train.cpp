@@ -14,7 +14,7 @@
 
 #include "base/error.h"
 #include "runtime/random.h"
-#include "runtime/trainer.h"
+#include "runtime/model/trainer.h"
 #include "tests/mpi_test_env.h"
 
 namespace moex {

@@ -1,5 +1,5 @@
 // GpuLayerExecutor: a MoeModel's MoE layers on the GPU (expert-parallel GpuMoELayers), the rest of
-// the model on the host (see runtime/layer_executor.h).
+// the model on the host (see runtime/model/layer_executor.h).
 #pragma once
 
 #include <map>
@@ -9,7 +9,7 @@
 #include "comm/communicator.h"
 #include "runtime/cuda/device.h"
 #include "runtime/cuda/gpu_layer.h"
-#include "runtime/layer_executor.h"
+#include "runtime/model/layer_executor.h"
 
 namespace moex::cuda {
 

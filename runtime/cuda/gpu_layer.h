@@ -18,7 +18,7 @@
 #include "runtime/cuda/grouped_gemm.h"
 #include "runtime/ep_plan.h"
 #include "runtime/kernels/gate.h"
-#include "runtime/moe_config.h"
+#include "runtime/io/moe_config.h"
 #include "runtime/moe_layer.h"
 #include "scheduler/expert_placement.h"
 #include "scheduler/replica_planner.h"

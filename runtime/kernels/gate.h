@@ -3,7 +3,7 @@
 
 #include <cstdint>
 
-#include "runtime/moe_config.h"
+#include "runtime/io/moe_config.h"
 
 namespace moex::kernels {
 

@@ -5,7 +5,7 @@
 #include <string>
 
 #include "runtime/moe_layer.h"
-#include "runtime/safetensors.h"
+#include "runtime/io/safetensors.h"
 
 namespace moex {
 

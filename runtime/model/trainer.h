@@ -7,8 +7,8 @@
 #include <string>
 #include <vector>
 
-#include "runtime/adamw.h"
-#include "runtime/moe_model.h"
+#include "runtime/model/adamw.h"
+#include "runtime/model/moe_model.h"
 #include "runtime/stream.h"
 #include "scheduler/load_tracker.h"
 #include "scheduler/replica_planner.h"

@@ -1,5 +1,5 @@
 // MoeConfig: parsing a Hugging Face DeepSeek config.json and validating it.
-#include "runtime/moe_config.h"
+#include "runtime/io/moe_config.h"
 
 #include <cerrno>
 #include <cmath>

@@ -1,5 +1,5 @@
 // safetensors reading (with a validating header parser) and writing.
-#include "runtime/safetensors.h"
+#include "runtime/io/safetensors.h"
 
 #include <algorithm>
 #include <bit>

@@ -1,5 +1,5 @@
 // AdamW update.
-#include "runtime/adamw.h"
+#include "runtime/model/adamw.h"
 
 #include <cmath>
 

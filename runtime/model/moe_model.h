@@ -5,7 +5,7 @@
 #include <memory>
 #include <vector>
 
-#include "runtime/layer_executor.h"
+#include "runtime/model/layer_executor.h"
 #include "runtime/moe_layer.h"
 
 namespace moex {

@@ -1,5 +1,5 @@
 // Teacher-student training loop.
-#include "runtime/trainer.h"
+#include "runtime/model/trainer.h"
 
 #include <algorithm>
 #include <chrono>

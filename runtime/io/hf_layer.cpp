@@ -1,5 +1,5 @@
 // load_hf_layer: Hugging Face DeepSeek tensor names -> a MoELayer's parameter blocks.
-#include "runtime/hf_layer.h"
+#include "runtime/io/hf_layer.h"
 
 #include <cstdint>
 #include <cstring>

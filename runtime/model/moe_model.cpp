@@ -1,5 +1,5 @@
 // MoeModel forward/backward and random initialisation.
-#include "runtime/moe_model.h"
+#include "runtime/model/moe_model.h"
 
 #include <cmath>
 #include <cstring>
