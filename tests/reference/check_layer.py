@@ -226,7 +226,17 @@ NO_DEVICE = 77
 
 def run_cmd(cmd, timeout, extra_env=None):
     """Runs cmd in its own process group; on timeout kills that group. Returns (rc, stdout, stderr,
-    seconds, timed_out)."""
+    seconds, timed_out). A launch that Open MPI itself fails before any rank starts (its session
+    directory raced with another mpirun's cleanup: "orte_session_dir failed") is tried once more."""
+    for attempt in range(2):
+        result = _run_once(cmd, timeout, extra_env)
+        if attempt == 0 and result[0] != 0 and "orte_session_dir failed" in result[2]:
+            time.sleep(0.5)
+            continue
+        return result
+
+
+def _run_once(cmd, timeout, extra_env):
     t0 = time.monotonic()
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(extra_env),
                          start_new_session=True)
