@@ -6,6 +6,7 @@
 #include <cstdio>
 #include <cstring>
 #include <limits>
+#include <numeric>
 
 #include "base/error.h"
 #include "runtime/kernels/expert_ffn.h"
@@ -20,6 +21,16 @@ template <typename T>
 void grow(std::vector<T>& v, std::int64_t n) {
   // resize() never shrinks capacity, so buffers stop allocating once they reach a step's size.
   v.resize(static_cast<std::size_t>(n));
+}
+/// Where each block of `counts` starts when the blocks are packed back to back.
+std::vector<std::int64_t> packed_displs(std::span<const std::int64_t> counts) {
+  std::vector<std::int64_t> d(counts.size(), 0);
+  for (std::size_t p = 1; p < counts.size(); ++p) d[p] = d[p - 1] + counts[p - 1];
+  return d;
+}
+/// First row of the block a chunk's plan sends to rank `me` (its rows are by destination rank).
+std::int64_t first_row_to(const sched::RoutePlan& plan, int me) {
+  return std::accumulate(plan.rows_per_rank.begin(), plan.rows_per_rank.begin() + me, std::int64_t{0});
 }
 }  // namespace
 
@@ -367,8 +378,7 @@ void MoELayer::dispatch_flat(Chunk& ch, int c, bool grad) {
     rd[static_cast<std::size_t>(p)] = recv_layout_.row_base[recv_layout_.rc(p, c)] * W;
   }
   // Local-first: the block to itself was copied on the compute thread; the others keep their places.
-  std::vector<std::int64_t> sd(static_cast<std::size_t>(P), 0);
-  for (int p = 1; p < P; ++p) sd[static_cast<std::size_t>(p)] = sd[static_cast<std::size_t>(p - 1)] + sc[static_cast<std::size_t>(p - 1)];
+  const std::vector<std::int64_t> sd = packed_displs(sc);
   if (local_first_) sc[static_cast<std::size_t>(comm_.rank())] = rc[static_cast<std::size_t>(comm_.rank())] = 0;
   count_bytes(sc, 4);
   // Rows land directly at their canonical place.
@@ -512,8 +522,7 @@ void MoELayer::combine_flat(Chunk& ch, int c, std::int64_t width) {
     sd[static_cast<std::size_t>(p)] = recv_layout_.row_base[recv_layout_.rc(p, c)] * width;
     rc[static_cast<std::size_t>(p)] = ch.plan.rows_per_rank[static_cast<std::size_t>(p)] * width;
   }
-  std::vector<std::int64_t> rd(static_cast<std::size_t>(P), 0);
-  for (int p = 1; p < P; ++p) rd[static_cast<std::size_t>(p)] = rd[static_cast<std::size_t>(p - 1)] + rc[static_cast<std::size_t>(p - 1)];
+  const std::vector<std::int64_t> rd = packed_displs(rc);
   if (local_first_) sc[static_cast<std::size_t>(comm_.rank())] = rc[static_cast<std::size_t>(comm_.rank())] = 0;
   count_bytes(sc, 4);
   alltoallv(out_.data(), sc, sd, ch.back.data(), rc, rd, width == hidden_ ? "combine" : "combine grad")->wait();
@@ -679,8 +688,7 @@ void MoELayer::copy_self_rows(bool grad) {
   float* dst = grad ? rgrad_.data() : recv_.data();
   for (int c = 0; c < chunks_used_; ++c) {
     const Chunk& ch = *chunks_[static_cast<std::size_t>(c)];
-    std::int64_t first = 0;
-    for (int q = 0; q < me; ++q) first += ch.plan.rows_per_rank[static_cast<std::size_t>(q)];
+    const std::int64_t first = first_row_to(ch.plan, me);
     const auto i = recv_layout_.rc(me, c);
     if (recv_layout_.rows[i] > 0)
       std::memcpy(dst + recv_layout_.row_base[i] * W, ch.send.data() + first * W,
@@ -692,8 +700,7 @@ void MoELayer::return_self_rows(std::int64_t width) {
   const int me = comm_.rank();
   for (int c = 0; c < chunks_used_; ++c) {
     Chunk& ch = *chunks_[static_cast<std::size_t>(c)];
-    std::int64_t first = 0;
-    for (int q = 0; q < me; ++q) first += ch.plan.rows_per_rank[static_cast<std::size_t>(q)];
+    const std::int64_t first = first_row_to(ch.plan, me);
     grow(ch.back, ch.plan.num_rows() * width);
     const auto i = recv_layout_.rc(me, c);
     if (recv_layout_.rows[i] > 0)

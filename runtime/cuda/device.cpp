@@ -1,12 +1,11 @@
 // CUDA device plumbing: device discovery, error messages, streams and cuBLAS handles.
 #include "runtime/cuda/device.h"
 
-#include <algorithm>
 #include <iomanip>
 #include <sstream>
-#include <thread>
 
 #include "comm/communicator.h"
+#include "comm/op_checks.h"
 
 namespace moex::cuda {
 
@@ -37,8 +36,8 @@ void synchronize(cudaStream_t stream, const std::string& what, std::chrono::mill
   cudaEvent_t done = nullptr;
   MOEX_CUDA_CHECK(cudaEventCreateWithFlags(&done, cudaEventDisableTiming));
   cudaError_t rc = cudaEventRecord(done, stream);
-  auto pause = std::chrono::microseconds(1);
-  for (int polls = 0; rc == cudaSuccess; ++polls) {
+  comm::op_checks::Backoff backoff;
+  while (rc == cudaSuccess) {
     rc = cudaEventQuery(done);
     if (rc != cudaErrorNotReady) break;
     rc = cudaSuccess;
@@ -51,10 +50,7 @@ void synchronize(cudaStream_t stream, const std::string& what, std::chrono::mill
             "or --timeout if the step is legitimately slower";
       throw TimeoutError(os.str());
     }
-    if (polls > 64) {
-      std::this_thread::sleep_for(pause);
-      pause = std::min(pause * 2, std::chrono::microseconds(1000));
-    }
+    backoff.pause();
   }
   static_cast<void>(cudaEventDestroy(done));
   if (rc != cudaSuccess) detail::throw_cuda_error(rc, ("waiting for the device: " + what).c_str(), __FILE__, __LINE__);

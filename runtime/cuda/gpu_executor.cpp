@@ -23,9 +23,7 @@ void GpuLayerExecutor::check(const MoELayer& layer) {
   if (o.deterministic && o.exchange != ExchangeKind::kFlat)
     throw ConfigError(what + "on the GPU the deterministic mode runs the flat exchange only (drop the "
                              "hierarchical exchange or the deterministic mode)");
-  if (o.local_first && o.chunks > 0)
-    throw ConfigError(what + "--local-first is a schedule of the CPU layer only; the GPU layer runs token chunks "
-                             "(drop --local-first)");
+  check_gpu_schedule(layer);
   if (layer.replica_layout()) return;  // every rank has the layout's slots
   const sched::ExpertPlacement& p = layer.placement();
   for (int r = 0; r < p.world_size(); ++r)

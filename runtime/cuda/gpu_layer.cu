@@ -389,11 +389,15 @@ void GpuMoELayer::load_from(MoELayer& cpu) {
   aux_.synchronize();
 }
 
-std::unique_ptr<GpuMoELayer> make_gpu_layer_like(const MoELayer& cpu, comm::Communicator& host_comm,
-                                                 comm::Communicator& device_comm, GpuLayerOptions options) {
+void check_gpu_schedule(const MoELayer& cpu) {
   if (cpu.options().local_first && cpu.options().chunks > 0)
     throw ConfigError("GPU layer for '" + cpu.name() + "': --local-first is a schedule of the CPU layer only; the GPU "
                       "layer runs token chunks (drop --local-first)");
+}
+
+std::unique_ptr<GpuMoELayer> make_gpu_layer_like(const MoELayer& cpu, comm::Communicator& host_comm,
+                                                 comm::Communicator& device_comm, GpuLayerOptions options) {
+  check_gpu_schedule(cpu);
   options.chunks = std::max(1, cpu.options().chunks);  // auto (0): the GPU runs the unsplit schedule
   options.capacity_factor = cpu.options().capacity_factor;
   options.deterministic = cpu.options().deterministic;

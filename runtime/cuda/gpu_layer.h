@@ -369,6 +369,10 @@ class GpuMoELayer {
   std::unique_ptr<EpState, EpStateDeleter> ep_;
 };
 
+/// ConfigError when `cpu` uses a schedule only the CPU layer runs (local-first). Needs no device:
+/// make_gpu_layer_like and GpuLayerExecutor::check call it.
+void check_gpu_schedule(const MoELayer& cpu);
+
 /// An expert-parallel GpuMoELayer laid out as the CPU layer `cpu` (its replica layout and topology
 /// in replica mode, else its placement), with `options` but `cpu`'s schedule (chunks, overlap, exchange,
 /// deterministic; overlap off also turns overlap_shared off) and capacity factor;
