@@ -1,0 +1,223 @@
+// sched::ExchangePlan (pure, no MPI): a hand-checked send side, the canonical receive layout of
+// simulated ranks for several chunk counts, both ways of building the receive side, and bad input.
+#include <gtest/gtest.h>
+
+#include <cstdint>
+#include <random>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "base/error.h"
+#include "scheduler/exchange_plan.h"
+
+namespace moex {
+namespace {
+
+using I64 = std::vector<std::int64_t>;
+using I32 = std::vector<std::int32_t>;
+std::size_t z(std::int64_t v) { return static_cast<std::size_t>(v); }
+
+// World 2, contiguous placement of 4 experts: rank 0 holds experts 0, 1 (slots 0, 1), rank 1 holds
+// 2, 3. Rank 0 has 3 tokens, K = 2, in 2 chunks (token 0 | tokens 1, 2):
+//   token 0 -> experts 3, 0   token 1 -> experts 2, 3   token 2 -> experts 1, 0
+const I32 kIds{3, 0, 2, 3, 1, 0};
+const std::vector<float> kWeights{0.6f, 0.4f, 0.7f, 0.3f, 0.8f, 0.2f};
+
+TEST(ExchangePlanExample, SendSide) {
+  const auto placement = sched::ExpertPlacement::contiguous(4, 2);
+  const auto topo = sched::Topology::single_node(2);
+  std::vector<int> rank;
+  I32 slot;
+  sched::route_picks(kIds, {}, 2, &placement, nullptr, topo, 0, rank, slot);
+  EXPECT_EQ(rank, (std::vector<int>{1, 0, 1, 1, 0, 0}));
+  EXPECT_EQ(slot, (I32{1, 0, 0, 1, 1, 0}));
+  sched::ExchangePlan plan;
+  plan.build_send(rank, slot, 3, 2, 2, 0, 2);
+  // chunk 0: (t0 -> rank 0), (t0 -> rank 1); chunk 1: (t2 -> rank 0), (t1 -> rank 1)
+  EXPECT_EQ(plan.send_counts, (I64{1, 1, 1, 1}));
+  EXPECT_EQ(plan.send_token, (I64{0, 0, 2, 1}));
+  EXPECT_EQ(plan.send_code, (I32{0, -1, 1, -1, 1, 0, 0, 1}));
+  EXPECT_EQ(plan.send_k, (I32{1, -1, 0, -1, 0, 1, 0, 1}));
+  EXPECT_EQ(plan.token_offsets, (I64{0, 2, 3, 4}));
+  EXPECT_EQ(plan.token_rows, (I64{0, 1, 3, 2}));
+  EXPECT_EQ(plan.pick_back, (I64{2, 0, 6, 7, 4, 5}));
+  I64 out(2);
+  plan.picks_for(1, 0, 2, out.data());
+  EXPECT_EQ(out, (I64{1, 1}));
+  std::vector<float> meta;
+  plan.pack_meta(kWeights, meta);
+  // Row 2 (token 2 to rank 0): codes 1, 0 then weights of top-K positions 0, 1.
+  EXPECT_EQ(std::vector<float>(meta.begin() + 8, meta.begin() + 12), (std::vector<float>{1.0f, 0.0f, 0.8f, 0.2f}));
+  I64 sc;
+  EXPECT_EQ(std::vector<std::int64_t>(plan.send_block_displs(1, 3, sc).begin(), plan.send_block_displs(1, 3, sc).end()),
+            (I64{0, 3}));
+}
+
+TEST(ExchangePlanExample, DroppedPicksMakeNoRow) {
+  const auto placement = sched::ExpertPlacement::contiguous(4, 2);
+  const auto topo = sched::Topology::single_node(2);
+  std::vector<int> rank;
+  I32 slot;
+  const std::vector<std::uint8_t> kept{1, 0, 1, 1, 0, 0};
+  sched::route_picks(kIds, kept, 2, &placement, nullptr, topo, 0, rank, slot);
+  sched::ExchangePlan plan;
+  plan.build_send(rank, slot, 3, 2, 2, 0, 1);
+  EXPECT_EQ(plan.send_counts, (I64{0, 2}));  // token 2 dropped both picks; token 0 kept only rank 1's
+  EXPECT_EQ(plan.pick_back[1], -1);
+  EXPECT_EQ(plan.pick_back[4], -1);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Simulated ranks: every rank's send side, and rank q's receive side built from them
+
+struct Sim {
+  int P = 3;
+  std::int64_t E = 6, K = 2;
+  std::vector<std::int64_t> tokens{5, 0, 9};
+  std::vector<I32> ids;
+  std::vector<std::vector<float>> weights;
+  explicit Sim(unsigned seed) {
+    std::mt19937 rng(seed);
+    for (int p = 0; p < P; ++p) {
+      I32 id;
+      std::vector<float> w;
+      for (std::int64_t t = 0; t < tokens[z(p)]; ++t) {
+        const auto a = static_cast<std::int32_t>(rng() % E);
+        auto b = static_cast<std::int32_t>(rng() % (E - 1));
+        if (b >= a) ++b;
+        id.insert(id.end(), {a, b});
+        w.insert(w.end(), {0.25f + 0.01f * static_cast<float>(t), 0.5f + 0.01f * static_cast<float>(t)});
+      }
+      ids.push_back(id);
+      weights.push_back(w);
+    }
+  }
+  /// Every rank's send plan with `chunks` chunks, and rank q's receive side (both ways).
+  void plans(int chunks, int q, std::vector<sched::ExchangePlan>& send, sched::ExchangePlan& recv,
+             sched::ExchangePlan& recv_meta) const {
+    const auto placement = sched::ExpertPlacement::contiguous(E, P);
+    const auto topo = sched::Topology::single_node(P);
+    send.assign(z(P), {});
+    const std::int64_t S = placement.num_local(q);
+    I64 rows_pc(z(P * chunks)), picks(z(P * chunks * S)), counts_cp(z(P * chunks));
+    std::vector<std::vector<float>> meta(z(P));
+    std::vector<float> all_meta;
+    for (int p = 0; p < P; ++p) {
+      std::vector<int> rank;
+      I32 slot;
+      sched::route_picks(ids[z(p)], {}, K, &placement, nullptr, topo, p, rank, slot);
+      send[z(p)].build_send(rank, slot, tokens[z(p)], K, P, p, chunks);
+      send[z(p)].pack_meta(weights[z(p)], meta[z(p)]);
+      for (int c = 0; c < chunks; ++c) {
+        rows_pc[z(p * chunks + c)] = counts_cp[z(c * P + p)] = send[z(p)].send_counts[send[z(p)].cp(c, q)];
+        send[z(p)].picks_for(c, q, S, picks.data() + (p * chunks + c) * S);
+      }
+    }
+    recv.topk = recv_meta.topk = K;
+    recv.build_receive(P, chunks, S, rows_pc, picks);
+    for (int c = 0; c < chunks; ++c)
+      for (int p = 0; p < P; ++p) {
+        const float* m = meta[z(p)].data() + send[z(p)].send_displ(c, q) * 2 * K;
+        recv.place_block(p, c, m, 2 * K);
+        all_meta.insert(all_meta.end(), m, m + send[z(p)].send_counts[send[z(p)].cp(c, q)] * 2 * K);
+      }
+    recv_meta.build_receive_from_meta(P, chunks, S, counts_cp, all_meta);
+  }
+};
+
+/// Each entry of `recv` as (slot, source, token, top-K position, weight), in canonical order.
+using Entry = std::tuple<std::int64_t, int, std::int64_t, std::int32_t, float>;
+std::vector<Entry> entries_of(const sched::ExchangePlan& recv, const std::vector<sched::ExchangePlan>& send, int q) {
+  std::vector<Entry> out;
+  for (std::int64_t s = 0; s < recv.num_local; ++s)
+    for (std::int64_t e = recv.slot_offsets[z(s)]; e < recv.slot_offsets[z(s) + 1]; ++e) {
+      const std::int64_t r = recv.entry_row[z(e)];
+      int c = 0, p = 0;  // the block (c, p) holding recv row r
+      for (c = 0; c < recv.chunks; ++c)
+        for (p = 0; p < recv.world; ++p)
+          if (r >= recv.recv_displ(c, p) && r < recv.recv_displ(c, p) + recv.recv_counts[recv.cp(c, p)]) goto found;
+      ADD_FAILURE() << "entry " << e << " names recv row " << r << " outside every block";
+      return out;
+    found:
+      const sched::ExchangePlan& from = send[z(p)];
+      const std::int64_t srow = from.send_displ(c, q) + (r - recv.recv_displ(c, p));
+      const std::int32_t f = recv.entry_pick[z(e)];
+      EXPECT_EQ(from.send_code[z(srow * from.topk + f)], s) << "entry " << e;
+      out.emplace_back(s, p, from.send_token[z(srow)], from.send_k[z(srow * from.topk + f)], recv.entry_weight[z(e)]);
+    }
+  return out;
+}
+
+TEST(ExchangePlanReceive, CanonicalEntriesDoNotDependOnTheChunking) {
+  const Sim sim(7);
+  for (int q = 0; q < sim.P; ++q) {
+    std::vector<Entry> first;
+    for (int chunks : {1, 2, 3, 5, 12}) {
+      std::vector<sched::ExchangePlan> send;
+      sched::ExchangePlan recv, recv_meta;
+      sim.plans(chunks, q, send, recv, recv_meta);
+      const std::vector<Entry> got = entries_of(recv, send, q);
+      // Every pick of every source that goes to q appears once, with its weight.
+      std::int64_t expected = 0;
+      for (int p = 0; p < sim.P; ++p)
+        for (std::int64_t i = 0; i < sim.tokens[z(p)] * sim.K; ++i)
+          if (sim.ids[z(p)][z(i)] / 2 == q) ++expected;
+      EXPECT_EQ(static_cast<std::int64_t>(got.size()), expected) << "rank " << q << ", chunks " << chunks;
+      for (const Entry& e : got)
+        EXPECT_EQ(std::get<4>(e), sim.weights[z(std::get<1>(e))][z(std::get<2>(e) * sim.K + std::get<3>(e))]);
+      if (chunks == 1) first = got;
+      EXPECT_EQ(got, first) << "rank " << q << ": canonical order changed with " << chunks << " chunks";
+      // Both ways of building the receive side agree.
+      EXPECT_EQ(recv_meta.entry_row, recv.entry_row);
+      EXPECT_EQ(recv_meta.entry_pick, recv.entry_pick);
+      EXPECT_EQ(recv_meta.entry_weight, recv.entry_weight);
+      EXPECT_EQ(recv_meta.row_entry, recv.row_entry);
+      // The chunk-major view is a permutation, and its inverse.
+      sched::ExchangePlan::ChunkMajor cm;
+      recv.chunk_major(cm);
+      std::int64_t n = 0;
+      for (std::int64_t e : cm.order) EXPECT_EQ(cm.position[z(e)], n++);
+      std::int64_t total = 0;
+      for (std::int64_t m : cm.chunk_slot) total += m;
+      EXPECT_EQ(total, recv.entries());
+    }
+  }
+}
+
+TEST(ExchangePlanBadInput, RejectsWhatCannotBeRouted) {
+  sched::ExchangePlan plan;
+  const std::vector<int> dest{0, 2};
+  const I32 code{0, 0};
+  EXPECT_THROW(plan.build_send(dest, code, 1, 2, 2, 0, 1), InvalidArgument);  // rank 2 of 2
+  EXPECT_THROW(plan.build_send(std::vector<int>{0, 1}, I32{0, 1 << 24}, 1, 2, 2, 0, 1), InvalidArgument);
+  EXPECT_THROW(plan.build_send(std::vector<int>{0}, I32{0}, 1, 2, 2, 0, 1), InvalidArgument);  // sizes
+  EXPECT_THROW(plan.build_send(std::vector<int>{0, 1}, I32{0, 0}, 1, 2, 2, 0, 0), InvalidArgument);  // chunks 0
+  const I64 bad_starts{0, 2, 1};
+  EXPECT_THROW(plan.build_send(std::vector<int>{0, 1}, I32{0, 0}, 1, 2, 2, 0, 2, bad_starts), InvalidArgument);
+  const auto placement = sched::ExpertPlacement::contiguous(4, 2);
+  std::vector<int> rank;
+  I32 slot;
+  EXPECT_THROW(sched::route_picks(I32{4, 0}, {}, 2, &placement, nullptr, sched::Topology::single_node(2), 0, rank, slot),
+               InvalidArgument);
+}
+
+TEST(ExchangePlanBadInput, ReceiveChecksTheCodesAgainstTheAnnouncement) {
+  sched::ExchangePlan recv;
+  recv.topk = 2;
+  recv.build_receive(1, 1, 2, I64{1}, I64{1, 0});
+  const std::vector<float> foreign{5.0f, -1.0f, 0.5f, 0.0f};  // slot 5 of 2
+  try {
+    recv.place_block(0, 0, foreign.data(), 4);
+    ADD_FAILURE() << "a foreign slot was accepted";
+  } catch (const InvalidArgument& e) {
+    EXPECT_NE(std::string(e.what()).find("routing code 5"), std::string::npos) << e.what();
+  }
+  recv.build_receive(1, 1, 2, I64{1}, I64{1, 0});
+  const std::vector<float> extra{0.0f, 1.0f, 0.5f, 0.5f};  // a pick for slot 1, announced 0
+  EXPECT_THROW(recv.place_block(0, 0, extra.data(), 4), InvalidArgument);
+  EXPECT_THROW(recv.build_receive(1, 1, 2, I64{-1}, I64{0, 0}), InvalidArgument);
+}
+
+}  // namespace
+}  // namespace moex
