@@ -256,9 +256,9 @@ void ExchangePlan::pack_meta(std::span<const float> topk_weights, std::vector<fl
 
 void ExchangePlan::build_receive(int world_in, int chunks_in, std::int64_t num_local_in,
                                  std::span<const std::int64_t> rows_pc, std::span<const std::int64_t> picks_pcs) {
-  if (world_in < 1 || chunks_in < 1 || num_local_in < 0)
-    throw InvalidArgument("exchange plan: build_receive needs world, chunks >= 1 and slots >= 0, got " + str(world_in) +
-                          ", " + str(chunks_in) + " and " + str(num_local_in));
+  if (world_in < 1 || chunks_in < 1 || num_local_in < 0 || topk < 1)
+    throw InvalidArgument("exchange plan: build_receive needs world, chunks, K >= 1 and slots >= 0, got " +
+                          str(world_in) + ", " + str(chunks_in) + ", " + str(topk) + " and " + str(num_local_in));
   const auto P = z(world_in), C = z(chunks_in), S = z(num_local_in);
   if (rows_pc.size() != P * C || picks_pcs.size() != P * C * S)
     throw InvalidArgument("exchange plan: " + str(static_cast<std::int64_t>(rows_pc.size())) + " row counts and " +

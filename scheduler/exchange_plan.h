@@ -126,8 +126,8 @@ struct ExchangePlan {
 
   /// Step 2. The canonical layout of `num_local` slots from what every source announced:
   /// rows_pc[p*C + c] rows from p in chunk c, picks_pcs[(p*C + c)*S + s] of them for slot s. Sets
-  /// world, chunks and the receive side's sizes (entries not placed yet). InvalidArgument on a
-  /// negative count or on sizes that differ.
+  /// world, chunks and the receive side's sizes (entries not placed yet); K is `topk`, set by
+  /// build_send() (or by hand). InvalidArgument on topk < 1, a negative count or sizes that differ.
   void build_receive(int world, int chunks, std::int64_t num_local, std::span<const std::int64_t> rows_pc,
                      std::span<const std::int64_t> picks_pcs);
   /// Step 3 for block (p, c): row i of the block (recv row recv_displ(c, p) + i) has its K codes at
