@@ -195,11 +195,11 @@ int bench_layer(moex::comm::MpiCommunicator& world, int argc, char** argv) {
     double f = 18.0 * static_cast<double>(H) * static_cast<double>(F) * static_cast<double>(layer.route_stats().entries_processed) +
                18.0 * static_cast<double>(H) * static_cast<double>(Fs) * static_cast<double>(T);
     if (reference) {
-      const auto& blocks = layer.expert_layout();
+      const auto& plan = layer.exchange_plan();
       world.barrier("bench gemm")->wait();
       t0 = Clock::now();
       ffn_gemms(T, H, Fs, scratch);
-      for (std::int64_t s = 0; s < layer.num_local_experts(); ++s) ffn_gemms(blocks.count(s), H, F, scratch);
+      for (std::int64_t s = 0; s < layer.num_local_experts(); ++s) ffn_gemms(plan.slot_entries(s), H, F, scratch);
       ref = max_over_ranks(world, ms_since(t0));
     }
     local_flops = f;

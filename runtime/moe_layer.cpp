@@ -22,16 +22,6 @@ void grow(std::vector<T>& v, std::int64_t n) {
   // resize() never shrinks capacity, so buffers stop allocating once they reach a step's size.
   v.resize(static_cast<std::size_t>(n));
 }
-/// Where each block of `counts` starts when the blocks are packed back to back.
-std::vector<std::int64_t> packed_displs(std::span<const std::int64_t> counts) {
-  std::vector<std::int64_t> d(counts.size(), 0);
-  for (std::size_t p = 1; p < counts.size(); ++p) d[p] = d[p - 1] + counts[p - 1];
-  return d;
-}
-/// First row of the block a chunk's plan sends to rank `me` (its rows are by destination rank).
-std::int64_t first_row_to(const sched::RoutePlan& plan, int me) {
-  return std::accumulate(plan.rows_per_rank.begin(), plan.rows_per_rank.begin() + me, std::int64_t{0});
-}
 }  // namespace
 
 const char* to_string(ExchangeKind k) { return k == ExchangeKind::kFlat ? "flat" : "hierarchical"; }
@@ -42,39 +32,24 @@ ExchangeKind exchange_from_string(const std::string& s) {
   throw ConfigError("exchange = '" + s + "': expected flat or hierarchical");
 }
 
-/// One pipeline chunk: its tokens' routes, the buffers its exchanges move, and its events.
+/// One pipeline chunk's hierarchical exchange (forwarder and receiver sides), and its events.
 struct MoELayer::Chunk {
-  std::int64_t t0 = 0, tokens = 0;
-  sched::RoutePlan plan;    // origin: one row per (token, destination rank)
-  sched::RoutePlan plan_a;  // origin, hierarchical: one row per (token, destination node)
-  std::vector<float> send;  // origin: packed rows going out
-  std::vector<float> back;  // origin: rows coming back (flat: by rank; hierarchical: by node)
-  // Forwarder side of the hierarchical exchange.
-  std::vector<std::int64_t> in_a;     // [P] stage-A rows received from each source
-  std::vector<std::int64_t> out_b;    // [P] stage-B rows sent to each rank of this node
+  // Forwarder side: the stage-A rows received, and stage B planned over them.
+  std::vector<std::int64_t> in_a;  // [P] stage-A rows received from each source
+  sched::ExchangePlan plan_b;      // one row per (stage-A row, owner rank on this node)
+  std::vector<int> b_dest;         // scratch of plan_b: owner and slot of every stage-A pick
+  std::vector<std::int32_t> b_code;
   std::vector<float> fwd_in, fwd_out, fwd_ret, fwd_back;
-  std::vector<std::int64_t> b_from_a;  // [rows_b] stage-A row each stage-B row came from
-  std::vector<std::int32_t> b_pick_a;  // [rows_b * K] pick position in the stage-A row
-  // Receiver side of the hierarchical exchange.
-  std::vector<std::int64_t> in_b;           // [P] stage-B rows from each forwarder
-  std::vector<float> stage_in, stage_out;   // rows in arrival order
-  std::vector<std::int64_t> arrival_canon;  // canonical row of each arrival
+  // Receiver side: stage-B rows in arrival order.
+  std::vector<std::int64_t> in_b;         // [P] stage-B rows from each forwarder
+  std::vector<float> stage_in, stage_out;
+  std::vector<std::int64_t> arrival_row;  // receive row of each arrival
   Event dispatched, combined;
 };
 
 namespace {
 double ms_since(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
-}
-std::int32_t int_bits(float f) {
-  std::int32_t i;
-  std::memcpy(&i, &f, sizeof i);
-  return i;
-}
-float float_bits(std::int32_t i) {
-  float f;
-  std::memcpy(&f, &i, sizeof f);
-  return f;
 }
 }  // namespace
 
@@ -110,13 +85,6 @@ MoELayer::MoELayer(const MoeConfig& config, comm::Communicator& comm, std::strin
     throw InvalidArgument(name_ + ": " + what + " is for " + std::to_string(world) + " ranks but the communicator has " +
                           std::to_string(comm_.size()));
   if (placement_) {
-    const auto E = static_cast<std::size_t>(experts_total_);
-    expert_owner_.resize(E);
-    expert_slot_.resize(E);
-    for (std::size_t e = 0; e < E; ++e) {
-      expert_owner_[e] = placement_->owner(static_cast<std::int64_t>(e));
-      expert_slot_[e] = placement_->local_slot(static_cast<std::int64_t>(e));
-    }
     std::vector<std::vector<std::int64_t>> slots(static_cast<std::size_t>(comm_.size()));
     for (int r = 0; r < comm_.size(); ++r) {
       const auto mine = placement_->experts_of(r);
@@ -139,9 +107,6 @@ void MoELayer::set_slots(std::vector<std::vector<std::int64_t>> slot_expert) {
   slot_expert_ = std::move(slot_expert);
   max_slots_ = 1;
   for (const auto& v : slot_expert_) max_slots_ = std::max<std::int64_t>(max_slots_, static_cast<std::int64_t>(v.size()));
-  if (static_cast<std::int64_t>(comm_.size()) * max_slots_ > std::numeric_limits<std::int32_t>::max())
-    throw InvalidArgument(name_ + ": " + std::to_string(comm_.size()) + " ranks x " + std::to_string(max_slots_) +
-                          " expert slots do not fit the int32 slot codes of the exchange");
   multi_index_.assign(static_cast<std::size_t>(experts_total_), -1);
   if (replicas_) {
     std::int64_t m = 0;
@@ -242,43 +207,6 @@ void MoELayer::count_bytes(std::span<const std::int64_t> send_elems, std::int64_
 // ---------------------------------------------------------------------------------------------------
 // Routing plans and the up-front counts exchange
 
-void MoELayer::route_picks() {
-  // Where every pick goes: the expert's owner (placement mode) or the replica choose() names for this
-  // (rank, token) (replica mode). The choice depends on the token's index in the whole batch, so it
-  // does not change with the chunking.
-  const std::int64_t n = tokens_ * topk_;
-  const int me = comm_.rank();
-  grow(pick_rank_, n);
-  grow(pick_node_, n);
-  grow(pick_slot_, n);
-  grow(pick_phys_, n);
-  for (std::int64_t i = 0; i < n; ++i) {
-    const std::int32_t e = topk_ids_[static_cast<std::size_t>(i)];
-    if (e < 0 || e >= experts_total_)
-      throw InternalError(name_ + ": gate picked expert " + std::to_string(e) + " outside [0, " +
-                          std::to_string(experts_total_) + ")");
-    int r;
-    std::int32_t slot;
-    if (!kept_[static_cast<std::size_t>(i)]) {  // dropped by capacity: goes nowhere
-      pick_rank_[static_cast<std::size_t>(i)] = pick_node_[static_cast<std::size_t>(i)] = -1;
-      pick_slot_[static_cast<std::size_t>(i)] = pick_phys_[static_cast<std::size_t>(i)] = -1;
-      continue;
-    }
-    if (replicas_) {
-      const auto& rep = replicas_->replicas(e)[static_cast<std::size_t>(replicas_->choose(e, me, i / topk_, topology_))];
-      r = rep.rank;
-      slot = rep.slot;
-    } else {
-      r = expert_owner_[static_cast<std::size_t>(e)];
-      slot = expert_slot_[static_cast<std::size_t>(e)];
-    }
-    pick_rank_[static_cast<std::size_t>(i)] = r;
-    pick_node_[static_cast<std::size_t>(i)] = topology_.node_of(r);
-    pick_slot_[static_cast<std::size_t>(i)] = slot;
-    pick_phys_[static_cast<std::size_t>(i)] = static_cast<std::int32_t>(r * max_slots_ + slot);
-  }
-}
-
 void MoELayer::apply_capacity() {
   const auto n = static_cast<std::size_t>(tokens_ * topk_);
   stats_.picks_dropped = sched::apply_capacity(std::span<const std::int32_t>(topk_ids_).first(n),
@@ -286,29 +214,28 @@ void MoELayer::apply_capacity() {
                                                options_.capacity_factor, kept_, order_);
 }
 
-void MoELayer::build_chunk_plans(int chunks) {
+void MoELayer::build_plans(int chunks) {
   while (static_cast<int>(chunks_.size()) < chunks) chunks_.push_back(std::make_unique<Chunk>());
-  const std::int64_t K = topk_;
-  const bool hier = options_.exchange == ExchangeKind::kHierarchical;
-  route_picks();
-  for (int c = 0; c < chunks; ++c) {
-    Chunk& ch = *chunks_[static_cast<std::size_t>(c)];
-    ch.t0 = sched::chunk_begin(tokens_, chunks, c);
-    ch.tokens = sched::chunk_begin(tokens_, chunks, c + 1) - ch.t0;
-    const auto first = static_cast<std::size_t>(ch.t0 * K), n = static_cast<std::size_t>(ch.tokens * K);
-    ch.plan.build_picks(ch.tokens, K, comm_.size(), std::span<const int>(pick_rank_).subspan(first, n),
-                        std::span<const std::int32_t>(pick_slot_).subspan(first, n));
-    // Stage A of the hierarchical exchange: one row per (token, node), picks coded by physical slot.
-    if (hier)
-      ch.plan_a.build_picks(ch.tokens, K, topology_.num_nodes(), std::span<const int>(pick_node_).subspan(first, n),
-                            std::span<const std::int32_t>(pick_phys_).subspan(first, n));
+  const auto n = static_cast<std::size_t>(tokens_ * topk_);
+  const int P = comm_.size(), me = comm_.rank();
+  // Where every pick goes (the owner, or the replica choose() names for this token), then one row
+  // per (token, destination rank); the hierarchical exchange sends one row per (token, node) to the
+  // forwarder there first.
+  sched::route_picks(std::span<const std::int32_t>(topk_ids_).first(n), std::span<const std::uint8_t>(kept_).first(n),
+                     topk_, placement_ ? &*placement_ : nullptr, replicas_ ? &*replicas_ : nullptr, topology_, me,
+                     pick_rank_, pick_slot_);
+  plan_.build_send(pick_rank_, pick_slot_, tokens_, topk_, P, me, chunks);
+  if (hierarchical()) {
+    sched::forward_picks(pick_rank_, pick_slot_, topology_, me, max_slots_, fwd_rank_, fwd_code_);
+    plan_a_.build_send(fwd_rank_, fwd_code_, tokens_, topk_, P, me, chunks);
   }
 }
 
 void MoELayer::exchange_counts() {
-  // To every rank d, per chunk: [stage-A rows to d's node, rows to d, picks for each of d's experts].
-  const int P = comm_.size(), C = chunks_used_, me = comm_.rank();
+  // To every rank d, per chunk: [stage-A rows to d as forwarder, rows to d, picks for each of d's slots].
+  const int P = comm_.size(), C = chunks_used_;
   const std::int64_t S_me = num_local_experts();
+  const bool hier = hierarchical();
   std::vector<std::int64_t> send_counts(static_cast<std::size_t>(P)), recv_counts(static_cast<std::size_t>(P));
   std::int64_t total = 0;
   for (int d = 0; d < P; ++d) {
@@ -318,25 +245,14 @@ void MoELayer::exchange_counts() {
   }
   count_send_.assign(static_cast<std::size_t>(total), 0);
   count_recv_.assign(static_cast<std::size_t>(P * C * (2 + S_me)), 0);
-  std::int64_t at = 0;
-  const std::int64_t K = topk_;
-  const bool hier = options_.exchange == ExchangeKind::kHierarchical;
-  std::vector<std::int64_t> first(static_cast<std::size_t>(C), 0);  // per chunk: first row to rank d
+  std::int64_t* m = count_send_.data();
   for (int d = 0; d < P; ++d) {
     const auto Sd = static_cast<std::int64_t>(slot_experts(d).size());
-    for (int c = 0; c < C; ++c) {
-      Chunk& ch = *chunks_[static_cast<std::size_t>(c)];
-      std::int64_t* m = count_send_.data() + at + c * (2 + Sd);
-      m[0] = hier ? ch.plan_a.rows_per_rank[static_cast<std::size_t>(topology_.node_of(d))] : 0;
-      m[1] = ch.plan.rows_per_rank[static_cast<std::size_t>(d)];
-      std::int64_t& f = first[static_cast<std::size_t>(c)];
-      for (std::int64_t i = f * K; i < (f + m[1]) * K; ++i) {
-        const std::int32_t s = ch.plan.row_slot[static_cast<std::size_t>(i)];
-        if (s >= 0) ++m[2 + s];
-      }
-      f += m[1];
+    for (int c = 0; c < C; ++c, m += 2 + Sd) {
+      m[0] = hier ? plan_a_.send_counts[plan_a_.cp(c, d)] : 0;
+      m[1] = plan_.send_counts[plan_.cp(c, d)];
+      plan_.picks_for(c, d, Sd, m + 2);
     }
-    at += C * (2 + Sd);
   }
   Event done;
   comm_stream_->enqueue([&] {
@@ -357,32 +273,33 @@ void MoELayer::exchange_counts() {
   fwd_rows_a_.assign(static_cast<std::size_t>(P * C), 0);
   for (int p = 0; p < P; ++p)
     for (int c = 0; c < C; ++c) {
-      const std::int64_t* m = count_recv_.data() + (static_cast<std::int64_t>(p) * C + c) * (2 + S_me);
-      if (topology_.peer_on(topology_.node_of(me), p) == me) fwd_rows_a_[static_cast<std::size_t>(p * C + c)] = m[0];
-      rows_pc[static_cast<std::size_t>(p * C + c)] = m[1];
-      for (std::int64_t s = 0; s < S_me; ++s) picks[static_cast<std::size_t>((p * C + c) * S_me + s)] = m[2 + s];
+      const std::int64_t* r = count_recv_.data() + (static_cast<std::int64_t>(p) * C + c) * (2 + S_me);
+      fwd_rows_a_[static_cast<std::size_t>(p * C + c)] = r[0];
+      rows_pc[static_cast<std::size_t>(p * C + c)] = r[1];
+      std::copy_n(r + 2, S_me, picks.begin() + (p * C + c) * S_me);
     }
-  recv_layout_.build(P, C, S_me, rows_pc, picks);
+  try {
+    plan_.build_receive(P, C, S_me, rows_pc, picks);
+  } catch (const InvalidArgument& e) {
+    throw InvalidArgument(name_ + ": " + e.what());
+  }
 }
 
 // ---------------------------------------------------------------------------------------------------
 // Exchanges (these run on the communication stream)
 
-void MoELayer::dispatch_flat(Chunk& ch, int c, bool grad) {
-  const int P = comm_.size();
+void MoELayer::dispatch_flat(int c, bool grad) {
   const std::int64_t W = grad ? hidden_ : kernels::routed_row_stride(hidden_, topk_);
-  std::vector<std::int64_t> sc(static_cast<std::size_t>(P)), rc(static_cast<std::size_t>(P)), rd(static_cast<std::size_t>(P));
-  for (int p = 0; p < P; ++p) {
-    sc[static_cast<std::size_t>(p)] = ch.plan.rows_per_rank[static_cast<std::size_t>(p)] * W;
-    rc[static_cast<std::size_t>(p)] = recv_layout_.rows[recv_layout_.rc(p, c)] * W;
-    rd[static_cast<std::size_t>(p)] = recv_layout_.row_base[recv_layout_.rc(p, c)] * W;
-  }
+  std::vector<std::int64_t> sc, sd, rc, rd;
+  plan_.send_block_counts(c, W, sc);
+  plan_.send_block_displs(c, W, sd);
+  plan_.recv_block_counts(c, W, rc);
+  plan_.recv_block_displs(c, W, rd);
   // Local-first: the block to itself was copied on the compute thread; the others keep their places.
-  const std::vector<std::int64_t> sd = packed_displs(sc);
   if (local_first_) sc[static_cast<std::size_t>(comm_.rank())] = rc[static_cast<std::size_t>(comm_.rank())] = 0;
   count_bytes(sc, 4);
-  // Rows land directly at their canonical place.
-  alltoallv(ch.send.data(), sc, sd, grad ? rgrad_.data() : recv_.data(), rc, rd, grad ? "dispatch grad" : "dispatch")->wait();
+  float* dst = (grad ? rgrad_.data() : recv_.data()) + plan_.chunk_recv_first(c) * W;
+  alltoallv(send_.data() + plan_.chunk_send_first(c) * W, sc, sd, dst, rc, rd, grad ? "dispatch grad" : "dispatch")->wait();
 }
 
 void MoELayer::dispatch_hierarchical(Chunk& ch, int c, bool grad) {
@@ -390,17 +307,10 @@ void MoELayer::dispatch_hierarchical(Chunk& ch, int c, bool grad) {
   const int my_node = topology_.node_of(me);
   const std::int64_t H = hidden_, K = topk_;
   const std::int64_t W = grad ? H : kernels::routed_row_stride(H, K);
-  // Stage A: one row per (token, node) to this rank's peer on that node.
-  // Rows are packed in node order; displacements put each node's block where it is.
-  std::vector<std::int64_t> sc(static_cast<std::size_t>(P), 0), rc(static_cast<std::size_t>(P), 0),
-      sd(static_cast<std::size_t>(P), 0);
-  std::int64_t packed = 0;
-  for (int m = 0; m < topology_.num_nodes(); ++m) {
-    const auto q = static_cast<std::size_t>(topology_.peer_on(m, me));
-    sc[q] = ch.plan_a.rows_per_rank[static_cast<std::size_t>(m)] * W;
-    sd[q] = packed;
-    packed += sc[q];
-  }
+  // Stage A: one row per (token, node) to this rank's peer on that node (its forwarder).
+  std::vector<std::int64_t> sc, sd, rc(static_cast<std::size_t>(P), 0);
+  plan_a_.send_block_counts(c, W, sc);
+  plan_a_.send_block_displs(c, W, sd);
   ch.in_a.assign(static_cast<std::size_t>(P), 0);
   std::int64_t rows_a = 0;
   for (int p = 0; p < P; ++p) {
@@ -410,144 +320,97 @@ void MoELayer::dispatch_hierarchical(Chunk& ch, int c, bool grad) {
   }
   grow(ch.fwd_in, rows_a * W);
   count_bytes(sc, 4);
-  alltoallv(ch.send.data(), sc, sd, ch.fwd_in.data(), rc, {}, grad ? "dispatch grad stage A" : "dispatch stage A")->wait();
+  alltoallv(send_.data() + plan_a_.chunk_send_first(c) * W, sc, sd, ch.fwd_in.data(), rc, {},
+            grad ? "dispatch grad stage A" : "dispatch stage A")->wait();
 
-  // Forward inside the node: one row per (stage-A row, destination rank).
+  // Forward inside the node: one row per (stage-A row, destination rank), planned by an exchange
+  // plan whose "tokens" are the stage-A rows (code = local index of the owner * slots + slot).
   const std::int64_t stride = kernels::routed_row_stride(H, K);
+  sched::ExchangePlan& b = ch.plan_b;
   if (!grad) {
-    ch.out_b.assign(static_cast<std::size_t>(P), 0);
-    for (std::int64_t a = 0; a < rows_a; ++a) {
-      const float* row = ch.fwd_in.data() + a * stride;
-      int last = -1;
-      for (std::int64_t j = 0; j < K; ++j) {  // picks are grouped by node, not by rank: dedupe
-        const std::int32_t ph = int_bits(row[H + j]);
-        if (ph < 0) continue;
-        const auto d = static_cast<int>(ph / max_slots_);
-        if (d >= P || topology_.node_of(d) != my_node)
-          throw InternalError(name_ + ": forwarder got a pick for physical slot " + std::to_string(ph) +
-                              " that is not on its node");
-        bool seen = d == last;
-        for (std::int64_t i = 0; i < j && !seen; ++i) {
-          const std::int32_t pi = int_bits(row[H + i]);
-          seen = pi >= 0 && pi / max_slots_ == d;
-        }
-        if (!seen) ++ch.out_b[static_cast<std::size_t>(d)];
-        last = d;
-      }
-    }
-    std::vector<std::int64_t> next(static_cast<std::size_t>(P), 0);
-    std::int64_t rows_b = 0;
-    for (int d = 0; d < P; ++d) {
-      next[static_cast<std::size_t>(d)] = rows_b;
-      rows_b += ch.out_b[static_cast<std::size_t>(d)];
-    }
-    grow(ch.fwd_out, rows_b * stride);
-    grow(ch.b_from_a, rows_b);
-    grow(ch.b_pick_a, rows_b * K);
-    std::vector<std::int64_t> row_of(static_cast<std::size_t>(P));
-    std::vector<std::int32_t> fill(static_cast<std::size_t>(P));
-    for (std::int64_t a = 0; a < rows_a; ++a) {
-      const float* row = ch.fwd_in.data() + a * stride;
-      std::fill(row_of.begin(), row_of.end(), -1);
+    const auto node = topology_.ranks_of(my_node);
+    const std::int64_t limit = static_cast<std::int64_t>(node.size()) * max_slots_;
+    grow(ch.b_dest, rows_a * K);
+    grow(ch.b_code, rows_a * K);
+    for (std::int64_t a = 0; a < rows_a; ++a)
       for (std::int64_t j = 0; j < K; ++j) {
-        const std::int32_t ph = int_bits(row[H + j]);
-        if (ph < 0) continue;
-        const auto d = static_cast<std::size_t>(ph / max_slots_);
-        if (row_of[d] < 0) {
-          row_of[d] = next[d]++;
-          fill[d] = 0;
-          float* o = ch.fwd_out.data() + row_of[d] * stride;
-          std::memcpy(o, row, sizeof(float) * static_cast<std::size_t>(H));
-          for (std::int64_t i = 0; i < K; ++i) {
-            o[H + i] = float_bits(-1);
-            o[H + K + i] = 0.0f;
-            ch.b_pick_a[static_cast<std::size_t>(row_of[d] * K + i)] = -1;
-          }
-          o[H + 2 * K] = row[H + 2 * K];  // origin rank travels along
-          ch.b_from_a[static_cast<std::size_t>(row_of[d])] = a;
-        }
-        float* o = ch.fwd_out.data() + row_of[d] * stride;
-        const std::int32_t f = fill[d]++;
-        o[H + f] = float_bits(static_cast<std::int32_t>(ph % max_slots_));
-        o[H + K + f] = row[H + K + j];
-        ch.b_pick_a[static_cast<std::size_t>(row_of[d] * K + f)] = static_cast<std::int32_t>(j);
+        const std::int32_t code = sched::decode_code(ch.fwd_in[static_cast<std::size_t>(a * stride + H + j)], limit,
+                                                     "hierarchical exchange: forwarder received row");
+        const auto i = static_cast<std::size_t>(a * K + j);
+        ch.b_dest[i] = code < 0 ? -1 : node[static_cast<std::size_t>(code / max_slots_)];
+        ch.b_code[i] = code < 0 ? -1 : static_cast<std::int32_t>(code % max_slots_);
       }
+    b.build_send(ch.b_dest, ch.b_code, rows_a, K, P, me, 1);
+    grow(ch.fwd_out, b.send_rows() * stride);
+    for (std::int64_t r = 0; r < b.send_rows(); ++r) {
+      const float* in = ch.fwd_in.data() + b.send_token[static_cast<std::size_t>(r)] * stride;
+      float* o = ch.fwd_out.data() + r * stride;
+      std::memcpy(o, in, sizeof(float) * static_cast<std::size_t>(H));
+      for (std::int64_t f = 0; f < K; ++f) {
+        const std::int32_t j = b.send_k[static_cast<std::size_t>(r * K + f)];
+        o[H + f] = sched::encode_code(b.send_code[static_cast<std::size_t>(r * K + f)]);
+        o[H + K + f] = j >= 0 ? in[H + K + j] : 0.0f;
+      }
+      o[H + 2 * K] = in[H + 2 * K];  // origin rank travels along
     }
   } else {
-    std::int64_t rows_b = 0;
-    for (auto n : ch.out_b) rows_b += n;
-    grow(ch.fwd_out, rows_b * H);
-    for (std::int64_t b = 0; b < rows_b; ++b)
-      std::memcpy(ch.fwd_out.data() + b * H, ch.fwd_in.data() + ch.b_from_a[static_cast<std::size_t>(b)] * H,
-                  sizeof(float) * static_cast<std::size_t>(H));
+    grow(ch.fwd_out, b.send_rows() * H);
+    kernels::gather_rows(b.send_rows(), H, b.send_token.data(), ch.fwd_in.data(), H, ch.fwd_out.data(), H);
   }
   // Stage B: inside the node, forwarder -> expert owner.
   ch.in_b.assign(static_cast<std::size_t>(P), 0);
-  std::int64_t rows_in = 0;
-  for (int p = 0; p < P; ++p) {
-    const std::int64_t n = recv_layout_.rows[recv_layout_.rc(p, c)];
-    ch.in_b[static_cast<std::size_t>(topology_.peer_on(my_node, p))] += n;
-    rows_in += n;
-  }
-  for (int q = 0; q < P; ++q) {
-    sc[static_cast<std::size_t>(q)] = ch.out_b[static_cast<std::size_t>(q)] * W;
-    rc[static_cast<std::size_t>(q)] = ch.in_b[static_cast<std::size_t>(q)] * W;
-  }
+  const std::int64_t rows_in = plan_.chunk_recv_count(c);
+  for (int p = 0; p < P; ++p)
+    ch.in_b[static_cast<std::size_t>(topology_.peer_on(my_node, p))] += plan_.recv_counts[plan_.cp(c, p)];
+  b.send_block_counts(0, W, sc);
+  for (int q = 0; q < P; ++q) rc[static_cast<std::size_t>(q)] = ch.in_b[static_cast<std::size_t>(q)] * W;
   grow(ch.stage_in, rows_in * W);
   count_bytes(sc, 4);
   alltoallv(ch.fwd_out.data(), sc, {}, ch.stage_in.data(), rc, {}, grad ? "dispatch grad stage B" : "dispatch stage B")->wait();
 
-  // Arrivals (by forwarder, then origin, then token) to canonical rows (by origin, then token).
+  // Arrivals (by forwarder, then origin, then token) to their rows (chunk, origin, token).
   if (!grad) {
-    grow(ch.arrival_canon, rows_in);
+    grow(ch.arrival_row, rows_in);
     std::vector<std::int64_t> cursor(static_cast<std::size_t>(P));
-    for (int p = 0; p < P; ++p) cursor[static_cast<std::size_t>(p)] = recv_layout_.row_base[recv_layout_.rc(p, c)];
+    for (int p = 0; p < P; ++p) cursor[static_cast<std::size_t>(p)] = plan_.recv_displ(c, p);
     for (std::int64_t i = 0; i < rows_in; ++i) {
-      const std::int32_t p = int_bits(ch.stage_in[static_cast<std::size_t>(i * stride + H + 2 * K)]);
-      if (p < 0 || p >= P) throw InternalError(name_ + ": received a row with origin rank " + std::to_string(p));
-      ch.arrival_canon[static_cast<std::size_t>(i)] = cursor[static_cast<std::size_t>(p)]++;
+      const std::int32_t p = sched::decode_code(ch.stage_in[static_cast<std::size_t>(i * stride + H + 2 * K)], P,
+                                                "hierarchical exchange: origin rank of a received row");
+      if (p < 0) throw InvalidArgument(name_ + ": received a row without an origin rank");
+      ch.arrival_row[static_cast<std::size_t>(i)] = cursor[static_cast<std::size_t>(p)]++;
     }
   }
   float* dst = grad ? rgrad_.data() : recv_.data();
   for (std::int64_t i = 0; i < rows_in; ++i)
-    std::memcpy(dst + ch.arrival_canon[static_cast<std::size_t>(i)] * W, ch.stage_in.data() + i * W,
+    std::memcpy(dst + ch.arrival_row[static_cast<std::size_t>(i)] * W, ch.stage_in.data() + i * W,
                 sizeof(float) * static_cast<std::size_t>(W));
 }
 
-void MoELayer::combine_flat(Chunk& ch, int c, std::int64_t width) {
-  const int P = comm_.size();
-  std::vector<std::int64_t> sc(static_cast<std::size_t>(P)), sd(static_cast<std::size_t>(P)), rc(static_cast<std::size_t>(P));
-  for (int p = 0; p < P; ++p) {
-    sc[static_cast<std::size_t>(p)] = recv_layout_.rows[recv_layout_.rc(p, c)] * width;
-    sd[static_cast<std::size_t>(p)] = recv_layout_.row_base[recv_layout_.rc(p, c)] * width;
-    rc[static_cast<std::size_t>(p)] = ch.plan.rows_per_rank[static_cast<std::size_t>(p)] * width;
-  }
-  const std::vector<std::int64_t> rd = packed_displs(rc);
+void MoELayer::combine_flat(int c, std::int64_t width) {
+  std::vector<std::int64_t> sc, sd, rc, rd;
+  plan_.recv_block_counts(c, width, sc);
+  plan_.recv_block_displs(c, width, sd);
+  plan_.send_block_counts(c, width, rc);
+  plan_.send_block_displs(c, width, rd);
   if (local_first_) sc[static_cast<std::size_t>(comm_.rank())] = rc[static_cast<std::size_t>(comm_.rank())] = 0;
   count_bytes(sc, 4);
-  alltoallv(out_.data(), sc, sd, ch.back.data(), rc, rd, width == hidden_ ? "combine" : "combine grad")->wait();
+  alltoallv(out_.data() + plan_.chunk_recv_first(c) * width, sc, sd, back_.data() + plan_.chunk_send_first(c) * width,
+            rc, rd, width == hidden_ ? "combine" : "combine grad")->wait();
 }
 
 void MoELayer::combine_hierarchical(Chunk& ch, int c, std::int64_t width) {
-  (void)c;
-  const int P = comm_.size(), me = comm_.rank();
+  const int P = comm_.size();
   const std::int64_t H = hidden_, K = topk_;
+  const sched::ExchangePlan& b = ch.plan_b;
   // Stage B back: rows in arrival order to the forwarder they came from.
-  std::int64_t rows_in = 0, rows_b = 0, rows_a = 0;
-  for (int q = 0; q < P; ++q) {
-    rows_in += ch.in_b[static_cast<std::size_t>(q)];
-    rows_b += ch.out_b[static_cast<std::size_t>(q)];
-    rows_a += ch.in_a[static_cast<std::size_t>(q)];
-  }
+  const std::int64_t rows_in = plan_.chunk_recv_count(c), rows_b = b.send_rows();
+  std::int64_t rows_a = 0;
+  for (auto n : ch.in_a) rows_a += n;
   grow(ch.stage_out, rows_in * width);
-  for (std::int64_t i = 0; i < rows_in; ++i)
-    std::memcpy(ch.stage_out.data() + i * width, out_.data() + ch.arrival_canon[static_cast<std::size_t>(i)] * width,
-                sizeof(float) * static_cast<std::size_t>(width));
-  std::vector<std::int64_t> sc(static_cast<std::size_t>(P)), rc(static_cast<std::size_t>(P)), rd(static_cast<std::size_t>(P));
-  for (int q = 0; q < P; ++q) {
-    sc[static_cast<std::size_t>(q)] = ch.in_b[static_cast<std::size_t>(q)] * width;
-    rc[static_cast<std::size_t>(q)] = ch.out_b[static_cast<std::size_t>(q)] * width;
-  }
+  kernels::gather_rows(rows_in, width, ch.arrival_row.data(), out_.data(), width, ch.stage_out.data(), width);
+  std::vector<std::int64_t> sc(static_cast<std::size_t>(P)), rc;
+  for (int q = 0; q < P; ++q) sc[static_cast<std::size_t>(q)] = ch.in_b[static_cast<std::size_t>(q)] * width;
+  b.send_block_counts(0, width, rc);
   grow(ch.fwd_ret, rows_b * width);
   count_bytes(sc, 4);
   alltoallv(ch.stage_out.data(), sc, {}, ch.fwd_ret.data(), rc, {}, "combine stage B")->wait();
@@ -556,53 +419,48 @@ void MoELayer::combine_hierarchical(Chunk& ch, int c, std::int64_t width) {
   // partial sums do; routing-weight gradients go back to their stage-A pick positions.
   grow(ch.fwd_back, rows_a * width);
   std::fill(ch.fwd_back.begin(), ch.fwd_back.end(), 0.0f);
-  for (std::int64_t b = 0; b < rows_b; ++b) {
-    float* o = ch.fwd_back.data() + ch.b_from_a[static_cast<std::size_t>(b)] * width;
-    const float* r = ch.fwd_ret.data() + b * width;
-    for (std::int64_t j = 0; j < H; ++j) o[j] += r[j];
+  for (std::int64_t r = 0; r < rows_b; ++r) {
+    float* o = ch.fwd_back.data() + b.send_token[static_cast<std::size_t>(r)] * width;
+    const float* in = ch.fwd_ret.data() + r * width;
+    for (std::int64_t j = 0; j < H; ++j) o[j] += in[j];
     if (width > H)
-      for (std::int64_t j = 0; j < K; ++j) {
-        const std::int32_t ja = ch.b_pick_a[static_cast<std::size_t>(b * K + j)];
-        if (ja >= 0) o[H + ja] = r[H + j];
+      for (std::int64_t f = 0; f < K; ++f) {
+        const std::int32_t j = b.send_k[static_cast<std::size_t>(r * K + f)];
+        if (j >= 0) o[H + j] = in[H + f];
       }
   }
-  // Stage A back: to the sources; blocks land in node order, as plan_a lists them.
-  for (int q = 0; q < P; ++q) {
-    sc[static_cast<std::size_t>(q)] = ch.in_a[static_cast<std::size_t>(q)] * width;
-    rc[static_cast<std::size_t>(q)] = 0;
-  }
-  std::int64_t at = 0;
-  for (int m = 0; m < topology_.num_nodes(); ++m) {
-    const auto q = static_cast<std::size_t>(topology_.peer_on(m, me));
-    rc[q] = ch.plan_a.rows_per_rank[static_cast<std::size_t>(m)] * width;
-    rd[q] = at;
-    at += rc[q];
-  }
-  grow(ch.back, ch.plan_a.num_rows() * width);
+  // Stage A back: to the sources, into the rows plan_a_ sent.
+  std::vector<std::int64_t> rd;
+  for (int q = 0; q < P; ++q) sc[static_cast<std::size_t>(q)] = ch.in_a[static_cast<std::size_t>(q)] * width;
+  plan_a_.send_block_counts(c, width, rc);
+  plan_a_.send_block_displs(c, width, rd);
   count_bytes(sc, 4);
-  alltoallv(ch.fwd_back.data(), sc, {}, ch.back.data(), rc, rd, "combine stage A")->wait();
+  alltoallv(ch.fwd_back.data(), sc, {}, back_.data() + plan_a_.chunk_send_first(c) * width, rc, rd,
+            "combine stage A")->wait();
 }
 
 void MoELayer::enqueue_dispatch(int c, bool grad, const float* dy) {
   Chunk& ch = *chunks_[static_cast<std::size_t>(c)];
   const std::int64_t H = hidden_, K = topk_;
-  const bool hier = options_.exchange == ExchangeKind::kHierarchical;
-  const sched::RoutePlan& plan = hier ? ch.plan_a : ch.plan;
+  const bool hier = hierarchical();
+  const sched::ExchangePlan& plan = origin_plan();
+  const std::int64_t r0 = plan.chunk_send_first(c), rows = plan.chunk_send_count(c);
   const auto t_pack = std::chrono::steady_clock::now();
+  // send_ was sized for every chunk before the first was packed: the exchanges read it meanwhile.
   if (!grad) {
-    grow(ch.send, plan.num_rows() * kernels::routed_row_stride(H, K));
-    kernels::pack_routed_rows(plan.num_rows(), H, K, ch.t0, plan.row_token.data(), plan.row_slot.data(),
-                              plan.row_k.data(), x_.data(), topk_weights_.data(), comm_.rank(), ch.send.data());
+    const std::int64_t W = kernels::routed_row_stride(H, K);
+    kernels::pack_routed_rows(rows, H, K, 0, plan.send_token.data() + r0, plan.send_code.data() + r0 * K,
+                              plan.send_k.data() + r0 * K, x_.data(), topk_weights_.data(), comm_.rank(),
+                              send_.data() + r0 * W);
   } else {
-    grow(ch.send, plan.num_rows() * H);
-    kernels::gather_rows(plan.num_rows(), H, plan.row_token.data(), dy + ch.t0 * H, H, ch.send.data(), H);
+    kernels::gather_rows(rows, H, plan.send_token.data() + r0, dy, H, send_.data() + r0 * H, H);
   }
   tally(&LayerCounters::permute, ms_since(t_pack));
   comm_stream_->enqueue([this, &ch, c, grad, hier] {
     const auto t0 = std::chrono::steady_clock::now();
     const std::int64_t b0 = own_.bytes_intra_node + own_.bytes_inter_node;
     if (hier) dispatch_hierarchical(ch, c, grad);
-    else dispatch_flat(ch, c, grad);
+    else dispatch_flat(c, grad);
     const double ms = ms_since(t0);
     tally(&LayerCounters::dispatch, ms);
     link_bytes_ += static_cast<double>(own_.bytes_intra_node + own_.bytes_inter_node - b0);
@@ -612,12 +470,11 @@ void MoELayer::enqueue_dispatch(int c, bool grad, const float* dy) {
 
 void MoELayer::enqueue_combine(int c, std::int64_t width) {
   Chunk& ch = *chunks_[static_cast<std::size_t>(c)];
-  const bool hier = options_.exchange == ExchangeKind::kHierarchical;
-  if (!hier) grow(ch.back, ch.plan.num_rows() * width);  // here: the local-first stage writes into it
+  const bool hier = hierarchical();
   comm_stream_->enqueue([this, &ch, c, width, hier] {
     const auto t0 = std::chrono::steady_clock::now();
     if (hier) combine_hierarchical(ch, c, width);
-    else combine_flat(ch, c, width);
+    else combine_flat(c, width);
     tally(&LayerCounters::combine_comm, ms_since(t0));
   }, &ch.combined);
 }
@@ -626,57 +483,50 @@ void MoELayer::finish_chunk(int c, std::int64_t width, float* out, float* d_weig
   // out[t] += sum over nodes (in node order) of that node's partial sum (ranks in rank order). The
   // hierarchical path's forwarders computed those partial sums; the flat path forms them here, so
   // both add the same numbers in the same order.
-  Chunk& ch = *chunks_[static_cast<std::size_t>(c)];
   const std::int64_t H = hidden_, K = topk_;
-  const bool hier = options_.exchange == ExchangeKind::kHierarchical;
-  const sched::RoutePlan& plan = hier ? ch.plan_a : ch.plan;
-  std::vector<std::int64_t> first(plan.rows_per_rank.size() + 1, 0);
-  for (std::size_t q = 0; q < plan.rows_per_rank.size(); ++q) first[q + 1] = first[q] + plan.rows_per_rank[q];
-  std::vector<std::int64_t> index;
-  auto add_rows = [&](std::int64_t r0, std::int64_t r1, const float* src, float* dst) {
-    index.resize(static_cast<std::size_t>(r1 - r0));
-    for (std::int64_t i = r0; i < r1; ++i) index[static_cast<std::size_t>(i - r0)] = ch.t0 + plan.row_token[static_cast<std::size_t>(i)];
-    kernels::scatter_add_rows(r1 - r0, H, index.data(), nullptr, src + r0 * width, width, dst, H);
+  const bool hier = hierarchical();
+  const sched::ExchangePlan& plan = origin_plan();
+  const std::int64_t t0 = plan.chunk_tokens[static_cast<std::size_t>(c)];
+  const std::int64_t t1 = plan.chunk_tokens[static_cast<std::size_t>(c) + 1];
+  auto add_block = [&](int q, float* dst) {
+    const std::int64_t r0 = plan.send_displ(c, q);
+    kernels::scatter_add_rows(plan.send_counts[plan.cp(c, q)], H, plan.send_token.data() + r0, nullptr,
+                              back_.data() + r0 * width, width, dst, H);
   };
-  if (hier) {
-    add_rows(0, plan.num_rows(), ch.back.data(), out);
-  } else {
-    for (int m = 0; m < topology_.num_nodes(); ++m) {
-      const auto ranks = topology_.ranks_of(m);
-      if (ranks.size() == 1) {
-        const auto q = static_cast<std::size_t>(ranks[0]);
-        add_rows(first[q], first[q + 1], ch.back.data(), out);
-        continue;
-      }
-      grow(partial_, tokens_ * H);
-      grow(touched_, tokens_);
-      for (std::int64_t t = ch.t0; t < ch.t0 + ch.tokens; ++t) touched_[static_cast<std::size_t>(t)] = 0;
-      for (int q : ranks)
-        for (std::int64_t i = first[static_cast<std::size_t>(q)]; i < first[static_cast<std::size_t>(q) + 1]; ++i) {
-          const std::int64_t t = ch.t0 + plan.row_token[static_cast<std::size_t>(i)];
-          if (!touched_[static_cast<std::size_t>(t)]) {
-            std::fill_n(partial_.data() + t * H, H, 0.0f);
-            touched_[static_cast<std::size_t>(t)] = 1;
-          }
-        }
-      for (int q : ranks) add_rows(first[static_cast<std::size_t>(q)], first[static_cast<std::size_t>(q) + 1], ch.back.data(), partial_.data());
-      for (std::int64_t t = ch.t0; t < ch.t0 + ch.tokens; ++t)
-        if (touched_[static_cast<std::size_t>(t)]) {
-          float* o = out + t * H;
-          const float* s = partial_.data() + t * H;
-          for (std::int64_t j = 0; j < H; ++j) o[j] += s[j];
-        }
+  for (int m = 0; m < topology_.num_nodes(); ++m) {
+    const int me = comm_.rank();
+    if (hier || topology_.node_size(m) == 1) {  // one block from this node: its sum arrives whole
+      add_block(hier ? topology_.peer_on(m, me) : topology_.ranks_of(m)[0], out);
+      continue;
     }
+    const auto ranks = topology_.ranks_of(m);
+    grow(partial_, tokens_ * H);
+    grow(touched_, tokens_);
+    std::fill(touched_.begin() + t0, touched_.begin() + t1, std::uint8_t{0});
+    for (int q : ranks)
+      for (std::int64_t i = plan.send_displ(c, q); i < plan.send_offsets[plan.cp(c, q) + 1]; ++i) {
+        const std::int64_t t = plan.send_token[static_cast<std::size_t>(i)];
+        if (!touched_[static_cast<std::size_t>(t)]) {
+          std::fill_n(partial_.data() + t * H, H, 0.0f);
+          touched_[static_cast<std::size_t>(t)] = 1;
+        }
+      }
+    for (int q : ranks) add_block(q, partial_.data());
+    for (std::int64_t t = t0; t < t1; ++t)
+      if (touched_[static_cast<std::size_t>(t)]) {
+        float* o = out + t * H;
+        const float* s = partial_.data() + t * H;
+        for (std::int64_t j = 0; j < H; ++j) o[j] += s[j];
+      }
   }
-  if (d_weights != nullptr) {
-    for (std::int64_t i = 0; i < plan.num_rows(); ++i) {
-      const std::int64_t t = ch.t0 + plan.row_token[static_cast<std::size_t>(i)];
-      for (std::int64_t j = 0; j < K; ++j) {
-        const std::int32_t k = plan.row_k[static_cast<std::size_t>(i * K + j)];
-        if (k >= 0) d_weights[static_cast<std::size_t>(t * K + k)] = ch.back[static_cast<std::size_t>(i * width + H + j)];
+  if (d_weights != nullptr)
+    for (std::int64_t i = plan.chunk_send_first(c); i < plan.chunk_send_first(c) + plan.chunk_send_count(c); ++i) {
+      const std::int64_t t = plan.send_token[static_cast<std::size_t>(i)];
+      for (std::int64_t f = 0; f < K; ++f) {
+        const std::int32_t k = plan.send_k[static_cast<std::size_t>(i * K + f)];
+        if (k >= 0) d_weights[static_cast<std::size_t>(t * K + k)] = back_[static_cast<std::size_t>(i * width + H + f)];
       }
     }
-  }
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -686,27 +536,16 @@ void MoELayer::copy_self_rows(bool grad) {
   const int me = comm_.rank();
   const std::int64_t W = grad ? hidden_ : kernels::routed_row_stride(hidden_, topk_);
   float* dst = grad ? rgrad_.data() : recv_.data();
-  for (int c = 0; c < chunks_used_; ++c) {
-    const Chunk& ch = *chunks_[static_cast<std::size_t>(c)];
-    const std::int64_t first = first_row_to(ch.plan, me);
-    const auto i = recv_layout_.rc(me, c);
-    if (recv_layout_.rows[i] > 0)
-      std::memcpy(dst + recv_layout_.row_base[i] * W, ch.send.data() + first * W,
-                  sizeof(float) * static_cast<std::size_t>(recv_layout_.rows[i] * W));
-  }
+  for (int c = 0; c < chunks_used_; ++c)
+    std::copy_n(send_.data() + plan_.send_displ(c, me) * W, plan_.recv_counts[plan_.cp(c, me)] * W,
+                dst + plan_.recv_displ(c, me) * W);
 }
 
 void MoELayer::return_self_rows(std::int64_t width) {
   const int me = comm_.rank();
-  for (int c = 0; c < chunks_used_; ++c) {
-    Chunk& ch = *chunks_[static_cast<std::size_t>(c)];
-    const std::int64_t first = first_row_to(ch.plan, me);
-    grow(ch.back, ch.plan.num_rows() * width);
-    const auto i = recv_layout_.rc(me, c);
-    if (recv_layout_.rows[i] > 0)
-      std::memcpy(ch.back.data() + first * width, out_.data() + recv_layout_.row_base[i] * width,
-                  sizeof(float) * static_cast<std::size_t>(recv_layout_.rows[i] * width));
-  }
+  for (int c = 0; c < chunks_used_; ++c)
+    std::copy_n(out_.data() + plan_.recv_displ(c, me) * width, plan_.recv_counts[plan_.cp(c, me)] * width,
+                back_.data() + plan_.send_displ(c, me) * width);
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -724,40 +563,21 @@ void MoELayer::set_stage(int c, StagePart part) {
 }
 
 void MoELayer::place_stage_entries() {
-  // Each received pick of the stage's blocks becomes an entry at its canonical place (expert,
-  // source, token).
-  const std::int64_t H = hidden_, K = topk_, S = num_local_experts();
-  const std::int64_t stride = kernels::routed_row_stride(H, K);
-  std::vector<std::int64_t> cursor(static_cast<std::size_t>(S));
-  for (const auto& [p, c] : stage_) {
-    for (std::int64_t s = 0; s < S; ++s) cursor[static_cast<std::size_t>(s)] = recv_layout_.entry_base[recv_layout_.spc(s, p, c)];
-    const std::int64_t r0 = recv_layout_.row_base[recv_layout_.rc(p, c)];
-    const std::int64_t r1 = r0 + recv_layout_.rows[recv_layout_.rc(p, c)];
-    for (std::int64_t r = r0; r < r1; ++r) {
-      const float* meta = recv_.data() + r * stride + H;
-      for (std::int64_t j = 0; j < K; ++j) {
-        const std::int32_t s = int_bits(meta[j]);
-        if (s < 0) continue;
-        if (s >= S)
-          throw InvalidArgument(name_ + ": received a pick for local expert slot " + std::to_string(s) +
-                                " but this rank holds " + std::to_string(S) + " experts");
-        const std::int64_t e = cursor[static_cast<std::size_t>(s)]++;
-        if (e >= recv_layout_.entry_base[recv_layout_.spc(s, p, c)] + recv_layout_.picks[recv_layout_.spc(s, p, c)])
-          throw InternalError(name_ + ": rank " + std::to_string(p) + " sent more picks than it announced");
-        layout_.entry_row[static_cast<std::size_t>(e)] = r;
-        layout_.entry_pick[static_cast<std::size_t>(e)] = static_cast<std::int32_t>(j);
-        entry_weight_[static_cast<std::size_t>(e)] = meta[K + j];
-      }
-    }
+  // Each received pick of the stage's blocks becomes an entry at its canonical place (slot, source,
+  // chunk, row, top-K position); the codes and weights travel inside the rows.
+  const std::int64_t stride = kernels::routed_row_stride(hidden_, topk_);
+  try {
+    for (const auto& [p, c] : stage_) plan_.place_block(p, c, recv_.data() + plan_.recv_displ(c, p) * stride + hidden_, stride);
+  } catch (const InvalidArgument& e) {
+    throw InvalidArgument(name_ + ": " + e.what());
   }
 }
 
 namespace {
-/// Calls fn(begin, count) for each maximal run of consecutive blocks of expert s among `blocks`
-/// ((source, chunk) pairs in the layout's order), so each run is one GEMM.
+/// Calls fn(begin, count) for each maximal run of consecutive blocks of slot s among `blocks`
+/// ((source, chunk) pairs in canonical order), so each run is one GEMM.
 template <typename Fn>
-void for_each_block(const sched::ReceiveLayout& L, std::int64_t s, std::span<const std::pair<int, int>> blocks,
-                    Fn&& fn) {
+void for_each_block(const sched::ExchangePlan& L, std::int64_t s, std::span<const std::pair<int, int>> blocks, Fn&& fn) {
   std::int64_t begin = -1, count = 0;
   for (const auto& [p, c] : blocks) {
     const std::int64_t b = L.entry_base[L.spc(s, p, c)], n = L.picks[L.spc(s, p, c)];
@@ -780,13 +600,13 @@ void MoELayer::run_experts_forward() {
   auto t0 = std::chrono::steady_clock::now();
   place_stage_entries();
   for (std::int64_t s = 0; s < S; ++s)
-    for_each_block(recv_layout_, s, stage_, [&](std::int64_t b, std::int64_t n) {
-      kernels::gather_rows(n, H, layout_.entry_row.data() + b, recv_.data(), stride, xe_.data() + b * H, H);
+    for_each_block(plan_, s, stage_, [&](std::int64_t b, std::int64_t n) {
+      kernels::gather_rows(n, H, plan_.entry_row.data() + b, recv_.data(), stride, xe_.data() + b * H, H);
     });
   tally(&LayerCounters::permute, ms_since(t0));
   t0 = std::chrono::steady_clock::now();
   for (std::int64_t s = 0; s < S; ++s)
-    for_each_block(recv_layout_, s, stage_, [&](std::int64_t b, std::int64_t n) {
+    for_each_block(plan_, s, stage_, [&](std::int64_t b, std::int64_t n) {
       kernels::swiglu_ffn_forward({n, H, F}, xe_.data() + b * H, expert_w13(s), expert_w2(s), h13_.data() + b * 2 * F,
                                   sig_.data() + b * F, a_.data() + b * F, ye_.data() + b * H, gemm_kind());
     });
@@ -794,12 +614,11 @@ void MoELayer::run_experts_forward() {
   // Weighted sum per received row, experts in slot order (the same order for every chunking).
   t0 = std::chrono::steady_clock::now();
   for (const auto& [p, c] : stage_) {
-    const auto i = recv_layout_.rc(p, c);
-    std::fill_n(out_.data() + recv_layout_.row_base[i] * H, recv_layout_.rows[i] * H, 0.0f);
+    std::fill_n(out_.data() + plan_.recv_displ(c, p) * H, plan_.recv_counts[plan_.cp(c, p)] * H, 0.0f);
   }
   for (std::int64_t s = 0; s < S; ++s)
-    for_each_block(recv_layout_, s, stage_, [&](std::int64_t b, std::int64_t n) {
-      kernels::scatter_add_rows(n, H, layout_.entry_row.data() + b, entry_weight_.data() + b, ye_.data() + b * H, H,
+    for_each_block(plan_, s, stage_, [&](std::int64_t b, std::int64_t n) {
+      kernels::scatter_add_rows(n, H, plan_.entry_row.data() + b, plan_.entry_weight.data() + b, ye_.data() + b * H, H,
                                 out_.data(), H);
     });
   tally(&LayerCounters::combine, ms_since(t0));
@@ -811,14 +630,14 @@ void MoELayer::run_experts_backward() {
   auto t0 = std::chrono::steady_clock::now();
   // Each entry's output gradient is w * dy_row; the routing weight's gradient is dy_row . expert_out.
   for (std::int64_t s = 0; s < S; ++s)
-    for_each_block(recv_layout_, s, stage_, [&](std::int64_t b, std::int64_t n) {
+    for_each_block(plan_, s, stage_, [&](std::int64_t b, std::int64_t n) {
       parallel_for(n, 64, [&](std::int64_t n0, std::int64_t n1) {
         for (std::int64_t e = b + n0; e < b + n1; ++e) {
-          const std::int64_t r = layout_.entry_row[static_cast<std::size_t>(e)];
+          const std::int64_t r = plan_.entry_row[static_cast<std::size_t>(e)];
           const float* g = rgrad_.data() + r * H;
           const float* yo = ye_.data() + e * H;
           float* d = dye_.data() + e * H;
-          const float w = entry_weight_[static_cast<std::size_t>(e)];
+          const float w = plan_.entry_weight[static_cast<std::size_t>(e)];
           double dot = 0.0;
           for (std::int64_t j = 0; j < H; ++j) {
             d[j] = w * g[j];
@@ -831,7 +650,7 @@ void MoELayer::run_experts_backward() {
   tally(&LayerCounters::combine, ms_since(t0));
   t0 = std::chrono::steady_clock::now();
   for (std::int64_t s = 0; s < S; ++s)
-    for_each_block(recv_layout_, s, stage_, [&](std::int64_t b, std::int64_t n) {
+    for_each_block(plan_, s, stage_, [&](std::int64_t b, std::int64_t n) {
       kernels::swiglu_ffn_backward_data({n, H, F}, expert_w13(s), expert_w2(s), h13_.data() + b * 2 * F,
                                         sig_.data() + b * F, dye_.data() + b * H, dh13_.data() + b * 2 * F,
                                         dxe_.data() + b * H, gemm_kind());
@@ -840,15 +659,14 @@ void MoELayer::run_experts_backward() {
   // One row back per received row: its dx (experts in slot order), then the K weight gradients.
   t0 = std::chrono::steady_clock::now();
   for (const auto& [p, c] : stage_) {
-    const auto i = recv_layout_.rc(p, c);
-    std::fill_n(out_.data() + recv_layout_.row_base[i] * W, recv_layout_.rows[i] * W, 0.0f);
+    std::fill_n(out_.data() + plan_.recv_displ(c, p) * W, plan_.recv_counts[plan_.cp(c, p)] * W, 0.0f);
   }
   for (std::int64_t s = 0; s < S; ++s)
-    for_each_block(recv_layout_, s, stage_, [&](std::int64_t b, std::int64_t n) {
-      kernels::scatter_add_rows(n, H, layout_.entry_row.data() + b, nullptr, dxe_.data() + b * H, H, out_.data(), W);
+    for_each_block(plan_, s, stage_, [&](std::int64_t b, std::int64_t n) {
+      kernels::scatter_add_rows(n, H, plan_.entry_row.data() + b, nullptr, dxe_.data() + b * H, H, out_.data(), W);
       for (std::int64_t e = b; e < b + n; ++e)
-        out_[static_cast<std::size_t>(layout_.entry_row[static_cast<std::size_t>(e)] * W + H +
-                                      layout_.entry_pick[static_cast<std::size_t>(e)])] = dpick_[static_cast<std::size_t>(e)];
+        out_[static_cast<std::size_t>(plan_.entry_row[static_cast<std::size_t>(e)] * W + H +
+                                      plan_.entry_pick[static_cast<std::size_t>(e)])] = dpick_[static_cast<std::size_t>(e)];
     });
   tally(&LayerCounters::combine, ms_since(t0));
 }
@@ -884,15 +702,14 @@ void MoELayer::forward(const float* x, std::int64_t tokens, float* y) {
   //    it will receive (one small all-to-all), so each receiver fixes the canonical place of every
   //    row and entry before any token moves.
   apply_capacity();
-  build_chunk_plans(chunks_used_);
+  build_plans(chunks_used_);
   tally(&LayerCounters::gate, ms_since(t0));
   exchange_counts();
-  const std::int64_t rows_total = recv_layout_.total_rows, entries = recv_layout_.total_entries;
-  grow(recv_, rows_total * kernels::routed_row_stride(H, K));
-  layout_.offsets = recv_layout_.expert_offsets;
-  layout_.entry_row.resize(static_cast<std::size_t>(entries));
-  layout_.entry_pick.resize(static_cast<std::size_t>(entries));
-  grow(entry_weight_, entries);
+  const std::int64_t rows_total = plan_.recv_rows(), entries = plan_.entries();
+  const std::int64_t stride = kernels::routed_row_stride(H, K);
+  grow(recv_, rows_total * stride);
+  grow(send_, origin_plan().send_rows() * stride);  // once: the exchanges read it while later chunks pack
+  grow(back_, origin_plan().send_rows() * H);
   grow(xe_, entries * H);
   grow(h13_, entries * 2 * F);
   grow(sig_, entries * F);
@@ -929,16 +746,15 @@ void MoELayer::forward(const float* x, std::int64_t tokens, float* y) {
   }
   // 7. y = shared + routed, chunk by chunk as the combines arrive.
   // Rows this rank sent and received, and those of them that stayed on this rank (not sent bytes).
-  std::int64_t rows_sent = 0, own = 0, self_rows = 0;
+  const std::int64_t rows_sent = plan_.send_rows();
+  std::int64_t own = 0, self_rows = 0;
   for (int c = 0; c < chunks_used_; ++c) {
-    Chunk& ch = *chunks_[static_cast<std::size_t>(c)];
-    ch.combined.wait(deadline(), "combine " + name_);
+    chunks_[static_cast<std::size_t>(c)]->combined.wait(deadline(), "combine " + name_);
     t0 = std::chrono::steady_clock::now();
     finish_chunk(c, H, y, nullptr);
     tally(&LayerCounters::combine, ms_since(t0));
-    rows_sent += ch.plan.num_rows();
-    own += ch.plan.rows_per_rank[static_cast<std::size_t>(comm_.rank())];
-    self_rows += recv_layout_.rows[recv_layout_.rc(comm_.rank(), c)];
+    own += plan_.send_counts[plan_.cp(c, comm_.rank())];
+    self_rows += plan_.recv_counts[plan_.cp(c, comm_.rank())];
   }
   stats_.rows_sent = rows_sent;
   stats_.rows_received = rows_total;
@@ -950,8 +766,10 @@ void MoELayer::forward(const float* x, std::int64_t tokens, float* y) {
 
 void MoELayer::backward(const float* dy, float* dx) {
   const std::int64_t H = hidden_, K = topk_, E = experts_total_, F = ffn_, tokens = tokens_;
-  const std::int64_t rows_total = recv_layout_.total_rows, entries = recv_layout_.total_entries;
+  const std::int64_t rows_total = plan_.recv_rows(), entries = plan_.entries();
   const std::int64_t W = H + K;
+  grow(send_, origin_plan().send_rows() * H);
+  grow(back_, origin_plan().send_rows() * W);
   grow(rgrad_, rows_total * H);
   grow(dye_, entries * H);
   grow(dxe_, entries * H);
@@ -990,9 +808,9 @@ void MoELayer::backward(const float* dy, float* dx) {
   const bool overwrite = expert_grads_stale_;
   expert_grads_stale_ = false;
   for (std::int64_t s = 0; s < num_local_experts(); ++s) {
-    const std::int64_t off = layout_.offsets[static_cast<std::size_t>(s)];
+    const std::int64_t off = plan_.slot_offsets[static_cast<std::size_t>(s)];
     float* g13 = experts_.grad.data() + s * expert_stride();
-    kernels::swiglu_ffn_backward_weights({layout_.count(s), H, F}, xe_.data() + off * H, a_.data() + off * F,
+    kernels::swiglu_ffn_backward_weights({plan_.slot_entries(s), H, F}, xe_.data() + off * H, a_.data() + off * F,
                                          dye_.data() + off * H, dh13_.data() + off * 2 * F, g13,
                                          g13 + 2 * F * H, !overwrite);
   }
@@ -1040,17 +858,15 @@ void MoELayer::record_pass() {
   std::int64_t rows_in = 0, rows_out = 0;
   for (int p = 0; p < P; ++p)
     for (int c = 0; c < C; ++c) {
-      if (p != me) rows_in += recv_layout_.rows[recv_layout_.rc(p, c)];
+      if (p != me) rows_in += plan_.recv_counts[plan_.cp(c, p)];
       for (std::int64_t s = 0; s < S; ++s) {
-        const std::int64_t n = recv_layout_.picks[recv_layout_.spc(s, p, c)];
+        const std::int64_t n = plan_.picks[plan_.spc(s, p, c)];
         if (p == me) w.self_entries[static_cast<std::size_t>(s)] += n;
         else w.remote_entries[static_cast<std::size_t>(s)][static_cast<std::size_t>(p < me ? p : p - 1)] += n;
       }
     }
-  for (int c = 0; c < C; ++c) {
-    const sched::RoutePlan& plan = chunks_[static_cast<std::size_t>(c)]->plan;
-    rows_out += plan.num_rows() - plan.rows_per_rank[static_cast<std::size_t>(me)];
-  }
+  rows_out = plan_.send_rows();
+  for (int c = 0; c < C; ++c) rows_out -= plan_.send_counts[plan_.cp(c, me)];
   const auto rows = static_cast<double>(std::max(rows_in, rows_out));
   w.fwd_dispatch_bytes = rows * static_cast<double>(kernels::routed_row_stride(H, K)) * 4.0;
   w.fwd_combine_bytes = w.bwd_dispatch_bytes = rows * static_cast<double>(H) * 4.0;

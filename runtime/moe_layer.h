@@ -17,7 +17,7 @@
 #include "scheduler/expert_placement.h"
 #include "scheduler/pipeline_model.h"
 #include "scheduler/replica_planner.h"
-#include "scheduler/route_plan.h"
+#include "scheduler/exchange_plan.h"
 #include "scheduler/topology.h"
 
 namespace moex {
@@ -65,7 +65,7 @@ const char* to_string(ExchangeKind k);
 ExchangeKind exchange_from_string(const std::string& s);
 
 /// How a layer schedules one pass. Every rank must use the same options. Results are bitwise the
-/// same for every overlap and exchange choice (the canonical orders of sched::ReceiveLayout make them
+/// same for every overlap and exchange choice (the canonical orders of sched::ExchangePlan make them
 /// so), and for every chunk count too with `deterministic`.
 struct LayerOptions {
   /// Pipeline chunks: chunk i+1's exchange runs while chunk i computes. 0 = auto (the default): the
@@ -234,8 +234,9 @@ class MoELayer {
   const LayerRouteStats& route_stats() const { return stats_; }
   /// For a LayerExecutor that ran this layer's forward elsewhere: the statistics of that pass.
   void set_route_stats(const LayerRouteStats& stats) { stats_ = stats; }
-  /// Per-local-expert blocks of the last forward (rows each expert processed).
-  const sched::ExpertBatchLayout& expert_layout() const { return layout_; }
+  /// The exchange of the last forward: its send rows, and this rank's receive layout (entries each
+  /// local slot processed: slot_entries()).
+  const sched::ExchangePlan& exchange_plan() const { return plan_; }
   /// Top-K expert ids [tokens, K] and weights of the last forward.
   const std::vector<std::int32_t>& topk_ids() const { return topk_ids_; }
   const std::vector<float>& topk_weights() const { return topk_weights_; }
@@ -264,11 +265,9 @@ class MoELayer {
   std::unique_ptr<Stream> comm_stream_;
   bool comm_stream_threaded_ = false;
   std::vector<std::vector<std::int64_t>> slot_expert_;  // [P][slots of r] logical expert per slot
-  std::int64_t max_slots_ = 0;                           // max slots over ranks (physical id encoding)
-  std::vector<int> expert_owner_;                        // [E] placement mode: owner rank
-  std::vector<std::int32_t> expert_slot_;                // [E] placement mode: slot at the owner
-  std::vector<int> pick_rank_, pick_node_;               // [T*K] destination of every pick
-  std::vector<std::int32_t> pick_slot_, pick_phys_;      // [T*K] its slot, and rank * max_slots_ + slot
+  std::int64_t max_slots_ = 0;                           // max slots over ranks (forwarding codes)
+  std::vector<int> pick_rank_, fwd_rank_;                // [T*K] owner rank of every pick, and its forwarder
+  std::vector<std::int32_t> pick_slot_, fwd_code_;       // [T*K] its slot there, and its forwarding code
   std::vector<std::int64_t> multi_index_;                // [E] replica mode: index among multi-replica experts, -1
   std::vector<float> replica_grad_;                      // reduce_replica_grads() buffer
   bool replica_reduce_pending_ = false;
@@ -283,13 +282,14 @@ class MoELayer {
   std::vector<std::uint8_t> kept_;                        // [T*K] capacity mode: pick kept
   std::vector<std::int64_t> order_;                       // scratch of apply_capacity()
   std::vector<std::unique_ptr<Chunk>> chunks_;
-  sched::ReceiveLayout recv_layout_;
-  sched::ExpertBatchLayout layout_;                        // per-expert offsets (entries of all chunks)
+  sched::ExchangePlan plan_;     // this rank's tokens to their owners (send side); what its slots receive
+  sched::ExchangePlan plan_a_;   // hierarchical stage A: this rank's tokens to their forwarders
+  std::vector<float> send_;      // [send rows, width] of the origin plan, every chunk's
+  std::vector<float> back_;      // [send rows, width] the same rows coming back
   std::vector<std::int64_t> count_send_, count_recv_;     // the up-front counts exchange
   std::vector<std::int64_t> fwd_rows_a_;                  // [P*C] stage-A rows from p (forwarder side)
   std::vector<float> recv_;                               // [rows, stride] canonical received rows
   std::vector<float> rgrad_;                              // [rows, H] canonical received dL/dy rows
-  std::vector<float> entry_weight_;                       // [entries]
   std::vector<float> xe_, h13_, sig_, a_, ye_;            // per-entry expert activations
   std::vector<float> shared_h13_, shared_sig_, shared_a_, shared_dh13_;
   std::vector<float> out_;                                // [rows, W] rows going back
@@ -314,7 +314,9 @@ class MoELayer {
            std::optional<sched::ExpertPlacement> placement, std::optional<sched::ReplicaLayout> layout,
            std::optional<sched::Topology> topology, const LayerOptions& options);
   void set_slots(std::vector<std::vector<std::int64_t>> slot_expert);
-  void route_picks();
+  bool hierarchical() const { return options_.exchange == ExchangeKind::kHierarchical; }
+  /// The plan of the rows this rank sends first: to the owners (flat) or to the forwarders.
+  const sched::ExchangePlan& origin_plan() const { return hierarchical() ? plan_a_ : plan_; }
   kernels::GemmKind gemm_kind() const {
     return options_.deterministic ? kernels::GemmKind::kRowwise : kernels::GemmKind::kBlas;
   }
@@ -322,7 +324,7 @@ class MoELayer {
   kernels::BalanceLossParams aux_params(std::int64_t tokens) const;
   std::chrono::steady_clock::time_point deadline() const;
   void exchange_counts();
-  void build_chunk_plans(int chunks);
+  void build_plans(int chunks);
   /// Which received blocks a compute stage covers: every source of chunk c, the other ranks' rows
   /// of chunk c, or this rank's own rows of every chunk (the local-first stage).
   enum class StagePart { kAll, kRemote, kSelf };
@@ -338,9 +340,9 @@ class MoELayer {
   void return_self_rows(std::int64_t width);
   void enqueue_dispatch(int c, bool grad, const float* dy);
   void enqueue_combine(int c, std::int64_t width);
-  void dispatch_flat(Chunk& ch, int c, bool grad);
+  void dispatch_flat(int c, bool grad);
   void dispatch_hierarchical(Chunk& ch, int c, bool grad);
-  void combine_flat(Chunk& ch, int c, std::int64_t width);
+  void combine_flat(int c, std::int64_t width);
   void combine_hierarchical(Chunk& ch, int c, std::int64_t width);
   void finish_chunk(int c, std::int64_t width, float* out, float* d_weights);
   void count_bytes(std::span<const std::int64_t> send_elems, std::int64_t elem_bytes);

@@ -5,6 +5,7 @@
 #include <span>
 #include <vector>
 
+#include "scheduler/exchange_plan.h"  // chunk_begin
 #include "scheduler/expert_placement.h"
 
 namespace moex::sched {
@@ -80,7 +81,5 @@ struct ReceiveLayout {
   std::int64_t chunk_rows(int c) const;
 };
 
-/// Token range [begin, end) of chunk c when `tokens` are cut into `chunks` near-equal pieces.
-inline std::int64_t chunk_begin(std::int64_t tokens, int chunks, int c) { return tokens * c / chunks; }
 
 }  // namespace moex::sched

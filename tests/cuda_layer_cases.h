@@ -195,9 +195,9 @@ std::unique_ptr<MoELayer> make_cpu_layer(const LayerCase& c, bool bf16, std::uin
 
 /// The rows each local expert slot of `cpu` processed in its last forward.
 std::vector<int64_t> cpu_rows_per_slot(const MoELayer& cpu) {
-  const sched::ExpertBatchLayout& l = cpu.expert_layout();
+  const sched::ExchangePlan& plan = cpu.exchange_plan();
   std::vector<int64_t> rows;
-  for (std::size_t s = 0; s + 1 < l.offsets.size(); ++s) rows.push_back(l.offsets[s + 1] - l.offsets[s]);
+  for (std::int64_t s = 0; s < plan.num_local; ++s) rows.push_back(plan.slot_entries(s));
   return rows;
 }
 

@@ -22,7 +22,7 @@
 #include "runtime/parallel.h"
 #include "runtime/random.h"
 #include "scheduler/expert_placement.h"
-#include "scheduler/route_plan.h"
+#include "scheduler/exchange_plan.h"
 #include "tests/mpi_test_env.h"
 #include "tests/reference_moe.h"
 
@@ -365,7 +365,7 @@ TEST_P(LayerVsReference, DistributedMatchesFloat64ReferenceAndSingleRank) {
       EXPECT_EQ(stats.bytes_sent, (rows_sent - rows_to_self) * kernels::routed_row_stride(H, K) * 4 +
                                       (rows_received - rows_to_self) * H * 4);
       for (std::int64_t s = 0; s < layer.num_local_experts(); ++s)
-        EXPECT_EQ(layer.expert_layout().count(s), picks_of[static_cast<std::size_t>(mine[static_cast<std::size_t>(s)])])
+        EXPECT_EQ(layer.exchange_plan().slot_entries(s), picks_of[static_cast<std::size_t>(mine[static_cast<std::size_t>(s)])])
             << "expert " << mine[static_cast<std::size_t>(s)];
     }
     if (c.forced_expert >= 0) {
@@ -376,7 +376,7 @@ TEST_P(LayerVsReference, DistributedMatchesFloat64ReferenceAndSingleRank) {
       }
       for (std::int64_t s = 0; s < layer.num_local_experts(); ++s) {
         if (layer.placement().experts_of(me)[static_cast<std::size_t>(s)] != c.forced_expert) {
-          EXPECT_EQ(layer.expert_layout().count(s), 0);
+          EXPECT_EQ(layer.exchange_plan().slot_entries(s), 0);
         }
       }
     }

@@ -16,12 +16,12 @@ void pack_routed_rows(std::int64_t rows, std::int64_t hidden, std::int64_t topk,
       const std::int64_t t = token_offset + row_token[i];
       float* o = out + i * stride;
       std::memcpy(o, x + t * hidden, sizeof(float) * static_cast<std::size_t>(hidden));
-      std::memcpy(o + hidden, row_code + i * topk, sizeof(std::int32_t) * static_cast<std::size_t>(topk));
       for (std::int64_t j = 0; j < topk; ++j) {
         const std::int32_t k = row_k[i * topk + j];
+        o[hidden + j] = static_cast<float>(row_code[i * topk + j]);
         o[hidden + topk + j] = k >= 0 ? topk_weights[t * topk + k] : 0.0f;
       }
-      std::memcpy(o + hidden + 2 * topk, &origin, sizeof(origin));
+      o[hidden + 2 * topk] = static_cast<float>(origin);
     }
   });
 }

@@ -13,6 +13,8 @@ inline std::int64_t routed_row_stride(std::int64_t hidden, std::int64_t topk) { 
 
 /// Packs routed rows: row i = [x[token_offset + row_token[i]] | row_code[i*K..] | the weights
 /// topk_weights[(token_offset + row_token[i])*K + row_k[i*K+j]] (0 where row_k is -1) | origin].
+/// Codes and the origin rank are written as float values (exact below 2^24, the limit
+/// sched::ExchangePlan checks; -1 stays -1), so every backend reads them alike.
 void pack_routed_rows(std::int64_t rows, std::int64_t hidden, std::int64_t topk, std::int64_t token_offset,
                       const std::int64_t* row_token, const std::int32_t* row_code, const std::int32_t* row_k,
                       const float* x, const float* topk_weights, std::int32_t origin, float* out);
