@@ -143,7 +143,7 @@ int bench_layer_gpu(comm::MpiCommunicator& world, const GpuBenchArgs& a) {
   const double tokens_per_s = static_cast<double>(T) * world.size() / (ms * 1e-3);
   const double tflops = flops / (ms * 1e9);
   // Rows moved per pass, over every stage (stage A to the nodes too when hierarchical).
-  const EpPlan* to_nodes = layer.node_plan();
+  const sched::ExchangePlan* to_nodes = layer.node_plan();
   std::int64_t rows[3] = {layer.plan().send_rows() + (to_nodes ? to_nodes->send_rows() : 0),
                           layer.plan().recv_rows() + (to_nodes ? to_nodes->recv_rows() : 0), layer.picks_dropped()};
   world.allreduce_sum(rows, 3, comm::DataType::kInt64, "gpu bench rows")->wait();

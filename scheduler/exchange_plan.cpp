@@ -365,7 +365,7 @@ void ExchangePlan::build_receive_from_meta(int world_in, int chunks_in, std::int
 }
 
 void ExchangePlan::chunk_major(ChunkMajor& out) const {
-  const std::int64_t S = num_local, N = entries();
+  const std::int64_t S = num_local, N = entries(), R = recv_rows(), K = topk;
   out.order.resize(z(N));
   out.position.resize(z(N));
   out.chunk_slot.assign(z(chunks) * z(S), 0);
@@ -380,6 +380,30 @@ void ExchangePlan::chunk_major(ChunkMajor& out) const {
         }
         out.chunk_slot[z(c) * z(S) + z(s)] += m;
       }
+  prefix_sums(out.chunk_slot, out.chunk_offsets);
+  out.entry_row.resize(z(N));
+  out.entry_weight.resize(z(N));
+  for (std::int64_t m = 0; m < N; ++m) {
+    out.entry_row[z(m)] = entry_row[z(out.order[z(m)])];
+    out.entry_weight[z(m)] = entry_weight[z(out.order[z(m)])];
+  }
+  out.row_offsets.resize(z(R) + 1);
+  out.row_entries.resize(z(N));
+  out.row_weight.resize(z(N));
+  out.row_dw_entry.resize(z(R * K));
+  out.row_offsets[0] = 0;
+  std::int64_t at = 0;
+  for (std::int64_t r = 0; r < R; ++r) {
+    for (std::int64_t j = 0; j < K; ++j) {
+      const std::int64_t e = row_entry[z(r * K + j)];
+      out.row_dw_entry[z(r * K + j)] = e < 0 ? -1 : out.position[z(e)];
+      if (e < 0) continue;
+      out.row_entries[z(at)] = out.position[z(e)];
+      out.row_weight[z(at)] = entry_weight[z(e)];
+      ++at;
+    }
+    out.row_offsets[z(r) + 1] = at;
+  }
 }
 
 }  // namespace moex::sched

@@ -141,12 +141,23 @@ struct ExchangePlan {
                                std::span<const std::int64_t> recv_counts_cp, std::span<const float> meta);
 
   /// The entries in chunk-major order (chunk, slot, source, row, pick), for a backend that computes
-  /// a chunk's entries as one contiguous block per slot: order[n] is the canonical entry of compute
-  /// position n, position[e] the compute position of canonical entry e (listing every slot's entries
-  /// in canonical order: a weight gradient's rows in an order no chunking changes), and
-  /// chunk_slot[c*S + s] the entries of slot s in chunk c.
+  /// a chunk's entries as one contiguous block per slot, with the index arrays its gather and
+  /// combine kernels read (every index below is a compute position n, not a canonical entry):
+  ///   order[n]          the canonical entry at position n; position[e] its inverse (listing
+  ///                     position[] slot by slot gives every slot's entries in canonical order: a
+  ///                     weight gradient's rows in an order no chunking changes);
+  ///   chunk_slot[c*S+s] entries of slot s in chunk c, from chunk_offsets[c*S+s] ([C*S + 1]);
+  ///   entry_row[n], entry_weight[n]   the recv row and routing weight of position n;
+  ///   row_offsets [R+1], row_entries [N], row_weight [N]   per recv row, its positions in top-K
+  ///                     order and their weights (the combine: out[r] = sum w * ye[n]);
+  ///   row_dw_entry[r*K+j]  the position of pick j of recv row r, or -1.
   struct ChunkMajor {
-    std::vector<std::int64_t> order, position, chunk_slot;
+    std::vector<std::int64_t> order, position, chunk_slot, chunk_offsets;
+    std::vector<std::int64_t> entry_row, row_offsets, row_entries, row_dw_entry;
+    std::vector<float> entry_weight, row_weight;
+    std::int64_t first(int c, std::int64_t s, std::int64_t slots) const {
+      return chunk_offsets[static_cast<std::size_t>(c) * static_cast<std::size_t>(slots) + static_cast<std::size_t>(s)];
+    }
   };
   void chunk_major(ChunkMajor& out) const;
 

@@ -149,6 +149,28 @@ std::vector<Entry> entries_of(const sched::ExchangePlan& recv, const std::vector
   return out;
 }
 
+TEST(ExchangePlanExample, ZeroTokensAndAReusedPlan) {
+  sched::ExchangePlan plan;
+  plan.build_send(std::vector<int>{0, 1, 1, 0}, I32{1, 0, 1, 0}, 2, 2, 2, 0, 2);
+  ASSERT_EQ(plan.send_rows(), 4);
+  // Rebuilt with no tokens: nothing of the previous build is left.
+  plan.build_send({}, {}, 0, 2, 3, 1, 2);
+  EXPECT_EQ(plan.send_rows(), 0);
+  EXPECT_EQ(plan.send_counts, (I64{0, 0, 0, 0, 0, 0}));
+  EXPECT_TRUE(plan.send_token.empty());
+  EXPECT_TRUE(plan.send_code.empty());
+  EXPECT_EQ(plan.token_offsets, (I64{0}));
+  std::vector<float> meta;
+  plan.pack_meta({}, meta);
+  EXPECT_TRUE(meta.empty());
+  // Rebuilt with one token: one row, in chunk 1 (chunk 0 of 2 is empty).
+  plan.build_send(std::vector<int>{2}, I32{3}, 1, 1, 3, 1, 2);
+  EXPECT_EQ(plan.send_counts, (I64{0, 0, 0, 0, 0, 1}));
+  EXPECT_EQ(plan.send_token, (I64{0}));
+  EXPECT_EQ(plan.send_code, (I32{3}));
+  EXPECT_EQ(plan.pick_back, (I64{0}));
+}
+
 TEST(ExchangePlanReceive, CanonicalEntriesDoNotDependOnTheChunking) {
   const Sim sim(7);
   for (int q = 0; q < sim.P; ++q) {
@@ -181,6 +203,34 @@ TEST(ExchangePlanReceive, CanonicalEntriesDoNotDependOnTheChunking) {
       std::int64_t total = 0;
       for (std::int64_t m : cm.chunk_slot) total += m;
       EXPECT_EQ(total, recv.entries());
+      // Its index arrays: positions of chunk c's slot s are contiguous, and name entries of that
+      // chunk and slot; each recv row's positions (top-K order) are the entries of that row.
+      for (int c = 0; c < chunks; ++c)
+        for (std::int64_t s = 0; s < recv.num_local; ++s)
+          for (std::int64_t m = cm.first(c, s, recv.num_local); m < cm.first(c, s, recv.num_local) + cm.chunk_slot[z(c * recv.num_local + s)]; ++m) {
+            const std::int64_t e = cm.order[z(m)];
+            EXPECT_TRUE(e >= recv.slot_offsets[z(s)] && e < recv.slot_offsets[z(s) + 1]);
+            EXPECT_EQ(cm.entry_row[z(m)], recv.entry_row[z(e)]);
+            EXPECT_EQ(cm.entry_weight[z(m)], recv.entry_weight[z(e)]);
+            EXPECT_TRUE(recv.entry_row[z(e)] >= recv.chunk_recv_first(c) &&
+                        recv.entry_row[z(e)] < recv.chunk_recv_first(c) + recv.chunk_recv_count(c));
+          }
+      ASSERT_EQ(static_cast<std::int64_t>(cm.row_offsets.size()), recv.recv_rows() + 1);
+      EXPECT_EQ(cm.row_offsets.back(), recv.entries());
+      for (std::int64_t r = 0; r < recv.recv_rows(); ++r) {
+        std::int64_t at = cm.row_offsets[z(r)];
+        for (std::int64_t j = 0; j < sim.K; ++j) {
+          const std::int64_t m = cm.row_dw_entry[z(r * sim.K + j)];
+          EXPECT_EQ(m < 0, recv.row_entry[z(r * sim.K + j)] < 0);
+          if (m < 0) continue;
+          EXPECT_EQ(cm.entry_row[z(m)], r);
+          EXPECT_EQ(recv.entry_pick[z(cm.order[z(m)])], j);
+          EXPECT_EQ(cm.row_entries[z(at)], m);
+          EXPECT_EQ(cm.row_weight[z(at)], cm.entry_weight[z(m)]);
+          ++at;
+        }
+        EXPECT_EQ(at, cm.row_offsets[z(r) + 1]);
+      }
     }
   }
 }

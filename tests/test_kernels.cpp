@@ -1,4 +1,4 @@
-// Single-process tests of the math, SwiGLU FFN and permute kernels, RoutePlan and ExpertPlacement.
+// Single-process tests of the math, SwiGLU FFN and permute kernels and ExpertPlacement.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -23,7 +23,6 @@
 #include "runtime/parallel.h"
 #include "runtime/random.h"
 #include "scheduler/expert_placement.h"
-#include "scheduler/route_plan.h"
 #include "tests/reference_moe.h"
 #include "tests/tolerance.h"
 
@@ -598,148 +597,6 @@ TEST(Placement, FewerExpertsThanRanksLeavesTheLastRanksEmpty) {
 TEST(Placement, RejectsEmptyShapes) {
   EXPECT_THROW(sched::ExpertPlacement::contiguous(0, 2), InvalidArgument);
   EXPECT_THROW(sched::ExpertPlacement::contiguous(4, 0), InvalidArgument);
-}
-
-// ---------------------------------------------------------------------------------------------------
-// RoutePlan
-
-TEST(RoutePlan, OneRowPerTokenAndRankOrderedByRankThenToken) {
-  // 6 experts over 3 ranks: {0,1} -> rank 0, {2,3} -> rank 1, {4,5} -> rank 2.
-  const auto placement = sched::ExpertPlacement::contiguous(6, 3);
-  const std::vector<std::int32_t> ids = {
-      1, 0, 4,  // token 0: two picks on rank 0 (one row), one on rank 2
-      5, 2, 3,  // token 1: rank 2, then two on rank 1
-      3, 5, 1,  // token 2: one on each rank
-      0, 1, 2,  // token 3: two on rank 0, one on rank 1
-  };
-  sched::RoutePlan plan;
-  plan.build(ids, 4, 3, placement);
-  EXPECT_EQ(plan.topk, 3);
-  EXPECT_EQ(plan.rows_per_rank, (std::vector<std::int64_t>{3, 3, 3}));
-  EXPECT_EQ(plan.row_token, (std::vector<std::int64_t>{0, 2, 3, 1, 2, 3, 0, 1, 2}));
-  EXPECT_EQ(plan.row_slot, (std::vector<std::int32_t>{
-                               1, 0, -1, 1, -1, -1, 0, 1, -1,  // rank 0
-                               0, 1, -1, 1, -1, -1, 0, -1, -1,  // rank 1
-                               0, -1, -1, 1, -1, -1, 1, -1, -1,  // rank 2
-                           }));
-  EXPECT_EQ(plan.row_k, (std::vector<std::int32_t>{
-                            0, 1, -1, 2, -1, -1, 0, 1, -1,
-                            1, 2, -1, 0, -1, -1, 2, -1, -1,
-                            2, -1, -1, 0, -1, -1, 1, -1, -1,
-                        }));
-}
-
-TEST(RoutePlan, AllPicksOnOneRankGiveOneRow) {
-  const auto placement = sched::ExpertPlacement::contiguous(8, 2);
-  const std::vector<std::int32_t> ids = {3, 0, 2, 1};
-  sched::RoutePlan plan;
-  plan.build(ids, 1, 4, placement);
-  EXPECT_EQ(plan.rows_per_rank, (std::vector<std::int64_t>{1, 0}));
-  EXPECT_EQ(plan.row_token, (std::vector<std::int64_t>{0}));
-  EXPECT_EQ(plan.row_slot, (std::vector<std::int32_t>{3, 0, 2, 1}));
-  EXPECT_EQ(plan.row_k, (std::vector<std::int32_t>{0, 1, 2, 3}));
-}
-
-TEST(RoutePlan, RandomPlansCoverEveryPickExactlyOnce) {
-  Rng rng(21);
-  for (int trial = 0; trial < 50; ++trial) {
-    const int world = 1 + static_cast<int>(rng.next() % 5);
-    const std::int64_t E = 1 + static_cast<std::int64_t>(rng.next() % 12);
-    const std::int64_t K = 1 + static_cast<std::int64_t>(rng.next() % static_cast<std::uint64_t>(E));
-    const std::int64_t T = static_cast<std::int64_t>(rng.next() % 20);
-    const auto placement = sched::ExpertPlacement::contiguous(E, world);
-    std::vector<std::int32_t> ids;
-    for (std::int64_t t = 0; t < T; ++t) {
-      std::vector<std::int32_t> all(static_cast<std::size_t>(E));
-      for (std::int64_t e = 0; e < E; ++e) all[static_cast<std::size_t>(e)] = static_cast<std::int32_t>(e);
-      for (std::int64_t j = 0; j < K; ++j) {  // K distinct experts, random order
-        const auto pick = static_cast<std::size_t>(j) + static_cast<std::size_t>(rng.next() % static_cast<std::uint64_t>(E - j));
-        std::swap(all[static_cast<std::size_t>(j)], all[pick]);
-        ids.push_back(all[static_cast<std::size_t>(j)]);
-      }
-    }
-    sched::RoutePlan plan;
-    plan.build(ids, T, K, placement);
-    SCOPED_TRACE("trial " + std::to_string(trial));
-    // Expected rows: every (rank, token) with at least one pick there, in that order.
-    std::vector<std::pair<int, std::int64_t>> want_rows;
-    for (int r = 0; r < world; ++r)
-      for (std::int64_t t = 0; t < T; ++t)
-        for (std::int64_t j = 0; j < K; ++j)
-          if (placement.owner(ids[static_cast<std::size_t>(t * K + j)]) == r) {
-            want_rows.emplace_back(r, t);
-            break;
-          }
-    ASSERT_EQ(plan.num_rows(), static_cast<std::int64_t>(want_rows.size()));
-    std::int64_t row = 0;
-    for (int r = 0; r < world; ++r) {
-      std::int64_t n = 0;
-      for (const auto& wr : want_rows) n += wr.first == r ? 1 : 0;
-      EXPECT_EQ(plan.rows_per_rank[static_cast<std::size_t>(r)], n);
-    }
-    for (const auto& [r, t] : want_rows) {
-      ASSERT_EQ(plan.row_token[static_cast<std::size_t>(row)], t);
-      std::int64_t filled = 0;
-      for (std::int64_t j = 0; j < K; ++j) {
-        const std::int32_t s = plan.row_slot[static_cast<std::size_t>(row * K + j)];
-        const std::int32_t k = plan.row_k[static_cast<std::size_t>(row * K + j)];
-        if (s < 0) {
-          EXPECT_EQ(k, -1);
-          continue;
-        }
-        EXPECT_EQ(j, filled++) << "padding before a pick";
-        const std::int32_t e = ids[static_cast<std::size_t>(t * K + k)];
-        EXPECT_EQ(placement.owner(e), r);
-        EXPECT_EQ(placement.local_slot(e), s);
-      }
-      std::int64_t picks_here = 0;
-      for (std::int64_t j = 0; j < K; ++j) picks_here += placement.owner(ids[static_cast<std::size_t>(t * K + j)]) == r ? 1 : 0;
-      EXPECT_EQ(filled, picks_here);
-      ++row;
-    }
-  }
-}
-
-TEST(RoutePlan, ZeroTokens) {
-  const auto placement = sched::ExpertPlacement::contiguous(5, 3);
-  sched::RoutePlan plan;
-  plan.build({}, 0, 2, placement);
-  EXPECT_EQ(plan.num_rows(), 0);
-  EXPECT_EQ(plan.rows_per_rank, (std::vector<std::int64_t>{0, 0, 0}));
-  EXPECT_TRUE(plan.row_slot.empty());
-  EXPECT_TRUE(plan.row_k.empty());
-}
-
-TEST(RoutePlan, ReusedPlanForgetsThePreviousBuild) {
-  const auto placement = sched::ExpertPlacement::contiguous(4, 2);
-  sched::RoutePlan plan;
-  plan.build(std::vector<std::int32_t>{0, 3, 1, 2, 2, 3}, 3, 2, placement);
-  plan.build(std::vector<std::int32_t>{2}, 1, 1, placement);
-  EXPECT_EQ(plan.rows_per_rank, (std::vector<std::int64_t>{0, 1}));
-  EXPECT_EQ(plan.row_token, (std::vector<std::int64_t>{0}));
-  EXPECT_EQ(plan.row_slot, (std::vector<std::int32_t>{0}));
-  EXPECT_EQ(plan.row_k, (std::vector<std::int32_t>{0}));
-}
-
-TEST(RoutePlan, PerPickDestinationsSkipDroppedPicks) {
-  // Token 0: picks to dest 1 (code 7) and dropped; token 1: both dropped; token 2: dest 0 and dest 1.
-  sched::RoutePlan plan;
-  const std::vector<int> dest = {1, -1, -1, -1, 0, 1};
-  const std::vector<std::int32_t> code = {7, -1, -1, -1, 4, 5};
-  plan.build_picks(3, 2, 2, dest, code);
-  EXPECT_EQ(plan.rows_per_rank, (std::vector<std::int64_t>{1, 2}));
-  EXPECT_EQ(plan.row_token, (std::vector<std::int64_t>{2, 0, 2}));
-  EXPECT_EQ(plan.row_slot, (std::vector<std::int32_t>{4, -1, 7, -1, 5, -1}));
-  EXPECT_EQ(plan.row_k, (std::vector<std::int32_t>{0, -1, 0, -1, 1, -1}));
-  EXPECT_THROW(plan.build_picks(1, 2, 2, std::vector<int>{0, 2}, std::vector<std::int32_t>{0, 0}), InvalidArgument);
-  EXPECT_THROW(plan.build_picks(1, 2, 2, std::vector<int>{-2, 0}, std::vector<std::int32_t>{0, 0}), InvalidArgument);
-}
-
-TEST(RoutePlan, RejectsExpertIdsOutOfRange) {
-  const auto placement = sched::ExpertPlacement::contiguous(4, 2);
-  sched::RoutePlan plan;
-  EXPECT_THROW(plan.build(std::vector<std::int32_t>{0, 4}, 1, 2, placement), InvalidArgument);
-  EXPECT_THROW(plan.build(std::vector<std::int32_t>{-1, 1}, 1, 2, placement), InvalidArgument);
 }
 
 }  // namespace

@@ -16,7 +16,8 @@
 #include "comm/communicator.h"
 #include "runtime/cuda/device.h"
 #include "runtime/cuda/grouped_gemm.h"
-#include "runtime/ep_plan.h"
+#include "runtime/exchange_metadata.h"
+#include "scheduler/exchange_plan.h"
 #include "runtime/kernels/gate.h"
 #include "runtime/io/moe_config.h"
 #include "runtime/moe_layer.h"
@@ -122,7 +123,7 @@ struct GpuLayerTimes {
 /// a job by an ExpertPlacement, and this layer holds the slots of its rank (expert_params() has
 /// num_local_experts() blocks). forward() and backward() are then collectives: every rank calls them
 /// in the same order, each with its own tokens (0 allowed). A forward copies the top-K ids and
-/// weights to the host, builds an EpPlan (runtime/ep_plan.h) and exchanges its metadata over the HOST
+/// weights to the host, builds a sched::ExchangePlan and exchanges its metadata over the HOST
 /// communicator, uploads the plan's index arrays, and then, chunk by chunk, gathers the rows to send,
 /// moves them with alltoallv over the DEVICE communicator (NcclCommunicator: on its stream, ordered
 /// against the caller's stream with CUDA events, so the host does not wait; StagedCommunicator:
@@ -219,10 +220,10 @@ class GpuMoELayer {
   const sched::ReplicaLayout* replica_layout() const { return layout_ ? &*layout_ : nullptr; }
   /// The plan of the last expert-parallel forward (row counts per chunk and peer, entries per slot):
   /// with the hierarchical exchange, that of its stage B (forwarders -> the experts' ranks).
-  const EpPlan& plan() const { return plan_; }
+  const sched::ExchangePlan& plan() const { return plan_; }
   /// Hierarchical exchange: the plan of stage A (this rank -> the forwarders on the destination
   /// nodes) of the last forward; null otherwise.
-  const EpPlan* node_plan() const;
+  const sched::ExchangePlan* node_plan() const;
   /// Expert-parallel mode, the last forward: rows of this rank's tokens, one per (token, destination
   /// rank), as MoELayer's LayerRouteStats::rows_sent counts them (with the hierarchical exchange too);
   /// and the rows this rank sent to other ranks over every stage of the exchange.
@@ -322,7 +323,7 @@ class GpuMoELayer {
   std::int64_t max_slots_ = 0;               // the most slots a rank holds (hierarchical codes)
   std::int64_t multi_experts_ = 0;       // replica mode: experts with several replicas
   std::vector<std::int64_t> multi_index_;  // [E] an expert's index among those, or -1
-  EpPlan plan_;
+  sched::ExchangePlan plan_;
   kernels::GateParams gate_params_;
 
   // Declared first so that they outlive every buffer: the buffers are freed on aux_ (after waiting

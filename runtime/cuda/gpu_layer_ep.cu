@@ -1,5 +1,5 @@
 // GpuMoELayer's expert-parallel mode (see gpu_layer.h): the exchange of routed rows between ranks,
-// chunk by chunk, driven by an EpPlan built on the host.
+// chunk by chunk, driven by a sched::ExchangePlan built on the host.
 #include <algorithm>
 #include <chrono>
 #include <cstdint>
@@ -43,7 +43,7 @@ std::size_t row_bytes(int64_t row, int64_t width, std::size_t es) {
 struct GpuMoELayer::EpState {
   bool serial = false;  // GpuLayerOptions::overlap off: each exchange is waited for once issued
   comm::DeviceCommunicator* device = nullptr;
-  /// One exchange: the send-side index arrays of its plan (EpPlan names), its rows (sent, received,
+  /// One exchange: the send-side index arrays of its plan (ExchangePlan names), its rows (sent, received,
   /// returned per received row, come back; layer dtype), the routing-weight gradients going back
   /// ([R*K] out, [S*K] back), and its exchanges in flight (kept until settled: a Work must outlive
   /// its op).
@@ -54,7 +54,7 @@ struct GpuMoELayer::EpState {
     std::vector<comm::WorkPtr> dispatch, combine, combine_dw;
 
     /// Grows the buffers for `plan` (rows of `row_bytes` bytes); true when any reallocated.
-    bool reserve(const EpPlan& plan, int64_t row_bytes, cudaStream_t s) {
+    bool reserve(const sched::ExchangePlan& plan, int64_t row_bytes, cudaStream_t s) {
       const int64_t SR = plan.send_rows(), R = plan.recv_rows(), K = plan.topk;
       bool grew = false;
       grew |= grow(send_token, SR, s);
@@ -70,7 +70,7 @@ struct GpuMoELayer::EpState {
       return grew;
     }
     /// Uploads the plan's send-side index arrays.
-    void upload(const EpPlan& plan, cudaStream_t stream) {
+    void upload(const sched::ExchangePlan& plan, cudaStream_t stream) {
       const auto SR = static_cast<std::size_t>(plan.send_rows());
       copy_to_device(send_token.data(), plan.send_token.data(), SR, stream);
       copy_to_device(token_rows.data(), plan.token_rows.data(), SR, stream);
@@ -85,8 +85,11 @@ struct GpuMoELayer::EpState {
   Stage main;
   /// Hierarchical exchange, stage A: origin -> the rank with its local index on each destination node.
   Stage a;
-  EpPlan plan_a;  // stage A's plan (the layer's plan_ is the main stage's)
-  // The main plan's receive side (entries of the local slots).
+  sched::ExchangePlan plan_a;  // stage A's plan (the layer's plan_ is the main stage's)
+  MetadataExchange meta_main, meta_a;  // their metadata exchanges (meta_a's rows feed stage B)
+  // The main plan's receive side in the compute order of the expert GEMMs (chunk, slot), on the
+  // host (position: deterministic mode's canonical order) and on the device.
+  sched::ExchangePlan::ChunkMajor view;
   DeviceBuffer<int64_t> entry_row, row_offsets, row_entries, row_dw_entry;
   DeviceBuffer<float> row_weight;
   DeviceBuffer<float> grad32;     // bf16 shared gradients summed in fp32
@@ -106,9 +109,7 @@ struct GpuMoELayer::EpState {
   std::vector<comm::WorkPtr> reduce;
   std::vector<int64_t> sc, sd, rc, rd;  // per-peer block counts / displacements scratch
   int64_t entry_capacity = 0;           // entries the layer's routed buffers (xe_, ...) hold
-  // Deterministic mode: every entry, slot by slot, in (source rank, chunk, entry) order.
-  std::vector<int64_t> canon_host;
-  DeviceBuffer<int64_t> canon;
+  DeviceBuffer<int64_t> canon;  // deterministic mode: view.position on the device
 
   /// Orders the device communicator's next ops after the work queued on `producer` so far.
   void producer_ready(cudaStream_t producer) { device->wait_for_stream(producer); }
@@ -120,7 +121,7 @@ struct GpuMoELayer::EpState {
   /// Chunk c of a dispatch of stage `st`: the rows of `src` ([*, H] of `dtype`; its rows are the
   /// plan's tokens) this rank sends, gathered into st.send_rows, then moved to the peers' recv_rows
   /// (an alltoallv on `comm` after `stream`).
-  comm::WorkPtr dispatch_chunk(const EpPlan& plan, Stage& st, comm::Communicator& comm, int c, DType dtype, int64_t H,
+  comm::WorkPtr dispatch_chunk(const sched::ExchangePlan& plan, Stage& st, comm::Communicator& comm, int c, DType dtype, int64_t H,
                                const void* src, cudaStream_t stream, const std::string& label) {
     const std::size_t es = dtype_size(dtype);
     const int64_t f = plan.chunk_send_first(c), n = plan.chunk_send_count(c);
@@ -137,7 +138,7 @@ struct GpuMoELayer::EpState {
   /// Chunk c of an exchange: forward, this rank's send blocks to the peers' recv blocks; backward
   /// (the way back), its recv blocks to the peers' send blocks. `width` elements of `type` per row;
   /// `from` / `to` point at the chunk's first row. The caller has ordered the producer (producer_ready).
-  comm::WorkPtr move_chunk(const EpPlan& plan, comm::Communicator& comm, int c, bool forward, const void* from,
+  comm::WorkPtr move_chunk(const sched::ExchangePlan& plan, comm::Communicator& comm, int c, bool forward, const void* from,
                            void* to, int64_t width, comm::DataType type, const std::string& label) {
     comm::AlltoallvArgs a;
     a.send = from;
@@ -154,7 +155,7 @@ struct GpuMoELayer::EpState {
   }
   /// Chunk c's combined rows of stage `st` (ret_rows, one per received row) back to their senders'
   /// back_rows.
-  comm::WorkPtr return_chunk(const EpPlan& plan, Stage& st, comm::Communicator& comm, int c, int64_t H,
+  comm::WorkPtr return_chunk(const sched::ExchangePlan& plan, Stage& st, comm::Communicator& comm, int c, int64_t H,
                              std::size_t es, const std::string& label) {
     return move_chunk(plan, comm, c, /*forward=*/false, st.ret_rows.data() + row_bytes(plan.chunk_recv_first(c), H, es),
                       st.back_rows.data() + row_bytes(plan.chunk_send_first(c), H, es), H * static_cast<int64_t>(es),
@@ -162,7 +163,7 @@ struct GpuMoELayer::EpState {
   }
   /// Chunk c's K routing-weight gradients per received row of stage `st` (dw_out) back to the
   /// senders' dw_back.
-  comm::WorkPtr return_dw_chunk(const EpPlan& plan, Stage& st, comm::Communicator& comm, int c,
+  comm::WorkPtr return_dw_chunk(const sched::ExchangePlan& plan, Stage& st, comm::Communicator& comm, int c,
                                 const std::string& label) {
     const int64_t K = plan.topk;
     return move_chunk(plan, comm, c, /*forward=*/false, st.dw_out.data() + plan.chunk_recv_first(c) * K,
@@ -170,7 +171,7 @@ struct GpuMoELayer::EpState {
   }
   /// The rows of stage `st` that came back for chunk c (back_rows), summed per token of the plan
   /// into `out` ([tokens, H] of `dtype`; added to it when `accumulate`), in destination-rank order.
-  void sum_per_token(const EpPlan& plan, Stage& st, int c, DType dtype, int64_t H, void* out, bool accumulate,
+  void sum_per_token(const sched::ExchangePlan& plan, Stage& st, int c, DType dtype, int64_t H, void* out, bool accumulate,
                      cudaStream_t stream) {
     const int64_t t0 = plan.chunk_tokens[static_cast<std::size_t>(c)];
     const int64_t t1 = plan.chunk_tokens[static_cast<std::size_t>(c) + 1];
@@ -180,25 +181,6 @@ struct GpuMoELayer::EpState {
                    reinterpret_cast<const T_*>(st.back_rows.data()), H, static_cast<T_*>(out) + t0 * H, H, accumulate,
                    stream);
     });
-  }
-  /// canon_host = the plan's entries slot by slot, each slot's in (source rank, chunk, entry) order.
-  /// A slot's entries of chunk c are sorted by receive row, and chunk c's receive rows by source
-  /// rank, so each (chunk, slot, source) is a contiguous run; a source's tokens come chunk after
-  /// chunk in token order, so the result is the (source rank, token) order of a single chunk.
-  void canonical_entries(const EpPlan& plan) {
-    const int C = plan.chunks, P = plan.world;
-    canon_host.clear();
-    canon_host.reserve(static_cast<std::size_t>(plan.entries()));
-    for (int64_t s = 0; s < plan.num_local; ++s)
-      for (int p = 0; p < P; ++p)
-        for (int c = 0; c < C; ++c) {
-          const int64_t r0 = plan.recv_displ(c, p), r1 = plan.recv_offsets[plan.cp(c, p) + 1];
-          const int64_t e0 = plan.entry_displ(c, s), e1 = e0 + plan.slot_counts(c, s);
-          // The run of entries whose receive row lies in [r0, r1).
-          const auto* first = std::lower_bound(plan.entry_row.data() + e0, plan.entry_row.data() + e1, r0);
-          for (const auto* q = first; q != plan.entry_row.data() + e1 && *q < r1; ++q)
-            canon_host.push_back(q - plan.entry_row.data());
-        }
   }
   /// Waits for every exchange still in flight and drops it.
   void settle(Clock::time_point deadline) {
@@ -213,7 +195,7 @@ struct GpuMoELayer::EpState {
 
 void GpuMoELayer::EpStateDeleter::operator()(EpState* p) const { delete p; }
 
-const EpPlan* GpuMoELayer::node_plan() const {
+const sched::ExchangePlan* GpuMoELayer::node_plan() const {
   return ep_ && options_.exchange == ExchangeKind::kHierarchical ? &ep_->plan_a : nullptr;
 }
 
@@ -222,7 +204,7 @@ std::int64_t GpuMoELayer::token_rank_rows() const { return ep_ ? ep_->token_rank
 std::int64_t GpuMoELayer::rows_sent_to_others() const {
   if (!ep_) return 0;
   std::int64_t n = 0;
-  for (const EpPlan* plan : {&plan_, node_plan()}) {
+  for (const sched::ExchangePlan* plan : {&plan_, node_plan()}) {
     if (!plan || plan->world < 1) continue;
     for (int c = 0; c < plan->chunks; ++c)
       for (int p = 0; p < plan->world; ++p)
@@ -261,43 +243,20 @@ void GpuMoELayer::plan_ep(cudaStream_t stream) {
   const bool hier = options_.exchange == ExchangeKind::kHierarchical;
   // Each kept pick's destination (rank, slot): in replica mode the replica the layout chooses for
   // (expert, this rank, token), as MoELayer; else the placement's owner.
-  ep.pick_rank.resize(static_cast<std::size_t>(T * K));
-  ep.pick_slot.resize(static_cast<std::size_t>(T * K));
-  for (int64_t i = 0; i < T * K; ++i) {
-    const auto u = static_cast<std::size_t>(i);
-    if (!ep.kept.empty() && !ep.kept[u]) {
-      ep.pick_rank[u] = -1;
-      ep.pick_slot[u] = -1;
-      continue;
-    }
-    const std::int32_t e = ep.ids[u];
-    if (e < 0 || e >= experts_)
-      throw InternalError("GpuMoELayer: the gate picked expert " + std::to_string(e) + " outside [0, " +
-                          std::to_string(experts_) + ")");
-    if (layout_) {
-      const sched::ReplicaLayout::Replica& r =
-          layout_->replicas(e)[static_cast<std::size_t>(layout_->choose(e, me, i / K, *topology_))];
-      ep.pick_rank[u] = r.rank;
-      ep.pick_slot[u] = static_cast<std::int32_t>(r.slot);
-    } else {
-      ep.pick_rank[u] = placement_->owner(e);
-      ep.pick_slot[u] = static_cast<std::int32_t>(placement_->local_slot(e));
-    }
-  }
+  const auto timeout = device_comm_->default_timeout();
+  sched::route_picks(ep.ids, ep.kept, K, placement_ ? &*placement_ : nullptr, layout_ ? &*layout_ : nullptr,
+                     *topology_, me, ep.pick_rank, ep.pick_slot);
   if (!hier) {
-    plan_.plan_send_picks(ep.weights, T, K, P, local_, me, C, ep.pick_rank, ep.pick_slot);
-    plan_.exchange_metadata(*host_comm_, device_comm_->default_timeout());
+    plan_.build_send(ep.pick_rank, ep.pick_slot, T, K, P, me, C);
+    ep.meta_main.run(plan_, ep.weights, local_, *host_comm_, timeout);
     ep.token_rank_rows = plan_.send_rows();
+    plan_.chunk_major(ep.view);
     return;
   }
   // Hierarchical. Stage A: a pick for rank d goes to d's node, to the rank there with this rank's
   // local index (the forwarder), as code local_index(d) * max_slots_ + slot.
   const sched::Topology& topo = *topology_;
   const int my_node = topo.node_of(me);
-  if (static_cast<double>(topo.node_size(my_node)) * static_cast<double>(max_slots_) > 16777216.0)
-    throw InvalidArgument("GpuMoELayer: the hierarchical exchange codes (rank in node, slot) as floats exact "
-                          "below 2^24; " + std::to_string(topo.node_size(my_node)) + " ranks x " +
-                          std::to_string(max_slots_) + " slots is too many");
   ep.token_rank_rows = 0;  // (token, destination rank) pairs, as the flat exchange's rows
   for (int64_t t = 0; t < T; ++t)
     for (int64_t j = 0; j < K; ++j) {
@@ -306,19 +265,13 @@ void GpuMoELayer::plan_ep(cudaStream_t stream) {
       for (int64_t q = 0; first && q < j; ++q) first = ep.pick_rank[static_cast<std::size_t>(t * K + q)] != d;
       ep.token_rank_rows += first ? 1 : 0;
     }
-  ep.fwd_rank.resize(static_cast<std::size_t>(T * K));
-  ep.fwd_code.resize(static_cast<std::size_t>(T * K));
-  for (std::size_t u = 0; u < ep.pick_rank.size(); ++u) {
-    const int d = ep.pick_rank[u];
-    ep.fwd_rank[u] = d < 0 ? -1 : topo.peer_on(topo.node_of(d), me);
-    ep.fwd_code[u] = d < 0 ? -1 : static_cast<std::int32_t>(topo.local_index(d) * max_slots_ + ep.pick_slot[u]);
-  }
-  ep.plan_a.plan_send_picks(ep.weights, T, K, P, topo.node_size(my_node) * max_slots_, me, C, ep.fwd_rank,
-                            ep.fwd_code);
-  ep.plan_a.exchange_metadata(*host_comm_, device_comm_->default_timeout());
+  sched::forward_picks(ep.pick_rank, ep.pick_slot, topo, me, max_slots_, ep.fwd_rank, ep.fwd_code);
+  ep.plan_a.build_send(ep.fwd_rank, ep.fwd_code, T, K, P, me, C);
+  ep.meta_a.run(ep.plan_a, ep.weights, topo.node_size(my_node) * max_slots_, *host_comm_, timeout);
   // Stage B: the forwarder's "tokens" are the rows stage A brought it (chunk by chunk); each row's
   // picks go to their rank on this node.
-  const EpPlan& pa = ep.plan_a;
+  const sched::ExchangePlan& pa = ep.plan_a;
+  const std::vector<float>& meta = ep.meta_a.recv_meta;
   const int64_t RA = pa.recv_rows();
   const std::span<const int> node_ranks = topo.ranks_of(my_node);
   ep.b_weights.resize(static_cast<std::size_t>(RA * K));
@@ -327,7 +280,7 @@ void GpuMoELayer::plan_ep(cudaStream_t stream) {
   for (int64_t r = 0; r < RA; ++r)
     for (int64_t j = 0; j < K; ++j) {
       const auto u = static_cast<std::size_t>(r * K + j);
-      const float v = pa.recv_meta[static_cast<std::size_t>(r * 2 * K + j)];
+      const float v = meta[static_cast<std::size_t>(r * 2 * K + j)];
       if (v < 0.0f) {  // -1: no pick at this position (plan_a's receive side checked the codes)
         ep.pick_rank[u] = -1;
         ep.pick_slot[u] = -1;
@@ -337,13 +290,14 @@ void GpuMoELayer::plan_ep(cudaStream_t stream) {
       const auto code = static_cast<int64_t>(v);
       ep.pick_rank[u] = node_ranks[static_cast<std::size_t>(code / max_slots_)];
       ep.pick_slot[u] = static_cast<std::int32_t>(code % max_slots_);
-      ep.b_weights[u] = pa.recv_meta[static_cast<std::size_t>(r * 2 * K + K + j)];
+      ep.b_weights[u] = meta[static_cast<std::size_t>(r * 2 * K + K + j)];
     }
   ep.b_chunks.resize(static_cast<std::size_t>(C) + 1);
   for (int c = 0; c < C; ++c) ep.b_chunks[static_cast<std::size_t>(c)] = pa.chunk_recv_first(c);
   ep.b_chunks[static_cast<std::size_t>(C)] = RA;
-  plan_.plan_send_picks(ep.b_weights, RA, K, P, local_, me, C, ep.pick_rank, ep.pick_slot, ep.b_chunks);
-  plan_.exchange_metadata(*host_comm_, device_comm_->default_timeout());
+  plan_.build_send(ep.pick_rank, ep.pick_slot, RA, K, P, me, C, ep.b_chunks);
+  ep.meta_main.run(plan_, ep.b_weights, local_, *host_comm_, timeout);
+  plan_.chunk_major(ep.view);
 }
 
 void GpuMoELayer::forward_ep(const void* xin, void* out, bool accumulate, cudaStream_t stream) {
@@ -382,15 +336,14 @@ void GpuMoELayer::forward_ep(const void* xin, void* out, bool accumulate, cudaSt
   }
   ep.main.upload(plan_, stream);
   if (hier) ep.a.upload(ep.plan_a, stream);
-  copy_to_device(ep.entry_row.data(), plan_.entry_row.data(), static_cast<std::size_t>(N), stream);
-  copy_to_device(entry_w_.data(), plan_.entry_weight.data(), static_cast<std::size_t>(N), stream);
-  copy_to_device(ep.row_entries.data(), plan_.row_entries.data(), static_cast<std::size_t>(N), stream);
-  copy_to_device(ep.row_weight.data(), plan_.row_weight.data(), static_cast<std::size_t>(N), stream);
-  copy_to_device(ep.row_offsets.data(), plan_.row_offsets.data(), static_cast<std::size_t>(R + 1), stream);
-  copy_to_device(ep.row_dw_entry.data(), plan_.row_dw_entry.data(), static_cast<std::size_t>(R * topk_), stream);
-  std::fill(counts_.begin(), counts_.end(), int64_t{0});
-  for (int c = 0; c < C; ++c)
-    for (int64_t s = 0; s < S; ++s) counts_[static_cast<std::size_t>(s)] += plan_.slot_counts(c, s);
+  const sched::ExchangePlan::ChunkMajor& v = ep.view;
+  copy_to_device(ep.entry_row.data(), v.entry_row.data(), static_cast<std::size_t>(N), stream);
+  copy_to_device(entry_w_.data(), v.entry_weight.data(), static_cast<std::size_t>(N), stream);
+  copy_to_device(ep.row_entries.data(), v.row_entries.data(), static_cast<std::size_t>(N), stream);
+  copy_to_device(ep.row_weight.data(), v.row_weight.data(), static_cast<std::size_t>(N), stream);
+  copy_to_device(ep.row_offsets.data(), v.row_offsets.data(), static_cast<std::size_t>(R + 1), stream);
+  copy_to_device(ep.row_dw_entry.data(), v.row_dw_entry.data(), static_cast<std::size_t>(R * topk_), stream);
+  for (int64_t s = 0; s < S; ++s) counts_[static_cast<std::size_t>(s)] = plan_.slot_entries(s);
   mark(kF1, stream);
 
   dispatch_ep(xin, stream, deadline, "gpu dispatch");
@@ -400,14 +353,14 @@ void GpuMoELayer::forward_ep(const void* xin, void* out, bool accumulate, cudaSt
   ep.main.combine.resize(static_cast<std::size_t>(C));
   for (int c = 0; c < C; ++c) {
     ep.consume(*ep.main.dispatch[static_cast<std::size_t>(c)], stream, deadline);
-    const int64_t ef = plan_.chunk_entry_first(c), en = plan_.chunk_entry_count(c);
+    const int64_t ef = v.first(c, 0, S), en = v.first(c + 1, 0, S) - ef;
     const int64_t rf = plan_.chunk_recv_first(c), rn = plan_.chunk_recv_count(c);
     with_type(dtype_, [&](auto tag) {
       using T_ = typename decltype(tag)::type;
       gather_rows(en, H, ep.entry_row.data() + ef, reinterpret_cast<const T_*>(ep.main.recv_rows.data()), H,
                   as<T_>(xe_) + ef * H, H, stream);
     });
-    const std::span<const int64_t> rows(plan_.slot_count.data() + plan_.cs(c, 0), static_cast<std::size_t>(S));
+    const std::span<const int64_t> rows(v.chunk_slot.data() + c * S, static_cast<std::size_t>(S));
     expert_ffn_.forward(blas_.get(), rows, xe_.data() + row_bytes(ef, H, es), expert_w_.data(),
                         expert_w_.data() + 2 * F * H * static_cast<int64_t>(es), h13_.data() + row_bytes(ef, 2 * F, es),
                         sig_.data() + row_bytes(ef, F, es), a_.data() + row_bytes(ef, F, es),
@@ -459,7 +412,7 @@ void GpuMoELayer::return_ep(void* out, bool accumulate, bool with_dw, cudaStream
   const int64_t H = hidden_, K = topk_;
   const std::size_t es = dtype_size(dtype_);
   EpState::Stage* last = &ep.main;
-  const EpPlan* last_plan = &plan_;
+  const sched::ExchangePlan* last_plan = &plan_;
   if (options_.exchange == ExchangeKind::kHierarchical) {
     // The forwarder sums each stage-A row's rows from its node (in rank order) and sends the sum
     // back to the origin, with the row's K routing-weight gradients in backward.
@@ -500,6 +453,7 @@ void GpuMoELayer::backward_ep(const void* dyin, void* out, bool accumulate, cuda
   EpState& ep = *ep_;
   const int64_t K = topk_, H = hidden_, F = ffn_, S = local_;
   const int C = plan_.chunks;
+  const sched::ExchangePlan::ChunkMajor& v = ep.view;
   const std::size_t es = dtype_size(dtype_);
   const Clock::time_point deadline = Clock::now() + device_comm_->default_timeout();
   ep.settle(deadline);
@@ -514,7 +468,7 @@ void GpuMoELayer::backward_ep(const void* dyin, void* out, bool accumulate, cuda
   const std::size_t w2 = static_cast<std::size_t>(2 * F * H) * es;  // w2's byte offset in an expert block
   for (int c = 0; c < C; ++c) {
     ep.consume(*ep.main.dispatch[static_cast<std::size_t>(c)], stream, deadline);
-    const int64_t ef = plan_.chunk_entry_first(c), en = plan_.chunk_entry_count(c);
+    const int64_t ef = v.first(c, 0, S), en = v.first(c + 1, 0, S) - ef;
     const int64_t rf = plan_.chunk_recv_first(c), rn = plan_.chunk_recv_count(c);
     // Routing-weight gradients dot(dy row, expert output) and the expert-output gradients w * dy row.
     with_type(dtype_, [&](auto tag) {
@@ -524,7 +478,7 @@ void GpuMoELayer::backward_ep(const void* dyin, void* out, bool accumulate, cuda
       gather_rows_scaled(en, H, ep.entry_row.data() + ef, entry_w_.data() + ef, drecv, H, as<T_>(dye_) + ef * H, H,
                          stream);
     });
-    const std::span<const int64_t> rows(plan_.slot_count.data() + plan_.cs(c, 0), static_cast<std::size_t>(S));
+    const std::span<const int64_t> rows(v.chunk_slot.data() + c * S, static_cast<std::size_t>(S));
     if (options_.deterministic) {  // the weight gradients once, after the chunks (below)
       expert_ffn_.backward_data(blas_.get(), rows, expert_w_.data(), expert_w_.data() + w2,
                                 h13_.data() + row_bytes(ef, 2 * F, es), sig_.data() + row_bytes(ef, F, es),
@@ -555,9 +509,8 @@ void GpuMoELayer::backward_ep(const void* dyin, void* out, bool accumulate, cuda
   if (options_.deterministic) {
     // Each slot's weight gradients over all its entries, in (source rank, token) order: the order
     // one chunk gives, whatever the chunk count.
-    ep.canonical_entries(plan_);
     if (grow(ep.canon, plan_.entries(), aux_.get())) aux_.synchronize();
-    copy_to_device(ep.canon.data(), ep.canon_host.data(), ep.canon_host.size(), stream);
+    copy_to_device(ep.canon.data(), ep.view.position.data(), ep.view.position.size(), stream);
     expert_ffn_.backward_weights(counts_, ep.canon.data(), xe_.data(), a_.data(), dye_.data(), dh13_.data(),
                                  expert_g_.data(), expert_g_.data() + w2, acc_experts, stream);
   }
