@@ -122,7 +122,11 @@ const sched::ExpertPlacement& MoELayer::placement() const {
   return *placement_;
 }
 
-MoELayer::~MoELayer() = default;
+MoELayer::~MoELayer() {
+  // The communication stream's queued exchanges read and write the buffers below (declared after
+  // it, so destroyed before it): join its thread first, on every path, exception unwinding included.
+  comm_stream_.reset();
+}
 
 void MoELayer::set_options(const LayerOptions& options) {
   if (options.chunks < 0)
