@@ -332,18 +332,8 @@ void MoELayer::dispatch_hierarchical(Chunk& ch, int c, bool grad) {
   const std::int64_t stride = kernels::routed_row_stride(H, K);
   sched::ExchangePlan& b = ch.plan_b;
   if (!grad) {
-    const auto node = topology_.ranks_of(my_node);
-    const std::int64_t limit = static_cast<std::int64_t>(node.size()) * max_slots_;
-    grow(ch.b_dest, rows_a * K);
-    grow(ch.b_code, rows_a * K);
-    for (std::int64_t a = 0; a < rows_a; ++a)
-      for (std::int64_t j = 0; j < K; ++j) {
-        const std::int32_t code = sched::decode_code(ch.fwd_in[static_cast<std::size_t>(a * stride + H + j)], limit,
-                                                     "hierarchical exchange: forwarder received row");
-        const auto i = static_cast<std::size_t>(a * K + j);
-        ch.b_dest[i] = code < 0 ? -1 : node[static_cast<std::size_t>(code / max_slots_)];
-        ch.b_code[i] = code < 0 ? -1 : static_cast<std::int32_t>(code % max_slots_);
-      }
+    sched::forwarded_picks(ch.fwd_in.data() + H, rows_a, stride, K, topology_.ranks_of(my_node), max_slots_, ch.b_dest,
+                           ch.b_code);
     b.build_send(ch.b_dest, ch.b_code, rows_a, K, P, me, 1);
     grow(ch.fwd_out, b.send_rows() * stride);
     for (std::int64_t r = 0; r < b.send_rows(); ++r) {

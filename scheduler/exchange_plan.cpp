@@ -84,6 +84,24 @@ void forward_picks(std::span<const int> pick_rank, std::span<const std::int32_t>
   }
 }
 
+void forwarded_picks(const float* meta, std::int64_t rows, std::int64_t stride, std::int64_t k,
+                     std::span<const int> node_ranks, std::int64_t max_slots, std::vector<int>& pick_rank,
+                     std::vector<std::int32_t>& pick_slot, std::vector<float>* weights) {
+  const std::int64_t limit = static_cast<std::int64_t>(node_ranks.size()) * max_slots;
+  pick_rank.resize(z(rows * k));
+  pick_slot.resize(z(rows * k));
+  if (weights) weights->resize(z(rows * k));
+  for (std::int64_t r = 0; r < rows; ++r)
+    for (std::int64_t j = 0; j < k; ++j) {
+      const float* m = meta + r * stride;
+      const std::int32_t code = decode_code(m[j], limit, "hierarchical exchange: forwarder received row");
+      const std::size_t u = z(r * k + j);
+      pick_rank[u] = code < 0 ? -1 : node_ranks[z(code / max_slots)];
+      pick_slot[u] = code < 0 ? -1 : static_cast<std::int32_t>(code % max_slots);
+      if (weights) (*weights)[u] = code < 0 ? 0.0f : m[k + j];
+    }
+}
+
 // ---------------------------------------------------------------------------------------------------
 // Block sizes of one chunk's exchange
 

@@ -32,6 +32,16 @@ void route_picks(std::span<const std::int32_t> ids, std::span<const std::uint8_t
 void forward_picks(std::span<const int> pick_rank, std::span<const std::int32_t> pick_slot, const Topology& topology,
                    int rank, std::int64_t max_slots, std::vector<int>& fwd_rank, std::vector<std::int32_t>& fwd_code);
 
+/// Stage B of the hierarchical exchange, at the forwarder: the picks of the `rows` stage-A rows it
+/// received (row i's K codes at meta[i*stride + j], its K weights at meta[i*stride + K + j]) to the
+/// rank of this node the code names, node_ranks[code / max_slots], and the slot there,
+/// code % max_slots; -1 (no pick) stays -1. Writes [rows * K] ranks, slots and, when `weights` is
+/// not null, weights (0 where there is no pick). InvalidArgument on a code that is not -1 or below
+/// node_ranks.size() * max_slots.
+void forwarded_picks(const float* meta, std::int64_t rows, std::int64_t stride, std::int64_t k,
+                     std::span<const int> node_ranks, std::int64_t max_slots, std::vector<int>& pick_rank,
+                     std::vector<std::int32_t>& pick_slot, std::vector<float>* weights = nullptr);
+
 /// One exchange of rows, both sides. Row spaces:
 ///
 ///   send rows  one per (token, destination rank) pair, so a token travels at most once to a rank

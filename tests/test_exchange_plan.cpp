@@ -171,6 +171,24 @@ TEST(ExchangePlanExample, ZeroTokensAndAReusedPlan) {
   EXPECT_EQ(plan.pick_back, (I64{0}));
 }
 
+TEST(ExchangePlanForwarding, StageBPicksFromTheForwardedCodes) {
+  // A node of ranks {4, 6}, 3 slots each: code 4 = local index 1, slot 1 -> rank 6 slot 1.
+  const std::vector<int> node{4, 6};
+  // Two rows of stride 5 (K = 2 codes, 2 weights, one more float): [4, -1 | 0.5, 0 | x], [0, 5 | ...].
+  const std::vector<float> meta{4.0f, -1.0f, 0.5f, 0.0f, 9.0f, 0.0f, 5.0f, 0.25f, 0.75f, 9.0f};
+  std::vector<int> rank;
+  I32 slot;
+  std::vector<float> w;
+  sched::forwarded_picks(meta.data(), 2, 5, 2, node, 3, rank, slot, &w);
+  EXPECT_EQ(rank, (std::vector<int>{6, -1, 4, 6}));
+  EXPECT_EQ(slot, (I32{1, -1, 0, 2}));
+  EXPECT_EQ(w, (std::vector<float>{0.5f, 0.0f, 0.25f, 0.75f}));
+  for (float bad : {6.0f, 1.5f, -2.0f}) {
+    const std::vector<float> m{bad, -1.0f, 0.5f, 0.0f};
+    EXPECT_THROW(sched::forwarded_picks(m.data(), 1, 4, 2, node, 3, rank, slot), InvalidArgument) << bad;
+  }
+}
+
 TEST(ExchangePlanReceive, CanonicalEntriesDoNotDependOnTheChunking) {
   const Sim sim(7);
   for (int q = 0; q < sim.P; ++q) {

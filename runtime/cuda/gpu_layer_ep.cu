@@ -271,27 +271,9 @@ void GpuMoELayer::plan_ep(cudaStream_t stream) {
   // Stage B: the forwarder's "tokens" are the rows stage A brought it (chunk by chunk); each row's
   // picks go to their rank on this node.
   const sched::ExchangePlan& pa = ep.plan_a;
-  const std::vector<float>& meta = ep.meta_a.recv_meta;
   const int64_t RA = pa.recv_rows();
-  const std::span<const int> node_ranks = topo.ranks_of(my_node);
-  ep.b_weights.resize(static_cast<std::size_t>(RA * K));
-  ep.pick_rank.resize(static_cast<std::size_t>(RA * K));
-  ep.pick_slot.resize(static_cast<std::size_t>(RA * K));
-  for (int64_t r = 0; r < RA; ++r)
-    for (int64_t j = 0; j < K; ++j) {
-      const auto u = static_cast<std::size_t>(r * K + j);
-      const float v = meta[static_cast<std::size_t>(r * 2 * K + j)];
-      if (v < 0.0f) {  // -1: no pick at this position (plan_a's receive side checked the codes)
-        ep.pick_rank[u] = -1;
-        ep.pick_slot[u] = -1;
-        ep.b_weights[u] = 0.0f;
-        continue;
-      }
-      const auto code = static_cast<int64_t>(v);
-      ep.pick_rank[u] = node_ranks[static_cast<std::size_t>(code / max_slots_)];
-      ep.pick_slot[u] = static_cast<std::int32_t>(code % max_slots_);
-      ep.b_weights[u] = meta[static_cast<std::size_t>(r * 2 * K + K + j)];
-    }
+  sched::forwarded_picks(ep.meta_a.recv_meta.data(), RA, 2 * K, K, topo.ranks_of(my_node), max_slots_, ep.pick_rank,
+                         ep.pick_slot, &ep.b_weights);
   ep.b_chunks.resize(static_cast<std::size_t>(C) + 1);
   for (int c = 0; c < C; ++c) ep.b_chunks[static_cast<std::size_t>(c)] = pa.chunk_recv_first(c);
   ep.b_chunks[static_cast<std::size_t>(C)] = RA;
