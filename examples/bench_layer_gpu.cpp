@@ -49,8 +49,6 @@ int bench_layer_gpu(comm::MpiCommunicator& world, const GpuBenchArgs& a) {
   cudaDeviceProp prop{};
   MOEX_CUDA_CHECK(cudaGetDeviceProperties(&prop, world.rank() % devices));
   const LayerOptions& lo = a.schedule;
-  if (lo.exchange != ExchangeKind::kFlat && lo.deterministic)
-    throw ConfigError("--device cuda: --deterministic on runs the flat exchange only (drop --exchange hierarchical)");
 
   const auto dev = comm::make_device_communicator(a.device_comm, MPI_COMM_WORLD, world.default_timeout());
 
@@ -143,8 +141,8 @@ int bench_layer_gpu(comm::MpiCommunicator& world, const GpuBenchArgs& a) {
   const double tokens_per_s = static_cast<double>(T) * world.size() / (ms * 1e-3);
   const double tflops = flops / (ms * 1e9);
   // Rows moved per pass, over every stage (stage A to the nodes too when hierarchical).
-  const sched::ExchangePlan* to_nodes = layer.node_plan();
-  std::int64_t rows[3] = {layer.plan().send_rows() + (to_nodes ? to_nodes->send_rows() : 0),
+  const sched::ExchangePlan *to_nodes = layer.node_plan(), *in_node = layer.forward_plan();
+  std::int64_t rows[3] = {to_nodes ? to_nodes->send_rows() + in_node->send_rows() : layer.plan().send_rows(),
                           layer.plan().recv_rows() + (to_nodes ? to_nodes->recv_rows() : 0), layer.picks_dropped()};
   world.allreduce_sum(rows, 3, comm::DataType::kInt64, "gpu bench rows")->wait();
   if (world.rank() == 0) {

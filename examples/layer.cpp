@@ -123,9 +123,6 @@ int run(moex::comm::MpiCommunicator& world, int argc, char** argv) {
       if (world.rank() == 0) std::fprintf(stderr, "SKIPPED: no CUDA device: %s\n", why.c_str());
       return kNoDevice;
     }
-    if (lo.exchange != moex::ExchangeKind::kFlat && lo.deterministic)
-      throw moex::ConfigError("--device cuda: --deterministic on runs the flat exchange only (drop --exchange "
-                              "hierarchical)");
 #endif
   }
   const auto topology = moex::sched::Topology::from_node_ids(world.node_ids());

@@ -67,11 +67,6 @@ TEST(CudaEpLayerHost, RejectsBadCommunicatorsAndPlacements) {
   GpuLayerOptions zero_chunks;
   zero_chunks.chunks = 0;
   expect_invalid("chunks = 0", "chunks = 0", [&] { GpuMoELayer gpu(cfg, world, world, placement, zero_chunks); });
-  GpuLayerOptions hier_det;
-  hier_det.exchange = ExchangeKind::kHierarchical;
-  hier_det.deterministic = true;
-  expect_invalid("deterministic with the hierarchical exchange", "flat exchange only",
-                 [&] { GpuMoELayer gpu(cfg, world, world, placement, hier_det); });
   expect_invalid("a topology for another world size", "topology is for", [&] {
     GpuMoELayer gpu(cfg, world, world, placement, {}, sched::Topology::single_node(P + 1));
   });
@@ -305,8 +300,14 @@ TEST(CudaEpDeterministic, SameBitsForEveryChunkCount) {
   Stream stream;
   const cudaStream_t s = stream.get();
   const int P = host.size(), r = host.rank();
+  // The hierarchical exchange on 2-rank nodes (its receive rows are put by origin, so the entries'
+  // canonical order is the flat one's).
+  std::vector<int> node_ids(static_cast<std::size_t>(P));
+  for (int q = 0; q < P; ++q) node_ids[static_cast<std::size_t>(q)] = q / 2;
+  const sched::Topology nodes = sched::Topology::from_node_ids(node_ids);
   for (const bool bf16 : {false, true}) {
-    for (const bool replicas : {false, true}) {
+    for (const int variant : {0, 1, 2}) {  // placement, replicas, placement over the hierarchical exchange
+      const bool replicas = variant == 1, hier = variant == 2;
       const LayerCase c = case_of(bf16 ? "v2_lite_like" : "v3_like");
       std::optional<ReplicaSetup> rs;
       std::unique_ptr<MoELayer> cpu;
@@ -321,16 +322,18 @@ TEST(CudaEpDeterministic, SameBitsForEveryChunkCount) {
       }
       std::vector<Vec> first;  // chunks = 1: y, dx per step, then the gradients
       for (int chunks : {1, 2, 3}) {
-        const std::string tag = std::string(bf16 ? "bf16" : "fp32") + (replicas ? " replicas" : "") + " rank " +
+        const std::string tag = std::string(bf16 ? "bf16" : "fp32") + (replicas ? " replicas" : "") +
+                                (hier ? " hierarchical" : "") + " rank " +
                                 std::to_string(r) + "/" + std::to_string(P) + " chunks " + std::to_string(chunks);
         GpuLayerOptions opt;
         opt.precision = bf16 ? LayerPrecision::kBf16 : LayerPrecision::kFp32;
         opt.chunks = chunks;
         opt.deterministic = true;
         opt.capacity_factor = lo.capacity_factor;
+        if (hier) opt.exchange = ExchangeKind::kHierarchical;
         std::unique_ptr<GpuMoELayer> gpu =
             rs ? std::make_unique<GpuMoELayer>(c.config, host, device, rs->planned, rs->topology, opt)
-               : std::make_unique<GpuMoELayer>(c.config, host, device, placement, opt);
+               : std::make_unique<GpuMoELayer>(c.config, host, device, placement, opt, nodes);
         gpu->load_from(*cpu);
         std::vector<Vec> got;
         gpu->zero_grad(s);
@@ -495,10 +498,6 @@ TEST(CudaEpTrainHost, ExecutorRejectsCpuOnlySchedules) {
     Trainer t(cfg, world, o);
     EXPECT_THROW(t.set_executor(&exec), ConfigError) << what;
   };
-  TrainOptions hier_det;
-  hier_det.layer.exchange = ExchangeKind::kHierarchical;
-  hier_det.layer.deterministic = true;
-  rejects("deterministic mode with the hierarchical exchange", hier_det);
   TrainOptions local_first;
   local_first.layer.chunks = 2;
   local_first.layer.local_first = true;

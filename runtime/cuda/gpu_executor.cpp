@@ -19,10 +19,6 @@ GpuLayerExecutor::~GpuLayerExecutor() {
 
 void GpuLayerExecutor::check(const MoELayer& layer) {
   const std::string what = "GPU layer for '" + layer.name() + "': ";
-  const LayerOptions& o = layer.options();
-  if (o.deterministic && o.exchange != ExchangeKind::kFlat)
-    throw ConfigError(what + "on the GPU the deterministic mode runs the flat exchange only (drop the "
-                             "hierarchical exchange or the deterministic mode)");
   check_gpu_schedule(layer);
   if (layer.replica_layout()) return;  // every rank has the layout's slots
   const sched::ExpertPlacement& p = layer.placement();

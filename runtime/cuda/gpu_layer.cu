@@ -162,9 +162,6 @@ int64_t local_slot_count(const MoeConfig& c, const GpuLayerOptions& o, const com
   }
   const std::string what = "GpuMoELayer (expert-parallel): ";
   if (o.chunks < 1) throw InvalidArgument(what + "chunks = " + std::to_string(o.chunks) + ": must be >= 1");
-  if (o.deterministic && o.exchange != ExchangeKind::kFlat)
-    throw InvalidArgument(what + "the deterministic mode runs the flat exchange only (its weight-gradient order "
-                                 "is the source ranks'; through forwarders that order changes with the chunks)");
   if (host->size() != device->size() || host->rank() != device->rank())
     throw InvalidArgument(what + "the host communicator is rank " + std::to_string(host->rank()) + " of " +
                           std::to_string(host->size()) + " but the device communicator rank " +

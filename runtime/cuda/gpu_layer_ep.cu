@@ -80,13 +80,22 @@ struct GpuMoELayer::EpState {
                      stream);
     }
   };
-  /// The exchange that reaches the experts: the only one of the flat exchange; stage B (forwarder ->
-  /// expert owner, inside a node) of the hierarchical one, whose "tokens" are stage A's receive rows.
+  /// The exchange origin -> expert owner (the layer's plan_): the only one of the flat exchange. With
+  /// the hierarchical one its rows travel through stages A and B instead, and `main` keeps only its
+  /// receive side: the rows at their place (chunk, ORIGIN, token), which is what makes the entries'
+  /// canonical order, and so the results, those of the flat exchange.
   Stage main;
   /// Hierarchical exchange, stage A: origin -> the rank with its local index on each destination node.
   Stage a;
-  sched::ExchangePlan plan_a;  // stage A's plan (the layer's plan_ is the main stage's)
-  MetadataExchange meta_main, meta_a;  // their metadata exchanges (meta_a's rows feed stage B)
+  /// Hierarchical exchange, stage B: forwarder -> owner inside a node; its "tokens" are stage A's
+  /// receive rows, its receive rows are in arrival order (chunk, forwarder, origin, token).
+  Stage b;
+  sched::ExchangePlan plan_a, plan_b;
+  MetadataExchange meta_main, meta_a;  // metadata of plan_ (always flat, small) and of stage A
+  std::vector<int64_t> b_rows_pc;      // plan_b's receive counts per (forwarder, chunk)
+  // Hierarchical: stage B's arrival i is main's receive row arrival_row[i]; row_arrival inverts it.
+  std::vector<int64_t> arrival_host, row_arrival_host;
+  DeviceBuffer<int64_t> arrival_row, row_arrival;
   // The main plan's receive side in the compute order of the expert GEMMs (chunk, slot), on the
   // host (position: deterministic mode's canonical order) and on the device.
   sched::ExchangePlan::ChunkMajor view;
@@ -182,10 +191,50 @@ struct GpuMoELayer::EpState {
                    stream);
     });
   }
+  /// Makes chunk c of main's receive rows ([*, H] of `dtype`) ready on `stream`: flat, when its
+  /// dispatch arrived; hierarchical, when stage B's did, put from arrival order at their rows.
+  void arrived(const sched::ExchangePlan& plan, bool hier, int c, DType dtype, int64_t H, cudaStream_t stream,
+               Clock::time_point deadline) {
+    if (!hier) {
+      consume(*main.dispatch[static_cast<std::size_t>(c)], stream, deadline);
+      return;
+    }
+    consume(*b.dispatch[static_cast<std::size_t>(c)], stream, deadline);
+    const int64_t rf = plan.chunk_recv_first(c), rn = plan.chunk_recv_count(c);
+    with_type(dtype, [&](auto tag) {
+      using T_ = typename decltype(tag)::type;
+      gather_rows(rn, H, row_arrival.data() + rf, reinterpret_cast<const T_*>(b.recv_rows.data()), H,
+                  reinterpret_cast<T_*>(main.recv_rows.data()) + rf * H, H, stream);
+    });
+  }
+  /// Sends chunk c of main's returned rows (ret_rows, and with `dw` the K routing-weight gradients
+  /// per row, dw_out) back after `stream`: flat, to the origins; hierarchical, in arrival order to
+  /// the forwarders (stage B back).
+  void send_back(const sched::ExchangePlan& plan, bool hier, bool dw, int c, DType dtype, int64_t H, int64_t K,
+                 comm::Communicator& comm, cudaStream_t stream, const std::string& label) {
+    const std::size_t es = dtype_size(dtype);
+    const auto u = static_cast<std::size_t>(c);
+    if (!hier) {
+      producer_ready(stream);
+      main.combine[u] = return_chunk(plan, main, comm, c, H, es, label);
+      if (dw) main.combine_dw[u] = return_dw_chunk(plan, main, comm, c, "gpu routing-weight grad");
+      return;
+    }
+    const int64_t rf = plan.chunk_recv_first(c), rn = plan.chunk_recv_count(c);
+    with_type(dtype, [&](auto tag) {
+      using T_ = typename decltype(tag)::type;
+      gather_rows(rn, H, arrival_row.data() + rf, reinterpret_cast<const T_*>(main.ret_rows.data()), H,
+                  reinterpret_cast<T_*>(b.ret_rows.data()) + rf * H, H, stream);
+    });
+    if (dw) gather_rows(rn, K, arrival_row.data() + rf, main.dw_out.data(), K, b.dw_out.data() + rf * K, K, stream);
+    producer_ready(stream);
+    b.combine[u] = return_chunk(plan_b, b, comm, c, H, es, label + " (in node)");
+    if (dw) b.combine_dw[u] = return_dw_chunk(plan_b, b, comm, c, "gpu routing-weight grad (in node)");
+  }
   /// Waits for every exchange still in flight and drops it.
   void settle(Clock::time_point deadline) {
     for (auto* list : {&main.dispatch, &main.combine, &main.combine_dw, &a.dispatch, &a.combine, &a.combine_dw,
-                       &reduce}) {
+                       &b.dispatch, &b.combine, &b.combine_dw, &reduce}) {
       for (comm::WorkPtr& w : *list)
         if (w) w->wait(deadline);
       list->clear();
@@ -199,12 +248,16 @@ const sched::ExchangePlan* GpuMoELayer::node_plan() const {
   return ep_ && options_.exchange == ExchangeKind::kHierarchical ? &ep_->plan_a : nullptr;
 }
 
+const sched::ExchangePlan* GpuMoELayer::forward_plan() const {
+  return ep_ && options_.exchange == ExchangeKind::kHierarchical ? &ep_->plan_b : nullptr;
+}
+
 std::int64_t GpuMoELayer::token_rank_rows() const { return ep_ ? ep_->token_rank_rows : 0; }
 
 std::int64_t GpuMoELayer::rows_sent_to_others() const {
   if (!ep_) return 0;
   std::int64_t n = 0;
-  for (const sched::ExchangePlan* plan : {&plan_, node_plan()}) {
+  for (const sched::ExchangePlan* plan : {node_plan() ? forward_plan() : &plan_, node_plan()}) {
     if (!plan || plan->world < 1) continue;
     for (int c = 0; c < plan->chunks; ++c)
       for (int p = 0; p < plan->world; ++p)
@@ -246,25 +299,17 @@ void GpuMoELayer::plan_ep(cudaStream_t stream) {
   const auto timeout = device_comm_->default_timeout();
   sched::route_picks(ep.ids, ep.kept, K, placement_ ? &*placement_ : nullptr, layout_ ? &*layout_ : nullptr,
                      *topology_, me, ep.pick_rank, ep.pick_slot);
-  if (!hier) {
-    plan_.build_send(ep.pick_rank, ep.pick_slot, T, K, P, me, C);
-    ep.meta_main.run(plan_, ep.weights, local_, *host_comm_, timeout);
-    ep.token_rank_rows = plan_.send_rows();
-    plan_.chunk_major(ep.view);
-    return;
-  }
+  // The rows to the owners, and what this rank's slots receive, by origin: the metadata always goes
+  // straight to the owner (2K floats a row), so the receive side is the flat exchange's.
+  plan_.build_send(ep.pick_rank, ep.pick_slot, T, K, P, me, C);
+  ep.meta_main.run(plan_, ep.weights, local_, *host_comm_, timeout);
+  ep.token_rank_rows = plan_.send_rows();
+  plan_.chunk_major(ep.view);
+  if (!hier) return;
   // Hierarchical. Stage A: a pick for rank d goes to d's node, to the rank there with this rank's
   // local index (the forwarder), as code local_index(d) * max_slots_ + slot.
   const sched::Topology& topo = *topology_;
   const int my_node = topo.node_of(me);
-  ep.token_rank_rows = 0;  // (token, destination rank) pairs, as the flat exchange's rows
-  for (int64_t t = 0; t < T; ++t)
-    for (int64_t j = 0; j < K; ++j) {
-      const int d = ep.pick_rank[static_cast<std::size_t>(t * K + j)];
-      bool first = d >= 0;
-      for (int64_t q = 0; first && q < j; ++q) first = ep.pick_rank[static_cast<std::size_t>(t * K + q)] != d;
-      ep.token_rank_rows += first ? 1 : 0;
-    }
   sched::forward_picks(ep.pick_rank, ep.pick_slot, topo, me, max_slots_, ep.fwd_rank, ep.fwd_code);
   ep.plan_a.build_send(ep.fwd_rank, ep.fwd_code, T, K, P, me, C);
   ep.meta_a.run(ep.plan_a, ep.weights, topo.node_size(my_node) * max_slots_, *host_comm_, timeout);
@@ -277,9 +322,29 @@ void GpuMoELayer::plan_ep(cudaStream_t stream) {
   ep.b_chunks.resize(static_cast<std::size_t>(C) + 1);
   for (int c = 0; c < C; ++c) ep.b_chunks[static_cast<std::size_t>(c)] = pa.chunk_recv_first(c);
   ep.b_chunks[static_cast<std::size_t>(C)] = RA;
-  plan_.build_send(ep.pick_rank, ep.pick_slot, RA, K, P, me, C, ep.b_chunks);
-  ep.meta_main.run(plan_, ep.b_weights, local_, *host_comm_, timeout);
-  plan_.chunk_major(ep.view);
+  sched::ExchangePlan& pb = ep.plan_b;
+  pb.build_send(ep.pick_rank, ep.pick_slot, RA, K, P, me, C, ep.b_chunks);
+  // Its receive side from what the origins announced: origin p's rows come through its forwarder on
+  // this node, forwarder by forwarder, each forwarder's by origin, then token.
+  ep.b_rows_pc.assign(static_cast<std::size_t>(P * C), 0);
+  for (int p = 0; p < P; ++p)
+    for (int c = 0; c < C; ++c)
+      ep.b_rows_pc[static_cast<std::size_t>(topo.peer_on(my_node, p) * C + c)] += plan_.recv_counts[plan_.cp(c, p)];
+  pb.build_receive(P, C, 0, ep.b_rows_pc, {});
+  const int64_t R = plan_.recv_rows();
+  ep.arrival_host.resize(static_cast<std::size_t>(R));
+  ep.row_arrival_host.resize(static_cast<std::size_t>(R));
+  for (int c = 0; c < C; ++c) {
+    int64_t i = pb.chunk_recv_first(c);
+    for (int q = 0; q < P; ++q)
+      for (int p = 0; p < P; ++p) {
+        if (topo.peer_on(my_node, p) != q) continue;
+        for (int64_t r = plan_.recv_displ(c, p); r < plan_.recv_offsets[plan_.cp(c, p) + 1]; ++r, ++i) {
+          ep.arrival_host[static_cast<std::size_t>(i)] = r;
+          ep.row_arrival_host[static_cast<std::size_t>(r)] = i;
+        }
+      }
+  }
 }
 
 void GpuMoELayer::forward_ep(const void* xin, void* out, bool accumulate, cudaStream_t stream) {
@@ -299,7 +364,12 @@ void GpuMoELayer::forward_ep(const void* xin, void* out, bool accumulate, cudaSt
   {
     const cudaStream_t s = aux_.get();
     bool grew = ep.main.reserve(plan_, rb, s);
-    if (hier) grew |= ep.a.reserve(ep.plan_a, rb, s);
+    if (hier) {
+      grew |= ep.a.reserve(ep.plan_a, rb, s);
+      grew |= ep.b.reserve(ep.plan_b, rb, s);
+      grew |= grow(ep.arrival_row, R, s);
+      grew |= grow(ep.row_arrival, R, s);
+    }
     grew |= grow(ep.entry_row, N, s);
     grew |= grow(ep.row_entries, N, s);
     grew |= grow(ep.row_weight, N, s);
@@ -317,7 +387,12 @@ void GpuMoELayer::forward_ep(const void* xin, void* out, bool accumulate, cudaSt
     }
   }
   ep.main.upload(plan_, stream);
-  if (hier) ep.a.upload(ep.plan_a, stream);
+  if (hier) {
+    ep.a.upload(ep.plan_a, stream);
+    ep.b.upload(ep.plan_b, stream);
+    copy_to_device(ep.arrival_row.data(), ep.arrival_host.data(), static_cast<std::size_t>(R), stream);
+    copy_to_device(ep.row_arrival.data(), ep.row_arrival_host.data(), static_cast<std::size_t>(R), stream);
+  }
   const sched::ExchangePlan::ChunkMajor& v = ep.view;
   copy_to_device(ep.entry_row.data(), v.entry_row.data(), static_cast<std::size_t>(N), stream);
   copy_to_device(entry_w_.data(), v.entry_weight.data(), static_cast<std::size_t>(N), stream);
@@ -333,8 +408,9 @@ void GpuMoELayer::forward_ep(const void* xin, void* out, bool accumulate, cudaSt
 
   // Experts of chunk c once its rows arrived; the combined rows go back while chunk c+1 computes.
   ep.main.combine.resize(static_cast<std::size_t>(C));
+  ep.b.combine.resize(static_cast<std::size_t>(C));
   for (int c = 0; c < C; ++c) {
-    ep.consume(*ep.main.dispatch[static_cast<std::size_t>(c)], stream, deadline);
+    ep.arrived(plan_, hier, c, dtype_, H, stream, deadline);
     const int64_t ef = v.first(c, 0, S), en = v.first(c + 1, 0, S) - ef;
     const int64_t rf = plan_.chunk_recv_first(c), rn = plan_.chunk_recv_count(c);
     with_type(dtype_, [&](auto tag) {
@@ -352,9 +428,7 @@ void GpuMoELayer::forward_ep(const void* xin, void* out, bool accumulate, cudaSt
       combine_rows(rn, H, ep.row_offsets.data() + rf, ep.row_entries.data(), ep.row_weight.data(), as<T_>(ye_), H,
                    reinterpret_cast<T_*>(ep.main.ret_rows.data() + row_bytes(rf, H, es)), H, false, stream);
     });
-    ep.producer_ready(stream);
-    ep.main.combine[static_cast<std::size_t>(c)] =
-        ep.return_chunk(plan_, ep.main, *device_comm_, c, H, es, "gpu combine");
+    ep.send_back(plan_, hier, false, c, dtype_, H, topk_, *device_comm_, stream, "gpu combine");
   }
   mark(kF3, stream);
 
@@ -380,10 +454,11 @@ void GpuMoELayer::dispatch_ep(const void* src, cudaStream_t stream, Clock::time_
   for (int c = 0; c < C; ++c)
     ep.a.dispatch[static_cast<std::size_t>(c)] =
         ep.dispatch_chunk(ep.plan_a, ep.a, *device_comm_, c, dtype_, H, src, stream, label + " (to nodes)");
+  ep.b.dispatch.resize(static_cast<std::size_t>(C));
   for (int c = 0; c < C; ++c) {
     ep.consume(*ep.a.dispatch[static_cast<std::size_t>(c)], stream, deadline);
-    ep.main.dispatch[static_cast<std::size_t>(c)] = ep.dispatch_chunk(
-        plan_, ep.main, *device_comm_, c, dtype_, H, ep.a.recv_rows.data(), stream, label + " (in node)");
+    ep.b.dispatch[static_cast<std::size_t>(c)] = ep.dispatch_chunk(
+        ep.plan_b, ep.b, *device_comm_, c, dtype_, H, ep.a.recv_rows.data(), stream, label + " (in node)");
   }
 }
 
@@ -401,13 +476,13 @@ void GpuMoELayer::return_ep(void* out, bool accumulate, bool with_dw, cudaStream
     ep.a.combine.resize(static_cast<std::size_t>(C));
     ep.a.combine_dw.resize(static_cast<std::size_t>(C));
     for (int c = 0; c < C; ++c) {
-      ep.consume(*ep.main.combine[static_cast<std::size_t>(c)], stream, deadline);
-      if (with_dw) ep.consume(*ep.main.combine_dw[static_cast<std::size_t>(c)], stream, deadline);
-      ep.sum_per_token(plan_, ep.main, c, dtype_, H, ep.a.ret_rows.data(), false, stream);
+      ep.consume(*ep.b.combine[static_cast<std::size_t>(c)], stream, deadline);
+      if (with_dw) ep.consume(*ep.b.combine_dw[static_cast<std::size_t>(c)], stream, deadline);
+      ep.sum_per_token(ep.plan_b, ep.b, c, dtype_, H, ep.a.ret_rows.data(), false, stream);
       if (with_dw) {
-        const int64_t t0 = plan_.chunk_tokens[static_cast<std::size_t>(c)];
-        const int64_t t1 = plan_.chunk_tokens[static_cast<std::size_t>(c) + 1];
-        gather_values((t1 - t0) * K, ep.main.pick_back.data() + t0 * K, ep.main.dw_back.data(),
+        const int64_t t0 = ep.plan_b.chunk_tokens[static_cast<std::size_t>(c)];
+        const int64_t t1 = ep.plan_b.chunk_tokens[static_cast<std::size_t>(c) + 1];
+        gather_values((t1 - t0) * K, ep.b.pick_back.data() + t0 * K, ep.b.dw_back.data(),
                       ep.a.dw_out.data() + t0 * K, stream);
       }
       ep.producer_ready(stream);
@@ -444,12 +519,15 @@ void GpuMoELayer::backward_ep(const void* dyin, void* out, bool accumulate, cuda
   dispatch_ep(dyin, stream, deadline, "gpu dispatch grad");
   mark(kB1, stream);
 
+  const bool hier = options_.exchange == ExchangeKind::kHierarchical;
   ep.main.combine.resize(static_cast<std::size_t>(C));
   ep.main.combine_dw.resize(static_cast<std::size_t>(C));
+  ep.b.combine.resize(static_cast<std::size_t>(C));
+  ep.b.combine_dw.resize(static_cast<std::size_t>(C));
   bool acc_experts = !expert_stale_;
   const std::size_t w2 = static_cast<std::size_t>(2 * F * H) * es;  // w2's byte offset in an expert block
   for (int c = 0; c < C; ++c) {
-    ep.consume(*ep.main.dispatch[static_cast<std::size_t>(c)], stream, deadline);
+    ep.arrived(plan_, hier, c, dtype_, H, stream, deadline);
     const int64_t ef = v.first(c, 0, S), en = v.first(c + 1, 0, S) - ef;
     const int64_t rf = plan_.chunk_recv_first(c), rn = plan_.chunk_recv_count(c);
     // Routing-weight gradients dot(dy row, expert output) and the expert-output gradients w * dy row.
@@ -482,11 +560,7 @@ void GpuMoELayer::backward_ep(const void* dyin, void* out, bool accumulate, cuda
                    reinterpret_cast<T_*>(ep.main.ret_rows.data() + row_bytes(rf, H, es)), H, false, stream);
     });
     gather_values(rn * K, ep.row_dw_entry.data() + rf * K, d_entry_.data(), ep.main.dw_out.data() + rf * K, stream);
-    ep.producer_ready(stream);
-    ep.main.combine[static_cast<std::size_t>(c)] =
-        ep.return_chunk(plan_, ep.main, *device_comm_, c, H, es, "gpu combine grad");
-    ep.main.combine_dw[static_cast<std::size_t>(c)] =
-        ep.return_dw_chunk(plan_, ep.main, *device_comm_, c, "gpu routing-weight grad");
+    ep.send_back(plan_, hier, true, c, dtype_, H, K, *device_comm_, stream, "gpu combine grad");
   }
   if (options_.deterministic) {
     // Each slot's weight gradients over all its entries, in (source rank, token) order: the order
