@@ -289,7 +289,8 @@ TEST_F(CudaEpLayerSchedule, MakeGpuLayerLikeHonoursTheSchedule) {
 /// Deterministic mode: the same layer run with 1, 2 and 3 pipeline chunks gives the same bits for y,
 /// dx and every gradient (this rank's, and after the all-reduce), over two steps whose gradients
 /// accumulate. (Without it, the weight gradients already differ with the chunk count: each chunk's
-/// part is added to them separately.)
+/// part is added to them separately.) The hierarchical exchange (2-rank nodes) gives those bits too:
+/// the same entries, and a token's rows summed per node, then over the nodes, on both paths.
 TEST(CudaEpDeterministic, SameBitsForEveryChunkCount) {
   std::string why;
   const int devices = cuda_device_count(&why);
@@ -306,6 +307,7 @@ TEST(CudaEpDeterministic, SameBitsForEveryChunkCount) {
   for (int q = 0; q < P; ++q) node_ids[static_cast<std::size_t>(q)] = q / 2;
   const sched::Topology nodes = sched::Topology::from_node_ids(node_ids);
   for (const bool bf16 : {false, true}) {
+    std::vector<Vec> flat;  // the placement over the flat exchange, 1 chunk
     for (const int variant : {0, 1, 2}) {  // placement, replicas, placement over the hierarchical exchange
       const bool replicas = variant == 1, hier = variant == 2;
       const LayerCase c = case_of(bf16 ? "v2_lite_like" : "v3_like");
@@ -351,12 +353,21 @@ TEST(CudaEpDeterministic, SameBitsForEveryChunkCount) {
         gpu->allreduce_replicated_grads(s);
         got.push_back(gpu->replicated_grads_host(s));
         got.push_back(gpu->expert_grads_host(s));
-        if (chunks == 1) {
-          first = got;
-          continue;
-        }
         static const char* kWhat[] = {"y step 0", "dx step 0", "y step 1", "dx step 1", "expert grads",
                                       "all-reduced gate and shared grads", "all-reduced expert grads"};
+        if (chunks == 1) {
+          first = got;
+          if (variant == 0) flat = got;
+          if (variant == 2) {  // the hierarchical exchange gives the flat one's bits
+            ASSERT_EQ(got.size(), flat.size());
+            for (std::size_t i = 0; i < got.size(); ++i) {
+              ASSERT_EQ(got[i].size(), flat[i].size()) << tag << " " << kWhat[i];
+              EXPECT_EQ(std::memcmp(got[i].data(), flat[i].data(), got[i].size() * sizeof(float)), 0)
+                  << tag << ": " << kWhat[i] << " differ from the flat exchange's";
+            }
+          }
+          continue;
+        }
         ASSERT_EQ(got.size(), first.size());
         for (std::size_t i = 0; i < got.size(); ++i) {
           ASSERT_EQ(got[i].size(), first[i].size()) << tag << " " << kWhat[i];

@@ -96,6 +96,63 @@ struct GpuMoELayer::EpState {
   // Hierarchical: stage B's arrival i is main's receive row arrival_row[i]; row_arrival inverts it.
   std::vector<int64_t> arrival_host, row_arrival_host;
   DeviceBuffer<int64_t> arrival_row, row_arrival;
+  // Flat exchange with several ranks on a node: a token's returned rows are summed per node first
+  // (ranks in rank order), then the nodes' sums in node order, as the forwarders and the CPU layer
+  // sum them. Groups = (token, node) pairs in token, then node order: group_offsets/group_rows
+  // their send rows (CSR), token_groups each token's groups, group_ids 0, 1, ... (the second sum's
+  // rows), partial the groups' sums.
+  bool per_node = false;
+  std::vector<int64_t> group_offsets_host, group_rows_host, token_groups_host, group_ids_host, row_node_host;
+  DeviceBuffer<int64_t> group_offsets, group_rows, token_groups, group_ids;
+  DeviceBuffer<unsigned char> partial;
+
+  /// The groups of `plan`'s send rows (flat exchange) over `topo`.
+  void plan_groups(const sched::ExchangePlan& plan, const sched::Topology& topo) {
+    per_node = false;
+    for (int m = 0; m < topo.num_nodes(); ++m) per_node |= topo.node_size(m) > 1;
+    if (!per_node) return;
+    const int64_t S = plan.send_rows(), T = plan.tokens;
+    row_node_host.resize(static_cast<std::size_t>(S));
+    for (int c = 0; c < plan.chunks; ++c)
+      for (int p = 0; p < plan.world; ++p)
+        for (int64_t r = plan.send_displ(c, p); r < plan.send_offsets[plan.cp(c, p) + 1]; ++r)
+          row_node_host[static_cast<std::size_t>(r)] = topo.node_of(p);
+    group_offsets_host.assign(1, 0);
+    group_rows_host.clear();
+    token_groups_host.assign(1, 0);
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t i0 = plan.token_offsets[static_cast<std::size_t>(t)], i1 = plan.token_offsets[static_cast<std::size_t>(t) + 1];
+      for (int m = 0; m < topo.num_nodes(); ++m) {
+        const std::size_t before = group_rows_host.size();
+        for (int64_t i = i0; i < i1; ++i) {  // a token's rows are in destination rank order
+          const int64_t r = plan.token_rows[static_cast<std::size_t>(i)];
+          if (row_node_host[static_cast<std::size_t>(r)] == m) group_rows_host.push_back(r);
+        }
+        if (group_rows_host.size() > before) group_offsets_host.push_back(static_cast<int64_t>(group_rows_host.size()));
+      }
+      token_groups_host.push_back(static_cast<int64_t>(group_offsets_host.size()) - 1);
+    }
+    group_ids_host.resize(group_offsets_host.size() - 1);
+    for (std::size_t g = 0; g < group_ids_host.size(); ++g) group_ids_host[g] = static_cast<int64_t>(g);
+  }
+  /// Grows the groups' buffers (rows of `row_bytes` bytes); true when any reallocated.
+  bool reserve_groups(int64_t row_bytes, cudaStream_t s) {
+    if (!per_node) return false;
+    const auto G = static_cast<int64_t>(group_ids_host.size());
+    bool grew = grow(group_offsets, G + 1, s);
+    grew |= grow(group_rows, static_cast<int64_t>(group_rows_host.size()), s);
+    grew |= grow(token_groups, static_cast<int64_t>(token_groups_host.size()), s);
+    grew |= grow(group_ids, G, s);
+    grew |= grow(partial, G * row_bytes, s);
+    return grew;
+  }
+  void upload_groups(cudaStream_t stream) {
+    if (!per_node) return;
+    copy_to_device(group_offsets.data(), group_offsets_host.data(), group_offsets_host.size(), stream);
+    copy_to_device(group_rows.data(), group_rows_host.data(), group_rows_host.size(), stream);
+    copy_to_device(token_groups.data(), token_groups_host.data(), token_groups_host.size(), stream);
+    copy_to_device(group_ids.data(), group_ids_host.data(), group_ids_host.size(), stream);
+  }
   // The main plan's receive side in the compute order of the expert GEMMs (chunk, slot), on the
   // host (position: deterministic mode's canonical order) and on the device.
   sched::ExchangePlan::ChunkMajor view;
@@ -186,6 +243,17 @@ struct GpuMoELayer::EpState {
     const int64_t t1 = plan.chunk_tokens[static_cast<std::size_t>(c) + 1];
     with_type(dtype, [&](auto tag) {
       using T_ = typename decltype(tag)::type;
+      if (&st == &main && per_node) {  // per node first, then the nodes' sums (plan_groups)
+        const int64_t g0 = token_groups_host[static_cast<std::size_t>(t0)];
+        const int64_t g1 = token_groups_host[static_cast<std::size_t>(t1)];
+        combine_rows(g1 - g0, H, group_offsets.data() + g0, group_rows.data(), nullptr,
+                     reinterpret_cast<const T_*>(st.back_rows.data()), H, reinterpret_cast<T_*>(partial.data()) + g0 * H,
+                     H, false, stream);
+        combine_rows(t1 - t0, H, token_groups.data() + t0, group_ids.data(), nullptr,
+                     reinterpret_cast<const T_*>(partial.data()), H, static_cast<T_*>(out) + t0 * H, H, accumulate,
+                     stream);
+        return;
+      }
       combine_rows(t1 - t0, H, st.token_offsets.data() + t0, st.token_rows.data(), nullptr,
                    reinterpret_cast<const T_*>(st.back_rows.data()), H, static_cast<T_*>(out) + t0 * H, H, accumulate,
                    stream);
@@ -305,7 +373,11 @@ void GpuMoELayer::plan_ep(cudaStream_t stream) {
   ep.meta_main.run(plan_, ep.weights, local_, *host_comm_, timeout);
   ep.token_rank_rows = plan_.send_rows();
   plan_.chunk_major(ep.view);
-  if (!hier) return;
+  if (!hier) {
+    ep.plan_groups(plan_, *topology_);
+    return;
+  }
+  ep.per_node = false;
   // Hierarchical. Stage A: a pick for rank d goes to d's node, to the rank there with this rank's
   // local index (the forwarder), as code local_index(d) * max_slots_ + slot.
   const sched::Topology& topo = *topology_;
@@ -364,6 +436,7 @@ void GpuMoELayer::forward_ep(const void* xin, void* out, bool accumulate, cudaSt
   {
     const cudaStream_t s = aux_.get();
     bool grew = ep.main.reserve(plan_, rb, s);
+    grew |= ep.reserve_groups(rb, s);
     if (hier) {
       grew |= ep.a.reserve(ep.plan_a, rb, s);
       grew |= ep.b.reserve(ep.plan_b, rb, s);
@@ -387,6 +460,7 @@ void GpuMoELayer::forward_ep(const void* xin, void* out, bool accumulate, cudaSt
     }
   }
   ep.main.upload(plan_, stream);
+  ep.upload_groups(stream);
   if (hier) {
     ep.a.upload(ep.plan_a, stream);
     ep.b.upload(ep.plan_b, stream);
