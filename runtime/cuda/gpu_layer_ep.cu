@@ -168,7 +168,6 @@ struct GpuMoELayer::EpState {
   std::vector<std::int32_t> pick_slot;
   std::vector<int> fwd_rank;        // hierarchical: each pick's forwarder, and its code there
   std::vector<std::int32_t> fwd_code;
-  std::vector<float> b_weights;     // hierarchical: stage B's picks, from stage A's receive side
   std::vector<int64_t> b_chunks;
   int64_t token_rank_rows = 0;      // (token, destination rank) pairs of the last forward
   std::vector<int64_t> order;       // scratch of sched::apply_capacity
@@ -390,7 +389,7 @@ void GpuMoELayer::plan_ep(cudaStream_t stream) {
   const sched::ExchangePlan& pa = ep.plan_a;
   const int64_t RA = pa.recv_rows();
   sched::forwarded_picks(ep.meta_a.recv_meta.data(), RA, 2 * K, K, topo.ranks_of(my_node), max_slots_, ep.pick_rank,
-                         ep.pick_slot, &ep.b_weights);
+                         ep.pick_slot);
   ep.b_chunks.resize(static_cast<std::size_t>(C) + 1);
   for (int c = 0; c < C; ++c) ep.b_chunks[static_cast<std::size_t>(c)] = pa.chunk_recv_first(c);
   ep.b_chunks[static_cast<std::size_t>(C)] = RA;
