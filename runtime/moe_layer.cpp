@@ -32,18 +32,8 @@ ExchangeKind exchange_from_string(const std::string& s) {
   throw ConfigError("exchange = '" + s + "': expected flat or hierarchical");
 }
 
-/// One pipeline chunk's hierarchical exchange (forwarder and receiver sides), and its events.
+/// One pipeline chunk's exchanges in flight.
 struct MoELayer::Chunk {
-  // Forwarder side: the stage-A rows received, and stage B planned over them.
-  std::vector<std::int64_t> in_a;  // [P] stage-A rows received from each source
-  sched::ExchangePlan plan_b;      // one row per (stage-A row, owner rank on this node)
-  std::vector<int> b_dest;         // scratch of plan_b: owner and slot of every stage-A pick
-  std::vector<std::int32_t> b_code;
-  std::vector<float> fwd_in, fwd_out, fwd_ret, fwd_back;
-  // Receiver side: stage-B rows in arrival order.
-  std::vector<std::int64_t> in_b;         // [P] stage-B rows from each forwarder
-  std::vector<float> stage_in, stage_out;
-  std::vector<std::int64_t> arrival_row;  // receive row of each arrival
   Event dispatched, combined;
 };
 
@@ -211,89 +201,38 @@ void MoELayer::count_bytes(std::span<const std::int64_t> send_elems, std::int64_
 // ---------------------------------------------------------------------------------------------------
 // Routing plans and the up-front counts exchange
 
-void MoELayer::apply_capacity() {
-  const auto n = static_cast<std::size_t>(tokens_ * topk_);
-  stats_.picks_dropped = sched::apply_capacity(std::span<const std::int32_t>(topk_ids_).first(n),
-                                               std::span<const float>(topk_weights_).first(n), experts_total_,
-                                               options_.capacity_factor, kept_, order_);
-}
-
-void MoELayer::build_plans(int chunks) {
+void MoELayer::plan_pass(int chunks) {
   while (static_cast<int>(chunks_.size()) < chunks) chunks_.push_back(std::make_unique<Chunk>());
   const auto n = static_cast<std::size_t>(tokens_ * topk_);
-  const int P = comm_.size(), me = comm_.rank();
-  // Where every pick goes (the owner, or the replica choose() names for this token), then one row
-  // per (token, destination rank); the hierarchical exchange sends one row per (token, node) to the
-  // forwarder there first.
-  sched::route_picks(std::span<const std::int32_t>(topk_ids_).first(n), std::span<const std::uint8_t>(kept_).first(n),
-                     topk_, placement_ ? &*placement_ : nullptr, replicas_ ? &*replicas_ : nullptr, topology_, me,
-                     pick_rank_, pick_slot_);
-  plan_.build_send(pick_rank_, pick_slot_, tokens_, topk_, P, me, chunks);
-  if (hierarchical()) {
-    sched::forward_picks(pick_rank_, pick_slot_, topology_, me, max_slots_, fwd_rank_, fwd_code_);
-    plan_a_.build_send(fwd_rank_, fwd_code_, tokens_, topk_, P, me, chunks);
-  }
-}
-
-void MoELayer::exchange_counts() {
-  // To every rank d, per chunk: [stage-A rows to d as forwarder, rows to d, picks for each of d's slots].
-  const int P = comm_.size(), C = chunks_used_;
-  const std::int64_t S_me = num_local_experts();
-  const bool hier = hierarchical();
-  std::vector<std::int64_t> send_counts(static_cast<std::size_t>(P)), recv_counts(static_cast<std::size_t>(P));
-  std::int64_t total = 0;
-  for (int d = 0; d < P; ++d) {
-    send_counts[static_cast<std::size_t>(d)] = C * (2 + static_cast<std::int64_t>(slot_experts(d).size()));
-    total += send_counts[static_cast<std::size_t>(d)];
-    recv_counts[static_cast<std::size_t>(d)] = C * (2 + S_me);
-  }
-  count_send_.assign(static_cast<std::size_t>(total), 0);
-  count_recv_.assign(static_cast<std::size_t>(P * C * (2 + S_me)), 0);
-  std::int64_t* m = count_send_.data();
-  for (int d = 0; d < P; ++d) {
-    const auto Sd = static_cast<std::int64_t>(slot_experts(d).size());
-    for (int c = 0; c < C; ++c, m += 2 + Sd) {
-      m[0] = hier ? plan_a_.send_counts[plan_a_.cp(c, d)] : 0;
-      m[1] = plan_.send_counts[plan_.cp(c, d)];
-      plan_.picks_for(c, d, Sd, m + 2);
-    }
-  }
+  layer::PassLayout lay;
+  lay.placement = placement_ ? &*placement_ : nullptr;
+  lay.layout = replicas_ ? &*replicas_ : nullptr;
+  lay.topology = &topology_;
+  lay.experts = experts_total_;
+  lay.topk = topk_;
+  lay.num_local = num_local_experts();
+  lay.max_slots = max_slots_;
+  lay.hierarchical = hierarchical();
+  lay.capacity_factor = options_.capacity_factor;
+  lay.name = name_;
+  pass_.route(lay, comm_.rank(), comm_.size(), std::span<const std::int32_t>(topk_ids_).first(n),
+              std::span<const float>(topk_weights_).first(n), tokens_, chunks);
+  stats_.picks_dropped = pass_.dropped;
+  // Every rank learns what it receives (codes and weights ahead of the rows) before any row moves,
+  // on the communication stream (every MPI call of the layer is made there).
   Event done;
-  comm_stream_->enqueue([&] {
-    const auto t0 = std::chrono::steady_clock::now();
-    comm::AlltoallvArgs args;
-    args.send = count_send_.data();
-    args.send_counts = send_counts;
-    args.recv = count_recv_.data();
-    args.recv_counts = recv_counts;
-    args.type = comm::DataType::kInt64;
-    args.label = "dispatch counts " + name_;
-    comm_.alltoallv(args)->wait();
-    counts_ms_ = ms_since(t0);  // a small all-to-all: what an exchange costs beyond its bytes
-  }, &done);
-  done.wait(deadline(), "dispatch counts " + name_);
-
-  std::vector<std::int64_t> rows_pc(static_cast<std::size_t>(P * C)), picks(static_cast<std::size_t>(P * C * S_me));
-  fwd_rows_a_.assign(static_cast<std::size_t>(P * C), 0);
-  for (int p = 0; p < P; ++p)
-    for (int c = 0; c < C; ++c) {
-      const std::int64_t* r = count_recv_.data() + (static_cast<std::int64_t>(p) * C + c) * (2 + S_me);
-      fwd_rows_a_[static_cast<std::size_t>(p * C + c)] = r[0];
-      rows_pc[static_cast<std::size_t>(p * C + c)] = r[1];
-      std::copy_n(r + 2, S_me, picks.begin() + (p * C + c) * S_me);
-    }
-  try {
-    plan_.build_receive(P, C, S_me, rows_pc, picks);
-  } catch (const InvalidArgument& e) {
-    throw InvalidArgument(name_ + ": " + e.what());
-  }
+  comm_stream_->enqueue([&] { pass_.exchange_metadata(comm_, comm_.default_timeout()); }, &done);
+  done.wait(deadline(), "metadata exchange " + name_);
+  pass_.finish();
+  counts_ms_ = pass_.counts_ms();  // a small all-to-all: what an exchange costs beyond its bytes
 }
 
 // ---------------------------------------------------------------------------------------------------
 // Exchanges (these run on the communication stream)
 
 void MoELayer::dispatch_flat(int c, bool grad) {
-  const std::int64_t W = grad ? hidden_ : kernels::routed_row_stride(hidden_, topk_);
+  const std::int64_t W = hidden_;
+  const sched::ExchangePlan& plan_ = pass_.main;
   std::vector<std::int64_t> sc, sd, rc, rd;
   plan_.send_block_counts(c, W, sc);
   plan_.send_block_displs(c, W, sd);
@@ -306,81 +245,36 @@ void MoELayer::dispatch_flat(int c, bool grad) {
   alltoallv(send_.data() + plan_.chunk_send_first(c) * W, sc, sd, dst, rc, rd, grad ? "dispatch grad" : "dispatch")->wait();
 }
 
-void MoELayer::dispatch_hierarchical(Chunk& ch, int c, bool grad) {
-  const int P = comm_.size(), me = comm_.rank(), C = chunks_used_;
-  const int my_node = topology_.node_of(me);
-  const std::int64_t H = hidden_, K = topk_;
-  const std::int64_t W = grad ? H : kernels::routed_row_stride(H, K);
+void MoELayer::dispatch_hierarchical(int c, bool grad) {
+  const sched::ExchangePlan &A = pass_.a, &B = pass_.b, &M = pass_.main;
+  const std::int64_t H = hidden_;
+  std::vector<std::int64_t> sc, sd, rc, rd;
   // Stage A: one row per (token, node) to this rank's peer on that node (its forwarder).
-  std::vector<std::int64_t> sc, sd, rc(static_cast<std::size_t>(P), 0);
-  plan_a_.send_block_counts(c, W, sc);
-  plan_a_.send_block_displs(c, W, sd);
-  ch.in_a.assign(static_cast<std::size_t>(P), 0);
-  std::int64_t rows_a = 0;
-  for (int p = 0; p < P; ++p) {
-    ch.in_a[static_cast<std::size_t>(p)] = fwd_rows_a_[static_cast<std::size_t>(p * C + c)];
-    rc[static_cast<std::size_t>(p)] = ch.in_a[static_cast<std::size_t>(p)] * W;
-    rows_a += ch.in_a[static_cast<std::size_t>(p)];
-  }
-  grow(ch.fwd_in, rows_a * W);
+  A.send_block_counts(c, H, sc);
+  A.send_block_displs(c, H, sd);
+  A.recv_block_counts(c, H, rc);
+  A.recv_block_displs(c, H, rd);
   count_bytes(sc, 4);
-  alltoallv(send_.data() + plan_a_.chunk_send_first(c) * W, sc, sd, ch.fwd_in.data(), rc, {},
+  alltoallv(send_.data() + A.chunk_send_first(c) * H, sc, sd, a_recv_.data() + A.chunk_recv_first(c) * H, rc, rd,
             grad ? "dispatch grad stage A" : "dispatch stage A")->wait();
-
-  // Forward inside the node: one row per (stage-A row, destination rank), planned by an exchange
-  // plan whose "tokens" are the stage-A rows (code = local index of the owner * slots + slot).
-  const std::int64_t stride = kernels::routed_row_stride(H, K);
-  sched::ExchangePlan& b = ch.plan_b;
-  if (!grad) {
-    sched::forwarded_picks(ch.fwd_in.data() + H, rows_a, stride, K, topology_.ranks_of(my_node), max_slots_, ch.b_dest,
-                           ch.b_code);
-    b.build_send(ch.b_dest, ch.b_code, rows_a, K, P, me, 1);
-    grow(ch.fwd_out, b.send_rows() * stride);
-    for (std::int64_t r = 0; r < b.send_rows(); ++r) {
-      const float* in = ch.fwd_in.data() + b.send_token[static_cast<std::size_t>(r)] * stride;
-      float* o = ch.fwd_out.data() + r * stride;
-      std::memcpy(o, in, sizeof(float) * static_cast<std::size_t>(H));
-      for (std::int64_t f = 0; f < K; ++f) {
-        const std::int32_t j = b.send_k[static_cast<std::size_t>(r * K + f)];
-        o[H + f] = sched::encode_code(b.send_code[static_cast<std::size_t>(r * K + f)]);
-        o[H + K + f] = j >= 0 ? in[H + K + j] : 0.0f;
-      }
-      o[H + 2 * K] = in[H + 2 * K];  // origin rank travels along
-    }
-  } else {
-    grow(ch.fwd_out, b.send_rows() * H);
-    kernels::gather_rows(b.send_rows(), H, b.send_token.data(), ch.fwd_in.data(), H, ch.fwd_out.data(), H);
-  }
-  // Stage B: inside the node, forwarder -> expert owner.
-  ch.in_b.assign(static_cast<std::size_t>(P), 0);
-  const std::int64_t rows_in = plan_.chunk_recv_count(c);
-  for (int p = 0; p < P; ++p)
-    ch.in_b[static_cast<std::size_t>(topology_.peer_on(my_node, p))] += plan_.recv_counts[plan_.cp(c, p)];
-  b.send_block_counts(0, W, sc);
-  for (int q = 0; q < P; ++q) rc[static_cast<std::size_t>(q)] = ch.in_b[static_cast<std::size_t>(q)] * W;
-  grow(ch.stage_in, rows_in * W);
+  // Stage B: the forwarder sends each row on, once per rank of its node holding its picks.
+  const std::int64_t fb = B.chunk_send_first(c);
+  kernels::gather_rows(B.chunk_send_count(c), H, B.send_token.data() + fb, a_recv_.data(), H, b_send_.data() + fb * H, H);
+  B.send_block_counts(c, H, sc);
+  B.send_block_displs(c, H, sd);
+  B.recv_block_counts(c, H, rc);
+  B.recv_block_displs(c, H, rd);
   count_bytes(sc, 4);
-  alltoallv(ch.fwd_out.data(), sc, {}, ch.stage_in.data(), rc, {}, grad ? "dispatch grad stage B" : "dispatch stage B")->wait();
-
+  alltoallv(b_send_.data() + fb * H, sc, sd, b_recv_.data() + B.chunk_recv_first(c) * H, rc, rd,
+            grad ? "dispatch grad stage B" : "dispatch stage B")->wait();
   // Arrivals (by forwarder, then origin, then token) to their rows (chunk, origin, token).
-  if (!grad) {
-    grow(ch.arrival_row, rows_in);
-    std::vector<std::int64_t> cursor(static_cast<std::size_t>(P));
-    for (int p = 0; p < P; ++p) cursor[static_cast<std::size_t>(p)] = plan_.recv_displ(c, p);
-    for (std::int64_t i = 0; i < rows_in; ++i) {
-      const std::int32_t p = sched::decode_code(ch.stage_in[static_cast<std::size_t>(i * stride + H + 2 * K)], P,
-                                                "hierarchical exchange: origin rank of a received row");
-      if (p < 0) throw InvalidArgument(name_ + ": received a row without an origin rank");
-      ch.arrival_row[static_cast<std::size_t>(i)] = cursor[static_cast<std::size_t>(p)]++;
-    }
-  }
-  float* dst = grad ? rgrad_.data() : recv_.data();
-  for (std::int64_t i = 0; i < rows_in; ++i)
-    std::memcpy(dst + ch.arrival_row[static_cast<std::size_t>(i)] * W, ch.stage_in.data() + i * W,
-                sizeof(float) * static_cast<std::size_t>(W));
+  const std::int64_t rf = M.chunk_recv_first(c);
+  kernels::gather_rows(M.chunk_recv_count(c), H, pass_.row_arrival.data() + rf, b_recv_.data(), H,
+                       (grad ? rgrad_.data() : recv_.data()) + rf * H, H);
 }
 
 void MoELayer::combine_flat(int c, std::int64_t width) {
+  const sched::ExchangePlan& plan_ = pass_.main;
   std::vector<std::int64_t> sc, sd, rc, rd;
   plan_.recv_block_counts(c, width, sc);
   plan_.recv_block_displs(c, width, sd);
@@ -392,68 +286,60 @@ void MoELayer::combine_flat(int c, std::int64_t width) {
             rc, rd, width == hidden_ ? "combine" : "combine grad")->wait();
 }
 
-void MoELayer::combine_hierarchical(Chunk& ch, int c, std::int64_t width) {
-  const int P = comm_.size();
+void MoELayer::combine_hierarchical(int c, std::int64_t width) {
+  const sched::ExchangePlan &A = pass_.a, &B = pass_.b, &M = pass_.main;
   const std::int64_t H = hidden_, K = topk_;
-  const sched::ExchangePlan& b = ch.plan_b;
-  // Stage B back: rows in arrival order to the forwarder they came from.
-  const std::int64_t rows_in = plan_.chunk_recv_count(c), rows_b = b.send_rows();
-  std::int64_t rows_a = 0;
-  for (auto n : ch.in_a) rows_a += n;
-  grow(ch.stage_out, rows_in * width);
-  kernels::gather_rows(rows_in, width, ch.arrival_row.data(), out_.data(), width, ch.stage_out.data(), width);
-  std::vector<std::int64_t> sc(static_cast<std::size_t>(P)), rc;
-  for (int q = 0; q < P; ++q) sc[static_cast<std::size_t>(q)] = ch.in_b[static_cast<std::size_t>(q)] * width;
-  b.send_block_counts(0, width, rc);
-  grow(ch.fwd_ret, rows_b * width);
+  std::vector<std::int64_t> sc, sd, rc, rd;
+  // Stage B back: the rows in arrival order to the forwarder each came from.
+  const std::int64_t bf = B.chunk_recv_first(c);
+  kernels::gather_rows(M.chunk_recv_count(c), width, pass_.arrival_row.data() + bf, out_.data(), width,
+                       b_ret_.data() + bf * width, width);
+  B.recv_block_counts(c, width, sc);
+  B.recv_block_displs(c, width, sd);
+  B.send_block_counts(c, width, rc);
+  B.send_block_displs(c, width, rd);
   count_bytes(sc, 4);
-  alltoallv(ch.stage_out.data(), sc, {}, ch.fwd_ret.data(), rc, {}, "combine stage B")->wait();
-
+  alltoallv(b_ret_.data() + bf * width, sc, sd, b_back_.data() + B.chunk_send_first(c) * width, rc, rd,
+            "combine stage B")->wait();
   // Sum each stage-A row's returns in rank order (0 + r_a + r_b ...), as the flat path's per-node
   // partial sums do; routing-weight gradients go back to their stage-A pick positions.
-  grow(ch.fwd_back, rows_a * width);
-  std::fill(ch.fwd_back.begin(), ch.fwd_back.end(), 0.0f);
-  for (std::int64_t r = 0; r < rows_b; ++r) {
-    float* o = ch.fwd_back.data() + b.send_token[static_cast<std::size_t>(r)] * width;
-    const float* in = ch.fwd_ret.data() + r * width;
+  const std::int64_t a0 = B.chunk_tokens[static_cast<std::size_t>(c)];
+  const std::int64_t a1 = B.chunk_tokens[static_cast<std::size_t>(c) + 1];
+  std::fill(a_ret_.begin() + a0 * width, a_ret_.begin() + a1 * width, 0.0f);
+  for (std::int64_t r = B.chunk_send_first(c); r < B.chunk_send_first(c) + B.chunk_send_count(c); ++r) {
+    float* o = a_ret_.data() + B.send_token[static_cast<std::size_t>(r)] * width;
+    const float* in = b_back_.data() + r * width;
     for (std::int64_t j = 0; j < H; ++j) o[j] += in[j];
     if (width > H)
       for (std::int64_t f = 0; f < K; ++f) {
-        const std::int32_t j = b.send_k[static_cast<std::size_t>(r * K + f)];
+        const std::int32_t j = B.send_k[static_cast<std::size_t>(r * K + f)];
         if (j >= 0) o[H + j] = in[H + f];
       }
   }
-  // Stage A back: to the sources, into the rows plan_a_ sent.
-  std::vector<std::int64_t> rd;
-  for (int q = 0; q < P; ++q) sc[static_cast<std::size_t>(q)] = ch.in_a[static_cast<std::size_t>(q)] * width;
-  plan_a_.send_block_counts(c, width, rc);
-  plan_a_.send_block_displs(c, width, rd);
+  // Stage A back: to the origins, into the rows they sent.
+  A.recv_block_counts(c, width, sc);
+  A.recv_block_displs(c, width, sd);
+  A.send_block_counts(c, width, rc);
+  A.send_block_displs(c, width, rd);
   count_bytes(sc, 4);
-  alltoallv(ch.fwd_back.data(), sc, {}, back_.data() + plan_a_.chunk_send_first(c) * width, rc, rd,
-            "combine stage A")->wait();
+  alltoallv(a_ret_.data() + A.chunk_recv_first(c) * width, sc, sd, back_.data() + A.chunk_send_first(c) * width, rc,
+            rd, "combine stage A")->wait();
 }
 
 void MoELayer::enqueue_dispatch(int c, bool grad, const float* dy) {
   Chunk& ch = *chunks_[static_cast<std::size_t>(c)];
-  const std::int64_t H = hidden_, K = topk_;
+  const std::int64_t H = hidden_;
   const bool hier = hierarchical();
-  const sched::ExchangePlan& plan = origin_plan();
+  const sched::ExchangePlan& plan = pass_.origin();
   const std::int64_t r0 = plan.chunk_send_first(c), rows = plan.chunk_send_count(c);
   const auto t_pack = std::chrono::steady_clock::now();
   // send_ was sized for every chunk before the first was packed: the exchanges read it meanwhile.
-  if (!grad) {
-    const std::int64_t W = kernels::routed_row_stride(H, K);
-    kernels::pack_routed_rows(rows, H, K, 0, plan.send_token.data() + r0, plan.send_code.data() + r0 * K,
-                              plan.send_k.data() + r0 * K, x_.data(), topk_weights_.data(), comm_.rank(),
-                              send_.data() + r0 * W);
-  } else {
-    kernels::gather_rows(rows, H, plan.send_token.data() + r0, dy, H, send_.data() + r0 * H, H);
-  }
+  kernels::gather_rows(rows, H, plan.send_token.data() + r0, grad ? dy : x_.data(), H, send_.data() + r0 * H, H);
   tally(&LayerCounters::permute, ms_since(t_pack));
   comm_stream_->enqueue([this, &ch, c, grad, hier] {
     const auto t0 = std::chrono::steady_clock::now();
     const std::int64_t b0 = own_.bytes_intra_node + own_.bytes_inter_node;
-    if (hier) dispatch_hierarchical(ch, c, grad);
+    if (hier) dispatch_hierarchical(c, grad);
     else dispatch_flat(c, grad);
     const double ms = ms_since(t0);
     tally(&LayerCounters::dispatch, ms);
@@ -465,9 +351,9 @@ void MoELayer::enqueue_dispatch(int c, bool grad, const float* dy) {
 void MoELayer::enqueue_combine(int c, std::int64_t width) {
   Chunk& ch = *chunks_[static_cast<std::size_t>(c)];
   const bool hier = hierarchical();
-  comm_stream_->enqueue([this, &ch, c, width, hier] {
+  comm_stream_->enqueue([this, c, width, hier] {
     const auto t0 = std::chrono::steady_clock::now();
-    if (hier) combine_hierarchical(ch, c, width);
+    if (hier) combine_hierarchical(c, width);
     else combine_flat(c, width);
     tally(&LayerCounters::combine_comm, ms_since(t0));
   }, &ch.combined);
@@ -475,43 +361,22 @@ void MoELayer::enqueue_combine(int c, std::int64_t width) {
 
 void MoELayer::finish_chunk(int c, std::int64_t width, float* out, float* d_weights) {
   // out[t] += sum over nodes (in node order) of that node's partial sum (ranks in rank order). The
-  // hierarchical path's forwarders computed those partial sums; the flat path forms them here, so
-  // both add the same numbers in the same order.
+  // hierarchical path's forwarders computed those partial sums; the flat path forms them here
+  // (PassPlan's groups), so both add the same numbers in the same order.
   const std::int64_t H = hidden_, K = topk_;
-  const bool hier = hierarchical();
-  const sched::ExchangePlan& plan = origin_plan();
+  const sched::ExchangePlan& plan = pass_.origin();
   const std::int64_t t0 = plan.chunk_tokens[static_cast<std::size_t>(c)];
   const std::int64_t t1 = plan.chunk_tokens[static_cast<std::size_t>(c) + 1];
-  auto add_block = [&](int q, float* dst) {
-    const std::int64_t r0 = plan.send_displ(c, q);
-    kernels::scatter_add_rows(plan.send_counts[plan.cp(c, q)], H, plan.send_token.data() + r0, nullptr,
-                              back_.data() + r0 * width, width, dst, H);
-  };
-  for (int m = 0; m < topology_.num_nodes(); ++m) {
-    const int me = comm_.rank();
-    if (hier || topology_.node_size(m) == 1) {  // one block from this node: its sum arrives whole
-      add_block(hier ? topology_.peer_on(m, me) : topology_.ranks_of(m)[0], out);
-      continue;
-    }
-    const auto ranks = topology_.ranks_of(m);
-    grow(partial_, tokens_ * H);
-    grow(touched_, tokens_);
-    std::fill(touched_.begin() + t0, touched_.begin() + t1, std::uint8_t{0});
-    for (int q : ranks)
-      for (std::int64_t i = plan.send_displ(c, q); i < plan.send_offsets[plan.cp(c, q) + 1]; ++i) {
-        const std::int64_t t = plan.send_token[static_cast<std::size_t>(i)];
-        if (!touched_[static_cast<std::size_t>(t)]) {
-          std::fill_n(partial_.data() + t * H, H, 0.0f);
-          touched_[static_cast<std::size_t>(t)] = 1;
-        }
-      }
-    for (int q : ranks) add_block(q, partial_.data());
-    for (std::int64_t t = t0; t < t1; ++t)
-      if (touched_[static_cast<std::size_t>(t)]) {
-        float* o = out + t * H;
-        const float* s = partial_.data() + t * H;
-        for (std::int64_t j = 0; j < H; ++j) o[j] += s[j];
-      }
+  if (pass_.per_node) {
+    const std::int64_t g0 = pass_.token_groups[static_cast<std::size_t>(t0)];
+    const std::int64_t g1 = pass_.token_groups[static_cast<std::size_t>(t1)];
+    kernels::combine_rows(g1 - g0, H, pass_.group_offsets.data() + g0, pass_.group_rows.data(), nullptr, back_.data(),
+                          width, partial_.data() + g0 * H, H, false);
+    kernels::combine_rows(t1 - t0, H, pass_.token_groups.data() + t0, pass_.group_ids.data(), nullptr, partial_.data(),
+                          H, out + t0 * H, H, true);
+  } else {
+    kernels::combine_rows(t1 - t0, H, plan.token_offsets.data() + t0, plan.token_rows.data(), nullptr, back_.data(),
+                          width, out + t0 * H, H, true);
   }
   if (d_weights != nullptr)
     for (std::int64_t i = plan.chunk_send_first(c); i < plan.chunk_send_first(c) + plan.chunk_send_count(c); ++i) {
@@ -523,12 +388,29 @@ void MoELayer::finish_chunk(int c, std::int64_t width, float* out, float* d_weig
     }
 }
 
+void MoELayer::size_rows(std::int64_t width) {
+  // Rows going out are H wide; rows coming back `width` wide (H, or H + K with the routing-weight
+  // gradients). Sized for every chunk before the first exchange is queued.
+  const std::int64_t H = hidden_;
+  grow(send_, pass_.origin().send_rows() * H);
+  grow(back_, pass_.origin().send_rows() * width);
+  if (pass_.per_node) grow(partial_, pass_.groups() * H);
+  if (!hierarchical()) return;
+  grow(a_recv_, pass_.a.recv_rows() * H);
+  grow(a_ret_, pass_.a.recv_rows() * width);
+  grow(b_send_, pass_.b.send_rows() * H);
+  grow(b_back_, pass_.b.send_rows() * width);
+  grow(b_recv_, pass_.b.recv_rows() * H);
+  grow(b_ret_, pass_.b.recv_rows() * width);
+}
+
 // ---------------------------------------------------------------------------------------------------
 // The local-first stage: the rows this rank routes to itself skip the exchange
 
 void MoELayer::copy_self_rows(bool grad) {
   const int me = comm_.rank();
-  const std::int64_t W = grad ? hidden_ : kernels::routed_row_stride(hidden_, topk_);
+  const std::int64_t W = hidden_;
+  const sched::ExchangePlan& plan_ = pass_.main;
   float* dst = grad ? rgrad_.data() : recv_.data();
   for (int c = 0; c < chunks_used_; ++c)
     std::copy_n(send_.data() + plan_.send_displ(c, me) * W, plan_.recv_counts[plan_.cp(c, me)] * W,
@@ -537,6 +419,7 @@ void MoELayer::copy_self_rows(bool grad) {
 
 void MoELayer::return_self_rows(std::int64_t width) {
   const int me = comm_.rank();
+  const sched::ExchangePlan& plan_ = pass_.main;
   for (int c = 0; c < chunks_used_; ++c)
     std::copy_n(out_.data() + plan_.recv_displ(c, me) * width, plan_.recv_counts[plan_.cp(c, me)] * width,
                 back_.data() + plan_.send_displ(c, me) * width);
@@ -554,17 +437,6 @@ void MoELayer::set_stage(int c, StagePart part) {
   }
   for (int p = 0; p < P; ++p)
     if (part == StagePart::kAll || p != me) stage_.emplace_back(p, c);
-}
-
-void MoELayer::place_stage_entries() {
-  // Each received pick of the stage's blocks becomes an entry at its canonical place (slot, source,
-  // chunk, row, top-K position); the codes and weights travel inside the rows.
-  const std::int64_t stride = kernels::routed_row_stride(hidden_, topk_);
-  try {
-    for (const auto& [p, c] : stage_) plan_.place_block(p, c, recv_.data() + plan_.recv_displ(c, p) * stride + hidden_, stride);
-  } catch (const InvalidArgument& e) {
-    throw InvalidArgument(name_ + ": " + e.what());
-  }
 }
 
 namespace {
@@ -590,12 +462,11 @@ void for_each_block(const sched::ExchangePlan& L, std::int64_t s, std::span<cons
 
 void MoELayer::run_experts_forward() {
   const std::int64_t H = hidden_, F = ffn_, S = num_local_experts();
-  const std::int64_t stride = kernels::routed_row_stride(H, topk_);
+  const sched::ExchangePlan& plan_ = pass_.main;
   auto t0 = std::chrono::steady_clock::now();
-  place_stage_entries();
   for (std::int64_t s = 0; s < S; ++s)
     for_each_block(plan_, s, stage_, [&](std::int64_t b, std::int64_t n) {
-      kernels::gather_rows(n, H, plan_.entry_row.data() + b, recv_.data(), stride, xe_.data() + b * H, H);
+      kernels::gather_rows(n, H, plan_.entry_row.data() + b, recv_.data(), H, xe_.data() + b * H, H);
     });
   tally(&LayerCounters::permute, ms_since(t0));
   t0 = std::chrono::steady_clock::now();
@@ -621,6 +492,7 @@ void MoELayer::run_experts_forward() {
 void MoELayer::run_experts_backward() {
   const std::int64_t H = hidden_, F = ffn_, K = topk_, S = num_local_experts();
   const std::int64_t W = H + K;
+  const sched::ExchangePlan& plan_ = pass_.main;
   auto t0 = std::chrono::steady_clock::now();
   // Each entry's output gradient is w * dy_row; the routing weight's gradient is dy_row . expert_out.
   for (std::int64_t s = 0; s < S; ++s)
@@ -695,15 +567,12 @@ void MoELayer::forward(const float* x, std::int64_t tokens, float* y) {
   // 2. drop picks over capacity (capacity-factor mode), route every chunk, and tell every rank what
   //    it will receive (one small all-to-all), so each receiver fixes the canonical place of every
   //    row and entry before any token moves.
-  apply_capacity();
-  build_plans(chunks_used_);
+  plan_pass(chunks_used_);
   tally(&LayerCounters::gate, ms_since(t0));
-  exchange_counts();
+  const sched::ExchangePlan& plan_ = pass_.main;
   const std::int64_t rows_total = plan_.recv_rows(), entries = plan_.entries();
-  const std::int64_t stride = kernels::routed_row_stride(H, K);
-  grow(recv_, rows_total * stride);
-  grow(send_, origin_plan().send_rows() * stride);  // once: the exchanges read it while later chunks pack
-  grow(back_, origin_plan().send_rows() * H);
+  grow(recv_, rows_total * H);
+  size_rows(H);  // once: the exchanges read them while later chunks pack
   grow(xe_, entries * H);
   grow(h13_, entries * 2 * F);
   grow(sig_, entries * F);
@@ -753,17 +622,17 @@ void MoELayer::forward(const float* x, std::int64_t tokens, float* y) {
   stats_.rows_sent = rows_sent;
   stats_.rows_received = rows_total;
   stats_.entries_processed = entries;
-  stats_.bytes_sent = (rows_sent - own) * kernels::routed_row_stride(H, K) * 4 + (rows_total - self_rows) * H * 4;
+  stats_.bytes_sent = ((rows_sent - own) + (rows_total - self_rows)) * H * 4;
   fwd_end_ = own_;
   ++passes_;
 }
 
 void MoELayer::backward(const float* dy, float* dx) {
   const std::int64_t H = hidden_, K = topk_, E = experts_total_, F = ffn_, tokens = tokens_;
+  const sched::ExchangePlan& plan_ = pass_.main;
   const std::int64_t rows_total = plan_.recv_rows(), entries = plan_.entries();
   const std::int64_t W = H + K;
-  grow(send_, origin_plan().send_rows() * H);
-  grow(back_, origin_plan().send_rows() * W);
+  size_rows(W);
   grow(rgrad_, rows_total * H);
   grow(dye_, entries * H);
   grow(dxe_, entries * H);
@@ -846,6 +715,7 @@ void MoELayer::record_pass() {
   // The work of this pass (schedule-independent) and the times its stages took.
   const int P = comm_.size(), me = comm_.rank(), C = chunks_used_;
   const std::int64_t S = num_local_experts(), H = hidden_, K = topk_;
+  const sched::ExchangePlan& plan_ = pass_.main;
   sched::PassWork& w = work_;
   w.self_entries.assign(static_cast<std::size_t>(S), 0);
   w.remote_entries.assign(static_cast<std::size_t>(S), std::vector<std::int64_t>(static_cast<std::size_t>(P - 1), 0));
@@ -862,7 +732,7 @@ void MoELayer::record_pass() {
   rows_out = plan_.send_rows();
   for (int c = 0; c < C; ++c) rows_out -= plan_.send_counts[plan_.cp(c, me)];
   const auto rows = static_cast<double>(std::max(rows_in, rows_out));
-  w.fwd_dispatch_bytes = rows * static_cast<double>(kernels::routed_row_stride(H, K)) * 4.0;
+  w.fwd_dispatch_bytes = rows * static_cast<double>(H) * 4.0;
   w.fwd_combine_bytes = w.bwd_dispatch_bytes = rows * static_cast<double>(H) * 4.0;
   w.bwd_combine_bytes = rows * static_cast<double>(H + K) * 4.0;
   w.shared_fwd_ms = fwd_end_.shared - pass_start_.shared;

@@ -13,6 +13,7 @@
 #include "runtime/kernels/balance.h"
 #include "runtime/kernels/expert_ffn.h"
 #include "runtime/io/moe_config.h"
+#include "runtime/layer/pass_plan.h"
 #include "runtime/stream.h"
 #include "scheduler/expert_placement.h"
 #include "scheduler/pipeline_model.h"
@@ -110,7 +111,8 @@ struct LayerRouteStats {
   std::int64_t rows_sent = 0;               ///< dispatch rows this rank sent (one per token and rank)
   std::int64_t rows_received = 0;           ///< dispatch rows this rank's experts received
   std::int64_t entries_processed = 0;       ///< (row, expert) pairs this rank's experts computed
-  std::int64_t bytes_sent = 0;              ///< payload bytes sent to other ranks, forward
+  std::int64_t bytes_sent = 0;              ///< hidden-vector bytes sent to other ranks, forward (the
+                                            ///< metadata exchange ahead of them not counted)
   std::int64_t picks_dropped = 0;           ///< capacity-factor mode: this rank's picks over capacity
 };
 
@@ -236,12 +238,12 @@ class MoELayer {
   void set_route_stats(const LayerRouteStats& stats) { stats_ = stats; }
   /// The exchange of the last forward: its send rows, and this rank's receive layout (entries each
   /// local slot processed: slot_entries()).
-  const sched::ExchangePlan& exchange_plan() const { return plan_; }
+  const sched::ExchangePlan& exchange_plan() const { return pass_.main; }
   /// Top-K expert ids [tokens, K] and weights of the last forward.
   const std::vector<std::int32_t>& topk_ids() const { return topk_ids_; }
   const std::vector<float>& topk_weights() const { return topk_weights_; }
   /// [tokens, K] of the last forward: 1 where the pick reached its expert, 0 where capacity dropped it.
-  const std::vector<std::uint8_t>& topk_kept() const { return kept_; }
+  const std::vector<std::uint8_t>& topk_kept() const { return pass_.kept; }
 
  private:
   struct Chunk;  // per pipeline chunk: plans, buffers and events (moe_layer.cpp)
@@ -266,8 +268,6 @@ class MoELayer {
   bool comm_stream_threaded_ = false;
   std::vector<std::vector<std::int64_t>> slot_expert_;  // [P][slots of r] logical expert per slot
   std::int64_t max_slots_ = 0;                           // max slots over ranks (forwarding codes)
-  std::vector<int> pick_rank_, fwd_rank_;                // [T*K] owner rank of every pick, and its forwarder
-  std::vector<std::int32_t> pick_slot_, fwd_code_;       // [T*K] its slot there, and its forwarding code
   std::vector<std::int64_t> multi_index_;                // [E] replica mode: index among multi-replica experts, -1
   std::vector<float> replica_grad_;                      // reduce_replica_grads() buffer
   bool replica_reduce_pending_ = false;
@@ -279,22 +279,19 @@ class MoELayer {
   std::vector<std::pair<int, int>> stage_;                // (source, chunk) blocks of the current stage
   std::vector<float> x_, scores_, topk_weights_;
   std::vector<std::int32_t> topk_ids_;
-  std::vector<std::uint8_t> kept_;                        // [T*K] capacity mode: pick kept
-  std::vector<std::int64_t> order_;                       // scratch of apply_capacity()
   std::vector<std::unique_ptr<Chunk>> chunks_;
-  sched::ExchangePlan plan_;     // this rank's tokens to their owners (send side); what its slots receive
-  sched::ExchangePlan plan_a_;   // hierarchical stage A: this rank's tokens to their forwarders
-  std::vector<float> send_;      // [send rows, width] of the origin plan, every chunk's
+  layer::PassPlan pass_;         // the pass's plans (written once with the GPU layer)
+  std::vector<float> send_;      // [send rows, H] of the origin plan, every chunk's
   std::vector<float> back_;      // [send rows, width] the same rows coming back
-  std::vector<std::int64_t> count_send_, count_recv_;     // the up-front counts exchange
-  std::vector<std::int64_t> fwd_rows_a_;                  // [P*C] stage-A rows from p (forwarder side)
-  std::vector<float> recv_;                               // [rows, stride] canonical received rows
+  std::vector<float> a_recv_, a_ret_;   // hierarchical, as forwarder: stage-A rows in, their sums back
+  std::vector<float> b_send_, b_back_;  // ... stage-B rows to the owners, and what they return
+  std::vector<float> b_recv_, b_ret_;   // ... as owner: stage-B arrivals, and the rows back in arrival order
+  std::vector<float> recv_;                               // [rows, H] canonical received rows
   std::vector<float> rgrad_;                              // [rows, H] canonical received dL/dy rows
   std::vector<float> xe_, h13_, sig_, a_, ye_;            // per-entry expert activations
   std::vector<float> shared_h13_, shared_sig_, shared_a_, shared_dh13_;
   std::vector<float> out_;                                // [rows, W] rows going back
-  std::vector<float> partial_;                            // [tokens, W] per-node partial sums
-  std::vector<std::uint8_t> touched_;
+  std::vector<float> partial_;                            // [groups, H] per-node partial sums
   std::vector<float> dye_, dxe_, dh13_, dpick_, d_weights_, dlogits_;
   LayerRouteStats stats_;
   LayerCounters counters_;
@@ -315,21 +312,19 @@ class MoELayer {
            std::optional<sched::Topology> topology, const LayerOptions& options);
   void set_slots(std::vector<std::vector<std::int64_t>> slot_expert);
   bool hierarchical() const { return options_.exchange == ExchangeKind::kHierarchical; }
-  /// The plan of the rows this rank sends first: to the owners (flat) or to the forwarders.
-  const sched::ExchangePlan& origin_plan() const { return hierarchical() ? plan_a_ : plan_; }
   kernels::GemmKind gemm_kind() const {
     return options_.deterministic ? kernels::GemmKind::kRowwise : kernels::GemmKind::kBlas;
   }
-  void apply_capacity();
   kernels::BalanceLossParams aux_params(std::int64_t tokens) const;
   std::chrono::steady_clock::time_point deadline() const;
-  void exchange_counts();
-  void build_plans(int chunks);
+  /// Routes this pass's picks, exchanges their metadata (on the communication stream) and finishes
+  /// the plans (PassPlan).
+  void plan_pass(int chunks);
+  void size_rows(std::int64_t width);
   /// Which received blocks a compute stage covers: every source of chunk c, the other ranks' rows
   /// of chunk c, or this rank's own rows of every chunk (the local-first stage).
   enum class StagePart { kAll, kRemote, kSelf };
   void set_stage(int c, StagePart part);
-  void place_stage_entries();
   void run_experts_forward();   // over stage_
   void run_experts_backward();  // over stage_
   void copy_self_rows(bool grad);
@@ -341,9 +336,9 @@ class MoELayer {
   void enqueue_dispatch(int c, bool grad, const float* dy);
   void enqueue_combine(int c, std::int64_t width);
   void dispatch_flat(int c, bool grad);
-  void dispatch_hierarchical(Chunk& ch, int c, bool grad);
+  void dispatch_hierarchical(int c, bool grad);
   void combine_flat(int c, std::int64_t width);
-  void combine_hierarchical(Chunk& ch, int c, std::int64_t width);
+  void combine_hierarchical(int c, std::int64_t width);
   void finish_chunk(int c, std::int64_t width, float* out, float* d_weights);
   void count_bytes(std::span<const std::int64_t> send_elems, std::int64_t elem_bytes);
   comm::WorkPtr alltoallv(const void* send, std::span<const std::int64_t> send_counts,

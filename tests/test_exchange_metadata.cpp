@@ -11,7 +11,7 @@
 
 #include "base/error.h"
 #include "comm/communicator.h"
-#include "runtime/exchange_metadata.h"
+#include "runtime/layer/exchange_metadata.h"
 #include "runtime/random.h"
 #include "scheduler/exchange_plan.h"
 #include "scheduler/expert_placement.h"

@@ -473,38 +473,40 @@ TEST(RowwiseGemm, FfnWithRowwiseGemmsIsChunkIndependentAndMatchesBlas) {
 // ---------------------------------------------------------------------------------------------------
 // Permute kernels
 
-TEST(KernelPermute, PackRoutedRowsCarriesRowCodesWeightsAndOrigin) {
-  const std::int64_t T = 5, H = 4, K = 3, offset = 2;  // rows name tokens of a chunk starting at 2
-  std::vector<float> x(static_cast<std::size_t>(T * H)), weights(static_cast<std::size_t>(T * K));
-  for (std::size_t i = 0; i < x.size(); ++i) x[i] = 0.5f + static_cast<float>(i) * 1.25f;
-  for (std::size_t i = 0; i < weights.size(); ++i) weights[i] = 0.01f * static_cast<float>(i + 1);
-  // Rows: chunk token 2 with picks (code 1, k 2), (code 0, k 0); token 0 with one pick; token 2
-  // again (another destination); token 1 with all K picks.
-  const std::vector<std::int64_t> row_token = {2, 0, 2, 1};
-  const std::vector<std::int32_t> row_code = {1, 0, -1, 3, -1, -1, 0, -1, -1, 2, 1, 0};
-  const std::vector<std::int32_t> row_k = {2, 0, -1, 1, -1, -1, 1, -1, -1, 0, 1, 2};
-  const std::int64_t rows = 4, stride = kernels::routed_row_stride(H, K);
-  ASSERT_EQ(stride, H + 2 * K + 1);
-  std::vector<float> packed(static_cast<std::size_t>(rows * stride), -7.0f);
-  kernels::pack_routed_rows(rows, H, K, offset, row_token.data(), row_code.data(), row_k.data(), x.data(),
-                            weights.data(), 3, packed.data());
-  for (std::int64_t i = 0; i < rows; ++i) {
-    const float* r = packed.data() + i * stride;
-    const std::int64_t t = offset + row_token[static_cast<std::size_t>(i)];
-    EXPECT_EQ(std::memcmp(r, x.data() + t * H, sizeof(float) * H), 0) << "row " << i;
-    for (std::int64_t j = 0; j < K; ++j) {
-      // Codes travel as float values (-1 = no pick), exact below 2^24.
-      EXPECT_EQ(r[H + j], static_cast<float>(row_code[static_cast<std::size_t>(i * K + j)])) << "row " << i << " pick " << j;
-      const std::int32_t k = row_k[static_cast<std::size_t>(i * K + j)];
-      EXPECT_EQ(r[H + K + j], k >= 0 ? weights[static_cast<std::size_t>(t * K + k)] : 0.0f) << "row " << i << " pick " << j;
-    }
-    EXPECT_EQ(r[H + 2 * K], 3.0f) << "row " << i;
+TEST(KernelPermute, CombineRowsSumsEachDestinationInCsrOrder) {
+  // 3 destinations from 5 source rows of width 3: d0 = 2*s4 + 0.5*s1, d1 = nothing, d2 = s0 + s0 + s3.
+  const std::int64_t width = 3, src_stride = 4, dst_stride = 5;
+  std::vector<float> src(5 * src_stride);
+  for (std::size_t i = 0; i < src.size(); ++i) src[i] = 0.25f * static_cast<float>(i) - 1.0f;
+  const std::vector<std::int64_t> offsets = {0, 2, 2, 5}, rows = {4, 1, 0, 0, 3};
+  const std::vector<float> w = {2.0f, 0.5f, 1.0f, 1.0f, 1.0f};
+  for (const bool accumulate : {false, true}) {
+    std::vector<float> dst(3 * dst_stride, 10.0f);
+    kernels::combine_rows(3, width, offsets.data(), rows.data(), w.data(), src.data(), src_stride, dst.data(),
+                          dst_stride, accumulate);
+    for (std::int64_t r = 0; r < 3; ++r)
+      for (std::int64_t j = 0; j < dst_stride; ++j) {
+        float want = j < width ? (accumulate ? 10.0f : 0.0f) : 10.0f;  // columns past width untouched
+        if (j < width)
+          for (std::int64_t i = offsets[static_cast<std::size_t>(r)]; i < offsets[static_cast<std::size_t>(r) + 1]; ++i)
+            want += w[static_cast<std::size_t>(i)] * src[static_cast<std::size_t>(rows[static_cast<std::size_t>(i)] * src_stride + j)];
+        EXPECT_EQ(dst[static_cast<std::size_t>(r * dst_stride + j)], want) << "dest " << r << " col " << j;
+      }
+  }
+  // Without weights, and over a range of destinations (offsets + 1: destinations 1 and 2 only).
+  std::vector<float> dst(2 * width, 0.0f);
+  kernels::combine_rows(2, width, offsets.data() + 1, rows.data(), nullptr, src.data(), src_stride, dst.data(), width,
+                        false);
+  for (std::int64_t j = 0; j < width; ++j) {
+    EXPECT_EQ(dst[static_cast<std::size_t>(j)], 0.0f);
+    EXPECT_EQ(dst[static_cast<std::size_t>(width + j)], src[static_cast<std::size_t>(j)] + src[static_cast<std::size_t>(j)] +
+                                                              src[static_cast<std::size_t>(3 * src_stride + j)]);
   }
 }
 
-TEST(KernelPermute, PackOfZeroRowsWritesNothing) {
+TEST(KernelPermute, ZeroRowsWriteNothing) {
   float out = 3.0f;
-  kernels::pack_routed_rows(0, 4, 2, 0, nullptr, nullptr, nullptr, nullptr, nullptr, 0, &out);
+  kernels::combine_rows(0, 4, nullptr, nullptr, nullptr, nullptr, 4, &out, 4, false);
   kernels::gather_rows(0, 4, nullptr, &out, 4, nullptr, 4);
   kernels::scatter_add_rows(0, 4, nullptr, nullptr, nullptr, 4, &out, 4);
   EXPECT_EQ(out, 3.0f);

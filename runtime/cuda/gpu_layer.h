@@ -16,7 +16,7 @@
 #include "comm/communicator.h"
 #include "runtime/cuda/device.h"
 #include "runtime/cuda/grouped_gemm.h"
-#include "runtime/exchange_metadata.h"
+#include "runtime/layer/pass_plan.h"
 #include "scheduler/exchange_plan.h"
 #include "runtime/kernels/gate.h"
 #include "runtime/io/moe_config.h"
@@ -220,7 +220,7 @@ class GpuMoELayer {
   const sched::ReplicaLayout* replica_layout() const { return layout_ ? &*layout_ : nullptr; }
   /// The plan of the last expert-parallel forward: this rank's tokens to the experts' ranks (the rows
   /// the flat exchange moves) and what this rank's slots received, by origin (entries per slot).
-  const sched::ExchangePlan& plan() const { return plan_; }
+  const sched::ExchangePlan& plan() const;
   /// Hierarchical exchange, the last forward: the plan of stage A (this rank -> the forwarders on
   /// the destination nodes) and of stage B (this rank as forwarder -> the experts' ranks of its
   /// node); null otherwise.
@@ -325,7 +325,6 @@ class GpuMoELayer {
   std::int64_t max_slots_ = 0;               // the most slots a rank holds (hierarchical codes)
   std::int64_t multi_experts_ = 0;       // replica mode: experts with several replicas
   std::vector<std::int64_t> multi_index_;  // [E] an expert's index among those, or -1
-  sched::ExchangePlan plan_;
   kernels::GateParams gate_params_;
 
   // Declared first so that they outlive every buffer: the buffers are freed on aux_ (after waiting

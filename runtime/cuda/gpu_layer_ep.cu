@@ -90,68 +90,31 @@ struct GpuMoELayer::EpState {
   /// Hierarchical exchange, stage B: forwarder -> owner inside a node; its "tokens" are stage A's
   /// receive rows, its receive rows are in arrival order (chunk, forwarder, origin, token).
   Stage b;
-  sched::ExchangePlan plan_a, plan_b;
-  MetadataExchange meta_main, meta_a;  // metadata of plan_ (always flat, small) and of stage A
-  std::vector<int64_t> b_rows_pc;      // plan_b's receive counts per (forwarder, chunk)
-  // Hierarchical: stage B's arrival i is main's receive row arrival_row[i]; row_arrival inverts it.
-  std::vector<int64_t> arrival_host, row_arrival_host;
+  /// The host side of every pass (written once with the CPU layer): the plans, their metadata,
+  /// the arrival maps and the per-node sum groups.
+  moex::layer::PassPlan pass;
   DeviceBuffer<int64_t> arrival_row, row_arrival;
-  // Flat exchange with several ranks on a node: a token's returned rows are summed per node first
-  // (ranks in rank order), then the nodes' sums in node order, as the forwarders and the CPU layer
-  // sum them. Groups = (token, node) pairs in token, then node order: group_offsets/group_rows
-  // their send rows (CSR), token_groups each token's groups, group_ids 0, 1, ... (the second sum's
-  // rows), partial the groups' sums.
-  bool per_node = false;
-  std::vector<int64_t> group_offsets_host, group_rows_host, token_groups_host, group_ids_host, row_node_host;
+  // The per-node sum groups on the device (PassPlan::per_node) and their partial sums.
   DeviceBuffer<int64_t> group_offsets, group_rows, token_groups, group_ids;
   DeviceBuffer<unsigned char> partial;
 
-  /// The groups of `plan`'s send rows (flat exchange) over `topo`.
-  void plan_groups(const sched::ExchangePlan& plan, const sched::Topology& topo) {
-    per_node = false;
-    for (int m = 0; m < topo.num_nodes(); ++m) per_node |= topo.node_size(m) > 1;
-    if (!per_node) return;
-    const int64_t S = plan.send_rows(), T = plan.tokens;
-    row_node_host.resize(static_cast<std::size_t>(S));
-    for (int c = 0; c < plan.chunks; ++c)
-      for (int p = 0; p < plan.world; ++p)
-        for (int64_t r = plan.send_displ(c, p); r < plan.send_offsets[plan.cp(c, p) + 1]; ++r)
-          row_node_host[static_cast<std::size_t>(r)] = topo.node_of(p);
-    group_offsets_host.assign(1, 0);
-    group_rows_host.clear();
-    token_groups_host.assign(1, 0);
-    for (int64_t t = 0; t < T; ++t) {
-      const int64_t i0 = plan.token_offsets[static_cast<std::size_t>(t)], i1 = plan.token_offsets[static_cast<std::size_t>(t) + 1];
-      for (int m = 0; m < topo.num_nodes(); ++m) {
-        const std::size_t before = group_rows_host.size();
-        for (int64_t i = i0; i < i1; ++i) {  // a token's rows are in destination rank order
-          const int64_t r = plan.token_rows[static_cast<std::size_t>(i)];
-          if (row_node_host[static_cast<std::size_t>(r)] == m) group_rows_host.push_back(r);
-        }
-        if (group_rows_host.size() > before) group_offsets_host.push_back(static_cast<int64_t>(group_rows_host.size()));
-      }
-      token_groups_host.push_back(static_cast<int64_t>(group_offsets_host.size()) - 1);
-    }
-    group_ids_host.resize(group_offsets_host.size() - 1);
-    for (std::size_t g = 0; g < group_ids_host.size(); ++g) group_ids_host[g] = static_cast<int64_t>(g);
-  }
   /// Grows the groups' buffers (rows of `row_bytes` bytes); true when any reallocated.
   bool reserve_groups(int64_t row_bytes, cudaStream_t s) {
-    if (!per_node) return false;
-    const auto G = static_cast<int64_t>(group_ids_host.size());
+    if (!pass.per_node) return false;
+    const int64_t G = pass.groups();
     bool grew = grow(group_offsets, G + 1, s);
-    grew |= grow(group_rows, static_cast<int64_t>(group_rows_host.size()), s);
-    grew |= grow(token_groups, static_cast<int64_t>(token_groups_host.size()), s);
+    grew |= grow(group_rows, static_cast<int64_t>(pass.group_rows.size()), s);
+    grew |= grow(token_groups, static_cast<int64_t>(pass.token_groups.size()), s);
     grew |= grow(group_ids, G, s);
     grew |= grow(partial, G * row_bytes, s);
     return grew;
   }
   void upload_groups(cudaStream_t stream) {
-    if (!per_node) return;
-    copy_to_device(group_offsets.data(), group_offsets_host.data(), group_offsets_host.size(), stream);
-    copy_to_device(group_rows.data(), group_rows_host.data(), group_rows_host.size(), stream);
-    copy_to_device(token_groups.data(), token_groups_host.data(), token_groups_host.size(), stream);
-    copy_to_device(group_ids.data(), group_ids_host.data(), group_ids_host.size(), stream);
+    if (!pass.per_node) return;
+    copy_to_device(group_offsets.data(), pass.group_offsets.data(), pass.group_offsets.size(), stream);
+    copy_to_device(group_rows.data(), pass.group_rows.data(), pass.group_rows.size(), stream);
+    copy_to_device(token_groups.data(), pass.token_groups.data(), pass.token_groups.size(), stream);
+    copy_to_device(group_ids.data(), pass.group_ids.data(), pass.group_ids.size(), stream);
   }
   // The main plan's receive side in the compute order of the expert GEMMs (chunk, slot), on the
   // host (position: deterministic mode's canonical order) and on the device.
@@ -163,14 +126,6 @@ struct GpuMoELayer::EpState {
   // Host copies of the top-K of the last forward.
   std::vector<std::int32_t> ids;
   std::vector<float> weights;
-  std::vector<std::uint8_t> kept;   // capacity-factor mode: the picks kept
-  std::vector<int> pick_rank;       // each pick's destination (rank, slot); -1 = dropped
-  std::vector<std::int32_t> pick_slot;
-  std::vector<int> fwd_rank;        // hierarchical: each pick's forwarder, and its code there
-  std::vector<std::int32_t> fwd_code;
-  std::vector<int64_t> b_chunks;
-  int64_t token_rank_rows = 0;      // (token, destination rank) pairs of the last forward
-  std::vector<int64_t> order;       // scratch of sched::apply_capacity
   std::vector<comm::WorkPtr> reduce;
   std::vector<int64_t> sc, sd, rc, rd;  // per-peer block counts / displacements scratch
   int64_t entry_capacity = 0;           // entries the layer's routed buffers (xe_, ...) hold
@@ -242,9 +197,9 @@ struct GpuMoELayer::EpState {
     const int64_t t1 = plan.chunk_tokens[static_cast<std::size_t>(c) + 1];
     with_type(dtype, [&](auto tag) {
       using T_ = typename decltype(tag)::type;
-      if (&st == &main && per_node) {  // per node first, then the nodes' sums (plan_groups)
-        const int64_t g0 = token_groups_host[static_cast<std::size_t>(t0)];
-        const int64_t g1 = token_groups_host[static_cast<std::size_t>(t1)];
+      if (&st == &main && pass.per_node) {  // per node first, then the nodes' sums (PassPlan groups)
+        const int64_t g0 = pass.token_groups[static_cast<std::size_t>(t0)];
+        const int64_t g1 = pass.token_groups[static_cast<std::size_t>(t1)];
         combine_rows(g1 - g0, H, group_offsets.data() + g0, group_rows.data(), nullptr,
                      reinterpret_cast<const T_*>(st.back_rows.data()), H, reinterpret_cast<T_*>(partial.data()) + g0 * H,
                      H, false, stream);
@@ -295,8 +250,8 @@ struct GpuMoELayer::EpState {
     });
     if (dw) gather_rows(rn, K, arrival_row.data() + rf, main.dw_out.data(), K, b.dw_out.data() + rf * K, K, stream);
     producer_ready(stream);
-    b.combine[u] = return_chunk(plan_b, b, comm, c, H, es, label + " (in node)");
-    if (dw) b.combine_dw[u] = return_dw_chunk(plan_b, b, comm, c, "gpu routing-weight grad (in node)");
+    b.combine[u] = return_chunk(pass.b, b, comm, c, H, es, label + " (in node)");
+    if (dw) b.combine_dw[u] = return_dw_chunk(pass.b, b, comm, c, "gpu routing-weight grad (in node)");
   }
   /// Waits for every exchange still in flight and drops it.
   void settle(Clock::time_point deadline) {
@@ -312,19 +267,24 @@ struct GpuMoELayer::EpState {
 void GpuMoELayer::EpStateDeleter::operator()(EpState* p) const { delete p; }
 
 const sched::ExchangePlan* GpuMoELayer::node_plan() const {
-  return ep_ && options_.exchange == ExchangeKind::kHierarchical ? &ep_->plan_a : nullptr;
+  return ep_ && options_.exchange == ExchangeKind::kHierarchical ? &ep_->pass.a : nullptr;
 }
 
 const sched::ExchangePlan* GpuMoELayer::forward_plan() const {
-  return ep_ && options_.exchange == ExchangeKind::kHierarchical ? &ep_->plan_b : nullptr;
+  return ep_ && options_.exchange == ExchangeKind::kHierarchical ? &ep_->pass.b : nullptr;
 }
 
-std::int64_t GpuMoELayer::token_rank_rows() const { return ep_ ? ep_->token_rank_rows : 0; }
+const sched::ExchangePlan& GpuMoELayer::plan() const {
+  static const sched::ExchangePlan kNone;
+  return ep_ ? ep_->pass.main : kNone;
+}
+
+std::int64_t GpuMoELayer::token_rank_rows() const { return ep_ ? ep_->pass.main.send_rows() : 0; }
 
 std::int64_t GpuMoELayer::rows_sent_to_others() const {
   if (!ep_) return 0;
   std::int64_t n = 0;
-  for (const sched::ExchangePlan* plan : {node_plan() ? forward_plan() : &plan_, node_plan()}) {
+  for (const sched::ExchangePlan* plan : {node_plan() ? forward_plan() : &plan(), node_plan()}) {
     if (!plan || plan->world < 1) continue;
     for (int c = 0; c < plan->chunks; ++c)
       for (int p = 0; p < plan->world; ++p)
@@ -356,70 +316,27 @@ void GpuMoELayer::plan_ep(cudaStream_t stream) {
                                     cudaMemcpyDeviceToHost, stream));
   }
   synchronize(stream, "top-K to the host", device_comm_->default_timeout());
-  ep.kept.clear();
-  if (options_.capacity_factor > 0.0)
-    picks_dropped_ = sched::apply_capacity(ep.ids, ep.weights, experts_, options_.capacity_factor, ep.kept, ep.order);
-  const int me = device_comm_->rank(), P = device_comm_->size();
-  const bool hier = options_.exchange == ExchangeKind::kHierarchical;
-  // Each kept pick's destination (rank, slot): in replica mode the replica the layout chooses for
-  // (expert, this rank, token), as MoELayer; else the placement's owner.
-  const auto timeout = device_comm_->default_timeout();
-  sched::route_picks(ep.ids, ep.kept, K, placement_ ? &*placement_ : nullptr, layout_ ? &*layout_ : nullptr,
-                     *topology_, me, ep.pick_rank, ep.pick_slot);
-  // The rows to the owners, and what this rank's slots receive, by origin: the metadata always goes
-  // straight to the owner (2K floats a row), so the receive side is the flat exchange's.
-  plan_.build_send(ep.pick_rank, ep.pick_slot, T, K, P, me, C);
-  ep.meta_main.run(plan_, ep.weights, local_, *host_comm_, timeout);
-  ep.token_rank_rows = plan_.send_rows();
-  plan_.chunk_major(ep.view);
-  if (!hier) {
-    ep.plan_groups(plan_, *topology_);
-    return;
-  }
-  ep.per_node = false;
-  // Hierarchical. Stage A: a pick for rank d goes to d's node, to the rank there with this rank's
-  // local index (the forwarder), as code local_index(d) * max_slots_ + slot.
-  const sched::Topology& topo = *topology_;
-  const int my_node = topo.node_of(me);
-  sched::forward_picks(ep.pick_rank, ep.pick_slot, topo, me, max_slots_, ep.fwd_rank, ep.fwd_code);
-  ep.plan_a.build_send(ep.fwd_rank, ep.fwd_code, T, K, P, me, C);
-  ep.meta_a.run(ep.plan_a, ep.weights, topo.node_size(my_node) * max_slots_, *host_comm_, timeout);
-  // Stage B: the forwarder's "tokens" are the rows stage A brought it (chunk by chunk); each row's
-  // picks go to their rank on this node.
-  const sched::ExchangePlan& pa = ep.plan_a;
-  const int64_t RA = pa.recv_rows();
-  sched::forwarded_picks(ep.meta_a.recv_meta.data(), RA, 2 * K, K, topo.ranks_of(my_node), max_slots_, ep.pick_rank,
-                         ep.pick_slot);
-  ep.b_chunks.resize(static_cast<std::size_t>(C) + 1);
-  for (int c = 0; c < C; ++c) ep.b_chunks[static_cast<std::size_t>(c)] = pa.chunk_recv_first(c);
-  ep.b_chunks[static_cast<std::size_t>(C)] = RA;
-  sched::ExchangePlan& pb = ep.plan_b;
-  pb.build_send(ep.pick_rank, ep.pick_slot, RA, K, P, me, C, ep.b_chunks);
-  // Its receive side from what the origins announced: origin p's rows come through its forwarder on
-  // this node, forwarder by forwarder, each forwarder's by origin, then token.
-  ep.b_rows_pc.assign(static_cast<std::size_t>(P * C), 0);
-  for (int p = 0; p < P; ++p)
-    for (int c = 0; c < C; ++c)
-      ep.b_rows_pc[static_cast<std::size_t>(topo.peer_on(my_node, p) * C + c)] += plan_.recv_counts[plan_.cp(c, p)];
-  pb.build_receive(P, C, 0, ep.b_rows_pc, {});
-  const int64_t R = plan_.recv_rows();
-  ep.arrival_host.resize(static_cast<std::size_t>(R));
-  ep.row_arrival_host.resize(static_cast<std::size_t>(R));
-  for (int c = 0; c < C; ++c) {
-    int64_t i = pb.chunk_recv_first(c);
-    for (int q = 0; q < P; ++q)
-      for (int p = 0; p < P; ++p) {
-        if (topo.peer_on(my_node, p) != q) continue;
-        for (int64_t r = plan_.recv_displ(c, p); r < plan_.recv_offsets[plan_.cp(c, p) + 1]; ++r, ++i) {
-          ep.arrival_host[static_cast<std::size_t>(i)] = r;
-          ep.row_arrival_host[static_cast<std::size_t>(r)] = i;
-        }
-      }
-  }
+  moex::layer::PassLayout lay;
+  lay.placement = placement_ ? &*placement_ : nullptr;
+  lay.layout = layout_ ? &*layout_ : nullptr;
+  lay.topology = &*topology_;
+  lay.experts = experts_;
+  lay.topk = K;
+  lay.num_local = local_;
+  lay.max_slots = max_slots_;
+  lay.hierarchical = options_.exchange == ExchangeKind::kHierarchical;
+  lay.capacity_factor = options_.capacity_factor;
+  lay.name = "GpuMoELayer";
+  ep.pass.route(lay, device_comm_->rank(), device_comm_->size(), ep.ids, ep.weights, T, C);
+  ep.pass.exchange_metadata(*host_comm_, device_comm_->default_timeout());
+  ep.pass.finish();
+  picks_dropped_ = ep.pass.dropped;
+  ep.pass.main.chunk_major(ep.view);
 }
 
 void GpuMoELayer::forward_ep(const void* xin, void* out, bool accumulate, cudaStream_t stream) {
   EpState& ep = *ep_;
+  const sched::ExchangePlan& plan_ = ep.pass.main;
   const int64_t H = hidden_, F = ffn_, S = local_;
   const int C = options_.chunks;
   const bool hier = options_.exchange == ExchangeKind::kHierarchical;
@@ -437,8 +354,8 @@ void GpuMoELayer::forward_ep(const void* xin, void* out, bool accumulate, cudaSt
     bool grew = ep.main.reserve(plan_, rb, s);
     grew |= ep.reserve_groups(rb, s);
     if (hier) {
-      grew |= ep.a.reserve(ep.plan_a, rb, s);
-      grew |= ep.b.reserve(ep.plan_b, rb, s);
+      grew |= ep.a.reserve(ep.pass.a, rb, s);
+      grew |= ep.b.reserve(ep.pass.b, rb, s);
       grew |= grow(ep.arrival_row, R, s);
       grew |= grow(ep.row_arrival, R, s);
     }
@@ -461,10 +378,10 @@ void GpuMoELayer::forward_ep(const void* xin, void* out, bool accumulate, cudaSt
   ep.main.upload(plan_, stream);
   ep.upload_groups(stream);
   if (hier) {
-    ep.a.upload(ep.plan_a, stream);
-    ep.b.upload(ep.plan_b, stream);
-    copy_to_device(ep.arrival_row.data(), ep.arrival_host.data(), static_cast<std::size_t>(R), stream);
-    copy_to_device(ep.row_arrival.data(), ep.row_arrival_host.data(), static_cast<std::size_t>(R), stream);
+    ep.a.upload(ep.pass.a, stream);
+    ep.b.upload(ep.pass.b, stream);
+    copy_to_device(ep.arrival_row.data(), ep.pass.arrival_row.data(), static_cast<std::size_t>(R), stream);
+    copy_to_device(ep.row_arrival.data(), ep.pass.row_arrival.data(), static_cast<std::size_t>(R), stream);
   }
   const sched::ExchangePlan::ChunkMajor& v = ep.view;
   copy_to_device(ep.entry_row.data(), v.entry_row.data(), static_cast<std::size_t>(N), stream);
@@ -511,6 +428,7 @@ void GpuMoELayer::forward_ep(const void* xin, void* out, bool accumulate, cudaSt
 void GpuMoELayer::dispatch_ep(const void* src, cudaStream_t stream, Clock::time_point deadline,
                               const std::string& label) {
   EpState& ep = *ep_;
+  const sched::ExchangePlan& plan_ = ep.pass.main;
   const int C = plan_.chunks;
   const int64_t H = hidden_;
   ep.main.dispatch.resize(static_cast<std::size_t>(C));
@@ -526,18 +444,19 @@ void GpuMoELayer::dispatch_ep(const void* src, cudaStream_t stream, Clock::time_
   ep.a.dispatch.resize(static_cast<std::size_t>(C));
   for (int c = 0; c < C; ++c)
     ep.a.dispatch[static_cast<std::size_t>(c)] =
-        ep.dispatch_chunk(ep.plan_a, ep.a, *device_comm_, c, dtype_, H, src, stream, label + " (to nodes)");
+        ep.dispatch_chunk(ep.pass.a, ep.a, *device_comm_, c, dtype_, H, src, stream, label + " (to nodes)");
   ep.b.dispatch.resize(static_cast<std::size_t>(C));
   for (int c = 0; c < C; ++c) {
     ep.consume(*ep.a.dispatch[static_cast<std::size_t>(c)], stream, deadline);
     ep.b.dispatch[static_cast<std::size_t>(c)] = ep.dispatch_chunk(
-        ep.plan_b, ep.b, *device_comm_, c, dtype_, H, ep.a.recv_rows.data(), stream, label + " (in node)");
+        ep.pass.b, ep.b, *device_comm_, c, dtype_, H, ep.a.recv_rows.data(), stream, label + " (in node)");
   }
 }
 
 void GpuMoELayer::return_ep(void* out, bool accumulate, bool with_dw, cudaStream_t stream,
                             Clock::time_point deadline, const std::string& label) {
   EpState& ep = *ep_;
+  const sched::ExchangePlan& plan_ = ep.pass.main;
   const int C = plan_.chunks;
   const int64_t H = hidden_, K = topk_;
   const std::size_t es = dtype_size(dtype_);
@@ -551,22 +470,22 @@ void GpuMoELayer::return_ep(void* out, bool accumulate, bool with_dw, cudaStream
     for (int c = 0; c < C; ++c) {
       ep.consume(*ep.b.combine[static_cast<std::size_t>(c)], stream, deadline);
       if (with_dw) ep.consume(*ep.b.combine_dw[static_cast<std::size_t>(c)], stream, deadline);
-      ep.sum_per_token(ep.plan_b, ep.b, c, dtype_, H, ep.a.ret_rows.data(), false, stream);
+      ep.sum_per_token(ep.pass.b, ep.b, c, dtype_, H, ep.a.ret_rows.data(), false, stream);
       if (with_dw) {
-        const int64_t t0 = ep.plan_b.chunk_tokens[static_cast<std::size_t>(c)];
-        const int64_t t1 = ep.plan_b.chunk_tokens[static_cast<std::size_t>(c) + 1];
+        const int64_t t0 = ep.pass.b.chunk_tokens[static_cast<std::size_t>(c)];
+        const int64_t t1 = ep.pass.b.chunk_tokens[static_cast<std::size_t>(c) + 1];
         gather_values((t1 - t0) * K, ep.b.pick_back.data() + t0 * K, ep.b.dw_back.data(),
                       ep.a.dw_out.data() + t0 * K, stream);
       }
       ep.producer_ready(stream);
       ep.a.combine[static_cast<std::size_t>(c)] =
-          ep.return_chunk(ep.plan_a, ep.a, *device_comm_, c, H, es, label + " (to origins)");
+          ep.return_chunk(ep.pass.a, ep.a, *device_comm_, c, H, es, label + " (to origins)");
       if (with_dw)
         ep.a.combine_dw[static_cast<std::size_t>(c)] =
-            ep.return_dw_chunk(ep.plan_a, ep.a, *device_comm_, c, "gpu routing-weight grad (to origins)");
+            ep.return_dw_chunk(ep.pass.a, ep.a, *device_comm_, c, "gpu routing-weight grad (to origins)");
     }
     last = &ep.a;
-    last_plan = &ep.plan_a;
+    last_plan = &ep.pass.a;
   }
   // Sum each token's rows (one per rank, or per node, it went to) onto the shared experts' output.
   join_shared(stream);
@@ -581,6 +500,7 @@ void GpuMoELayer::return_ep(void* out, bool accumulate, bool with_dw, cudaStream
 
 void GpuMoELayer::backward_ep(const void* dyin, void* out, bool accumulate, cudaStream_t stream) {
   EpState& ep = *ep_;
+  const sched::ExchangePlan& plan_ = ep.pass.main;
   const int64_t K = topk_, H = hidden_, F = ffn_, S = local_;
   const int C = plan_.chunks;
   const sched::ExchangePlan::ChunkMajor& v = ep.view;

@@ -6,19 +6,6 @@
 
 namespace moex::kernels {
 
-/// Floats per routed row of MoELayer's exchange: the hidden vector, K pick codes (int32 bit
-/// patterns: a local expert slot, or a global expert id on the way to a forwarder; -1 = none), K
-/// routing weights, and the origin rank (int32 bit pattern).
-inline std::int64_t routed_row_stride(std::int64_t hidden, std::int64_t topk) { return hidden + 2 * topk + 1; }
-
-/// Packs routed rows: row i = [x[token_offset + row_token[i]] | row_code[i*K..] | the weights
-/// topk_weights[(token_offset + row_token[i])*K + row_k[i*K+j]] (0 where row_k is -1) | origin].
-/// Codes and the origin rank are written as float values (exact below 2^24, the limit
-/// sched::ExchangePlan checks; -1 stays -1), so every backend reads them alike.
-void pack_routed_rows(std::int64_t rows, std::int64_t hidden, std::int64_t topk, std::int64_t token_offset,
-                      const std::int64_t* row_token, const std::int32_t* row_code, const std::int32_t* row_k,
-                      const float* x, const float* topk_weights, std::int32_t origin, float* out);
-
 /// dst[n, :width] = src[index[n] * src_stride, :width] for n < count (a row gather).
 void gather_rows(std::int64_t count, std::int64_t width, const std::int64_t* index, const float* src,
                  std::int64_t src_stride, float* dst, std::int64_t dst_stride);
@@ -28,5 +15,13 @@ void gather_rows(std::int64_t count, std::int64_t width, const std::int64_t* ind
 void scatter_add_rows(std::int64_t count, std::int64_t width, const std::int64_t* index,
                       const float* scale, const float* src, std::int64_t src_stride, float* dst,
                       std::int64_t dst_stride);
+
+/// CSR combine: for each destination r < rows, dst[r] = (accumulate ? dst[r] : 0) + sum of
+/// weight[i] * src[src_row[i]] over i in [offsets[r], offsets[r+1]) in that order (`weight` may be
+/// null for 1). `offsets` holds absolute positions into src_row / weight (pass offsets + first for a
+/// range of destinations). The CPU twin of cuda::combine_rows.
+void combine_rows(std::int64_t rows, std::int64_t width, const std::int64_t* offsets, const std::int64_t* src_row,
+                  const float* weight, const float* src, std::int64_t src_stride, float* dst, std::int64_t dst_stride,
+                  bool accumulate);
 
 }  // namespace moex::kernels

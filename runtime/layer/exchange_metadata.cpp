@@ -1,5 +1,5 @@
 // MetadataExchange: counts and row metadata over the host communicator, then the receive side.
-#include "runtime/exchange_metadata.h"
+#include "runtime/layer/exchange_metadata.h"
 
 #include <cstring>
 #include <string>
@@ -52,9 +52,11 @@ void MetadataExchange::run(sched::ExchangePlan& plan, std::span<const float> wei
   count_recv_.assign(P * C, 0);
   for (std::size_t p = 0; p < P; ++p)
     for (std::size_t c = 0; c < C; ++c) count_send_[p * C + c] = plan.send_counts[c * P + p];
+  const auto t_counts = comm::Clock::now();
   host_comm.alltoall(count_send_.data(), count_recv_.data(), static_cast<std::int64_t>(C), comm::DataType::kInt64,
                      "metadata row counts")
       ->wait(deadline);
+  counts_ms = std::chrono::duration<double, std::milli>(comm::Clock::now() - t_counts).count();
   recv_counts_.resize(C * P);
   std::int64_t rows = 0;
   for (std::size_t p = 0; p < P; ++p)

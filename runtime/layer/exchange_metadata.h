@@ -1,4 +1,4 @@
-// The metadata exchange of a backend whose rows carry no routing codes (the GPU layer): every rank's
+// The metadata exchange of the expert-parallel pass (rows carry no routing codes): every rank's
 // row counts and its rows' (code, weight) pairs move over a host communicator ahead of the rows,
 // and each rank's sched::ExchangePlan gets its receive side from them.
 #pragma once
@@ -17,6 +17,7 @@ namespace moex {
 struct MetadataExchange {
   std::vector<float> send_meta;  ///< [S * 2K] this rank's send rows' codes, then weights (pack_meta)
   std::vector<float> recv_meta;  ///< [R * 2K] those of its receive rows, in receive row order
+  double counts_ms = 0.0;        ///< the last run's alltoall of row counts (a latency: few bytes)
 
   /// A blocking collective over `host_comm` (every rank calls it, in the same order as every other
   /// collective on that communicator) for `plan`, whose send side is built (build_send) with
