@@ -13,6 +13,7 @@
 #include "runtime/kernels/gate.h"
 #include "runtime/kernels/permute.h"
 #include "runtime/parallel.h"
+#include "runtime/layer/row_exchange.h"
 #include "scheduler/capacity.h"
 
 namespace moex {
@@ -230,117 +231,88 @@ void MoELayer::plan_pass(int chunks) {
 // ---------------------------------------------------------------------------------------------------
 // Exchanges (these run on the communication stream)
 
-void MoELayer::dispatch_flat(int c, bool grad) {
-  const std::int64_t W = hidden_;
-  const sched::ExchangePlan& plan_ = pass_.main;
-  std::vector<std::int64_t> sc, sd, rc, rd;
-  plan_.send_block_counts(c, W, sc);
-  plan_.send_block_displs(c, W, sd);
-  plan_.recv_block_counts(c, W, rc);
-  plan_.recv_block_displs(c, W, rd);
-  // Local-first: the block to itself was copied on the compute thread; the others keep their places.
-  if (local_first_) sc[static_cast<std::size_t>(comm_.rank())] = rc[static_cast<std::size_t>(comm_.rank())] = 0;
-  count_bytes(sc, 4);
-  float* dst = (grad ? rgrad_.data() : recv_.data()) + plan_.chunk_recv_first(c) * W;
-  alltoallv(send_.data() + plan_.chunk_send_first(c) * W, sc, sd, dst, rc, rd, grad ? "dispatch grad" : "dispatch")->wait();
-}
-
-void MoELayer::dispatch_hierarchical(int c, bool grad) {
-  const sched::ExchangePlan &A = pass_.a, &B = pass_.b, &M = pass_.main;
-  const std::int64_t H = hidden_;
-  std::vector<std::int64_t> sc, sd, rc, rd;
-  // Stage A: one row per (token, node) to this rank's peer on that node (its forwarder).
-  A.send_block_counts(c, H, sc);
-  A.send_block_displs(c, H, sd);
-  A.recv_block_counts(c, H, rc);
-  A.recv_block_displs(c, H, rd);
-  count_bytes(sc, 4);
-  alltoallv(send_.data() + A.chunk_send_first(c) * H, sc, sd, a_recv_.data() + A.chunk_recv_first(c) * H, rc, rd,
-            grad ? "dispatch grad stage A" : "dispatch stage A")->wait();
-  // Stage B: the forwarder sends each row on, once per rank of its node holding its picks.
-  const std::int64_t fb = B.chunk_send_first(c);
-  kernels::gather_rows(B.chunk_send_count(c), H, B.send_token.data() + fb, a_recv_.data(), H, b_send_.data() + fb * H, H);
-  B.send_block_counts(c, H, sc);
-  B.send_block_displs(c, H, sd);
-  B.recv_block_counts(c, H, rc);
-  B.recv_block_displs(c, H, rd);
-  count_bytes(sc, 4);
-  alltoallv(b_send_.data() + fb * H, sc, sd, b_recv_.data() + B.chunk_recv_first(c) * H, rc, rd,
-            grad ? "dispatch grad stage B" : "dispatch stage B")->wait();
-  // Arrivals (by forwarder, then origin, then token) to their rows (chunk, origin, token).
-  const std::int64_t rf = M.chunk_recv_first(c);
-  kernels::gather_rows(M.chunk_recv_count(c), H, pass_.row_arrival.data() + rf, b_recv_.data(), H,
-                       (grad ? rgrad_.data() : recv_.data()) + rf * H, H);
-}
-
-void MoELayer::combine_flat(int c, std::int64_t width) {
-  const sched::ExchangePlan& plan_ = pass_.main;
-  std::vector<std::int64_t> sc, sd, rc, rd;
-  plan_.recv_block_counts(c, width, sc);
-  plan_.recv_block_displs(c, width, sd);
-  plan_.send_block_counts(c, width, rc);
-  plan_.send_block_displs(c, width, rd);
-  if (local_first_) sc[static_cast<std::size_t>(comm_.rank())] = rc[static_cast<std::size_t>(comm_.rank())] = 0;
-  count_bytes(sc, 4);
-  alltoallv(out_.data() + plan_.chunk_recv_first(c) * width, sc, sd, back_.data() + plan_.chunk_send_first(c) * width,
-            rc, rd, width == hidden_ ? "combine" : "combine grad")->wait();
-}
-
-void MoELayer::combine_hierarchical(int c, std::int64_t width) {
-  const sched::ExchangePlan &A = pass_.a, &B = pass_.b, &M = pass_.main;
-  const std::int64_t H = hidden_, K = topk_;
-  std::vector<std::int64_t> sc, sd, rc, rd;
-  // Stage B back: the rows in arrival order to the forwarder each came from.
-  const std::int64_t bf = B.chunk_recv_first(c);
-  kernels::gather_rows(M.chunk_recv_count(c), width, pass_.arrival_row.data() + bf, out_.data(), width,
-                       b_ret_.data() + bf * width, width);
-  B.recv_block_counts(c, width, sc);
-  B.recv_block_displs(c, width, sd);
-  B.send_block_counts(c, width, rc);
-  B.send_block_displs(c, width, rd);
-  count_bytes(sc, 4);
-  alltoallv(b_ret_.data() + bf * width, sc, sd, b_back_.data() + B.chunk_send_first(c) * width, rc, rd,
-            "combine stage B")->wait();
-  // Sum each stage-A row's returns in rank order (0 + r_a + r_b ...), as the flat path's per-node
-  // partial sums do; routing-weight gradients go back to their stage-A pick positions.
-  const std::int64_t a0 = B.chunk_tokens[static_cast<std::size_t>(c)];
-  const std::int64_t a1 = B.chunk_tokens[static_cast<std::size_t>(c) + 1];
-  std::fill(a_ret_.begin() + a0 * width, a_ret_.begin() + a1 * width, 0.0f);
-  for (std::int64_t r = B.chunk_send_first(c); r < B.chunk_send_first(c) + B.chunk_send_count(c); ++r) {
-    float* o = a_ret_.data() + B.send_token[static_cast<std::size_t>(r)] * width;
-    const float* in = b_back_.data() + r * width;
-    for (std::int64_t j = 0; j < H; ++j) o[j] += in[j];
-    if (width > H)
-      for (std::int64_t f = 0; f < K; ++f) {
-        const std::int32_t j = B.send_k[static_cast<std::size_t>(r * K + f)];
-        if (j >= 0) o[H + j] = in[H + f];
-      }
+float* MoELayer::rows(layer::Buf b, bool dw) {
+  using layer::Buf;
+  switch (b) {
+    case Buf::kOriginSend: return send_.data();
+    case Buf::kOriginBack: return dw ? back_dw_.data() : back_.data();
+    case Buf::kRecv: return grad_pass_ ? rgrad_.data() : recv_.data();
+    case Buf::kRet: return dw ? out_dw_.data() : out_.data();
+    case Buf::kARecv: return a_recv_.data();
+    case Buf::kARet: return dw ? a_ret_dw_.data() : a_ret_.data();
+    case Buf::kBSend: return b_send_.data();
+    case Buf::kBBack: return dw ? b_back_dw_.data() : b_back_.data();
+    case Buf::kBRecv: return b_recv_.data();
+    case Buf::kBRet: return dw ? b_ret_dw_.data() : b_ret_.data();
+    case Buf::kPartial: return partial_.data();
+    case Buf::kOut: return pass_out_;
+    case Buf::kPicks: return d_weights_.data();
   }
-  // Stage A back: to the origins, into the rows they sent.
-  A.recv_block_counts(c, width, sc);
-  A.recv_block_displs(c, width, sd);
-  A.send_block_counts(c, width, rc);
-  A.send_block_displs(c, width, rd);
+  throw InternalError(name_ + ": unknown row buffer");
+}
+
+void MoELayer::gather(std::int64_t n, const std::vector<std::int64_t>& index, std::int64_t at, layer::Buf src,
+                      layer::Buf dst, std::int64_t dst_row, bool dw) {
+  const std::int64_t W = dw ? topk_ : hidden_;
+  kernels::gather_rows(n, W, index.data() + at, rows(src, dw), W, rows(dst, dw) + dst_row * W, W);
+}
+
+void MoELayer::gather_values(std::int64_t n, const std::vector<std::int64_t>& index, std::int64_t at, layer::Buf src,
+                             layer::Buf dst, std::int64_t dst_at) {
+  const float* from = rows(src, true);
+  float* to = rows(dst, true) + dst_at;
+  for (std::int64_t i = 0; i < n; ++i) {
+    const std::int64_t k = index[static_cast<std::size_t>(at + i)];
+    to[i] = k >= 0 ? from[k] : 0.0f;
+  }
+}
+
+void MoELayer::sum(std::int64_t n, const std::vector<std::int64_t>& offsets, std::int64_t at,
+                   const std::vector<std::int64_t>& members, layer::Buf src, layer::Buf dst, std::int64_t dst_row,
+                   bool accumulate) {
+  const std::int64_t H = hidden_;
+  kernels::combine_rows(n, H, offsets.data() + at, members.data(), nullptr, rows(src, false), H,
+                        rows(dst, false) + dst_row * H, H, accumulate);
+}
+
+void MoELayer::exchange(const sched::ExchangePlan& plan, int c, bool out, layer::Buf from, layer::Buf to, bool dw,
+                        bool skip_self, const std::string& label) {
+  // On the communication stream: complete before returning.
+  const std::int64_t W = dw ? topk_ : hidden_;
+  std::vector<std::int64_t> sc, sd, rc, rd;
+  if (out) {
+    plan.send_block_counts(c, W, sc);
+    plan.send_block_displs(c, W, sd);
+    plan.recv_block_counts(c, W, rc);
+    plan.recv_block_displs(c, W, rd);
+  } else {
+    plan.recv_block_counts(c, W, sc);
+    plan.recv_block_displs(c, W, sd);
+    plan.send_block_counts(c, W, rc);
+    plan.send_block_displs(c, W, rd);
+  }
+  // Local-first: the block to itself is copied on the compute thread; the others keep their places.
+  if (skip_self) sc[static_cast<std::size_t>(comm_.rank())] = rc[static_cast<std::size_t>(comm_.rank())] = 0;
   count_bytes(sc, 4);
-  alltoallv(a_ret_.data() + A.chunk_recv_first(c) * width, sc, sd, back_.data() + A.chunk_send_first(c) * width, rc,
-            rd, "combine stage A")->wait();
+  const std::int64_t f = out ? plan.chunk_send_first(c) : plan.chunk_recv_first(c);
+  const std::int64_t t = out ? plan.chunk_recv_first(c) : plan.chunk_send_first(c);
+  alltoallv(rows(from, dw) + f * W, sc, sd, rows(to, dw) + t * W, rc, rd, label)->wait();
 }
 
 void MoELayer::enqueue_dispatch(int c, bool grad, const float* dy) {
   Chunk& ch = *chunks_[static_cast<std::size_t>(c)];
   const std::int64_t H = hidden_;
-  const bool hier = hierarchical();
   const sched::ExchangePlan& plan = pass_.origin();
   const std::int64_t r0 = plan.chunk_send_first(c), rows = plan.chunk_send_count(c);
   const auto t_pack = std::chrono::steady_clock::now();
   // send_ was sized for every chunk before the first was packed: the exchanges read it meanwhile.
   kernels::gather_rows(rows, H, plan.send_token.data() + r0, grad ? dy : x_.data(), H, send_.data() + r0 * H, H);
   tally(&LayerCounters::permute, ms_since(t_pack));
-  comm_stream_->enqueue([this, &ch, c, grad, hier] {
+  comm_stream_->enqueue([this, c, grad] {
     const auto t0 = std::chrono::steady_clock::now();
     const std::int64_t b0 = own_.bytes_intra_node + own_.bytes_inter_node;
-    if (hier) dispatch_hierarchical(c, grad);
-    else dispatch_flat(c, grad);
+    layer::dispatch(pass_, *this, c, local_first_, grad ? "dispatch grad " + name_ : "dispatch " + name_);
+    layer::arrive(pass_, *this, c);
     const double ms = ms_since(t0);
     tally(&LayerCounters::dispatch, ms);
     link_bytes_ += static_cast<double>(own_.bytes_intra_node + own_.bytes_inter_node - b0);
@@ -348,60 +320,36 @@ void MoELayer::enqueue_dispatch(int c, bool grad, const float* dy) {
   }, &ch.dispatched);
 }
 
-void MoELayer::enqueue_combine(int c, std::int64_t width) {
+void MoELayer::enqueue_combine(int c, bool dw) {
   Chunk& ch = *chunks_[static_cast<std::size_t>(c)];
-  const bool hier = hierarchical();
-  comm_stream_->enqueue([this, c, width, hier] {
+  comm_stream_->enqueue([this, c, dw] {
     const auto t0 = std::chrono::steady_clock::now();
-    if (hier) combine_hierarchical(c, width);
-    else combine_flat(c, width);
+    const std::string label = (dw ? "combine grad " : "combine ") + name_;
+    layer::give_back(pass_, *this, c, dw, local_first_, label);
+    layer::relay(pass_, *this, c, dw, label);
     tally(&LayerCounters::combine_comm, ms_since(t0));
   }, &ch.combined);
 }
 
-void MoELayer::finish_chunk(int c, std::int64_t width, float* out, float* d_weights) {
-  // out[t] += sum over nodes (in node order) of that node's partial sum (ranks in rank order). The
-  // hierarchical path's forwarders computed those partial sums; the flat path forms them here
-  // (PassPlan's groups), so both add the same numbers in the same order.
+void MoELayer::size_rows(bool dw) {
+  // Rows are H wide; backward also returns K routing-weight gradients per row (the dw twins). Sized
+  // for every chunk before the first exchange is queued.
   const std::int64_t H = hidden_, K = topk_;
-  const sched::ExchangePlan& plan = pass_.origin();
-  const std::int64_t t0 = plan.chunk_tokens[static_cast<std::size_t>(c)];
-  const std::int64_t t1 = plan.chunk_tokens[static_cast<std::size_t>(c) + 1];
-  if (pass_.per_node) {
-    const std::int64_t g0 = pass_.token_groups[static_cast<std::size_t>(t0)];
-    const std::int64_t g1 = pass_.token_groups[static_cast<std::size_t>(t1)];
-    kernels::combine_rows(g1 - g0, H, pass_.group_offsets.data() + g0, pass_.group_rows.data(), nullptr, back_.data(),
-                          width, partial_.data() + g0 * H, H, false);
-    kernels::combine_rows(t1 - t0, H, pass_.token_groups.data() + t0, pass_.group_ids.data(), nullptr, partial_.data(),
-                          H, out + t0 * H, H, true);
-  } else {
-    kernels::combine_rows(t1 - t0, H, plan.token_offsets.data() + t0, plan.token_rows.data(), nullptr, back_.data(),
-                          width, out + t0 * H, H, true);
-  }
-  if (d_weights != nullptr)
-    for (std::int64_t i = plan.chunk_send_first(c); i < plan.chunk_send_first(c) + plan.chunk_send_count(c); ++i) {
-      const std::int64_t t = plan.send_token[static_cast<std::size_t>(i)];
-      for (std::int64_t f = 0; f < K; ++f) {
-        const std::int32_t k = plan.send_k[static_cast<std::size_t>(i * K + f)];
-        if (k >= 0) d_weights[static_cast<std::size_t>(t * K + k)] = back_[static_cast<std::size_t>(i * width + H + f)];
-      }
-    }
-}
-
-void MoELayer::size_rows(std::int64_t width) {
-  // Rows going out are H wide; rows coming back `width` wide (H, or H + K with the routing-weight
-  // gradients). Sized for every chunk before the first exchange is queued.
-  const std::int64_t H = hidden_;
-  grow(send_, pass_.origin().send_rows() * H);
-  grow(back_, pass_.origin().send_rows() * width);
+  auto size = [&](std::vector<float>& v, std::vector<float>* twin, std::int64_t n) {
+    grow(v, n * H);
+    if (dw && twin) grow(*twin, n * K);
+  };
+  size(send_, nullptr, pass_.origin().send_rows());
+  size(back_, &back_dw_, pass_.origin().send_rows());
+  size(out_, &out_dw_, pass_.main.recv_rows());
   if (pass_.per_node) grow(partial_, pass_.groups() * H);
   if (!hierarchical()) return;
-  grow(a_recv_, pass_.a.recv_rows() * H);
-  grow(a_ret_, pass_.a.recv_rows() * width);
-  grow(b_send_, pass_.b.send_rows() * H);
-  grow(b_back_, pass_.b.send_rows() * width);
-  grow(b_recv_, pass_.b.recv_rows() * H);
-  grow(b_ret_, pass_.b.recv_rows() * width);
+  size(a_recv_, nullptr, pass_.a.recv_rows());
+  size(a_ret_, &a_ret_dw_, pass_.a.recv_rows());
+  size(b_send_, nullptr, pass_.b.send_rows());
+  size(b_back_, &b_back_dw_, pass_.b.send_rows());
+  size(b_recv_, nullptr, pass_.b.recv_rows());
+  size(b_ret_, &b_ret_dw_, pass_.b.recv_rows());
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -417,12 +365,15 @@ void MoELayer::copy_self_rows(bool grad) {
                 dst + plan_.recv_displ(c, me) * W);
 }
 
-void MoELayer::return_self_rows(std::int64_t width) {
+void MoELayer::return_self_rows(bool dw) {
   const int me = comm_.rank();
+  const std::int64_t H = hidden_, K = topk_;
   const sched::ExchangePlan& plan_ = pass_.main;
-  for (int c = 0; c < chunks_used_; ++c)
-    std::copy_n(out_.data() + plan_.recv_displ(c, me) * width, plan_.recv_counts[plan_.cp(c, me)] * width,
-                back_.data() + plan_.send_displ(c, me) * width);
+  for (int c = 0; c < chunks_used_; ++c) {
+    const std::int64_t from = plan_.recv_displ(c, me), n = plan_.recv_counts[plan_.cp(c, me)], to = plan_.send_displ(c, me);
+    std::copy_n(out_.data() + from * H, n * H, back_.data() + to * H);
+    if (dw) std::copy_n(out_dw_.data() + from * K, n * K, back_dw_.data() + to * K);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -491,7 +442,6 @@ void MoELayer::run_experts_forward() {
 
 void MoELayer::run_experts_backward() {
   const std::int64_t H = hidden_, F = ffn_, K = topk_, S = num_local_experts();
-  const std::int64_t W = H + K;
   const sched::ExchangePlan& plan_ = pass_.main;
   auto t0 = std::chrono::steady_clock::now();
   // Each entry's output gradient is w * dy_row; the routing weight's gradient is dy_row . expert_out.
@@ -522,17 +472,18 @@ void MoELayer::run_experts_backward() {
                                         dxe_.data() + b * H, gemm_kind());
     });
   tally(&LayerCounters::experts, ms_since(t0));
-  // One row back per received row: its dx (experts in slot order), then the K weight gradients.
+  // One row back per received row: its dx (experts in slot order), and its K weight gradients.
   t0 = std::chrono::steady_clock::now();
   for (const auto& [p, c] : stage_) {
-    std::fill_n(out_.data() + plan_.recv_displ(c, p) * W, plan_.recv_counts[plan_.cp(c, p)] * W, 0.0f);
+    std::fill_n(out_.data() + plan_.recv_displ(c, p) * H, plan_.recv_counts[plan_.cp(c, p)] * H, 0.0f);
+    std::fill_n(out_dw_.data() + plan_.recv_displ(c, p) * K, plan_.recv_counts[plan_.cp(c, p)] * K, 0.0f);
   }
   for (std::int64_t s = 0; s < S; ++s)
     for_each_block(plan_, s, stage_, [&](std::int64_t b, std::int64_t n) {
-      kernels::scatter_add_rows(n, H, plan_.entry_row.data() + b, nullptr, dxe_.data() + b * H, H, out_.data(), W);
+      kernels::scatter_add_rows(n, H, plan_.entry_row.data() + b, nullptr, dxe_.data() + b * H, H, out_.data(), H);
       for (std::int64_t e = b; e < b + n; ++e)
-        out_[static_cast<std::size_t>(plan_.entry_row[static_cast<std::size_t>(e)] * W + H +
-                                      plan_.entry_pick[static_cast<std::size_t>(e)])] = dpick_[static_cast<std::size_t>(e)];
+        out_dw_[static_cast<std::size_t>(plan_.entry_row[static_cast<std::size_t>(e)] * K +
+                                         plan_.entry_pick[static_cast<std::size_t>(e)])] = dpick_[static_cast<std::size_t>(e)];
     });
   tally(&LayerCounters::combine, ms_since(t0));
 }
@@ -572,13 +523,14 @@ void MoELayer::forward(const float* x, std::int64_t tokens, float* y) {
   const sched::ExchangePlan& plan_ = pass_.main;
   const std::int64_t rows_total = plan_.recv_rows(), entries = plan_.entries();
   grow(recv_, rows_total * H);
-  size_rows(H);  // once: the exchanges read them while later chunks pack
+  grad_pass_ = false;
+  pass_out_ = y;
+  size_rows(false);  // once: the exchanges read them while later chunks pack
   grow(xe_, entries * H);
   grow(h13_, entries * 2 * F);
   grow(sig_, entries * F);
   grow(a_, entries * F);
   grow(ye_, entries * H);
-  grow(out_, rows_total * H);
 
   // 3-4. permute and dispatch every chunk; the shared experts run while the first is in flight.
   for (int c = 0; c < chunks_used_; ++c) enqueue_dispatch(c, false, nullptr);
@@ -599,13 +551,13 @@ void MoELayer::forward(const float* x, std::int64_t tokens, float* y) {
     copy_self_rows(false);
     set_stage(0, StagePart::kSelf);
     run_experts_forward();
-    return_self_rows(H);
+    return_self_rows(false);
   }
   for (int c = 0; c < chunks_used_; ++c) {
     chunks_[static_cast<std::size_t>(c)]->dispatched.wait(deadline(), "dispatch " + name_);
     set_stage(c, local_first_ ? StagePart::kRemote : StagePart::kAll);
     run_experts_forward();
-    enqueue_combine(c, H);
+    enqueue_combine(c, false);
   }
   // 7. y = shared + routed, chunk by chunk as the combines arrive.
   // Rows this rank sent and received, and those of them that stayed on this rank (not sent bytes).
@@ -614,7 +566,7 @@ void MoELayer::forward(const float* x, std::int64_t tokens, float* y) {
   for (int c = 0; c < chunks_used_; ++c) {
     chunks_[static_cast<std::size_t>(c)]->combined.wait(deadline(), "combine " + name_);
     t0 = std::chrono::steady_clock::now();
-    finish_chunk(c, H, y, nullptr);
+    layer::sum_returns(pass_, *this, c, true, false);
     tally(&LayerCounters::combine, ms_since(t0));
     own += plan_.send_counts[plan_.cp(c, comm_.rank())];
     self_rows += plan_.recv_counts[plan_.cp(c, comm_.rank())];
@@ -631,14 +583,14 @@ void MoELayer::backward(const float* dy, float* dx) {
   const std::int64_t H = hidden_, K = topk_, E = experts_total_, F = ffn_, tokens = tokens_;
   const sched::ExchangePlan& plan_ = pass_.main;
   const std::int64_t rows_total = plan_.recv_rows(), entries = plan_.entries();
-  const std::int64_t W = H + K;
-  size_rows(W);
+  grad_pass_ = true;
+  pass_out_ = dx;
+  size_rows(true);
   grow(rgrad_, rows_total * H);
   grow(dye_, entries * H);
   grow(dxe_, entries * H);
   grow(dh13_, entries * 2 * F);
   grow(dpick_, entries);
-  grow(out_, rows_total * W);
 
   // dL/dy rows travel along the forward routes; the shared experts' backward runs meanwhile.
   for (int c = 0; c < chunks_used_; ++c) enqueue_dispatch(c, true, dy);
@@ -657,13 +609,13 @@ void MoELayer::backward(const float* dy, float* dx) {
     copy_self_rows(true);
     set_stage(0, StagePart::kSelf);
     run_experts_backward();
-    return_self_rows(W);
+    return_self_rows(true);
   }
   for (int c = 0; c < chunks_used_; ++c) {
     chunks_[static_cast<std::size_t>(c)]->dispatched.wait(deadline(), "dispatch grad " + name_);
     set_stage(c, local_first_ ? StagePart::kRemote : StagePart::kAll);
     run_experts_backward();
-    enqueue_combine(c, W);
+    enqueue_combine(c, true);
   }
   // Weight gradients over each expert's whole block, in canonical order, while the last combines
   // travel: the same GEMMs over the same rows for every chunking.
@@ -684,7 +636,7 @@ void MoELayer::backward(const float* dy, float* dx) {
   for (int c = 0; c < chunks_used_; ++c) {
     chunks_[static_cast<std::size_t>(c)]->combined.wait(deadline(), "combine grad " + name_);
     t0 = std::chrono::steady_clock::now();
-    finish_chunk(c, W, dx, d_weights_.data());
+    layer::sum_returns(pass_, *this, c, true, true);
     tally(&LayerCounters::combine, ms_since(t0));
   }
   t0 = std::chrono::steady_clock::now();

@@ -14,6 +14,7 @@
 #include "runtime/kernels/expert_ffn.h"
 #include "runtime/io/moe_config.h"
 #include "runtime/layer/pass_plan.h"
+#include "runtime/layer/row_exchange.h"
 #include "runtime/stream.h"
 #include "scheduler/expert_placement.h"
 #include "scheduler/pipeline_model.h"
@@ -135,7 +136,7 @@ struct LayerCounters {
 ///
 /// Parameter layout: replicated() = [gate.weight E*H | shared w13 2Fs*H | shared w2 H*Fs];
 /// experts() = per local slot [w13 2F*H | w2 H*F], where w13 stacks gate_proj over up_proj.
-class MoELayer {
+class MoELayer : private layer::RowMoves {
  public:
   /// `topology` defaults to every rank on one node.
   MoELayer(const MoeConfig& config, comm::Communicator& comm, sched::ExpertPlacement placement,
@@ -282,15 +283,19 @@ class MoELayer {
   std::vector<std::unique_ptr<Chunk>> chunks_;
   layer::PassPlan pass_;         // the pass's plans (written once with the GPU layer)
   std::vector<float> send_;      // [send rows, H] of the origin plan, every chunk's
-  std::vector<float> back_;      // [send rows, width] the same rows coming back
+  std::vector<float> back_;      // [send rows, H] the same rows coming back
   std::vector<float> a_recv_, a_ret_;   // hierarchical, as forwarder: stage-A rows in, their sums back
   std::vector<float> b_send_, b_back_;  // ... stage-B rows to the owners, and what they return
   std::vector<float> b_recv_, b_ret_;   // ... as owner: stage-B arrivals, and the rows back in arrival order
+  // Backward: the K routing-weight gradients beside back_, out_, a_ret_, b_back_ and b_ret_.
+  std::vector<float> back_dw_, out_dw_, a_ret_dw_, b_back_dw_, b_ret_dw_;
+  bool grad_pass_ = false;     // layer::Buf::kRecv is rgrad_ (backward) or recv_
+  float* pass_out_ = nullptr;  // layer::Buf::kOut: y (forward) or dx (backward)
   std::vector<float> recv_;                               // [rows, H] canonical received rows
   std::vector<float> rgrad_;                              // [rows, H] canonical received dL/dy rows
   std::vector<float> xe_, h13_, sig_, a_, ye_;            // per-entry expert activations
   std::vector<float> shared_h13_, shared_sig_, shared_a_, shared_dh13_;
-  std::vector<float> out_;                                // [rows, W] rows going back
+  std::vector<float> out_;                                // [rows, H] rows going back
   std::vector<float> partial_;                            // [groups, H] per-node partial sums
   std::vector<float> dye_, dxe_, dh13_, dpick_, d_weights_, dlogits_;
   LayerRouteStats stats_;
@@ -320,7 +325,20 @@ class MoELayer {
   /// Routes this pass's picks, exchanges their metadata (on the communication stream) and finishes
   /// the plans (PassPlan).
   void plan_pass(int chunks);
-  void size_rows(std::int64_t width);
+  void size_rows(bool dw);
+  // layer::RowMoves: the moves of layer::dispatch / give_back / relay / sum_returns on host memory
+  // (the exchanges run on the communication stream and complete before they return).
+  float* rows(layer::Buf b, bool dw);
+  void gather(std::int64_t n, const std::vector<std::int64_t>& index, std::int64_t at, layer::Buf src, layer::Buf dst,
+              std::int64_t dst_row, bool dw) override;
+  void gather_values(std::int64_t n, const std::vector<std::int64_t>& index, std::int64_t at, layer::Buf src,
+                     layer::Buf dst, std::int64_t dst_at) override;
+  void sum(std::int64_t n, const std::vector<std::int64_t>& offsets, std::int64_t at,
+           const std::vector<std::int64_t>& members, layer::Buf src, layer::Buf dst, std::int64_t dst_row,
+           bool accumulate) override;
+  void exchange(const sched::ExchangePlan& plan, int c, bool out, layer::Buf from, layer::Buf to, bool dw,
+                bool skip_self, const std::string& label) override;
+  void ready() override {}
   /// Which received blocks a compute stage covers: every source of chunk c, the other ranks' rows
   /// of chunk c, or this rank's own rows of every chunk (the local-first stage).
   enum class StagePart { kAll, kRemote, kSelf };
@@ -332,14 +350,9 @@ class MoELayer {
   void record_pass();
   void calibrate_gemm();
   void resolve_schedule();
-  void return_self_rows(std::int64_t width);
+  void return_self_rows(bool dw);
   void enqueue_dispatch(int c, bool grad, const float* dy);
-  void enqueue_combine(int c, std::int64_t width);
-  void dispatch_flat(int c, bool grad);
-  void dispatch_hierarchical(int c, bool grad);
-  void combine_flat(int c, std::int64_t width);
-  void combine_hierarchical(int c, std::int64_t width);
-  void finish_chunk(int c, std::int64_t width, float* out, float* d_weights);
+  void enqueue_combine(int c, bool dw);
   void count_bytes(std::span<const std::int64_t> send_elems, std::int64_t elem_bytes);
   comm::WorkPtr alltoallv(const void* send, std::span<const std::int64_t> send_counts,
                           std::span<const std::int64_t> send_displs, void* recv,

@@ -1,9 +1,10 @@
-// MetadataExchange (the GPU layer's metadata exchange over a host communicator) at every rank count:
+// MetadataExchange (the metadata exchange of both layers' passes) and PassPlan at every rank count:
 // the receive side it builds equals the one each rank predicts from every source's own send plan
 // (every rank can draw every source's picks), for several chunkings, dropped picks and empty ranks;
 // and bad input fails on every rank without putting the communicator out of step.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdint>
 #include <string>
@@ -12,6 +13,7 @@
 #include "base/error.h"
 #include "comm/communicator.h"
 #include "runtime/layer/exchange_metadata.h"
+#include "runtime/layer/pass_plan.h"
 #include "runtime/random.h"
 #include "scheduler/exchange_plan.h"
 #include "scheduler/expert_placement.h"
@@ -100,6 +102,91 @@ TEST(MetadataExchange, ReceiveSideEqualsTheOnePredictedFromEverySource) {
         }
       EXPECT_EQ(meta.recv_meta, rows) << tag;
     }
+  expect_all_ranks_passed();
+}
+
+/// PassPlan (the host side of both layers' passes): the hierarchical plan's receive side is the flat
+/// one's (so both exchanges compute the same entries in the same order), its arrival maps are
+/// inverse permutations within each chunk, and the flat plan's per-node groups sum every returned
+/// row exactly once, per node in rank order, nodes in node order.
+TEST(PassPlan, HierarchicalReceivesAsFlatAndGroupsCoverEveryRow) {
+  auto& world = testing::world();
+  const int P = world.size(), me = world.rank();
+  const auto placement = sched::ExpertPlacement::contiguous(kExperts, P);
+  const auto topo = sched::Topology::uniform(P, P >= 2 ? 2 : 1);  // 2-rank nodes where possible
+  const Source src = draw(me, P, 11);
+  for (const int chunks : {1, 3}) {
+    SCOPED_TRACE("chunks " + std::to_string(chunks));
+    layer::PassPlan flat, hier;
+    layer::PassLayout lay;
+    lay.placement = &placement;
+    lay.topology = &topo;
+    lay.experts = kExperts;
+    lay.topk = kK;
+    lay.num_local = placement.num_local(me);
+    for (int r = 0; r < P; ++r) lay.max_slots = std::max(lay.max_slots, placement.num_local(r));
+    lay.capacity_factor = 1.0;  // some picks dropped
+    lay.name = "test";
+    flat.route(lay, me, P, src.ids, src.weights, src.tokens, chunks);
+    flat.exchange_metadata(world, kTimeout);
+    flat.finish();
+    lay.hierarchical = true;
+    hier.route(lay, me, P, src.ids, src.weights, src.tokens, chunks);
+    hier.exchange_metadata(world, kTimeout);
+    hier.finish();
+    EXPECT_EQ(hier.kept, flat.kept);
+    EXPECT_EQ(hier.main.recv_counts, flat.main.recv_counts);
+    EXPECT_EQ(hier.main.slot_offsets, flat.main.slot_offsets);
+    EXPECT_EQ(hier.main.entry_row, flat.main.entry_row);
+    EXPECT_EQ(hier.main.entry_weight, flat.main.entry_weight);
+    EXPECT_EQ(hier.main.row_entry, flat.main.row_entry);
+    // Stage B brings exactly main's rows, chunk by chunk: arrival_row / row_arrival are inverse
+    // permutations of each chunk's range.
+    const sched::ExchangePlan& m = hier.main;
+    ASSERT_EQ(hier.b.recv_rows(), m.recv_rows());
+    ASSERT_EQ(hier.arrival_row.size(), z(m.recv_rows()));
+    for (int c = 0; c < chunks; ++c) {
+      ASSERT_EQ(hier.b.chunk_recv_count(c), m.chunk_recv_count(c));
+      for (std::int64_t i = hier.b.chunk_recv_first(c); i < hier.b.chunk_recv_first(c) + m.chunk_recv_count(c); ++i) {
+        const std::int64_t r = hier.arrival_row[z(i)];
+        EXPECT_GE(r, m.chunk_recv_first(c));
+        EXPECT_LT(r, m.chunk_recv_first(c) + m.chunk_recv_count(c));
+        EXPECT_EQ(hier.row_arrival[z(r)], i);
+      }
+    }
+    // Stage B's tokens are stage A's receive rows.
+    EXPECT_EQ(hier.b.tokens, hier.a.recv_rows());
+    EXPECT_FALSE(hier.per_node);
+    // Flat groups: with 2-rank nodes, every send row in exactly one group, a group's rows on one
+    // node in rank order, a token's groups in node order.
+    EXPECT_EQ(flat.per_node, P >= 2);
+    if (!flat.per_node) continue;
+    const sched::ExchangePlan& f = flat.main;
+    std::vector<int> node_of_row(z(f.send_rows()), -1), seen(z(f.send_rows()), 0);
+    for (int c = 0; c < chunks; ++c)
+      for (int q = 0; q < P; ++q)
+        for (std::int64_t r = f.send_displ(c, q); r < f.send_offsets[f.cp(c, q) + 1]; ++r) node_of_row[z(r)] = topo.node_of(q);
+    ASSERT_EQ(flat.token_groups.size(), z(src.tokens) + 1);
+    for (std::int64_t t = 0; t < src.tokens; ++t) {
+      int last_node = -1;
+      for (std::int64_t gi = flat.token_groups[z(t)]; gi < flat.token_groups[z(t) + 1]; ++gi) {
+        const std::int64_t g = flat.group_ids[z(gi)];
+        const int node = node_of_row[z(flat.group_rows[z(flat.group_offsets[z(g)])])];
+        EXPECT_GT(node, last_node) << "token " << t;
+        last_node = node;
+        for (std::int64_t i = flat.group_offsets[z(g)]; i < flat.group_offsets[z(g) + 1]; ++i) {
+          const std::int64_t r = flat.group_rows[z(i)];
+          EXPECT_EQ(f.send_token[z(r)], t);
+          EXPECT_EQ(node_of_row[z(r)], node);
+          if (i > flat.group_offsets[z(g)]) {
+            EXPECT_GT(r, flat.group_rows[z(i) - 1]);  // rank order
+          }
+          ++seen[z(r)];
+        }
+      }
+    }
+    for (std::size_t r = 0; r < seen.size(); ++r) EXPECT_EQ(seen[r], 1) << "send row " << r;
+  }
   expect_all_ranks_passed();
 }
 

@@ -12,6 +12,7 @@
 #include "runtime/cuda/gpu_layer.h"
 #include "runtime/cuda/kernels.h"
 #include "runtime/cuda/layer_helpers.h"
+#include "runtime/layer/row_exchange.h"
 #include "scheduler/capacity.h"
 
 namespace moex::cuda {
@@ -40,7 +41,7 @@ std::size_t row_bytes(int64_t row, int64_t width, std::size_t es) {
 
 /// Buffers and pending exchanges of an expert-parallel layer. Device buffers live on the layer's
 /// second stream (aux_) and only grow.
-struct GpuMoELayer::EpState {
+struct GpuMoELayer::EpState : moex::layer::RowMoves {
   bool serial = false;  // GpuLayerOptions::overlap off: each exchange is waited for once issued
   comm::DeviceCommunicator* device = nullptr;
   /// One exchange: the send-side index arrays of its plan (ExchangePlan names), its rows (sent, received,
@@ -51,7 +52,6 @@ struct GpuMoELayer::EpState {
     DeviceBuffer<int64_t> send_token, token_offsets, token_rows, pick_back;
     DeviceBuffer<unsigned char> send_rows, recv_rows, ret_rows, back_rows;
     DeviceBuffer<float> dw_out, dw_back;
-    std::vector<comm::WorkPtr> dispatch, combine, combine_dw;
 
     /// Grows the buffers for `plan` (rows of `row_bytes` bytes); true when any reallocated.
     bool reserve(const sched::ExchangePlan& plan, int64_t row_bytes, cudaStream_t s) {
@@ -138,22 +138,112 @@ struct GpuMoELayer::EpState {
   void consume(comm::Work& w, cudaStream_t stream, Clock::time_point deadline) {
     device->consume(w, stream, deadline);
   }
-  /// Chunk c of a dispatch of stage `st`: the rows of `src` ([*, H] of `dtype`; its rows are the
-  /// plan's tokens) this rank sends, gathered into st.send_rows, then moved to the peers' recv_rows
-  /// (an alltoallv on `comm` after `stream`).
-  comm::WorkPtr dispatch_chunk(const sched::ExchangePlan& plan, Stage& st, comm::Communicator& comm, int c, DType dtype, int64_t H,
-                               const void* src, cudaStream_t stream, const std::string& label) {
-    const std::size_t es = dtype_size(dtype);
-    const int64_t f = plan.chunk_send_first(c), n = plan.chunk_send_count(c);
+
+  // ---- layer::RowMoves: the shared moves (moex::layer::dispatch ...) on device buffers, queued on
+  // `stream`; each chunk's exchanges are kept (a Work must outlive its op) until settled.
+  struct Works {
+    std::vector<comm::WorkPtr> list;
+    std::size_t ready = 0;  // the first not yet consumed on the stream
+  };
+  std::vector<Works> dispatch_works, combine_works;
+  Works* current = nullptr;  // where the next exchanges go (the chunk and phase the layer is at)
+  comm::Communicator* comm = nullptr;
+  cudaStream_t stream = nullptr;
+  Clock::time_point deadline;
+  DType dtype = DType::kFp32;
+  int64_t H = 0, K = 0;
+  void* out = nullptr;      // layer::Buf::kOut
+  float* picks = nullptr;   // layer::Buf::kPicks (d_weights_)
+
+  /// The pass's settings for the moves that follow.
+  void begin(comm::Communicator& c, cudaStream_t s, Clock::time_point d, DType t, int64_t hidden, int64_t topk, int chunks) {
+    comm = &c;
+    stream = s;
+    deadline = d;
+    dtype = t;
+    H = hidden;
+    K = topk;
+    dispatch_works.resize(static_cast<std::size_t>(chunks));
+    combine_works.resize(static_cast<std::size_t>(chunks));
+  }
+  void* rows(moex::layer::Buf which, bool dw) {
+    using moex::layer::Buf;
+    const bool hier = pass.hierarchical();
+    Stage& origin = hier ? a : main;
+    switch (which) {
+      case Buf::kOriginSend: return origin.send_rows.data();
+      case Buf::kOriginBack: return dw ? static_cast<void*>(origin.dw_back.data()) : origin.back_rows.data();
+      case Buf::kRecv: return main.recv_rows.data();
+      case Buf::kRet: return dw ? static_cast<void*>(main.dw_out.data()) : main.ret_rows.data();
+      case Buf::kARecv: return a.recv_rows.data();
+      case Buf::kARet: return dw ? static_cast<void*>(a.dw_out.data()) : a.ret_rows.data();
+      case Buf::kBSend: return b.send_rows.data();
+      case Buf::kBBack: return dw ? static_cast<void*>(b.dw_back.data()) : b.back_rows.data();
+      case Buf::kBRecv: return b.recv_rows.data();
+      case Buf::kBRet: return dw ? static_cast<void*>(b.dw_out.data()) : b.ret_rows.data();
+      case Buf::kPartial: return partial.data();
+      case Buf::kOut: return out;
+      case Buf::kPicks: return picks;
+    }
+    throw InternalError("GpuMoELayer: unknown row buffer");
+  }
+  /// The device copy of one of the pass plan's index arrays.
+  const int64_t* ix(const std::vector<int64_t>& v) {
+    for (auto [st, plan] : {std::pair<Stage*, const sched::ExchangePlan*>{&main, &pass.main}, {&a, &pass.a}, {&b, &pass.b}}) {
+      if (&v == &plan->send_token) return st->send_token.data();
+      if (&v == &plan->token_offsets) return st->token_offsets.data();
+      if (&v == &plan->token_rows) return st->token_rows.data();
+      if (&v == &plan->pick_back) return st->pick_back.data();
+    }
+    if (&v == &pass.arrival_row) return arrival_row.data();
+    if (&v == &pass.row_arrival) return row_arrival.data();
+    if (&v == &pass.group_offsets) return group_offsets.data();
+    if (&v == &pass.group_rows) return group_rows.data();
+    if (&v == &pass.token_groups) return token_groups.data();
+    if (&v == &pass.group_ids) return group_ids.data();
+    throw InternalError("GpuMoELayer: an index array of the pass plan that was not uploaded");
+  }
+  void gather(int64_t n, const std::vector<int64_t>& index, int64_t at, moex::layer::Buf src, moex::layer::Buf dst,
+              int64_t dst_row, bool dw) override {
+    if (dw) {
+      gather_rows(n, K, ix(index) + at, static_cast<const float*>(rows(src, true)), K,
+                  static_cast<float*>(rows(dst, true)) + dst_row * K, K, stream);
+      return;
+    }
     with_type(dtype, [&](auto tag) {
       using T_ = typename decltype(tag)::type;
-      gather_rows(n, H, st.send_token.data() + f, static_cast<const T_*>(src), H,
-                  reinterpret_cast<T_*>(st.send_rows.data() + row_bytes(f, H, es)), H, stream);
+      gather_rows(n, H, ix(index) + at, static_cast<const T_*>(rows(src, false)), H,
+                  static_cast<T_*>(rows(dst, false)) + dst_row * H, H, stream);
     });
-    producer_ready(stream);
-    return move_chunk(plan, comm, c, /*forward=*/true, st.send_rows.data() + row_bytes(f, H, es),
-                      st.recv_rows.data() + row_bytes(plan.chunk_recv_first(c), H, es), H * static_cast<int64_t>(es),
-                      comm::DataType::kByte, label);
+  }
+  void gather_values(int64_t n, const std::vector<int64_t>& index, int64_t at, moex::layer::Buf src,
+                     moex::layer::Buf dst, int64_t dst_at) override {
+    cuda::gather_values(n, ix(index) + at, static_cast<const float*>(rows(src, true)),
+                        static_cast<float*>(rows(dst, true)) + dst_at, stream);
+  }
+  void sum(int64_t n, const std::vector<int64_t>& offsets, int64_t at, const std::vector<int64_t>& members,
+           moex::layer::Buf src, moex::layer::Buf dst, int64_t dst_row, bool accumulate) override {
+    with_type(dtype, [&](auto tag) {
+      using T_ = typename decltype(tag)::type;
+      combine_rows(n, H, ix(offsets) + at, ix(members), nullptr, static_cast<const T_*>(rows(src, false)), H,
+                   static_cast<T_*>(rows(dst, false)) + dst_row * H, H, accumulate, stream);
+    });
+  }
+  void exchange(const sched::ExchangePlan& plan, int c, bool out_, moex::layer::Buf from, moex::layer::Buf to, bool dw,
+                bool skip_self, const std::string& label) override {
+    if (skip_self) throw InternalError("GpuMoELayer: local-first is a CPU layer schedule");
+    producer_ready(stream);  // the gathers queued so far are what this exchange sends
+    const int64_t width = dw ? K : H * static_cast<int64_t>(dtype_size(dtype));
+    const std::size_t unit = dw ? sizeof(float) : 1;
+    const int64_t f = out_ ? plan.chunk_send_first(c) : plan.chunk_recv_first(c);
+    const int64_t t = out_ ? plan.chunk_recv_first(c) : plan.chunk_send_first(c);
+    current->list.push_back(move_chunk(plan, *comm, c, out_, static_cast<unsigned char*>(rows(from, dw)) + f * width * unit,
+                                       static_cast<unsigned char*>(rows(to, dw)) + t * width * unit, width,
+                                       dw ? comm::DataType::kFloat32 : comm::DataType::kByte, label));
+  }
+  void ready() override {
+    for (; current->ready < current->list.size(); ++current->ready)
+      consume(*current->list[current->ready], stream, deadline);
   }
   /// Chunk c of an exchange: forward, this rank's send blocks to the peers' recv blocks; backward
   /// (the way back), its recv blocks to the peers' send blocks. `width` elements of `type` per row;
@@ -173,94 +263,17 @@ struct GpuMoELayer::EpState {
     if (serial) w->wait(Clock::now() + comm.default_timeout());
     return w;
   }
-  /// Chunk c's combined rows of stage `st` (ret_rows, one per received row) back to their senders'
-  /// back_rows.
-  comm::WorkPtr return_chunk(const sched::ExchangePlan& plan, Stage& st, comm::Communicator& comm, int c, int64_t H,
-                             std::size_t es, const std::string& label) {
-    return move_chunk(plan, comm, c, /*forward=*/false, st.ret_rows.data() + row_bytes(plan.chunk_recv_first(c), H, es),
-                      st.back_rows.data() + row_bytes(plan.chunk_send_first(c), H, es), H * static_cast<int64_t>(es),
-                      comm::DataType::kByte, label);
-  }
-  /// Chunk c's K routing-weight gradients per received row of stage `st` (dw_out) back to the
-  /// senders' dw_back.
-  comm::WorkPtr return_dw_chunk(const sched::ExchangePlan& plan, Stage& st, comm::Communicator& comm, int c,
-                                const std::string& label) {
-    const int64_t K = plan.topk;
-    return move_chunk(plan, comm, c, /*forward=*/false, st.dw_out.data() + plan.chunk_recv_first(c) * K,
-                      st.dw_back.data() + plan.chunk_send_first(c) * K, K, comm::DataType::kFloat32, label);
-  }
-  /// The rows of stage `st` that came back for chunk c (back_rows), summed per token of the plan
-  /// into `out` ([tokens, H] of `dtype`; added to it when `accumulate`), in destination-rank order.
-  void sum_per_token(const sched::ExchangePlan& plan, Stage& st, int c, DType dtype, int64_t H, void* out, bool accumulate,
-                     cudaStream_t stream) {
-    const int64_t t0 = plan.chunk_tokens[static_cast<std::size_t>(c)];
-    const int64_t t1 = plan.chunk_tokens[static_cast<std::size_t>(c) + 1];
-    with_type(dtype, [&](auto tag) {
-      using T_ = typename decltype(tag)::type;
-      if (&st == &main && pass.per_node) {  // per node first, then the nodes' sums (PassPlan groups)
-        const int64_t g0 = pass.token_groups[static_cast<std::size_t>(t0)];
-        const int64_t g1 = pass.token_groups[static_cast<std::size_t>(t1)];
-        combine_rows(g1 - g0, H, group_offsets.data() + g0, group_rows.data(), nullptr,
-                     reinterpret_cast<const T_*>(st.back_rows.data()), H, reinterpret_cast<T_*>(partial.data()) + g0 * H,
-                     H, false, stream);
-        combine_rows(t1 - t0, H, token_groups.data() + t0, group_ids.data(), nullptr,
-                     reinterpret_cast<const T_*>(partial.data()), H, static_cast<T_*>(out) + t0 * H, H, accumulate,
-                     stream);
-        return;
-      }
-      combine_rows(t1 - t0, H, st.token_offsets.data() + t0, st.token_rows.data(), nullptr,
-                   reinterpret_cast<const T_*>(st.back_rows.data()), H, static_cast<T_*>(out) + t0 * H, H, accumulate,
-                   stream);
-    });
-  }
-  /// Makes chunk c of main's receive rows ([*, H] of `dtype`) ready on `stream`: flat, when its
-  /// dispatch arrived; hierarchical, when stage B's did, put from arrival order at their rows.
-  void arrived(const sched::ExchangePlan& plan, bool hier, int c, DType dtype, int64_t H, cudaStream_t stream,
-               Clock::time_point deadline) {
-    if (!hier) {
-      consume(*main.dispatch[static_cast<std::size_t>(c)], stream, deadline);
-      return;
-    }
-    consume(*b.dispatch[static_cast<std::size_t>(c)], stream, deadline);
-    const int64_t rf = plan.chunk_recv_first(c), rn = plan.chunk_recv_count(c);
-    with_type(dtype, [&](auto tag) {
-      using T_ = typename decltype(tag)::type;
-      gather_rows(rn, H, row_arrival.data() + rf, reinterpret_cast<const T_*>(b.recv_rows.data()), H,
-                  reinterpret_cast<T_*>(main.recv_rows.data()) + rf * H, H, stream);
-    });
-  }
-  /// Sends chunk c of main's returned rows (ret_rows, and with `dw` the K routing-weight gradients
-  /// per row, dw_out) back after `stream`: flat, to the origins; hierarchical, in arrival order to
-  /// the forwarders (stage B back).
-  void send_back(const sched::ExchangePlan& plan, bool hier, bool dw, int c, DType dtype, int64_t H, int64_t K,
-                 comm::Communicator& comm, cudaStream_t stream, const std::string& label) {
-    const std::size_t es = dtype_size(dtype);
-    const auto u = static_cast<std::size_t>(c);
-    if (!hier) {
-      producer_ready(stream);
-      main.combine[u] = return_chunk(plan, main, comm, c, H, es, label);
-      if (dw) main.combine_dw[u] = return_dw_chunk(plan, main, comm, c, "gpu routing-weight grad");
-      return;
-    }
-    const int64_t rf = plan.chunk_recv_first(c), rn = plan.chunk_recv_count(c);
-    with_type(dtype, [&](auto tag) {
-      using T_ = typename decltype(tag)::type;
-      gather_rows(rn, H, arrival_row.data() + rf, reinterpret_cast<const T_*>(main.ret_rows.data()), H,
-                  reinterpret_cast<T_*>(b.ret_rows.data()) + rf * H, H, stream);
-    });
-    if (dw) gather_rows(rn, K, arrival_row.data() + rf, main.dw_out.data(), K, b.dw_out.data() + rf * K, K, stream);
-    producer_ready(stream);
-    b.combine[u] = return_chunk(pass.b, b, comm, c, H, es, label + " (in node)");
-    if (dw) b.combine_dw[u] = return_dw_chunk(pass.b, b, comm, c, "gpu routing-weight grad (in node)");
-  }
   /// Waits for every exchange still in flight and drops it.
   void settle(Clock::time_point deadline) {
-    for (auto* list : {&main.dispatch, &main.combine, &main.combine_dw, &a.dispatch, &a.combine, &a.combine_dw,
-                       &b.dispatch, &b.combine, &b.combine_dw, &reduce}) {
-      for (comm::WorkPtr& w : *list)
-        if (w) w->wait(deadline);
-      list->clear();
-    }
+    for (auto* phase : {&dispatch_works, &combine_works})
+      for (Works& works : *phase) {
+        for (comm::WorkPtr& w : works.list)
+          if (w) w->wait(deadline);
+        works = {};
+      }
+    for (comm::WorkPtr& w : reduce)
+      if (w) w->wait(deadline);
+    reduce.clear();
   }
 };
 
@@ -397,10 +410,9 @@ void GpuMoELayer::forward_ep(const void* xin, void* out, bool accumulate, cudaSt
   mark(kF2, stream);
 
   // Experts of chunk c once its rows arrived; the combined rows go back while chunk c+1 computes.
-  ep.main.combine.resize(static_cast<std::size_t>(C));
-  ep.b.combine.resize(static_cast<std::size_t>(C));
   for (int c = 0; c < C; ++c) {
-    ep.arrived(plan_, hier, c, dtype_, H, stream, deadline);
+    ep.current = &ep.dispatch_works[static_cast<std::size_t>(c)];
+    moex::layer::arrive(ep.pass, ep, c);
     const int64_t ef = v.first(c, 0, S), en = v.first(c + 1, 0, S) - ef;
     const int64_t rf = plan_.chunk_recv_first(c), rn = plan_.chunk_recv_count(c);
     with_type(dtype_, [&](auto tag) {
@@ -418,7 +430,8 @@ void GpuMoELayer::forward_ep(const void* xin, void* out, bool accumulate, cudaSt
       combine_rows(rn, H, ep.row_offsets.data() + rf, ep.row_entries.data(), ep.row_weight.data(), as<T_>(ye_), H,
                    reinterpret_cast<T_*>(ep.main.ret_rows.data() + row_bytes(rf, H, es)), H, false, stream);
     });
-    ep.send_back(plan_, hier, false, c, dtype_, H, topk_, *device_comm_, stream, "gpu combine");
+    ep.current = &ep.combine_works[static_cast<std::size_t>(c)];
+    moex::layer::give_back(ep.pass, ep, c, /*dw=*/false, false, "gpu combine");
   }
   mark(kF3, stream);
 
@@ -428,74 +441,42 @@ void GpuMoELayer::forward_ep(const void* xin, void* out, bool accumulate, cudaSt
 void GpuMoELayer::dispatch_ep(const void* src, cudaStream_t stream, Clock::time_point deadline,
                               const std::string& label) {
   EpState& ep = *ep_;
-  const sched::ExchangePlan& plan_ = ep.pass.main;
-  const int C = plan_.chunks;
-  const int64_t H = hidden_;
-  ep.main.dispatch.resize(static_cast<std::size_t>(C));
-  if (options_.exchange != ExchangeKind::kHierarchical) {
-    // Every chunk's rows gathered and handed to the communicator (its stream waits for the gather
-    // on the device with NCCL).
-    for (int c = 0; c < C; ++c)
-      ep.main.dispatch[static_cast<std::size_t>(c)] =
-          ep.dispatch_chunk(plan_, ep.main, *device_comm_, c, dtype_, H, src, stream, label);
-    return;
-  }
-  // Stage A for every chunk, then each chunk's stage B from the rows stage A brought.
-  ep.a.dispatch.resize(static_cast<std::size_t>(C));
-  for (int c = 0; c < C; ++c)
-    ep.a.dispatch[static_cast<std::size_t>(c)] =
-        ep.dispatch_chunk(ep.pass.a, ep.a, *device_comm_, c, dtype_, H, src, stream, label + " (to nodes)");
-  ep.b.dispatch.resize(static_cast<std::size_t>(C));
-  for (int c = 0; c < C; ++c) {
-    ep.consume(*ep.a.dispatch[static_cast<std::size_t>(c)], stream, deadline);
-    ep.b.dispatch[static_cast<std::size_t>(c)] = ep.dispatch_chunk(
-        ep.pass.b, ep.b, *device_comm_, c, dtype_, H, ep.a.recv_rows.data(), stream, label + " (in node)");
+  const sched::ExchangePlan& origin = ep.pass.origin();
+  EpState::Stage& st = ep.pass.hierarchical() ? ep.a : ep.main;
+  ep.begin(*device_comm_, stream, deadline, dtype_, hidden_, topk_, origin.chunks);
+  // Every chunk's rows gathered and handed to the communicator (its stream waits for the gather on
+  // the device with NCCL); stage B of the hierarchical exchange once stage A brought them.
+  for (int c = 0; c < origin.chunks; ++c) {
+    const int64_t f = origin.chunk_send_first(c), H = hidden_;
+    with_type(dtype_, [&](auto tag) {
+      using T_ = typename decltype(tag)::type;
+      gather_rows(origin.chunk_send_count(c), H, st.send_token.data() + f, static_cast<const T_*>(src), H,
+                  reinterpret_cast<T_*>(st.send_rows.data()) + f * H, H, stream);
+    });
+    ep.current = &ep.dispatch_works[static_cast<std::size_t>(c)];
+    moex::layer::dispatch(ep.pass, ep, c, false, label);
   }
 }
 
 void GpuMoELayer::return_ep(void* out, bool accumulate, bool with_dw, cudaStream_t stream,
                             Clock::time_point deadline, const std::string& label) {
   EpState& ep = *ep_;
-  const sched::ExchangePlan& plan_ = ep.pass.main;
-  const int C = plan_.chunks;
-  const int64_t H = hidden_, K = topk_;
-  const std::size_t es = dtype_size(dtype_);
-  EpState::Stage* last = &ep.main;
-  const sched::ExchangePlan* last_plan = &plan_;
-  if (options_.exchange == ExchangeKind::kHierarchical) {
-    // The forwarder sums each stage-A row's rows from its node (in rank order) and sends the sum
-    // back to the origin, with the row's K routing-weight gradients in backward.
-    ep.a.combine.resize(static_cast<std::size_t>(C));
-    ep.a.combine_dw.resize(static_cast<std::size_t>(C));
-    for (int c = 0; c < C; ++c) {
-      ep.consume(*ep.b.combine[static_cast<std::size_t>(c)], stream, deadline);
-      if (with_dw) ep.consume(*ep.b.combine_dw[static_cast<std::size_t>(c)], stream, deadline);
-      ep.sum_per_token(ep.pass.b, ep.b, c, dtype_, H, ep.a.ret_rows.data(), false, stream);
-      if (with_dw) {
-        const int64_t t0 = ep.pass.b.chunk_tokens[static_cast<std::size_t>(c)];
-        const int64_t t1 = ep.pass.b.chunk_tokens[static_cast<std::size_t>(c) + 1];
-        gather_values((t1 - t0) * K, ep.b.pick_back.data() + t0 * K, ep.b.dw_back.data(),
-                      ep.a.dw_out.data() + t0 * K, stream);
-      }
-      ep.producer_ready(stream);
-      ep.a.combine[static_cast<std::size_t>(c)] =
-          ep.return_chunk(ep.pass.a, ep.a, *device_comm_, c, H, es, label + " (to origins)");
-      if (with_dw)
-        ep.a.combine_dw[static_cast<std::size_t>(c)] =
-            ep.return_dw_chunk(ep.pass.a, ep.a, *device_comm_, c, "gpu routing-weight grad (to origins)");
-    }
-    last = &ep.a;
-    last_plan = &ep.pass.a;
-  }
-  // Sum each token's rows (one per rank, or per node, it went to) onto the shared experts' output.
-  join_shared(stream);
+  const int C = ep.pass.main.chunks;
+  static_cast<void>(stream);
+  static_cast<void>(deadline);
+  // Hierarchical: the forwarders' sums back to the origins. Then each token's rows (one per rank, or
+  // per node, it went to) summed onto the shared experts' output.
   for (int c = 0; c < C; ++c) {
-    ep.consume(*last->combine[static_cast<std::size_t>(c)], stream, deadline);
-    if (with_dw) ep.consume(*last->combine_dw[static_cast<std::size_t>(c)], stream, deadline);
-    ep.sum_per_token(*last_plan, *last, c, dtype_, H, out, accumulate, stream);
+    ep.current = &ep.combine_works[static_cast<std::size_t>(c)];
+    moex::layer::relay(ep.pass, ep, c, with_dw, label);
   }
-  if (with_dw)
-    gather_values(tokens_ * K, last->pick_back.data(), last->dw_back.data(), d_weights_.data(), stream);
+  join_shared(ep.stream);
+  ep.out = out;
+  ep.picks = d_weights_.data();
+  for (int c = 0; c < C; ++c) {
+    ep.current = &ep.combine_works[static_cast<std::size_t>(c)];
+    moex::layer::sum_returns(ep.pass, ep, c, accumulate, with_dw);
+  }
 }
 
 void GpuMoELayer::backward_ep(const void* dyin, void* out, bool accumulate, cudaStream_t stream) {
@@ -512,15 +493,11 @@ void GpuMoELayer::backward_ep(const void* dyin, void* out, bool accumulate, cuda
   dispatch_ep(dyin, stream, deadline, "gpu dispatch grad");
   mark(kB1, stream);
 
-  const bool hier = options_.exchange == ExchangeKind::kHierarchical;
-  ep.main.combine.resize(static_cast<std::size_t>(C));
-  ep.main.combine_dw.resize(static_cast<std::size_t>(C));
-  ep.b.combine.resize(static_cast<std::size_t>(C));
-  ep.b.combine_dw.resize(static_cast<std::size_t>(C));
   bool acc_experts = !expert_stale_;
   const std::size_t w2 = static_cast<std::size_t>(2 * F * H) * es;  // w2's byte offset in an expert block
   for (int c = 0; c < C; ++c) {
-    ep.arrived(plan_, hier, c, dtype_, H, stream, deadline);
+    ep.current = &ep.dispatch_works[static_cast<std::size_t>(c)];
+    moex::layer::arrive(ep.pass, ep, c);
     const int64_t ef = v.first(c, 0, S), en = v.first(c + 1, 0, S) - ef;
     const int64_t rf = plan_.chunk_recv_first(c), rn = plan_.chunk_recv_count(c);
     // Routing-weight gradients dot(dy row, expert output) and the expert-output gradients w * dy row.
@@ -553,7 +530,8 @@ void GpuMoELayer::backward_ep(const void* dyin, void* out, bool accumulate, cuda
                    reinterpret_cast<T_*>(ep.main.ret_rows.data() + row_bytes(rf, H, es)), H, false, stream);
     });
     gather_values(rn * K, ep.row_dw_entry.data() + rf * K, d_entry_.data(), ep.main.dw_out.data() + rf * K, stream);
-    ep.send_back(plan_, hier, true, c, dtype_, H, K, *device_comm_, stream, "gpu combine grad");
+    ep.current = &ep.combine_works[static_cast<std::size_t>(c)];
+    moex::layer::give_back(ep.pass, ep, c, /*dw=*/true, false, "gpu combine grad");
   }
   if (options_.deterministic) {
     // Each slot's weight gradients over all its entries, in (source rank, token) order: the order
