@@ -408,7 +408,13 @@ def run(a):
     try:
         r.setup()
         if "tests" in a.parts:
+            # The tests get at most --tests-budget of the whole, so that a hanging test (each has its own
+            # timeout, up to 900 s) cannot leave the benchmarks nothing.
+            end = r.deadline
+            if "bench" in a.parts and a.tests_budget > 0:
+                r.deadline = min(end, time.monotonic() + a.tests_budget)
             r.tests()
+            r.deadline = end
         if "bench" in a.parts:
             r.benches()
     finally:
@@ -428,6 +434,8 @@ def main():
     r.add_argument("--kit", default=os.path.join(REPO, ".gpu-kit"))
     r.add_argument("--out", default=os.environ.get("OUT", "/tmp/moex-gpu-out"))
     r.add_argument("--budget", type=float, default=480, help="seconds for everything (default 480)")
+    r.add_argument("--tests-budget", type=float, default=0,
+                   help="seconds at most for the tests when the benchmarks follow (default 0: no cap)")
     r.add_argument("--jobs", type=int, default=4, help="tests at a time (they share the GPU)")
     r.add_argument("--tests", default="", help="regex: only the tests whose names match")
     r.add_argument("--parts", default="tests,bench", help="tests, bench, or both (default)")
