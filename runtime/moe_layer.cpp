@@ -259,20 +259,26 @@ void MoELayer::gather(std::int64_t n, const std::vector<std::int64_t>& index, st
 
 void MoELayer::gather_values(std::int64_t n, const std::vector<std::int64_t>& index, std::int64_t at, layer::Buf src,
                              layer::Buf dst, std::int64_t dst_at) {
+  const auto t0 = std::chrono::steady_clock::now();
   const float* from = rows(src, true);
   float* to = rows(dst, true) + dst_at;
   for (std::int64_t i = 0; i < n; ++i) {
     const std::int64_t k = index[static_cast<std::size_t>(at + i)];
     to[i] = k >= 0 ? from[k] : 0.0f;
   }
+  if (dst == layer::Buf::kPicks) tally(&LayerCounters::combine, ms_since(t0));
 }
 
 void MoELayer::sum(std::int64_t n, const std::vector<std::int64_t>& offsets, std::int64_t at,
                    const std::vector<std::int64_t>& members, layer::Buf src, layer::Buf dst, std::int64_t dst_row,
                    bool accumulate) {
+  const auto t0 = std::chrono::steady_clock::now();
   const std::int64_t H = hidden_;
   kernels::combine_rows(n, H, offsets.data() + at, members.data(), nullptr, rows(src, false), H,
                         rows(dst, false) + dst_row * H, H, accumulate);
+  // The per-token sums (sum_returns, on the compute thread) count as combine; the forwarder's sums
+  // are part of the communication stream's time.
+  if (dst == layer::Buf::kOut || dst == layer::Buf::kPartial) tally(&LayerCounters::combine, ms_since(t0));
 }
 
 void MoELayer::exchange(const sched::ExchangePlan& plan, int c, bool out, layer::Buf from, layer::Buf to, bool dw,
@@ -299,19 +305,19 @@ void MoELayer::exchange(const sched::ExchangePlan& plan, int c, bool out, layer:
   alltoallv(rows(from, dw) + f * W, sc, sd, rows(to, dw) + t * W, rc, rd, label)->wait();
 }
 
-void MoELayer::enqueue_dispatch(int c, bool grad, const float* dy) {
+void MoELayer::send(int c, bool grad, bool skip_self) {
   Chunk& ch = *chunks_[static_cast<std::size_t>(c)];
   const std::int64_t H = hidden_;
   const sched::ExchangePlan& plan = pass_.origin();
   const std::int64_t r0 = plan.chunk_send_first(c), rows = plan.chunk_send_count(c);
   const auto t_pack = std::chrono::steady_clock::now();
   // send_ was sized for every chunk before the first was packed: the exchanges read it meanwhile.
-  kernels::gather_rows(rows, H, plan.send_token.data() + r0, grad ? dy : x_.data(), H, send_.data() + r0 * H, H);
+  kernels::gather_rows(rows, H, plan.send_token.data() + r0, pass_in_, H, send_.data() + r0 * H, H);
   tally(&LayerCounters::permute, ms_since(t_pack));
-  comm_stream_->enqueue([this, c, grad] {
+  comm_stream_->enqueue([this, c, grad, skip_self] {
     const auto t0 = std::chrono::steady_clock::now();
     const std::int64_t b0 = own_.bytes_intra_node + own_.bytes_inter_node;
-    layer::dispatch(pass_, *this, c, local_first_, grad ? "dispatch grad " + name_ : "dispatch " + name_);
+    layer::dispatch(pass_, *this, c, skip_self, grad ? "dispatch grad " + name_ : "dispatch " + name_);
     layer::arrive(pass_, *this, c);
     const double ms = ms_since(t0);
     tally(&LayerCounters::dispatch, ms);
@@ -320,15 +326,23 @@ void MoELayer::enqueue_dispatch(int c, bool grad, const float* dy) {
   }, &ch.dispatched);
 }
 
-void MoELayer::enqueue_combine(int c, bool dw) {
+void MoELayer::start_return(int c, bool dw, bool skip_self) {
   Chunk& ch = *chunks_[static_cast<std::size_t>(c)];
-  comm_stream_->enqueue([this, c, dw] {
+  comm_stream_->enqueue([this, c, dw, skip_self] {
     const auto t0 = std::chrono::steady_clock::now();
     const std::string label = (dw ? "combine grad " : "combine ") + name_;
-    layer::give_back(pass_, *this, c, dw, local_first_, label);
+    layer::give_back(pass_, *this, c, dw, skip_self, label);
     layer::relay(pass_, *this, c, dw, label);
     tally(&LayerCounters::combine_comm, ms_since(t0));
   }, &ch.combined);
+}
+
+void MoELayer::arrived(int c, bool grad) {
+  chunks_[static_cast<std::size_t>(c)]->dispatched.wait(deadline(), (grad ? "dispatch grad " : "dispatch ") + name_);
+}
+
+void MoELayer::returned(int c, bool grad) {
+  chunks_[static_cast<std::size_t>(c)]->combined.wait(deadline(), (grad ? "combine grad " : "combine ") + name_);
 }
 
 void MoELayer::size_rows(bool dw) {
@@ -355,7 +369,7 @@ void MoELayer::size_rows(bool dw) {
 // ---------------------------------------------------------------------------------------------------
 // The local-first stage: the rows this rank routes to itself skip the exchange
 
-void MoELayer::copy_self_rows(bool grad) {
+void MoELayer::keep_own(bool grad) {
   const int me = comm_.rank();
   const std::int64_t W = hidden_;
   const sched::ExchangePlan& plan_ = pass_.main;
@@ -365,7 +379,7 @@ void MoELayer::copy_self_rows(bool grad) {
                 dst + plan_.recv_displ(c, me) * W);
 }
 
-void MoELayer::return_self_rows(bool dw) {
+void MoELayer::own_back(bool dw) {
   const int me = comm_.rank();
   const std::int64_t H = hidden_, K = topk_;
   const sched::ExchangePlan& plan_ = pass_.main;
@@ -379,15 +393,17 @@ void MoELayer::return_self_rows(bool dw) {
 // ---------------------------------------------------------------------------------------------------
 // Expert computation of one stage
 
-void MoELayer::set_stage(int c, StagePart part) {
+void MoELayer::experts(layer::Stage stage, bool grad) {
   const int P = comm_.size(), me = comm_.rank();
   stage_.clear();
-  if (part == StagePart::kSelf) {
+  if (stage.part == layer::Part::kSelf) {
     for (int k = 0; k < chunks_used_; ++k) stage_.emplace_back(me, k);
-    return;
+  } else {
+    for (int p = 0; p < P; ++p)
+      if (stage.part == layer::Part::kAll || p != me) stage_.emplace_back(p, stage.chunk);
   }
-  for (int p = 0; p < P; ++p)
-    if (part == StagePart::kAll || p != me) stage_.emplace_back(p, c);
+  if (grad) run_experts_backward();
+  else run_experts_forward();
 }
 
 namespace {
@@ -491,6 +507,44 @@ void MoELayer::run_experts_backward() {
 // ---------------------------------------------------------------------------------------------------
 // Forward and backward
 
+void MoELayer::shared(bool grad) {
+  const std::int64_t H = hidden_, tokens = tokens_;
+  const auto t0 = std::chrono::steady_clock::now();
+  if (shared_ffn_ > 0 && !grad) {
+    grow(shared_h13_, tokens * 2 * shared_ffn_);
+    grow(shared_sig_, tokens * shared_ffn_);
+    grow(shared_a_, tokens * shared_ffn_);
+    kernels::swiglu_ffn_forward({tokens, H, shared_ffn_}, x_.data(), shared_w13(), shared_w2(),
+                                shared_h13_.data(), shared_sig_.data(), shared_a_.data(), pass_out_);
+  } else if (shared_ffn_ > 0) {
+    grow(shared_dh13_, tokens * 2 * shared_ffn_);
+    kernels::swiglu_ffn_backward({tokens, H, shared_ffn_}, x_.data(), shared_w13(), shared_w2(),
+                                 shared_h13_.data(), shared_sig_.data(), shared_a_.data(), pass_in_,
+                                 grad_of(shared_w13()), grad_of(shared_w2()), pass_out_, shared_dh13_.data());
+  } else if (tokens > 0) {
+    std::fill_n(pass_out_, tokens * H, 0.0f);  // the routed sums add to it
+  }
+  tally(&LayerCounters::shared, ms_since(t0));
+}
+
+void MoELayer::weight_grads() {
+  // Over each expert's whole block, in canonical order, while the last returns travel: the same
+  // GEMMs over the same rows for every chunking.
+  const std::int64_t H = hidden_, F = ffn_;
+  const sched::ExchangePlan& plan = pass_.main;
+  const auto t0 = std::chrono::steady_clock::now();
+  const bool overwrite = expert_grads_stale_;
+  expert_grads_stale_ = false;
+  for (std::int64_t s = 0; s < num_local_experts(); ++s) {
+    const std::int64_t off = plan.slot_offsets[static_cast<std::size_t>(s)];
+    float* g13 = experts_.grad.data() + s * expert_stride();
+    kernels::swiglu_ffn_backward_weights({plan.slot_entries(s), H, F}, xe_.data() + off * H, a_.data() + off * F,
+                                         dye_.data() + off * H, dh13_.data() + off * 2 * F, g13,
+                                         g13 + 2 * F * H, !overwrite);
+  }
+  tally(&LayerCounters::experts, ms_since(t0));
+}
+
 void MoELayer::forward(const float* x, std::int64_t tokens, float* y) {
   if (tokens < 0) throw InvalidArgument(name_ + ": tokens = " + std::to_string(tokens) + " must be >= 0");
   const std::int64_t H = hidden_, K = topk_, E = experts_total_, F = ffn_;
@@ -520,10 +574,11 @@ void MoELayer::forward(const float* x, std::int64_t tokens, float* y) {
   //    row and entry before any token moves.
   plan_pass(chunks_used_);
   tally(&LayerCounters::gate, ms_since(t0));
-  const sched::ExchangePlan& plan_ = pass_.main;
-  const std::int64_t rows_total = plan_.recv_rows(), entries = plan_.entries();
+  const sched::ExchangePlan& plan = pass_.main;
+  const std::int64_t rows_total = plan.recv_rows(), entries = plan.entries();
   grow(recv_, rows_total * H);
   grad_pass_ = false;
+  pass_in_ = x_.data();
   pass_out_ = y;
   size_rows(false);  // once: the exchanges read them while later chunks pack
   grow(xe_, entries * H);
@@ -532,44 +587,15 @@ void MoELayer::forward(const float* x, std::int64_t tokens, float* y) {
   grow(a_, entries * F);
   grow(ye_, entries * H);
 
-  // 3-4. permute and dispatch every chunk; the shared experts run while the first is in flight.
-  for (int c = 0; c < chunks_used_; ++c) enqueue_dispatch(c, false, nullptr);
-  t0 = std::chrono::steady_clock::now();
-  if (shared_ffn_ > 0) {
-    grow(shared_h13_, tokens * 2 * shared_ffn_);
-    grow(shared_sig_, tokens * shared_ffn_);
-    grow(shared_a_, tokens * shared_ffn_);
-    kernels::swiglu_ffn_forward({tokens, H, shared_ffn_}, x_.data(), shared_w13(), shared_w2(),
-                                shared_h13_.data(), shared_sig_.data(), shared_a_.data(), y);
-  } else if (tokens > 0) {
-    std::fill_n(y, tokens * H, 0.0f);
-  }
-  tally(&LayerCounters::shared, ms_since(t0));
+  // 3-7. dispatch, shared experts, routed experts per stage, combine, y = shared + routed.
+  layer::run_forward(*this, local_first_);
 
-  // 5-6. per chunk: experts, then its combine goes out while the next chunk computes.
-  if (local_first_) {  // this rank's own rows, every chunk's in one GEMM per expert, while the rest travel
-    copy_self_rows(false);
-    set_stage(0, StagePart::kSelf);
-    run_experts_forward();
-    return_self_rows(false);
-  }
-  for (int c = 0; c < chunks_used_; ++c) {
-    chunks_[static_cast<std::size_t>(c)]->dispatched.wait(deadline(), "dispatch " + name_);
-    set_stage(c, local_first_ ? StagePart::kRemote : StagePart::kAll);
-    run_experts_forward();
-    enqueue_combine(c, false);
-  }
-  // 7. y = shared + routed, chunk by chunk as the combines arrive.
   // Rows this rank sent and received, and those of them that stayed on this rank (not sent bytes).
-  const std::int64_t rows_sent = plan_.send_rows();
+  const std::int64_t rows_sent = plan.send_rows();
   std::int64_t own = 0, self_rows = 0;
   for (int c = 0; c < chunks_used_; ++c) {
-    chunks_[static_cast<std::size_t>(c)]->combined.wait(deadline(), "combine " + name_);
-    t0 = std::chrono::steady_clock::now();
-    layer::sum_returns(pass_, *this, c, true, false);
-    tally(&LayerCounters::combine, ms_since(t0));
-    own += plan_.send_counts[plan_.cp(c, comm_.rank())];
-    self_rows += plan_.recv_counts[plan_.cp(c, comm_.rank())];
+    own += plan.send_counts[plan.cp(c, comm_.rank())];
+    self_rows += plan.recv_counts[plan.cp(c, comm_.rank())];
   }
   stats_.rows_sent = rows_sent;
   stats_.rows_received = rows_total;
@@ -581,9 +607,10 @@ void MoELayer::forward(const float* x, std::int64_t tokens, float* y) {
 
 void MoELayer::backward(const float* dy, float* dx) {
   const std::int64_t H = hidden_, K = topk_, E = experts_total_, F = ffn_, tokens = tokens_;
-  const sched::ExchangePlan& plan_ = pass_.main;
-  const std::int64_t rows_total = plan_.recv_rows(), entries = plan_.entries();
+  const sched::ExchangePlan& plan = pass_.main;
+  const std::int64_t rows_total = plan.recv_rows(), entries = plan.entries();
   grad_pass_ = true;
+  pass_in_ = dy;
   pass_out_ = dx;
   size_rows(true);
   grow(rgrad_, rows_total * H);
@@ -591,55 +618,14 @@ void MoELayer::backward(const float* dy, float* dx) {
   grow(dxe_, entries * H);
   grow(dh13_, entries * 2 * F);
   grow(dpick_, entries);
-
-  // dL/dy rows travel along the forward routes; the shared experts' backward runs meanwhile.
-  for (int c = 0; c < chunks_used_; ++c) enqueue_dispatch(c, true, dy);
-  auto t0 = std::chrono::steady_clock::now();
-  if (shared_ffn_ > 0) {
-    grow(shared_dh13_, tokens * 2 * shared_ffn_);
-    kernels::swiglu_ffn_backward({tokens, H, shared_ffn_}, x_.data(), shared_w13(), shared_w2(),
-                                 shared_h13_.data(), shared_sig_.data(), shared_a_.data(), dy, grad_of(shared_w13()),
-                                 grad_of(shared_w2()), dx, shared_dh13_.data());
-  } else if (tokens > 0) {
-    std::fill_n(dx, tokens * H, 0.0f);
-  }
-  tally(&LayerCounters::shared, ms_since(t0));
-
-  if (local_first_) {
-    copy_self_rows(true);
-    set_stage(0, StagePart::kSelf);
-    run_experts_backward();
-    return_self_rows(true);
-  }
-  for (int c = 0; c < chunks_used_; ++c) {
-    chunks_[static_cast<std::size_t>(c)]->dispatched.wait(deadline(), "dispatch grad " + name_);
-    set_stage(c, local_first_ ? StagePart::kRemote : StagePart::kAll);
-    run_experts_backward();
-    enqueue_combine(c, true);
-  }
-  // Weight gradients over each expert's whole block, in canonical order, while the last combines
-  // travel: the same GEMMs over the same rows for every chunking.
-  t0 = std::chrono::steady_clock::now();
-  const bool overwrite = expert_grads_stale_;
-  expert_grads_stale_ = false;
-  for (std::int64_t s = 0; s < num_local_experts(); ++s) {
-    const std::int64_t off = plan_.slot_offsets[static_cast<std::size_t>(s)];
-    float* g13 = experts_.grad.data() + s * expert_stride();
-    kernels::swiglu_ffn_backward_weights({plan_.slot_entries(s), H, F}, xe_.data() + off * H, a_.data() + off * F,
-                                         dye_.data() + off * H, dh13_.data() + off * 2 * F, g13,
-                                         g13 + 2 * F * H, !overwrite);
-  }
-  tally(&LayerCounters::experts, ms_since(t0));
-
   grow(d_weights_, tokens * K);
   std::fill(d_weights_.begin(), d_weights_.end(), 0.0f);
-  for (int c = 0; c < chunks_used_; ++c) {
-    chunks_[static_cast<std::size_t>(c)]->combined.wait(deadline(), "combine grad " + name_);
-    t0 = std::chrono::steady_clock::now();
-    layer::sum_returns(pass_, *this, c, true, true);
-    tally(&LayerCounters::combine, ms_since(t0));
-  }
-  t0 = std::chrono::steady_clock::now();
+
+  // dL/dy rows along the forward's routes, the shared experts' backward meanwhile, the experts' data
+  // gradients per stage, their weight gradients, and dx and the routing-weight gradients summed.
+  layer::run_backward(*this, local_first_);
+
+  auto t0 = std::chrono::steady_clock::now();
   grow(dlogits_, tokens * E);
   const float* d_scores = nullptr;
   if (aux_.enabled() && tokens > 0) {

@@ -13,8 +13,8 @@
 #include "runtime/kernels/balance.h"
 #include "runtime/kernels/expert_ffn.h"
 #include "runtime/io/moe_config.h"
+#include "runtime/layer/pass.h"
 #include "runtime/layer/pass_plan.h"
-#include "runtime/layer/row_exchange.h"
 #include "runtime/stream.h"
 #include "scheduler/expert_placement.h"
 #include "scheduler/pipeline_model.h"
@@ -136,7 +136,7 @@ struct LayerCounters {
 ///
 /// Parameter layout: replicated() = [gate.weight E*H | shared w13 2Fs*H | shared w2 H*Fs];
 /// experts() = per local slot [w13 2F*H | w2 H*F], where w13 stacks gate_proj over up_proj.
-class MoELayer : private layer::RowMoves {
+class MoELayer : private layer::PassSteps {
  public:
   /// `topology` defaults to every rank on one node.
   MoELayer(const MoeConfig& config, comm::Communicator& comm, sched::ExpertPlacement placement,
@@ -289,8 +289,9 @@ class MoELayer : private layer::RowMoves {
   std::vector<float> b_recv_, b_ret_;   // ... as owner: stage-B arrivals, and the rows back in arrival order
   // Backward: the K routing-weight gradients beside back_, out_, a_ret_, b_back_ and b_ret_.
   std::vector<float> back_dw_, out_dw_, a_ret_dw_, b_back_dw_, b_ret_dw_;
-  bool grad_pass_ = false;     // layer::Buf::kRecv is rgrad_ (backward) or recv_
-  float* pass_out_ = nullptr;  // layer::Buf::kOut: y (forward) or dx (backward)
+  bool grad_pass_ = false;           // layer::Buf::kRecv is rgrad_ (backward) or recv_
+  const float* pass_in_ = nullptr;   // the rows sent: x_ (forward) or dy (backward)
+  float* pass_out_ = nullptr;        // layer::Buf::kOut: y (forward) or dx (backward)
   std::vector<float> recv_;                               // [rows, H] canonical received rows
   std::vector<float> rgrad_;                              // [rows, H] canonical received dL/dy rows
   std::vector<float> xe_, h13_, sig_, a_, ye_;            // per-entry expert activations
@@ -339,20 +340,26 @@ class MoELayer : private layer::RowMoves {
   void exchange(const sched::ExchangePlan& plan, int c, bool out, layer::Buf from, layer::Buf to, bool dw,
                 bool skip_self, const std::string& label) override;
   void ready() override {}
-  /// Which received blocks a compute stage covers: every source of chunk c, the other ranks' rows
-  /// of chunk c, or this rank's own rows of every chunk (the local-first stage).
-  enum class StagePart { kAll, kRemote, kSelf };
-  void set_stage(int c, StagePart part);
+  // layer::PassSteps: the steps of layer::run_forward / run_backward on the host (the exchanges
+  // queued on the communication stream, waited for by events; the compute on this thread).
+  const layer::PassPlan& pass_plan() const override { return pass_; }
+  void send(int c, bool grad, bool skip_self) override;
+  void shared(bool grad) override;
+  void arrived(int c, bool grad) override;
+  void keep_own(bool grad) override;
+  void own_back(bool grad) override;
+  void experts(layer::Stage stage, bool grad) override;
+  void start_return(int c, bool grad, bool skip_self) override;  // give_back and relay
+  void weight_grads() override;
+  void returning(int, bool) override {}  // start_return relayed on the communication stream
+  void returned(int c, bool grad) override;
+  bool accumulate() const override { return true; }  // shared() wrote kOut (zeros without shared experts)
   void run_experts_forward();   // over stage_
   void run_experts_backward();  // over stage_
-  void copy_self_rows(bool grad);
   void tally(double LayerCounters::*field, double ms);  // into counters_ and own_
   void record_pass();
   void calibrate_gemm();
   void resolve_schedule();
-  void return_self_rows(bool dw);
-  void enqueue_dispatch(int c, bool grad, const float* dy);
-  void enqueue_combine(int c, bool dw);
   void count_bytes(std::span<const std::int64_t> send_elems, std::int64_t elem_bytes);
   comm::WorkPtr alltoallv(const void* send, std::span<const std::int64_t> send_counts,
                           std::span<const std::int64_t> send_displs, void* recv,

@@ -281,18 +281,13 @@ class GpuMoELayer {
   void check_cpu_layer(MoELayer& cpu, const char* what) const;
   void init_ep();    // creates ep_ (gpu_layer_ep.cu)
   void settle_ep();  // waits (until the device communicator's timeout) for ep_'s exchanges in flight
+  /// The expert-parallel pass (layer::run_forward / run_backward over EpState's steps) from `xin` /
+  /// `dyin` ([tokens, H], the layer dtype) into `out` (added to when `accumulate`).
   void forward_ep(const void* xin, void* out, bool accumulate, cudaStream_t stream);
   void backward_ep(const void* dyin, void* out, bool accumulate, cudaStream_t stream);
   /// The top-K to the host and the pass's plans (capacity, replica choice, hierarchical stages),
   /// their metadata exchanged over the host communicator (gpu_layer_ep.cu).
   void plan_ep(cudaStream_t stream);
-  /// Queues every chunk's dispatch of `src` ([tokens, H], the layer dtype) to the experts' ranks.
-  void dispatch_ep(const void* src, cudaStream_t stream, std::chrono::steady_clock::time_point deadline,
-                   const std::string& label);
-  /// After the experts queued every chunk's combine: the rows back to their tokens, summed into
-  /// `out` (added when `accumulate`); `with_dw`: also the routing-weight gradients into d_weights_.
-  void return_ep(void* out, bool accumulate, bool with_dw, cudaStream_t stream,
-                 std::chrono::steady_clock::time_point deadline, const std::string& label);
   /// Queues the shared experts' forward (backward) on the layer's second stream when overlapping
   /// (joined later by join_shared()), else on `stream`; writes `out` (backward: dx, which the routed
   /// combine then adds to).

@@ -41,7 +41,7 @@ std::size_t row_bytes(int64_t row, int64_t width, std::size_t es) {
 
 /// Buffers and pending exchanges of an expert-parallel layer. Device buffers live on the layer's
 /// second stream (aux_) and only grow.
-struct GpuMoELayer::EpState : moex::layer::RowMoves {
+struct GpuMoELayer::EpState : moex::layer::PassSteps {
   bool serial = false;  // GpuLayerOptions::overlap off: each exchange is waited for once issued
   comm::DeviceCommunicator* device = nullptr;
   /// One exchange: the send-side index arrays of its plan (ExchangePlan names), its rows (sent, received,
@@ -147,25 +147,34 @@ struct GpuMoELayer::EpState : moex::layer::RowMoves {
   };
   std::vector<Works> dispatch_works, combine_works;
   Works* current = nullptr;  // where the next exchanges go (the chunk and phase the layer is at)
+  GpuMoELayer* layer = nullptr;
   comm::Communicator* comm = nullptr;
   cudaStream_t stream = nullptr;
   Clock::time_point deadline;
   DType dtype = DType::kFp32;
   int64_t H = 0, K = 0;
-  void* out = nullptr;      // layer::Buf::kOut
-  float* picks = nullptr;   // layer::Buf::kPicks (d_weights_)
+  const void* src = nullptr;  // the rows sent: x (forward) or dy (backward), layer dtype
+  void* out = nullptr;        // layer::Buf::kOut
+  float* picks = nullptr;     // layer::Buf::kPicks (d_weights_)
+  bool add = false;           // the sums add to kOut (the shared experts' output)
+  bool acc_experts = false;   // backward: the expert gradients add to what they hold
 
-  /// The pass's settings for the moves that follow.
-  void begin(comm::Communicator& c, cudaStream_t s, Clock::time_point d, DType t, int64_t hidden, int64_t topk, int chunks) {
-    comm = &c;
-    stream = s;
-    deadline = d;
-    dtype = t;
-    H = hidden;
-    K = topk;
-    dispatch_works.resize(static_cast<std::size_t>(chunks));
-    combine_works.resize(static_cast<std::size_t>(chunks));
-  }
+  /// The pass's settings for the steps and moves that follow: from `in` into `result` on `s`.
+  void begin(GpuMoELayer& l, cudaStream_t s, Clock::time_point d, const void* in, void* result, bool acc, int chunks);
+
+  // layer::PassSteps (defined after GpuMoELayer's expert-parallel methods).
+  const moex::layer::PassPlan& pass_plan() const override { return pass; }
+  void send(int c, bool grad, bool skip_self) override;
+  /// Queued by forward() / backward() on the layer's side stream before the gate and the plan (so
+  /// that it also hides the plan's round trip through the host); joined in returned().
+  void shared(bool) override {}
+  void arrived(int c, bool grad) override;
+  void experts(moex::layer::Stage stage, bool grad) override;
+  void start_return(int c, bool grad, bool skip_self) override;
+  void weight_grads() override;
+  void returning(int c, bool grad) override;
+  void returned(int c, bool grad) override;
+  bool accumulate() const override { return add; }
   void* rows(moex::layer::Buf which, bool dw) {
     using moex::layer::Buf;
     const bool hier = pass.hierarchical();
@@ -350,7 +359,7 @@ void GpuMoELayer::plan_ep(cudaStream_t stream) {
 void GpuMoELayer::forward_ep(const void* xin, void* out, bool accumulate, cudaStream_t stream) {
   EpState& ep = *ep_;
   const sched::ExchangePlan& plan_ = ep.pass.main;
-  const int64_t H = hidden_, F = ffn_, S = local_;
+  const int64_t H = hidden_, S = local_;
   const int C = options_.chunks;
   const bool hier = options_.exchange == ExchangeKind::kHierarchical;
   const std::size_t es = dtype_size(dtype_);
@@ -406,145 +415,147 @@ void GpuMoELayer::forward_ep(const void* xin, void* out, bool accumulate, cudaSt
   for (int64_t s = 0; s < S; ++s) counts_[static_cast<std::size_t>(s)] = plan_.slot_entries(s);
   mark(kF1, stream);
 
-  dispatch_ep(xin, stream, deadline, "gpu dispatch");
-  mark(kF2, stream);
-
-  // Experts of chunk c once its rows arrived; the combined rows go back while chunk c+1 computes.
-  for (int c = 0; c < C; ++c) {
-    ep.current = &ep.dispatch_works[static_cast<std::size_t>(c)];
-    moex::layer::arrive(ep.pass, ep, c);
-    const int64_t ef = v.first(c, 0, S), en = v.first(c + 1, 0, S) - ef;
-    const int64_t rf = plan_.chunk_recv_first(c), rn = plan_.chunk_recv_count(c);
-    with_type(dtype_, [&](auto tag) {
-      using T_ = typename decltype(tag)::type;
-      gather_rows(en, H, ep.entry_row.data() + ef, reinterpret_cast<const T_*>(ep.main.recv_rows.data()), H,
-                  as<T_>(xe_) + ef * H, H, stream);
-    });
-    const std::span<const int64_t> rows(v.chunk_slot.data() + c * S, static_cast<std::size_t>(S));
-    expert_ffn_.forward(blas_.get(), rows, xe_.data() + row_bytes(ef, H, es), expert_w_.data(),
-                        expert_w_.data() + 2 * F * H * static_cast<int64_t>(es), h13_.data() + row_bytes(ef, 2 * F, es),
-                        sig_.data() + row_bytes(ef, F, es), a_.data() + row_bytes(ef, F, es),
-                        ye_.data() + row_bytes(ef, H, es), stream);
-    with_type(dtype_, [&](auto tag) {
-      using T_ = typename decltype(tag)::type;
-      combine_rows(rn, H, ep.row_offsets.data() + rf, ep.row_entries.data(), ep.row_weight.data(), as<T_>(ye_), H,
-                   reinterpret_cast<T_*>(ep.main.ret_rows.data() + row_bytes(rf, H, es)), H, false, stream);
-    });
-    ep.current = &ep.combine_works[static_cast<std::size_t>(c)];
-    moex::layer::give_back(ep.pass, ep, c, /*dw=*/false, false, "gpu combine");
-  }
-  mark(kF3, stream);
-
-  return_ep(out, accumulate, /*with_dw=*/false, stream, deadline, "gpu combine");
-}
-
-void GpuMoELayer::dispatch_ep(const void* src, cudaStream_t stream, Clock::time_point deadline,
-                              const std::string& label) {
-  EpState& ep = *ep_;
-  const sched::ExchangePlan& origin = ep.pass.origin();
-  EpState::Stage& st = ep.pass.hierarchical() ? ep.a : ep.main;
-  ep.begin(*device_comm_, stream, deadline, dtype_, hidden_, topk_, origin.chunks);
-  // Every chunk's rows gathered and handed to the communicator (its stream waits for the gather on
-  // the device with NCCL); stage B of the hierarchical exchange once stage A brought them.
-  for (int c = 0; c < origin.chunks; ++c) {
-    const int64_t f = origin.chunk_send_first(c), H = hidden_;
-    with_type(dtype_, [&](auto tag) {
-      using T_ = typename decltype(tag)::type;
-      gather_rows(origin.chunk_send_count(c), H, st.send_token.data() + f, static_cast<const T_*>(src), H,
-                  reinterpret_cast<T_*>(st.send_rows.data()) + f * H, H, stream);
-    });
-    ep.current = &ep.dispatch_works[static_cast<std::size_t>(c)];
-    moex::layer::dispatch(ep.pass, ep, c, false, label);
-  }
-}
-
-void GpuMoELayer::return_ep(void* out, bool accumulate, bool with_dw, cudaStream_t stream,
-                            Clock::time_point deadline, const std::string& label) {
-  EpState& ep = *ep_;
-  const int C = ep.pass.main.chunks;
-  static_cast<void>(stream);
-  static_cast<void>(deadline);
-  // Hierarchical: the forwarders' sums back to the origins. Then each token's rows (one per rank, or
-  // per node, it went to) summed onto the shared experts' output.
-  for (int c = 0; c < C; ++c) {
-    ep.current = &ep.combine_works[static_cast<std::size_t>(c)];
-    moex::layer::relay(ep.pass, ep, c, with_dw, label);
-  }
-  join_shared(ep.stream);
-  ep.out = out;
-  ep.picks = d_weights_.data();
-  for (int c = 0; c < C; ++c) {
-    ep.current = &ep.combine_works[static_cast<std::size_t>(c)];
-    moex::layer::sum_returns(ep.pass, ep, c, accumulate, with_dw);
-  }
+  ep.begin(*this, stream, deadline, xin, out, accumulate, C);
+  moex::layer::run_forward(ep, /*local_first=*/false);
 }
 
 void GpuMoELayer::backward_ep(const void* dyin, void* out, bool accumulate, cudaStream_t stream) {
   EpState& ep = *ep_;
-  const sched::ExchangePlan& plan_ = ep.pass.main;
-  const int64_t K = topk_, H = hidden_, F = ffn_, S = local_;
-  const int C = plan_.chunks;
-  const sched::ExchangePlan::ChunkMajor& v = ep.view;
-  const std::size_t es = dtype_size(dtype_);
   const Clock::time_point deadline = Clock::now() + device_comm_->default_timeout();
   ep.settle(deadline);
   mark(kBP, stream);
+  ep.begin(*this, stream, deadline, dyin, out, accumulate, ep.pass.main.chunks);
+  ep.acc_experts = !expert_stale_;
+  moex::layer::run_backward(ep, /*local_first=*/false);
+}
 
-  dispatch_ep(dyin, stream, deadline, "gpu dispatch grad");
-  mark(kB1, stream);
+// ---- EpState's layer::PassSteps: the steps of layer::run_forward / run_backward on the device.
 
-  bool acc_experts = !expert_stale_;
-  const std::size_t w2 = static_cast<std::size_t>(2 * F * H) * es;  // w2's byte offset in an expert block
-  for (int c = 0; c < C; ++c) {
-    ep.current = &ep.dispatch_works[static_cast<std::size_t>(c)];
-    moex::layer::arrive(ep.pass, ep, c);
-    const int64_t ef = v.first(c, 0, S), en = v.first(c + 1, 0, S) - ef;
-    const int64_t rf = plan_.chunk_recv_first(c), rn = plan_.chunk_recv_count(c);
-    // Routing-weight gradients dot(dy row, expert output) and the expert-output gradients w * dy row.
-    with_type(dtype_, [&](auto tag) {
+void GpuMoELayer::EpState::begin(GpuMoELayer& l, cudaStream_t s, Clock::time_point d, const void* in, void* result,
+                                 bool acc, int chunks) {
+  layer = &l;
+  comm = l.device_comm_;
+  stream = s;
+  deadline = d;
+  dtype = l.dtype_;
+  H = l.hidden_;
+  K = l.topk_;
+  src = in;
+  out = result;
+  picks = l.d_weights_.data();
+  add = acc;
+  dispatch_works.resize(static_cast<std::size_t>(chunks));
+  combine_works.resize(static_cast<std::size_t>(chunks));
+}
+
+void GpuMoELayer::EpState::send(int c, bool grad, bool skip_self) {
+  // Chunk c's rows gathered and handed to the communicator (its stream waits for the gather on the
+  // device with NCCL); stage B of the hierarchical exchange once stage A brought them.
+  const sched::ExchangePlan& origin = pass.origin();
+  Stage& st = pass.hierarchical() ? a : main;
+  const int64_t f = origin.chunk_send_first(c);
+  with_type(dtype, [&](auto tag) {
+    using T_ = typename decltype(tag)::type;
+    gather_rows(origin.chunk_send_count(c), H, st.send_token.data() + f, static_cast<const T_*>(src), H,
+                reinterpret_cast<T_*>(st.send_rows.data()) + f * H, H, stream);
+  });
+  current = &dispatch_works[static_cast<std::size_t>(c)];
+  moex::layer::dispatch(pass, *this, c, skip_self, grad ? "gpu dispatch grad" : "gpu dispatch");
+  if (c + 1 == origin.chunks) layer->mark(grad ? kB1 : kF2, stream);
+}
+
+void GpuMoELayer::EpState::arrived(int c, bool) {
+  current = &dispatch_works[static_cast<std::size_t>(c)];
+  moex::layer::arrive(pass, *this, c);
+}
+
+void GpuMoELayer::EpState::experts(moex::layer::Stage stage, bool grad) {
+  if (stage.part != moex::layer::Part::kAll)
+    throw InternalError("GpuMoELayer: a compute stage other than a whole chunk (local-first is a CPU layer schedule)");
+  GpuMoELayer& l = *layer;
+  const sched::ExchangePlan& plan_ = pass.main;
+  const int64_t F = l.ffn_, S = l.local_;
+  const int c = stage.chunk;
+  const std::size_t es = dtype_size(dtype);
+  // The chunk's entries in (slot, source, token) order, and its received rows.
+  const int64_t ef = view.first(c, 0, S), en = view.first(c + 1, 0, S) - ef;
+  const int64_t rf = plan_.chunk_recv_first(c), rn = plan_.chunk_recv_count(c);
+  const std::span<const int64_t> slot_rows(view.chunk_slot.data() + c * S, static_cast<std::size_t>(S));
+  auto at = [&](DeviceBuffer<unsigned char>& b, int64_t width) { return b.data() + row_bytes(ef, width, es); };
+  if (!grad) {
+    with_type(dtype, [&](auto tag) {
       using T_ = typename decltype(tag)::type;
-      const T_* drecv = reinterpret_cast<const T_*>(ep.main.recv_rows.data());
-      row_dot(en, H, ep.entry_row.data() + ef, drecv, H, as<T_>(ye_) + ef * H, H, d_entry_.data() + ef, stream);
-      gather_rows_scaled(en, H, ep.entry_row.data() + ef, entry_w_.data() + ef, drecv, H, as<T_>(dye_) + ef * H, H,
-                         stream);
+      gather_rows(en, H, entry_row.data() + ef, reinterpret_cast<const T_*>(main.recv_rows.data()), H,
+                  as<T_>(l.xe_) + ef * H, H, stream);
     });
-    const std::span<const int64_t> rows(v.chunk_slot.data() + c * S, static_cast<std::size_t>(S));
-    if (options_.deterministic) {  // the weight gradients once, after the chunks (below)
-      expert_ffn_.backward_data(blas_.get(), rows, expert_w_.data(), expert_w_.data() + w2,
-                                h13_.data() + row_bytes(ef, 2 * F, es), sig_.data() + row_bytes(ef, F, es),
-                                dye_.data() + row_bytes(ef, H, es), dxe_.data() + row_bytes(ef, H, es),
-                                dh13_.data() + row_bytes(ef, 2 * F, es), stream);
-    } else {
-      expert_ffn_.backward(blas_.get(), rows, xe_.data() + row_bytes(ef, H, es), expert_w_.data(),
-                           expert_w_.data() + w2, h13_.data() + row_bytes(ef, 2 * F, es),
-                           sig_.data() + row_bytes(ef, F, es), a_.data() + row_bytes(ef, F, es),
-                           dye_.data() + row_bytes(ef, H, es), expert_g_.data(), expert_g_.data() + w2,
-                           dxe_.data() + row_bytes(ef, H, es), dh13_.data() + row_bytes(ef, 2 * F, es), acc_experts,
-                           stream);
-      acc_experts = true;
-    }
-    // Per received row: the sum of its entries' input gradients, and its K routing-weight gradients.
-    with_type(dtype_, [&](auto tag) {
+    l.expert_ffn_.forward(l.blas_.get(), slot_rows, at(l.xe_, H), l.expert_w_.data(),
+                          l.expert_w_.data() + 2 * F * H * static_cast<int64_t>(es), at(l.h13_, 2 * F), at(l.sig_, F),
+                          at(l.a_, F), at(l.ye_, H), stream);
+    with_type(dtype, [&](auto tag) {
       using T_ = typename decltype(tag)::type;
-      combine_rows(rn, H, ep.row_offsets.data() + rf, ep.row_entries.data(), nullptr, as<T_>(dxe_), H,
-                   reinterpret_cast<T_*>(ep.main.ret_rows.data() + row_bytes(rf, H, es)), H, false, stream);
+      combine_rows(rn, H, row_offsets.data() + rf, row_entries.data(), row_weight.data(), as<T_>(l.ye_), H,
+                   reinterpret_cast<T_*>(main.ret_rows.data() + row_bytes(rf, H, es)), H, false, stream);
     });
-    gather_values(rn * K, ep.row_dw_entry.data() + rf * K, d_entry_.data(), ep.main.dw_out.data() + rf * K, stream);
-    ep.current = &ep.combine_works[static_cast<std::size_t>(c)];
-    moex::layer::give_back(ep.pass, ep, c, /*dw=*/true, false, "gpu combine grad");
+    return;
   }
-  if (options_.deterministic) {
+  // Routing-weight gradients dot(dy row, expert output) and the expert-output gradients w * dy row.
+  with_type(dtype, [&](auto tag) {
+    using T_ = typename decltype(tag)::type;
+    const T_* drecv = reinterpret_cast<const T_*>(main.recv_rows.data());
+    row_dot(en, H, entry_row.data() + ef, drecv, H, as<T_>(l.ye_) + ef * H, H, l.d_entry_.data() + ef, stream);
+    gather_rows_scaled(en, H, entry_row.data() + ef, l.entry_w_.data() + ef, drecv, H, as<T_>(l.dye_) + ef * H, H,
+                       stream);
+  });
+  const std::size_t w2 = static_cast<std::size_t>(2 * F * H) * es;  // w2's byte offset in an expert block
+  if (l.options_.deterministic) {  // the weight gradients once, after the chunks (weight_grads())
+    l.expert_ffn_.backward_data(l.blas_.get(), slot_rows, l.expert_w_.data(), l.expert_w_.data() + w2, at(l.h13_, 2 * F),
+                                at(l.sig_, F), at(l.dye_, H), at(l.dxe_, H), at(l.dh13_, 2 * F), stream);
+  } else {
+    l.expert_ffn_.backward(l.blas_.get(), slot_rows, at(l.xe_, H), l.expert_w_.data(), l.expert_w_.data() + w2,
+                           at(l.h13_, 2 * F), at(l.sig_, F), at(l.a_, F), at(l.dye_, H), l.expert_g_.data(),
+                           l.expert_g_.data() + w2, at(l.dxe_, H), at(l.dh13_, 2 * F), acc_experts, stream);
+    acc_experts = true;
+  }
+  // Per received row: the sum of its entries' input gradients, and its K routing-weight gradients.
+  with_type(dtype, [&](auto tag) {
+    using T_ = typename decltype(tag)::type;
+    combine_rows(rn, H, row_offsets.data() + rf, row_entries.data(), nullptr, as<T_>(l.dxe_), H,
+                 reinterpret_cast<T_*>(main.ret_rows.data() + row_bytes(rf, H, es)), H, false, stream);
+  });
+  cuda::gather_values(rn * K, row_dw_entry.data() + rf * K, l.d_entry_.data(), main.dw_out.data() + rf * K, stream);
+}
+
+void GpuMoELayer::EpState::start_return(int c, bool grad, bool skip_self) {
+  current = &combine_works[static_cast<std::size_t>(c)];
+  moex::layer::give_back(pass, *this, c, grad, skip_self, grad ? "gpu combine grad" : "gpu combine");
+  if (!grad && c + 1 == pass.main.chunks) layer->mark(kF3, stream);
+}
+
+void GpuMoELayer::EpState::weight_grads() {
+  GpuMoELayer& l = *layer;
+  if (l.options_.deterministic) {
     // Each slot's weight gradients over all its entries, in (source rank, token) order: the order
     // one chunk gives, whatever the chunk count.
-    if (grow(ep.canon, plan_.entries(), aux_.get())) aux_.synchronize();
-    copy_to_device(ep.canon.data(), ep.view.position.data(), ep.view.position.size(), stream);
-    expert_ffn_.backward_weights(counts_, ep.canon.data(), xe_.data(), a_.data(), dye_.data(), dh13_.data(),
-                                 expert_g_.data(), expert_g_.data() + w2, acc_experts, stream);
+    const std::size_t w2 = static_cast<std::size_t>(2 * l.ffn_ * H) * dtype_size(dtype);
+    if (grow(canon, pass.main.entries(), l.aux_.get())) l.aux_.synchronize();
+    copy_to_device(canon.data(), view.position.data(), view.position.size(), stream);
+    l.expert_ffn_.backward_weights(l.counts_, canon.data(), l.xe_.data(), l.a_.data(), l.dye_.data(), l.dh13_.data(),
+                                   l.expert_g_.data(), l.expert_g_.data() + w2, acc_experts, stream);
   }
-  expert_stale_ = false;
-  mark(kB2, stream);
+  l.expert_stale_ = false;
+  l.mark(kB2, stream);
+}
 
-  return_ep(out, accumulate, /*with_dw=*/true, stream, deadline, "gpu combine grad");
+void GpuMoELayer::EpState::returning(int c, bool grad) {
+  // Hierarchical: the forwarders' sums back to the origins (after every chunk's give_back, so that
+  // a host-driven communicator's waits hold none of them up).
+  current = &combine_works[static_cast<std::size_t>(c)];
+  moex::layer::relay(pass, *this, c, grad, grad ? "gpu combine grad" : "gpu combine");
+}
+
+void GpuMoELayer::EpState::returned(int c, bool) {
+  if (c == 0) layer->join_shared(stream);  // the sums add to the shared experts' output
+  current = &combine_works[static_cast<std::size_t>(c)];
 }
 
 void GpuMoELayer::allreduce_replicated_grads(cudaStream_t stream) {
