@@ -1,4 +1,6 @@
 // moex-train: trains a DeepSeekMoE student on a teacher's outputs across MPI ranks.
+#include <chrono>
+#include <csignal>
 #include <cmath>
 #include <cstdio>
 #include <fstream>
@@ -20,6 +22,11 @@ constexpr bool kWithCuda = false;
 
 namespace {
 
+/// SIGTERM / SIGINT (what Slurm sends on preemption) ask for a clean stop: the step finishes, every
+/// rank learns of it, a checkpoint is saved (with --save) and the run exits 0.
+volatile std::sig_atomic_t g_stop_signal = 0;
+extern "C" void on_stop_signal(int sig) { g_stop_signal = sig; }
+
 /// The built-in model when no --config is given: a small DeepSeek-V3-style layer (sigmoid gate,
 /// noaux_tc group-limited routing, 2 shared + 16 routed experts, top-4).
 moex::MoeConfig tiny_v3() {
@@ -40,7 +47,7 @@ int train(moex::comm::MpiCommunicator& world, int argc, char** argv) {
   moex::tools::Options opt("moex-train",
                            "mpirun -np N moex-train [--config C.json] [--steps S] [--seed X] ...");
   opt.value("config", "", "Hugging Face DeepSeek config.json (default: built-in tiny V3-style model)")
-      .value("steps", "200", "training steps")
+      .value("steps", "200", "training steps, counted from the start of the run (a resumed run trains up to it)")
       .value("seed", "1", "seed of teacher, student and data")
       .value("tokens-per-rank", "256", "tokens each rank trains on per step")
       .value("layers", "", "override num_hidden_layers")
@@ -56,6 +63,10 @@ int train(moex::comm::MpiCommunicator& world, int argc, char** argv) {
       .value("rebalance-interval", "20", "with --replicas on: steps between replica plans")
       .value("rebalance-lag", "2", "with --replicas on: steps the planner runs beside training before its plan applies")
       .value("skew", "0", "Zipf exponent of a fixed skew of the student's router (experiments; 0 = none)")
+      .value("save", "", "checkpoint folder (every rank must see it): DIR/step-N, DIR/latest; a final save at the end")
+      .value("save-every", "0", "with --save: also a checkpoint every N steps (0 = only the final one)")
+      .value("keep", "0", "with --save: keep only the newest K checkpoints (0 = all)")
+      .value("resume", "", "continue from a checkpoint: its folder, or a --save folder (its latest)")
       .value("log-json", "", "write one JSON object per step to this file (rank 0)")
       .value("log-every", "1", "print every N-th step")
       .value("timeout", "", "seconds any wait may take before the job aborts (default MOEX_TIMEOUT_S or 300)");
@@ -90,9 +101,27 @@ int train(moex::comm::MpiCommunicator& world, int argc, char** argv) {
   const std::int64_t every = opt.integer("log-every");
   if (every < 1) throw moex::ConfigError("--log-every = " + std::to_string(every) + ": must be >= 1");
   const bool with_aux = to.aux.enabled();
+  const std::string save_dir = opt.str("save");
+  const std::int64_t save_every = opt.integer("save-every"), keep = opt.integer("keep");
+  if (save_every < 0 || keep < 0)
+    throw moex::ConfigError("--save-every = " + std::to_string(save_every) + ", --keep = " + std::to_string(keep) +
+                            ": each must be >= 0");
+  if (save_dir.empty() && (save_every > 0 || keep > 0))
+    throw moex::ConfigError("--save-every and --keep need --save DIR");
 
   moex::Trainer trainer(config, world, to);
   const bool lead = world.rank() == 0;
+  if (!opt.str("resume").empty()) {
+    const auto t0 = std::chrono::steady_clock::now();
+    trainer.load_checkpoint(opt.str("resume"));
+    const double load_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+    if (trainer.steps_done() > to.steps)
+      throw moex::ConfigError("--resume: the checkpoint is at step " + std::to_string(trainer.steps_done()) +
+                              ", past --steps " + std::to_string(to.steps) + " (--steps counts from the run's start)");
+    if (lead)
+      std::printf("moex-train: resumed %s at step %lld (loaded in %.1f ms)\n", opt.str("resume").c_str(),
+                  static_cast<long long>(trainer.steps_done()), load_ms);
+  }
 #ifdef MOEX_TOOLS_WITH_CUDA
   // --device cuda: the MoE layers' passes run on the GPU through a layer executor.
   std::unique_ptr<moex::comm::Communicator> device_comm;
@@ -140,8 +169,26 @@ int train(moex::comm::MpiCommunicator& world, int argc, char** argv) {
   double first_loss = 0.0, last_loss = 0.0;
   std::int64_t dropped = 0;
   bool schedule_told = false;
-  for (std::int64_t s = 0; s < to.steps; ++s) {
+  const std::int64_t first_step = trainer.steps_done();
+  std::int64_t saved_at = -1;
+  std::signal(SIGTERM, on_stop_signal);
+  std::signal(SIGINT, on_stop_signal);
+  std::int64_t stop = 0;  // after each step: the largest signal number any rank received
+  for (std::int64_t s = first_step; s < to.steps && stop == 0; ++s) {
     const moex::StepRecord r = trainer.step();
+    stop = g_stop_signal;
+    world.allreduce_max(&stop, 1, moex::comm::DataType::kInt64, "stop request")->wait();
+    if (stop != 0 && lead)
+      std::printf("moex-train: signal %lld: stopping after step %lld%s\n", static_cast<long long>(stop),
+                  static_cast<long long>(r.step), save_dir.empty() ? " (no --save: nothing is kept)" : "");
+    if (save_every > 0 && r.step % save_every == 0) {
+      const auto t0 = std::chrono::steady_clock::now();
+      const std::string at = trainer.save_checkpoint(save_dir, keep);
+      saved_at = r.step;
+      if (lead)
+        std::printf("moex-train: step %lld: saved %s in %.1f ms\n", static_cast<long long>(r.step), at.c_str(),
+                    std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+    }
     // --chunks auto: say once what the first layer chose (every layer chooses alike, from its own
     // measured passes; the losses depend on the choice only through fp32 rounding).
     const auto& layers = trainer.student().layers();
@@ -153,7 +200,7 @@ int train(moex::comm::MpiCommunicator& world, int argc, char** argv) {
       schedule_told = true;
     }
     dropped += r.picks_dropped;
-    if (s == 0) first_loss = r.loss;
+    if (s == first_step) first_loss = r.loss;
     last_loss = r.loss;
     if (!lead) continue;
     if (r.step % every == 0 || r.step == 1 || r.step == to.steps) {
@@ -165,11 +212,18 @@ int train(moex::comm::MpiCommunicator& world, int argc, char** argv) {
       std::printf("moex-train: step %lld: new replica layout, %lld expert slots migrated between ranks\n",
                   static_cast<long long>(r.step), static_cast<long long>(r.migrated_slots));
   }
-  if (lead && to.steps > 0)
+  if (!save_dir.empty() && saved_at != trainer.steps_done()) {
+    const auto t0 = std::chrono::steady_clock::now();
+    const std::string at = trainer.save_checkpoint(save_dir, keep);
+    if (lead)
+      std::printf("moex-train: saved %s in %.1f ms\n", at.c_str(),
+                  std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+  }
+  if (lead && to.steps > first_step)
     std::printf("moex-train: loss %.6e -> %.6e (%.1f%% of the first step)\n", first_loss, last_loss,
                 100.0 * last_loss / first_loss);
   if (lead && to.layer.capacity_factor > 0.0) {
-    const double picks = static_cast<double>(to.steps) * static_cast<double>(to.tokens_per_rank) * world.size() *
+    const double picks = static_cast<double>(to.steps - first_step) * static_cast<double>(to.tokens_per_rank) * world.size() *
                          static_cast<double>(config.num_experts_per_tok * config.num_hidden_layers);
     std::printf("moex-train: capacity factor %g: %lld of %.0f picks dropped (%.2f%%)\n", to.layer.capacity_factor,
                 static_cast<long long>(dropped), picks, picks > 0 ? 100.0 * static_cast<double>(dropped) / picks : 0.0);

@@ -38,6 +38,17 @@ void LoadTracker::reset() {
   ema_.assign(mode_ == Mode::Ema ? static_cast<std::size_t>(experts_) : 0, 0.0);
 }
 
+void LoadTracker::restore(std::vector<double> estimate, std::int64_t steps) {
+  if (mode_ != Mode::Ema) throw InvalidArgument("LoadTracker::restore: only an Ema tracker's state can be restored");
+  if (static_cast<std::int64_t>(estimate.size()) != experts_ || steps < 0)
+    throw InvalidArgument("LoadTracker::restore: " + std::to_string(estimate.size()) + " estimates and " +
+                          std::to_string(steps) + " steps: expected " + std::to_string(experts_) + " and >= 0");
+  for (double v : estimate)
+    if (!std::isfinite(v) || v < 0.0) throw InvalidArgument("LoadTracker::restore: an estimate is negative or not finite");
+  ema_ = std::move(estimate);
+  steps_ = steps;
+}
+
 void LoadTracker::add(std::span<const std::int64_t> load) {
   if (static_cast<std::int64_t>(load.size()) != experts_)
     throw InvalidArgument("load tracker: load has " + std::to_string(load.size()) + " entries, expected experts = " +

@@ -33,6 +33,9 @@ class LoadTracker {
   std::int64_t steps() const { return steps_; }
   std::int64_t num_experts() const { return experts_; }
   Mode mode() const { return mode_; }
+  /// Ema mode: restores a saved state (estimate() and steps() of a tracker with the same settings).
+  /// InvalidArgument in Window mode, on a wrong size, or on a negative or non-finite value.
+  void restore(std::vector<double> estimate, std::int64_t steps);
   /// Forgets every step (e.g. after a change of the model or batch size).
   void reset();
 

@@ -1,11 +1,14 @@
 // Training across ranks: the loss falls, a run is reproducible, the model's gradients match
 // finite differences, and load balancing (selection-bias updates, auxiliary losses) works.
 #include <gtest/gtest.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <filesystem>
+#include <fstream>
 #include <limits>
 #include <map>
 #include <memory>
@@ -13,6 +16,7 @@
 #include <string>
 
 #include "base/error.h"
+#include "runtime/io/checkpoint_files.h"
 #include "runtime/random.h"
 #include "runtime/model/trainer.h"
 #include "tests/mpi_test_env.h"
@@ -54,9 +58,10 @@ TEST_P(TrainTest, LossFalls) {
     if (s == 0) first = r.loss;
     last = r.loss;
   }
-  // The student starts as an unrelated random model; 80 AdamW steps remove well over a third of the
-  // gap for both gates (measured: ~0.45x for sigmoid, less for softmax), far from a stalled run.
-  EXPECT_LT(last, 0.6 * first) << "first " << first << " last " << last;
+  // The student starts as an unrelated random model; 80 AdamW steps remove over a third of the gap
+  // for both gates (measured over seeds 1-6 at one rank: 0.47-0.62x for sigmoid, 0.34-0.59x for
+  // softmax), far from a stalled run (~1x).
+  EXPECT_LT(last, 0.75 * first) << "first " << first << " last " << last;
 }
 
 TEST_P(TrainTest, SameSeedSameLosses) {
@@ -172,7 +177,7 @@ TEST_P(BalanceTest, AuxLossIsReportedReplicatedAndTrainingConverges) {
   // The aux gradient reaches the gate (the run departs from the plain one) and training still
   // converges like LossFalls.
   EXPECT_TRUE(differs);
-  EXPECT_LT(last, 0.6 * first) << "first " << first << " last " << last;
+  EXPECT_LT(last, 0.75 * first) << "first " << first << " last " << last;
 }
 
 INSTANTIATE_TEST_SUITE_P(Gates, BalanceTest, ::testing::Values("sigmoid", "softmax"));
@@ -510,6 +515,117 @@ TEST(Executor, ReplicasAreRejectedByAnExecutorWithout) {
   Trainer t(tiny("sigmoid"), testing::world(), o);
   MirrorExecutor exec;
   EXPECT_THROW(t.set_executor(&exec), ConfigError);
+}
+
+// A folder every rank names alike (rank 0's pid) and rank 0 clears.
+std::string shared_folder(const std::string& what) {
+  std::int64_t pid = testing::world().rank() == 0 ? static_cast<std::int64_t>(::getpid()) : 0;
+  testing::world().allreduce_max(&pid, 1, comm::DataType::kInt64, "pid")->wait();
+  const std::string dir = "/tmp/moex_test_" + what + "_" + std::to_string(pid);
+  if (testing::world().rank() == 0) std::filesystem::remove_all(dir);
+  testing::world().barrier("folder")->wait();
+  return dir;
+}
+
+// Stopping after step 3 and loading the checkpoint into a fresh trainer gives the uninterrupted
+// run's losses bit for bit (explicit schedule; replicas, bias updates and aux losses on).
+TEST(Checkpoint, ResumeIsBitwiseTheUninterruptedRun) {
+  TrainOptions o;
+  o.tokens_per_rank = 16;
+  o.layer.chunks = 2;
+  o.bias_update_speed = 1e-3f;
+  o.aux.seq_alpha = 1e-3f;
+  o.replicas.enabled = true;
+  o.replicas.interval = 2;
+  o.replicas.lag = 1;
+  o.skew = 1.0;
+  const MoeConfig config = tiny("sigmoid");
+  const std::string dir = shared_folder("resume");
+  Trainer full(config, testing::world(), o);
+  std::vector<double> want;
+  for (int s = 0; s < 7; ++s) want.push_back(full.step().loss);
+  Trainer part(config, testing::world(), o);
+  for (int s = 0; s < 3; ++s) part.step();
+  const std::string at = part.save_checkpoint(dir);
+  EXPECT_EQ(at, dir + "/step-00000003");
+  Trainer resumed(config, testing::world(), o);
+  resumed.load_checkpoint(dir);  // through `latest`
+  EXPECT_EQ(resumed.steps_done(), 3);
+  for (int s = 3; s < 7; ++s) {
+    const StepRecord r = resumed.step();
+    EXPECT_EQ(r.step, s + 1);
+    EXPECT_EQ(r.loss, want[static_cast<std::size_t>(s)]) << "step " << s + 1;
+  }
+  testing::world().barrier("done")->wait();
+  if (testing::world().rank() == 0) std::filesystem::remove_all(dir);
+}
+
+// A save that died before its rename leaves a temporary folder: the previous checkpoint and
+// `latest` are untouched, the next save replaces the leftover, and --keep prunes old ones.
+TEST(Checkpoint, ACrashedSaveLeavesThePreviousCheckpoint) {
+  TrainOptions o;
+  o.tokens_per_rank = 8;
+  const MoeConfig config = tiny("sigmoid");
+  const std::string dir = shared_folder("atomic");
+  Trainer t(config, testing::world(), o);
+  t.step();
+  t.save_checkpoint(dir);
+  if (testing::world().rank() == 0) {  // what a crash in the middle of the next save leaves
+    std::filesystem::create_directories(dir + "/.step-00000002.tmp");
+    std::ofstream(dir + "/.step-00000002.tmp/model-00001-of-00001.safetensors") << "partial";
+  }
+  testing::world().barrier("crash")->wait();
+  EXPECT_EQ(resolve_checkpoint(dir), dir + "/step-00000001");
+  Trainer u(config, testing::world(), o);
+  u.load_checkpoint(dir);
+  EXPECT_EQ(u.steps_done(), 1);
+  t.step();
+  t.save_checkpoint(dir, /*keep=*/1);
+  EXPECT_EQ(resolve_checkpoint(dir), dir + "/step-00000002");
+  EXPECT_EQ(list_checkpoints(dir), std::vector<std::string>{dir + "/step-00000002"});
+  EXPECT_FALSE(std::filesystem::exists(dir + "/.step-00000002.tmp"));
+  testing::world().barrier("done")->wait();
+  if (testing::world().rank() == 0) std::filesystem::remove_all(dir);
+}
+
+// Damage and mismatch are refused on every rank, naming the file or the field.
+TEST(Checkpoint, DamagedFilesAndOtherModelsAreRefusedOnEveryRank) {
+  TrainOptions o;
+  o.tokens_per_rank = 8;
+  const MoeConfig config = tiny("sigmoid");
+  const std::string dir = shared_folder("damaged");
+  Trainer t(config, testing::world(), o);
+  t.step();
+  const std::string at = t.save_checkpoint(dir);
+  MoeConfig other = config;
+  other.moe_intermediate_size = 4;
+  Trainer wrong_model(other, testing::world(), o);
+  try {
+    wrong_model.load_checkpoint(at);
+    ADD_FAILURE() << "another model loaded";
+  } catch (const ConfigError& e) {
+    EXPECT_NE(std::string(e.what()).find("moe_intermediate_size"), std::string::npos) << e.what();
+  }
+  TrainOptions seeded = o;
+  seeded.seed = 7;
+  Trainer wrong_seed(config, testing::world(), seeded);
+  EXPECT_THROW(wrong_seed.load_checkpoint(at), ConfigError);
+  if (testing::world().rank() == 0) {
+    std::fstream f(at + "/trainer_state.json", std::ios::in | std::ios::out | std::ios::binary);
+    f.seekp(3);
+    f.put('#');
+  }
+  testing::world().barrier("damage")->wait();
+  Trainer u(config, testing::world(), o);
+  try {
+    u.load_checkpoint(at);
+    ADD_FAILURE() << "a damaged checkpoint loaded";
+  } catch (const IoError& e) {
+    EXPECT_NE(std::string(e.what()).find("trainer_state.json: checksum"), std::string::npos) << e.what();
+  }
+  EXPECT_THROW(u.load_checkpoint(dir + "/nothing"), IoError);
+  testing::world().barrier("done")->wait();
+  if (testing::world().rank() == 0) std::filesystem::remove_all(dir);
 }
 
 }  // namespace

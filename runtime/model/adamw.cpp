@@ -18,6 +18,11 @@ std::array<std::vector<float>*, 2> AdamW::moments(const ParamBlock* block) {
   throw InvalidArgument("AdamW::moments(): the block is not registered with this optimiser");
 }
 
+void AdamW::set_steps(std::int64_t steps) {
+  if (steps < 0) throw InvalidArgument("AdamW::set_steps: " + std::to_string(steps) + " steps: must be >= 0");
+  step_ = steps;
+}
+
 void AdamW::step() {
   ++step_;
   const auto& o = options_;

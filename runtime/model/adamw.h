@@ -27,6 +27,8 @@ class AdamW {
   /// One update of every registered block from its grad.
   void step();
   std::int64_t steps() const { return step_; }
+  /// Restores the step count (a checkpoint's; the bias corrections depend on it). InvalidArgument if < 0.
+  void set_steps(std::int64_t steps);
   /// The first and second moments of a registered block (same size as its values; moving a block's
   /// parameters, e.g. migrating expert replicas, must move these along). InvalidArgument when the
   /// block is not registered.

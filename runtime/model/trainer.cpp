@@ -156,8 +156,13 @@ StepRecord Trainer::step() {
   target_.resize(n);
   y_.resize(n);
   dy_.resize(n);
-  Rng data(Rng::mix(options_.seed, 0xda7a, static_cast<std::uint64_t>(step_), static_cast<std::uint64_t>(comm_.rank())));
-  data.fill_normal(x_.data(), T * H, 1.0);
+  // Each token of the global batch has its own stream (step, global index): rank r trains tokens
+  // [r T, (r + 1) T), so a step sees the same tokens at any rank count with the same global batch.
+  for (std::int64_t t = 0; t < T; ++t) {
+    Rng data(Rng::mix(options_.seed, 0xda7a, static_cast<std::uint64_t>(step_),
+                      static_cast<std::uint64_t>(comm_.rank() * T + t)));
+    data.fill_normal(x_.data() + t * H, H, 1.0);
+  }
   teacher_->forward(x_.data(), T, target_.data());
 
   student_->zero_grad();

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <exception>
 #include <memory>
 #include <ostream>
 #include <string>
@@ -97,8 +98,34 @@ class Trainer {
   /// check(), e.g. a schedule it cannot run).
   void set_executor(LayerExecutor* executor);
   const TrainOptions& options() const { return options_; }
+  /// Steps trained so far (a loaded checkpoint's included).
+  std::int64_t steps_done() const { return step_; }
+
+  /// Saves a checkpoint of this step into `dir`/step-NNNNNNNN (a collective; `dir` must be one folder
+  /// every rank sees) and returns that folder. In it: the student in Hugging Face DeepSeek names as
+  /// safetensors shards model-0000k-of-0000P (rank k-1 writes the experts whose first replica it
+  /// holds, rank 0 also the replicated tensors) with model.safetensors.index.json and config.json;
+  /// the AdamW moments of the same tensors (`NAME.exp_avg`, `NAME.exp_avg_sq`) in trainer-0000k-of-
+  /// 0000P; trainer_state.json (step, seed, world size, optimiser step, each layer's schedule,
+  /// replica layouts, load trackers and a plan in flight); checksums.json (every file's size and
+  /// FNV-1a 64). Written under a temporary name, synced, then renamed: a crash leaves the previous
+  /// checkpoints as they were. Then `dir`/latest names it, and with keep > 0 only the newest `keep`
+  /// checkpoints stay. IoError on every rank when any rank fails.
+  std::string save_checkpoint(const std::string& dir, std::int64_t keep = 0);
+  /// Loads a checkpoint (a folder save_checkpoint() wrote, or `dir` whose `latest` names one; a
+  /// collective) into this trainer built with the same model config and seed: every file's checksum
+  /// is verified before it is read, every tensor's name and shape; the student's weights, selection
+  /// biases and AdamW state, the step, the schedules fixed at saving (explicit, or chosen by auto),
+  /// and with replicas the layouts, trackers and a pending plan. Saved at another world size, the
+  /// tensors load by name from whichever shard holds them (replica layouts restart from this run's).
+  /// Training on gives bitwise the uninterrupted run's results at the same world size and schedule.
+  /// ConfigError (model or seed differ) or IoError naming the file and rule, on every rank.
+  void load_checkpoint(const std::string& path);
 
  private:
+  /// A collective after each phase of a save or load: rethrows this rank's error, or throws one
+  /// naming the rank that failed.
+  void agree(const std::string& what, std::exception_ptr error);
   MoeConfig config_;
   comm::Communicator& comm_;
   TrainOptions options_;

@@ -1,0 +1,113 @@
+// Atomic files, checksums and the checkpoint folder's names.
+#include "runtime/io/checkpoint_files.h"
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+#include "base/error.h"
+
+namespace moex {
+namespace fs = std::filesystem;
+
+std::string file_checksum(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw IoError("cannot read " + path + ": " + std::strerror(errno));
+  std::uint64_t h = 1469598103934665603ull;
+  std::vector<char> buf(1 << 20);
+  while (in) {
+    in.read(buf.data(), static_cast<std::streamsize>(buf.size()));
+    const std::streamsize n = in.gcount();
+    for (std::streamsize i = 0; i < n; ++i) h = (h ^ static_cast<unsigned char>(buf[static_cast<std::size_t>(i)])) * 1099511628211ull;
+  }
+  if (in.bad()) throw IoError("reading " + path + " failed: " + std::strerror(errno));
+  char hex[17];
+  std::snprintf(hex, sizeof hex, "%016llx", static_cast<unsigned long long>(h));
+  return hex;
+}
+
+void fsync_path(const std::string& path) {
+  const int fd = ::open(path.c_str(), O_RDONLY);
+  if (fd < 0) throw IoError("cannot open " + path + " to sync it: " + std::strerror(errno));
+  const int rc = ::fsync(fd);
+  const int err = errno;
+  ::close(fd);
+  if (rc != 0) throw IoError("fsync of " + path + " failed: " + std::strerror(err));
+}
+
+void write_file_atomic(const std::string& path, const std::string& text) {
+  const std::string tmp = path + ".tmp";
+  {
+    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
+    if (!out) throw IoError("cannot write " + tmp + ": " + std::strerror(errno));
+    out.write(text.data(), static_cast<std::streamsize>(text.size()));
+    if (!out) throw IoError("writing " + tmp + " failed: " + std::strerror(errno));
+  }
+  fsync_path(tmp);
+  if (std::rename(tmp.c_str(), path.c_str()) != 0)
+    throw IoError("cannot move " + tmp + " to " + path + ": " + std::strerror(errno));
+  const fs::path parent = fs::path(path).parent_path();
+  fsync_path(parent.empty() ? std::string(".") : parent.string());
+}
+
+std::string read_file(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw IoError("cannot read " + path + ": " + std::strerror(errno));
+  std::ostringstream s;
+  s << in.rdbuf();
+  if (in.bad()) throw IoError("reading " + path + " failed: " + std::strerror(errno));
+  return s.str();
+}
+
+std::string shard_name(const std::string& stem, int index, int count) {
+  char b[64];
+  std::snprintf(b, sizeof b, "-%05d-of-%05d.safetensors", index + 1, count);
+  return stem + b;
+}
+
+std::string step_folder(std::int64_t step) {
+  char b[32];
+  std::snprintf(b, sizeof b, "step-%08lld", static_cast<long long>(step));
+  return b;
+}
+
+std::string resolve_checkpoint(const std::string& path) {
+  const fs::path p(path);
+  if (fs::exists(p / "trainer_state.json")) return p.string();
+  if (fs::exists(p / "latest")) {
+    std::string name = read_file((p / "latest").string());
+    while (!name.empty() && (name.back() == '\n' || name.back() == ' ')) name.pop_back();
+    if (name.empty() || name.find('/') != std::string::npos)
+      throw IoError((p / "latest").string() + " names '" + name + "': expected a checkpoint folder beside it (step-N)");
+    const fs::path c = p / name;
+    if (!fs::exists(c / "trainer_state.json"))
+      throw IoError((p / "latest").string() + " names " + c.string() + ", which holds no trainer_state.json");
+    return c.string();
+  }
+  throw IoError("no checkpoint at " + path + ": expected a checkpoint folder (with trainer_state.json) or a save "
+                "folder with a `latest` file");
+}
+
+std::vector<std::string> list_checkpoints(const std::string& dir) {
+  std::vector<std::pair<long long, std::string>> found;
+  std::error_code ec;
+  for (const auto& e : fs::directory_iterator(dir, ec)) {
+    const std::string n = e.path().filename().string();
+    if (!e.is_directory() || n.rfind("step-", 0) != 0 || n.size() != 13) continue;
+    if (!std::all_of(n.begin() + 5, n.end(), [](char c) { return c >= '0' && c <= '9'; })) continue;
+    found.emplace_back(std::stoll(n.substr(5)), e.path().string());
+  }
+  std::sort(found.begin(), found.end());
+  std::vector<std::string> out;
+  for (auto& f : found) out.push_back(f.second);
+  return out;
+}
+
+}  // namespace moex

@@ -1,0 +1,31 @@
+// Files that must survive a crash: atomic writes, fsync, checksums, and a checkpoint folder's
+// layout (Hugging Face shard names, the `latest` pointer).
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace moex {
+
+/// FNV-1a 64 of a file's bytes, as 16 hex digits. IoError naming the file when unreadable.
+std::string file_checksum(const std::string& path);
+/// fsync of a file or folder (IoError naming it on failure).
+void fsync_path(const std::string& path);
+/// Writes `text` to `path` atomically: a temporary beside it, fsync, rename over `path`, fsync of
+/// the folder. A crash leaves the old file or the new one, never a part.
+void write_file_atomic(const std::string& path, const std::string& text);
+/// The whole file as a string (IoError naming it).
+std::string read_file(const std::string& path);
+
+/// Hugging Face shard names: model-00002-of-00004.safetensors (`index` from 0).
+std::string shard_name(const std::string& stem, int index, int count);
+/// A checkpoint folder's name for a step: step-00000010.
+std::string step_folder(std::int64_t step);
+/// `path` itself when it holds a checkpoint (trainer_state.json), else the one its `latest` file
+/// names. IoError saying what was looked for otherwise.
+std::string resolve_checkpoint(const std::string& path);
+/// Checkpoint folders (step-*) directly under `dir`, oldest step first.
+std::vector<std::string> list_checkpoints(const std::string& dir);
+
+}  // namespace moex
