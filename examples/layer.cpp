@@ -93,10 +93,12 @@ int run(moex::comm::MpiCommunicator& world, int argc, char** argv) {
                            "mpirun -np N moex-layer --config C.json --weights W.safetensors --input I.safetensors "
                            "--output O.safetensors [--prefix model.layers.0.mlp.] [--backward]");
   opt.value("config", "", "Hugging Face DeepSeek config.json")
-      .value("weights", "", "safetensors file with the layer's weights (HF names)")
+      .value("weights", "", "the layer's weights (HF names): a .safetensors file, a sharded checkpoint's folder or "
+                             "its model.safetensors.index.json (F32, BF16, F16, or FP8 with weight_scale_inv)")
       .value("input", "", "safetensors file with `input` [T, hidden] (and `R` = dL/doutput for --backward)")
       .value("output", "", "safetensors file rank 0 writes")
       .value("prefix", "", "name prefix of the layer's weights, e.g. model.layers.3.mlp.")
+      .value("layer", "", "the checkpoint's layer N: the same as --prefix model.layers.N.mlp.")
       .flag("backward", "also compute input.grad and every weight's .grad from R")
       .value("replicas", "off",
              "on: one spare expert slot per rank; a first forward measures the load, the layer migrates to "
@@ -108,7 +110,11 @@ int run(moex::comm::MpiCommunicator& world, int argc, char** argv) {
   for (const char* required : {"config", "weights", "input", "output"})
     if (opt.str(required).empty()) throw moex::ConfigError(std::string("--") + required + " is required\n" + opt.usage());
   if (opt.given("timeout")) moex::tools::apply_timeout(world, opt.number("timeout"));
-  const std::string prefix = opt.str("prefix");
+  if (opt.given("layer") && opt.given("prefix")) throw moex::ConfigError("--layer and --prefix: give one of them");
+  if (opt.given("layer") && opt.integer("layer") < 0)
+    throw moex::ConfigError("--layer = " + std::to_string(opt.integer("layer")) + ": must be >= 0");
+  const std::string prefix =
+      opt.given("layer") ? "model.layers." + std::to_string(opt.integer("layer")) + ".mlp." : opt.str("prefix");
   const bool backward = opt.on("backward");
 
   const moex::MoeConfig config = moex::MoeConfig::from_file(opt.str("config"));
@@ -134,7 +140,7 @@ int run(moex::comm::MpiCommunicator& world, int argc, char** argv) {
                : std::make_unique<moex::MoELayer>(config, world, moex::sched::ExpertPlacement::node_aware(E, topology),
                                                   name, topology, lo);
   moex::MoELayer& layer = *layer_ptr;
-  const auto weights = moex::SafetensorsFile::open(opt.str("weights"));
+  const auto weights = moex::HfCheckpoint::open(opt.str("weights"));
   moex::load_hf_layer(layer, weights, prefix);
 
   const auto input_file = moex::SafetensorsFile::open(opt.str("input"));

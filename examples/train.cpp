@@ -67,6 +67,8 @@ int train(moex::comm::MpiCommunicator& world, int argc, char** argv) {
       .value("save-every", "0", "with --save: also a checkpoint every N steps (0 = only the final one)")
       .value("keep", "0", "with --save: keep only the newest K checkpoints (0 = all)")
       .value("resume", "", "continue from a checkpoint: its folder, or a --save folder (its latest)")
+      .value("init-from", "", "start the student from a Hugging Face DeepSeek checkpoint (file, sharded folder or "
+                              "index; FP8 dequantised): its MoE layers in order")
       .value("log-json", "", "write one JSON object per step to this file (rank 0)")
       .value("log-every", "1", "print every N-th step")
       .value("timeout", "", "seconds any wait may take before the job aborts (default MOEX_TIMEOUT_S or 300)");
@@ -111,6 +113,12 @@ int train(moex::comm::MpiCommunicator& world, int argc, char** argv) {
 
   moex::Trainer trainer(config, world, to);
   const bool lead = world.rank() == 0;
+  if (!opt.str("init-from").empty() && !opt.str("resume").empty())
+    throw moex::ConfigError("--init-from and --resume: give one of them (a resumed run has its own weights)");
+  if (!opt.str("init-from").empty()) {
+    trainer.init_from(opt.str("init-from"));
+    if (lead) std::printf("moex-train: student initialised from %s\n", opt.str("init-from").c_str());
+  }
   if (!opt.str("resume").empty()) {
     const auto t0 = std::chrono::steady_clock::now();
     trainer.load_checkpoint(opt.str("resume"));

@@ -1,7 +1,9 @@
 // Bad inputs become clear errors: every config rule, and malformed safetensors files (with a fuzz loop).
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <cstdio>
+#include <filesystem>
 #include <fstream>
 
 #include <nlohmann/json.hpp>
@@ -9,6 +11,7 @@
 #include "base/error.h"
 #include "runtime/io/moe_config.h"
 #include "runtime/random.h"
+#include "runtime/io/hf_checkpoint.h"
 #include "runtime/io/safetensors.h"
 
 namespace moex {
@@ -161,6 +164,81 @@ TEST(Safetensors, FuzzedFilesOnlyEverThrowIoError) {
     }  // anything else escapes and fails the test
   }
   EXPECT_GT(rejected, 500);
+}
+
+// F8_E4M3 ("fn"): every code against the format's definition in float64, independently written.
+TEST(Fp8, EveryCodeDecodesAsTheFormatDefines) {
+  for (int b = 0; b < 256; ++b) {
+    const int e = (b >> 3) & 15, m = b & 7;
+    const float got = fp8_e4m3_to_float(static_cast<std::uint8_t>(b));
+    if (e == 15 && m == 7) {
+      EXPECT_TRUE(std::isnan(got)) << b;
+      continue;
+    }
+    double want = e == 0 ? m / 8.0 * std::pow(2.0, -6) : (1.0 + m / 8.0) * std::pow(2.0, e - 7);
+    if (b & 0x80) want = -want;
+    EXPECT_EQ(static_cast<double>(got), want) << "code " << b;
+  }
+  EXPECT_EQ(fp8_e4m3_to_float(0x38), 1.0f);
+  EXPECT_EQ(fp8_e4m3_to_float(0x7e), 448.0f);
+  EXPECT_EQ(fp8_e4m3_to_float(0x01), std::ldexp(1.0f, -9));
+}
+
+// A sharded checkpoint: an FP8 weight [3, 5] with 2x2 block scales [2, 3] in another shard; the
+// index's rules.
+TEST(HfCheckpointFiles, ShardsFp8BlocksAndIndexRules) {
+  namespace fs = std::filesystem;
+  const std::string dir = ::testing::TempDir() + "/hf_ckpt";
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  std::string codes;
+  for (int i = 0; i < 15; ++i) codes.push_back(static_cast<char>(0x30 + i));  // 0.5, 0.5625, ...
+  auto raw_file = [&](const std::string& name, const std::string& header, const std::string& data) {
+    const std::string p = dir + "/" + name;
+    std::ofstream out(p, std::ios::binary);
+    std::uint64_t n = header.size();
+    for (int i = 0; i < 8; ++i, n >>= 8) out.put(static_cast<char>(n & 0xff));
+    out << header << data;
+  };
+  raw_file("a.safetensors", R"({"model.layers.2.mlp.experts.0.up_proj.weight":{"dtype":"F8_E4M3","shape":[3,5],"data_offsets":[0,15]}})",
+           codes);
+  const std::vector<float> scales{1, 2, 4, 8, 16, 32};
+  write_safetensors(dir + "/b.safetensors", {{"model.layers.2.mlp.experts.0.up_proj.weight_scale_inv", {2, 3}, scales},
+                                             {"model.layers.2.mlp.gate.weight", {1, 2}, {1, 2}},
+                                             {"model.layers.10.mlp.gate.weight", {1, 2}, {3, 4}}});
+  auto index = [&](const std::string& text) {
+    std::ofstream(dir + "/model.safetensors.index.json") << text;
+  };
+  index(R"({"weight_map":{"model.layers.2.mlp.experts.0.up_proj.weight":"a.safetensors",
+    "model.layers.2.mlp.experts.0.up_proj.weight_scale_inv":"b.safetensors",
+    "model.layers.2.mlp.gate.weight":"b.safetensors","model.layers.10.mlp.gate.weight":"b.safetensors"}})");
+  const HfCheckpoint c = HfCheckpoint::open(dir);
+  EXPECT_EQ(c.moe_prefixes(), (std::vector<std::string>{"model.layers.2.mlp.", "model.layers.10.mlp."}));
+  const auto w = c.read_weight("model.layers.2.mlp.experts.0.up_proj.weight", {3, 5}, 2, 2);
+  for (int i = 0; i < 3; ++i)
+    for (int j = 0; j < 5; ++j) {
+      const double want = static_cast<double>(fp8_e4m3_to_float(static_cast<std::uint8_t>(0x30 + 5 * i + j))) *
+                          scales[static_cast<std::size_t>((i / 2) * 3 + j / 2)];
+      EXPECT_EQ(static_cast<double>(w[static_cast<std::size_t>(5 * i + j)]), want) << i << "," << j;
+    }
+  // Block sizes that do not fit the scale's shape are named.
+  EXPECT_THROW(c.read_weight("model.layers.2.mlp.experts.0.up_proj.weight", {3, 5}, 128, 128), IoError);
+  auto refused = [&](const std::string& text, const char* what) {
+    index(text);
+    try {
+      HfCheckpoint::open(dir);
+      ADD_FAILURE() << "accepted an index with " << what;
+    } catch (const IoError& e) {
+      EXPECT_NE(std::string(e.what()).find(what), std::string::npos) << e.what();
+    }
+  };
+  refused(R"({"weight_map":{"x":"../b.safetensors"}})", "no path");
+  refused(R"({"weight_map":{"x":"c.safetensors"}})", "missing");
+  refused(R"({"weight_map":{"x":"b.safetensors"}})", "does not hold it");
+  refused(R"({"weight_map":{"x":3}})", "not a file name");
+  refused(R"([1,2])", "weight_map");
+  refused(R"({"weight_map":)", "not valid JSON");
+  fs::remove_all(dir);
 }
 
 }  // namespace

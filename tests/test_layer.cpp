@@ -630,7 +630,7 @@ TEST(LayerCheckpoint, LoadsHuggingFaceNamesIntoEveryRanksSlots) {
   const std::string path = "/tmp/moex_test_hf_layer_" + std::to_string(comm.size()) + "_" + std::to_string(comm.rank()) +
                            ".safetensors";
   write_safetensors(path, ts);
-  const SafetensorsFile file = SafetensorsFile::open(path);
+  const HfCheckpoint file = HfCheckpoint::open(path);
   MoELayer layer(cfg, comm, sched::ExpertPlacement::contiguous(E, comm.size()), "hf");
   load_hf_layer(layer, file, prefix);
   auto same = [](const float* got, const NamedTensor& want) {
@@ -653,7 +653,7 @@ TEST(LayerCheckpoint, LoadsHuggingFaceNamesIntoEveryRanksSlots) {
   // A missing tensor, and one of the wrong shape, are named.
   auto expect_io = [&](std::vector<NamedTensor> bad, const std::string& what) {
     write_safetensors(path, bad);
-    const SafetensorsFile f = SafetensorsFile::open(path);
+    const HfCheckpoint f = HfCheckpoint::open(path);
     MoELayer l(cfg, comm, sched::ExpertPlacement::contiguous(E, comm.size()), "hf");
     try {
       load_hf_layer(l, f, prefix);

@@ -124,6 +124,17 @@ MoeConfig MoeConfig::from_json(const nlohmann::json& j) {
   read_bool(j, "norm_topk_prob", c.norm_topk_prob);
   read_number(j, "routed_scaling_factor", c.routed_scaling_factor);
   read_number(j, "rms_norm_eps", c.rms_norm_eps);
+  if (const json* q = field_of(j, "quantization_config")) {
+    if (!q->is_object()) reject("quantization_config", q->dump(), "expected an object");
+    if (q->contains("weight_block_size")) {
+      const json& b = q->at("weight_block_size");
+      if (!b.is_array() || b.size() != 2 || !b[0].is_number_integer() || !b[1].is_number_integer() ||
+          b[0].get<std::int64_t>() < 1 || b[1].get<std::int64_t>() < 1)
+        reject("quantization_config.weight_block_size", b.dump(), "expected [rows, cols], two integers >= 1");
+      c.fp8_block_rows = b[0].get<std::int64_t>();
+      c.fp8_block_cols = b[1].get<std::int64_t>();
+    }
+  }
   if (const json* v = field_of(j, "scoring_func")) {
     const std::string s = v->is_string() ? v->get<std::string>() : v->dump();
     if (s == "softmax") c.scoring_func = ScoringFunc::kSoftmax;

@@ -30,6 +30,9 @@ struct MoeConfig {
   // Model-level fields (moex-train).
   std::int64_t num_hidden_layers = 2;
   double rms_norm_eps = 1e-6;
+  /// FP8 checkpoints (DeepSeek-V3): `quantization_config.weight_block_size`, the [rows, cols] of
+  /// each `weight_scale_inv` block. Only read (to_json() does not write it: moex writes F32).
+  std::int64_t fp8_block_rows = 128, fp8_block_cols = 128;
 
   /// Defaults of the Hugging Face class named by `model_type` ("deepseek_v3", "deepseek_v2",
   /// "deepseek"); throws ConfigError for another model_type.

@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <bit>
 #include <cerrno>
+#include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
@@ -35,6 +36,20 @@ std::string shape_str(const std::vector<std::int64_t>& s) {
   for (std::size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
   return out + "]";
 }
+
+}  // namespace
+
+float fp8_e4m3_to_float(std::uint8_t b) {
+  // E4M3 "fn" (PyTorch's float8_e4m3fn, DeepSeek-V3's weights): 1 sign, 4 exponent (bias 7), 3
+  // mantissa bits; no infinities, S.1111.111 is NaN; exponent 0 is subnormal (m/8 * 2^-6).
+  const int e = (b >> 3) & 0xf, m = b & 7;
+  const float sign = (b & 0x80) ? -1.0f : 1.0f;
+  if (e == 0xf && m == 7) return std::numeric_limits<float>::quiet_NaN();
+  if (e == 0) return sign * std::ldexp(static_cast<float>(m) / 8.0f, -6);
+  return sign * std::ldexp(1.0f + static_cast<float>(m) / 8.0f, e - 7);
+}
+
+namespace {
 
 float half_to_float(std::uint16_t h) {
   const std::uint32_t sign = static_cast<std::uint32_t>(h & 0x8000u) << 16;
@@ -190,8 +205,9 @@ std::vector<float> SafetensorsFile::read_f32(const std::string& name, const std:
   const SafetensorsEntry& e = entry(name);
   if (!expected_shape.empty() && e.shape != expected_shape)
     throw IoError(path_ + ": tensor '" + name + "' has shape " + shape_str(e.shape) + ", expected " + shape_str(expected_shape));
-  if (e.dtype != "F32" && e.dtype != "BF16" && e.dtype != "F16" && e.dtype != "F64")
-    throw IoError(path_ + ": tensor '" + name + "' has dtype " + e.dtype + "; expected a floating type (F32, BF16, F16, F64)");
+  if (e.dtype != "F32" && e.dtype != "BF16" && e.dtype != "F16" && e.dtype != "F64" && e.dtype != "F8_E4M3")
+    throw IoError(path_ + ": tensor '" + name + "' has dtype " + e.dtype +
+                  "; expected a floating type (F32, BF16, F16, F64, F8_E4M3)");
   std::ifstream in(path_, std::ios::binary);
   if (!in) throw IoError("cannot reopen safetensors file " + path_ + ": " + std::strerror(errno));
   std::vector<char> raw(static_cast<std::size_t>(e.end - e.begin));
@@ -202,6 +218,8 @@ std::vector<float> SafetensorsFile::read_f32(const std::string& name, const std:
   std::vector<float> out(n);
   if (e.dtype == "F32") {
     std::memcpy(out.data(), raw.data(), n * 4);
+  } else if (e.dtype == "F8_E4M3") {
+    for (std::size_t i = 0; i < n; ++i) out[i] = fp8_e4m3_to_float(static_cast<std::uint8_t>(raw[i]));
   } else if (e.dtype == "F64") {
     for (std::size_t i = 0; i < n; ++i) {
       double d;

@@ -40,7 +40,8 @@ class SafetensorsFile {
   std::vector<std::string> names() const;
   const std::map<std::string, std::string>& metadata() const { return metadata_; }
 
-  /// Reads a tensor as float32 (F32 as is; BF16, F16 and F64 converted). When `expected_shape`
+  /// Reads a tensor as float32 (F32 as is; BF16, F16, F64 and F8_E4M3 converted; FP8 without its
+  /// block scales: see HfCheckpoint::read_weight). When `expected_shape`
   /// is non-empty the tensor's shape must equal it, else IoError naming both shapes.
   std::vector<float> read_f32(const std::string& name,
                               const std::vector<std::int64_t>& expected_shape = {}) const;
@@ -51,6 +52,9 @@ class SafetensorsFile {
   std::map<std::string, SafetensorsEntry> entries_;
   std::map<std::string, std::string> metadata_;
 };
+
+/// One F8_E4M3 ("fn": no infinities, S.1111.111 = NaN) byte as float.
+float fp8_e4m3_to_float(std::uint8_t b);
 
 /// A float32 tensor to write.
 struct NamedTensor {

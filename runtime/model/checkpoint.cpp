@@ -11,6 +11,7 @@
 
 #include "base/error.h"
 #include "runtime/io/checkpoint_files.h"
+#include "runtime/io/hf_layer.h"
 #include "runtime/io/safetensors.h"
 #include "runtime/model/trainer.h"
 
@@ -394,6 +395,32 @@ void Trainer::load_checkpoint(const std::string& path) {
     error = std::current_exception();
   }
   agree("checkpoint load " + at, error);
+}
+
+void Trainer::init_from(const std::string& path) {
+  std::exception_ptr error;
+  try {
+    const HfCheckpoint ckpt = HfCheckpoint::open(path);
+    const auto prefixes = ckpt.moe_prefixes();
+    auto& layers = student_->layers();
+    if (prefixes.size() < layers.size())
+      throw IoError(ckpt.path() + " holds " + std::to_string(prefixes.size()) + " MoE layers (model.layers.N.mlp.gate" +
+                    ".weight); the model has num_hidden_layers = " + std::to_string(layers.size()));
+    const std::int64_t H = config_.hidden_size;
+    for (std::size_t i = 0; i < layers.size(); ++i) {
+      load_hf_layer(*layers[i], ckpt, prefixes[i]);
+      const std::string block = prefixes[i].substr(0, prefixes[i].size() - 4);  // "model.layers.N."
+      const std::string norm = block + "post_attention_layernorm.weight";
+      if (ckpt.contains(norm)) {
+        const auto v = ckpt.read_weight(norm, {H});
+        std::copy(v.begin(), v.end(), student_->norms().value.begin() + static_cast<std::int64_t>(i) * H);
+      }
+    }
+    student_->parameters_changed();
+  } catch (...) {
+    error = std::current_exception();
+  }
+  agree("--init-from " + path, error);
 }
 
 }  // namespace moex

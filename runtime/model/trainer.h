@@ -121,6 +121,13 @@ class Trainer {
   /// Training on gives bitwise the uninterrupted run's results at the same world size and schedule.
   /// ConfigError (model or seed differ) or IoError naming the file and rule, on every rank.
   void load_checkpoint(const std::string& path);
+  /// Starts the student from a Hugging Face DeepSeek checkpoint (HfCheckpoint::open: a file, a
+  /// sharded folder or its index; F32, BF16, F16 or FP8 with block scales): student layer i takes the
+  /// i-th MoE layer the checkpoint holds (model.layers.N.mlp., in N order; load_hf_layer) and that
+  /// block's `post_attention_layernorm.weight` when present. Every rank reads the replicated tensors
+  /// and its own experts. A collective; IoError (on every rank) when the checkpoint holds fewer MoE
+  /// layers than the model has, or for any tensor load_hf_layer refuses.
+  void init_from(const std::string& path);
 
  private:
   /// A collective after each phase of a save or load: rethrows this rank's error, or throws one

@@ -9,9 +9,11 @@
      global batch: with --steps S/2 (nothing trained) the re-saved weights and AdamW moments are
      bitwise those loaded; trained on to S, the losses agree with the N-rank continuation within
      --reshard-rtol (fp32 sums in another order).
-  3. Validation: a damaged shard (one byte flipped) and another model (--layers) are refused on
+  3. --init-from: a checkpoint's model shards (a Hugging Face folder) loaded at another rank count,
+     bitwise.
+  4. Validation: a damaged shard (one byte flipped) and another model (--layers) are refused on
      every rank with an error naming the file or field; a --steps below the checkpoint's step too.
-  4. Lost ranks (--kill-trials): a rank killed mid-run (SIGKILL, SIGSEGV, SIGABRT) ends the whole
+  5. Lost ranks (--kill-trials): a rank killed mid-run (SIGKILL, SIGSEGV, SIGABRT) ends the whole
      job non-zero with no process left; SIGTERM to one rank makes every rank stop after the step,
      save and exit 0. Each run then resumes from its latest checkpoint and must reach the
      uninterrupted run's final loss bit for bit.
@@ -190,6 +192,14 @@ def main():
             sys.exit(f"FAIL: reshard {N} -> {n}: steps {sorted(got)}, worst relative loss difference {worst:.3g} "
                      f"(tolerance {args.reshard_rtol})")
         print(f"ok reshard {N} -> {n} ranks: state bitwise equal; losses within {worst:.2e} of the {N}-rank run")
+
+    # --init-from: a checkpoint's model shards as a Hugging Face checkpoint, at another rank count;
+    # with --steps 0 the saved student is the loaded one, bit for bit (its optimiser fresh).
+    run(args, 1, cases["plain"] + tpr(1) + ["--steps", "0", "--init-from", part, "--save", w("init")])
+    a, b = tensors(part, "model"), tensors(w("init", "step-00000000"), "model")
+    if sorted(a) != sorted(b) or any(a[k].tobytes() != b[k].tobytes() for k in a):
+        sys.exit("FAIL: --init-from: the student saved after loading differs from the checkpoint's model")
+    print("ok --init-from: a 2-rank checkpoint's model loaded at 1 rank, bitwise")
 
     # Validation.
     bad = w("damaged")

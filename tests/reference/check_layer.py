@@ -134,7 +134,90 @@ CASES = {
         config=_cfg("deepseek_v3", 16, 8, 12, 3, topk_method="noaux_tc", scoring_func="sigmoid",
                     norm_topk_prob=True, routed_scaling_factor=2.5, n_group=3, topk_group=1, n_shared_experts=1),
         T=32, prefix="model.layers.2.mlp.", bias=True, skew=(8, 9, 10)),
+    # A DeepSeek-V3-style FP8 checkpoint: expert and shared weights F8_E4M3 with 16x16 block scales
+    # (weight_scale_inv), the gate BF16, spread over 3 shards named by model.safetensors.index.json
+    # with other layers' tensors beside it; selected with --layer 3. The reference uses the exact
+    # dequantised values (f32(code * scale), as DeepSeek's weight_dequant).
+    "v3_fp8_sharded": dict(
+        config=_cfg("deepseek_v3", 48, 32, 16, 4, topk_method="noaux_tc", scoring_func="sigmoid",
+                    norm_topk_prob=True, routed_scaling_factor=2.5, n_group=4, topk_group=2, n_shared_experts=1,
+                    quantization_config={"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [16, 16]}),
+        T=20, prefix="model.layers.3.mlp.", bias=True, storage="fp8_sharded", layer=3),
 }
+
+
+def e4m3_values():
+    """float64 value of every F8_E4M3 ("fn") code; NaN for the two NaN codes."""
+    v = np.empty(256)
+    for b in range(256):
+        s, e, m = -1.0 if b & 0x80 else 1.0, (b >> 3) & 15, b & 7
+        v[b] = math.nan if (e == 15 and m == 7) else s * (m / 8 * 2.0 ** -6 if e == 0 else (1 + m / 8) * 2.0 ** (e - 7))
+    return v
+
+
+def quantize_fp8(w, block):
+    """Block-scaled FP8 of a 2-D f32 weight: (codes uint8, scale_inv f32 [ceil(M/b), ceil(N/b)], the
+    dequantised f32 weight as a loader computes it: f32(code value) * f32(scale))."""
+    table = e4m3_values()
+    finite = np.where(np.isfinite(table))[0]
+    order = finite[np.argsort(table[finite], kind="stable")]
+    sorted_vals = table[order]
+    M, N = w.shape
+    R, C = -(-M // block), -(-N // block)
+    scale = np.empty((R, C), dtype=np.float32)
+    codes = np.empty((M, N), dtype=np.uint8)
+    for i in range(R):
+        for j in range(C):
+            blk = w[i * block:(i + 1) * block, j * block:(j + 1) * block].astype(np.float64)
+            s = np.float32(max(float(np.max(np.abs(blk))), 1e-12) / 448.0)
+            q = blk / float(s)
+            k = np.clip(np.searchsorted(sorted_vals, q), 1, len(sorted_vals) - 1)
+            nearer = np.where(np.abs(sorted_vals[k - 1] - q) <= np.abs(sorted_vals[k] - q), k - 1, k)
+            codes[i * block:(i + 1) * block, j * block:(j + 1) * block] = order[nearer]
+            scale[i, j] = s
+    rows = np.repeat(np.repeat(scale, block, axis=0), block, axis=1)[:M, :N]
+    deq = table[codes].astype(np.float32) * rows  # f32 * f32, rounded to f32
+    return codes, scale, deq.astype(np.float32)
+
+
+def to_bf16(w):
+    """Round-to-nearest-even bf16 of an f32 array: (uint16 bits, the f32 value they hold)."""
+    u = np.ascontiguousarray(w, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    bits = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+    return bits, (bits.astype(np.uint32) << np.uint32(16)).view(np.float32)
+
+
+def fp8_storage(weights, block):
+    """The stored form of a layer's weights in an FP8 checkpoint and the values a loader gets back:
+    ({name: tensor or (dtype, raw)}, {name: f32 value})."""
+    stored, values = {}, {}
+    for k, v in weights.items():
+        if k == "gate.weight":
+            bits, val = to_bf16(v)
+            stored[k], values[k] = ("BF16", bits), val
+        elif k.endswith("_proj.weight"):
+            codes, scale, val = quantize_fp8(v, block)
+            stored[k], values[k] = ("F8_E4M3", codes), val
+            stored[k[:-len(".weight")] + ".weight_scale_inv"] = scale
+        else:
+            stored[k], values[k] = v, v
+    return stored, values
+
+
+def write_sharded(folder, tensors, shards=3):
+    """{name: tensor} over `shards` files model-0000k-of-0000n.safetensors + model.safetensors.index.json."""
+    names = sorted(tensors)
+    files = [f"model-{i + 1:05d}-of-{shards:05d}.safetensors" for i in range(shards)]
+    weight_map = {}
+    for i, f in enumerate(files):
+        part = {n: tensors[n] for j, n in enumerate(names) if j % shards == i}
+        write_safetensors(os.path.join(folder, f), part, metadata={"format": "pt"})
+        weight_map.update({n: f for n in part})
+    with open(os.path.join(folder, "model.safetensors.index.json"), "w") as fh:
+        json.dump({"metadata": {"total_size": 0}, "weight_map": weight_map}, fh)
+
+
+STORED = {}  # case name -> the stored form of its weights (FP8 cases), from generate_case
 
 
 def _seed(name, attempt):
@@ -160,6 +243,9 @@ def generate_case(name, spec, max_attempts=200):
             for t in range(0, spec["T"], 9):
                 x[t] -= 6.0 * u
         weights = {k: v.astype(np.float32) for k, v in w64.items()}
+        if spec.get("storage") == "fp8_sharded":
+            block = spec["config"]["quantization_config"]["weight_block_size"][0]
+            STORED[name], weights = fp8_storage(weights, block)
         x32 = x.astype(np.float32)
         R32 = R.astype(np.float32)
         w = {k: v.astype(np.float64) for k, v in weights.items()}
@@ -187,7 +273,22 @@ def write_case(case_dir, name, spec):
               ("reference", "reference.safetensors"))}
     with open(paths["config"], "w") as f:
         json.dump(cfg, f, indent=2)
-    write_safetensors(paths["weights"], {prefix + k: v for k, v in weights.items()}, metadata={"format": "pt"})
+    if spec.get("storage") == "fp8_sharded":
+        # A checkpoint folder: the layer's tensors among others (attention, a dense layer, an
+        # embedding), sharded, the MoE layer found by --layer.
+        folder = os.path.join(case_dir, "checkpoint")
+        os.makedirs(folder, exist_ok=True)
+        rng = np.random.default_rng(_seed(name, 10 ** 6))
+        H = cfg["hidden_size"]
+        tensors = {prefix + k: v for k, v in STORED[name].items()}
+        tensors.update({"model.embed_tokens.weight": rng.standard_normal((8, H)).astype(np.float32),
+                        "model.layers.0.mlp.down_proj.weight": rng.standard_normal((H, 8)).astype(np.float32),
+                        "model.layers.3.self_attn.o_proj.weight": rng.standard_normal((H, H)).astype(np.float32),
+                        "model.layers.3.post_attention_layernorm.weight": np.ones(H, dtype=np.float32)})
+        write_sharded(folder, tensors)
+        paths["weights"] = folder
+    else:
+        write_safetensors(paths["weights"], {prefix + k: v for k, v in weights.items()}, metadata={"format": "pt"})
     write_safetensors(paths["input"], {"input": x, "R": R})
     y, dx, grads, cache = ref.layer(cfg, weights, x.astype(np.float64), R.astype(np.float64))
     expect = {"output": y, "input.grad": dx}
@@ -308,7 +409,10 @@ def check_cases(args, names):
             out_path = os.path.join(case_dir, f"output_np{ranks}{'_' + label if label else ''}.safetensors")
             if os.path.exists(out_path):
                 os.remove(out_path)
-            cmd = layer_cmd(args, ranks, paths, out_path, spec["prefix"]) + extra
+            if "layer" in spec:  # select the checkpoint's layer by index instead of by prefix
+                cmd = layer_cmd(args, ranks, paths, out_path, "") + ["--layer", str(spec["layer"])] + extra
+            else:
+                cmd = layer_cmd(args, ranks, paths, out_path, spec["prefix"]) + extra
             code, out, err, secs, timed_out = run_cmd(cmd, RUN_TIMEOUT_S, extra_env)
             if code == NO_DEVICE and "SKIPPED: no CUDA device" in err:
                 print(err.strip().splitlines()[0])

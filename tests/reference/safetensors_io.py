@@ -1,5 +1,7 @@
 #!/usr/bin/env python3
 """Minimal safetensors reader/writer on top of numpy (standard library + numpy only).
+A tensor given to the writer as a tuple (dtype tag, array) is stored as that array's raw bytes under
+that tag (e.g. ("F8_E4M3", uint8 codes), ("BF16", uint16 bits)).
 
 File layout: an 8-byte little-endian unsigned header length N, then N bytes of JSON header
 (name -> {"dtype", "shape", "data_offsets": [begin, end]} plus an optional "__metadata__" map of
@@ -81,6 +83,14 @@ def encode_safetensors(tensors, metadata=None, keep_f64=False) -> bytes:
     blobs = []
     offset = 0
     for name, value in tensors.items():
+        if isinstance(value, tuple):  # (dtype tag, array of its raw storage): e.g. ("F8_E4M3", uint8 codes)
+            tag, raw = value
+            arr = np.ascontiguousarray(raw)
+            blob = arr.tobytes()
+            header[name] = {"dtype": tag, "shape": list(arr.shape), "data_offsets": [offset, offset + len(blob)]}
+            blobs.append(blob)
+            offset += len(blob)
+            continue
         arr = np.asarray(value)
         if arr.dtype.kind == "f":
             if keep_f64 and arr.dtype == np.float64:
