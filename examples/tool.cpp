@@ -3,6 +3,8 @@
 
 #include <cmath>
 #include <cstdio>
+#include <new>
+#include <stdexcept>
 #include <cstdlib>
 #include <exception>
 #include <sstream>
@@ -178,9 +180,15 @@ std::string Options::usage() const {
 }
 
 void apply_timeout(comm::MpiCommunicator& world, double seconds) {
-  if (!(seconds > 0.0) || !std::isfinite(seconds))
-    throw ConfigError("--timeout = " + std::to_string(seconds) + ": expected a positive number of seconds");
-  world.set_default_timeout(std::chrono::milliseconds(static_cast<std::int64_t>(seconds * 1000.0)));
+  // The same bounds as MOEX_TIMEOUT_S: at most 1e7 s (115 days; a deadline of now + timeout must not
+  // overflow the clock), and rounded up to whole milliseconds so a tiny value never becomes 0.
+  constexpr double kMaxSeconds = 1e7;
+  if (!(seconds > 0.0) || !std::isfinite(seconds) || seconds > kMaxSeconds) {
+    char shown[64];
+    std::snprintf(shown, sizeof shown, "%g", seconds);
+    throw ConfigError(std::string("--timeout = ") + shown + ": expected a number of seconds in (0, 1e7]");
+  }
+  world.set_default_timeout(std::chrono::milliseconds(static_cast<std::int64_t>(std::ceil(seconds * 1000.0))));
 }
 
 int run_mpi_tool(const char* program, int argc, char** argv,
@@ -201,7 +209,14 @@ int run_mpi_tool(const char* program, int argc, char** argv,
       }
       code = body(world);
     } catch (const std::exception& e) {
-      std::fprintf(stderr, "%s: error: %s\n", program, e.what());
+      const bool memory = dynamic_cast<const std::bad_alloc*>(&e) != nullptr ||
+                          dynamic_cast<const std::length_error*>(&e) != nullptr;
+      if (memory)
+        std::fprintf(stderr, "%s: error: [rank %d] out of memory (%s): the sizes asked for (the config's hidden_size, "
+                             "moe_intermediate_size, n_routed_experts, num_hidden_layers; --tokens-per-rank) need more "
+                             "memory than this rank can have\n", program, world.rank(), e.what());
+      else
+        std::fprintf(stderr, "%s: error: %s\n", program, e.what());
       std::fflush(stderr);
       if (world.size() > 1) {
         // Ranks that hit the same bad input report it too before the abort ends them.

@@ -88,6 +88,11 @@ int train(moex::comm::MpiCommunicator& world, int argc, char** argv) {
   to.tokens_per_rank = opt.integer("tokens-per-rank");
   to.adam.lr = static_cast<float>(opt.number("lr"));
   to.adam.weight_decay = static_cast<float>(opt.number("weight-decay"));
+  // AdamW's step is lr * (m / sqrt(v) + wd * p), about lr per step: past 10 every weight is noise.
+  if (!(opt.number("lr") > 0.0 && opt.number("lr") <= 10.0))
+    throw moex::ConfigError("--lr = " + opt.str("lr") + ": expected a learning rate in (0, 10]");
+  if (!(opt.number("weight-decay") >= 0.0 && opt.number("weight-decay") <= 10.0))
+    throw moex::ConfigError("--weight-decay = " + opt.str("weight-decay") + ": expected a value in [0, 10]");
   to.bias_update_speed = static_cast<float>(opt.non_negative("bias-update-speed"));
   to.layer = moex::tools::schedule_options(opt);
   to.aux.seq_alpha = static_cast<float>(opt.non_negative("aux-seq-alpha"));

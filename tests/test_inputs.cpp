@@ -138,6 +138,56 @@ TEST(Safetensors, RejectsMalformedFiles) {
   { std::ofstream out(tiny, std::ios::binary); out << "abc"; }
   expect_io_error(tiny, "shorter than");
   EXPECT_THROW(SafetensorsFile::open(::testing::TempDir() + "/absent.safetensors"), IoError);
+  // Nesting 100,000 deep (which would overflow the stack of anything recursing over it) is refused
+  // before a DOM exists; so is a key given twice inside a tensor's entry.
+  const std::string deep = R"({"t":{"dtype":"F32","shape":)" + std::string(100000, '[') + std::string(100000, ']') +
+                           R"(,"data_offsets":[0,8]}})";
+  expect_io_error(write_raw("deep.safetensors", deep, data), "nested deeper than 64");
+  expect_io_error(write_raw("dupinner.safetensors",
+      R"({"t":{"dtype":"F32","dtype":"F16","shape":[2],"data_offsets":[0,8]}})", data), "'dtype' appears twice");
+}
+
+// Many tensors open in time linear in the header (the callback parser used before was quadratic:
+// 40,000 tensors took over a minute); here 40,000 must open and list.
+TEST(Safetensors, ManyTensorsOpen) {
+  std::string header = "{";
+  const int n = 40000;
+  for (int i = 0; i < n; ++i)
+    header += (i ? "," : "") + std::string("\"t") + std::to_string(i) + "\":{\"dtype\":\"F32\",\"shape\":[1]," +
+              "\"data_offsets\":[" + std::to_string(4 * i) + "," + std::to_string(4 * i + 4) + "]}";
+  header += "}";
+  const auto f = SafetensorsFile::open(write_raw("many.safetensors", header, std::string(4 * n, '\0')));
+  EXPECT_EQ(f.names().size(), static_cast<std::size_t>(n));
+}
+
+TEST(Config, NearMissKeysAreNamed) {
+  json j = base_config();
+  j["num_experts_per_to"] = 4;
+  j["num_attention_heads"] = 128;  // a real Hugging Face key moex does not read: no warning
+  j["first_k_dense_replace"] = 3;
+  j["kv_lora_rank"] = 512;
+  const auto w = MoeConfig::near_misses(j);
+  ASSERT_EQ(w.size(), 1u);
+  EXPECT_NE(w[0].find("'num_experts_per_to'"), std::string::npos) << w[0];
+  EXPECT_NE(w[0].find("'num_experts_per_tok'"), std::string::npos) << w[0];
+  EXPECT_TRUE(MoeConfig::near_misses(base_config()).empty());
+}
+
+TEST(Config, DeepNestingFoldersAndDuplicatesAreConfigErrors) {
+  const std::string dir = ::testing::TempDir();
+  auto expect_config_error = [&](const std::string& path, const char* what) {
+    try {
+      MoeConfig::from_file(path);
+      ADD_FAILURE() << "accepted " << path;
+    } catch (const ConfigError& e) {
+      EXPECT_NE(std::string(e.what()).find(what), std::string::npos) << e.what();
+    }
+  };
+  { std::ofstream(dir + "/deep.json") << R"({"hidden_size":)" << std::string(100000, '[') << std::string(100000, ']') << "}"; }
+  expect_config_error(dir + "/deep.json", "nested deeper than 64");
+  { std::ofstream(dir + "/dup.json") << R"({"hidden_size":16,"hidden_size":32})"; }
+  expect_config_error(dir + "/dup.json", "'hidden_size' appears twice");
+  expect_config_error(dir, "is a folder");
 }
 
 TEST(Safetensors, FuzzedFilesOnlyEverThrowIoError) {

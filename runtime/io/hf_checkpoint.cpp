@@ -10,6 +10,7 @@
 #include <nlohmann/json.hpp>
 
 #include "base/error.h"
+#include "runtime/io/json_guard.h"
 
 namespace moex {
 namespace fs = std::filesystem;
@@ -65,12 +66,7 @@ HfCheckpoint HfCheckpoint::open(const std::string& path, const SafetensorsLimits
   std::stringstream text;
   text << in.rdbuf();
   if (!in) throw IoError("cannot read " + c.path_);
-  json index;
-  try {
-    index = json::parse(text.str(), nullptr, true, false);
-  } catch (const json::exception& e) {
-    throw IoError(c.path_ + ": not valid JSON (" + e.what() + ")");
-  }
+  const json index = parse_json_guarded(text.str(), c.path_);
   if (!index.is_object() || !index.contains("weight_map") || !index["weight_map"].is_object())
     throw IoError(c.path_ + ": expected a JSON object with a \"weight_map\" object (tensor -> shard file)");
   std::map<std::string, std::vector<std::string>> by_shard;

@@ -31,6 +31,9 @@ void load_hf_layer(MoELayer& layer, const HfCheckpoint& ckpt, const std::string&
   copy_into(layer.gate_weight(), read("gate.weight", {c.n_routed_experts, H}));
   if (ckpt.contains(prefix + "gate.e_score_correction_bias"))
     layer.selection_bias() = read("gate.e_score_correction_bias", {c.n_routed_experts});
+  else if (c.topk_method == TopkMethod::kNoauxTc)
+    throw IoError(ckpt.path() + ": topk_method noaux_tc selects with " + prefix +
+                  "gate.e_score_correction_bias, which the checkpoint does not hold (DeepSeek-V3's always do)");
   if (Fs > 0) {
     copy_into(layer.shared_w13(), read("shared_experts.gate_proj.weight", {Fs, H}));
     copy_into(layer.shared_w13() + Fs * H, read("shared_experts.up_proj.weight", {Fs, H}));

@@ -3,13 +3,18 @@
 
 #include <cerrno>
 #include <cmath>
+#include <algorithm>
+#include <cstdio>
 #include <cstring>
+#include <filesystem>
+#include <vector>
 #include <fstream>
 #include <sstream>
 
 #include <nlohmann/json.hpp>
 
 #include "base/error.h"
+#include "runtime/io/json_guard.h"
 
 namespace moex {
 namespace {
@@ -99,6 +104,43 @@ MoeConfig MoeConfig::defaults_for(const std::string& model_type) {
   return c;
 }
 
+namespace {
+/// Edit distance (insertions, deletions, substitutions), for spotting misspelt keys.
+std::size_t edit_distance(const std::string& a, const std::string& b) {
+  std::vector<std::size_t> row(b.size() + 1);
+  for (std::size_t j = 0; j <= b.size(); ++j) row[j] = j;
+  for (std::size_t i = 1; i <= a.size(); ++i) {
+    std::size_t diag = row[0];
+    row[0] = i;
+    for (std::size_t j = 1; j <= b.size(); ++j) {
+      const std::size_t up = row[j];
+      row[j] = std::min({row[j] + 1, row[j - 1] + 1, diag + (a[i - 1] == b[j - 1] ? 0 : 1)});
+      diag = up;
+    }
+  }
+  return row[b.size()];
+}
+}  // namespace
+
+std::vector<std::string> MoeConfig::near_misses(const nlohmann::json& j) {
+  static const char* const kKnown[] = {"model_type", "hidden_size", "moe_intermediate_size", "n_routed_experts",
+                                       "n_shared_experts", "num_experts_per_tok", "n_group", "topk_group",
+                                       "topk_method", "scoring_func", "norm_topk_prob", "routed_scaling_factor",
+                                       "num_hidden_layers", "rms_norm_eps", "quantization_config"};
+  std::vector<std::string> out;
+  if (!j.is_object()) return out;
+  for (const auto& [key, value] : j.items()) {
+    if (std::find(std::begin(kKnown), std::end(kKnown), key) != std::end(kKnown) || key.size() < 5) continue;
+    for (const char* k : kKnown)
+      if (edit_distance(key, k) <= 2) {
+        out.push_back("'" + key + "' is not a key moex reads; did you mean '" + k + "'? (" + k +
+                      " takes its default)");
+        break;
+      }
+  }
+  return out;
+}
+
 MoeConfig MoeConfig::from_json(const nlohmann::json& j) {
   if (!j.is_object()) throw ConfigError("config: expected a JSON object, got " + std::string(j.type_name()));
   std::string model_type = "deepseek_v3";
@@ -154,19 +196,30 @@ MoeConfig MoeConfig::from_json(const nlohmann::json& j) {
 }
 
 MoeConfig MoeConfig::from_file(const std::string& path) {
-  std::ifstream in(path);
+  std::error_code ec;
+  if (std::filesystem::is_directory(path, ec))
+    throw ConfigError("config file " + path + " is a folder; expected a config.json file (" +
+                      (std::filesystem::path(path) / "config.json").string() + "?)");
+  std::ifstream in(path, std::ios::binary);
   if (!in) throw IoError("cannot open config file " + path + ": " + std::strerror(errno));
+  if (std::filesystem::file_size(path, ec) > (16u << 20))
+    throw ConfigError("config file " + path + " is larger than 16 MiB; a config.json is a few KiB");
+  std::stringstream text;
+  text << in.rdbuf();
   json j;
   try {
-    j = json::parse(in);
-  } catch (const json::exception& e) {
-    throw ConfigError("config file " + path + " is not valid JSON: " + e.what());
+    j = parse_json_guarded(text.str(), "config file " + path);
+  } catch (const IoError& e) {
+    throw ConfigError(e.message());
   }
+  MoeConfig c;
   try {
-    return from_json(j);
+    c = from_json(j);
   } catch (const ConfigError& e) {
     throw ConfigError(e.message() + " (in " + path + ")");
   }
+  for (const std::string& w : near_misses(j)) std::fprintf(stderr, "moex: warning: %s: %s\n", path.c_str(), w.c_str());
+  return c;
 }
 
 nlohmann::json MoeConfig::to_json() const {

@@ -3,6 +3,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include <nlohmann/json_fwd.hpp>
 
@@ -40,8 +41,12 @@ struct MoeConfig {
   /// Reads the fields from a parsed config.json: absent or null fields take the defaults of the
   /// config's `model_type` (deepseek_v3 when absent). Unknown fields are ignored. Validates.
   static MoeConfig from_json(const nlohmann::json& j);
-  /// Reads and parses a config.json file (IoError if unreadable, ConfigError if invalid).
+  /// Reads and parses a config.json file (IoError if unreadable, ConfigError if invalid); warns on
+  /// stderr about each key that is a near miss of one it reads (near_misses()).
   static MoeConfig from_file(const std::string& path);
+  /// Keys of `j` moex does not read that are within two edits of one it does (`num_experts_per_to`),
+  /// each as a sentence naming both: such a key is ignored, and its intended field takes its default.
+  static std::vector<std::string> near_misses(const nlohmann::json& j);
   /// The fields as config.json would hold them.
   nlohmann::json to_json() const;
 

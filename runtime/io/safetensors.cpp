@@ -15,6 +15,7 @@
 #include <nlohmann/json.hpp>
 
 #include "base/error.h"
+#include "runtime/io/json_guard.h"
 
 namespace moex {
 namespace {
@@ -63,29 +64,10 @@ float half_to_float(std::uint16_t h) {
   return std::bit_cast<float>(bits);
 }
 
-/// Detects duplicate keys, which nlohmann::json would silently merge, while parsing the header.
+/// The header, parsed in linear time with its depth bounded and duplicate keys (which nlohmann::json
+/// would silently merge) refused (json_guard.h).
 json parse_header(const std::string& text, const std::string& path) {
-  std::vector<std::set<std::string>> keys;
-  std::string duplicate;
-  const json::parser_callback_t cb = [&](int depth, json::parse_event_t event, json& parsed) {
-    if (event == json::parse_event_t::object_start) {
-      keys.emplace_back();
-    } else if (event == json::parse_event_t::object_end) {
-      keys.pop_back();
-    } else if (event == json::parse_event_t::key && depth == 1 && !keys.empty()) {
-      const std::string k = parsed.get<std::string>();
-      if (!keys.back().insert(k).second && duplicate.empty()) duplicate = k;
-    }
-    return true;
-  };
-  json j;
-  try {
-    j = json::parse(text, cb);
-  } catch (const json::exception& e) {
-    throw IoError("safetensors " + path + ": header is not valid JSON: " + e.what());
-  }
-  if (!duplicate.empty()) throw IoError("safetensors " + path + ": tensor '" + duplicate + "' appears twice in the header");
-  return j;
+  return parse_json_guarded(text, "safetensors " + path + ": header");
 }
 }  // namespace
 

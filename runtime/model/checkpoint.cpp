@@ -12,6 +12,7 @@
 #include "base/error.h"
 #include "runtime/io/checkpoint_files.h"
 #include "runtime/io/hf_layer.h"
+#include "runtime/io/json_guard.h"
 #include "runtime/io/safetensors.h"
 #include "runtime/model/trainer.h"
 
@@ -271,7 +272,7 @@ void Trainer::load_checkpoint(const std::string& path) {
   try {
     at = resolve_checkpoint(path);
     const fs::path dir(at);
-    const json sums = json::parse(read_file((dir / "checksums.json").string()));
+    const json sums = parse_json_guarded(read_file((dir / "checksums.json").string()), (dir / "checksums.json").string());
     // Every file is checked against its checksum before it is read.
     auto verified = [&](const std::string& file) {
       const fs::path f = dir / file;
@@ -289,7 +290,7 @@ void Trainer::load_checkpoint(const std::string& path) {
       return f.string();
     };
     const std::string state_path = verified("trainer_state.json");
-    const json st = json::parse(read_file(state_path));
+    const json st = parse_json_guarded(read_file(state_path), state_path);
     if (get<std::string>(st, "format", state_path) != kFormat || get<int>(st, "version", state_path) != kVersion)
       throw IoError(state_path + ": not a moex checkpoint of version " + std::to_string(kVersion));
     // The model must be the one saved: every config field, and the seed (it defines the teacher).
@@ -342,7 +343,7 @@ void Trainer::load_checkpoint(const std::string& path) {
 
     // The tensors this rank holds, from whichever shard the index names (any saved world size).
     const std::string index_path = verified("model.safetensors.index.json");
-    const json weight_map = get<json>(json::parse(read_file(index_path)), "weight_map", index_path);
+    const json weight_map = get<json>(parse_json_guarded(read_file(index_path), index_path), "weight_map", index_path);
     std::map<std::string, SafetensorsFile> files;
     auto file_of = [&](const std::string& tensor, bool moments) -> const SafetensorsFile& {
       if (!weight_map.contains(tensor)) throw IoError(index_path + " names no shard for tensor " + tensor);

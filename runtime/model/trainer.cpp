@@ -39,6 +39,12 @@ Trainer::Trainer(const MoeConfig& config, comm::Communicator& comm, TrainOptions
   if (options_.tokens_per_rank < 1)
     throw ConfigError("train: tokens_per_rank = " + std::to_string(options_.tokens_per_rank) + " must be >= 1");
   require_non_negative("bias_update_speed", options_.bias_update_speed);
+  const AdamWOptions& a = options_.adam;
+  if (!(a.lr > 0.0f && a.lr <= 10.0f) || !(a.weight_decay >= 0.0f && a.weight_decay <= 10.0f) ||
+      !(a.beta1 >= 0.0f && a.beta1 < 1.0f) || !(a.beta2 >= 0.0f && a.beta2 < 1.0f) || !(a.eps > 0.0f && std::isfinite(a.eps)))
+    throw ConfigError("train: AdamW lr = " + num(a.lr) + ", weight_decay = " + num(a.weight_decay) + ", betas = (" +
+                      num(a.beta1) + ", " + num(a.beta2) + "), eps = " + num(a.eps) +
+                      ": expected lr in (0, 10], weight_decay in [0, 10], betas in [0, 1), eps > 0");
   if (options_.aux.seq_len < 0)
     throw ConfigError("train: aux.seq_len = " + std::to_string(options_.aux.seq_len) + " must be >= 0 (0 = whole shard)");
   require_non_negative("aux.seq_alpha", options_.aux.seq_alpha);

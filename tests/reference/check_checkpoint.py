@@ -34,7 +34,8 @@ from safetensors_io import read_safetensors  # noqa: E402
 
 
 def run(args, ranks, extra, expect_ok=True):
-    cmd = [args.mpirun, "-np", str(ranks), args.train, "--log-every", "1000", "--timeout", "60"] + extra
+    cmd = [args.mpirun, "-np", str(ranks), args.train, "--log-every", "1000"] + \
+        ([] if "--timeout" in extra else ["--timeout", "60"]) + extra
     p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=args.timeout)
     if expect_ok and p.returncode != 0:
         sys.exit(f"FAIL: {' '.join(cmd)} exited {p.returncode}:\n{p.stdout[-3000:]}")
@@ -90,9 +91,10 @@ def rank_pids(marker):
     return out
 
 
-def kill_trials(args, w, S, N, extra, tpr, final_loss):
-    steps = 4 * S
-    trials = [s.strip() for s in args.kill_trials.split(",") if s.strip()]
+def kill_trials(args, w, steps, N, extra, tpr, final_loss):
+    import random
+    rng = random.Random(args.seed)
+    trials = [s.strip() for s in args.kill_trials.split(",") if s.strip()] * args.kill_rounds
     for i, name in enumerate(trials):
         sig = getattr(signal, name)
         d = w(f"kill{i}")
@@ -102,6 +104,7 @@ def kill_trials(args, w, S, N, extra, tpr, final_loss):
         t0 = time.monotonic()
         while not os.path.exists(os.path.join(d, "latest")) and p.poll() is None and time.monotonic() - t0 < 60:
             time.sleep(0.02)
+        time.sleep(rng.uniform(0.0, args.kill_delay))  # a random step
         victim = rank_pids(d).get(N - 1)
         if victim is None:
             p.kill()
@@ -131,7 +134,7 @@ def kill_trials(args, w, S, N, extra, tpr, final_loss):
         if got.get(steps) != final_loss:
             sys.exit(f"FAIL: kill trial {name}: resumed from {at}, final loss {got.get(steps)!r} != the "
                      f"uninterrupted {final_loss!r}")
-        print(f"ok kill trial {name}: job ended (exit {p.returncode}) {ended:.1f} s after the signal, none left; "
+        print(f"ok kill trial {i + 1} {name}: job ended (exit {p.returncode}) {ended:.1f} s after the signal, none left; "
               f"resumed from {at} to the uninterrupted final loss")
 
 
@@ -148,6 +151,11 @@ def main():
     ap.add_argument("--timeout", type=float, default=300)
     ap.add_argument("--kill-trials", default="SIGKILL,SIGSEGV,SIGABRT,SIGTERM",
                     help="signals to send a rank mid-run, one trial each (empty: none)")
+    ap.add_argument("--kill-rounds", type=int, default=1, help="trials per signal")
+    ap.add_argument("--kill-steps", type=int, default=0, help="steps of the killed runs (default 4 x --steps)")
+    ap.add_argument("--kill-delay", type=float, default=0.0,
+                    help="seconds, at most, of random wait after the first checkpoint before the signal")
+    ap.add_argument("--seed", type=int, default=1, help="of the random waits")
     args = ap.parse_args()
     shutil.rmtree(args.workdir, ignore_errors=True)
     os.makedirs(args.workdir)
@@ -218,11 +226,20 @@ def main():
     out = run(args, N, cases["plain"] + tpr(N) + ["--steps", str(half - 1), "--resume", part], expect_ok=False)
     if "past --steps" not in out:
         sys.exit(f"FAIL: --steps below the checkpoint's step was not refused:\n{out[-2000:]}")
-    print("ok validation: damaged shard, other model and --steps below the checkpoint refused")
+    for flags, want in ((["--lr", "-1"], "--lr = -1"), (["--lr", "1e300"], "learning rate in (0, 10]"),
+                        (["--weight-decay", "-1"], "--weight-decay = -1"),
+                        (["--timeout", "1e12"], "seconds in (0, 1e7]"),
+                        (["--config", args.workdir], "is a folder")):
+        out = run(args, 1, ["--steps", "1"] + flags, expect_ok=False)
+        if want not in out:
+            sys.exit(f"FAIL: moex-train {' '.join(flags)}: no error saying '{want}':\n{out[-1500:]}")
+    print("ok validation: damaged shard, other model, --steps below the checkpoint, bad --lr, --weight-decay, "
+          "--timeout and --config refused")
 
     if args.kill_trials:
-        run(args, N, cases["plain"] + tpr(N) + ["--steps", str(4 * S), "--log-json", w("long.jsonl")])
-        kill_trials(args, w, S, N, cases["plain"], tpr, losses(w("long.jsonl"))[4 * S])
+        steps = args.kill_steps or 4 * S
+        run(args, N, cases["plain"] + tpr(N) + ["--steps", str(steps), "--log-json", w("long.jsonl")])
+        kill_trials(args, w, steps, N, cases["plain"], tpr, losses(w("long.jsonl"))[steps])
 
 
 if __name__ == "__main__":
