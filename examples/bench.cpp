@@ -247,8 +247,10 @@ int bench_layer(moex::comm::MpiCommunicator& world, int argc, char** argv) {
                 lo.overlap ? "on" : "off", moex::to_string(lo.exchange), skew,
                 replicas ? ("on, " + std::to_string(slots) + " slots/rank").c_str() : "off");
     if (choice.decided) {
-      std::printf("# auto: GEMM %.3f ms + %.4f ms/row, link %.1f MB/s (rank 0); predicted pass ms (slowest rank):",
-                  choice.rates.gemm_fixed_ms, choice.rates.gemm_row_ms, choice.rates.link_bytes_per_ms / 1000.0);
+      std::printf("# auto: GEMM %.3f ms + %.4f ms/row, link %.1f MB/s, %.2f ms per exchange (rank 0); predicted pass "
+                  "ms (slowest rank):",
+                  choice.rates.gemm_fixed_ms, choice.rates.gemm_row_ms, choice.rates.link_bytes_per_ms / 1000.0,
+                  choice.rates.exchange_latency_ms);
       for (std::size_t i = 0; i < choice.candidates.size(); ++i)
         std::printf("%s %s %.1f", i == 0 ? "" : ",", choice.candidates[i].describe().c_str(), choice.predicted_ms[i]);
       std::printf("\n# auto: chose %s, predicted %.1f ms, measured %.1f ms (median)\n",

@@ -1,6 +1,7 @@
 // Bad inputs become clear errors: every config rule, and malformed safetensors files (with a fuzz loop).
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
@@ -11,6 +12,7 @@
 #include "base/error.h"
 #include "runtime/io/moe_config.h"
 #include "runtime/random.h"
+#include "runtime/io/checkpoint_files.h"
 #include "runtime/io/hf_checkpoint.h"
 #include "runtime/io/safetensors.h"
 
@@ -152,9 +154,11 @@ TEST(Safetensors, RejectsMalformedFiles) {
 TEST(Safetensors, ManyTensorsOpen) {
   std::string header = "{";
   const int n = 40000;
-  for (int i = 0; i < n; ++i)
-    header += (i ? "," : "") + std::string("\"t") + std::to_string(i) + "\":{\"dtype\":\"F32\",\"shape\":[1]," +
-              "\"data_offsets\":[" + std::to_string(4 * i) + "," + std::to_string(4 * i + 4) + "]}";
+  for (int i = 0; i < n; ++i) {
+    if (i) header.append(",");
+    header.append("\"t").append(std::to_string(i)).append("\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[");
+    header.append(std::to_string(4 * i)).append(",").append(std::to_string(4 * i + 4)).append("]}");
+  }
   header += "}";
   const auto f = SafetensorsFile::open(write_raw("many.safetensors", header, std::string(4 * n, '\0')));
   EXPECT_EQ(f.names().size(), static_cast<std::size_t>(n));
@@ -214,6 +218,32 @@ TEST(Safetensors, FuzzedFilesOnlyEverThrowIoError) {
     }  // anything else escapes and fails the test
   }
   EXPECT_GT(rejected, 500);
+}
+
+// The checksum is the same however the bytes are cut into pieces, the same as a file's, and sees
+// every byte (a flipped bit, a trailing zero byte).
+TEST(Checksum, PiecesFileAndEveryByte) {
+  std::string bytes;
+  Rng rng(5);
+  for (int i = 0; i < 1000; ++i) bytes.push_back(static_cast<char>(rng.next() & 0xff));
+  Checksum whole;
+  whole.update(bytes.data(), bytes.size());
+  for (std::size_t cut : {1u, 3u, 7u, 8u, 13u, 999u}) {
+    Checksum parts;
+    for (std::size_t at = 0; at < bytes.size(); at += cut) parts.update(bytes.data() + at, std::min(cut, bytes.size() - at));
+    EXPECT_EQ(parts.hex(), whole.hex()) << "pieces of " << cut;
+  }
+  const std::string path = ::testing::TempDir() + "/sum.bin";
+  { std::ofstream(path, std::ios::binary) << bytes; }
+  EXPECT_EQ(file_checksum(path), whole.hex());
+  std::string flipped = bytes;
+  flipped[500] ^= 1;
+  Checksum f, z;
+  f.update(flipped.data(), flipped.size());
+  EXPECT_NE(f.hex(), whole.hex());
+  const std::string longer = bytes + std::string(1, '\0');
+  z.update(longer.data(), longer.size());
+  EXPECT_NE(z.hex(), whole.hex());
 }
 
 // F8_E4M3 ("fn"): every code against the format's definition in float64, independently written.

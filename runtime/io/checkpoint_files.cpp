@@ -17,20 +17,56 @@
 namespace moex {
 namespace fs = std::filesystem;
 
+namespace {
+constexpr std::uint64_t kFnvPrime = 1099511628211ull;
+std::uint64_t load_le64(const unsigned char* p) {
+  std::uint64_t w;
+  std::memcpy(&w, p, 8);  // little-endian hosts only (safetensors.cpp asserts it)
+  return w;
+}
+}  // namespace
+
+void Checksum::update(const void* data, std::size_t n) {
+  const auto* p = static_cast<const unsigned char*>(data);
+  bytes_ += n;
+  while (n > 0 && npending_ > 0) {  // finish a word begun by the last piece
+    pending_[npending_++] = *p++;
+    --n;
+    if (npending_ == 8) {
+      h_ = (h_ ^ load_le64(pending_)) * kFnvPrime;
+      npending_ = 0;
+    }
+  }
+  std::uint64_t h = h_;
+  for (; n >= 8; p += 8, n -= 8) h = (h ^ load_le64(p)) * kFnvPrime;
+  h_ = h;
+  for (; n > 0; --n) pending_[npending_++] = *p++;
+}
+
+std::string Checksum::hex() const {
+  std::uint64_t h = h_;
+  if (npending_ > 0) {
+    unsigned char last[8] = {};
+    std::memcpy(last, pending_, npending_);
+    h = (h ^ load_le64(last)) * kFnvPrime;
+  }
+  h = (h ^ bytes_) * kFnvPrime;
+  char out[17];
+  std::snprintf(out, sizeof out, "%016llx", static_cast<unsigned long long>(h));
+  return out;
+}
+
 std::string file_checksum(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   if (!in) throw IoError("cannot read " + path + ": " + std::strerror(errno));
-  std::uint64_t h = 1469598103934665603ull;
-  std::vector<char> buf(1 << 20);
+  Checksum sum;
+  std::vector<char> buf(4 << 20);
   while (in) {
     in.read(buf.data(), static_cast<std::streamsize>(buf.size()));
-    const std::streamsize n = in.gcount();
-    for (std::streamsize i = 0; i < n; ++i) h = (h ^ static_cast<unsigned char>(buf[static_cast<std::size_t>(i)])) * 1099511628211ull;
+    sum.update(buf.data(), static_cast<std::size_t>(in.gcount()));
   }
   if (in.bad()) throw IoError("reading " + path + " failed: " + std::strerror(errno));
-  char hex[17];
-  std::snprintf(hex, sizeof hex, "%016llx", static_cast<unsigned long long>(h));
-  return hex;
+  return sum.hex();
 }
 
 void fsync_path(const std::string& path) {

@@ -2,13 +2,28 @@
 // layout (Hugging Face shard names, the `latest` pointer).
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <string>
 #include <vector>
 
 namespace moex {
 
-/// FNV-1a 64 of a file's bytes, as 16 hex digits. IoError naming the file when unreadable.
+/// A file's checksum, fed in pieces: FNV-1a 64 over the bytes taken as little-endian 64-bit words
+/// (the last 1-7 bytes zero-padded into one word, then the byte count folded in), so it runs a
+/// word per multiply; hex() is 16 hex digits.
+class Checksum {
+ public:
+  void update(const void* data, std::size_t n);
+  std::string hex() const;
+
+ private:
+  std::uint64_t h_ = 1469598103934665603ull;
+  std::uint64_t bytes_ = 0;
+  unsigned char pending_[8] = {};
+  std::size_t npending_ = 0;
+};
+/// Checksum of a file's bytes. IoError naming the file when unreadable.
 std::string file_checksum(const std::string& path);
 /// fsync of a file or folder (IoError naming it on failure).
 void fsync_path(const std::string& path);

@@ -15,6 +15,7 @@
 #include <nlohmann/json.hpp>
 
 #include "base/error.h"
+#include "runtime/io/checkpoint_files.h"
 #include "runtime/io/json_guard.h"
 
 namespace moex {
@@ -218,9 +219,9 @@ std::vector<float> SafetensorsFile::read_f32(const std::string& name, const std:
   return out;
 }
 
-void write_safetensors(const std::string& path, const std::vector<NamedTensor>& tensors,
-                       const std::map<std::string, std::string>& metadata) {
-  std::vector<const NamedTensor*> order;
+std::string write_safetensors(const std::string& path, const std::vector<TensorView>& tensors,
+                              const std::map<std::string, std::string>& metadata) {
+  std::vector<const TensorView*> order;
   std::set<std::string> seen;
   for (const auto& t : tensors) {
     if (!seen.insert(t.name).second) throw InvalidArgument("write_safetensors: tensor '" + t.name + "' given twice");
@@ -229,9 +230,10 @@ void write_safetensors(const std::string& path, const std::vector<NamedTensor>& 
       if (d < 0) throw InvalidArgument("write_safetensors: tensor '" + t.name + "' has a negative dimension in " + shape_str(t.shape));
       numel *= d;
     }
-    if (static_cast<std::int64_t>(t.data.size()) != numel)
-      throw InvalidArgument("write_safetensors: tensor '" + t.name + "' has " + std::to_string(t.data.size()) +
+    if (t.numel != numel)
+      throw InvalidArgument("write_safetensors: tensor '" + t.name + "' has " + std::to_string(t.numel) +
                             " values but shape " + shape_str(t.shape) + " needs " + std::to_string(numel));
+    if (numel > 0 && t.data == nullptr) throw InvalidArgument("write_safetensors: tensor '" + t.name + "' has no data");
     order.push_back(&t);
   }
   std::sort(order.begin(), order.end(), [](auto* a, auto* b) { return a->name < b->name; });
@@ -239,25 +241,42 @@ void write_safetensors(const std::string& path, const std::vector<NamedTensor>& 
   if (!metadata.empty()) header["__metadata__"] = metadata;
   std::uint64_t at = 0;
   for (const auto* t : order) {
-    const std::uint64_t bytes = t->data.size() * 4;
+    const std::uint64_t bytes = static_cast<std::uint64_t>(t->numel) * 4;
     header[t->name] = {{"dtype", "F32"}, {"shape", t->shape}, {"data_offsets", {at, at + bytes}}};
     at += bytes;
   }
   std::string text = header.dump();
   text.append((8 - text.size() % 8) % 8, ' ');
   const std::string tmp = path + ".tmp";
+  Checksum sum;
   {
     std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
     if (!out) throw IoError("cannot write " + tmp + ": " + std::strerror(errno));
+    auto put = [&](const void* p, std::size_t n) {
+      out.write(static_cast<const char*>(p), static_cast<std::streamsize>(n));
+      sum.update(p, n);
+    };
     unsigned char len[8];
     std::uint64_t n = text.size();
     for (int i = 0; i < 8; ++i, n >>= 8) len[i] = static_cast<unsigned char>(n & 0xff);
-    out.write(reinterpret_cast<const char*>(len), 8);
-    out.write(text.data(), static_cast<std::streamsize>(text.size()));
-    for (const auto* t : order) out.write(reinterpret_cast<const char*>(t->data.data()), static_cast<std::streamsize>(t->data.size() * 4));
+    put(len, 8);
+    put(text.data(), text.size());
+    for (const auto* t : order) put(t->data, static_cast<std::size_t>(t->numel) * 4);
+    out.flush();
     if (!out) throw IoError("writing " + tmp + " failed: " + std::strerror(errno));
   }
+  fsync_path(tmp);  // the bytes are on disk before the name says they are there
   if (std::rename(tmp.c_str(), path.c_str()) != 0) throw IoError("cannot move " + tmp + " to " + path + ": " + std::strerror(errno));
+  return sum.hex();
+}
+
+void write_safetensors(const std::string& path, const std::vector<NamedTensor>& tensors,
+                       const std::map<std::string, std::string>& metadata) {
+  std::vector<TensorView> views;
+  views.reserve(tensors.size());
+  for (const auto& t : tensors)
+    views.push_back({t.name, t.shape, t.data.data(), static_cast<std::int64_t>(t.data.size())});
+  write_safetensors(path, views, metadata);
 }
 
 }  // namespace moex

@@ -63,8 +63,21 @@ struct NamedTensor {
   std::vector<float> data;  ///< row-major, size == product(shape)
 };
 
-/// Writes float32 tensors (sorted by name, as safetensors requires an order-free header) to `path`.
-/// Throws IoError on I/O failure, InvalidArgument on a shape/data size mismatch or duplicate name.
+/// A float32 tensor to write from memory the caller keeps (no copy).
+struct TensorView {
+  std::string name;
+  std::vector<std::int64_t> shape;
+  const float* data = nullptr;
+  std::int64_t numel = 0;  ///< == product(shape)
+};
+
+/// Writes float32 tensors (sorted by name, as safetensors requires an order-free header) to `path`:
+/// a temporary beside it, fsync, rename. Returns the file's checksum (Checksum, checkpoint_files.h),
+/// computed while writing. Throws IoError on I/O failure, InvalidArgument on a shape/data size
+/// mismatch or duplicate name.
+std::string write_safetensors(const std::string& path, const std::vector<TensorView>& tensors,
+                              const std::map<std::string, std::string>& metadata = {});
+/// The same from tensors that own their values.
 void write_safetensors(const std::string& path, const std::vector<NamedTensor>& tensors,
                        const std::map<std::string, std::string>& metadata = {});
 

@@ -24,6 +24,7 @@ namespace {
 
 constexpr const char* kFormat = "moex-checkpoint";
 constexpr int kVersion = 1;
+constexpr const char* kSumKey = "fnv1a64w";  // Checksum (checkpoint_files.h): FNV-1a 64 over 64-bit words
 
 std::string mlp_prefix(std::size_t layer) { return "model.layers." + std::to_string(layer) + ".mlp."; }
 
@@ -92,10 +93,6 @@ std::vector<Slice> expert_slices(MoeModel& model, const MoeConfig& c, int rank, 
   return out;
 }
 
-NamedTensor tensor_of(const std::string& name, const std::vector<std::int64_t>& shape, const float* data, std::int64_t n) {
-  return {name, shape, std::vector<float>(data, data + n)};
-}
-
 std::string bias_name(std::size_t layer) { return mlp_prefix(layer) + "gate.e_score_correction_bias"; }
 
 json layout_json(const sched::ReplicaLayout& l) { return l.slot_expert(); }
@@ -154,24 +151,26 @@ std::string Trainer::save_checkpoint(const std::string& dir, std::int64_t keep) 
       auto rep = replicated_slices(*student_, config_);
       slices.insert(slices.begin(), rep.begin(), rep.end());
     }
-    std::vector<NamedTensor> model, state;
+    // Views of the parameters and moments where they live: written without copies, the checksum
+    // computed as the bytes go out.
+    std::vector<TensorView> model, state;
     for (const Slice& s : slices) {
-      model.push_back(tensor_of(s.name, s.shape, s.block->value.data() + s.offset, s.numel()));
+      model.push_back({s.name, s.shape, s.block->value.data() + s.offset, s.numel()});
       const auto m = optimizer_.moments(s.block);
-      state.push_back(tensor_of(s.name + ".exp_avg", s.shape, m[0]->data() + s.offset, s.numel()));
-      state.push_back(tensor_of(s.name + ".exp_avg_sq", s.shape, m[1]->data() + s.offset, s.numel()));
+      state.push_back({s.name + ".exp_avg", s.shape, m[0]->data() + s.offset, s.numel()});
+      state.push_back({s.name + ".exp_avg_sq", s.shape, m[1]->data() + s.offset, s.numel()});
     }
     auto& layers = student_->layers();
     for (std::size_t i = 0; me == 0 && i < layers.size(); ++i)
       if (!layers[i]->selection_bias().empty())
-        model.push_back({bias_name(i), {config_.n_routed_experts}, layers[i]->selection_bias()});
+        model.push_back({bias_name(i), {config_.n_routed_experts}, layers[i]->selection_bias().data(),
+                         config_.n_routed_experts});
     const std::map<std::string, std::string> meta{{"format", "pt"}};
     json sums = json::object();
     for (auto [file, tensors] : {std::pair{&model_file, &model}, std::pair{&state_file, &state}}) {
       const std::string path = (tmp / *file).string();
-      write_safetensors(path, *tensors, meta);
-      fsync_path(path);
-      sums[*file] = {{"bytes", fs::file_size(path)}, {"fnv1a64", file_checksum(path)}};
+      const std::string sum = write_safetensors(path, *tensors, meta);
+      sums[*file] = {{"bytes", fs::file_size(path)}, {kSumKey, sum}};
     }
     write_file_atomic((tmp / ("sums-" + std::to_string(me) + ".json")).string(), sums.dump());
   } catch (...) {
@@ -241,7 +240,7 @@ std::string Trainer::save_checkpoint(const std::string& dir, std::int64_t keep) 
         fs::remove(f);
       }
       for (const char* f : {"model.safetensors.index.json", "config.json", "trainer_state.json"})
-        sums[f] = {{"bytes", fs::file_size(tmp / f)}, {"fnv1a64", file_checksum((tmp / f).string())}};
+        sums[f] = {{"bytes", fs::file_size(tmp / f)}, {kSumKey, file_checksum((tmp / f).string())}};
       write_file_atomic((tmp / "checksums.json").string(), sums.dump(1));
       fsync_path(tmp.string());
 
@@ -284,8 +283,8 @@ void Trainer::load_checkpoint(const std::string& path) {
         throw IoError(f.string() + " has " + std::to_string(fs::file_size(f)) + " bytes, the checkpoint says " +
                       std::to_string(s.at("bytes").get<std::uint64_t>()));
       const std::string sum = file_checksum(f.string());
-      if (sum != s.at("fnv1a64").get<std::string>())
-        throw IoError(f.string() + ": checksum " + sum + " differs from the saved " + s.at("fnv1a64").get<std::string>() +
+      if (sum != s.at(kSumKey).get<std::string>())
+        throw IoError(f.string() + ": checksum " + sum + " differs from the saved " + s.at(kSumKey).get<std::string>() +
                       " (the file changed or is damaged)");
       return f.string();
     };

@@ -108,7 +108,7 @@ class Trainer {
   /// the AdamW moments of the same tensors (`NAME.exp_avg`, `NAME.exp_avg_sq`) in trainer-0000k-of-
   /// 0000P; trainer_state.json (step, seed, world size, optimiser step, each layer's schedule,
   /// replica layouts, load trackers and a plan in flight); checksums.json (every file's size and
-  /// FNV-1a 64). Written under a temporary name, synced, then renamed: a crash leaves the previous
+  /// a word-wise FNV-1a 64, Checksum). Written under a temporary name, synced, then renamed: a crash leaves the previous
   /// checkpoints as they were. Then `dir`/latest names it, and with keep > 0 only the newest `keep`
   /// checkpoints stay. IoError on every rank when any rank fails.
   std::string save_checkpoint(const std::string& dir, std::int64_t keep = 0);
