@@ -1,6 +1,7 @@
 // Option parsing and the MPI main wrapper of the moex tools.
 #include "examples/tool.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <new>
@@ -9,6 +10,7 @@
 #include <exception>
 #include <sstream>
 #include <thread>
+#include <vector>
 
 #include "base/error.h"
 #include "runtime/blas.h"
@@ -201,8 +203,17 @@ int run_mpi_tool(const char* program, int argc, char** argv,
     try {
       world.set_default_timeout(comm::timeout_from_env(std::chrono::seconds(300)));
       if (!std::getenv("OPENBLAS_NUM_THREADS")) {
-        const char* local = std::getenv("OMPI_COMM_WORLD_LOCAL_SIZE");
-        const int ranks_here = local ? std::max(1, std::atoi(local)) : 1;
+        // Ranks on this node: Open MPI's mpirun says; under another launcher (srun) MPI's own
+        // shared-memory split counts them (every rank of a job has the same launcher, so all ranks
+        // take the same branch of this collective).
+        int ranks_here = 1;
+        if (const char* local = std::getenv("OMPI_COMM_WORLD_LOCAL_SIZE")) {
+          ranks_here = std::max(1, std::atoi(local));
+        } else {
+          const std::vector<int> nodes = world.node_ids();
+          ranks_here = std::max<int>(
+              1, static_cast<int>(std::count(nodes.begin(), nodes.end(), nodes[static_cast<std::size_t>(world.rank())])));
+        }
         const int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
         blas::set_num_threads(std::max(1, cores / ranks_here));
         set_parallel_threads(std::max(1, cores / ranks_here));
