@@ -200,7 +200,7 @@ std::vector<float> SafetensorsFile::read_f32(const std::string& name, const std:
   const auto n = static_cast<std::size_t>(e.numel());
   std::vector<float> out(n);
   if (e.dtype == "F32") {
-    std::memcpy(out.data(), raw.data(), n * 4);
+    if (n > 0) std::memcpy(out.data(), raw.data(), n * 4);  // (memcpy of null pointers is undefined even for 0 bytes)
   } else if (e.dtype == "F8_E4M3") {
     for (std::size_t i = 0; i < n; ++i) out[i] = fp8_e4m3_to_float(static_cast<std::uint8_t>(raw[i]));
   } else if (e.dtype == "F64") {
