@@ -236,7 +236,7 @@ int train(moex::comm::MpiCommunicator& world, int argc, char** argv) {
     std::printf("moex-train: loss %.6e -> %.6e (%.1f%% of the first step)\n", first_loss, last_loss,
                 100.0 * last_loss / first_loss);
   if (lead && to.layer.capacity_factor > 0.0) {
-    const double picks = static_cast<double>(to.steps - first_step) * static_cast<double>(to.tokens_per_rank) * world.size() *
+    const double picks = static_cast<double>(trainer.steps_done() - first_step) * static_cast<double>(to.tokens_per_rank) * world.size() *
                          static_cast<double>(config.num_experts_per_tok * config.num_hidden_layers);
     std::printf("moex-train: capacity factor %g: %lld of %.0f picks dropped (%.2f%%)\n", to.layer.capacity_factor,
                 static_cast<long long>(dropped), picks, picks > 0 ? 100.0 * static_cast<double>(dropped) / picks : 0.0);
