@@ -572,7 +572,7 @@ TEST(Checkpoint, ACrashedSaveLeavesThePreviousCheckpoint) {
   t.save_checkpoint(dir);
   if (testing::world().rank() == 0) {  // what a crash in the middle of the next save leaves
     std::filesystem::create_directories(dir + "/.step-00000002.tmp");
-    std::ofstream(dir + "/.step-00000002.tmp/model-00001-of-00001.safetensors") << "partial";
+    std::ofstream(dir + "/.step-00000002.tmp/model-00001-of-00002.safetensors") << "partial";
   }
   testing::world().barrier("crash")->wait();
   EXPECT_EQ(resolve_checkpoint(dir), dir + "/step-00000001");

@@ -143,35 +143,35 @@ std::string Trainer::save_checkpoint(const std::string& dir, std::int64_t keep) 
   }
   agree(what, error);
 
-  // Every rank writes the tensors it holds: rank 0 the replicated ones, each expert its first replica.
-  const std::string model_file = shard_name("model", me, P), state_file = shard_name("trainer", me, P);
+  // Every rank writes the tensors it holds: shard 1 of P + 1 the replicated ones (rank 0), shard
+  // r + 2 the experts whose first replica rank r holds. A loading rank then reads the small shard
+  // of the replicated tensors and the shards of its own experts, nothing else.
   try {
-    std::vector<Slice> slices = expert_slices(*student_, config_, me, P, true);
-    if (me == 0) {
-      auto rep = replicated_slices(*student_, config_);
-      slices.insert(slices.begin(), rep.begin(), rep.end());
-    }
-    // Views of the parameters and moments where they live: written without copies, the checksum
-    // computed as the bytes go out.
-    std::vector<TensorView> model, state;
-    for (const Slice& s : slices) {
-      model.push_back({s.name, s.shape, s.block->value.data() + s.offset, s.numel()});
-      const auto m = optimizer_.moments(s.block);
-      state.push_back({s.name + ".exp_avg", s.shape, m[0]->data() + s.offset, s.numel()});
-      state.push_back({s.name + ".exp_avg_sq", s.shape, m[1]->data() + s.offset, s.numel()});
-    }
-    auto& layers = student_->layers();
-    for (std::size_t i = 0; me == 0 && i < layers.size(); ++i)
-      if (!layers[i]->selection_bias().empty())
-        model.push_back({bias_name(i), {config_.n_routed_experts}, layers[i]->selection_bias().data(),
-                         config_.n_routed_experts});
     const std::map<std::string, std::string> meta{{"format", "pt"}};
     json sums = json::object();
-    for (auto [file, tensors] : {std::pair{&model_file, &model}, std::pair{&state_file, &state}}) {
-      const std::string path = (tmp / *file).string();
-      const std::string sum = write_safetensors(path, *tensors, meta);
-      sums[*file] = {{"bytes", fs::file_size(path)}, {kSumKey, sum}};
-    }
+    auto write_shard = [&](int shard, const std::vector<Slice>& slices, bool with_bias) {
+      // Views of the parameters and moments where they live: written without copies, the checksum
+      // computed as the bytes go out.
+      std::vector<TensorView> model, state;
+      for (const Slice& s : slices) {
+        model.push_back({s.name, s.shape, s.block->value.data() + s.offset, s.numel()});
+        const auto m = optimizer_.moments(s.block);
+        state.push_back({s.name + ".exp_avg", s.shape, m[0]->data() + s.offset, s.numel()});
+        state.push_back({s.name + ".exp_avg_sq", s.shape, m[1]->data() + s.offset, s.numel()});
+      }
+      auto& layers = student_->layers();
+      for (std::size_t i = 0; with_bias && i < layers.size(); ++i)
+        if (!layers[i]->selection_bias().empty())
+          model.push_back({bias_name(i), {config_.n_routed_experts}, layers[i]->selection_bias().data(),
+                           config_.n_routed_experts});
+      for (auto [stem, tensors] : {std::pair{"model", &model}, std::pair{"trainer", &state}}) {
+        const std::string file = shard_name(stem, shard, P + 1), path = (tmp / file).string();
+        const std::string sum = write_safetensors(path, *tensors, meta);
+        sums[file] = {{"bytes", fs::file_size(path)}, {kSumKey, sum}};
+      }
+    };
+    if (me == 0) write_shard(0, replicated_slices(*student_, config_), true);
+    write_shard(me + 1, expert_slices(*student_, config_, me, P, true), false);
     write_file_atomic((tmp / ("sums-" + std::to_string(me) + ".json")).string(), sums.dump());
   } catch (...) {
     error = std::current_exception();
@@ -184,15 +184,15 @@ std::string Trainer::save_checkpoint(const std::string& dir, std::int64_t keep) 
       json weight_map = json::object();
       std::int64_t total = 0;
       for (const Slice& s : replicated_slices(*student_, config_)) {
-        weight_map[s.name] = shard_name("model", 0, P);
+        weight_map[s.name] = shard_name("model", 0, P + 1);
         total += s.numel() * 4;
       }
       auto& layers = student_->layers();
       for (std::size_t i = 0; i < layers.size(); ++i)
-        if (!layers[i]->selection_bias().empty()) weight_map[bias_name(i)] = shard_name("model", 0, P);
+        if (!layers[i]->selection_bias().empty()) weight_map[bias_name(i)] = shard_name("model", 0, P + 1);
       for (int r = 0; r < P; ++r)
         for (const Slice& s : expert_slices(*student_, config_, r, P, true)) {
-          weight_map[s.name] = shard_name("model", r, P);
+          weight_map[s.name] = shard_name("model", r + 1, P + 1);
           total += s.numel() * 4;
         }
       write_file_atomic((tmp / "model.safetensors.index.json").string(),

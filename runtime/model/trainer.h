@@ -103,10 +103,10 @@ class Trainer {
 
   /// Saves a checkpoint of this step into `dir`/step-NNNNNNNN (a collective; `dir` must be one folder
   /// every rank sees) and returns that folder. In it: the student in Hugging Face DeepSeek names as
-  /// safetensors shards model-0000k-of-0000P (rank k-1 writes the experts whose first replica it
-  /// holds, rank 0 also the replicated tensors) with model.safetensors.index.json and config.json;
-  /// the AdamW moments of the same tensors (`NAME.exp_avg`, `NAME.exp_avg_sq`) in trainer-0000k-of-
-  /// 0000P; trainer_state.json (step, seed, world size, optimiser step, each layer's schedule,
+  /// safetensors shards model-0000k-of-0000{P+1} (shard 1 the replicated tensors, written by rank 0;
+  /// shard r+2 the experts whose first replica rank r holds) with model.safetensors.index.json and
+  /// config.json; the AdamW moments of the same tensors (`NAME.exp_avg`, `NAME.exp_avg_sq`) in the
+  /// trainer-* shards of the same numbers; trainer_state.json (step, seed, world size, optimiser step, each layer's schedule,
   /// replica layouts, load trackers and a plan in flight); checksums.json (every file's size and
   /// a word-wise FNV-1a 64, Checksum). Written under a temporary name, synced, then renamed: a crash leaves the previous
   /// checkpoints as they were. Then `dir`/latest names it, and with keep > 0 only the newest `keep`

@@ -212,7 +212,7 @@ def main():
     # Validation.
     bad = w("damaged")
     shutil.copytree(part, bad)
-    shard = os.path.join(bad, f"model-{N:05d}-of-{N:05d}.safetensors")
+    shard = os.path.join(bad, f"model-{N + 1:05d}-of-{N + 1:05d}.safetensors")  # the last rank's experts
     data = bytearray(open(shard, "rb").read())
     data[-5] ^= 0x40
     open(shard, "wb").write(bytes(data))
