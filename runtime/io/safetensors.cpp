@@ -116,7 +116,8 @@ SafetensorsFile SafetensorsFile::open(const std::string& path, const Safetensors
       }
       continue;
     }
-    auto bad = [&](const std::string& why) { return fail("tensor '" + name + "': " + why); };
+    const std::string& tensor = name;  // (a structured binding cannot be captured before C++20 everywhere)
+    auto bad = [&](const std::string& why) { return fail("tensor '" + tensor + "': " + why); };
     if (!v.is_object()) throw bad("entry is not an object");
     if (!v.contains("dtype") || !v["dtype"].is_string()) throw bad("missing string field 'dtype'");
     if (!v.contains("shape") || !v["shape"].is_array()) throw bad("missing array field 'shape'");
