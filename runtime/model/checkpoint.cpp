@@ -1,11 +1,9 @@
 // Trainer checkpoints: the model in Hugging Face DeepSeek safetensors shards written by the ranks
 // that hold each tensor, the optimiser's moments beside them, and the training state, made visible
 // all at once by a rename.
-#include <cmath>
 #include <exception>
 #include <filesystem>
 #include <map>
-#include <set>
 
 #include <nlohmann/json.hpp>
 
@@ -305,9 +303,17 @@ void Trainer::load_checkpoint(const std::string& path) {
     const std::int64_t step = get<std::int64_t>(st, "step", state_path);
     auto& layers = student_->layers();
 
-    // Replica layouts first (the tensors then load into the slots they give): at the saved world
-    // size as saved; at another, each layer keeps this run's starting layout.
-    if (options_.replicas.enabled && st.contains("replicas") && saved_world == P) {
+    // Replicas: the load trackers (global numbers, valid at any world size); the layouts first (the
+    // tensors then load into the slots they give) and a plan in flight at the saved world size,
+    // while at another each layer keeps this run's starting layout.
+    const bool replicas = options_.replicas.enabled && st.contains("replicas");
+    if (replicas) {
+      const auto trackers = st.at("replicas").at("trackers");
+      for (std::size_t i = 0; i < trackers_.size() && i < trackers.size(); ++i)
+        trackers_[i].restore(trackers[i].at("estimate").get<std::vector<double>>(),
+                             trackers[i].at("steps").get<std::int64_t>());
+    }
+    if (replicas && saved_world == P) {
       const json& rep = st.at("replicas");
       const auto layouts = rep.at("layouts");
       if (layouts.size() != layers.size()) throw IoError(state_path + ": replica layouts for the wrong number of layers");
@@ -318,10 +324,6 @@ void Trainer::load_checkpoint(const std::string& path) {
         std::vector<std::vector<float>*> state{m[0], m[1]};
         layers[i]->set_replica_layout(to, state);
       }
-      const auto trackers = rep.at("trackers");
-      for (std::size_t i = 0; i < trackers_.size() && i < trackers.size(); ++i)
-        trackers_[i].restore(trackers[i].at("estimate").get<std::vector<double>>(),
-                             trackers[i].at("steps").get<std::int64_t>());
       if (rep.at("plan_pending").get<bool>()) {
         std::vector<sched::ReplicaLayout> planned;
         for (const auto& l : rep.at("planned"))
@@ -333,11 +335,6 @@ void Trainer::load_checkpoint(const std::string& path) {
         plan_pending_ = true;
         apply_at_ = rep.at("apply_at").get<std::int64_t>();
       }
-    } else if (options_.replicas.enabled && st.contains("replicas")) {
-      const auto trackers = st.at("replicas").at("trackers");
-      for (std::size_t i = 0; i < trackers_.size() && i < trackers.size(); ++i)
-        trackers_[i].restore(trackers[i].at("estimate").get<std::vector<double>>(),
-                             trackers[i].at("steps").get<std::int64_t>());
     }
 
     // The tensors this rank holds, from whichever shard the index names (any saved world size).
