@@ -22,19 +22,22 @@ std::size_t element_size(DataType type) {
                         " is not one of float32, float64, int32, int64, byte");
 }
 
+std::optional<std::chrono::milliseconds> timeout_from_seconds(double seconds) {
+  if (!std::isfinite(seconds) || seconds <= 0.0 || seconds > kMaxTimeoutSeconds) return std::nullopt;
+  return std::chrono::milliseconds(static_cast<std::int64_t>(std::ceil(seconds * 1000.0)));
+}
+
 std::chrono::milliseconds timeout_from_env(std::chrono::milliseconds fallback) {
   const char* text = std::getenv("MOEX_TIMEOUT_S");
   if (text == nullptr) return fallback;
-  // About 115 days: far above any real step, and small enough that the milliseconds cannot overflow.
-  constexpr double kMaxSeconds = 1e7;
   char* end = nullptr;
   errno = 0;
   const double seconds = std::strtod(text, &end);
   const bool parsed = end != text && *end == '\0' && errno != ERANGE;
-  if (!parsed || !std::isfinite(seconds) || seconds <= 0.0 || seconds > kMaxSeconds)
+  const auto timeout = parsed ? timeout_from_seconds(seconds) : std::nullopt;
+  if (!timeout)
     throw ConfigError(std::string("MOEX_TIMEOUT_S='") + text + "': expected a positive number of seconds");
-  // Round up so that a tiny positive value never becomes a zero timeout.
-  return std::chrono::milliseconds(static_cast<std::int64_t>(std::ceil(seconds * 1000.0)));
+  return *timeout;
 }
 
 }  // namespace moex::comm

@@ -4,6 +4,7 @@
 #include <chrono>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 #include <vector>
@@ -112,6 +113,12 @@ class Communicator {
   std::chrono::milliseconds default_timeout_{300'000};
 };
 
+/// The longest timeout in seconds (about 115 days): far above any real step, and small enough that
+/// neither the milliseconds nor a deadline of now + timeout can overflow.
+inline constexpr double kMaxTimeoutSeconds = 1e7;
+/// `seconds` as a timeout, rounded up to whole milliseconds so that a tiny positive value never
+/// becomes 0; nullopt unless it is finite and in (0, kMaxTimeoutSeconds].
+std::optional<std::chrono::milliseconds> timeout_from_seconds(double seconds);
 /// Reads MOEX_TIMEOUT_S (seconds, > 0) if set, else returns `fallback`. Throws ConfigError on a
 /// malformed value.
 std::chrono::milliseconds timeout_from_env(std::chrono::milliseconds fallback);

@@ -182,15 +182,14 @@ std::string Options::usage() const {
 }
 
 void apply_timeout(comm::MpiCommunicator& world, double seconds) {
-  // The same bounds as MOEX_TIMEOUT_S: at most 1e7 s (115 days; a deadline of now + timeout must not
-  // overflow the clock), and rounded up to whole milliseconds so a tiny value never becomes 0.
-  constexpr double kMaxSeconds = 1e7;
-  if (!(seconds > 0.0) || !std::isfinite(seconds) || seconds > kMaxSeconds) {
+  // The same bounds and rounding as MOEX_TIMEOUT_S (comm::timeout_from_seconds).
+  const auto timeout = comm::timeout_from_seconds(seconds);
+  if (!timeout) {
     char shown[64];
     std::snprintf(shown, sizeof shown, "%g", seconds);
     throw ConfigError(std::string("--timeout = ") + shown + ": expected a number of seconds in (0, 1e7]");
   }
-  world.set_default_timeout(std::chrono::milliseconds(static_cast<std::int64_t>(std::ceil(seconds * 1000.0))));
+  world.set_default_timeout(*timeout);
 }
 
 int run_mpi_tool(const char* program, int argc, char** argv,
