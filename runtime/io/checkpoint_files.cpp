@@ -86,7 +86,11 @@ void write_file_atomic(const std::string& path, const std::string& text) {
     out.write(text.data(), static_cast<std::streamsize>(text.size()));
     if (!out) throw IoError("writing " + tmp + " failed: " + std::strerror(errno));
   }
-  fsync_path(tmp);
+  commit_file(tmp, path);
+}
+
+void commit_file(const std::string& tmp, const std::string& path) {
+  fsync_path(tmp);  // the bytes are on disk before the name says they are there
   if (std::rename(tmp.c_str(), path.c_str()) != 0)
     throw IoError("cannot move " + tmp + " to " + path + ": " + std::strerror(errno));
   const fs::path parent = fs::path(path).parent_path();

@@ -27,8 +27,10 @@ class Checksum {
 std::string file_checksum(const std::string& path);
 /// fsync of a file or folder (IoError naming it on failure).
 void fsync_path(const std::string& path);
-/// Writes `text` to `path` atomically: a temporary beside it, fsync, rename over `path`, fsync of
-/// the folder. A crash leaves the old file or the new one, never a part.
+/// Makes a finished temporary file `tmp` the file `path`: fsync of `tmp`, rename over `path`, fsync
+/// of the folder. A crash leaves the old file or the new one, never a part.
+void commit_file(const std::string& tmp, const std::string& path);
+/// Writes `text` to `path` atomically: a temporary beside it, then commit_file().
 void write_file_atomic(const std::string& path, const std::string& text);
 /// The whole file as a string (IoError naming it).
 std::string read_file(const std::string& path);

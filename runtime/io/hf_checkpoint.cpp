@@ -4,12 +4,11 @@
 #include <algorithm>
 #include <cmath>
 #include <filesystem>
-#include <fstream>
-#include <sstream>
 
 #include <nlohmann/json.hpp>
 
 #include "base/error.h"
+#include "runtime/io/checkpoint_files.h"
 #include "runtime/io/json_guard.h"
 
 namespace moex {
@@ -18,12 +17,6 @@ using json = nlohmann::json;
 
 namespace {
 constexpr std::uint64_t kMaxIndexBytes = 64ull << 20;
-
-std::string shape_text(const std::vector<std::int64_t>& s) {
-  std::string out = "[";
-  for (std::size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
-  return out + "]";
-}
 }  // namespace
 
 HfCheckpoint HfCheckpoint::open(const std::string& path, const SafetensorsLimits& limits) {
@@ -62,11 +55,7 @@ HfCheckpoint HfCheckpoint::open(const std::string& path, const SafetensorsLimits
   if (!fs::exists(p, ec)) throw IoError(path + ": no such file");
   if (fs::file_size(p, ec) > kMaxIndexBytes)
     throw IoError(c.path_ + ": index larger than " + std::to_string(kMaxIndexBytes >> 20) + " MiB");
-  std::ifstream in(p, std::ios::binary);
-  std::stringstream text;
-  text << in.rdbuf();
-  if (!in) throw IoError("cannot read " + c.path_);
-  const json index = parse_json_guarded(text.str(), c.path_);
+  const json index = parse_json_guarded(read_file(c.path_), c.path_);
   if (!index.is_object() || !index.contains("weight_map") || !index["weight_map"].is_object())
     throw IoError(c.path_ + ": expected a JSON object with a \"weight_map\" object (tensor -> shard file)");
   std::map<std::string, std::vector<std::string>> by_shard;
@@ -110,7 +99,7 @@ std::vector<float> HfCheckpoint::read_weight(const std::string& name, const std:
   std::vector<float> w = f.read_f32(name, expected_shape);
   if (e.dtype == "F8_E4M3") {
     if (e.shape.size() != 2)
-      throw IoError(f.path() + ": FP8 tensor '" + name + "' has shape " + shape_text(e.shape) +
+      throw IoError(f.path() + ": FP8 tensor '" + name + "' has shape " + shape_str(e.shape) +
                     "; block scales need a 2-D weight");
     if (block_rows < 1 || block_cols < 1) throw InvalidArgument("read_weight: FP8 block sizes must be >= 1");
     const std::string base = name.size() > 7 && name.ends_with(".weight") ? name.substr(0, name.size() - 7) : name;

@@ -33,12 +33,6 @@ std::uint64_t dtype_size(const std::string& d) {
   return 0;
 }
 
-std::string shape_str(const std::vector<std::int64_t>& s) {
-  std::string out = "[";
-  for (std::size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
-  return out + "]";
-}
-
 }  // namespace
 
 float fp8_e4m3_to_float(std::uint8_t b) {
@@ -71,6 +65,12 @@ json parse_header(const std::string& text, const std::string& path) {
   return parse_json_guarded(text, "safetensors " + path + ": header");
 }
 }  // namespace
+
+std::string shape_str(const std::vector<std::int64_t>& s) {
+  std::string out = "[";
+  for (std::size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
+  return out + "]";
+}
 
 std::int64_t SafetensorsEntry::numel() const {
   std::int64_t n = 1;
@@ -266,8 +266,7 @@ std::string write_safetensors(const std::string& path, const std::vector<TensorV
     out.flush();
     if (!out) throw IoError("writing " + tmp + " failed: " + std::strerror(errno));
   }
-  fsync_path(tmp);  // the bytes are on disk before the name says they are there
-  if (std::rename(tmp.c_str(), path.c_str()) != 0) throw IoError("cannot move " + tmp + " to " + path + ": " + std::strerror(errno));
+  commit_file(tmp, path);
   return sum.hex();
 }
 

@@ -53,6 +53,9 @@ class SafetensorsFile {
   std::map<std::string, std::string> metadata_;
 };
 
+/// A shape as "[2, 3]", for messages.
+std::string shape_str(const std::vector<std::int64_t>& shape);
+
 /// One F8_E4M3 ("fn": no infinities, S.1111.111 = NaN) byte as float.
 float fp8_e4m3_to_float(std::uint8_t b);
 
