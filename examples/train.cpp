@@ -184,6 +184,14 @@ int train(moex::comm::MpiCommunicator& world, int argc, char** argv) {
   bool schedule_told = false;
   const std::int64_t first_step = trainer.steps_done();
   std::int64_t saved_at = -1;
+  auto save = [&] {
+    const auto t0 = std::chrono::steady_clock::now();
+    const std::string at = trainer.save_checkpoint(save_dir, keep);
+    saved_at = trainer.steps_done();
+    if (lead)
+      std::printf("moex-train: step %lld: saved %s in %.1f ms\n", static_cast<long long>(saved_at), at.c_str(),
+                  std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+  };
   std::signal(SIGTERM, on_stop_signal);
   std::signal(SIGINT, on_stop_signal);
   std::int64_t stop = 0;  // after each step: the largest signal number any rank received
@@ -194,14 +202,7 @@ int train(moex::comm::MpiCommunicator& world, int argc, char** argv) {
     if (stop != 0 && lead)
       std::printf("moex-train: signal %lld: stopping after step %lld%s\n", static_cast<long long>(stop),
                   static_cast<long long>(r.step), save_dir.empty() ? " (no --save: nothing is kept)" : "");
-    if (save_every > 0 && r.step % save_every == 0) {
-      const auto t0 = std::chrono::steady_clock::now();
-      const std::string at = trainer.save_checkpoint(save_dir, keep);
-      saved_at = r.step;
-      if (lead)
-        std::printf("moex-train: step %lld: saved %s in %.1f ms\n", static_cast<long long>(r.step), at.c_str(),
-                    std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
-    }
+    if (save_every > 0 && r.step % save_every == 0) save();
     // --chunks auto: say once what the first layer chose (every layer chooses alike, from its own
     // measured passes; the losses depend on the choice only through fp32 rounding).
     const auto& layers = trainer.student().layers();
@@ -225,13 +226,7 @@ int train(moex::comm::MpiCommunicator& world, int argc, char** argv) {
       std::printf("moex-train: step %lld: new replica layout, %lld expert slots migrated between ranks\n",
                   static_cast<long long>(r.step), static_cast<long long>(r.migrated_slots));
   }
-  if (!save_dir.empty() && saved_at != trainer.steps_done()) {
-    const auto t0 = std::chrono::steady_clock::now();
-    const std::string at = trainer.save_checkpoint(save_dir, keep);
-    if (lead)
-      std::printf("moex-train: saved %s in %.1f ms\n", at.c_str(),
-                  std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
-  }
+  if (!save_dir.empty() && saved_at != trainer.steps_done()) save();
   if (lead && to.steps > first_step)
     std::printf("moex-train: loss %.6e -> %.6e (%.1f%% of the first step)\n", first_loss, last_loss,
                 100.0 * last_loss / first_loss);
