@@ -517,15 +517,22 @@ TEST(Executor, ReplicasAreRejectedByAnExecutorWithout) {
   EXPECT_THROW(t.set_executor(&exec), ConfigError);
 }
 
-// A folder every rank names alike (rank 0's pid) and rank 0 clears.
-std::string shared_folder(const std::string& what) {
-  std::int64_t pid = testing::world().rank() == 0 ? static_cast<std::int64_t>(::getpid()) : 0;
-  testing::world().allreduce_max(&pid, 1, comm::DataType::kInt64, "pid")->wait();
-  const std::string dir = "/tmp/moex_test_" + what + "_" + std::to_string(pid);
-  if (testing::world().rank() == 0) std::filesystem::remove_all(dir);
-  testing::world().barrier("folder")->wait();
-  return dir;
-}
+// A folder every rank names alike (rank 0's pid), empty at the start; when the test ends every rank
+// has finished with it and rank 0 removes it.
+struct SharedFolder {
+  std::string path;
+  explicit SharedFolder(const std::string& what) {
+    std::int64_t pid = testing::world().rank() == 0 ? static_cast<std::int64_t>(::getpid()) : 0;
+    testing::world().allreduce_max(&pid, 1, comm::DataType::kInt64, "pid")->wait();
+    path = "/tmp/moex_test_" + what + "_" + std::to_string(pid);
+    if (testing::world().rank() == 0) std::filesystem::remove_all(path);
+    testing::world().barrier("folder")->wait();
+  }
+  ~SharedFolder() {
+    testing::world().barrier("done")->wait();
+    if (testing::world().rank() == 0) std::filesystem::remove_all(path);
+  }
+};
 
 // Stopping after step 3 and loading the checkpoint into a fresh trainer gives the uninterrupted
 // run's losses bit for bit (explicit schedule; replicas, bias updates and aux losses on).
@@ -540,7 +547,8 @@ TEST(Checkpoint, ResumeIsBitwiseTheUninterruptedRun) {
   o.replicas.lag = 1;
   o.skew = 1.0;
   const MoeConfig config = tiny("sigmoid");
-  const std::string dir = shared_folder("resume");
+  const SharedFolder folder("resume");
+  const std::string& dir = folder.path;
   Trainer full(config, testing::world(), o);
   std::vector<double> want;
   for (int s = 0; s < 7; ++s) want.push_back(full.step().loss);
@@ -556,8 +564,6 @@ TEST(Checkpoint, ResumeIsBitwiseTheUninterruptedRun) {
     EXPECT_EQ(r.step, s + 1);
     EXPECT_EQ(r.loss, want[static_cast<std::size_t>(s)]) << "step " << s + 1;
   }
-  testing::world().barrier("done")->wait();
-  if (testing::world().rank() == 0) std::filesystem::remove_all(dir);
 }
 
 // A save that died before its rename leaves a temporary folder: the previous checkpoint and
@@ -566,7 +572,8 @@ TEST(Checkpoint, ACrashedSaveLeavesThePreviousCheckpoint) {
   TrainOptions o;
   o.tokens_per_rank = 8;
   const MoeConfig config = tiny("sigmoid");
-  const std::string dir = shared_folder("atomic");
+  const SharedFolder folder("atomic");
+  const std::string& dir = folder.path;
   Trainer t(config, testing::world(), o);
   t.step();
   t.save_checkpoint(dir);
@@ -584,8 +591,6 @@ TEST(Checkpoint, ACrashedSaveLeavesThePreviousCheckpoint) {
   EXPECT_EQ(resolve_checkpoint(dir), dir + "/step-00000002");
   EXPECT_EQ(list_checkpoints(dir), std::vector<std::string>{dir + "/step-00000002"});
   EXPECT_FALSE(std::filesystem::exists(dir + "/.step-00000002.tmp"));
-  testing::world().barrier("done")->wait();
-  if (testing::world().rank() == 0) std::filesystem::remove_all(dir);
 }
 
 // Damage and mismatch are refused on every rank, naming the file or the field.
@@ -593,7 +598,8 @@ TEST(Checkpoint, DamagedFilesAndOtherModelsAreRefusedOnEveryRank) {
   TrainOptions o;
   o.tokens_per_rank = 8;
   const MoeConfig config = tiny("sigmoid");
-  const std::string dir = shared_folder("damaged");
+  const SharedFolder folder("damaged");
+  const std::string& dir = folder.path;
   Trainer t(config, testing::world(), o);
   t.step();
   const std::string at = t.save_checkpoint(dir);
@@ -624,8 +630,6 @@ TEST(Checkpoint, DamagedFilesAndOtherModelsAreRefusedOnEveryRank) {
     EXPECT_NE(std::string(e.what()).find("trainer_state.json: checksum"), std::string::npos) << e.what();
   }
   EXPECT_THROW(u.load_checkpoint(dir + "/nothing"), IoError);
-  testing::world().barrier("done")->wait();
-  if (testing::world().rank() == 0) std::filesystem::remove_all(dir);
 }
 
 }  // namespace
