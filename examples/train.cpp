@@ -221,7 +221,8 @@ int train(moex::comm::MpiCommunicator& world, int argc, char** argv) {
       std::printf("%s\n", moex::format_step(r, with_aux).c_str());
       std::fflush(stdout);
     }
-    if (json.is_open()) json << moex::step_json(r) << "\n";
+    // One flushed line per step: a watcher (or a rank that dies later) sees every finished step.
+    if (json.is_open()) json << moex::step_json(r) << "\n" << std::flush;
     if (r.migrated_slots > 0)
       std::printf("moex-train: step %lld: new replica layout, %lld expert slots migrated between ranks\n",
                   static_cast<long long>(r.step), static_cast<long long>(r.migrated_slots));

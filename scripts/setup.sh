@@ -5,6 +5,9 @@ cd "$(dirname "$0")/.."
 
 packages=(build-essential cmake openmpi-bin libopenmpi-dev libboost-dev libopenblas-dev
           nlohmann-json3-dev libgtest-dev python3-numpy iproute2)
+# MOEX_EXTRA_PACKAGES: more Debian packages to install with these (scripts/test.sh adds Slurm's).
+read -r -a extra <<< "${MOEX_EXTRA_PACKAGES:-}"
+packages+=("${extra[@]}")
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
