@@ -44,6 +44,7 @@ class Work {
  protected:
   Work(std::uint64_t sequence, std::string op, std::chrono::milliseconds default_timeout)
       : sequence_(sequence), op_(std::move(op)), default_timeout_(default_timeout) {}
+  std::chrono::milliseconds default_timeout() const { return default_timeout_; }
 
  private:
   std::uint64_t sequence_;

@@ -7,9 +7,12 @@
 #include <memory>
 #include <string>
 
+#include <nlohmann/json.hpp>
+
 #include "base/error.h"
 #include "examples/tool.h"
 #include "runtime/blas.h"
+#include "runtime/io/safetensors.h"
 #include "runtime/model/trainer.h"
 #ifdef MOEX_TOOLS_WITH_CUDA
 #include "comm/device_communicator.h"
@@ -43,6 +46,67 @@ moex::MoeConfig tiny_v3() {
   return c;
 }
 
+/// The end of the run's router telemetry (rank 0): a table per layer of the last step, the router
+/// saturation of every evaluation (also as JSON lines {"eval_step", "router_saturation"} in --log-json),
+/// and with --eval-routes the evaluations' decisions in a safetensors file.
+void report_router(const moex::Trainer& trainer, const moex::StepRecord& last, const moex::TrainOptions& to,
+                   std::ofstream& json, const std::string& routes_path) {
+  std::printf("moex-train: router telemetry, step %lld (all ranks' tokens)\n", static_cast<long long>(last.step));
+  std::printf(" layer | jain index | load max/mean | (max-mean)/mean | picks dropped | bytes intra-node | "
+              "bytes inter-node | change rate %%\n");
+  for (std::size_t l = 0; l < last.layers.size(); ++l) {
+    const moex::LayerTelemetry& t = last.layers[l];
+    char rate[32] = "-";
+    if (t.router_change_rate >= 0.0) std::snprintf(rate, sizeof rate, "%.2f", t.router_change_rate);
+    std::printf("%6zu | %10.4f | %13.3f | %15.3f | %13lld | %16lld | %16lld | %13s\n", l, t.jain_index,
+                t.load_max_mean, t.load_max_minus_mean_over_mean, static_cast<long long>(t.picks_dropped),
+                static_cast<long long>(t.bytes_intra_node), static_cast<long long>(t.bytes_inter_node), rate);
+  }
+  const auto sat = trainer.router_saturation();
+  if (!sat.empty()) {
+    std::printf("moex-train: router saturation (%% of the step-%lld top-%lld selections of %lld evaluation tokens)\n",
+                static_cast<long long>(sat.back().step),
+                static_cast<long long>(trainer.eval_routes().back().ids.at(0).size() / static_cast<std::size_t>(to.eval_tokens)),
+                static_cast<long long>(to.eval_tokens));
+    std::printf("  step | %s\n", [&] {
+      std::string h;
+      for (std::size_t l = 0; l < sat[0].saturation.size(); ++l) h += (l ? " | " : "") + std::string("layer ") + std::to_string(l);
+      return h;
+    }().c_str());
+    for (const auto& s : sat) {
+      std::printf("%6lld", static_cast<long long>(s.step));
+      for (double v : s.saturation) std::printf(" | %7.2f", v);
+      std::printf("\n");
+      if (json.is_open()) {
+        nlohmann::json j{{"eval_step", s.step}, {"router_saturation", s.saturation}};
+        json << j.dump() << "\n";
+      }
+    }
+    json << std::flush;
+  }
+  if (!routes_path.empty()) {
+    const auto& evals = trainer.eval_routes();
+    std::vector<moex::NamedTensor> tensors;
+    const std::int64_t N = to.eval_tokens;
+    const std::int64_t H = static_cast<std::int64_t>(trainer.eval_inputs().size()) / std::max<std::int64_t>(N, 1);
+    tensors.push_back({"eval_inputs", {N, H}, trainer.eval_inputs()});
+    std::vector<float> steps;
+    for (std::size_t i = 0; i < evals.size(); ++i) {
+      steps.push_back(static_cast<float>(evals[i].step));
+      for (std::size_t l = 0; l < evals[i].ids.size(); ++l) {
+        const auto& ids = evals[i].ids[l];
+        const auto K = static_cast<std::int64_t>(ids.size()) / std::max<std::int64_t>(N, 1);
+        char name[64];
+        std::snprintf(name, sizeof name, "eval%04zu.layer%zu.topk_ids", i, l);
+        tensors.push_back({name, {N, K}, std::vector<float>(ids.begin(), ids.end())});  // exact below 2^24
+      }
+    }
+    tensors.push_back({"eval_steps", {static_cast<std::int64_t>(steps.size())}, steps});
+    moex::write_safetensors(routes_path, tensors);
+    std::printf("moex-train: %zu router evaluations written to %s\n", evals.size(), routes_path.c_str());
+  }
+}
+
 int train(moex::comm::MpiCommunicator& world, int argc, char** argv) {
   moex::tools::Options opt("moex-train",
                            "mpirun -np N moex-train [--config C.json] [--steps S] [--seed X] ...");
@@ -70,6 +134,11 @@ int train(moex::comm::MpiCommunicator& world, int argc, char** argv) {
       .value("init-from", "", "start the student from a Hugging Face DeepSeek checkpoint (file, sharded folder or "
                               "index; FP8 dequantised): its MoE layers in order")
       .value("log-json", "", "write one JSON object per step to this file (rank 0)")
+      .value("eval-tokens", "0", "router evaluation: this many fixed tokens through the student at the evaluation "
+                                 "steps, for router change rate and saturation (0 = off)")
+      .value("eval-every", "10", "with --eval-tokens: evaluate after step 1, every N-th step and the last")
+      .value("eval-routes", "", "with --eval-tokens: write every evaluation's top-K expert ids and the "
+                                "evaluation inputs to this safetensors file (rank 0)")
       .value("log-every", "1", "print every N-th step")
       .value("timeout", "", "seconds any wait may take before the job aborts (default MOEX_TIMEOUT_S or 300)");
   moex::tools::add_schedule_options(opt);
@@ -103,6 +172,13 @@ int train(moex::comm::MpiCommunicator& world, int argc, char** argv) {
   to.replicas.interval = opt.integer("rebalance-interval");
   to.replicas.lag = opt.integer("rebalance-lag");
   to.skew = static_cast<float>(opt.non_negative("skew"));
+  to.eval_tokens = opt.integer("eval-tokens");
+  to.eval_every = opt.integer("eval-every");
+  if (to.eval_tokens < 0 || to.eval_every < 1)
+    throw moex::ConfigError("--eval-tokens = " + opt.str("eval-tokens") + ", --eval-every = " + opt.str("eval-every") +
+                            ": expected --eval-tokens >= 0 (0 = off) and --eval-every >= 1");
+  if (!opt.str("eval-routes").empty() && to.eval_tokens == 0)
+    throw moex::ConfigError("--eval-routes needs --eval-tokens N");
   if (to.aux.seq_len < 0)
     throw moex::ConfigError("--seq-len = " + std::to_string(to.aux.seq_len) + ": must be >= 0 (0 = whole shard)");
   const std::int64_t every = opt.integer("log-every");
@@ -194,6 +270,7 @@ int train(moex::comm::MpiCommunicator& world, int argc, char** argv) {
   };
   std::signal(SIGTERM, on_stop_signal);
   std::signal(SIGINT, on_stop_signal);
+  moex::StepRecord last_record;
   std::int64_t stop = 0;  // after each step: the largest signal number any rank received
   for (std::int64_t s = first_step; s < to.steps && stop == 0; ++s) {
     const moex::StepRecord r = trainer.step();
@@ -216,6 +293,7 @@ int train(moex::comm::MpiCommunicator& world, int argc, char** argv) {
     dropped += r.picks_dropped;
     if (s == first_step) first_loss = r.loss;
     last_loss = r.loss;
+    last_record = r;
     if (!lead) continue;
     if (r.step % every == 0 || r.step == 1 || r.step == to.steps) {
       std::printf("%s\n", moex::format_step(r, with_aux).c_str());
@@ -228,6 +306,7 @@ int train(moex::comm::MpiCommunicator& world, int argc, char** argv) {
                   static_cast<long long>(r.step), static_cast<long long>(r.migrated_slots));
   }
   if (!save_dir.empty() && saved_at != trainer.steps_done()) save();
+  if (lead && last_record.step > 0) report_router(trainer, last_record, to, json, opt.str("eval-routes"));
   if (lead && to.steps > first_step)
     std::printf("moex-train: loss %.6e -> %.6e (%.1f%% of the first step)\n", first_loss, last_loss,
                 100.0 * last_loss / first_loss);

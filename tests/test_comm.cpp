@@ -421,14 +421,48 @@ TEST(CommWork, WaitPastDeadlineThrowsTimeoutError) {
         << first_message;
     EXPECT_TRUE(contains(first_message, "[rank 0]")) << first_message;
     EXPECT_TRUE(contains(first_message, "MOEX_TIMEOUT_S")) << first_message;
-    const char* peers[] = {"", "", "peers: 1 ", "peers: 1,2 ", "peers: 1-3 "};
-    if (w.size() <= 4) {
-      EXPECT_TRUE(contains(first_message, peers[w.size()])) << first_message;
-    }
+    // The peers are asked where they are: none has posted the side barrier; each waits in the world
+    // communicator's barrier, which the message names, for every peer.
+    EXPECT_TRUE(contains(first_message, "not arrived at #0: rank 1 (has posted no op yet; it waits in "
+                                        "barrier(timeout test: rank 0 timed out)"))
+        << first_message;
+    EXPECT_TRUE(contains(first_message, "of another communicator")) << first_message;
+    EXPECT_TRUE(contains(first_message, "rank " + std::to_string(w.size() - 1) + " (")) << first_message;
+    EXPECT_FALSE(contains(first_message, "no answer")) << first_message;
     EXPECT_TRUE(contains(second_message, "lonely barrier")) << "the second wait did not time out: " << second_message;
     EXPECT_LT(second_wait_s, 2.0) << "wait() overshot its 30 ms deadline";
   } else {
     side.barrier("lonely barrier")->wait();
+  }
+  expect_all_ranks_passed();
+}
+
+// A peer that computes (no MPI call) while the others wait: the timed-out rank's message names it as
+// the one that does not answer, and the ranks that posted the op as arrived.
+TEST(CommWork, TimeoutNamesThePeerThatHasNotArrived) {
+  auto& w = world();
+  if (w.size() == 1) GTEST_SKIP() << "needs a peer; there is only one rank";
+  MpiCommunicator side(w.native(), std::chrono::milliseconds(10'000));  // status answers within 1 s
+  std::string message;
+  if (w.rank() == 1) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(2'500));  // "computing": no MPI call at all
+    side.barrier("late barrier")->wait();
+  } else {
+    WorkPtr b = side.barrier("late barrier");
+    if (w.rank() == 0) {
+      try {
+        b->wait(Clock::now() + std::chrono::milliseconds(50));
+      } catch (const TimeoutError& e) {
+        message = e.what();
+      }
+    }
+    b->wait();
+  }
+  if (w.rank() == 0) {
+    EXPECT_TRUE(contains(message, "barrier(late barrier) #0 on rank 0")) << message;
+    EXPECT_TRUE(contains(message, "no answer within 1.0 s from rank(s) 1 (dead, or busy outside MPI)")) << message;
+    if (w.size() >= 3) EXPECT_TRUE(contains(message, "arrived: rank(s) 2")) << message;
+    EXPECT_FALSE(contains(message, "not arrived")) << message;
   }
   expect_all_ranks_passed();
 }

@@ -12,6 +12,7 @@
 #include <utility>
 
 #include "comm/mpi/mpi_check.h"
+#include "comm/mpi/peer_status.h"
 #include "comm/op_checks.h"
 
 namespace moex::comm {
@@ -99,13 +100,17 @@ class MpiWork final : public Work {
     std::vector<int> send_counts, send_displs, recv_counts, recv_displs;
   };
 
+  /// `status` (may be null) is told of the op and asked where the peers are when it times out.
   MpiWork(std::uint64_t sequence, std::string op, std::chrono::milliseconds default_timeout, int rank, int size,
-          Arrays arrays)
+          Arrays arrays, std::shared_ptr<PeerStatus> status = nullptr)
       : Work(sequence, std::move(op), default_timeout),
         rank_(rank),
         size_(size),
         posted_at_(Clock::now()),
-        arrays_(std::move(arrays)) {}
+        arrays_(std::move(arrays)),
+        status_(std::move(status)) {
+    if (status_) status_->posted(this->sequence(), this->op());
+  }
 
   MpiWork(const MpiWork&) = delete;
   MpiWork& operator=(const MpiWork&) = delete;
@@ -138,6 +143,7 @@ class MpiWork final : public Work {
 
   bool completed() override {
     if (done_) return true;
+    PeerStatus::serve_all();  // a rank that polls answers the others' "where are you?"
     int flag = 0;
     const int rc = MPI_Test(&request_, &flag, MPI_STATUS_IGNORE);
     if (rc != MPI_SUCCESS) {
@@ -153,6 +159,14 @@ class MpiWork final : public Work {
   }
 
   void wait(Clock::time_point deadline) override {
+    if (status_ && !done_) status_->waiting(sequence(), true);
+    struct Done {
+      PeerStatus* s;
+      std::uint64_t seq;
+      ~Done() {
+        if (s) s->waiting(seq, false);
+      }
+    } done_waiting{done_ ? nullptr : status_.get(), sequence()};
     op_checks::Backoff backoff;
     while (!completed()) {
       if (Clock::now() >= deadline) {
@@ -169,9 +183,20 @@ class MpiWork final : public Work {
     const double allowed = std::max(0.0, std::chrono::duration<double>(deadline - posted_at_).count());
     std::ostringstream os;
     os << op() << " #" << sequence() << " on rank " << rank_ << " of " << size_ << " did not complete within "
-       << std::fixed << std::setprecision(1) << allowed << " s; peers: " << peer_list(rank_, size_)
-       << " (a peer may have crashed, stalled, or issued collectives in a different order); raise MOEX_TIMEOUT_S or "
-          "--timeout if the step is legitimately slower";
+       << std::fixed << std::setprecision(1) << allowed << " s; ";
+    // Ask the peers where they are (a bounded wait), unless there is no one to ask.
+    const std::string where =
+        status_ ? status_->report(sequence(), op(),
+                                  std::clamp(default_timeout() / 10, std::chrono::milliseconds(200),
+                                             std::chrono::milliseconds(2000)))
+                : std::string();
+    if (!where.empty()) {
+      os << where;
+    } else {
+      os << "peers: " << peer_list(rank_, size_)
+         << " (a peer may have crashed, stalled, or issued collectives in a different order)";
+    }
+    os << "; raise MOEX_TIMEOUT_S or --timeout if the step is legitimately slower";
     return os.str();
   }
 
@@ -180,6 +205,7 @@ class MpiWork final : public Work {
   int size_;
   Clock::time_point posted_at_;
   Arrays arrays_;
+  std::shared_ptr<PeerStatus> status_;
   bool done_ = false;
   bool timed_out_ = false;
   std::string error_;
@@ -239,6 +265,7 @@ MpiCommunicator::MpiCommunicator(MPI_Comm base, std::chrono::milliseconds timeou
     int world_rank = 0;
     MOEX_MPI_CHECK(MPI_Comm_rank(MPI_COMM_WORLD, &world_rank));
     set_process_rank(world_rank);
+    if (size_ > 1) status_ = std::make_shared<PeerStatus>(comm_, rank_, size_);
   } catch (...) {
     MPI_Comm_free(&comm_);
     throw;
@@ -248,6 +275,7 @@ MpiCommunicator::MpiCommunicator(MPI_Comm base, std::chrono::milliseconds timeou
 MpiCommunicator::~MpiCommunicator() {
   if (comm_ == MPI_COMM_NULL) return;
   int finalized = 0;
+  if (status_) status_->close();  // Works left behind may still hold it
   if (MPI_Finalized(&finalized) == MPI_SUCCESS && !finalized) MPI_Comm_free(&comm_);
 }
 
@@ -258,7 +286,7 @@ WorkPtr MpiCommunicator::alltoall(const void* send, void* recv, std::int64_t cou
   require_buffer(send, count * size_, op, "send");
   require_buffer(recv, count * size_, op, "recv");
   auto work = std::make_unique<MpiWork>(next_sequence_++, std::move(op), default_timeout_, rank_, size_,
-                                        MpiWork::Arrays{});
+                                        MpiWork::Arrays{}, status_);
   MOEX_MPI_CHECK(MPI_Ialltoall(send, n, dt, recv, n, dt, comm_, work->request()));
   return work;
 }
@@ -276,7 +304,8 @@ WorkPtr MpiCommunicator::alltoallv(const AlltoallvArgs& args) {
   require_buffer(args.send, extent(arrays.send_counts, arrays.send_displs, op, "send"), op, "send");
   require_buffer(args.recv, extent(arrays.recv_counts, arrays.recv_displs, op, "recv"), op, "recv");
   auto work =
-      std::make_unique<MpiWork>(next_sequence_++, std::move(op), default_timeout_, rank_, size_, std::move(arrays));
+      std::make_unique<MpiWork>(next_sequence_++, std::move(op), default_timeout_, rank_, size_, std::move(arrays),
+                                status_);
   const MpiWork::Arrays& a = work->arrays();
   MOEX_MPI_CHECK(MPI_Ialltoallv(args.send, a.send_counts.data(), a.send_displs.data(), dt, args.recv,
                                 a.recv_counts.data(), a.recv_displs.data(), dt, comm_, work->request()));
@@ -331,7 +360,7 @@ WorkPtr MpiCommunicator::allreduce_sum(void* data, std::int64_t count, DataType 
   const int n = to_mpi_int(count, op, "count");
   require_buffer(data, count, op, "data");
   auto work = std::make_unique<MpiWork>(next_sequence_++, std::move(op), default_timeout_, rank_, size_,
-                                        MpiWork::Arrays{});
+                                        MpiWork::Arrays{}, status_);
   MOEX_MPI_CHECK(MPI_Iallreduce(MPI_IN_PLACE, data, n, dt, MPI_SUM, comm_, work->request()));
   return work;
 }
@@ -343,7 +372,7 @@ WorkPtr MpiCommunicator::allreduce_max(void* data, std::int64_t count, DataType 
   const int n = to_mpi_int(count, op, "count");
   require_buffer(data, count, op, "data");
   auto work = std::make_unique<MpiWork>(next_sequence_++, std::move(op), default_timeout_, rank_, size_,
-                                        MpiWork::Arrays{});
+                                        MpiWork::Arrays{}, status_);
   MOEX_MPI_CHECK(MPI_Iallreduce(MPI_IN_PLACE, data, n, dt, MPI_MAX, comm_, work->request()));
   return work;
 }
@@ -356,7 +385,7 @@ WorkPtr MpiCommunicator::allgather(const void* send, void* recv, std::int64_t co
   require_buffer(send, count, op, "send");
   require_buffer(recv, count * size_, op, "recv");
   auto work = std::make_unique<MpiWork>(next_sequence_++, std::move(op), default_timeout_, rank_, size_,
-                                        MpiWork::Arrays{});
+                                        MpiWork::Arrays{}, status_);
   MOEX_MPI_CHECK(MPI_Iallgather(send, n, dt, recv, n, dt, comm_, work->request()));
   return work;
 }
@@ -381,7 +410,8 @@ WorkPtr MpiCommunicator::gatherv(const void* send, std::int64_t send_count, void
     require_buffer(recv, total(arrays.recv_counts), op, "recv");
   }
   auto work =
-      std::make_unique<MpiWork>(next_sequence_++, std::move(op), default_timeout_, rank_, size_, std::move(arrays));
+      std::make_unique<MpiWork>(next_sequence_++, std::move(op), default_timeout_, rank_, size_, std::move(arrays),
+                                status_);
   const MpiWork::Arrays& a = work->arrays();
   const bool is_root = rank_ == root;
   MOEX_MPI_CHECK(MPI_Igatherv(send, n, dt, recv, is_root ? a.recv_counts.data() : nullptr,
@@ -396,14 +426,14 @@ WorkPtr MpiCommunicator::broadcast(void* data, std::int64_t count, DataType type
   const int n = to_mpi_int(count, op, "count");
   require_buffer(data, count, op, "data");
   auto work = std::make_unique<MpiWork>(next_sequence_++, std::move(op), default_timeout_, rank_, size_,
-                                        MpiWork::Arrays{});
+                                        MpiWork::Arrays{}, status_);
   MOEX_MPI_CHECK(MPI_Ibcast(data, n, dt, root, comm_, work->request()));
   return work;
 }
 
 WorkPtr MpiCommunicator::barrier(std::string label) {
   auto work = std::make_unique<MpiWork>(next_sequence_++, op_name("barrier", label), default_timeout_, rank_, size_,
-                                        MpiWork::Arrays{});
+                                        MpiWork::Arrays{}, status_);
   MOEX_MPI_CHECK(MPI_Ibarrier(comm_, work->request()));
   return work;
 }

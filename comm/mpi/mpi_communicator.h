@@ -3,9 +3,13 @@
 
 #include <mpi.h>
 
+#include <memory>
+
 #include "comm/communicator.h"
 
 namespace moex::comm {
+
+class PeerStatus;
 
 /// Initialises MPI (if needed) for the whole process and finalises it on destruction.
 /// Asks for the `requested` thread level (MULTIPLE by default, so a communication stream may drive
@@ -63,6 +67,7 @@ class MpiCommunicator final : public Communicator {
   int size_ = 1;
   std::uint64_t next_sequence_ = 0;
   int thread_level_ = MPI_THREAD_SINGLE;
+  std::shared_ptr<PeerStatus> status_;  // where the peers are when an op times out; null alone
 };
 
 }  // namespace moex::comm

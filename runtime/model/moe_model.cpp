@@ -80,7 +80,7 @@ void MoeModel::init_random(std::uint64_t seed) {
   parameters_changed();
 }
 
-void MoeModel::forward(const float* x, std::int64_t tokens, float* y) {
+void MoeModel::forward(const float* x, std::int64_t tokens, float* y, bool on_host) {
   const std::int64_t H = config_.hidden_size;
   const auto eps = static_cast<float>(config_.rms_norm_eps);
   tokens_ = tokens;
@@ -101,7 +101,7 @@ void MoeModel::forward(const float* x, std::int64_t tokens, float* y) {
       rs[static_cast<std::size_t>(t)] = r;
       for (std::int64_t j = 0; j < H; ++j) nm[static_cast<std::size_t>(t * H + j)] = h[t * H + j] * r * g[j];
     }
-    if (executor_)
+    if (executor_ && !on_host)
       executor_->forward(*layers_[l], nm.data(), tokens, moe_out_.data());
     else
       layers_[l]->forward(nm.data(), tokens, moe_out_.data());

@@ -31,8 +31,9 @@ class MoeModel {
            const std::optional<sched::Topology>& topology = std::nullopt, const LayerOptions& options = {});
 
   void init_random(std::uint64_t seed);
-  /// y [tokens, H] = model(x [tokens, H]); keeps activations for backward.
-  void forward(const float* x, std::int64_t tokens, float* y);
+  /// y [tokens, H] = model(x [tokens, H]); keeps activations for backward. `on_host`: the host
+  /// layers even when an executor is set (the router evaluation reads their routing decisions).
+  void forward(const float* x, std::int64_t tokens, float* y, bool on_host = false);
   /// From dL/dy of the last forward: accumulates every parameter gradient, then sums the replicated
   /// ones across ranks (and, in replica mode, each multi-replica expert's over its replicas), so after
   /// it every rank holds complete gradients for what it stores.

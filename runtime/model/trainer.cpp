@@ -50,6 +50,9 @@ Trainer::Trainer(const MoeConfig& config, comm::Communicator& comm, TrainOptions
   require_non_negative("aux.seq_alpha", options_.aux.seq_alpha);
   require_non_negative("aux.expert_alpha", options_.aux.expert_alpha);
   require_non_negative("skew", options_.skew);
+  if (options_.eval_tokens < 0 || options_.eval_every < 1)
+    throw ConfigError("train: eval_tokens = " + std::to_string(options_.eval_tokens) + ", eval_every = " +
+                      std::to_string(options_.eval_every) + ": expected eval_tokens >= 0 (0 = off), eval_every >= 1");
   const ReplicaOptions& ro = options_.replicas;
   if (ro.enabled) {
     if (ro.spare_slots < 1 || ro.interval < 1 || ro.lag < 1)
@@ -172,6 +175,14 @@ StepRecord Trainer::step() {
   teacher_->forward(x_.data(), T, target_.data());
 
   student_->zero_grad();
+  const auto& layers = student_->layers();
+  const std::size_t L = layers.size();
+  bytes_seen_.resize(2 * L);
+  bytes_.resize(2 * L);
+  for (std::size_t l = 0; l < L; ++l) {
+    bytes_seen_[2 * l] = layers[l]->counters().bytes_intra_node;
+    bytes_seen_[2 * l + 1] = layers[l]->counters().bytes_inter_node;
+  }
   student_->forward(x_.data(), T, y_.data());
   const double global_elems = static_cast<double>(T) * static_cast<double>(comm_.size()) * static_cast<double>(H);
   double sq = 0.0;
@@ -180,7 +191,6 @@ StepRecord Trainer::step() {
     sq += static_cast<double>(d) * d;
     dy_[i] = static_cast<float>(2.0 * d / global_elems);
   }
-  const auto& layers = student_->layers();
   // Loss (with the aux loss when on) and expert loads travel in one reduction each, started before
   // backward needs the network. Each layer's aux loss already carries the 1/world factor.
   const bool aux_on = options_.aux.enabled();
@@ -203,9 +213,16 @@ StepRecord Trainer::step() {
   auto load_work = comm_.allreduce_sum(loads_.data(), static_cast<std::int64_t>(loads_.size()),
                                        comm::DataType::kInt64, "expert loads");
   student_->backward(dy_.data());
+  for (std::size_t l = 0; l < L; ++l) {
+    bytes_[2 * l] = layers[l]->counters().bytes_intra_node - bytes_seen_[2 * l];
+    bytes_[2 * l + 1] = layers[l]->counters().bytes_inter_node - bytes_seen_[2 * l + 1];
+  }
+  auto bytes_work = comm_.allreduce_sum(bytes_.data(), static_cast<std::int64_t>(bytes_.size()),
+                                        comm::DataType::kInt64, "exchange bytes");
   optimizer_.step();
   loss_work->wait();
   load_work->wait();
+  bytes_work->wait();
   if (options_.bias_update_speed > 0.0f) {
     // Same integer loads and the same float ops on every rank: the bias stays bit-identical.
     for (std::size_t l = 0; l < layers.size(); ++l)
@@ -238,8 +255,124 @@ StepRecord Trainer::step() {
     const double rmx = static_cast<double>(*std::max_element(ranks_first, ranks_end));
     if (rank_sum > 0) r.max_mean_rank_load = std::max(r.max_mean_rank_load, rmx * static_cast<double>(P) / rank_sum);
     r.picks_dropped += loads_[l * per_layer + static_cast<std::size_t>(E) + P];
+    LayerTelemetry t;
+    t.expert_load.assign(first, first + E);
+    double sum = 0.0, sq = 0.0;
+    for (const std::int64_t v : t.expert_load) {
+      sum += static_cast<double>(v);
+      sq += static_cast<double>(v) * static_cast<double>(v);
+    }
+    if (sq > 0.0) {
+      const double m = sum / static_cast<double>(E);
+      t.jain_index = sum * sum / (static_cast<double>(E) * sq);
+      t.load_max_mean = mx / m;
+      t.load_max_minus_mean_over_mean = (mx - m) / m;
+    }
+    t.picks_dropped = loads_[l * per_layer + static_cast<std::size_t>(E) + P];
+    t.bytes_intra_node = bytes_[2 * l];
+    t.bytes_inter_node = bytes_[2 * l + 1];
+    r.layers.push_back(std::move(t));
+  }
+  const std::int64_t every = options_.eval_every;
+  if (options_.eval_tokens > 0 && (step_ == 1 || step_ % every == 0 || step_ == options_.steps)) {
+    const auto t0 = std::chrono::steady_clock::now();
+    evaluate(r);
+    r.eval_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
   }
   return r;
+}
+
+namespace {
+
+/// (token, expert) selections two evaluations share: per token, the ids both top-K sets hold.
+std::int64_t common_picks(const std::vector<std::int32_t>& a, const std::vector<std::int32_t>& b, std::int64_t K) {
+  std::int64_t c = 0;
+  for (std::size_t t = 0; t + static_cast<std::size_t>(K) <= a.size(); t += static_cast<std::size_t>(K))
+    for (std::int64_t i = 0; i < K; ++i)
+      for (std::int64_t j = 0; j < K; ++j)
+        c += a[t + static_cast<std::size_t>(i)] == b[t + static_cast<std::size_t>(j)] ? 1 : 0;
+  return c;
+}
+
+}  // namespace
+
+void Trainer::evaluate(StepRecord& r) {
+  const std::int64_t N = options_.eval_tokens, H = config_.hidden_size, K = config_.num_experts_per_tok;
+  const int P = comm_.size(), me = comm_.rank();
+  const auto& layers = student_->layers();
+  const auto L = static_cast<std::int64_t>(layers.size());
+  // Rank p evaluates tokens [N p / P, N (p + 1) / P); token g is drawn from its own stream, so the
+  // set is the same at any rank count.
+  auto share = [&](int p) { return N * p / P; };
+  const std::int64_t first = share(me), n = share(me + 1) - first;
+  if (eval_x_.size() != static_cast<std::size_t>(n * H)) {
+    eval_x_.resize(static_cast<std::size_t>(n * H));
+    for (std::int64_t t = 0; t < n; ++t) {
+      Rng data(Rng::mix(options_.seed, 0xe7a15e7, static_cast<std::uint64_t>(first + t)));
+      data.fill_normal(eval_x_.data() + t * H, H, 1.0);
+    }
+  }
+  eval_y_.resize(static_cast<std::size_t>(n * H));
+  student_->forward(eval_x_.data(), n, eval_y_.data(), /*on_host=*/true);
+  eval_ids_.resize(static_cast<std::size_t>(L * n * K));
+  for (std::int64_t l = 0; l < L; ++l)
+    std::copy_n(layers[static_cast<std::size_t>(l)]->topk_ids().begin(), n * K, eval_ids_.begin() + l * n * K);
+  std::vector<std::int64_t> counts(static_cast<std::size_t>(P)), x_counts(static_cast<std::size_t>(P));
+  for (int p = 0; p < P; ++p) {
+    counts[static_cast<std::size_t>(p)] = L * (share(p + 1) - share(p)) * K;
+    x_counts[static_cast<std::size_t>(p)] = (share(p + 1) - share(p)) * H;
+  }
+  if (me == 0) eval_gathered_.resize(static_cast<std::size_t>(L * N * K));
+  comm_.gatherv(eval_ids_.data(), L * n * K, eval_gathered_.data(), counts, comm::DataType::kInt32, 0,
+                "router evaluation")->wait();
+  if (!eval_inputs_gathered_) {  // the inputs, once: they do not change
+    eval_inputs_gathered_ = true;
+    if (me == 0) eval_x_all_.resize(static_cast<std::size_t>(N * H));
+    comm_.gatherv(eval_x_.data(), n * H, me == 0 ? eval_x_all_.data() : nullptr, x_counts,
+                  comm::DataType::kFloat32, 0, "router evaluation inputs")->wait();
+    if (me != 0) eval_x_all_ = eval_x_;
+  }
+  std::vector<double> rates(static_cast<std::size_t>(L), -1.0);
+  if (me == 0) {
+    EvalRoutes e;
+    e.step = step_;
+    e.ids.assign(static_cast<std::size_t>(L), std::vector<std::int32_t>(static_cast<std::size_t>(N * K)));
+    std::int64_t at = 0;
+    for (int p = 0; p < P; ++p) {
+      const std::int64_t np = share(p + 1) - share(p);
+      for (std::int64_t l = 0; l < L; ++l) {
+        std::copy_n(eval_gathered_.begin() + at, np * K, e.ids[static_cast<std::size_t>(l)].begin() + share(p) * K);
+        at += np * K;
+      }
+    }
+    if (!evals_.empty())
+      for (std::int64_t l = 0; l < L; ++l) {
+        const auto li = static_cast<std::size_t>(l);
+        rates[li] = 100.0 - 100.0 * static_cast<double>(common_picks(e.ids[li], evals_.back().ids[li], K)) /
+                                static_cast<double>(N * K);
+      }
+    evals_.push_back(std::move(e));
+  }
+  // Every rank's record holds the same numbers.
+  comm_.broadcast(rates.data(), L, comm::DataType::kFloat64, 0, "router change rate")->wait();
+  for (std::int64_t l = 0; l < L; ++l) r.layers[static_cast<std::size_t>(l)].router_change_rate = rates[static_cast<std::size_t>(l)];
+  r.evaluated = true;
+}
+
+std::vector<RouterSaturation> Trainer::router_saturation() const {
+  std::vector<RouterSaturation> out;
+  if (evals_.empty()) return out;
+  const std::int64_t K = config_.num_experts_per_tok, N = options_.eval_tokens;
+  const EvalRoutes& last = evals_.back();
+  for (const EvalRoutes& e : evals_) {
+    RouterSaturation s;
+    s.step = e.step;
+    for (std::size_t l = 0; l < e.ids.size(); ++l)
+      s.saturation.push_back(100.0 * static_cast<double>(common_picks(e.ids[l], last.ids[l], K)) /
+                             static_cast<double>(N * K));
+    out.push_back(std::move(s));
+  }
+  return out;
 }
 
 std::string step_header(bool with_aux) {
@@ -262,6 +395,20 @@ std::string step_json(const StepRecord& r) {
                    {"max_mean_load", r.max_mean_load}, {"aux_loss", r.aux_loss},
                    {"max_mean_rank_load", r.max_mean_rank_load}, {"migrated_slots", r.migrated_slots},
                    {"picks_dropped", r.picks_dropped}};
+  nlohmann::json layers = nlohmann::json::array();
+  for (const LayerTelemetry& t : r.layers) {
+    nlohmann::json l{{"jain_index", t.jain_index}, {"load_max_mean", t.load_max_mean},
+                     {"load_max_minus_mean_over_mean", t.load_max_minus_mean_over_mean},
+                     {"picks_dropped", t.picks_dropped}, {"bytes_intra_node", t.bytes_intra_node},
+                     {"bytes_inter_node", t.bytes_inter_node}, {"expert_load", t.expert_load}};
+    if (t.router_change_rate >= 0.0) l["router_change_rate"] = t.router_change_rate;
+    layers.push_back(std::move(l));
+  }
+  j["layers"] = std::move(layers);
+  if (r.evaluated) {
+    j["evaluated"] = true;
+    j["eval_ms"] = r.eval_ms;
+  }
   return j.dump();
 }
 

@@ -56,6 +56,33 @@ struct TrainOptions {
   /// A fixed skew of the student's router for balancing experiments: apply_zipf_selection_bias with
   /// this exponent (0 = none; >= 0). Bias updates, when on, then work against it.
   double skew = 0.0;
+  /// Router evaluation (DeepSeekMoE statistics paper, arXiv 2505.10860): a fixed set of this many
+  /// tokens (the same at every evaluation and at any rank count; 0 = off) goes through the student
+  /// after steps 1, eval_every, 2 eval_every, ... and the last one, and each layer's top-K selections
+  /// are kept (on rank 0) for the router change rate and saturation.
+  std::int64_t eval_tokens = 0;
+  std::int64_t eval_every = 10;  ///< >= 1
+};
+
+/// One layer's router telemetry of a step (global: every rank's tokens).
+struct LayerTelemetry {
+  std::vector<std::int64_t> expert_load;  ///< [E] picks per routed expert (before capacity drops)
+  double jain_index = 0.0;                ///< (sum l)^2 / (E sum l^2): 1 = perfectly even, 1/E = one expert
+  double load_max_mean = 0.0;             ///< max / mean of expert_load
+  double load_max_minus_mean_over_mean = 0.0;  ///< (max - mean) / mean
+  std::int64_t picks_dropped = 0;         ///< capacity-factor mode: picks over capacity
+  /// Hidden-vector bytes the student's forward and backward of this step sent to ranks on the same
+  /// node / on other nodes (all ranks; the small metadata exchanges not counted).
+  std::int64_t bytes_intra_node = 0, bytes_inter_node = 0;
+  /// Evaluation steps after the first: 100 - |S_t n S_t-1| / |S_t-1| x 100 of the evaluation set's
+  /// (token, expert) selections; -1 elsewhere.
+  double router_change_rate = -1.0;
+};
+
+/// Router saturation of one evaluation: |S_t n S_T| / |S_T| x 100 per layer, S_T the last evaluation's.
+struct RouterSaturation {
+  std::int64_t step = 0;
+  std::vector<double> saturation;  ///< per layer, percent
 };
 
 /// What one step measured (identical on every rank except `ms`, which is this rank's).
@@ -75,6 +102,9 @@ struct StepRecord {
   std::int64_t migrated_slots = 0;
   /// Capacity-factor mode: (token, expert) picks dropped over capacity, all ranks and layers.
   std::int64_t picks_dropped = 0;
+  std::vector<LayerTelemetry> layers;  ///< per student layer
+  bool evaluated = false;              ///< the router evaluation ran after this step
+  double eval_ms = 0.0;                ///< its wall time on this rank (not in `ms`)
 };
 
 /// The seed paper's expert-estimation task: a fixed random teacher DeepSeekMoE model produces
@@ -128,6 +158,18 @@ class Trainer {
   /// and its own experts. A collective; IoError (on every rank) when the checkpoint holds fewer MoE
   /// layers than the model has, or for any tensor load_hf_layer refuses.
   void init_from(const std::string& path);
+  /// Router saturation of every evaluation so far against the latest (rank 0; empty elsewhere or
+  /// without evaluations). The evaluations are not saved in checkpoints: after a resume they start again.
+  std::vector<RouterSaturation> router_saturation() const;
+  /// The evaluations' routing decisions (rank 0): per evaluation its step and, per layer, the
+  /// [eval_tokens, K] expert ids in global token order; and the evaluation inputs [eval_tokens, H].
+  struct EvalRoutes {
+    std::int64_t step = 0;
+    std::vector<std::vector<std::int32_t>> ids;
+  };
+  const std::vector<EvalRoutes>& eval_routes() const { return evals_; }
+  /// The evaluation set's tokens, [eval_tokens, H] in global order (rank 0; this rank's share elsewhere).
+  const std::vector<float>& eval_inputs() const { return eval_x_all_; }
 
  private:
   /// A collective after each phase of a save or load: rethrows this rank's error, or throws one
@@ -154,6 +196,14 @@ class Trainer {
   std::vector<sched::ReplicaLayout> planned_layouts_;
   std::int64_t apply_planned_layouts();
   void request_plan();
+  /// The router evaluation after a step (a collective): fills r.layers[*].router_change_rate.
+  void evaluate(StepRecord& r);
+  std::vector<std::int64_t> bytes_;       // [L][2] this step's intra/inter-node bytes, reduced
+  std::vector<std::int64_t> bytes_seen_;  // [L][2] the layers' counters at the step's start
+  std::vector<float> eval_x_, eval_y_, eval_x_all_;
+  std::vector<std::int32_t> eval_ids_, eval_gathered_;
+  std::vector<EvalRoutes> evals_;  // rank 0
+  bool eval_inputs_gathered_ = false;
 };
 
 /// The per-step line of the training log: `step | loss | ms | tokens/s | max/mean expert load |
