@@ -19,11 +19,16 @@ set(CMAKE_REQUIRED_INCLUDES ${MOEX_CBLAS_INCLUDE_DIR})
 check_symbol_exists(openblas_set_num_threads "cblas.h" MOEX_HAVE_OPENBLAS_API)
 unset(CMAKE_REQUIRED_LIBRARIES)
 unset(CMAKE_REQUIRED_INCLUDES)
+# moex_blas: what moex_runtime (PRIVATE) and the tools link for CBLAS. It links FindBLAS's BLAS::BLAS
+# rather than the paths in BLAS_LIBRARIES, so that once installed (exported as moex::blas: the static
+# moex_runtime still needs it at the consumer's link step) it resolves through find_dependency(BLAS)
+# in moexConfig.cmake instead of this machine's paths. cblas.h and the OpenBLAS-API switch only
+# matter to moex's own sources, hence BUILD_INTERFACE.
 add_library(moex_blas INTERFACE)
-target_link_libraries(moex_blas INTERFACE ${BLAS_LIBRARIES})
-target_include_directories(moex_blas SYSTEM INTERFACE ${MOEX_CBLAS_INCLUDE_DIR})
+target_link_libraries(moex_blas INTERFACE BLAS::BLAS)
+target_include_directories(moex_blas SYSTEM INTERFACE $<BUILD_INTERFACE:${MOEX_CBLAS_INCLUDE_DIR}>)
 if(MOEX_HAVE_OPENBLAS_API)
-  target_compile_definitions(moex_blas INTERFACE MOEX_HAVE_OPENBLAS_API=1)
+  target_compile_definitions(moex_blas INTERFACE $<BUILD_INTERFACE:MOEX_HAVE_OPENBLAS_API=1>)
 endif()
 set(MOEX_BLAS_SUMMARY "${BLA_VENDOR}: ${BLAS_LIBRARIES} (cblas.h in ${MOEX_CBLAS_INCLUDE_DIR}, OpenBLAS API: ${MOEX_HAVE_OPENBLAS_API})")
 
