@@ -139,6 +139,7 @@ int bench_layer(moex::comm::MpiCommunicator& world, int argc, char** argv) {
     return moex::tools::bench_layer_gpu(world, g);
 #endif
   }
+  moex::tools::TraceOption trace(opt, world);
   const auto topology = moex::sched::Topology::from_node_ids(world.node_ids());
   const std::int64_t E = config.n_routed_experts;
   const std::int64_t slots = (E + world.size() - 1) / world.size() + spare;
@@ -295,6 +296,7 @@ int bench_layer(moex::comm::MpiCommunicator& world, int argc, char** argv) {
       std::printf("%s\n", j.dump().c_str());
     }
   }
+  trace.finish();
   return 0;
 }
 

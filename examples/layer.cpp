@@ -131,6 +131,7 @@ int run(moex::comm::MpiCommunicator& world, int argc, char** argv) {
     }
 #endif
   }
+  moex::tools::TraceOption trace(opt, world);
   const auto topology = moex::sched::Topology::from_node_ids(world.node_ids());
   const std::int64_t slots = (E + world.size() - 1) / world.size() + 1;
   const std::string name = prefix.empty() ? "layer" : prefix;
@@ -225,6 +226,7 @@ int run(moex::comm::MpiCommunicator& world, int argc, char** argv) {
   }
   if (world.rank() == 0)
     moex::write_safetensors(opt.str("output"), out, {{"producer", "moex-layer"}, {"ranks", std::to_string(world.size())}});
+  trace.finish();
   return 0;
 }
 

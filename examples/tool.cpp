@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "base/error.h"
+#include "runtime/trace.h"
 #include "runtime/blas.h"
 #include "runtime/parallel.h"
 
@@ -121,7 +122,21 @@ Options& add_schedule_options(Options& opt) {
       .value("deterministic", "off", "on: row-wise expert GEMMs, so results are bitwise the same for every --chunks")
       .value("capacity-factor", "0",
              "0 = dropless; > 0: per-rank expert capacity ceil(cf * tokens * K / E), lowest-weight picks over it "
-             "dropped and counted");
+             "dropped and counted")
+      .value("trace", "", "write a timeline of every rank's stages (Chrome trace / Perfetto JSON) to this file");
+}
+
+TraceOption::TraceOption(const Options& opt, comm::Communicator& world) : world_(world), path_(opt.str("trace")) {
+  if (!path_.empty()) trace::start(world_);
+}
+
+void TraceOption::finish() {
+  if (path_.empty()) return;
+  const long long spans = trace::write(world_, path_);
+  if (world_.rank() == 0)
+    std::printf("%s: trace of %lld spans (rank 0) written to %s (open in https://ui.perfetto.dev or chrome://tracing)\n",
+                "moex", spans, path_.c_str());
+  path_.clear();
 }
 
 LayerOptions schedule_options(const Options& opt) {

@@ -58,6 +58,19 @@ Options& add_schedule_options(Options& opt);
 /// Reads them back (ConfigError naming the option for a bad value).
 LayerOptions schedule_options(const Options& opt);
 
+/// `--trace FILE` (registered with the schedule options): with it, the timeline of every rank's
+/// stages starts here (a collective) and finish() writes it as one Chrome trace / Perfetto JSON file.
+class TraceOption {
+ public:
+  TraceOption(const Options& opt, comm::Communicator& world);
+  /// Writes the trace once (a collective) and says so on rank 0; nothing without --trace.
+  void finish();
+
+ private:
+  comm::Communicator& world_;
+  std::string path_;
+};
+
 /// Where the MoE layers run (--device cpu|cuda), and on the GPU over what (--device-comm staged|nccl)
 /// in which arithmetic (--precision fp32|bf16).
 struct DeviceChoice {

@@ -270,6 +270,7 @@ int train(moex::comm::MpiCommunicator& world, int argc, char** argv) {
   };
   std::signal(SIGTERM, on_stop_signal);
   std::signal(SIGINT, on_stop_signal);
+  moex::tools::TraceOption trace(opt, world);
   moex::StepRecord last_record;
   std::int64_t stop = 0;  // after each step: the largest signal number any rank received
   for (std::int64_t s = first_step; s < to.steps && stop == 0; ++s) {
@@ -307,6 +308,7 @@ int train(moex::comm::MpiCommunicator& world, int argc, char** argv) {
   }
   if (!save_dir.empty() && saved_at != trainer.steps_done()) save();
   if (lead && last_record.step > 0) report_router(trainer, last_record, to, json, opt.str("eval-routes"));
+  trace.finish();
   if (lead && to.steps > first_step)
     std::printf("moex-train: loss %.6e -> %.6e (%.1f%% of the first step)\n", first_loss, last_loss,
                 100.0 * last_loss / first_loss);

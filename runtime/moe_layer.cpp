@@ -1,5 +1,6 @@
 // MoELayer forward and backward: gate, route, dispatch, experts, combine, shared experts.
 #include "runtime/moe_layer.h"
+#include "runtime/trace.h"
 
 #include <algorithm>
 #include <cmath>
@@ -647,6 +648,19 @@ void MoELayer::backward(const float* dy, float* dx) {
 void MoELayer::tally(double LayerCounters::*field, double ms) {
   counters_.*field += ms;
   own_.*field += ms;
+  if (trace::enabled()) {  // the stage just ended on this thread: its span on the timeline
+    const char* what = field == &LayerCounters::gate       ? "gate"
+                       : field == &LayerCounters::permute  ? "permute"
+                       : field == &LayerCounters::experts  ? "experts"
+                       : field == &LayerCounters::combine  ? "combine"
+                       : field == &LayerCounters::shared   ? "shared experts"
+                       : field == &LayerCounters::dispatch ? "dispatch"
+                                                           : "return";
+    const auto end = std::chrono::steady_clock::now();
+    trace::span(what, end - std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+                                std::chrono::duration<double, std::milli>(ms)),
+                end, name_);
+  }
 }
 
 void MoELayer::record_pass() {

@@ -1,6 +1,8 @@
 // Stream (a Boost.Asio strand on one worker thread) and Event.
 #include "runtime/stream.h"
 
+#include "runtime/trace.h"
+
 #include <boost/asio/post.hpp>
 #include <boost/asio/strand.hpp>
 #include <boost/asio/thread_pool.hpp>
@@ -56,6 +58,7 @@ Stream::~Stream() {
 }
 
 void Stream::run(const std::function<void()>& task, Event* done) {
+  if (impl_) trace::name_thread("stream: " + name_);  // this stream's track on the timeline
   std::exception_ptr earlier;
   {
     std::lock_guard<std::mutex> lock(error_mutex_);

@@ -8,6 +8,7 @@
 #include <nlohmann/json.hpp>
 
 #include "base/error.h"
+#include "runtime/trace.h"
 #include "runtime/io/checkpoint_files.h"
 #include "runtime/io/hf_layer.h"
 #include "runtime/io/json_guard.h"
@@ -123,6 +124,7 @@ void Trainer::agree(const std::string& what, std::exception_ptr error) {
 }
 
 std::string Trainer::save_checkpoint(const std::string& dir, std::int64_t keep) {
+  trace::Scope span("checkpoint save");
   const int me = comm_.rank(), P = comm_.size();
   const std::string name = step_folder(step_);
   const fs::path final_dir = fs::path(dir) / name, tmp = fs::path(dir) / ("." + name + ".tmp");
@@ -263,6 +265,7 @@ std::string Trainer::save_checkpoint(const std::string& dir, std::int64_t keep) 
 }
 
 void Trainer::load_checkpoint(const std::string& path) {
+  trace::Scope span("checkpoint load");
   const int me = comm_.rank(), P = comm_.size();
   std::exception_ptr error;
   std::string at = path;

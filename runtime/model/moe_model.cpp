@@ -1,5 +1,6 @@
 // MoeModel forward/backward and random initialisation.
 #include "runtime/model/moe_model.h"
+#include "runtime/trace.h"
 
 #include <cmath>
 #include <cstring>
@@ -145,7 +146,10 @@ void MoeModel::backward(const float* dy) {
   for (auto& layer : layers_) pending.push_back(layer->allreduce_replicated_grads());
   for (auto& layer : layers_)  // replica mode only: sums over each multi-replica expert's replicas
     if (auto w = layer->start_replica_grad_reduce()) pending.push_back(std::move(w));
-  for (auto& w : pending) w->wait();
+  {
+    trace::Scope wait("all-reduce (replicated grads)");
+    for (auto& w : pending) w->wait();
+  }
   for (auto& layer : layers_) layer->finish_replica_grad_reduce();
 }
 

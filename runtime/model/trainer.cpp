@@ -12,6 +12,7 @@
 
 #include "base/error.h"
 #include "runtime/random.h"
+#include "runtime/trace.h"
 
 namespace moex {
 namespace {
@@ -158,7 +159,10 @@ void Trainer::set_executor(LayerExecutor* executor) {
 StepRecord Trainer::step() {
   const auto start = std::chrono::steady_clock::now();
   std::int64_t migrated = 0;
-  if (plan_pending_ && step_ >= apply_at_) migrated = apply_planned_layouts();
+  if (plan_pending_ && step_ >= apply_at_) {
+    trace::Scope span("migration");
+    migrated = apply_planned_layouts();
+  }
   const std::int64_t T = options_.tokens_per_rank, H = config_.hidden_size;
   const auto n = static_cast<std::size_t>(T * H);
   x_.resize(n);
@@ -172,7 +176,10 @@ StepRecord Trainer::step() {
                       static_cast<std::uint64_t>(comm_.rank() * T + t)));
     data.fill_normal(x_.data() + t * H, H, 1.0);
   }
-  teacher_->forward(x_.data(), T, target_.data());
+  {
+    trace::Scope span("teacher forward");
+    teacher_->forward(x_.data(), T, target_.data());
+  }
 
   student_->zero_grad();
   const auto& layers = student_->layers();
@@ -183,7 +190,10 @@ StepRecord Trainer::step() {
     bytes_seen_[2 * l] = layers[l]->counters().bytes_intra_node;
     bytes_seen_[2 * l + 1] = layers[l]->counters().bytes_inter_node;
   }
-  student_->forward(x_.data(), T, y_.data());
+  {
+    trace::Scope span("forward");
+    student_->forward(x_.data(), T, y_.data());
+  }
   const double global_elems = static_cast<double>(T) * static_cast<double>(comm_.size()) * static_cast<double>(H);
   double sq = 0.0;
   for (std::size_t i = 0; i < n; ++i) {
@@ -212,17 +222,26 @@ StepRecord Trainer::step() {
   }
   auto load_work = comm_.allreduce_sum(loads_.data(), static_cast<std::int64_t>(loads_.size()),
                                        comm::DataType::kInt64, "expert loads");
-  student_->backward(dy_.data());
+  {
+    trace::Scope span("backward");
+    student_->backward(dy_.data());
+  }
   for (std::size_t l = 0; l < L; ++l) {
     bytes_[2 * l] = layers[l]->counters().bytes_intra_node - bytes_seen_[2 * l];
     bytes_[2 * l + 1] = layers[l]->counters().bytes_inter_node - bytes_seen_[2 * l + 1];
   }
   auto bytes_work = comm_.allreduce_sum(bytes_.data(), static_cast<std::int64_t>(bytes_.size()),
                                         comm::DataType::kInt64, "exchange bytes");
-  optimizer_.step();
-  loss_work->wait();
-  load_work->wait();
-  bytes_work->wait();
+  {
+    trace::Scope span("optimizer");
+    optimizer_.step();
+  }
+  {
+    trace::Scope span("all-reduce (loss, loads)");
+    loss_work->wait();
+    load_work->wait();
+    bytes_work->wait();
+  }
   if (options_.bias_update_speed > 0.0f) {
     // Same integer loads and the same float ops on every rank: the bias stays bit-identical.
     for (std::size_t l = 0; l < layers.size(); ++l)
@@ -276,6 +295,7 @@ StepRecord Trainer::step() {
   const std::int64_t every = options_.eval_every;
   if (options_.eval_tokens > 0 && (step_ == 1 || step_ % every == 0 || step_ == options_.steps)) {
     const auto t0 = std::chrono::steady_clock::now();
+    trace::Scope span("router evaluation");
     evaluate(r);
     r.eval_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
   }
