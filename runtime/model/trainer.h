@@ -162,7 +162,7 @@ class Trainer {
   /// without evaluations). The evaluations are not saved in checkpoints: after a resume they start again.
   std::vector<RouterSaturation> router_saturation() const;
   /// The evaluations' routing decisions (rank 0): per evaluation its step and, per layer, the
-  /// [eval_tokens, K] expert ids in global token order; and the evaluation inputs [eval_tokens, H].
+  /// [eval_tokens, K] expert ids in global token order.
   struct EvalRoutes {
     std::int64_t step = 0;
     std::vector<std::vector<std::int32_t>> ids;

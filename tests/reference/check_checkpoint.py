@@ -72,8 +72,9 @@ def same_tensors(a, b, what):
                 sys.exit(f"FAIL: {what}: tensor {k} differs between {a} and {b} ({n} values)")
 
 
-def rank_pids(marker):
-    """moex-train rank processes whose command line holds `marker`, by MPI rank."""
+def rank_pids(marker, rank_var="OMPI_COMM_WORLD_RANK"):
+    """moex-train rank processes whose command line holds `marker`, by the rank their environment
+    variable `rank_var` gives (mpirun's OMPI_COMM_WORLD_RANK; srun's SLURM_PROCID)."""
     out = {}
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
@@ -86,7 +87,7 @@ def rank_pids(marker):
         if not cmd or not cmd[0].endswith(b"moex-train") or marker.encode() not in cmd:
             continue
         for kv in env:
-            if kv.startswith(b"OMPI_COMM_WORLD_RANK="):
+            if kv.startswith(rank_var.encode() + b"="):
                 out[int(kv.split(b"=")[1])] = int(pid)
     return out
 

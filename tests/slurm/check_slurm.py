@@ -253,7 +253,7 @@ exec {args.mpirun} -np 2 {args.train} {' '.join(common)} --steps {S} --log-json 
         victim = None
         while p.poll() is None and time.monotonic() - t0 < args.timeout:
             if os.path.exists(marker) and len(open(marker).read().splitlines()) >= 2:
-                victim = rank_pids(marker).get(1, rank_pids_slurm(marker).get(1))
+                victim = rank_pids(marker, "SLURM_PROCID").get(1)
                 if victim:
                     break
             time.sleep(0.05)
@@ -269,7 +269,7 @@ exec {args.mpirun} -np 2 {args.train} {' '.join(common)} --steps {S} --log-json 
             fail("lost rank: srun did not end within 60 s of SIGKILL to rank 1")
         ended = time.monotonic() - t_kill
         time.sleep(1.0)
-        left = {**rank_pids(marker), **rank_pids_slurm(marker)}
+        left = {**rank_pids(marker), **rank_pids(marker, "SLURM_PROCID")}
         if left:
             for pid in left.values():
                 os.kill(pid, signal.SIGKILL)
@@ -285,25 +285,6 @@ exec {args.mpirun} -np 2 {args.train} {' '.join(common)} --steps {S} --log-json 
         cluster.stop()
         shutil.rmtree(root, ignore_errors=True)
     print("all Slurm checks passed")
-
-
-def rank_pids_slurm(marker):
-    """moex-train tasks that srun started (SLURM_PROCID instead of OMPI_COMM_WORLD_RANK), by rank."""
-    out = {}
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            cmd = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
-            environ = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
-        except OSError:
-            continue
-        if not cmd or not cmd[0].endswith(b"moex-train") or marker.encode() not in cmd:
-            continue
-        for kv in environ:
-            if kv.startswith(b"SLURM_PROCID="):
-                out[int(kv.split(b"=")[1])] = int(pid)
-    return out
 
 
 if __name__ == "__main__":
