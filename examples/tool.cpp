@@ -139,6 +139,28 @@ void TraceOption::finish() {
   path_.clear();
 }
 
+std::unique_ptr<MetricsServer> start_metrics_server(comm::Communicator& world, const std::string& bind, int port) {
+  std::unique_ptr<MetricsServer> server;
+  std::string why;
+  if (world.rank() == 0) {
+    try {
+      MetricsServerOptions o;
+      o.bind = bind;
+      o.port = port;
+      server = std::make_unique<MetricsServer>(o);
+    } catch (const ConfigError& e) {
+      why = e.message();
+    }
+  }
+  // Every rank learns whether rank 0 listens, and why not: nobody trains on while rank 0 stops.
+  std::int64_t size = static_cast<std::int64_t>(why.size());
+  world.broadcast(&size, 1, comm::DataType::kInt64, 0, "metrics endpoint status")->wait();
+  if (size == 0) return server;
+  why.resize(static_cast<std::size_t>(size));
+  world.broadcast(why.data(), size, comm::DataType::kByte, 0, "metrics endpoint error")->wait();
+  throw ConfigError(world.rank() == 0 ? why : "rank 0: " + why);
+}
+
 LayerOptions schedule_options(const Options& opt) {
   LayerOptions lo;
   if (opt.str("chunks") == "auto") {

@@ -4,10 +4,12 @@
 #include <cstdint>
 #include <functional>
 #include <map>
+#include <memory>
 #include <string>
 #include <vector>
 
 #include "comm/mpi/mpi_communicator.h"
+#include "runtime/metrics_server.h"
 #include "runtime/moe_layer.h"
 
 namespace moex::tools {
@@ -83,6 +85,10 @@ Options& add_device_options(Options& opt, const std::string& what, const std::st
 /// Reads them back: ConfigError for a bad value, or for --device cuda in a build without CUDA
 /// (`built_with_cuda`: the tool's own MOEX_TOOLS_WITH_CUDA).
 DeviceChoice device_options(const Options& opt, bool built_with_cuda);
+
+/// Starts the Prometheus endpoint on rank 0 (a collective): null on the other ranks. When rank 0
+/// cannot listen (address, port in use), every rank throws ConfigError with rank 0's reason.
+std::unique_ptr<MetricsServer> start_metrics_server(comm::Communicator& world, const std::string& bind, int port);
 
 /// Sets the world communicator's deadline from a `--timeout` seconds value (> 0).
 void apply_timeout(comm::MpiCommunicator& world, double seconds);

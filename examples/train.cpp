@@ -13,6 +13,8 @@
 #include "examples/tool.h"
 #include "runtime/blas.h"
 #include "runtime/io/safetensors.h"
+#include "runtime/metrics_server.h"
+#include "runtime/model/train_metrics.h"
 #include "runtime/model/trainer.h"
 #ifdef MOEX_TOOLS_WITH_CUDA
 #include "comm/device_communicator.h"
@@ -140,6 +142,10 @@ int train(moex::comm::MpiCommunicator& world, int argc, char** argv) {
       .value("eval-routes", "", "with --eval-tokens: write every evaluation's top-K expert ids and the "
                                 "evaluation inputs to this safetensors file (rank 0)")
       .value("log-every", "1", "print every N-th step")
+      .value("metrics-port", "", "serve Prometheus metrics at http://ADDR:PORT/metrics from rank 0 (0 = a free port, "
+                                 "printed; default: nothing listens)")
+      .value("metrics-bind", "127.0.0.1", "with --metrics-port: the address to listen on (e.g. 0.0.0.0 for every "
+                                          "interface)")
       .value("timeout", "", "seconds any wait may take before the job aborts (default MOEX_TIMEOUT_S or 300)");
   moex::tools::add_schedule_options(opt);
   moex::tools::add_device_options(opt, "every MoE layer (norms, loss and AdamW stay on the host)", "fp32");
@@ -191,6 +197,11 @@ int train(moex::comm::MpiCommunicator& world, int argc, char** argv) {
                             ": each must be >= 0");
   if (save_dir.empty() && (save_every > 0 || keep > 0))
     throw moex::ConfigError("--save-every and --keep need --save DIR");
+
+  const bool serve_metrics = opt.given("metrics-port");
+  if (!serve_metrics && opt.given("metrics-bind")) throw moex::ConfigError("--metrics-bind needs --metrics-port P");
+  if (serve_metrics && !(opt.integer("metrics-port") >= 0 && opt.integer("metrics-port") <= 65535))
+    throw moex::ConfigError("--metrics-port = " + opt.str("metrics-port") + ": expected a TCP port, 0 (any free one) to 65535");
 
   moex::Trainer trainer(config, world, to);
   const bool lead = world.rank() == 0;
@@ -271,6 +282,19 @@ int train(moex::comm::MpiCommunicator& world, int argc, char** argv) {
   std::signal(SIGTERM, on_stop_signal);
   std::signal(SIGINT, on_stop_signal);
   moex::tools::TraceOption trace(opt, world);
+  std::unique_ptr<moex::MetricsServer> metrics_server;
+  std::unique_ptr<moex::TrainMetrics> metrics;
+  if (serve_metrics) {
+    metrics_server = moex::tools::start_metrics_server(world, opt.str("metrics-bind"),
+                                                       static_cast<int>(opt.integer("metrics-port")));
+    metrics = std::make_unique<moex::TrainMetrics>(world, to.tokens_per_rank, to.steps);
+    if (lead) {
+      const std::string& a = metrics_server->address();
+      std::printf("moex-train: metrics at http://%s:%d/metrics\n",
+                  (a.find(':') != std::string::npos ? "[" + a + "]" : a).c_str(), metrics_server->port());
+      std::fflush(stdout);
+    }
+  }
   moex::StepRecord last_record;
   std::int64_t stop = 0;  // after each step: the largest signal number any rank received
   for (std::int64_t s = first_step; s < to.steps && stop == 0; ++s) {
@@ -281,6 +305,10 @@ int train(moex::comm::MpiCommunicator& world, int argc, char** argv) {
       std::printf("moex-train: signal %lld: stopping after step %lld%s\n", static_cast<long long>(stop),
                   static_cast<long long>(r.step), save_dir.empty() ? " (no --save: nothing is kept)" : "");
     if (save_every > 0 && r.step % save_every == 0) save();
+    if (metrics) {
+      std::string text = metrics->collect(r, trainer.student());
+      if (lead) metrics_server->publish(std::move(text));
+    }
     // --chunks auto: say once what the first layer chose (every layer chooses alike, from its own
     // measured passes; the losses depend on the choice only through fp32 rounding).
     const auto& layers = trainer.student().layers();
