@@ -172,22 +172,6 @@ std::chrono::steady_clock::time_point MoELayer::deadline() const {
   return std::chrono::steady_clock::now() + comm_.default_timeout() + std::chrono::seconds(5);
 }
 
-comm::WorkPtr MoELayer::alltoallv(const void* send, std::span<const std::int64_t> send_counts,
-                                  std::span<const std::int64_t> send_displs, void* recv,
-                                  std::span<const std::int64_t> recv_counts,
-                                  std::span<const std::int64_t> recv_displs, const std::string& what) {
-  comm::AlltoallvArgs args;
-  args.send = send;
-  args.send_counts = send_counts;
-  args.send_displs = send_displs;
-  args.recv = recv;
-  args.recv_counts = recv_counts;
-  args.recv_displs = recv_displs;
-  args.type = comm::DataType::kFloat32;
-  args.label = what + " " + name_;
-  return comm_.alltoallv(args);
-}
-
 void MoELayer::count_bytes(std::span<const std::int64_t> send_elems, std::int64_t elem_bytes) {
   const int me = comm_.rank();
   for (int q = 0; q < comm_.size(); ++q) {
@@ -286,24 +270,10 @@ void MoELayer::exchange(const sched::ExchangePlan& plan, int c, bool out, layer:
                         bool skip_self, const std::string& label) {
   // On the communication stream: complete before returning.
   const std::int64_t W = dw ? topk_ : hidden_;
-  std::vector<std::int64_t> sc, sd, rc, rd;
-  if (out) {
-    plan.send_block_counts(c, W, sc);
-    plan.send_block_displs(c, W, sd);
-    plan.recv_block_counts(c, W, rc);
-    plan.recv_block_displs(c, W, rd);
-  } else {
-    plan.recv_block_counts(c, W, sc);
-    plan.recv_block_displs(c, W, sd);
-    plan.send_block_counts(c, W, rc);
-    plan.send_block_displs(c, W, rd);
-  }
-  // Local-first: the block to itself is copied on the compute thread; the others keep their places.
-  if (skip_self) sc[static_cast<std::size_t>(comm_.rank())] = rc[static_cast<std::size_t>(comm_.rank())] = 0;
-  count_bytes(sc, 4);
-  const std::int64_t f = out ? plan.chunk_send_first(c) : plan.chunk_recv_first(c);
-  const std::int64_t t = out ? plan.chunk_recv_first(c) : plan.chunk_send_first(c);
-  alltoallv(rows(from, dw) + f * W, sc, sd, rows(to, dw) + t * W, rc, rd, label)->wait();
+  comm::WorkPtr work = layer::host_exchange(comm_, plan, c, out, W, rows(from, dw), rows(to, dw), skip_self,
+                                            label + " " + name_, blocks_);
+  count_bytes(blocks_.send_counts, 4);
+  work->wait();
 }
 
 void MoELayer::send(int c, bool grad, bool skip_self) {

@@ -361,10 +361,7 @@ class MoELayer : private layer::PassSteps {
   void calibrate_gemm();
   void resolve_schedule();
   void count_bytes(std::span<const std::int64_t> send_elems, std::int64_t elem_bytes);
-  comm::WorkPtr alltoallv(const void* send, std::span<const std::int64_t> send_counts,
-                          std::span<const std::int64_t> send_displs, void* recv,
-                          std::span<const std::int64_t> recv_counts, std::span<const std::int64_t> recv_displs,
-                          const std::string& what);
+  layer::HostBlocks blocks_;  // the row exchanges' counts and displacements (communication stream)
 };
 
 }  // namespace moex

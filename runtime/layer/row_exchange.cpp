@@ -73,4 +73,34 @@ void sum_returns(const PassPlan& plan, RowMoves& m, int c, bool accumulate, bool
   if (dw) m.gather_values((t1 - t0) * O.topk, O.pick_back, t0 * O.topk, Buf::kOriginBack, Buf::kPicks, t0 * O.topk);
 }
 
+comm::WorkPtr host_exchange(comm::Communicator& comm, const sched::ExchangePlan& plan, int c, bool out,
+                            std::int64_t width, const float* from, float* to, bool skip_self, std::string label,
+                            HostBlocks& b) {
+  if (out) {
+    plan.send_block_counts(c, width, b.send_counts);
+    plan.send_block_displs(c, width, b.send_displs);
+    plan.recv_block_counts(c, width, b.recv_counts);
+    plan.recv_block_displs(c, width, b.recv_displs);
+  } else {
+    plan.recv_block_counts(c, width, b.send_counts);
+    plan.recv_block_displs(c, width, b.send_displs);
+    plan.send_block_counts(c, width, b.recv_counts);
+    plan.send_block_displs(c, width, b.recv_displs);
+  }
+  // Local-first: the block to itself is copied by the caller; the others keep their places.
+  if (skip_self) b.send_counts[static_cast<std::size_t>(comm.rank())] = b.recv_counts[static_cast<std::size_t>(comm.rank())] = 0;
+  const std::int64_t f = out ? plan.chunk_send_first(c) : plan.chunk_recv_first(c);
+  const std::int64_t t = out ? plan.chunk_recv_first(c) : plan.chunk_send_first(c);
+  comm::AlltoallvArgs args;
+  args.send = from + f * width;
+  args.send_counts = b.send_counts;
+  args.send_displs = b.send_displs;
+  args.recv = to + t * width;
+  args.recv_counts = b.recv_counts;
+  args.recv_displs = b.recv_displs;
+  args.type = comm::DataType::kFloat32;
+  args.label = std::move(label);
+  return comm.alltoallv(args);
+}
+
 }  // namespace moex::layer
