@@ -9,6 +9,7 @@
 #include <nlohmann/json.hpp>
 
 #include "base/error.h"
+#include "examples/bench_tools.h"
 #include "examples/tool.h"
 #include "runtime/blas.h"
 #include "runtime/moe_layer.h"
@@ -303,7 +304,9 @@ int bench_layer(moex::comm::MpiCommunicator& world, int argc, char** argv) {
 int run(moex::comm::MpiCommunicator& world, int argc, char** argv) {
   const std::string what = argc > 1 ? argv[1] : "";
   if (what == "layer") return bench_layer(world, argc, argv);
-  throw moex::ConfigError("moex-bench: unknown benchmark '" + what + "'; expected: layer (try moex-bench layer --help)");
+  if (what == "exchange") return moex::tools::bench_exchange(world, argc, argv);
+  throw moex::ConfigError("moex-bench: unknown benchmark '" + what +
+                          "'; expected: layer or exchange (try moex-bench layer --help)");
 }
 
 }  // namespace
