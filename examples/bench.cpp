@@ -305,8 +305,9 @@ int run(moex::comm::MpiCommunicator& world, int argc, char** argv) {
   const std::string what = argc > 1 ? argv[1] : "";
   if (what == "layer") return bench_layer(world, argc, argv);
   if (what == "exchange") return moex::tools::bench_exchange(world, argc, argv);
+  if (what == "model") return moex::tools::bench_model(world, argc, argv);
   throw moex::ConfigError("moex-bench: unknown benchmark '" + what +
-                          "'; expected: layer or exchange (try moex-bench layer --help)");
+                          "'; expected: layer, exchange or model (try moex-bench layer --help)");
 }
 
 }  // namespace
