@@ -14,6 +14,7 @@
 #include <nlohmann/json.hpp>
 
 #include "base/error.h"
+#include "examples/bench_exchange.h"
 #include "examples/bench_tools.h"
 #include "runtime/kernels/permute.h"
 #include "runtime/layer/pass_plan.h"
@@ -66,13 +67,11 @@ float row_value(int r, std::int64_t t, std::int64_t h) {
   return static_cast<float>((r * 131 + t * 7 + h) % 1021 - 510);
 }
 
-/// layer::RowMoves on host buffers: the layer's moves without its experts.
-class HostRows final : public layer::RowMoves {
+/// BenchRows on host buffers: the layer's moves without its experts.
+class HostRows final : public BenchRows {
  public:
   HostRows(comm::Communicator& c, std::int64_t hidden, std::int64_t topk) : comm_(c), H_(hidden), K_(topk) {}
-  std::vector<float>& buf(layer::Buf b) { return bufs_[static_cast<std::size_t>(b)]; }
-  /// Sizes every buffer for `plan` (reused across sizes: grows only).
-  void size_for(const layer::PassPlan& plan, std::int64_t tokens) {
+  void prepare(const layer::PassPlan& plan, std::int64_t tokens) override {
     using layer::Buf;
     const auto fit = [&](Buf b, std::int64_t rows, std::int64_t w) {
       auto& v = buf(b);
@@ -95,6 +94,19 @@ class HostRows final : public layer::RowMoves {
     fit(Buf::kOut, tokens, H_);
     fit(Buf::kPicks, tokens, K_);
   }
+  void load(const layer::PassPlan& plan, const std::vector<float>& x) override {
+    const auto& o = plan.origin();
+    kernels::gather_rows(o.send_rows(), H_, o.send_token.data(), x.data(), H_, buf(layer::Buf::kOriginSend).data(), H_);
+  }
+  void clear_recv(std::int64_t rows) override { std::fill_n(buf(layer::Buf::kRecv).begin(), rows * H_, -1.0f); }
+  void echo(std::int64_t rows) override {
+    std::copy_n(buf(layer::Buf::kRecv).begin(), rows * H_, buf(layer::Buf::kRet).begin());
+  }
+  void finish() override {}
+  void read(layer::Buf b, std::int64_t elems, std::vector<float>& out) override {
+    out.assign(buf(b).begin(), buf(b).begin() + elems);
+  }
+  std::string describe() const override { return "host buffers over MPI"; }
   void gather(std::int64_t n, const std::vector<std::int64_t>& index, std::int64_t at, layer::Buf src, layer::Buf dst,
               std::int64_t dst_row, bool) override {
     kernels::gather_rows(n, H_, index.data() + at, buf(src).data(), H_, buf(dst).data() + dst_row * H_, H_);
@@ -118,9 +130,9 @@ class HostRows final : public layer::RowMoves {
     w->wait();
   }
   void ready() override {}
-  double remote_bytes = 0.0;  ///< bytes this rank sent to other ranks since the caller zeroed it
 
  private:
+  std::vector<float>& buf(layer::Buf b) { return bufs_[static_cast<std::size_t>(b)]; }
   comm::Communicator& comm_;
   std::int64_t H_, K_;
   std::vector<float> bufs_[static_cast<int>(layer::Buf::kPicks) + 1];
@@ -138,6 +150,10 @@ struct Row {
 
 }  // namespace
 
+std::unique_ptr<BenchRows> make_host_rows(comm::Communicator& comm, std::int64_t hidden, std::int64_t topk) {
+  return std::make_unique<HostRows>(comm, hidden, topk);
+}
+
 int bench_exchange(comm::MpiCommunicator& world, int argc, char** argv) {
   Options opt("moex-bench exchange",
               "mpirun -np N moex-bench exchange [--hidden H --experts E --topk K --min-tokens A --max-tokens B "
@@ -154,7 +170,15 @@ int bench_exchange(comm::MpiCommunicator& world, int argc, char** argv) {
       .value("seed", "1", "seed of the routing")
       .value("check", "on", "on: check every received row and every token's returned sum (#wrong)")
       .flag("json", "also print one JSON line per row");
+  add_device_options(opt, "where the rows live (cuda: prints SKIPPED where there is no GPU)", "fp32");
   if (!opt.parse(argc, argv, 2)) return 0;
+#ifdef MOEX_TOOLS_WITH_CUDA
+  const DeviceChoice device = device_options(opt, true);
+#else
+  const DeviceChoice device = device_options(opt, false);
+#endif
+  if (device.precision != "fp32")
+    throw ConfigError("--precision = " + device.precision + ": moex-bench exchange moves fp32 rows (expected fp32)");
   const std::int64_t H = opt.integer("hidden"), E = opt.integer("experts"), K = opt.integer("topk");
   const std::int64_t t_min = opt.integer("min-tokens"), t_max = opt.integer("max-tokens");
   const std::int64_t factor = opt.integer("step-factor"), iters = opt.integer("iters"), warmup = opt.integer("warmup");
@@ -187,7 +211,21 @@ int bench_exchange(comm::MpiCommunicator& world, int argc, char** argv) {
                 P, topology.describe().c_str(), static_cast<long long>(H), static_cast<long long>(4 * H),
                 static_cast<long long>(E), static_cast<long long>(K), static_cast<long long>(iters));
 
-  HostRows moves(world, H, K);
+  std::unique_ptr<BenchRows> rows_ptr;
+  if (device.cuda) {
+#ifdef MOEX_TOOLS_WITH_CUDA
+    std::string why;
+    rows_ptr = make_device_rows(world, device.comm, H, K, &why);
+    if (!rows_ptr) {
+      if (me == 0) std::printf("SKIPPED: no CUDA device: %s\n", why.c_str());
+      return 0;
+    }
+#endif
+  } else {
+    rows_ptr = make_host_rows(world, H, K);
+  }
+  BenchRows& moves = *rows_ptr;
+  if (me == 0) std::printf("# rows: %s\n", moves.describe().c_str());
   layer::PassPlan pass;
   std::vector<std::int32_t> ids, peer_ids;
   std::vector<float> weights, x, ref_send, ref_recv;
@@ -223,28 +261,33 @@ int bench_exchange(comm::MpiCommunicator& world, int argc, char** argv) {
         pass.exchange_metadata(world, world.default_timeout());
         pass.finish();
         const double pm = ms_since(t0);
-        moves.size_for(pass, T);
+        moves.prepare(pass, T);
         const auto& o = pass.origin();
-        kernels::gather_rows(o.send_rows(), H, o.send_token.data(), x.data(), H,
-                             moves.buf(layer::Buf::kOriginSend).data(), H);
-        std::fill_n(moves.buf(layer::Buf::kRecv).begin(), pass.main.recv_rows() * H, -1.0f);
+        moves.load(pass, x);
+        moves.clear_recv(pass.main.recv_rows());
+        moves.finish();
         world.barrier("bench exchange dispatch")->wait();
         moves.remote_bytes = 0.0;
         t0 = Clock::now();
         layer::dispatch(pass, moves, 0, false, "bench dispatch");
         layer::arrive(pass, moves, 0);
+        moves.finish();
         const double dm = ms_since(t0);
         remote = moves.remote_bytes;
         // Every received row goes back as it came (what an identity expert would return).
-        std::copy_n(moves.buf(layer::Buf::kRecv).begin(), pass.main.recv_rows() * H, moves.buf(layer::Buf::kRet).begin());
+        moves.echo(pass.main.recv_rows());
+        moves.finish();
         world.barrier("bench exchange return")->wait();
         moves.remote_bytes = 0.0;
         t0 = Clock::now();
         layer::give_back(pass, moves, 0, false, false, "bench return");
         layer::relay(pass, moves, 0, false, "bench relay");
+        moves.ready();
+        moves.finish();
         const double rm = ms_since(t0);
         ret_remote = moves.remote_bytes;
         layer::sum_returns(pass, moves, 0, false, false);
+        moves.finish();
         // The reference: one MPI alltoall of equal blocks with this size's mean bytes per rank.
         const double mean_rows = sum_of(world, static_cast<double>(o.send_rows())) / P;
         const auto block = std::max<std::int64_t>(1, static_cast<std::int64_t>(mean_rows * static_cast<double>(H)) / P);
@@ -276,7 +319,10 @@ int bench_exchange(comm::MpiCommunicator& world, int argc, char** argv) {
         // token order, as p holds them. Return: each token's sum is (its destination ranks) x its row.
         std::int64_t wrong = 0;
         const auto& m = pass.main;
-        const float* recv = moves.buf(layer::Buf::kRecv).data();
+        std::vector<float> recv_host, out_host;
+        moves.read(layer::Buf::kRecv, m.recv_rows() * H, recv_host);
+        moves.read(layer::Buf::kOut, T * H, out_host);
+        const float* recv = recv_host.data();
         for (int p = 0; p < P; ++p) {
           make_routing(seed, p, T, E, K, peer_ids);
           std::vector<std::int64_t> expect;
@@ -295,7 +341,7 @@ int bench_exchange(comm::MpiCommunicator& world, int argc, char** argv) {
             wrong += ok ? 0 : 1;
           }
         }
-        const float* out = moves.buf(layer::Buf::kOut).data();
+        const float* out = out_host.data();
         for (std::int64_t t = 0; t < T; ++t) {
           std::vector<int> dest;
           for (std::int64_t j = 0; j < K; ++j) dest.push_back(placement.owner(ids[static_cast<std::size_t>(t * K + j)]));
