@@ -17,7 +17,8 @@ fetch any. So the GPU build is made on a Debian machine with the CUDA toolkit, a
            1. the GPU tests (the same commands as `ctest -L ^cuda$`), --jobs at a time;
            2. moex-bench-gpu --json (grouped GEMM vs dense, permute/combine vs copy, single-GPU layer);
            3. examples/torch_moe_bench.py --check, then its timings (HF loop and grouped variants);
-           4. moex-bench layer --device cuda, chunks 1 and 4 (np 1 over NCCL, np 2 over the staged path);
+           4. moex-bench layer --device cuda, chunks 1 and 4 (np 1 over NCCL, np 2 over the staged path),
+              and moex-bench exchange --device cuda (np 2, staged);
            5. moex-train --device cuda against the CPU run (200 steps, np 1 over NCCL).
          Everything goes to $OUT (gpu_run.log, bench.jsonl, summary.json); a summary table with the
          issue's three ratios is printed last.
@@ -348,6 +349,9 @@ class Runner:
                 layer += self.step(f"bench layer np{np_} {comm} c{chunks}",
                                    mpi + [np_, os.path.join(b, "moex-bench"), "layer", "--device", "cuda",
                                           "--device-comm", comm, "--chunks", chunks] + shape, 120)
+        # The exchange alone with device buffers: 2 ranks share the GPU over the staged path.
+        self.step("bench exchange np2 staged", mpi + ["2", os.path.join(b, "moex-bench"), "exchange", "--device", "cuda",
+                                                      "--device-comm", "staged", "--iters", "10", "--json"], 120)
         train = {}
         for dev in ("cpu", "cuda"):
             log = os.path.join(self.out, f"train_{dev}.jsonl")
