@@ -22,21 +22,10 @@
 #endif
 
 namespace {
-using Clock = std::chrono::steady_clock;
-
-double ms_since(Clock::time_point t) { return std::chrono::duration<double, std::milli>(Clock::now() - t).count(); }
-
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  const std::size_t n = v.size();
-  return n == 0 ? 0.0 : (n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]));
-}
-
-/// Max over ranks of a per-rank value.
-double max_over_ranks(moex::comm::Communicator& comm, double v) {
-  comm.allreduce_max(&v, 1, moex::comm::DataType::kFloat64, "bench max")->wait();
-  return v;
-}
+using Clock = moex::tools::BenchClock;
+using moex::tools::max_over_ranks;
+using moex::tools::median;
+using moex::tools::ms_since;
 
 /// The GEMMs one SwiGLU FFN runs forward and backward on `rows` rows, on scratch buffers. Returns FLOPs.
 double ffn_gemms(std::int64_t rows, std::int64_t H, std::int64_t F, std::vector<float>& buf) {
@@ -67,15 +56,8 @@ int bench_layer(moex::comm::MpiCommunicator& world, int argc, char** argv) {
   moex::tools::Options opt("moex-bench layer",
                            "mpirun -np N moex-bench layer --hidden H --ffn F --experts E --shared S --topk K "
                            "--tokens-per-rank T --iters N [--json]");
-  opt.value("hidden", "1024", "hidden_size")
-      .value("ffn", "704", "moe_intermediate_size")
-      .value("experts", "16", "n_routed_experts")
-      .value("shared", "0", "n_shared_experts")
-      .value("topk", "4", "num_experts_per_tok")
-      .value("groups", "1", "n_group")
-      .value("topk-group", "1", "topk_group")
-      .value("scoring", "sigmoid", "scoring_func: sigmoid or softmax")
-      .value("tokens-per-rank", "2048", "tokens per rank per iteration")
+  moex::tools::add_shape_options(opt);
+  opt.value("tokens-per-rank", "2048", "tokens per rank per iteration")
       .value("iters", "10", "timed iterations")
       .value("warmup", "3", "untimed iterations first (auto schedules: two measured passes, then the choice)")
       .value("seed", "1", "seed of weights and inputs")
@@ -89,20 +71,7 @@ int bench_layer(moex::comm::MpiCommunicator& world, int argc, char** argv) {
   moex::tools::add_device_options(opt, "the timed layer (prints SKIPPED where there is no GPU)", "bf16");
   moex::tools::add_schedule_options(opt);
   if (!opt.parse(argc, argv, 2)) return 0;
-  nlohmann::json cj{{"model_type", "deepseek_v3"},
-                    {"hidden_size", opt.integer("hidden")},
-                    {"moe_intermediate_size", opt.integer("ffn")},
-                    {"n_routed_experts", opt.integer("experts")},
-                    {"n_shared_experts", opt.integer("shared")},
-                    {"num_experts_per_tok", opt.integer("topk")},
-                    {"n_group", opt.integer("groups")},
-                    {"topk_group", opt.integer("topk-group")},
-                    {"scoring_func", opt.str("scoring")},
-                    {"topk_method", opt.str("scoring") == "sigmoid" ? "noaux_tc" : "group_limited_greedy"},
-                    {"norm_topk_prob", opt.str("scoring") == "sigmoid"},
-                    {"routed_scaling_factor", opt.str("scoring") == "sigmoid" ? 2.5 : 1.0},
-                    {"num_hidden_layers", 1}};
-  const moex::MoeConfig config = moex::MoeConfig::from_json(cj);
+  const moex::MoeConfig config = moex::tools::shape_config(opt);
   const std::int64_t T = opt.integer("tokens-per-rank"), iters = opt.integer("iters"), warmup = opt.integer("warmup");
   if (T < 0 || iters < 1 || warmup < 0)
     throw moex::ConfigError("--tokens-per-rank must be >= 0, --iters >= 1, --warmup >= 0");

@@ -26,22 +26,12 @@
 namespace moex::tools {
 namespace {
 
-using Clock = std::chrono::steady_clock;
-double ms_since(Clock::time_point t) { return std::chrono::duration<double, std::milli>(Clock::now() - t).count(); }
+using Clock = BenchClock;
 
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  const std::size_t n = v.size();
-  return n == 0 ? 0.0 : (n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]));
-}
-
-template <typename T>
-T reduce(comm::Communicator& c, T v, bool max, comm::DataType type) {
-  (max ? c.allreduce_max(&v, 1, type, "bench exchange") : c.allreduce_sum(&v, 1, type, "bench exchange"))->wait();
+std::int64_t total_over_ranks(comm::Communicator& c, std::int64_t v) {
+  c.allreduce_sum(&v, 1, comm::DataType::kInt64, "bench exchange")->wait();
   return v;
 }
-double max_of(comm::Communicator& c, double v) { return reduce(c, v, true, comm::DataType::kFloat64); }
-double sum_of(comm::Communicator& c, double v) { return reduce(c, v, false, comm::DataType::kFloat64); }
 
 /// Rank r's top-K picks: K distinct experts per token, uniform (the same on every rank that asks).
 void make_routing(std::uint64_t seed, int r, std::int64_t T, std::int64_t E, std::int64_t K,
@@ -111,10 +101,6 @@ class HostRows final : public BenchRows {
               std::int64_t dst_row, bool) override {
     kernels::gather_rows(n, H_, index.data() + at, buf(src).data(), H_, buf(dst).data() + dst_row * H_, H_);
   }
-  void gather_values(std::int64_t, const std::vector<std::int64_t>&, std::int64_t, layer::Buf, layer::Buf,
-                     std::int64_t) override {
-    throw InternalError("moex-bench exchange: routing-weight gradients are not exchanged here");
-  }
   void sum(std::int64_t n, const std::vector<std::int64_t>& offsets, std::int64_t at,
            const std::vector<std::int64_t>& members, layer::Buf src, layer::Buf dst, std::int64_t dst_row,
            bool accumulate) override {
@@ -149,6 +135,11 @@ struct Row {
 };
 
 }  // namespace
+
+void BenchRows::gather_values(std::int64_t, const std::vector<std::int64_t>&, std::int64_t, layer::Buf, layer::Buf,
+                              std::int64_t) {
+  throw InternalError("moex-bench exchange: routing-weight gradients are not exchanged here");
+}
 
 std::unique_ptr<BenchRows> make_host_rows(comm::Communicator& comm, std::int64_t hidden, std::int64_t topk) {
   return std::make_unique<HostRows>(comm, hidden, topk);
@@ -289,7 +280,7 @@ int bench_exchange(comm::MpiCommunicator& world, int argc, char** argv) {
         layer::sum_returns(pass, moves, 0, false, false);
         moves.finish();
         // The reference: one MPI alltoall of equal blocks with this size's mean bytes per rank.
-        const double mean_rows = sum_of(world, static_cast<double>(o.send_rows())) / P;
+        const double mean_rows = sum_over_ranks(world, static_cast<double>(o.send_rows())) / P;
         const auto block = std::max<std::int64_t>(1, static_cast<std::int64_t>(mean_rows * static_cast<double>(H)) / P);
         if (static_cast<std::int64_t>(ref_send.size()) < block * P) {
           ref_send.assign(static_cast<std::size_t>(block * P), 1.0f);
@@ -302,18 +293,18 @@ int bench_exchange(comm::MpiCommunicator& world, int argc, char** argv) {
         row.ref_remote_bytes = 4.0 * static_cast<double>(block) * (P - 1);
         row.rows = mean_rows;
         if (it < warmup) continue;
-        plan_ms.push_back(max_of(world, pm));
-        time_ms.push_back(max_of(world, dm));
-        ret_ms.push_back(max_of(world, rm));
-        ref_ms.push_back(max_of(world, fm));
+        plan_ms.push_back(max_over_ranks(world, pm));
+        time_ms.push_back(max_over_ranks(world, dm));
+        ret_ms.push_back(max_over_ranks(world, rm));
+        ref_ms.push_back(max_over_ranks(world, fm));
       }
       row.bytes = row.rows * 4.0 * static_cast<double>(H);
       row.plan_ms = median(plan_ms);
       row.time_ms = median(time_ms);
       row.ret_ms = median(ret_ms);
       row.ref_ms = median(ref_ms);
-      row.remote_bytes = max_of(world, remote);
-      row.ret_remote_bytes = max_of(world, ret_remote);
+      row.remote_bytes = max_over_ranks(world, remote);
+      row.ret_remote_bytes = max_over_ranks(world, ret_remote);
       if (check) {
         // Dispatch: from every source p, exactly the rows of p's tokens with a pick on this rank, in
         // token order, as p holds them. Return: each token's sum is (its destination ranks) x its row.
@@ -351,7 +342,7 @@ int bench_exchange(comm::MpiCommunicator& world, int argc, char** argv) {
           for (std::int64_t h = 0; h < H && ok; ++h) ok = out[t * H + h] == n * row_value(me, t, h);
           wrong += ok ? 0 : 1;
         }
-        row.wrong = reduce(world, wrong, false, comm::DataType::kInt64);
+        row.wrong = total_over_ranks(world, wrong);
         total_wrong += row.wrong;
       }
       if (me != 0) continue;

@@ -30,6 +30,9 @@ class BenchRows : public layer::RowMoves {
   virtual void read(layer::Buf b, std::int64_t elems, std::vector<float>& out) = 0;
   /// e.g. "host buffers over MPI"
   virtual std::string describe() const = 0;
+  /// The benchmark moves no routing-weight gradients (InternalError).
+  void gather_values(std::int64_t, const std::vector<std::int64_t>&, std::int64_t, layer::Buf, layer::Buf,
+                     std::int64_t) final;
   double remote_bytes = 0.0;  ///< bytes this rank sent to other ranks since the caller zeroed it
 };
 

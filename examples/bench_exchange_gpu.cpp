@@ -92,10 +92,6 @@ class DeviceRows final : public BenchRows {
               std::int64_t dst_row, bool) override {
     cuda::gather_rows(n, H_, ix(index) + at, buf(src), H_, buf(dst) + dst_row * H_, H_, stream_);
   }
-  void gather_values(std::int64_t, const std::vector<std::int64_t>&, std::int64_t, layer::Buf, layer::Buf,
-                     std::int64_t) override {
-    throw InternalError("moex-bench exchange: routing-weight gradients are not exchanged here");
-  }
   void sum(std::int64_t n, const std::vector<std::int64_t>& offsets, std::int64_t at,
            const std::vector<std::int64_t>& members, layer::Buf src, layer::Buf dst, std::int64_t dst_row,
            bool accumulate) override {

@@ -3,6 +3,8 @@
 // over ranks), with the stage times of profiled passes.
 #include "examples/bench_layer_gpu.h"
 
+#include "examples/bench_tools.h"
+
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -21,20 +23,7 @@
 
 namespace moex::tools {
 namespace {
-
-using Clock = std::chrono::steady_clock;
-
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  const std::size_t n = v.size();
-  return n == 0 ? 0.0 : (n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]));
-}
-
-double max_over_ranks(comm::Communicator& comm, double v) {
-  comm.allreduce_max(&v, 1, comm::DataType::kFloat64, "bench max")->wait();
-  return v;
-}
-
+using Clock = BenchClock;
 }  // namespace
 
 int bench_layer_gpu(comm::MpiCommunicator& world, const GpuBenchArgs& a) {

@@ -62,15 +62,9 @@ int bench_model(comm::MpiCommunicator& world, int argc, char** argv) {
   Options opt("moex-bench model",
               "moex-bench model [--config C.json | --hidden H --ffn F --experts E --shared S --topk K] "
               "--tokens-per-rank T --nodes N --ranks-per-node R --inter-gbps G --intra-gbps G [--json]");
-  opt.value("config", "", "a Hugging Face DeepSeek config.json (else the shape flags)")
-      .value("hidden", "1024", "hidden_size")
-      .value("ffn", "704", "moe_intermediate_size")
-      .value("experts", "16", "n_routed_experts")
-      .value("shared", "0", "n_shared_experts")
-      .value("topk", "4", "num_experts_per_tok")
-      .value("groups", "1", "n_group")
-      .value("topk-group", "1", "topk_group (with n_group = nodes: node-limited routing to this many nodes)")
-      .value("tokens-per-rank", "2048", "tokens per rank per step")
+  opt.value("config", "", "a Hugging Face DeepSeek config.json (else the shape flags)");
+  add_shape_options(opt);
+  opt.value("tokens-per-rank", "2048", "tokens per rank per step")
       .value("nodes", "1", "nodes")
       .value("ranks-per-node", "1", "ranks (GPUs) per node")
       .value("intra-gbps", "10", "GB/s per rank to the ranks of its node (each direction)")
@@ -92,17 +86,7 @@ int bench_model(comm::MpiCommunicator& world, int argc, char** argv) {
       .value("seed", "1", "seed of the calibration layer")
       .flag("json", "also print one JSON line per option");
   if (!opt.parse(argc, argv, 2)) return 0;
-  MoeConfig config;
-  if (!opt.str("config").empty()) {
-    config = MoeConfig::from_file(opt.str("config"));
-  } else {
-    nlohmann::json cj{{"model_type", "deepseek_v3"},          {"hidden_size", opt.integer("hidden")},
-                      {"moe_intermediate_size", opt.integer("ffn")}, {"n_routed_experts", opt.integer("experts")},
-                      {"n_shared_experts", opt.integer("shared")},  {"num_experts_per_tok", opt.integer("topk")},
-                      {"n_group", opt.integer("groups")},          {"topk_group", opt.integer("topk-group")},
-                      {"num_hidden_layers", 1}};
-    config = MoeConfig::from_json(cj);
-  }
+  const MoeConfig config = opt.str("config").empty() ? shape_config(opt) : MoeConfig::from_file(opt.str("config"));
   sched::ClusterSpec c;
   c.nodes = static_cast<int>(opt.integer("nodes"));
   c.ranks_per_node = static_cast<int>(opt.integer("ranks-per-node"));
