@@ -134,21 +134,25 @@ int bench_model(comm::MpiCommunicator& world, int argc, char** argv) {
   if (opt.number("other-us-per-token") >= 0) compute.other_ms_per_token = opt.number("other-us-per-token") / 1000.0;
   compute.share = opt.number("compute-share");
 
-  const sched::ClusterTraffic traffic = sched::expected_traffic(c, l);
-  std::vector<sched::ClusterPrediction> options;
-  for (const bool ov : {true, false}) {
-    if ((ov && overlap == "off") || (!ov && overlap == "on")) continue;
-    for (const bool hier : {false, true}) {
-      if (hier && c.nodes < 2) continue;
-      for (const auto& s : sched::candidate_schedules(c.world(), !hier))
-        for (const bool rep : {false, true}) {
-          if (rep && l.load_imbalance <= 1.02) continue;
-          options.push_back(sched::predict_step(c, l, compute, {s, hier, ov, rep}, traffic));
-        }
+  // Every option for a routing rule, fastest first.
+  const auto rank = [&](const sched::LayerSpec& spec, const sched::ClusterTraffic& t) {
+    std::vector<sched::ClusterPrediction> out;
+    for (const bool ov : {true, false}) {
+      if ((ov && overlap == "off") || (!ov && overlap == "on")) continue;
+      for (const bool hier : {false, true}) {
+        if (hier && c.nodes < 2) continue;
+        for (const auto& s : sched::candidate_schedules(c.world(), !hier))
+          for (const bool rep : {false, true}) {
+            if (rep && spec.load_imbalance <= 1.02) continue;
+            out.push_back(sched::predict_step(c, spec, compute, {s, hier, ov, rep}, t));
+          }
+      }
     }
-  }
-  std::stable_sort(options.begin(), options.end(),
-                   [](const auto& a, const auto& b) { return a.step_ms() < b.step_ms(); });
+    std::stable_sort(out.begin(), out.end(), [](const auto& x, const auto& y) { return x.step_ms() < y.step_ms(); });
+    return out;
+  };
+  const sched::ClusterTraffic traffic = sched::expected_traffic(c, l);
+  const std::vector<sched::ClusterPrediction> options = rank(l, traffic);
   if (world.rank() != 0) return 0;
   std::printf("# moex-bench model | %d nodes x %d ranks | hidden %lld ffn %lld experts %lld shared ffn %lld topk %lld "
               "groups %lld/%lld | tokens/rank %lld\n",
@@ -191,6 +195,21 @@ int bench_model(comm::MpiCommunicator& world, int argc, char** argv) {
     }
   }
   std::printf("# best: %s, %.3f ms per step\n", options.front().option.describe().c_str(), options.front().step_ms());
+  // Node-limited routing (DeepSeek-V3: groups = nodes, each token to at most M of them) changes what
+  // the model computes, so it is shown beside the schedules, not among them.
+  if (c.nodes > 1 && l.experts % c.nodes == 0 && l.groups != c.nodes) {
+    for (std::int64_t m = 1; m < std::min<std::int64_t>(c.nodes, 5); ++m) {
+      sched::LayerSpec limited = l;
+      limited.groups = c.nodes;
+      limited.topk_groups = m;
+      if (limited.topk > m * (l.experts / c.nodes)) continue;
+      const auto t = sched::expected_traffic(c, limited);
+      const auto best = rank(limited, t).front();
+      std::printf("# with node-limited routing (n_group %d, topk_group %lld; a routing change): %.2f nodes per token, "
+                  "best %s, %.3f ms per step\n",
+                  c.nodes, static_cast<long long>(m), t.nodes_per_token, best.option.describe().c_str(), best.step_ms());
+    }
+  }
   return 0;
 }
 

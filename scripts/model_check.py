@@ -25,22 +25,24 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(REPO, "build", "bin", "moex-bench")
 CLUSTER = os.path.join(REPO, "scripts", "cluster.sh")
 
-# (nodes, ranks per node, tc rate, exchange, chunks, shared experts, tokens per rank)
+# (nodes, ranks per node, tc rate, exchange, chunks, shared experts, tokens per rank, more flags)
 GRID = [
-    (2, 1, "1gbit", "flat", 1, 0, 512),
-    (2, 1, "200mbit", "flat", 1, 0, 512),
-    (2, 1, "200mbit", "flat", 2, 0, 512),
-    (2, 1, "200mbit", "flat", 4, 0, 512),
-    (2, 1, "200mbit", "flat", 1, 1, 512),
-    (2, 1, "50mbit", "flat", 1, 0, 256),
-    (2, 1, "50mbit", "flat", 2, 0, 256),
-    (3, 1, "200mbit", "flat", 1, 0, 512),
-    (4, 1, "1gbit", "flat", 1, 0, 512),
-    (4, 1, "200mbit", "flat", 2, 0, 256),
-    (2, 2, "200mbit", "flat", 1, 0, 256),
-    (2, 2, "200mbit", "flat", 2, 0, 256),
-    (2, 2, "200mbit", "hierarchical", 1, 0, 256),
-    (2, 2, "200mbit", "hierarchical", 2, 0, 256),
+    (2, 1, "1gbit", "flat", 1, 0, 512, []),
+    (2, 1, "200mbit", "flat", 1, 0, 512, []),
+    (2, 1, "200mbit", "flat", 2, 0, 512, []),
+    (2, 1, "200mbit", "flat", 4, 0, 512, []),
+    (2, 1, "200mbit", "flat", 1, 1, 512, []),
+    (2, 1, "50mbit", "flat", 1, 0, 256, []),
+    (2, 1, "50mbit", "flat", 2, 0, 256, []),
+    (3, 1, "200mbit", "flat", 1, 0, 512, []),
+    (4, 1, "1gbit", "flat", 1, 0, 512, []),
+    (4, 1, "200mbit", "flat", 2, 0, 256, []),
+    (4, 1, "200mbit", "flat", 1, 0, 256, ["--groups", "4", "--topk-group", "2"]),  # node-limited
+    (2, 2, "200mbit", "flat", 1, 0, 256, []),
+    (2, 2, "200mbit", "flat", 2, 0, 256, []),
+    (2, 2, "200mbit", "hierarchical", 1, 0, 256, []),
+    (2, 2, "200mbit", "hierarchical", 2, 0, 256, []),
+    (2, 2, "200mbit", "hierarchical", 1, 0, 256, ["--groups", "2", "--topk-group", "1"]),  # node-limited
 ]
 SHAPE = ["--hidden", "512", "--ffn", "352", "--experts", "16", "--topk", "4"]
 
@@ -103,11 +105,13 @@ def main():
     out = []
     errors = []
     grid = GRID[:3] if a.quick else GRID
-    print("%-6s %-8s %-13s %6s %6s %6s | %10s %10s %7s" % ("layout", "rate", "exchange", "chunks", "shared",
-                                                           "tokens", "measured", "predicted", "error"))
-    for nodes, rpn, rate, exchange, chunks, shared, tokens in grid:
+    print("%-6s %-8s %-13s %6s %6s %6s %-8s | %10s %10s %7s" % ("layout", "rate", "exchange", "chunks", "shared",
+                                                                 "tokens", "groups", "measured", "predicted",
+                                                                 "error"))
+    for nodes, rpn, rate, exchange, chunks, shared, tokens, more in grid:
         P = nodes * rpn
-        shape = SHAPE + ["--shared", str(shared), "--tokens-per-rank", str(tokens)]
+        shape = SHAPE + ["--shared", str(shared), "--tokens-per-rank", str(tokens)] + more
+        groups = "%s/%s" % (more[3], more[1]) if more else "-"
         m = run(launcher(nodes, rpn, rate) + [BENCH, "layer"] + shape +
                 ["--chunks", str(chunks), "--exchange", exchange, "--iters", a.iters, "--warmup", "2",
                  "--reference", "off", "--json"], env)[-1]
@@ -126,11 +130,11 @@ def main():
         pred = pick[0]["ms_step"]
         err = (pred - m["ms_step"]) / m["ms_step"]
         errors.append(abs(err))
-        print("%-6s %-8s %-13s %6d %6d %6d | %10.1f %10.1f %+6.1f%%" % ("%dx%d" % (nodes, rpn), rate, exchange,
-                                                                         chunks, shared, tokens, m["ms_step"], pred,
-                                                                         100 * err), flush=True)
+        print("%-6s %-8s %-13s %6d %6d %6d %-8s | %10.1f %10.1f %+6.1f%%" %
+              ("%dx%d" % (nodes, rpn), rate, exchange, chunks, shared, tokens, groups, m["ms_step"], pred, 100 * err),
+              flush=True)
         out.append({"nodes": nodes, "ranks_per_node": rpn, "rate": rate, "exchange": exchange, "chunks": chunks,
-                    "shared": shared, "tokens_per_rank": tokens, "measured_ms": m["ms_step"],
+                    "shared": shared, "tokens_per_rank": tokens, "routing": groups, "measured_ms": m["ms_step"],
                     "measured_comm_ms": m["ms_comm"], "measured_compute_ms": m["ms_compute"], "predicted_ms": pred,
                     "predicted_exchange_ms": pick[0]["ms_exchange"], "predicted_compute_ms": pick[0]["ms_compute"],
                     "error": err, "compute_share": share, "inter_gbps": net, "intra_gbps": intra_gbps,
