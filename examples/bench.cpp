@@ -131,7 +131,7 @@ int bench_layer(moex::comm::MpiCommunicator& world, int argc, char** argv) {
   // Layer and reference GEMMs alternate, iteration by iteration, so drift in a shared machine's
   // speed hits both alike. The reference runs this rank's expert blocks of the previous layer
   // iteration (same shapes, same FLOPs) and the shared expert, on scratch buffers.
-  std::vector<double> layer_ms, gemm_ms, comm_ms, compute_ms, load_ratio;
+  std::vector<double> layer_ms, gemm_ms, comm_ms, compute_ms, load_ratio, allreduce_ms;
   std::vector<std::vector<double>> stage_ms(6);
   std::vector<float> scratch;
   double local_flops = 0.0;
@@ -144,9 +144,12 @@ int bench_layer(moex::comm::MpiCommunicator& world, int argc, char** argv) {
     layer.zero_grad();
     layer.forward(x.data(), T, y.data());
     layer.backward(dy.data(), dx.data());
+    const auto t_ar = Clock::now();
     layer.allreduce_replicated_grads()->wait();
     layer.reduce_replica_grads();
+    const double ar = ms_since(t_ar);
     const double ms = max_over_ranks(world, ms_since(t0));
+    const double ar_max = max_over_ranks(world, ar);
     const moex::LayerCounters& k = layer.counters();
     const double comm = max_over_ranks(world, k.comm()), compute = max_over_ranks(world, k.compute());
     const double stages[6] = {k.gate, k.permute, k.dispatch, k.experts, k.combine + k.combine_comm, k.shared};
@@ -176,6 +179,7 @@ int bench_layer(moex::comm::MpiCommunicator& world, int argc, char** argv) {
     local_flops = f;
     if (i >= warmup) {
       layer_ms.push_back(ms);
+      allreduce_ms.push_back(ar_max);
       gemm_ms.push_back(ref);
       comm_ms.push_back(comm);
       compute_ms.push_back(compute);
@@ -238,6 +242,8 @@ int bench_layer(moex::comm::MpiCommunicator& world, int argc, char** argv) {
                 median(stage_ms[0]), median(stage_ms[1]), median(stage_ms[2]), median(stage_ms[3]),
                 median(stage_ms[4]), median(stage_ms[5]), ms_comm, ms_compute, ms / std::max(ms_comm, ms_compute),
                 static_cast<long long>(bytes[0]), static_cast<long long>(bytes[1]), max_mean_load);
+    std::printf("# after the backward, not in comm: the replicated gradients' all-reduce (and replica sums) %.2f ms\n",
+                median(allreduce_ms));
     if (opt.on("json")) {
       nlohmann::json j{{"bench", "layer"}, {"ranks", world.size()}, {"hidden", H}, {"ffn", F},
                        {"experts", config.n_routed_experts}, {"shared", config.n_shared_experts},
@@ -251,6 +257,7 @@ int bench_layer(moex::comm::MpiCommunicator& world, int argc, char** argv) {
                        {"ms_gate", median(stage_ms[0])}, {"ms_permute", median(stage_ms[1])},
                        {"ms_dispatch", median(stage_ms[2])}, {"ms_experts", median(stage_ms[3])},
                        {"ms_combine", median(stage_ms[4])}, {"ms_shared", median(stage_ms[5])},
+                       {"ms_allreduce", median(allreduce_ms)},
                        {"bytes_intra_node", bytes[0]}, {"bytes_inter_node", bytes[1]},
                        {"max_mean_load", max_mean_load}, {"replicas", replicas ? "on" : "off"},
                        {"slots_per_rank", replicas ? slots : layer.num_local_experts()},
