@@ -91,6 +91,7 @@ int bench_layer(moex::comm::MpiCommunicator& world, int argc, char** argv) {
 #endif
   if (replicas && (spare < 0 || warmup < 1))
     throw moex::ConfigError("--replicas on needs --spare-slots >= 0 and --warmup >= 1 (the plan uses the warmup load)");
+  moex::tools::TraceOption trace(opt, world);
   if (device.cuda) {
 #ifdef MOEX_TOOLS_WITH_CUDA
     moex::tools::GpuBenchArgs g;
@@ -106,10 +107,11 @@ int bench_layer(moex::comm::MpiCommunicator& world, int argc, char** argv) {
     g.json = opt.on("json");
     g.replicas = replicas;
     g.spare_slots = spare;
-    return moex::tools::bench_layer_gpu(world, g);
+    const int rc = moex::tools::bench_layer_gpu(world, g);
+    trace.finish();
+    return rc;
 #endif
   }
-  moex::tools::TraceOption trace(opt, world);
   const auto topology = moex::sched::Topology::from_node_ids(world.node_ids());
   const std::int64_t E = config.n_routed_experts;
   const std::int64_t slots = (E + world.size() - 1) / world.size() + spare;

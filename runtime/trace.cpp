@@ -26,6 +26,7 @@ struct Event {
 struct Track {
   int id = 0;
   std::string name;
+  bool named = false;  // a track of its own name (span_on: a CUDA stream), not of a thread
   std::mutex mutex;  // the owner appends, write() reads
   std::vector<Event> events;
 };
@@ -73,15 +74,39 @@ void name_thread(const std::string& name) {
   if (t.name.empty()) t.name = name;
 }
 
-void span(const char* name, Clock::time_point begin, Clock::time_point end, const std::string& detail) {
-  if (!enabled()) return;
-  Track& t = track();
+namespace {
+void add(Track& t, const char* name, Clock::time_point begin, Clock::time_point end, const std::string& detail) {
   std::lock_guard<std::mutex> g(t.mutex);
   if (t.events.size() >= kMaxEventsPerTrack) {
     g_dropped.fetch_add(1, std::memory_order_relaxed);
     return;
   }
   t.events.push_back({name, ns(begin), ns(end), detail});
+}
+}  // namespace
+
+void span(const char* name, Clock::time_point begin, Clock::time_point end, const std::string& detail) {
+  if (!enabled()) return;
+  add(track(), name, begin, end, detail);
+}
+
+void span_on(const std::string& track_name, const char* name, Clock::time_point begin, Clock::time_point end,
+             const std::string& detail) {
+  if (!enabled()) return;
+  Track* t = nullptr;
+  {
+    std::lock_guard<std::mutex> g(g_mutex);
+    for (const auto& k : g_tracks)
+      if (k->named && k->name == track_name) t = k.get();
+    if (!t) {
+      g_tracks.push_back(std::make_unique<Track>());
+      t = g_tracks.back().get();
+      t->id = static_cast<int>(g_tracks.size());
+      t->name = track_name;
+      t->named = true;
+    }
+  }
+  add(*t, name, begin, end, detail);
 }
 
 Scope::Scope(const char* name, std::string detail)

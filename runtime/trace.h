@@ -27,6 +27,11 @@ void name_thread(const std::string& name);
 /// thread's track, with an optional detail (e.g. the layer) shown in the viewer's arguments.
 void span(const char* name, Clock::time_point begin, Clock::time_point end, const std::string& detail = {});
 
+/// Records a span on the track named `track_name` (made on first use), not the calling thread's:
+/// for work timed elsewhere, such as a CUDA stream's stages placed by their events.
+void span_on(const std::string& track_name, const char* name, Clock::time_point begin, Clock::time_point end,
+             const std::string& detail = {});
+
 /// A span for the lifetime of the object (nothing when tracing is off).
 class Scope {
  public:

@@ -125,7 +125,9 @@ TEST(ClusterModel, RanksOptionsFastestFirstAndHierarchicalOnlyAcrossNodes) {
   bool hier = false;
   for (std::size_t i = 0; i < two.size(); ++i) {
     hier = hier || two[i].option.hierarchical;
-    if (i > 0) EXPECT_LE(two[i - 1].step_ms(), two[i].step_ms());
+    if (i > 0) {
+      EXPECT_LE(two[i - 1].step_ms(), two[i].step_ms());
+    }
   }
   EXPECT_TRUE(hier);
 }

@@ -15,6 +15,7 @@
 #include "runtime/cuda/launch.h"
 #include "runtime/cuda/layer_helpers.h"
 #include "runtime/moe_layer.h"
+#include "runtime/trace.h"
 #include "scheduler/capacity.h"
 
 namespace moex::cuda {
@@ -571,7 +572,41 @@ void GpuMoELayer::set_profile(bool on) {
 }
 
 void GpuMoELayer::mark(int index, cudaStream_t stream) {
-  if (options_.profile) MOEX_CUDA_CHECK(cudaEventRecord(events_->marks[index], stream));
+  if (options_.profile || trace::enabled()) MOEX_CUDA_CHECK(cudaEventRecord(events_->marks[index], stream));
+}
+
+void GpuMoELayer::trace_pass(cudaStream_t stream) {
+  // Places the stages of the last forward and backward on the timeline: a reference event after
+  // them, waited for on the host, pins device time to host time; every mark lies the elapsed time
+  // before it. One host wait per backward while tracing.
+  Events& ev = *events_;
+  MOEX_CUDA_CHECK(cudaEventRecord(ev.ref, stream));
+  MOEX_CUDA_CHECK(cudaEventSynchronize(ev.ref));
+  const auto host_ref = trace::Clock::now();
+  auto at = [&](int m) {
+    float v = 0.0f;
+    MOEX_CUDA_CHECK(cudaEventElapsedTime(&v, ev.marks[m], ev.ref));
+    return host_ref - std::chrono::duration_cast<trace::Clock::duration>(std::chrono::duration<double, std::milli>(v));
+  };
+  auto stage = [&](const char* track, const char* name, int from, int to, const char* pass) {
+    trace::span_on(track, name, at(from), at(to), pass);
+  };
+  const char* main = "cuda stream";
+  const char* side = "cuda shared-expert stream";
+  if (ev.fwd_marked) {
+    stage(main, "gate", layer::kFG, layer::kF1, "forward");
+    stage(main, "permute", layer::kF1, layer::kF2, "forward");
+    stage(main, "experts", layer::kF2, layer::kF3, "forward");
+    stage(main, "combine", layer::kF3, layer::kF4, "forward");
+    if (ev.fwd_shared_marked) stage(side, "shared experts", layer::kFS0, layer::kFS1, "forward");
+  }
+  if (ev.bwd_marked) {
+    stage(main, "permute", layer::kBP, layer::kB1, "backward");
+    stage(main, "experts", layer::kB1, layer::kB2, "backward");
+    stage(main, "combine", layer::kB2, layer::kB3, "backward");
+    stage(main, "gate", layer::kB3, layer::kB4, "backward");
+    if (ev.bwd_shared_marked) stage(side, "shared experts", layer::kBS0, layer::kBS1, "backward");
+  }
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -790,6 +825,7 @@ void GpuMoELayer::backward(const float* dy, float* dx, cudaStream_t stream) {
   mark(kB4, stream);
   events_->bwd_marked = true;
   MOEX_CUDA_CHECK(cudaEventRecord(events_->last, stream));
+  if (trace::enabled()) trace_pass(stream);
 }
 
 GpuLayerTimes GpuMoELayer::last_times() const {

@@ -302,6 +302,8 @@ class GpuMoELayer {
   void upload_params(const float* host, std::int64_t n, void* dst);
   std::vector<float> download(const void* src, std::int64_t n, cudaStream_t stream) const;
   void mark(int index, cudaStream_t stream);
+  /// Tracing on: the last forward and backward stages as spans on the "cuda stream" tracks (one host wait).
+  void trace_pass(cudaStream_t stream);
   /// Queues the auxiliary losses of a forward of `tokens` tokens (sizing their buffers first).
   void balance_forward(std::int64_t tokens, cudaStream_t stream);
 

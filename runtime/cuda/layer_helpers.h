@@ -78,6 +78,7 @@ struct GpuMoELayer::Events {
   cudaEvent_t shared = nullptr;  // second stream: the shared experts are done
   cudaEvent_t counts = nullptr;  // caller's stream: the expert counts reached the host
   cudaEvent_t last = nullptr;    // caller's stream: end of the last pass
+  cudaEvent_t ref = nullptr;     // tracing: after a backward, pins device time to host time
   cudaEvent_t marks[layer::kMarks] = {};
   bool fwd_marked = false, fwd_shared_marked = false, bwd_marked = false, bwd_shared_marked = false;
 
@@ -85,6 +86,7 @@ struct GpuMoELayer::Events {
     for (cudaEvent_t* e : {&input, &shared, &counts, &last})
       MOEX_CUDA_CHECK(cudaEventCreateWithFlags(e, cudaEventDisableTiming));
     for (cudaEvent_t& e : marks) MOEX_CUDA_CHECK(cudaEventCreate(&e));
+    MOEX_CUDA_CHECK(cudaEventCreate(&ref));
   }
   Events(const Events&) = delete;
   Events& operator=(const Events&) = delete;
@@ -93,6 +95,7 @@ struct GpuMoELayer::Events {
       if (e) static_cast<void>(cudaEventDestroy(e));
     for (cudaEvent_t e : marks)
       if (e) static_cast<void>(cudaEventDestroy(e));
+    if (ref) static_cast<void>(cudaEventDestroy(ref));
   }
 };
 
