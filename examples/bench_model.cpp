@@ -72,7 +72,7 @@ int bench_model(comm::MpiCommunicator& world, int argc, char** argv) {
       .value("intra-latency-us", "20", "microseconds one exchange costs within a node beyond its bytes")
       .value("inter-latency-us", "100", "microseconds one exchange costs across nodes beyond its bytes")
       .value("allreduce", "binomial",
-             "binomial (2 ceil(log2 P) full transfers: what moex's MPI all-reduce measures) or ring (NCCL): the replicated "
+             "binomial (2 ceil(log2 P) full transfers: Open MPI's in-place MPI_Iallreduce, moex's CPU path) or ring (NCCL): the replicated "
              "gradients' all-reduce")
       .value("dispatch-bytes", "4", "bytes per element of the rows going out (4 fp32, 2 bf16, 1 fp8)")
       .value("combine-bytes", "4", "bytes per element coming back and of the gradients")

@@ -21,8 +21,9 @@ struct ClusterSpec {
   double inter_GBps = 0.0;  ///< a rank's share of its node's network rate (NIC / ranks per node)
   double intra_latency_us = 0.0, inter_latency_us = 0.0;  ///< what one exchange costs beyond its bytes
   /// How the replicated gradients are all-reduced: false, as a tree (reduce, then broadcast:
-  /// 2 ceil(log2 P) full-buffer transfers; what moex's MPI all-reduce measures on namespace nodes,
-  /// see BENCHMARKS.md); true, a ring (2 (P-1) / P of the buffer; NCCL).
+  /// 2 ceil(log2 P) full-buffer transfers; what Open MPI's in-place MPI_Iallreduce, moex's CPU
+  /// path, measures on namespace nodes: see BENCHMARKS.md); true, a ring (2 (P-1) / P of the
+  /// buffer; NCCL).
   bool ring_allreduce = false;
   int world() const { return nodes * ranks_per_node; }
 };
