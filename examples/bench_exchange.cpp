@@ -62,27 +62,9 @@ class HostRows final : public BenchRows {
  public:
   HostRows(comm::Communicator& c, std::int64_t hidden, std::int64_t topk) : comm_(c), H_(hidden), K_(topk) {}
   void prepare(const layer::PassPlan& plan, std::int64_t tokens) override {
-    using layer::Buf;
-    const auto fit = [&](Buf b, std::int64_t rows, std::int64_t w) {
-      auto& v = buf(b);
-      if (static_cast<std::int64_t>(v.size()) < rows * w) v.resize(static_cast<std::size_t>(rows * w));
-    };
-    const auto& o = plan.origin();
-    fit(Buf::kOriginSend, o.send_rows(), H_);
-    fit(Buf::kOriginBack, o.send_rows(), H_);
-    fit(Buf::kRecv, plan.main.recv_rows(), H_);
-    fit(Buf::kRet, plan.main.recv_rows(), H_);
-    if (plan.hierarchical()) {
-      fit(Buf::kARecv, plan.a.recv_rows(), H_);
-      fit(Buf::kARet, plan.a.recv_rows(), H_);
-      fit(Buf::kBSend, plan.b.send_rows(), H_);
-      fit(Buf::kBBack, plan.b.send_rows(), H_);
-      fit(Buf::kBRecv, plan.b.recv_rows(), H_);
-      fit(Buf::kBRet, plan.b.recv_rows(), H_);
-    }
-    fit(Buf::kPartial, plan.groups(), H_);
-    fit(Buf::kOut, tokens, H_);
-    fit(Buf::kPicks, tokens, K_);
+    const std::vector<std::int64_t> need = buffer_elems(plan, tokens, H_, K_);
+    for (std::size_t b = 0; b < need.size(); ++b)
+      if (static_cast<std::int64_t>(bufs_[b].size()) < need[b]) bufs_[b].resize(static_cast<std::size_t>(need[b]));
   }
   void load(const layer::PassPlan& plan, const std::vector<float>& x) override {
     const auto& o = plan.origin();
@@ -135,6 +117,30 @@ struct Row {
 };
 
 }  // namespace
+
+std::vector<std::int64_t> buffer_elems(const layer::PassPlan& plan, std::int64_t tokens, std::int64_t H,
+                                       std::int64_t K) {
+  using layer::Buf;
+  std::vector<std::int64_t> n(static_cast<std::size_t>(Buf::kPicks) + 1, 0);
+  const auto set = [&](Buf b, std::int64_t elems) { n[static_cast<std::size_t>(b)] = elems; };
+  const auto& o = plan.origin();
+  set(Buf::kOriginSend, o.send_rows() * H);
+  set(Buf::kOriginBack, o.send_rows() * H);
+  set(Buf::kRecv, plan.main.recv_rows() * H);
+  set(Buf::kRet, plan.main.recv_rows() * H);
+  if (plan.hierarchical()) {
+    set(Buf::kARecv, plan.a.recv_rows() * H);
+    set(Buf::kARet, plan.a.recv_rows() * H);
+    set(Buf::kBSend, plan.b.send_rows() * H);
+    set(Buf::kBBack, plan.b.send_rows() * H);
+    set(Buf::kBRecv, plan.b.recv_rows() * H);
+    set(Buf::kBRet, plan.b.recv_rows() * H);
+  }
+  set(Buf::kPartial, plan.groups() * H);
+  set(Buf::kOut, tokens * H);
+  set(Buf::kPicks, tokens * K);
+  return n;
+}
 
 void BenchRows::gather_values(std::int64_t, const std::vector<std::int64_t>&, std::int64_t, layer::Buf, layer::Buf,
                               std::int64_t) {

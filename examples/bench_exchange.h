@@ -36,6 +36,11 @@ class BenchRows : public layer::RowMoves {
   double remote_bytes = 0.0;  ///< bytes this rank sent to other ranks since the caller zeroed it
 };
 
+/// The elements every row buffer needs for `plan` and `tokens` (rows `hidden` wide; kPicks `topk`),
+/// indexed by layer::Buf: what both backends size their buffers to.
+std::vector<std::int64_t> buffer_elems(const layer::PassPlan& plan, std::int64_t tokens, std::int64_t hidden,
+                                       std::int64_t topk);
+
 /// Host buffers; the exchanges are layer::host_exchange over `comm`.
 std::unique_ptr<BenchRows> make_host_rows(comm::Communicator& comm, std::int64_t hidden, std::int64_t topk);
 

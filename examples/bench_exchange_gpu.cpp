@@ -31,23 +31,8 @@ class DeviceRows final : public BenchRows {
   }
 
   void prepare(const layer::PassPlan& plan, std::int64_t tokens) override {
-    using layer::Buf;
-    const auto& o = plan.origin();
-    fit(Buf::kOriginSend, o.send_rows() * H_);
-    fit(Buf::kOriginBack, o.send_rows() * H_);
-    fit(Buf::kRecv, plan.main.recv_rows() * H_);
-    fit(Buf::kRet, plan.main.recv_rows() * H_);
-    if (plan.hierarchical()) {
-      fit(Buf::kARecv, plan.a.recv_rows() * H_);
-      fit(Buf::kARet, plan.a.recv_rows() * H_);
-      fit(Buf::kBSend, plan.b.send_rows() * H_);
-      fit(Buf::kBBack, plan.b.send_rows() * H_);
-      fit(Buf::kBRecv, plan.b.recv_rows() * H_);
-      fit(Buf::kBRet, plan.b.recv_rows() * H_);
-    }
-    fit(Buf::kPartial, plan.groups() * H_);
-    fit(Buf::kOut, tokens * H_);
-    fit(Buf::kPicks, tokens * K_);
+    const std::vector<std::int64_t> need = buffer_elems(plan, tokens, H_, K_);
+    for (std::size_t b = 0; b < need.size(); ++b) fit(static_cast<layer::Buf>(b), need[b]);
     if (static_cast<std::int64_t>(x_.size()) < tokens * H_) {
       stream_.synchronize();
       x_ = cuda::DeviceBuffer<float>(static_cast<std::size_t>(tokens * H_), stream_);

@@ -136,20 +136,7 @@ int bench_model(comm::MpiCommunicator& world, int argc, char** argv) {
 
   // Every option for a routing rule, fastest first.
   const auto rank = [&](const sched::LayerSpec& spec, const sched::ClusterTraffic& t) {
-    std::vector<sched::ClusterPrediction> out;
-    for (const bool ov : {true, false}) {
-      if ((ov && overlap == "off") || (!ov && overlap == "on")) continue;
-      for (const bool hier : {false, true}) {
-        if (hier && c.nodes < 2) continue;
-        for (const auto& s : sched::candidate_schedules(c.world(), !hier))
-          for (const bool rep : {false, true}) {
-            if (rep && spec.load_imbalance <= 1.02) continue;
-            out.push_back(sched::predict_step(c, spec, compute, {s, hier, ov, rep}, t));
-          }
-      }
-    }
-    std::stable_sort(out.begin(), out.end(), [](const auto& x, const auto& y) { return x.step_ms() < y.step_ms(); });
-    return out;
+    return sched::rank_options(c, spec, compute, t, overlap != "off", overlap != "on");
   };
   const sched::ClusterTraffic traffic = sched::expected_traffic(c, l);
   const std::vector<sched::ClusterPrediction> options = rank(l, traffic);

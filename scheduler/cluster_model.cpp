@@ -189,16 +189,19 @@ ClusterPrediction predict_step(const ClusterSpec& c, const LayerSpec& l, const C
   return out;
 }
 
-std::vector<ClusterPrediction> rank_options(const ClusterSpec& c, const LayerSpec& l, const ComputeSpec& compute) {
-  const ClusterTraffic t = expected_traffic(c, l);
+std::vector<ClusterPrediction> rank_options(const ClusterSpec& c, const LayerSpec& l, const ComputeSpec& compute,
+                                            const ClusterTraffic& t, bool overlapped, bool serialised) {
   std::vector<ClusterPrediction> out;
-  for (const bool hier : {false, true}) {
-    if (hier && c.nodes < 2) continue;
-    for (const Schedule& s : candidate_schedules(c.world(), !hier))
-      for (const bool rep : {false, true}) {
-        if (rep && l.load_imbalance <= 1.02) continue;
-        out.push_back(predict_step(c, l, compute, {s, hier, true, rep}, t));
-      }
+  for (const bool ov : {true, false}) {
+    if (!(ov ? overlapped : serialised)) continue;
+    for (const bool hier : {false, true}) {
+      if (hier && c.nodes < 2) continue;
+      for (const Schedule& s : candidate_schedules(c.world(), !hier))
+        for (const bool rep : {false, true}) {
+          if (rep && l.load_imbalance <= 1.02) continue;
+          out.push_back(predict_step(c, l, compute, {s, hier, ov, rep}, t));
+        }
+    }
   }
   std::stable_sort(out.begin(), out.end(),
                    [](const ClusterPrediction& a, const ClusterPrediction& b) { return a.step_ms() < b.step_ms(); });

@@ -93,8 +93,10 @@ ClusterPrediction predict_step(const ClusterSpec& cluster, const LayerSpec& laye
                                double replica_imbalance = 1.02);
 
 /// Every option moex can run on `cluster` (the candidate schedules of `--chunks auto`, flat and,
-/// with several nodes, hierarchical; replicas where the load is imbalanced), overlap on, fastest first.
+/// with several nodes, hierarchical; replicas where the load is imbalanced), with the exchange
+/// overlapped and / or serialised as asked, fastest first, for `traffic`.
 std::vector<ClusterPrediction> rank_options(const ClusterSpec& cluster, const LayerSpec& layer,
-                                            const ComputeSpec& compute);
+                                            const ComputeSpec& compute, const ClusterTraffic& traffic,
+                                            bool overlapped = true, bool serialised = false);
 
 }  // namespace moex::sched

@@ -117,11 +117,11 @@ TEST(ClusterModel, RanksOptionsFastestFirstAndHierarchicalOnlyAcrossNodes) {
   c.intra_GBps = 1.0;
   ComputeSpec comp;
   comp.rates.gemm_row_ms = 0.001;
-  const auto one = rank_options(c, layer(8, 2, 256), comp);
+  const auto one = rank_options(c, layer(8, 2, 256), comp, expected_traffic(c, layer(8, 2, 256)));
   for (const auto& p : one) EXPECT_FALSE(p.option.hierarchical);
   c.nodes = 2;
   c.inter_GBps = 0.1;
-  const auto two = rank_options(c, layer(8, 2, 256), comp);
+  const auto two = rank_options(c, layer(8, 2, 256), comp, expected_traffic(c, layer(8, 2, 256)));
   bool hier = false;
   for (std::size_t i = 0; i < two.size(); ++i) {
     hier = hier || two[i].option.hierarchical;
