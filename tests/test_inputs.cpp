@@ -6,6 +6,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <memory>
 
 #include <nlohmann/json.hpp>
 
@@ -90,6 +91,20 @@ std::string write_raw(const std::string& name, const std::string& header, const 
   return path;
 }
 
+/// What reading every tensor of a safetensors file gives: its values, or the error's text; from the
+/// file (open) or from its bytes in memory (from_bytes), which must agree.
+std::string read_all(const std::string& path, bool in_memory) {
+  try {
+    const auto f = in_memory ? SafetensorsFile::from_bytes(map_file(path), path) : SafetensorsFile::open(path);
+    std::string out = "ok";
+    for (const auto& n : f.names())
+      for (float v : f.read_f32(n)) out.append(" ").append(std::to_string(v));
+    return out;
+  } catch (const IoError& e) {
+    return std::string("IoError: ") + e.what();
+  }
+}
+
 void expect_io_error(const std::string& path, const char* substring) {
   try {
     SafetensorsFile::open(path);
@@ -97,6 +112,7 @@ void expect_io_error(const std::string& path, const char* substring) {
   } catch (const IoError& e) {
     EXPECT_NE(std::string(e.what()).find(substring), std::string::npos) << e.what();
   }
+  EXPECT_EQ(read_all(path, true), read_all(path, false)) << "from_bytes and open differ on " << path;
 }
 
 TEST(Safetensors, RoundTripAndConversions) {
@@ -116,6 +132,10 @@ TEST(Safetensors, RoundTripAndConversions) {
   const auto g = SafetensorsFile::open(raw);
   EXPECT_EQ(g.read_f32("w"), std::vector<float>{1.5f});
   EXPECT_EQ(g.read_f32("h"), (std::vector<float>{-2.0f, 5.9604645e-8f}));
+  // The same tensors from the bytes in memory (what a checkpoint load reads once and verifies).
+  for (const std::string& p : {path, raw}) EXPECT_EQ(read_all(p, true), read_all(p, false)) << p;
+  EXPECT_EQ(read_all(raw, true), "ok " + std::to_string(-2.0f) + " " + std::to_string(5.9604645e-8f) + " " +
+                                     std::to_string(1.5f));
 }
 
 TEST(Safetensors, RejectsMalformedFiles) {
@@ -210,6 +230,7 @@ TEST(Safetensors, FuzzedFilesOnlyEverThrowIoError) {
       for (int m = 0; m < 1 + static_cast<int>(rng.next() % 4); ++m) b[rng.next() % b.size()] = static_cast<char>(rng.next());
     }
     { std::ofstream out(path, std::ios::binary | std::ios::trunc); out << b; }
+    EXPECT_EQ(read_all(path, true), read_all(path, false)) << "mutation " << i;
     try {
       const auto f = SafetensorsFile::open(path);
       for (const auto& n : f.names()) (void)f.read_f32(n);

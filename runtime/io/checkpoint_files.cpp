@@ -2,6 +2,8 @@
 #include "runtime/io/checkpoint_files.h"
 
 #include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -53,6 +55,32 @@ std::string Checksum::hex() const {
   h = (h ^ bytes_) * kFnvPrime;
   char out[17];
   std::snprintf(out, sizeof out, "%016llx", static_cast<unsigned long long>(h));
+  return out;
+}
+
+FileBytes map_file(const std::string& path) {
+  const int fd = ::open(path.c_str(), O_RDONLY);
+  if (fd < 0) throw IoError("cannot open " + path + ": " + std::strerror(errno));
+  struct stat st {};
+  if (::fstat(fd, &st) != 0) {
+    const int err = errno;
+    ::close(fd);
+    throw IoError("cannot stat " + path + ": " + std::strerror(err));
+  }
+  FileBytes out;
+  out.size = static_cast<std::size_t>(st.st_size);
+  if (out.size == 0) {  // mmap refuses 0 bytes
+    ::close(fd);
+    out.data = std::make_shared<const char>('\0');
+    return out;
+  }
+  void* p = ::mmap(nullptr, out.size, PROT_READ, MAP_PRIVATE, fd, 0);
+  const int err = errno;
+  ::close(fd);  // the mapping stays valid without the descriptor
+  if (p == MAP_FAILED) throw IoError("cannot map " + path + " into memory: " + std::strerror(err));
+  const std::size_t n = out.size;
+  out.data = std::shared_ptr<const char>(static_cast<const char*>(p),
+                                         [n](const char* q) { ::munmap(const_cast<char*>(q), n); });
   return out;
 }
 

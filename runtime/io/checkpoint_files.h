@@ -4,7 +4,9 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <string>
+#include <string_view>
 #include <vector>
 
 namespace moex {
@@ -23,6 +25,16 @@ class Checksum {
   unsigned char pending_[8] = {};
   std::size_t npending_ = 0;
 };
+/// A whole file's bytes, read-only, kept alive by `data` (shared: a SafetensorsFile over them keeps
+/// them as long as it lives).
+struct FileBytes {
+  std::shared_ptr<const char> data;
+  std::size_t size = 0;
+  std::string_view view() const { return {data.get(), size}; }
+};
+/// The file mapped into memory (mmap, read-only): its pages are read from disk once, on first
+/// touch, and cost no memory beyond the page cache. IoError naming the file.
+FileBytes map_file(const std::string& path);
 /// Checksum of a file's bytes. IoError naming the file when unreadable.
 std::string file_checksum(const std::string& path);
 /// fsync of a file or folder (IoError naming it on failure).

@@ -9,6 +9,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <limits>
 #include <set>
 
@@ -84,12 +85,32 @@ SafetensorsFile SafetensorsFile::open(const std::string& path, const Safetensors
   std::error_code ec;
   const std::uint64_t file_size = std::filesystem::file_size(path, ec);
   if (ec) throw IoError("cannot stat safetensors file " + path + ": " + ec.message());
+  return parse(path, file_size, limits, [&](std::uint64_t at, char* to, std::uint64_t n) {
+    in.seekg(static_cast<std::streamoff>(at));
+    return static_cast<bool>(in.read(to, static_cast<std::streamsize>(n)));
+  });
+}
+
+SafetensorsFile SafetensorsFile::from_bytes(FileBytes bytes, const std::string& path, const SafetensorsLimits& limits) {
+  if (!bytes.data) throw InvalidArgument("SafetensorsFile::from_bytes(" + path + "): no bytes");
+  const std::string_view b = bytes.view();
+  SafetensorsFile f = parse(path, b.size(), limits, [&](std::uint64_t at, char* to, std::uint64_t n) {
+    if (at > b.size() || n > b.size() - at) return false;
+    std::memcpy(to, b.data() + at, static_cast<std::size_t>(n));
+    return true;
+  });
+  f.bytes_ = std::move(bytes);
+  return f;
+}
+
+SafetensorsFile SafetensorsFile::parse(const std::string& path, std::uint64_t file_size, const SafetensorsLimits& limits,
+                                       const std::function<bool(std::uint64_t, char*, std::uint64_t)>& read) {
   auto fail = [&](const std::string& why) -> IoError { return IoError("safetensors " + path + ": " + why); };
   if (file_size > limits.max_file_bytes)
     throw fail("file is " + std::to_string(file_size) + " bytes, over the limit of " + std::to_string(limits.max_file_bytes));
   if (file_size < 8) throw fail("file is " + std::to_string(file_size) + " bytes, shorter than the 8-byte header length");
   unsigned char len_bytes[8];
-  if (!in.read(reinterpret_cast<char*>(len_bytes), 8)) throw fail("cannot read the header length");
+  if (!read(0, reinterpret_cast<char*>(len_bytes), 8)) throw fail("cannot read the header length");
   std::uint64_t header_len = 0;
   for (int i = 7; i >= 0; --i) header_len = (header_len << 8) | len_bytes[i];
   if (header_len == 0) throw fail("header length is 0");
@@ -99,7 +120,7 @@ SafetensorsFile SafetensorsFile::open(const std::string& path, const Safetensors
     throw fail("header length " + std::to_string(header_len) + " runs past the end of the " + std::to_string(file_size) +
                "-byte file (truncated?)");
   std::string text(static_cast<std::size_t>(header_len), '\0');
-  if (!in.read(text.data(), static_cast<std::streamsize>(header_len))) throw fail("cannot read the header");
+  if (!read(8, text.data(), header_len)) throw fail("cannot read the header");
   const json header = parse_header(text, path);
   if (!header.is_object()) throw fail("header is not a JSON object");
 
@@ -192,28 +213,36 @@ std::vector<float> SafetensorsFile::read_f32(const std::string& name, const std:
   if (e.dtype != "F32" && e.dtype != "BF16" && e.dtype != "F16" && e.dtype != "F64" && e.dtype != "F8_E4M3")
     throw IoError(path_ + ": tensor '" + name + "' has dtype " + e.dtype +
                   "; expected a floating type (F32, BF16, F16, F64, F8_E4M3)");
-  std::ifstream in(path_, std::ios::binary);
-  if (!in) throw IoError("cannot reopen safetensors file " + path_ + ": " + std::strerror(errno));
-  std::vector<char> raw(static_cast<std::size_t>(e.end - e.begin));
-  in.seekg(static_cast<std::streamoff>(data_offset_ + e.begin));
-  if (!raw.empty() && !in.read(raw.data(), static_cast<std::streamsize>(raw.size())))
-    throw IoError(path_ + ": short read of tensor '" + name + "' (file changed or truncated?)");
+  // The tensor's bytes: in memory (from_bytes; open() checked they lie inside), or read now.
+  std::vector<char> read;
+  const char* raw = nullptr;
+  if (bytes_.data) {
+    raw = bytes_.data.get() + data_offset_ + e.begin;
+  } else {
+    std::ifstream in(path_, std::ios::binary);
+    if (!in) throw IoError("cannot reopen safetensors file " + path_ + ": " + std::strerror(errno));
+    read.resize(static_cast<std::size_t>(e.end - e.begin));
+    in.seekg(static_cast<std::streamoff>(data_offset_ + e.begin));
+    if (!read.empty() && !in.read(read.data(), static_cast<std::streamsize>(read.size())))
+      throw IoError(path_ + ": short read of tensor '" + name + "' (file changed or truncated?)");
+    raw = read.data();
+  }
   const auto n = static_cast<std::size_t>(e.numel());
   std::vector<float> out(n);
   if (e.dtype == "F32") {
-    if (n > 0) std::memcpy(out.data(), raw.data(), n * 4);  // (memcpy of null pointers is undefined even for 0 bytes)
+    if (n > 0) std::memcpy(out.data(), raw, n * 4);  // (memcpy of null pointers is undefined even for 0 bytes)
   } else if (e.dtype == "F8_E4M3") {
     for (std::size_t i = 0; i < n; ++i) out[i] = fp8_e4m3_to_float(static_cast<std::uint8_t>(raw[i]));
   } else if (e.dtype == "F64") {
     for (std::size_t i = 0; i < n; ++i) {
       double d;
-      std::memcpy(&d, raw.data() + i * 8, 8);
+      std::memcpy(&d, raw + i * 8, 8);
       out[i] = static_cast<float>(d);
     }
   } else {
     for (std::size_t i = 0; i < n; ++i) {
       std::uint16_t h;
-      std::memcpy(&h, raw.data() + i * 2, 2);
+      std::memcpy(&h, raw + i * 2, 2);
       out[i] = e.dtype == "BF16" ? std::bit_cast<float>(static_cast<std::uint32_t>(h) << 16) : half_to_float(h);
     }
   }

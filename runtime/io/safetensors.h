@@ -2,9 +2,12 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <string>
 #include <vector>
+
+#include "runtime/io/checkpoint_files.h"
 
 namespace moex {
 
@@ -32,6 +35,9 @@ struct SafetensorsEntry {
 class SafetensorsFile {
  public:
   static SafetensorsFile open(const std::string& path, const SafetensorsLimits& limits = {});
+  /// The same over the file's bytes already in memory (read once, e.g. to verify its checksum):
+  /// its tensors are then read from `bytes`, never from the file again. `path` names it in errors.
+  static SafetensorsFile from_bytes(FileBytes bytes, const std::string& path, const SafetensorsLimits& limits = {});
 
   const std::string& path() const { return path_; }
   bool contains(const std::string& name) const { return entries_.count(name) != 0; }
@@ -47,7 +53,12 @@ class SafetensorsFile {
                               const std::vector<std::int64_t>& expected_shape = {}) const;
 
  private:
+  /// Validates a file of `file_size` bytes whose byte ranges `read(at, to, n)` supplies.
+  static SafetensorsFile parse(const std::string& path, std::uint64_t file_size, const SafetensorsLimits& limits,
+                               const std::function<bool(std::uint64_t, char*, std::uint64_t)>& read);
+
   std::string path_;
+  FileBytes bytes_;  ///< the whole file (from_bytes), or no data: read the file
   std::uint64_t data_offset_ = 0;  ///< file offset of the data section
   std::map<std::string, SafetensorsEntry> entries_;
   std::map<std::string, std::string> metadata_;

@@ -273,7 +273,8 @@ void Trainer::load_checkpoint(const std::string& path) {
     at = resolve_checkpoint(path);
     const fs::path dir(at);
     const json sums = parse_json_guarded(read_file((dir / "checksums.json").string()), (dir / "checksums.json").string());
-    // Every file is checked against its checksum before it is read.
+    // Every file is mapped into memory once and checked against its checksum there: what is parsed
+    // is what was verified, and its pages come from disk once.
     auto verified = [&](const std::string& file) {
       const fs::path f = dir / file;
       if (!sums.contains(file))
@@ -283,14 +284,16 @@ void Trainer::load_checkpoint(const std::string& path) {
       if (fs::file_size(f) != s.at("bytes").get<std::uint64_t>())
         throw IoError(f.string() + " has " + std::to_string(fs::file_size(f)) + " bytes, the checkpoint says " +
                       std::to_string(s.at("bytes").get<std::uint64_t>()));
-      const std::string sum = file_checksum(f.string());
-      if (sum != s.at(kSumKey).get<std::string>())
-        throw IoError(f.string() + ": checksum " + sum + " differs from the saved " + s.at(kSumKey).get<std::string>() +
-                      " (the file changed or is damaged)");
-      return f.string();
+      FileBytes bytes = map_file(f.string());
+      Checksum sum;
+      sum.update(bytes.data.get(), bytes.size);
+      if (sum.hex() != s.at(kSumKey).get<std::string>())
+        throw IoError(f.string() + ": checksum " + sum.hex() + " differs from the saved " +
+                      s.at(kSumKey).get<std::string>() + " (the file changed or is damaged)");
+      return bytes;
     };
-    const std::string state_path = verified("trainer_state.json");
-    const json st = parse_json_guarded(read_file(state_path), state_path);
+    const std::string state_path = (dir / "trainer_state.json").string();
+    const json st = parse_json_guarded(std::string(verified("trainer_state.json").view()), state_path);
     if (get<std::string>(st, "format", state_path) != kFormat || get<int>(st, "version", state_path) != kVersion)
       throw IoError(state_path + ": not a moex checkpoint of version " + std::to_string(kVersion));
     // The model must be the one saved: every config field, and the seed (it defines the teacher).
@@ -341,8 +344,9 @@ void Trainer::load_checkpoint(const std::string& path) {
     }
 
     // The tensors this rank holds, from whichever shard the index names (any saved world size).
-    const std::string index_path = verified("model.safetensors.index.json");
-    const json weight_map = get<json>(parse_json_guarded(read_file(index_path), index_path), "weight_map", index_path);
+    const std::string index_path = (dir / "model.safetensors.index.json").string();
+    const json weight_map =
+        get<json>(parse_json_guarded(std::string(verified("model.safetensors.index.json").view()), index_path), "weight_map", index_path);
     std::map<std::string, SafetensorsFile> files;
     auto file_of = [&](const std::string& tensor, bool moments) -> const SafetensorsFile& {
       if (!weight_map.contains(tensor)) throw IoError(index_path + " names no shard for tensor " + tensor);
@@ -352,7 +356,7 @@ void Trainer::load_checkpoint(const std::string& path) {
         f = "trainer-" + f.substr(6);
       }
       auto it = files.find(f);
-      if (it == files.end()) it = files.emplace(f, SafetensorsFile::open(verified(f))).first;
+      if (it == files.end()) it = files.emplace(f, SafetensorsFile::from_bytes(verified(f), (dir / f).string())).first;
       return it->second;
     };
     std::vector<Slice> slices = replicated_slices(*student_, config_);
