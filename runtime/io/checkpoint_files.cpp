@@ -85,15 +85,10 @@ FileBytes map_file(const std::string& path) {
 }
 
 std::string file_checksum(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw IoError("cannot read " + path + ": " + std::strerror(errno));
+  // Read as a load reads it (map_file), so that save and load hash the same bytes the same way.
+  const FileBytes bytes = map_file(path);
   Checksum sum;
-  std::vector<char> buf(4 << 20);
-  while (in) {
-    in.read(buf.data(), static_cast<std::streamsize>(buf.size()));
-    sum.update(buf.data(), static_cast<std::size_t>(in.gcount()));
-  }
-  if (in.bad()) throw IoError("reading " + path + " failed: " + std::strerror(errno));
+  sum.update(bytes.data.get(), bytes.size);
   return sum.hex();
 }
 

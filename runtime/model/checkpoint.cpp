@@ -281,10 +281,11 @@ void Trainer::load_checkpoint(const std::string& path) {
         throw IoError((dir / "checksums.json").string() + " lists no checksum for " + file);
       const auto& s = sums.at(file);
       if (!fs::exists(f)) throw IoError(f.string() + " is missing (the checkpoint lists it)");
-      if (fs::file_size(f) != s.at("bytes").get<std::uint64_t>())
-        throw IoError(f.string() + " has " + std::to_string(fs::file_size(f)) + " bytes, the checkpoint says " +
-                      std::to_string(s.at("bytes").get<std::uint64_t>()));
+      // The size the mapping has (one stat, of the file the bytes come from).
       FileBytes bytes = map_file(f.string());
+      if (bytes.size != s.at("bytes").get<std::uint64_t>())
+        throw IoError(f.string() + " has " + std::to_string(bytes.size) + " bytes, the checkpoint says " +
+                      std::to_string(s.at("bytes").get<std::uint64_t>()));
       Checksum sum;
       sum.update(bytes.data.get(), bytes.size);
       if (sum.hex() != s.at(kSumKey).get<std::string>())
