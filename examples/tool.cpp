@@ -8,6 +8,7 @@
 #include <stdexcept>
 #include <cstdlib>
 #include <exception>
+#include <filesystem>
 #include <sstream>
 #include <thread>
 #include <vector>
@@ -262,6 +263,9 @@ int run_mpi_tool(const char* program, int argc, char** argv,
         std::fprintf(stderr, "%s: error: [rank %d] out of memory (%s): the sizes asked for (the config's hidden_size, "
                              "moe_intermediate_size, n_routed_experts, num_hidden_layers; --tokens-per-rank) need more "
                              "memory than this rank can have\n", program, world.rank(), e.what());
+      else if (const auto* fe = dynamic_cast<const std::filesystem::filesystem_error*>(&e))
+        std::fprintf(stderr, "%s: error: [rank %d] %s: %s (a path given to %s)\n", program, world.rank(),
+                     fe->path1().c_str(), fe->code().message().c_str(), program);
       else
         std::fprintf(stderr, "%s: error: %s\n", program, e.what());
       std::fflush(stderr);

@@ -1,8 +1,13 @@
 // moex-train: trains a DeepSeekMoE student on a teacher's outputs across MPI ranks.
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
 #include <chrono>
 #include <csignal>
 #include <cmath>
 #include <cstdio>
+#include <filesystem>
 #include <fstream>
 #include <memory>
 #include <string>
@@ -197,6 +202,12 @@ int train(moex::comm::MpiCommunicator& world, int argc, char** argv) {
                             ": each must be >= 0");
   if (save_dir.empty() && (save_every > 0 || keep > 0))
     throw moex::ConfigError("--save-every and --keep need --save DIR");
+  {  // found now, not after hours of training at the first save
+    std::error_code ec;
+    const auto st = std::filesystem::status(save_dir, ec);
+    if (!save_dir.empty() && std::filesystem::exists(st) && !std::filesystem::is_directory(st))
+      throw moex::ConfigError("--save " + save_dir + " is not a folder; expected a folder for the checkpoints");
+  }
 
   const bool serve_metrics = opt.given("metrics-port");
   if (!serve_metrics && opt.given("metrics-bind")) throw moex::ConfigError("--metrics-bind needs --metrics-port P");
@@ -243,6 +254,14 @@ int train(moex::comm::MpiCommunicator& world, int argc, char** argv) {
 #endif
   std::ofstream json;
   if (lead && !opt.str("log-json").empty()) {
+    // A FIFO is fine (a reader streams the log) but must have its reader now: opening it blocks
+    // until one comes, so a FIFO nobody reads is an error instead of a hang.
+    struct stat st {};
+    if (::stat(opt.str("log-json").c_str(), &st) == 0 && S_ISFIFO(st.st_mode)) {
+      const int fd = ::open(opt.str("log-json").c_str(), O_WRONLY | O_NONBLOCK);
+      if (fd < 0) throw moex::IoError("--log-json " + opt.str("log-json") + " is a FIFO that no process reads");
+      ::close(fd);
+    }
     json.open(opt.str("log-json"));
     if (!json) throw moex::IoError("cannot write --log-json file " + opt.str("log-json"));
   }

@@ -18,8 +18,10 @@ std::int64_t expert_capacity(double capacity_factor, std::int64_t picks, std::in
   if (!(capacity_factor > 0.0) || !std::isfinite(capacity_factor))
     throw InvalidArgument("capacity factor = " + std::to_string(capacity_factor) + ": must be a finite value > 0");
   if (experts < 1) throw InvalidArgument("capacity: experts = " + std::to_string(experts) + ", must be >= 1");
-  return static_cast<std::int64_t>(
-      std::ceil(capacity_factor * static_cast<double>(picks) / static_cast<double>(experts)));
+  // No expert can get more than all the picks: a larger capacity is dropless, and clamping first keeps
+  // a huge factor (1e300) from overflowing the conversion.
+  const double cap = std::ceil(capacity_factor * static_cast<double>(picks) / static_cast<double>(experts));
+  return cap >= static_cast<double>(picks) ? std::max<std::int64_t>(picks, 0) : static_cast<std::int64_t>(cap);
 }
 
 std::int64_t apply_capacity(std::span<const std::int32_t> topk_ids, std::span<const float> topk_weights,

@@ -12,7 +12,7 @@ namespace moex::sched {
 void check_capacity_factor(double capacity_factor, const std::string& who);
 
 /// The per-rank capacity of every expert for `picks` picks (tokens * K) over `experts` experts:
-/// ceil(capacity_factor * picks / experts). capacity_factor must be > 0.
+/// ceil(capacity_factor * picks / experts), at most `picks`. capacity_factor must be > 0.
 std::int64_t expert_capacity(double capacity_factor, std::int64_t picks, std::int64_t experts);
 
 /// Capacity-factor mode (GShard / DeepSpeed-MoE rule, applied by each rank to its own picks): of the

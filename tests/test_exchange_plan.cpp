@@ -3,12 +3,14 @@
 #include <gtest/gtest.h>
 
 #include <cstdint>
+#include <limits>
 #include <random>
 #include <string>
 #include <tuple>
 #include <vector>
 
 #include "base/error.h"
+#include "scheduler/capacity.h"
 #include "scheduler/exchange_plan.h"
 
 namespace moex {
@@ -289,3 +291,20 @@ TEST(ExchangePlanBadInput, ReceiveChecksTheCodesAgainstTheAnnouncement) {
 
 }  // namespace
 }  // namespace moex
+
+// The capacity rule keeps, per expert, the ceil(cf * picks / E) heaviest picks; a factor so large that
+// the product overflows an integer (1e300, found by scripts/mutate.py under UBSan) is dropless.
+TEST(Capacity, KeepsTheHeaviestAndAHugeFactorIsDropless) {
+  const std::vector<std::int32_t> ids = {0, 0, 0, 1, 0, 1};
+  const std::vector<float> w = {0.1f, 0.9f, 0.5f, 0.2f, 0.7f, 0.3f};
+  std::vector<std::uint8_t> kept;
+  std::vector<std::int64_t> order;
+  EXPECT_EQ(moex::sched::expert_capacity(1.0, 6, 2), 3);
+  EXPECT_EQ(moex::sched::apply_capacity(ids, w, 2, 1.0, kept, order), 1);  // expert 0 has 4 picks, keeps 3
+  EXPECT_EQ(kept, (std::vector<std::uint8_t>{0, 1, 1, 1, 1, 1}));
+  for (const double cf : {1e300, 1e19, 7.0}) {
+    EXPECT_EQ(moex::sched::expert_capacity(cf, 6, 2), 6) << cf;
+    EXPECT_EQ(moex::sched::apply_capacity(ids, w, 2, cf, kept, order), 0) << cf;
+  }
+  EXPECT_THROW(moex::sched::expert_capacity(std::numeric_limits<double>::infinity(), 6, 2), moex::InvalidArgument);
+}

@@ -6,9 +6,11 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <memory>
 
 #include <nlohmann/json.hpp>
+#include <sys/stat.h>
 
 #include "base/error.h"
 #include "runtime/io/moe_config.h"
@@ -340,6 +342,51 @@ TEST(HfCheckpointFiles, ShardsFp8BlocksAndIndexRules) {
   refused(R"([1,2])", "weight_map");
   refused(R"({"weight_map":)", "not valid JSON");
   fs::remove_all(dir);
+}
+
+}  // namespace
+}  // namespace moex
+
+namespace moex {
+namespace {
+// Found by scripts/mutate.py: a FIFO given as a config or tensor file blocked its reader forever. A
+// FIFO, a device or a folder is refused by name before anything opens it.
+TEST(Files, OnlyRegularFilesAreRead) {
+  const std::string fifo = ::testing::TempDir() + "/moex-test-fifo";
+  std::filesystem::remove(fifo);
+  ASSERT_EQ(::mkfifo(fifo.c_str(), 0600), 0);
+  auto refused = [](const std::function<void()>& read, const std::string& path, const std::string& kind) {
+    try {
+      read();
+      ADD_FAILURE() << path << " was read";
+    } catch (const IoError& e) {
+      EXPECT_NE(std::string(e.what()).find(path), std::string::npos) << e.what();
+      EXPECT_NE(std::string(e.what()).find(kind), std::string::npos) << e.what();
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find(path), std::string::npos) << e.what();
+    }
+  };
+  for (const std::string& path : {fifo, std::string("/dev/null")}) {
+    const std::string kind = path == fifo ? "a FIFO" : "a device";
+    refused([&] { MoeConfig::from_file(path); }, path, kind);
+    refused([&] { SafetensorsFile::open(path); }, path, kind);
+    refused([&] { map_file(path); }, path, kind);
+    refused([&] { read_file(path); }, path, kind);
+    refused([&] { HfCheckpoint::open(path); }, path, "");
+  }
+  refused([&] { map_file(::testing::TempDir()); }, ::testing::TempDir(), "a folder");
+  // An atomic write renames a temporary over its path: it must not replace a FIFO or /dev/null (found
+  // by the sweep: `--output /dev/null` as root made /dev/null a regular file).
+  for (const std::string& path : {fifo, std::string("/dev/null")}) {
+    refused([&] { write_file_atomic(path, "x"); }, path, path == fifo ? "a FIFO" : "a device");
+    refused([&] { write_safetensors(path, std::vector<NamedTensor>{}); }, path, path == fifo ? "a FIFO" : "a device");
+  }
+  struct stat st {};
+  ASSERT_EQ(::stat(fifo.c_str(), &st), 0);
+  EXPECT_TRUE(S_ISFIFO(st.st_mode));
+  ASSERT_EQ(::stat("/dev/null", &st), 0);
+  EXPECT_TRUE(S_ISCHR(st.st_mode));
+  std::filesystem::remove(fifo);
 }
 
 }  // namespace

@@ -58,7 +58,32 @@ std::string Checksum::hex() const {
   return out;
 }
 
+namespace {
+const char* kind_of(const struct stat& st) {
+  return S_ISDIR(st.st_mode)                          ? "a folder"
+         : S_ISFIFO(st.st_mode)                       ? "a FIFO"
+         : S_ISSOCK(st.st_mode)                       ? "a socket"
+         : S_ISCHR(st.st_mode) || S_ISBLK(st.st_mode) ? "a device"
+                                                      : "not a regular file";
+}
+}  // namespace
+
+void check_regular_file(const std::string& path, const std::string& what) {
+  struct stat st {};
+  if (::stat(path.c_str(), &st) != 0) throw IoError("cannot open " + what + " " + path + ": " + std::strerror(errno));
+  if (!S_ISREG(st.st_mode)) throw IoError(what + " " + path + " is " + kind_of(st) + "; expected a regular file");
+}
+
+void check_atomic_target(const std::string& path) {
+  struct stat st {};
+  if (::lstat(path.c_str(), &st) != 0 || S_ISREG(st.st_mode) || S_ISLNK(st.st_mode)) return;
+  throw IoError("cannot write " + path + ": it is " + kind_of(st) +
+                "; files are written atomically (a temporary beside it, then renamed over it), so give the path "
+                "of a regular file or of one that does not exist yet");
+}
+
 FileBytes map_file(const std::string& path) {
+  check_regular_file(path, "file");
   const int fd = ::open(path.c_str(), O_RDONLY);
   if (fd < 0) throw IoError("cannot open " + path + ": " + std::strerror(errno));
   struct stat st {};
@@ -102,6 +127,7 @@ void fsync_path(const std::string& path) {
 }
 
 void write_file_atomic(const std::string& path, const std::string& text) {
+  check_atomic_target(path);
   const std::string tmp = path + ".tmp";
   {
     std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
@@ -113,6 +139,7 @@ void write_file_atomic(const std::string& path, const std::string& text) {
 }
 
 void commit_file(const std::string& tmp, const std::string& path) {
+  check_atomic_target(path);  // never a rename over /dev/null or a FIFO
   fsync_path(tmp);  // the bytes are on disk before the name says they are there
   if (std::rename(tmp.c_str(), path.c_str()) != 0)
     throw IoError("cannot move " + tmp + " to " + path + ": " + std::strerror(errno));
@@ -121,6 +148,7 @@ void commit_file(const std::string& tmp, const std::string& path) {
 }
 
 std::string read_file(const std::string& path) {
+  check_regular_file(path, "file");
   std::ifstream in(path, std::ios::binary);
   if (!in) throw IoError("cannot read " + path + ": " + std::strerror(errno));
   std::ostringstream s;

@@ -32,6 +32,13 @@ struct FileBytes {
   std::size_t size = 0;
   std::string_view view() const { return {data.get(), size}; }
 };
+/// IoError naming `path` and `what` it was meant to be unless it is a regular file (or a link to
+/// one): a folder, FIFO, socket or device is refused before it is opened, so that a FIFO cannot
+/// block the reader forever and a device is not read as a file.
+void check_regular_file(const std::string& path, const std::string& what);
+/// IoError naming `path` when it exists and is not a regular file (or a link): an atomic write,
+/// which renames a temporary over its path, would replace a device or FIFO there with a file.
+void check_atomic_target(const std::string& path);
 /// The file mapped into memory (mmap, read-only): its pages are read from disk once, on first
 /// touch, and cost no memory beyond the page cache. IoError naming the file.
 FileBytes map_file(const std::string& path);

@@ -14,6 +14,7 @@
 #include <nlohmann/json.hpp>
 
 #include "base/error.h"
+#include "runtime/io/checkpoint_files.h"
 #include "runtime/io/json_guard.h"
 
 namespace moex {
@@ -200,6 +201,7 @@ MoeConfig MoeConfig::from_file(const std::string& path) {
   if (std::filesystem::is_directory(path, ec))
     throw ConfigError("config file " + path + " is a folder; expected a config.json file (" +
                       (std::filesystem::path(path) / "config.json").string() + "?)");
+  check_regular_file(path, "config file");
   std::ifstream in(path, std::ios::binary);
   if (!in) throw IoError("cannot open config file " + path + ": " + std::strerror(errno));
   if (std::filesystem::file_size(path, ec) > (16u << 20))

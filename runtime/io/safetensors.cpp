@@ -80,6 +80,7 @@ std::int64_t SafetensorsEntry::numel() const {
 }
 
 SafetensorsFile SafetensorsFile::open(const std::string& path, const SafetensorsLimits& limits) {
+  check_regular_file(path, "safetensors file");
   std::ifstream in(path, std::ios::binary);
   if (!in) throw IoError("cannot open safetensors file " + path + ": " + std::strerror(errno));
   std::error_code ec;
@@ -277,6 +278,7 @@ std::string write_safetensors(const std::string& path, const std::vector<TensorV
   }
   std::string text = header.dump();
   text.append((8 - text.size() % 8) % 8, ' ');
+  check_atomic_target(path);
   const std::string tmp = path + ".tmp";
   Checksum sum;
   {

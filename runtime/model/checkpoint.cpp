@@ -25,6 +25,25 @@ constexpr const char* kFormat = "moex-checkpoint";
 constexpr int kVersion = 1;
 constexpr const char* kSumKey = "fnv1a64w";  // Checksum (checkpoint_files.h): FNV-1a 64 over 64-bit words
 
+/// `dir`/`file` mapped into memory and checked against its entry in the folder's checksums.json
+/// (`sums`): size and checksum; IoError naming the file and what differs.
+FileBytes verified_file(const fs::path& dir, const json& sums, const std::string& file) {
+  const fs::path f = dir / file;
+  if (!sums.contains(file)) throw IoError((dir / "checksums.json").string() + " lists no checksum for " + file);
+  const auto& s = sums.at(file);
+  if (!fs::exists(f)) throw IoError(f.string() + " is missing (the checkpoint lists it)");
+  FileBytes bytes = map_file(f.string());  // the size the mapping has: one stat, of the file read
+  if (bytes.size != s.at("bytes").get<std::uint64_t>())
+    throw IoError(f.string() + " has " + std::to_string(bytes.size) + " bytes, the checkpoint says " +
+                  std::to_string(s.at("bytes").get<std::uint64_t>()));
+  Checksum sum;
+  sum.update(bytes.data.get(), bytes.size);
+  if (sum.hex() != s.at(kSumKey).get<std::string>())
+    throw IoError(f.string() + ": checksum " + sum.hex() + " differs from the saved " +
+                  s.at(kSumKey).get<std::string>() + " (the file changed or is damaged)");
+  return bytes;
+}
+
 std::string mlp_prefix(std::size_t layer) { return "model.layers." + std::to_string(layer) + ".mlp."; }
 
 /// One tensor of a parameter block: its Hugging Face name and shape, and where it lives.
@@ -119,7 +138,13 @@ void Trainer::agree(const std::string& what, std::exception_ptr error) {
   // says why, the others name it.
   std::int64_t v = error ? comm_.rank() + 1 : 0;
   comm_.allreduce_max(&v, 1, comm::DataType::kInt64, what)->wait();
-  if (error) std::rethrow_exception(error);
+  if (error) {
+    try {
+      std::rethrow_exception(error);
+    } catch (const fs::filesystem_error& e) {  // libstdc++'s text names neither the checkpoint nor the step
+      throw IoError(what + ": " + e.code().message() + " (" + e.path1().string() + ")");
+    }
+  }
   if (v > 0) throw IoError(what + " failed on rank " + std::to_string(v - 1) + " (its own error says why)");
 }
 
@@ -275,24 +300,7 @@ void Trainer::load_checkpoint(const std::string& path) {
     const json sums = parse_json_guarded(read_file((dir / "checksums.json").string()), (dir / "checksums.json").string());
     // Every file is mapped into memory once and checked against its checksum there: what is parsed
     // is what was verified, and its pages come from disk once.
-    auto verified = [&](const std::string& file) {
-      const fs::path f = dir / file;
-      if (!sums.contains(file))
-        throw IoError((dir / "checksums.json").string() + " lists no checksum for " + file);
-      const auto& s = sums.at(file);
-      if (!fs::exists(f)) throw IoError(f.string() + " is missing (the checkpoint lists it)");
-      // The size the mapping has (one stat, of the file the bytes come from).
-      FileBytes bytes = map_file(f.string());
-      if (bytes.size != s.at("bytes").get<std::uint64_t>())
-        throw IoError(f.string() + " has " + std::to_string(bytes.size) + " bytes, the checkpoint says " +
-                      std::to_string(s.at("bytes").get<std::uint64_t>()));
-      Checksum sum;
-      sum.update(bytes.data.get(), bytes.size);
-      if (sum.hex() != s.at(kSumKey).get<std::string>())
-        throw IoError(f.string() + ": checksum " + sum.hex() + " differs from the saved " +
-                      s.at(kSumKey).get<std::string>() + " (the file changed or is damaged)");
-      return bytes;
-    };
+    auto verified = [&](const std::string& file) { return verified_file(dir, sums, file); };
     const std::string state_path = (dir / "trainer_state.json").string();
     const json st = parse_json_guarded(std::string(verified("trainer_state.json").view()), state_path);
     if (get<std::string>(st, "format", state_path) != kFormat || get<int>(st, "version", state_path) != kVersion)
@@ -405,6 +413,16 @@ void Trainer::load_checkpoint(const std::string& path) {
 void Trainer::init_from(const std::string& path) {
   std::exception_ptr error;
   try {
+    // A moex checkpoint's model shards carry checksums: verified before they are read (a Hugging Face
+    // folder has none).
+    const fs::path folder = fs::is_directory(path) ? fs::path(path) : fs::path(path).parent_path();
+    if (fs::exists(folder / "checksums.json")) {
+      const json sums = parse_json_guarded(read_file((folder / "checksums.json").string()),
+                                           (folder / "checksums.json").string());
+      if (!sums.is_object()) throw IoError((folder / "checksums.json").string() + ": expected an object of files");
+      for (const auto& [file, entry] : sums.items())
+        if (file.rfind("model", 0) == 0) verified_file(folder, sums, file);
+    }
     const HfCheckpoint ckpt = HfCheckpoint::open(path);
     const auto prefixes = ckpt.moe_prefixes();
     auto& layers = student_->layers();
@@ -422,6 +440,8 @@ void Trainer::init_from(const std::string& path) {
       }
     }
     student_->parameters_changed();
+  } catch (const json::exception& e) {
+    error = std::make_exception_ptr(IoError("--init-from " + path + ": malformed checksums.json: " + e.what()));
   } catch (...) {
     error = std::current_exception();
   }
