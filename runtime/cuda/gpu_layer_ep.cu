@@ -44,40 +44,23 @@ std::size_t row_bytes(int64_t row, int64_t width, std::size_t es) {
 struct GpuMoELayer::EpState : moex::layer::PassSteps {
   bool serial = false;  // GpuLayerOptions::overlap off: each exchange is waited for once issued
   comm::DeviceCommunicator* device = nullptr;
-  /// One exchange: the send-side index arrays of its plan (ExchangePlan names), its rows (sent, received,
-  /// returned per received row, come back; layer dtype), the routing-weight gradients going back
-  /// ([R*K] out, [S*K] back), and its exchanges in flight (kept until settled: a Work must outlive
-  /// its op).
+  /// One exchange: its rows (sent, received, returned per received row, come back; layer dtype), the
+  /// routing-weight gradients going back ([R*K] out, [S*K] back), and its exchanges in flight (kept
+  /// until settled: a Work must outlive its op).
   struct Stage {
-    DeviceBuffer<int64_t> send_token, token_offsets, token_rows, pick_back;
     DeviceBuffer<unsigned char> send_rows, recv_rows, ret_rows, back_rows;
     DeviceBuffer<float> dw_out, dw_back;
 
     /// Grows the buffers for `plan` (rows of `row_bytes` bytes); true when any reallocated.
     bool reserve(const sched::ExchangePlan& plan, int64_t row_bytes, cudaStream_t s) {
       const int64_t SR = plan.send_rows(), R = plan.recv_rows(), K = plan.topk;
-      bool grew = false;
-      grew |= grow(send_token, SR, s);
-      grew |= grow(token_rows, SR, s);
-      grew |= grow(token_offsets, plan.tokens + 1, s);
-      grew |= grow(pick_back, plan.tokens * K, s);
-      grew |= grow(send_rows, SR * row_bytes, s);
+      bool grew = grow(send_rows, SR * row_bytes, s);
       grew |= grow(back_rows, SR * row_bytes, s);
       grew |= grow(recv_rows, R * row_bytes, s);
       grew |= grow(ret_rows, R * row_bytes, s);
       grew |= grow(dw_out, R * K, s);
       grew |= grow(dw_back, SR * K, s);
       return grew;
-    }
-    /// Uploads the plan's send-side index arrays.
-    void upload(const sched::ExchangePlan& plan, cudaStream_t stream) {
-      const auto SR = static_cast<std::size_t>(plan.send_rows());
-      copy_to_device(send_token.data(), plan.send_token.data(), SR, stream);
-      copy_to_device(token_rows.data(), plan.token_rows.data(), SR, stream);
-      copy_to_device(token_offsets.data(), plan.token_offsets.data(), static_cast<std::size_t>(plan.tokens + 1),
-                     stream);
-      copy_to_device(pick_back.data(), plan.pick_back.data(), static_cast<std::size_t>(plan.tokens * plan.topk),
-                     stream);
     }
   };
   /// The exchange origin -> expert owner (the layer's plan_): the only one of the flat exchange. With
@@ -93,29 +76,33 @@ struct GpuMoELayer::EpState : moex::layer::PassSteps {
   /// The host side of every pass (written once with the CPU layer): the plans, their metadata,
   /// the arrival maps and the per-node sum groups.
   moex::layer::PassPlan pass;
-  DeviceBuffer<int64_t> arrival_row, row_arrival;
-  // The per-node sum groups on the device (PassPlan::per_node) and their partial sums.
-  DeviceBuffer<int64_t> group_offsets, group_rows, token_groups, group_ids;
-  DeviceBuffer<unsigned char> partial;
+  /// Device copies of the pass plan's index arrays that the pass steps read (each exchange plan's
+  /// send side, the arrival maps, the per-node sum groups), found by their host array (ix()).
+  struct Mirror {
+    const std::vector<int64_t>* host = nullptr;
+    DeviceBuffer<int64_t> dev;
+  };
+  std::vector<Mirror> mirrors;
+  DeviceBuffer<unsigned char> partial;  // the per-node groups' partial sums (PassPlan::per_node)
 
-  /// Grows the groups' buffers (rows of `row_bytes` bytes); true when any reallocated.
-  bool reserve_groups(int64_t row_bytes, cudaStream_t s) {
-    if (!pass.per_node) return false;
-    const int64_t G = pass.groups();
-    bool grew = grow(group_offsets, G + 1, s);
-    grew |= grow(group_rows, static_cast<int64_t>(pass.group_rows.size()), s);
-    grew |= grow(token_groups, static_cast<int64_t>(pass.token_groups.size()), s);
-    grew |= grow(group_ids, G, s);
-    grew |= grow(partial, G * row_bytes, s);
+  /// Grows the mirrors to this pass's arrays; true when any reallocated.
+  bool reserve_mirrors(cudaStream_t s) {
+    std::vector<const std::vector<int64_t>*> v = {&pass.arrival_row,  &pass.row_arrival,   &pass.group_offsets,
+                                                   &pass.group_rows,   &pass.token_groups,  &pass.group_ids};
+    for (const sched::ExchangePlan* p : {&pass.main, &pass.a, &pass.b})
+      v.insert(v.end(), {&p->send_token, &p->token_offsets, &p->token_rows, &p->pick_back});
+    mirrors.resize(v.size());
+    bool grew = false;
+    for (std::size_t i = 0; i < v.size(); ++i) {
+      mirrors[i].host = v[i];
+      grew |= grow(mirrors[i].dev, static_cast<int64_t>(v[i]->size()), s);
+    }
     return grew;
   }
-  void upload_groups(cudaStream_t stream) {
-    if (!pass.per_node) return;
-    copy_to_device(group_offsets.data(), pass.group_offsets.data(), pass.group_offsets.size(), stream);
-    copy_to_device(group_rows.data(), pass.group_rows.data(), pass.group_rows.size(), stream);
-    copy_to_device(token_groups.data(), pass.token_groups.data(), pass.token_groups.size(), stream);
-    copy_to_device(group_ids.data(), pass.group_ids.data(), pass.group_ids.size(), stream);
+  void upload_mirrors(cudaStream_t stream) {
+    for (Mirror& m : mirrors) copy_to_device(m.dev.data(), m.host->data(), m.host->size(), stream);
   }
+
   // The main plan's receive side in the compute order of the expert GEMMs (chunk, slot), on the
   // host (position: deterministic mode's canonical order) and on the device.
   sched::ExchangePlan::ChunkMajor view;
@@ -198,18 +185,8 @@ struct GpuMoELayer::EpState : moex::layer::PassSteps {
   }
   /// The device copy of one of the pass plan's index arrays.
   const int64_t* ix(const std::vector<int64_t>& v) {
-    for (auto [st, plan] : {std::pair<Stage*, const sched::ExchangePlan*>{&main, &pass.main}, {&a, &pass.a}, {&b, &pass.b}}) {
-      if (&v == &plan->send_token) return st->send_token.data();
-      if (&v == &plan->token_offsets) return st->token_offsets.data();
-      if (&v == &plan->token_rows) return st->token_rows.data();
-      if (&v == &plan->pick_back) return st->pick_back.data();
-    }
-    if (&v == &pass.arrival_row) return arrival_row.data();
-    if (&v == &pass.row_arrival) return row_arrival.data();
-    if (&v == &pass.group_offsets) return group_offsets.data();
-    if (&v == &pass.group_rows) return group_rows.data();
-    if (&v == &pass.token_groups) return token_groups.data();
-    if (&v == &pass.group_ids) return group_ids.data();
+    for (const Mirror& m : mirrors)
+      if (m.host == &v) return m.dev.data();
     throw InternalError("GpuMoELayer: an index array of the pass plan that was not uploaded");
   }
   void gather(int64_t n, const std::vector<int64_t>& index, int64_t at, moex::layer::Buf src, moex::layer::Buf dst,
@@ -374,12 +351,11 @@ void GpuMoELayer::forward_ep(const void* xin, void* out, bool accumulate, cudaSt
   {
     const cudaStream_t s = aux_.get();
     bool grew = ep.main.reserve(plan_, rb, s);
-    grew |= ep.reserve_groups(rb, s);
+    grew |= ep.reserve_mirrors(s);
+    if (ep.pass.per_node) grew |= grow(ep.partial, ep.pass.groups() * rb, s);
     if (hier) {
       grew |= ep.a.reserve(ep.pass.a, rb, s);
       grew |= ep.b.reserve(ep.pass.b, rb, s);
-      grew |= grow(ep.arrival_row, R, s);
-      grew |= grow(ep.row_arrival, R, s);
     }
     grew |= grow(ep.entry_row, N, s);
     grew |= grow(ep.row_entries, N, s);
@@ -397,14 +373,7 @@ void GpuMoELayer::forward_ep(const void* xin, void* out, bool accumulate, cudaSt
       ++allocations_;
     }
   }
-  ep.main.upload(plan_, stream);
-  ep.upload_groups(stream);
-  if (hier) {
-    ep.a.upload(ep.pass.a, stream);
-    ep.b.upload(ep.pass.b, stream);
-    copy_to_device(ep.arrival_row.data(), ep.pass.arrival_row.data(), static_cast<std::size_t>(R), stream);
-    copy_to_device(ep.row_arrival.data(), ep.pass.row_arrival.data(), static_cast<std::size_t>(R), stream);
-  }
+  ep.upload_mirrors(stream);
   const sched::ExchangePlan::ChunkMajor& v = ep.view;
   copy_to_device(ep.entry_row.data(), v.entry_row.data(), static_cast<std::size_t>(N), stream);
   copy_to_device(entry_w_.data(), v.entry_weight.data(), static_cast<std::size_t>(N), stream);
@@ -456,7 +425,7 @@ void GpuMoELayer::EpState::send(int c, bool grad, bool skip_self) {
   const int64_t f = origin.chunk_send_first(c);
   with_type(dtype, [&](auto tag) {
     using T_ = typename decltype(tag)::type;
-    gather_rows(origin.chunk_send_count(c), H, st.send_token.data() + f, static_cast<const T_*>(src), H,
+    gather_rows(origin.chunk_send_count(c), H, ix(origin.send_token) + f, static_cast<const T_*>(src), H,
                 reinterpret_cast<T_*>(st.send_rows.data()) + f * H, H, stream);
   });
   current = &dispatch_works[static_cast<std::size_t>(c)];
