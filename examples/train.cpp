@@ -182,6 +182,13 @@ int train(moex::comm::MpiCommunicator& world, int argc, char** argv) {
   to.replicas.spare_slots = opt.integer("spare-slots");
   to.replicas.interval = opt.integer("rebalance-interval");
   to.replicas.lag = opt.integer("rebalance-lag");
+  // Checked whether or not --replicas is on: a value out of range is a mistake either way.
+  if (to.replicas.spare_slots < 1 || to.replicas.spare_slots > config.n_routed_experts || to.replicas.interval < 1 ||
+      to.replicas.lag < 1)
+    throw moex::ConfigError("--spare-slots = " + opt.str("spare-slots") + ", --rebalance-interval = " +
+                            opt.str("rebalance-interval") + ", --rebalance-lag = " + opt.str("rebalance-lag") +
+                            ": expected spare slots in [1, n_routed_experts = " +
+                            std::to_string(config.n_routed_experts) + "] and an interval and a lag >= 1");
   to.skew = static_cast<float>(opt.non_negative("skew"));
   to.eval_tokens = opt.integer("eval-tokens");
   to.eval_every = opt.integer("eval-every");

@@ -303,6 +303,7 @@ void Trainer::load_checkpoint(const std::string& path) {
     auto verified = [&](const std::string& file) { return verified_file(dir, sums, file); };
     const std::string state_path = (dir / "trainer_state.json").string();
     const json st = parse_json_guarded(std::string(verified("trainer_state.json").view()), state_path);
+    verified("config.json");  // not read here (the state holds the config), but part of a complete checkpoint
     if (get<std::string>(st, "format", state_path) != kFormat || get<int>(st, "version", state_path) != kVersion)
       throw IoError(state_path + ": not a moex checkpoint of version " + std::to_string(kVersion));
     // The model must be the one saved: every config field, and the seed (it defines the teacher).
