@@ -85,18 +85,19 @@ struct GpuMoELayer::EpState : moex::layer::PassSteps {
   std::vector<Mirror> mirrors;
   DeviceBuffer<unsigned char> partial;  // the per-node groups' partial sums (PassPlan::per_node)
 
-  /// Grows the mirrors to this pass's arrays; true when any reallocated.
+  /// Grows the mirrors to this pass's arrays; true when any reallocated. The list of host arrays
+  /// (members of `pass`, so their addresses never change) is made on the first call.
   bool reserve_mirrors(cudaStream_t s) {
-    std::vector<const std::vector<int64_t>*> v = {&pass.arrival_row,  &pass.row_arrival,   &pass.group_offsets,
-                                                   &pass.group_rows,   &pass.token_groups,  &pass.group_ids};
-    for (const sched::ExchangePlan* p : {&pass.main, &pass.a, &pass.b})
-      v.insert(v.end(), {&p->send_token, &p->token_offsets, &p->token_rows, &p->pick_back});
-    mirrors.resize(v.size());
-    bool grew = false;
-    for (std::size_t i = 0; i < v.size(); ++i) {
-      mirrors[i].host = v[i];
-      grew |= grow(mirrors[i].dev, static_cast<int64_t>(v[i]->size()), s);
+    if (mirrors.empty()) {
+      for (const std::vector<int64_t>* v : {&pass.arrival_row, &pass.row_arrival, &pass.group_offsets, &pass.group_rows,
+                                            &pass.token_groups, &pass.group_ids})
+        mirrors.emplace_back().host = v;
+      for (const sched::ExchangePlan* p : {&pass.main, &pass.a, &pass.b})
+        for (const std::vector<int64_t>* v : {&p->send_token, &p->token_offsets, &p->token_rows, &p->pick_back})
+          mirrors.emplace_back().host = v;
     }
+    bool grew = false;
+    for (Mirror& m : mirrors) grew |= grow(m.dev, static_cast<int64_t>(m.host->size()), s);
     return grew;
   }
   void upload_mirrors(cudaStream_t stream) {

@@ -83,14 +83,16 @@ void check_atomic_target(const std::string& path) {
 }
 
 FileBytes map_file(const std::string& path) {
-  check_regular_file(path, "file");
-  const int fd = ::open(path.c_str(), O_RDONLY);
+  // O_NONBLOCK: a FIFO opens at once instead of waiting for a writer, and is refused below.
+  const int fd = ::open(path.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC);
   if (fd < 0) throw IoError("cannot open " + path + ": " + std::strerror(errno));
   struct stat st {};
-  if (::fstat(fd, &st) != 0) {
-    const int err = errno;
+  const bool stat_ok = ::fstat(fd, &st) == 0;
+  const int stat_err = errno;
+  if (!stat_ok || !S_ISREG(st.st_mode)) {
     ::close(fd);
-    throw IoError("cannot stat " + path + ": " + std::strerror(err));
+    throw IoError(stat_ok ? "file " + path + " is " + kind_of(st) + "; expected a regular file"
+                          : "cannot stat " + path + ": " + std::strerror(stat_err));
   }
   FileBytes out;
   out.size = static_cast<std::size_t>(st.st_size);
