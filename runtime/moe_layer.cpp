@@ -56,62 +56,25 @@ MoELayer::MoELayer(const MoeConfig& config, comm::Communicator& comm, sched::Rep
 MoELayer::MoELayer(const MoeConfig& config, comm::Communicator& comm, std::string name,
                    std::optional<sched::ExpertPlacement> placement, std::optional<sched::ReplicaLayout> layout,
                    std::optional<sched::Topology> topology, const LayerOptions& options)
-    : config_(config),
+    : config_(config.validated()),
       comm_(comm),
-      placement_(std::move(placement)),
-      replicas_(std::move(layout)),
       name_(std::move(name)),
+      where_(std::move(placement), std::move(layout), std::move(topology), config.n_routed_experts, comm.size(), name_),
       hidden_(config.hidden_size),
       ffn_(config.moe_intermediate_size),
       shared_ffn_(config.shared_intermediate_size()),
       experts_total_(config.n_routed_experts),
       topk_(config.num_experts_per_tok) {
-  config_.validate();
-  const std::string what = placement_ ? "placement" : "replica layout";
-  const std::int64_t covers = placement_ ? placement_->num_experts() : replicas_->num_experts();
-  const int world = placement_ ? placement_->world_size() : replicas_->world_size();
-  if (covers != experts_total_)
-    throw InvalidArgument(name_ + ": " + what + " covers " + std::to_string(covers) + " experts but n_routed_experts = " +
-                          std::to_string(experts_total_));
-  if (world != comm_.size())
-    throw InvalidArgument(name_ + ": " + what + " is for " + std::to_string(world) + " ranks but the communicator has " +
-                          std::to_string(comm_.size()));
-  if (placement_) {
-    std::vector<std::vector<std::int64_t>> slots(static_cast<std::size_t>(comm_.size()));
-    for (int r = 0; r < comm_.size(); ++r) {
-      const auto mine = placement_->experts_of(r);
-      slots[static_cast<std::size_t>(r)].assign(mine.begin(), mine.end());
-    }
-    set_slots(std::move(slots));
-  } else {
-    set_slots(replicas_->slot_expert());
-  }
-  topology_ = topology ? std::move(*topology) : sched::Topology::single_node(comm_.size());
-  if (topology_.world_size() != comm_.size())
-    throw InvalidArgument(name_ + ": topology is for " + std::to_string(topology_.world_size()) +
-                          " ranks but the communicator has " + std::to_string(comm_.size()));
   replicated_.resize(static_cast<std::size_t>(shared_w2_offset() + hidden_ * shared_ffn_));
   experts_.resize(static_cast<std::size_t>(num_local_experts() * expert_stride()));
   set_options(options);
 }
 
-void MoELayer::set_slots(std::vector<std::vector<std::int64_t>> slot_expert) {
-  slot_expert_ = std::move(slot_expert);
-  max_slots_ = 1;
-  for (const auto& v : slot_expert_) max_slots_ = std::max<std::int64_t>(max_slots_, static_cast<std::int64_t>(v.size()));
-  multi_index_.assign(static_cast<std::size_t>(experts_total_), -1);
-  if (replicas_) {
-    std::int64_t m = 0;
-    for (std::int64_t e = 0; e < experts_total_; ++e)
-      if (replicas_->num_replicas(e) > 1) multi_index_[static_cast<std::size_t>(e)] = m++;
-  }
-}
-
 const sched::ExpertPlacement& MoELayer::placement() const {
-  if (!placement_)
+  if (!where_.placement())
     throw InvalidArgument(name_ + ": placement() is for layers built from an ExpertPlacement; this one uses a "
                                   "replica layout (see replica_layout() and slot_experts())");
-  return *placement_;
+  return *where_.placement();
 }
 
 MoELayer::~MoELayer() {
@@ -178,7 +141,7 @@ void MoELayer::count_bytes(std::span<const std::int64_t> send_elems, std::int64_
     if (q == me) continue;
     const std::int64_t b = send_elems[static_cast<std::size_t>(q)] * elem_bytes;
     std::int64_t LayerCounters::*field =
-        topology_.node_of(q) == topology_.node_of(me) ? &LayerCounters::bytes_intra_node : &LayerCounters::bytes_inter_node;
+        topology().node_of(q) == topology().node_of(me) ? &LayerCounters::bytes_intra_node : &LayerCounters::bytes_inter_node;
     counters_.*field += b;
     own_.*field += b;
   }
@@ -190,18 +153,7 @@ void MoELayer::count_bytes(std::span<const std::int64_t> send_elems, std::int64_
 void MoELayer::plan_pass(int chunks) {
   while (static_cast<int>(chunks_.size()) < chunks) chunks_.push_back(std::make_unique<Chunk>());
   const auto n = static_cast<std::size_t>(tokens_ * topk_);
-  layer::PassLayout lay;
-  lay.placement = placement_ ? &*placement_ : nullptr;
-  lay.layout = replicas_ ? &*replicas_ : nullptr;
-  lay.topology = &topology_;
-  lay.experts = experts_total_;
-  lay.topk = topk_;
-  lay.num_local = num_local_experts();
-  lay.max_slots = max_slots_;
-  lay.hierarchical = hierarchical();
-  lay.capacity_factor = options_.capacity_factor;
-  lay.name = name_;
-  pass_.route(lay, comm_.rank(), comm_.size(), std::span<const std::int32_t>(topk_ids_).first(n),
+  pass_.route(where_.pass_layout(comm_.rank(), topk_, hierarchical(), options_.capacity_factor, name_), comm_.rank(), comm_.size(), std::span<const std::int32_t>(topk_ids_).first(n),
               std::span<const float>(topk_weights_).first(n), tokens_, chunks);
   stats_.picks_dropped = pass_.dropped;
   // Every rank learns what it receives (codes and weights ahead of the rows) before any row moves,
@@ -755,16 +707,14 @@ void MoELayer::reduce_replica_grads() {
 
 comm::WorkPtr MoELayer::start_replica_grad_reduce() {
   replica_reduce_pending_ = false;
-  if (!replicas_) return nullptr;
-  std::int64_t multi = 0;
-  for (auto i : multi_index_) multi += i >= 0 ? 1 : 0;
+  const std::int64_t multi = where_.multi_experts();
   if (multi == 0) return nullptr;  // the same on every rank: the layout is
   const std::int64_t stride = expert_stride();
   const auto mine = slot_experts(comm_.rank());
   ParamBlock& ex = experts();  // clears stale gradients first
   replica_grad_.assign(static_cast<std::size_t>(multi * stride), 0.0f);
   for (std::size_t s = 0; s < mine.size(); ++s) {
-    const std::int64_t m = multi_index_[static_cast<std::size_t>(mine[s])];
+    const std::int64_t m = where_.multi_index(mine[s]);
     if (m < 0) continue;
     float* dst = replica_grad_.data() + m * stride;
     const float* src = ex.grad.data() + static_cast<std::int64_t>(s) * stride;
@@ -781,7 +731,7 @@ void MoELayer::finish_replica_grad_reduce() {
   const auto mine = slot_experts(comm_.rank());
   ParamBlock& ex = experts();
   for (std::size_t s = 0; s < mine.size(); ++s) {
-    const std::int64_t m = multi_index_[static_cast<std::size_t>(mine[s])];
+    const std::int64_t m = where_.multi_index(mine[s]);
     if (m >= 0)
       std::memcpy(ex.grad.data() + static_cast<std::int64_t>(s) * stride, replica_grad_.data() + m * stride,
                   sizeof(float) * static_cast<std::size_t>(stride));
@@ -789,7 +739,7 @@ void MoELayer::finish_replica_grad_reduce() {
 }
 
 std::int64_t MoELayer::set_replica_layout(const sched::ReplicaLayout& to, std::span<std::vector<float>* const> slot_state) {
-  if (!replicas_)
+  if (!replica_layout())
     throw InvalidArgument(name_ + ": set_replica_layout() needs a layer built from a ReplicaLayout (replica mode)");
   if (to.num_experts() != experts_total_ || to.world_size() != comm_.size())
     throw InvalidArgument(name_ + ": new replica layout has " + std::to_string(to.num_experts()) + " experts on " +
@@ -803,7 +753,7 @@ std::int64_t MoELayer::set_replica_layout(const sched::ReplicaLayout& to, std::s
       throw InvalidArgument(name_ + ": set_replica_layout() got a slot buffer of " +
                             std::to_string(b == nullptr ? -1 : static_cast<std::int64_t>(b->size())) +
                             " floats, expected " + std::to_string(old_slots * stride) + " (slots x expert_stride) or 0");
-  const auto moves = sched::plan_migration(*replicas_, to, topology_);
+  const auto moves = sched::plan_migration(*replica_layout(), to, topology());
   // Blocks to send, in move order (by destination rank, then slot), and blocks to receive from each
   // source, in the same order: both sides walk the same list.
   std::vector<std::int64_t> sc(static_cast<std::size_t>(P), 0), rc(static_cast<std::size_t>(P), 0),
@@ -851,8 +801,7 @@ std::int64_t MoELayer::set_replica_layout(const sched::ReplicaLayout& to, std::s
   }
   experts_.grad.assign(static_cast<std::size_t>(new_slots * stride), 0.0f);
   expert_grads_stale_ = false;
-  replicas_ = to;
-  set_slots(to.slot_expert());
+  where_.set_replicas(to);
   return recv_total / std::max<std::int64_t>(stride, 1);
 }
 

@@ -13,6 +13,7 @@
 #include "runtime/kernels/balance.h"
 #include "runtime/kernels/expert_ffn.h"
 #include "runtime/io/moe_config.h"
+#include "runtime/layer/expert_layout.h"
 #include "runtime/layer/pass.h"
 #include "runtime/layer/pass_plan.h"
 #include "runtime/stream.h"
@@ -153,7 +154,7 @@ class MoELayer : private layer::PassSteps {
   /// InvalidArgument on chunks < 0.
   void set_options(const LayerOptions& options);
   const LayerOptions& options() const { return options_; }
-  const sched::Topology& topology() const { return topology_; }
+  const sched::Topology& topology() const { return where_.topology(); }
   const LayerCounters& counters() const { return counters_; }
   /// The schedule of the next pass (and with auto how it was chosen).
   const ScheduleChoice& schedule_choice() const { return choice_; }
@@ -165,9 +166,11 @@ class MoELayer : private layer::PassSteps {
   /// The one-replica placement the layer was built with. InvalidArgument in replica mode.
   const sched::ExpertPlacement& placement() const;
   /// The replica layout (replica mode), or nullopt.
-  const std::optional<sched::ReplicaLayout>& replica_layout() const { return replicas_; }
+  const std::optional<sched::ReplicaLayout>& replica_layout() const { return where_.replicas(); }
   /// Logical expert held in each physical slot of rank `r` (placement mode: the experts it owns).
-  std::span<const std::int64_t> slot_experts(int r) const { return slot_expert_[static_cast<std::size_t>(r)]; }
+  std::span<const std::int64_t> slot_experts(int r) const { return where_.slots(r); }
+  /// Where the routed experts live (placement or replica layout, topology).
+  const layer::ExpertLayout& expert_layout() const { return where_; }
   const std::string& name() const { return name_; }
   int rank() const { return comm_.rank(); }
   comm::Communicator& communicator() { return comm_; }
@@ -251,10 +254,8 @@ class MoELayer : private layer::PassSteps {
 
   MoeConfig config_;
   comm::Communicator& comm_;
-  std::optional<sched::ExpertPlacement> placement_;  // placement mode
-  std::optional<sched::ReplicaLayout> replicas_;     // replica mode
   std::string name_;
-  sched::Topology topology_;
+  layer::ExpertLayout where_;  // placement or replica layout, and the topology
   LayerOptions options_;
   std::int64_t hidden_, ffn_, shared_ffn_, experts_total_, topk_;
 
@@ -267,9 +268,6 @@ class MoELayer : private layer::PassSteps {
   std::vector<float> d_scores_;
   std::unique_ptr<Stream> comm_stream_;
   bool comm_stream_threaded_ = false;
-  std::vector<std::vector<std::int64_t>> slot_expert_;  // [P][slots of r] logical expert per slot
-  std::int64_t max_slots_ = 0;                           // max slots over ranks (forwarding codes)
-  std::vector<std::int64_t> multi_index_;                // [E] replica mode: index among multi-replica experts, -1
   std::vector<float> replica_grad_;                      // reduce_replica_grads() buffer
   bool replica_reduce_pending_ = false;
 
@@ -316,7 +314,6 @@ class MoELayer : private layer::PassSteps {
   MoELayer(const MoeConfig& config, comm::Communicator& comm, std::string name,
            std::optional<sched::ExpertPlacement> placement, std::optional<sched::ReplicaLayout> layout,
            std::optional<sched::Topology> topology, const LayerOptions& options);
-  void set_slots(std::vector<std::vector<std::int64_t>> slot_expert);
   bool hierarchical() const { return options_.exchange == ExchangeKind::kHierarchical; }
   kernels::GemmKind gemm_kind() const {
     return options_.deterministic ? kernels::GemmKind::kRowwise : kernels::GemmKind::kBlas;

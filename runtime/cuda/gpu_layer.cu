@@ -9,6 +9,8 @@
 #include <utility>
 #include <vector>
 
+#include <nlohmann/json.hpp>
+
 #include "base/error.h"
 #include "runtime/cuda/kernels.h"
 #include "comm/device_communicator.h"
@@ -141,58 +143,36 @@ float bf16_bits_to_float(std::uint16_t h) {
 }  // namespace
 
 namespace {
-const MoeConfig& validated(const MoeConfig& c) {
-  c.validate();
-  return c;
-}
-
-/// The routed expert slots a layer holds: all E on one GPU, else its rank's share of `placement`, or
-/// every rank's slots_per_rank() of `layout` (validated against the communicators).
-int64_t local_slot_count(const MoeConfig& c, const GpuLayerOptions& o, const comm::Communicator* host,
-                         const comm::Communicator* device, const std::optional<sched::ExpertPlacement>& placement,
-                         const std::optional<sched::ReplicaLayout>& layout,
-                         const std::optional<sched::Topology>& topology) {
+/// Where the layer's routed experts live: all E on one GPU (a layout of one rank), or the ranks'
+/// placement or replica layout, validated against the communicators.
+moex::layer::ExpertLayout layout_of(const MoeConfig& c, const GpuLayerOptions& o, const comm::Communicator* host,
+                              const comm::Communicator* device, std::optional<sched::ExpertPlacement> placement,
+                              std::optional<sched::ReplicaLayout> layout, std::optional<sched::Topology> topology) {
   sched::check_capacity_factor(o.capacity_factor, "GpuMoELayer");
-  if (!placement && !layout) {
+  const std::int64_t E = c.n_routed_experts;
+  if (!device) {
     if (o.capacity_factor > 0.0)
       throw InvalidArgument("GpuMoELayer: capacity_factor = " + std::to_string(o.capacity_factor) +
                             ": the single-GPU layer is dropless only (use the expert-parallel constructor)");
     if (o.exchange != ExchangeKind::kFlat)
       throw InvalidArgument("GpuMoELayer: the hierarchical exchange needs the expert-parallel constructor");
-    return c.n_routed_experts;
+    return moex::layer::ExpertLayout(sched::ExpertPlacement::contiguous(E, 1), std::nullopt, std::nullopt, E, 1, "GpuMoELayer");
   }
-  const std::string what = "GpuMoELayer (expert-parallel): ";
-  if (o.chunks < 1) throw InvalidArgument(what + "chunks = " + std::to_string(o.chunks) + ": must be >= 1");
+  const std::string what = "GpuMoELayer (expert-parallel)";
+  if (o.chunks < 1) throw InvalidArgument(what + ": chunks = " + std::to_string(o.chunks) + ": must be >= 1");
   if (host->size() != device->size() || host->rank() != device->rank())
-    throw InvalidArgument(what + "the host communicator is rank " + std::to_string(host->rank()) + " of " +
+    throw InvalidArgument(what + ": the host communicator is rank " + std::to_string(host->rank()) + " of " +
                           std::to_string(host->size()) + " but the device communicator rank " +
                           std::to_string(device->rank()) + " of " + std::to_string(device->size()) +
                           "; they must span the same ranks in the same order");
-  if (layout) {
-    layout->validate(c.n_routed_experts);
-    if (layout->world_size() != device->size())
-      throw InvalidArgument(what + "the replica layout is for " + std::to_string(layout->world_size()) +
-                            " ranks; the communicators have " + std::to_string(device->size()));
-  } else {
-    if (placement->world_size() != device->size())
-      throw InvalidArgument(what + "the placement is for " + std::to_string(placement->world_size()) +
-                            " ranks; the communicators have " + std::to_string(device->size()));
-    if (placement->num_experts() != c.n_routed_experts)
-      throw InvalidArgument(what + "the placement places " + std::to_string(placement->num_experts()) +
-                            " experts; the config has n_routed_experts = " + std::to_string(c.n_routed_experts));
-  }
-  if (topology->world_size() != device->size())
-    throw InvalidArgument(what + "the topology is for " + std::to_string(topology->world_size()) +
-                          " ranks; the communicators have " + std::to_string(device->size()));
+  moex::layer::ExpertLayout l(std::move(placement), std::move(layout), std::move(topology), E, device->size(), what);
   if (!comm::is_device_communicator(*device))
-    throw InvalidArgument(what + "the device communicator must be a NcclCommunicator or a StagedCommunicator "
+    throw InvalidArgument(what + ": the device communicator must be a NcclCommunicator or a StagedCommunicator "
                                  "(device buffers, ordered against CUDA streams); got another kind");
-  if (layout) return layout->slots_per_rank();
-  const int64_t n = placement->num_local(device->rank());
-  if (n < 1)
-    throw InvalidArgument(what + "rank " + std::to_string(device->rank()) +
+  if (l.slots(device->rank()).empty())
+    throw InvalidArgument(what + ": rank " + std::to_string(device->rank()) +
                           " holds no routed expert; every rank needs at least one");
-  return n;
+  return l;
 }
 }  // namespace
 
@@ -210,9 +190,7 @@ GpuMoELayer::GpuMoELayer(const MoeConfig& config, GpuLayerOptions options)
 GpuMoELayer::GpuMoELayer(const MoeConfig& config, comm::Communicator& host_comm, comm::Communicator& device_comm,
                          sched::ExpertPlacement placement, GpuLayerOptions options,
                          std::optional<sched::Topology> topology)
-    : GpuMoELayer(config, options, &host_comm, &device_comm, std::move(placement), std::nullopt,
-                  topology ? std::move(topology) : std::optional<sched::Topology>(
-                                                       sched::Topology::single_node(device_comm.size()))) {}
+    : GpuMoELayer(config, options, &host_comm, &device_comm, std::move(placement), std::nullopt, std::move(topology)) {}
 
 GpuMoELayer::GpuMoELayer(const MoeConfig& config, comm::Communicator& host_comm, comm::Communicator& device_comm,
                          sched::ReplicaLayout layout, sched::Topology topology, GpuLayerOptions options)
@@ -221,7 +199,7 @@ GpuMoELayer::GpuMoELayer(const MoeConfig& config, comm::Communicator& host_comm,
 GpuMoELayer::GpuMoELayer(const MoeConfig& config, GpuLayerOptions options, comm::Communicator* host_comm,
                          comm::Communicator* device_comm, std::optional<sched::ExpertPlacement> placement,
                          std::optional<sched::ReplicaLayout> layout, std::optional<sched::Topology> topology)
-    : config_(validated(config)),
+    : config_(config.validated()),
       options_(options),
       dtype_(options.precision == LayerPrecision::kFp32 ? DType::kFp32 : DType::kBf16),
       hidden_(config.hidden_size),
@@ -229,12 +207,11 @@ GpuMoELayer::GpuMoELayer(const MoeConfig& config, GpuLayerOptions options, comm:
       shared_ffn_(config.shared_intermediate_size()),
       experts_(config.n_routed_experts),
       topk_(config.num_experts_per_tok),
-      local_(local_slot_count(config, options, host_comm, device_comm, placement, layout, topology)),
+      where_(layout_of(config, options, host_comm, device_comm, std::move(placement), std::move(layout),
+                       std::move(topology))),
+      local_(static_cast<int64_t>(where_.slots(device_comm ? device_comm->rank() : 0).size())),
       host_comm_(host_comm),
       device_comm_(device_comm),
-      placement_(std::move(placement)),
-      layout_(std::move(layout)),
-      topology_(std::move(topology)),
       gate_params_(kernels::GateParams::from_config(config, 0)),
       expert_ffn_(GroupedFfnShape{local_, config.hidden_size, config.moe_intermediate_size,
                                   3 * config.moe_intermediate_size * config.hidden_size},
@@ -265,16 +242,6 @@ GpuMoELayer::GpuMoELayer(const MoeConfig& config, GpuLayerOptions options, comm:
     shared_stale_ = expert_stale_ = true;  // zero gradients, cleared lazily
     counts_.assign(static_cast<std::size_t>(local_), 0);
     shared_rows_.assign(1, 0);
-    if (placement_) {
-      for (int r = 0; r < placement_->world_size(); ++r) max_slots_ = std::max(max_slots_, placement_->num_local(r));
-    } else if (layout_) {
-      max_slots_ = layout_->slots_per_rank();
-    }
-    if (layout_) {
-      multi_index_.assign(static_cast<std::size_t>(experts_), -1);
-      for (int64_t e = 0; e < experts_; ++e)
-        if (layout_->num_replicas(e) > 1) multi_index_[static_cast<std::size_t>(e)] = multi_experts_++;
-    }
     aux_.synchronize();
   } catch (...) {
     if (counts_pinned_) static_cast<void>(cudaFreeHost(counts_pinned_));
@@ -304,59 +271,26 @@ GpuMoELayer::~GpuMoELayer() {
 // Parameters
 
 void GpuMoELayer::check_cpu_layer(MoELayer& cpu, const char* what) const {
-  const MoeConfig& c = cpu.config();
-  auto mismatch = [&](const std::string& field, const std::string& got, const std::string& want) {
-    return InvalidArgument(std::string(what) + ": the CPU layer's " + field + " is " + got + "; this GPU layer has " +
-                           want);
-  };
-  auto same = [&](const char* field, int64_t got, int64_t want) {
-    if (got != want) throw mismatch(field, std::to_string(got), std::to_string(want));
-  };
-  same("hidden_size", c.hidden_size, config_.hidden_size);
-  same("moe_intermediate_size", c.moe_intermediate_size, config_.moe_intermediate_size);
-  same("n_routed_experts", c.n_routed_experts, config_.n_routed_experts);
-  same("n_shared_experts", c.n_shared_experts, config_.n_shared_experts);
-  same("num_experts_per_tok", c.num_experts_per_tok, config_.num_experts_per_tok);
-  same("n_group", c.n_group, config_.n_group);
-  same("topk_group", c.topk_group, config_.topk_group);
-  if (c.topk_method != config_.topk_method)
-    throw mismatch("topk_method", moex::to_string(c.topk_method), moex::to_string(config_.topk_method));
-  if (c.scoring_func != config_.scoring_func)
-    throw mismatch("scoring_func", moex::to_string(c.scoring_func), moex::to_string(config_.scoring_func));
-  if (c.norm_topk_prob != config_.norm_topk_prob)
-    throw mismatch("norm_topk_prob", c.norm_topk_prob ? "true" : "false", config_.norm_topk_prob ? "true" : "false");
-  if (c.routed_scaling_factor != config_.routed_scaling_factor)
-    throw mismatch("routed_scaling_factor", std::to_string(c.routed_scaling_factor),
-                   std::to_string(config_.routed_scaling_factor));
-  // Replica mode on both sides or neither, with the same layout and node map (the replica choice).
-  const std::optional<sched::ReplicaLayout>& cpu_layout = cpu.replica_layout();
-  if (cpu_layout.has_value() != layout_.has_value())
-    throw mismatch("replica layout", cpu_layout ? "set (replica mode)" : "none (one replica per expert)",
-                   layout_ ? "one (replica mode)" : "none (one replica per expert)");
-  if (cpu_layout != layout_)
-    throw InvalidArgument(std::string(what) + ": the CPU layer's replica layout differs from this GPU layer's "
-                          "(build the GPU layer from the CPU layer's current layout)");
-  if (layout_ && cpu.topology() != *topology_)
-    throw InvalidArgument(std::string(what) + ": the CPU layer's topology (rank -> node) differs from this GPU "
-                          "layer's; the replica choice depends on it");
-  const auto slots = cpu.slot_experts(cpu.rank());
-  if (static_cast<int64_t>(slots.size()) != local_)
-    throw InvalidArgument(std::string(what) + ": the CPU layer holds " + std::to_string(slots.size()) +
-                          " expert slots on rank " + std::to_string(cpu.rank()) + "; expected " +
-                          (layout_            ? "the replica layout's " + std::to_string(local_) + " slots per rank"
-                           : expert_parallel() ? "this rank's " + std::to_string(local_) + " experts of the placement"
-                                               : "all " + std::to_string(experts_) + " experts (a single-rank layer)"));
-  for (std::size_t s = 0; s < slots.size(); ++s) {
-    const int64_t want = layout_      ? layout_->expert_at(device_comm_->rank(), static_cast<int64_t>(s))
-                         : placement_ ? placement_->experts_of(device_comm_->rank())[s]
-                                      : static_cast<int64_t>(s);
-    if (slots[s] != want)
-      throw InvalidArgument(std::string(what) + ": the CPU layer's slot " + std::to_string(s) + " holds expert " +
-                            std::to_string(slots[s]) + "; expected expert " + std::to_string(want));
-  }
+  // The same config field by field (as config.json holds them), the same experts in the same slots.
+  const nlohmann::json have = cpu.config().to_json(), want = config_.to_json();
+  for (const auto& [field, value] : want.items())
+    if (have.value(field, nlohmann::json()) != value)
+      throw InvalidArgument(std::string(what) + ": the CPU layer's " + field + " is " + have.value(field, nlohmann::json()).dump() +
+                            "; this GPU layer has " + value.dump());
+  const moex::layer::ExpertLayout& cl = cpu.expert_layout();
+  const bool replicas = where_.replicas().has_value();
+  const char* part = cl.replicas().has_value() != replicas ? "mode (replicas or a placement)"
+                     : replicas && !(cl.topology() == where_.topology())
+                         ? "topology (rank -> node, on which the replica choice depends)"
+                     : !cl.same_slots(where_) ? (replicas ? "replica layout" : "expert placement")
+                                              : nullptr;
+  if (part)
+    throw InvalidArgument(std::string(what) + ": the CPU layer's " + part + " differs from this GPU layer's (build "
+                          "the GPU layer from the CPU layer's current layout: make_gpu_layer_like)");
   if (cpu.options().capacity_factor != options_.capacity_factor)
-    throw mismatch("capacity_factor", std::to_string(cpu.options().capacity_factor),
-                   std::to_string(options_.capacity_factor));
+    throw InvalidArgument(std::string(what) + ": the CPU layer's capacity_factor is " +
+                          std::to_string(cpu.options().capacity_factor) + "; this GPU layer has " +
+                          std::to_string(options_.capacity_factor));
 }
 
 void GpuMoELayer::upload_params(const float* host, int64_t n, void* dst) {

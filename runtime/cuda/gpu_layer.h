@@ -16,6 +16,7 @@
 #include "comm/communicator.h"
 #include "runtime/cuda/device.h"
 #include "runtime/cuda/grouped_gemm.h"
+#include "runtime/layer/expert_layout.h"
 #include "runtime/layer/pass_plan.h"
 #include "scheduler/exchange_plan.h"
 #include "runtime/kernels/gate.h"
@@ -217,7 +218,7 @@ class GpuMoELayer {
   /// Routed expert slots this layer holds (E in single-GPU mode).
   std::int64_t num_local_experts() const { return local_; }
   /// The replica layout of a replica-mode layer (null otherwise).
-  const sched::ReplicaLayout* replica_layout() const { return layout_ ? &*layout_ : nullptr; }
+  const sched::ReplicaLayout* replica_layout() const { return where_.replicas() ? &*where_.replicas() : nullptr; }
   /// The plan of the last expert-parallel forward: this rank's tokens to the experts' ranks (the rows
   /// the flat exchange moves) and what this rank's slots received, by origin (entries per slot).
   const sched::ExchangePlan& plan() const;
@@ -311,17 +312,12 @@ class GpuMoELayer {
   GpuLayerOptions options_;
   DType dtype_;
   std::int64_t hidden_, ffn_, shared_ffn_, experts_, topk_;
-  std::int64_t local_;  // routed expert slots held here (experts_ in single-GPU mode)
+  moex::layer::ExpertLayout where_;  // where the routed experts live (one rank holding all E on a single GPU)
+  std::int64_t local_;         // routed expert slots held here (experts_ in single-GPU mode)
 
   // Expert-parallel mode (null / empty otherwise).
   comm::Communicator* host_comm_ = nullptr;
   comm::Communicator* device_comm_ = nullptr;
-  std::optional<sched::ExpertPlacement> placement_;  // expert-parallel mode, one replica per expert
-  std::optional<sched::ReplicaLayout> layout_;       // replica mode (with topology_)
-  std::optional<sched::Topology> topology_;  // expert-parallel mode (one node unless given)
-  std::int64_t max_slots_ = 0;               // the most slots a rank holds (hierarchical codes)
-  std::int64_t multi_experts_ = 0;       // replica mode: experts with several replicas
-  std::vector<std::int64_t> multi_index_;  // [E] an expert's index among those, or -1
   kernels::GateParams gate_params_;
 
   // Declared first so that they outlive every buffer: the buffers are freed on aux_ (after waiting

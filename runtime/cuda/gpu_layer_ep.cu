@@ -316,18 +316,9 @@ void GpuMoELayer::plan_ep(cudaStream_t stream) {
                                     cudaMemcpyDeviceToHost, stream));
   }
   synchronize(stream, "top-K to the host", device_comm_->default_timeout());
-  moex::layer::PassLayout lay;
-  lay.placement = placement_ ? &*placement_ : nullptr;
-  lay.layout = layout_ ? &*layout_ : nullptr;
-  lay.topology = &*topology_;
-  lay.experts = experts_;
-  lay.topk = K;
-  lay.num_local = local_;
-  lay.max_slots = max_slots_;
-  lay.hierarchical = options_.exchange == ExchangeKind::kHierarchical;
-  lay.capacity_factor = options_.capacity_factor;
-  lay.name = "GpuMoELayer";
-  ep.pass.route(lay, device_comm_->rank(), device_comm_->size(), ep.ids, ep.weights, T, C);
+  ep.pass.route(where_.pass_layout(device_comm_->rank(), K, options_.exchange == ExchangeKind::kHierarchical,
+                                   options_.capacity_factor, "GpuMoELayer"),
+                device_comm_->rank(), device_comm_->size(), ep.ids, ep.weights, T, C);
   ep.pass.exchange_metadata(*host_comm_, device_comm_->default_timeout());
   ep.pass.finish();
   picks_dropped_ = ep.pass.dropped;
@@ -547,7 +538,7 @@ void GpuMoELayer::allreduce_replicated_grads(cudaStream_t stream) {
   // Replica mode: this rank's slot gradients of every multi-replica expert, summed per expert in fp32
   // (zeros for the experts it holds no replica of), as MoELayer::start_replica_grad_reduce.
   const int me = device_comm_->rank();
-  const int64_t stride = 3 * ffn_ * hidden_, n_multi = multi_experts_ * stride;
+  const int64_t stride = 3 * ffn_ * hidden_, n_multi = where_.multi_experts() * stride;
   if (n_multi > 0) {
     if (expert_stale_) {  // zero_grad() without a backward since: the gradients are zeros
       MOEX_CUDA_CHECK(cudaMemsetAsync(expert_g_.data(), 0, expert_g_.bytes(), stream));
@@ -557,7 +548,7 @@ void GpuMoELayer::allreduce_replicated_grads(cudaStream_t stream) {
     aux_.synchronize();
     MOEX_CUDA_CHECK(cudaMemsetAsync(ep.replica32.data(), 0, sizeof(float) * static_cast<std::size_t>(n_multi), stream));
     for (int64_t slot = 0; slot < local_; ++slot) {
-      const int64_t m = multi_index_[static_cast<std::size_t>(layout_->expert_at(me, slot))];
+      const int64_t m = where_.multi_index(where_.slots(me)[static_cast<std::size_t>(slot)]);
       if (m < 0) continue;
       float* dst = ep.replica32.data() + m * stride;
       if (bf)
@@ -578,7 +569,7 @@ void GpuMoELayer::allreduce_replicated_grads(cudaStream_t stream) {
   if (n_shared > 0 && bf) convert(ep.grad32.data(), as<bf16>(shared_g_), n_shared, stream);
   // Every replica of an expert takes the sum.
   for (int64_t slot = 0; n_multi > 0 && slot < local_; ++slot) {
-    const int64_t m = multi_index_[static_cast<std::size_t>(layout_->expert_at(me, slot))];
+    const int64_t m = where_.multi_index(where_.slots(me)[static_cast<std::size_t>(slot)]);
     if (m < 0) continue;
     const float* src = ep.replica32.data() + m * stride;
     if (bf) {

@@ -52,6 +52,11 @@ struct MoeConfig {
 
   /// Checks every field and their relations; throws ConfigError naming field, value and rule.
   void validate() const;
+  /// validate(), then *this (for member initialisers).
+  const MoeConfig& validated() const {
+    validate();
+    return *this;
+  }
 
   /// Experts per group (n_routed_experts / n_group).
   std::int64_t experts_per_group() const { return n_routed_experts / n_group; }
