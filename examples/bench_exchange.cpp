@@ -198,8 +198,7 @@ int bench_exchange(comm::MpiCommunicator& world, int argc, char** argv) {
 
   const auto topology = sched::Topology::from_node_ids(world.node_ids());
   const auto placement = sched::ExpertPlacement::node_aware(E, topology);
-  std::int64_t max_slots = 1;
-  for (int r = 0; r < P; ++r) max_slots = std::max(max_slots, placement.num_local(r));
+  const layer::ExpertLayout where(placement, std::nullopt, topology, E, P, "bench exchange");
   if (me == 0)
     std::printf("# moex-bench exchange | ranks %d | nodes: %s | hidden %lld (fp32, %lld bytes/row) | experts %lld "
                 "topk %lld | iters %lld (median of the slowest rank)\n"
@@ -228,15 +227,7 @@ int bench_exchange(comm::MpiCommunicator& world, int argc, char** argv) {
   std::vector<float> weights, x, ref_send, ref_recv;
   std::int64_t total_wrong = 0;
   for (const bool hier : kinds) {
-    layer::PassLayout lay;
-    lay.placement = &placement;
-    lay.topology = &topology;
-    lay.experts = E;
-    lay.topk = K;
-    lay.num_local = placement.num_local(me);
-    lay.max_slots = max_slots;
-    lay.hierarchical = hier;
-    lay.name = "bench exchange";
+    const layer::PassLayout lay{&where, K, hier, 0.0, "bench exchange"};
     if (me == 0)
       std::printf("#\n# exchange %s\n# %9s %11s %12s | %10s %9s %9s | %10s %9s %9s | %9s %9s %6s | %8s\n",
                   hier ? "hierarchical" : "flat", "tokens", "rows", "bytes", "time_us", "algbw", "busbw", "ret_us",

@@ -118,15 +118,8 @@ TEST(PassPlan, HierarchicalReceivesAsFlatAndGroupsCoverEveryRow) {
   for (const int chunks : {1, 3}) {
     SCOPED_TRACE("chunks " + std::to_string(chunks));
     layer::PassPlan flat, hier;
-    layer::PassLayout lay;
-    lay.placement = &placement;
-    lay.topology = &topo;
-    lay.experts = kExperts;
-    lay.topk = kK;
-    lay.num_local = placement.num_local(me);
-    for (int r = 0; r < P; ++r) lay.max_slots = std::max(lay.max_slots, placement.num_local(r));
-    lay.capacity_factor = 1.0;  // some picks dropped
-    lay.name = "test";
+    const layer::ExpertLayout where(placement, std::nullopt, topo, kExperts, P, "test");
+    layer::PassLayout lay{&where, kK, false, /*capacity_factor=*/1.0, "test"};  // some picks dropped
     flat.route(lay, me, P, src.ids, src.weights, src.tokens, chunks);
     flat.exchange_metadata(world, kTimeout);
     flat.finish();

@@ -316,8 +316,7 @@ void GpuMoELayer::plan_ep(cudaStream_t stream) {
                                     cudaMemcpyDeviceToHost, stream));
   }
   synchronize(stream, "top-K to the host", device_comm_->default_timeout());
-  ep.pass.route(where_.pass_layout(device_comm_->rank(), K, options_.exchange == ExchangeKind::kHierarchical,
-                                   options_.capacity_factor, "GpuMoELayer"),
+  ep.pass.route({&where_, K, options_.exchange == ExchangeKind::kHierarchical, options_.capacity_factor, "GpuMoELayer"},
                 device_comm_->rank(), device_comm_->size(), ep.ids, ep.weights, T, C);
   ep.pass.exchange_metadata(*host_comm_, device_comm_->default_timeout());
   ep.pass.finish();

@@ -60,20 +60,4 @@ void ExpertLayout::derive() {
     if (replicas_->num_replicas(e) > 1) multi_index_[static_cast<std::size_t>(e)] = multi_experts_++;
 }
 
-PassLayout ExpertLayout::pass_layout(int rank, std::int64_t topk, bool hierarchical, double capacity_factor,
-                                     std::string name) const {
-  PassLayout l;
-  l.placement = placement_ ? &*placement_ : nullptr;
-  l.layout = replicas_ ? &*replicas_ : nullptr;
-  l.topology = &topology_;
-  l.experts = experts_;
-  l.topk = topk;
-  l.num_local = static_cast<std::int64_t>(slots(rank).size());
-  l.max_slots = max_slots_;
-  l.hierarchical = hierarchical;
-  l.capacity_factor = capacity_factor;
-  l.name = std::move(name);
-  return l;
-}
-
 }  // namespace moex::layer

@@ -9,7 +9,6 @@
 #include <string>
 #include <vector>
 
-#include "runtime/layer/pass_plan.h"
 #include "scheduler/expert_placement.h"
 #include "scheduler/replica_planner.h"
 #include "scheduler/topology.h"
@@ -24,6 +23,7 @@ class ExpertLayout {
   ExpertLayout(std::optional<sched::ExpertPlacement> placement, std::optional<sched::ReplicaLayout> replicas,
                std::optional<sched::Topology> topology, std::int64_t experts, int world, const std::string& name);
 
+  std::int64_t num_experts() const { return experts_; }
   const std::optional<sched::ExpertPlacement>& placement() const { return placement_; }
   const std::optional<sched::ReplicaLayout>& replicas() const { return replicas_; }
   const sched::Topology& topology() const { return topology_; }
@@ -37,10 +37,6 @@ class ExpertLayout {
   std::int64_t multi_index(std::int64_t expert) const { return multi_index_[static_cast<std::size_t>(expert)]; }
   /// Replica mode: the layout after a migration (same experts and ranks).
   void set_replicas(const sched::ReplicaLayout& to);
-  /// What the pass plan of `rank` needs of the layout.
-  PassLayout pass_layout(int rank, std::int64_t topk, bool hierarchical, double capacity_factor,
-                         std::string name) const;
-
   /// The same experts in the same slots of the same ranks.
   bool same_slots(const ExpertLayout& o) const { return slot_expert_ == o.slot_expert_; }
 

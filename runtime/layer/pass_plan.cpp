@@ -19,14 +19,18 @@ void PassPlan::route(const PassLayout& layout, int rank, int world, std::span<co
                           " tokens; expected tokens * K = " + std::to_string(tokens * K) + " of each");
   weights_.assign(weights.begin(), weights.end());
   // Every pick kept when dropless (kept all ones), else the capacity-factor rule.
-  dropped = sched::apply_capacity(ids, weights, layout.experts, layout.capacity_factor, kept, order_);
+  const ExpertLayout& where = *layout.experts;
+  dropped = sched::apply_capacity(ids, weights, where.num_experts(), layout.capacity_factor, kept, order_);
   // Each kept pick's destination (rank, slot): the placement's owner, or in replica mode the replica
   // ReplicaLayout::choose() names for (expert, this rank, token).
-  sched::route_picks(ids, kept, K, layout.placement, layout.layout, *layout.topology, rank, pick_rank_, pick_slot_);
+  const auto& placement = where.placement();
+  const auto& replicas = where.replicas();
+  sched::route_picks(ids, kept, K, placement ? &*placement : nullptr, replicas ? &*replicas : nullptr, where.topology(),
+                     rank, pick_rank_, pick_slot_);
   main.build_send(pick_rank_, pick_slot_, tokens, K, world, rank, chunks);
   if (layout.hierarchical) {
     // Stage A: a pick for rank d goes to d's node, to the rank there with this rank's local index.
-    sched::forward_picks(pick_rank_, pick_slot_, *layout.topology, rank, layout.max_slots, fwd_rank_, fwd_code_);
+    sched::forward_picks(pick_rank_, pick_slot_, where.topology(), rank, where.max_slots(), fwd_rank_, fwd_code_);
     a.build_send(fwd_rank_, fwd_code_, tokens, K, world, rank, chunks);
   }
 }
@@ -35,10 +39,11 @@ void PassPlan::exchange_metadata(comm::Communicator& host, std::chrono::millisec
   try {
     // Main's metadata always goes straight to the owners (2K floats a row), so its receive side is
     // the flat exchange's whichever way the rows travel.
-    meta_main.run(main, weights_, layout_.num_local, host, timeout);
+    const ExpertLayout& where = *layout_.experts;
+    meta_main.run(main, weights_, static_cast<std::int64_t>(where.slots(main.rank).size()), host, timeout);
     if (layout_.hierarchical) {
-      const sched::Topology& topo = *layout_.topology;
-      meta_a.run(a, weights_, topo.node_size(topo.node_of(main.rank)) * layout_.max_slots, host, timeout);
+      const sched::Topology& topo = where.topology();
+      meta_a.run(a, weights_, topo.node_size(topo.node_of(main.rank)) * where.max_slots(), host, timeout);
     }
   } catch (const InvalidArgument& e) {
     throw InvalidArgument(layout_.name + ": " + e.what());
@@ -46,7 +51,7 @@ void PassPlan::exchange_metadata(comm::Communicator& host, std::chrono::millisec
 }
 
 void PassPlan::finish() {
-  const sched::Topology& topo = *layout_.topology;
+  const sched::Topology& topo = layout_.experts->topology();
   const int P = main.world, C = main.chunks, me = main.rank;
   const std::int64_t K = layout_.topk;
   if (layout_.hierarchical) {
@@ -55,7 +60,7 @@ void PassPlan::finish() {
     // picks go to their rank on this node.
     const int my_node = topo.node_of(me);
     const std::int64_t RA = a.recv_rows();
-    sched::forwarded_picks(meta_a.recv_meta.data(), RA, 2 * K, K, topo.ranks_of(my_node), layout_.max_slots,
+    sched::forwarded_picks(meta_a.recv_meta.data(), RA, 2 * K, K, topo.ranks_of(my_node), layout_.experts->max_slots(),
                            pick_rank_, pick_slot_);
     b_chunks_.resize(z(C) + 1);
     for (int c = 0; c < C; ++c) b_chunks_[z(c)] = a.chunk_recv_first(c);

@@ -12,6 +12,7 @@
 
 #include "comm/communicator.h"
 #include "runtime/layer/exchange_metadata.h"
+#include "runtime/layer/expert_layout.h"
 #include "scheduler/exchange_plan.h"
 #include "scheduler/expert_placement.h"
 #include "scheduler/replica_planner.h"
@@ -19,19 +20,14 @@
 
 namespace moex::layer {
 
-/// How a layer is laid out over the ranks: fixed for the layer's life (the layout may change
-/// between passes in replica mode; the layer keeps `layout` pointing at the current one).
+/// What a pass plan needs of its layer: where the experts live (kept pointing at the current
+/// layout: it may change between passes in replica mode) and the pass's routing settings.
 struct PassLayout {
-  const sched::ExpertPlacement* placement = nullptr;  ///< placement mode (one replica per expert)
-  const sched::ReplicaLayout* layout = nullptr;       ///< replica mode
-  const sched::Topology* topology = nullptr;          ///< rank -> node
-  std::int64_t experts = 0;                           ///< routed experts E
-  std::int64_t topk = 0;                              ///< K
-  std::int64_t num_local = 0;                         ///< this rank's expert slots
-  std::int64_t max_slots = 1;                         ///< the most slots any rank holds (forwarding codes)
-  bool hierarchical = false;                          ///< two-stage exchange through a forwarder per node
-  double capacity_factor = 0.0;                       ///< 0 = dropless (sched::apply_capacity otherwise)
-  std::string name;                                   ///< prefixed to errors
+  const ExpertLayout* experts = nullptr;
+  std::int64_t topk = 0;         ///< K
+  bool hierarchical = false;     ///< two-stage exchange through a forwarder per node
+  double capacity_factor = 0.0;  ///< 0 = dropless (sched::apply_capacity otherwise)
+  std::string name;              ///< prefixed to errors
 };
 
 /// One rank's plan of one pass. Row spaces (all reused across passes, so a warm plan allocates
