@@ -585,6 +585,48 @@ void GpuMoELayer::join_shared(cudaStream_t stream) {
   if (shared_ffn_ > 0 && options_.overlap_shared) MOEX_CUDA_CHECK(cudaStreamWaitEvent(stream, events_->shared, 0));
 }
 
+void GpuMoELayer::expert_stage(const StageRows& r, bool grad, bool weights_later, cudaStream_t stream,
+                               const std::function<void()>& before_ffn) {
+  const int64_t H = hidden_, F = ffn_, e0 = r.first, n = r.count;
+  const std::size_t es = dtype_size(dtype_);
+  const std::size_t w2 = static_cast<std::size_t>(2 * F * H) * es;  // w2's byte offset in an expert block
+  auto at = [&](DeviceBuffer<unsigned char>& b, int64_t width) { return b.data() + static_cast<std::size_t>(e0 * width) * es; };
+  with_type(dtype_, [&](auto tag) {
+    using T_ = typename decltype(tag)::type;
+    const T_* in = static_cast<const T_*>(r.in);
+    if (!grad) {
+      gather_rows(n, H, r.entry_row + e0, in, H, as<T_>(xe_) + e0 * H, H, stream);
+      return;
+    }
+    // Routing-weight gradients dot(dy row, expert output) and the expert-output gradients w * dy row.
+    row_dot(n, H, r.entry_row + e0, in, H, as<T_>(ye_) + e0 * H, H, d_entry_.data() + e0, stream);
+    gather_rows_scaled(n, H, r.entry_row + e0, entry_w_.data() + e0, in, H, as<T_>(dye_) + e0 * H, H, stream);
+  });
+  if (r.marks) mark(grad ? kB1 : kF2, stream);
+  if (before_ffn) before_ffn();
+  unsigned char* w = expert_w_.data();
+  if (!grad) {
+    expert_ffn_.forward(blas_.get(), r.slot_rows, at(xe_, H), w, w + w2, at(h13_, 2 * F), at(sig_, F), at(a_, F),
+                        at(ye_, H), stream);
+  } else if (weights_later) {
+    expert_ffn_.backward_data(blas_.get(), r.slot_rows, w, w + w2, at(h13_, 2 * F), at(sig_, F), at(dye_, H),
+                              at(dxe_, H), at(dh13_, 2 * F), stream);
+  } else {
+    expert_ffn_.backward(blas_.get(), r.slot_rows, at(xe_, H), w, w + w2, at(h13_, 2 * F), at(sig_, F), at(a_, F),
+                         at(dye_, H), expert_g_.data(), expert_g_.data() + w2, at(dxe_, H), at(dh13_, 2 * F),
+                         !expert_stale_, stream);
+    expert_stale_ = false;
+  }
+  if (r.marks) mark(grad ? kB2 : kF3, stream);
+  if (r.add) join_shared(stream);
+  with_type(dtype_, [&](auto tag) {
+    using T_ = typename decltype(tag)::type;
+    combine_rows(r.rows, H, r.row_offsets, r.row_entries, grad ? nullptr : r.row_weight, as<T_>(grad ? dxe_ : ye_), H,
+                 static_cast<T_*>(r.out), H, r.add, stream);
+  });
+  if (grad) cuda::gather_values(r.rows * topk_, r.dw_index, d_entry_.data(), r.dw_out, stream);
+}
+
 void GpuMoELayer::forward(const float* x, int64_t tokens, float* y, cudaStream_t stream) {
   if (tokens < 0) throw InvalidArgument("GpuMoELayer::forward: tokens = " + std::to_string(tokens) + ": must be >= 0");
   if (tokens > 0 && (!x || !y))
@@ -593,7 +635,7 @@ void GpuMoELayer::forward(const float* x, int64_t tokens, float* y, cudaStream_t
   // The last pass's exchanges end (or time out) before reserve() may synchronise the stream on them.
   if (expert_parallel()) settle_ep();
   reserve(tokens, stream);
-  const int64_t T = tokens, N = tokens * topk_, H = hidden_, E = experts_, F = ffn_;
+  const int64_t T = tokens, N = tokens * topk_, H = hidden_, E = experts_;
   tokens_ = T;
   x_ = x;
   have_forward_ = true;
@@ -608,7 +650,6 @@ void GpuMoELayer::forward(const float* x, int64_t tokens, float* y, cudaStream_t
   }
   const bool bf = dtype_ == DType::kBf16;
   const bool has_shared = shared_ffn_ > 0;
-  const std::size_t es = dtype_size(dtype_);
   mark(kF0, stream);
   // The GEMM input: x itself, or its bf16 copy.
   const void* xin = x;
@@ -641,33 +682,17 @@ void GpuMoELayer::forward(const float* x, int64_t tokens, float* y, cudaStream_t
                                     sizeof(int64_t) * static_cast<std::size_t>(E), cudaMemcpyDeviceToHost, stream));
     MOEX_CUDA_CHECK(cudaEventRecord(events_->counts, stream));
     mark(kF1, stream);
-
     // Gather the rows into expert order (needs no host counts: N = T * K), meanwhile fetch the counts.
-    with_type(dtype_, [&](auto tag) {
-      using T_ = typename decltype(tag)::type;
-      gather_rows(N, H, entry_token_.data(), as_const<T_>(xin), H, as<T_>(xe_), H, stream);
-    });
-    mark(kF2, stream);
-    MOEX_CUDA_CHECK(cudaEventSynchronize(events_->counts));
-    int64_t total = 0;
-    for (int64_t e = 0; e < E; ++e) {
-      counts_[static_cast<std::size_t>(e)] = counts_pinned_[e];
-      total += counts_pinned_[e];
-    }
-    if (total != N)
-      throw InternalError("GpuMoELayer::forward: the device counted " + std::to_string(total) +
-                          " routed rows over all experts; expected tokens * topk = " + std::to_string(N));
-
-    expert_ffn_.forward(blas_.get(), counts_, xe_.data(), expert_w_.data(), expert_w_.data() + 2 * F * H * es,
-                        h13_.data(), sig_.data(), a_.data(), ye_.data(), stream);
-    mark(kF3, stream);
-
-    join_shared(stream);
-    with_type(dtype_, [&](auto tag) {
-      using T_ = typename decltype(tag)::type;
-      combine_rows(T, H, csr_offsets_.data(), pick_entry_.data(), topk_w_.data(), as<T_>(ye_), H,
-                   static_cast<T_*>(out), H, has_shared, stream);
-    });
+    expert_stage({0, N, counts_, entry_token_.data(), xin, T, csr_offsets_.data(), pick_entry_.data(), topk_w_.data(),
+                  out, has_shared, nullptr, nullptr, true},
+                 false, false, stream, [&] {
+                   MOEX_CUDA_CHECK(cudaEventSynchronize(events_->counts));
+                   int64_t total = 0;
+                   for (int64_t e = 0; e < E; ++e) total += counts_[static_cast<std::size_t>(e)] = counts_pinned_[e];
+                   if (total != N)
+                     throw InternalError("GpuMoELayer::forward: the device counted " + std::to_string(total) +
+                                         " routed rows over all experts; expected tokens * topk = " + std::to_string(N));
+                 });
   }
   if (bf) convert(as<bf16>(out_lp_), y, T * H, stream);
   mark(kF4, stream);
@@ -679,7 +704,7 @@ void GpuMoELayer::backward(const float* dy, float* dx, cudaStream_t stream) {
   if (!have_forward_)
     throw InvalidArgument("GpuMoELayer::backward: no forward() to go back through (call forward first; a "
                           "reserve() that grew the workspace also discards the last forward)");
-  const int64_t T = tokens_, N = T * topk_, H = hidden_, F = ffn_;
+  const int64_t T = tokens_, N = T * topk_, H = hidden_;
   events_->bwd_marked = events_->bwd_shared_marked = false;
   if (T == 0 && !expert_parallel()) {
     // Nothing flows back; gradients zeroed lazily become real zeros.
@@ -695,7 +720,6 @@ void GpuMoELayer::backward(const float* dy, float* dx, cudaStream_t stream) {
                           " (expected device pointers to [tokens, hidden] floats)");
   const bool bf = dtype_ == DType::kBf16;
   const bool has_shared = shared_ffn_ > 0;
-  const std::size_t es = dtype_size(dtype_);
   mark(kB0, stream);
   const void* xin = bf ? static_cast<const void*>(x_lp_.data()) : static_cast<const void*>(x_);
   const void* dyin = dy;
@@ -717,29 +741,12 @@ void GpuMoELayer::backward(const float* dy, float* dx, cudaStream_t stream) {
   if (expert_parallel()) {
     backward_ep(dyin, out, has_shared && T > 0, stream);
   } else {
-    // Routing-weight gradients d_w[t,k] = dy[t] . expert_out[pick], and the expert-output gradients
-    // w[pick] * dy[t], both in expert order.
+    // Routing-weight gradients d_w[t,k] = dy[t] . expert_out[pick] (each pick's entry is its dw
+    // source), the experts' backward, and dx summed per token.
     mark(kBP, stream);
-    with_type(dtype_, [&](auto tag) {
-      using T_ = typename decltype(tag)::type;
-      row_dot(N, H, entry_token_.data(), as_const<T_>(dyin), H, as<T_>(ye_), H, d_entry_.data(), stream);
-      gather_rows_scaled(N, H, entry_token_.data(), entry_w_.data(), as_const<T_>(dyin), H, as<T_>(dye_), H, stream);
-    });
-    gather_values(N, pick_entry_.data(), d_entry_.data(), d_weights_.data(), stream);
-    mark(kB1, stream);
-
-    expert_ffn_.backward(blas_.get(), counts_, xe_.data(), expert_w_.data(), expert_w_.data() + 2 * F * H * es,
-                         h13_.data(), sig_.data(), a_.data(), dye_.data(), expert_g_.data(),
-                         expert_g_.data() + 2 * F * H * es, dxe_.data(), dh13_.data(), !expert_stale_, stream);
-    expert_stale_ = false;
-    mark(kB2, stream);
-
-    join_shared(stream);
-    with_type(dtype_, [&](auto tag) {
-      using T_ = typename decltype(tag)::type;
-      combine_rows(T, H, csr_offsets_.data(), pick_entry_.data(), nullptr, as<T_>(dxe_), H, static_cast<T_*>(out), H,
-                   has_shared, stream);
-    });
+    expert_stage({0, N, counts_, entry_token_.data(), dyin, T, csr_offsets_.data(), pick_entry_.data(), nullptr, out,
+                  has_shared, pick_entry_.data(), d_weights_.data(), true},
+                 true, false, stream);
   }
   if (bf) convert(as<bf16>(out_lp_), dx, T * H, stream);
   mark(kB3, stream);

@@ -3,9 +3,11 @@
 #pragma once
 
 #include <chrono>
+#include <functional>
 #include <cstdint>
 #include <memory>
 #include <optional>
+#include <span>
 #include <string>
 #include <utility>
 #include <vector>
@@ -295,6 +297,31 @@ class GpuMoELayer {
   void shared_forward(const void* xin, void* out, cudaStream_t stream);
   void shared_backward(const void* xin, const void* dyin, void* out, cudaStream_t stream);
   void join_shared(cudaStream_t stream);
+  /// One stage of routed-expert work, for the single-GPU and the expert-parallel paths alike: the
+  /// entries [first, first + count) in slot order read their rows of `in` at entry_row[e]
+  /// (entry_row, entry_w_ and the entry buffers are indexed by entry). Forward: into xe_, the
+  /// expert FFN, then output row r < rows of `out` = (add ? out[r] : 0) + the sum over i in
+  /// [row_offsets[r], row_offsets[r+1]) of row_weight[i] * ye[row_entries[i]]. Backward: each
+  /// entry's routing-weight gradient (d_entry_) and output gradient, the FFN's backward (its weight
+  /// gradients later, in weight_grads, when `weights_later`), the same sums of the entries' input
+  /// gradients, and dw_out[j] = d_entry_[dw_index[j]] for j < rows * K. `before_ffn` runs on the
+  /// host once the rows are gathered (the single-GPU path reads its counts there).
+  struct StageRows {
+    std::int64_t first = 0, count = 0;        // the entries
+    std::span<const std::int64_t> slot_rows;  // their split over the slots (read after before_ffn)
+    const std::int64_t* entry_row = nullptr;
+    const void* in = nullptr;
+    std::int64_t rows = 0;
+    const std::int64_t *row_offsets = nullptr, *row_entries = nullptr;
+    const float* row_weight = nullptr;  // forward
+    void* out = nullptr;
+    bool add = false;  // the sums add to `out` (after join_shared: it holds the shared experts' part)
+    const std::int64_t* dw_index = nullptr;  // backward
+    float* dw_out = nullptr;                 // backward
+    bool marks = false;  // the permute / experts / combine marks of the profile (single-GPU path)
+  };
+  void expert_stage(const StageRows& r, bool grad, bool weights_later, cudaStream_t stream,
+                    const std::function<void()>& before_ffn = {});
   /// (Re)allocates the per-entry buffers of the routed experts (entry_w_ ... dh13_) for `rows` rows on `s`.
   void realloc_routed(std::int64_t rows, cudaStream_t s);
   /// Where the shared experts run: the second stream (after the work on `stream` so far) and its

@@ -32,11 +32,6 @@ bool grow(DeviceBuffer<T>& b, int64_t need, cudaStream_t s) {
   return true;
 }
 
-/// Byte offset of row `row` of a [*, width] matrix of `es`-byte elements.
-std::size_t row_bytes(int64_t row, int64_t width, std::size_t es) {
-  return static_cast<std::size_t>(row) * static_cast<std::size_t>(width) * es;
-}
-
 }  // namespace
 
 /// Buffers and pending exchanges of an expert-parallel layer. Device buffers live on the layer's
@@ -145,7 +140,6 @@ struct GpuMoELayer::EpState : moex::layer::PassSteps {
   void* out = nullptr;        // layer::Buf::kOut
   float* picks = nullptr;     // layer::Buf::kPicks (d_weights_)
   bool add = false;           // the sums add to kOut (the shared experts' output)
-  bool acc_experts = false;   // backward: the expert gradients add to what they hold
 
   /// The pass's settings for the steps and moves that follow: from `in` into `result` on `s`.
   void begin(GpuMoELayer& l, cudaStream_t s, Clock::time_point d, const void* in, void* result, bool acc, int chunks);
@@ -385,7 +379,6 @@ void GpuMoELayer::backward_ep(const void* dyin, void* out, bool accumulate, cuda
   ep.settle(deadline);
   mark(kBP, stream);
   ep.begin(*this, stream, deadline, dyin, out, accumulate, ep.pass.main.chunks);
-  ep.acc_experts = !expert_stale_;
   moex::layer::run_backward(ep, /*local_first=*/false);
 }
 
@@ -432,57 +425,18 @@ void GpuMoELayer::EpState::arrived(int c, bool) {
 void GpuMoELayer::EpState::experts(moex::layer::Stage stage, bool grad) {
   if (stage.part != moex::layer::Part::kAll)
     throw InternalError("GpuMoELayer: a compute stage other than a whole chunk (local-first is a CPU layer schedule)");
-  GpuMoELayer& l = *layer;
   const sched::ExchangePlan& plan_ = pass.main;
-  const int64_t F = l.ffn_, S = l.local_;
+  const int64_t S = layer->local_;
   const int c = stage.chunk;
-  const std::size_t es = dtype_size(dtype);
-  // The chunk's entries in (slot, source, token) order, and its received rows.
-  const int64_t ef = view.first(c, 0, S), en = view.first(c + 1, 0, S) - ef;
-  const int64_t rf = plan_.chunk_recv_first(c), rn = plan_.chunk_recv_count(c);
-  const std::span<const int64_t> slot_rows(view.chunk_slot.data() + c * S, static_cast<std::size_t>(S));
-  auto at = [&](DeviceBuffer<unsigned char>& b, int64_t width) { return b.data() + row_bytes(ef, width, es); };
-  if (!grad) {
-    with_type(dtype, [&](auto tag) {
-      using T_ = typename decltype(tag)::type;
-      gather_rows(en, H, entry_row.data() + ef, reinterpret_cast<const T_*>(main.recv_rows.data()), H,
-                  as<T_>(l.xe_) + ef * H, H, stream);
-    });
-    l.expert_ffn_.forward(l.blas_.get(), slot_rows, at(l.xe_, H), l.expert_w_.data(),
-                          l.expert_w_.data() + 2 * F * H * static_cast<int64_t>(es), at(l.h13_, 2 * F), at(l.sig_, F),
-                          at(l.a_, F), at(l.ye_, H), stream);
-    with_type(dtype, [&](auto tag) {
-      using T_ = typename decltype(tag)::type;
-      combine_rows(rn, H, row_offsets.data() + rf, row_entries.data(), row_weight.data(), as<T_>(l.ye_), H,
-                   reinterpret_cast<T_*>(main.ret_rows.data() + row_bytes(rf, H, es)), H, false, stream);
-    });
-    return;
-  }
-  // Routing-weight gradients dot(dy row, expert output) and the expert-output gradients w * dy row.
-  with_type(dtype, [&](auto tag) {
-    using T_ = typename decltype(tag)::type;
-    const T_* drecv = reinterpret_cast<const T_*>(main.recv_rows.data());
-    row_dot(en, H, entry_row.data() + ef, drecv, H, as<T_>(l.ye_) + ef * H, H, l.d_entry_.data() + ef, stream);
-    gather_rows_scaled(en, H, entry_row.data() + ef, l.entry_w_.data() + ef, drecv, H, as<T_>(l.dye_) + ef * H, H,
-                       stream);
-  });
-  const std::size_t w2 = static_cast<std::size_t>(2 * F * H) * es;  // w2's byte offset in an expert block
-  if (l.options_.deterministic) {  // the weight gradients once, after the chunks (weight_grads())
-    l.expert_ffn_.backward_data(l.blas_.get(), slot_rows, l.expert_w_.data(), l.expert_w_.data() + w2, at(l.h13_, 2 * F),
-                                at(l.sig_, F), at(l.dye_, H), at(l.dxe_, H), at(l.dh13_, 2 * F), stream);
-  } else {
-    l.expert_ffn_.backward(l.blas_.get(), slot_rows, at(l.xe_, H), l.expert_w_.data(), l.expert_w_.data() + w2,
-                           at(l.h13_, 2 * F), at(l.sig_, F), at(l.a_, F), at(l.dye_, H), l.expert_g_.data(),
-                           l.expert_g_.data() + w2, at(l.dxe_, H), at(l.dh13_, 2 * F), acc_experts, stream);
-    acc_experts = true;
-  }
-  // Per received row: the sum of its entries' input gradients, and its K routing-weight gradients.
-  with_type(dtype, [&](auto tag) {
-    using T_ = typename decltype(tag)::type;
-    combine_rows(rn, H, row_offsets.data() + rf, row_entries.data(), nullptr, as<T_>(l.dxe_), H,
-                 reinterpret_cast<T_*>(main.ret_rows.data() + row_bytes(rf, H, es)), H, false, stream);
-  });
-  cuda::gather_values(rn * K, row_dw_entry.data() + rf * K, l.d_entry_.data(), main.dw_out.data() + rf * K, stream);
+  // The chunk's entries in (slot, source, token) order; one row back per received row.
+  const int64_t ef = view.first(c, 0, S), rf = plan_.chunk_recv_first(c);
+  const std::size_t row = static_cast<std::size_t>(H) * dtype_size(dtype);
+  layer->expert_stage({ef, view.first(c + 1, 0, S) - ef,
+                       std::span<const int64_t>(view.chunk_slot.data() + c * S, static_cast<std::size_t>(S)),
+                       entry_row.data(), main.recv_rows.data(), plan_.chunk_recv_count(c), row_offsets.data() + rf,
+                       row_entries.data(), row_weight.data(), main.ret_rows.data() + static_cast<std::size_t>(rf) * row,
+                       false, row_dw_entry.data() + rf * K, main.dw_out.data() + rf * K},
+                      grad, layer->options_.deterministic, stream);
 }
 
 void GpuMoELayer::EpState::start_return(int c, bool grad, bool skip_self) {
@@ -500,7 +454,7 @@ void GpuMoELayer::EpState::weight_grads() {
     if (grow(canon, pass.main.entries(), l.aux_.get())) l.aux_.synchronize();
     copy_to_device(canon.data(), view.position.data(), view.position.size(), stream);
     l.expert_ffn_.backward_weights(l.counts_, canon.data(), l.xe_.data(), l.a_.data(), l.dye_.data(), l.dh13_.data(),
-                                   l.expert_g_.data(), l.expert_g_.data() + w2, acc_experts, stream);
+                                   l.expert_g_.data(), l.expert_g_.data() + w2, !l.expert_stale_, stream);
   }
   l.expert_stale_ = false;
   l.mark(kB2, stream);
