@@ -142,6 +142,11 @@ TEST_F(CudaLayerTest, LoopGemmWithoutOverlapMatchesCpu) {
   const GpuLayerTimes t = gpu.last_times();
   EXPECT_GT(t.fwd_total, 0.0) << "profiling was on: the forward's stage times must be recorded";
   EXPECT_GT(t.bwd_total, 0.0) << "profiling was on: the backward's stage times must be recorded";
+  EXPECT_GT(t.fwd_experts, 0.0) << "the forward's expert stage";
+  EXPECT_GT(t.bwd_experts, 0.0) << "the backward's expert stage";
+  // Consecutive stages: together no longer than the pass.
+  EXPECT_LE(t.fwd_gate + t.fwd_permute + t.fwd_experts + t.fwd_combine, t.fwd_total + 1e-3);
+  EXPECT_LE(t.bwd_permute + t.bwd_experts + t.bwd_combine + t.bwd_gate, t.bwd_total + 1e-3);
 }
 
 /// Without zero_grad between steps both layers accumulate gradients (CPU: fp32 sums; GPU fp32 too).

@@ -509,6 +509,30 @@ void GpuMoELayer::mark(int index, cudaStream_t stream) {
   if (options_.profile || trace::enabled()) MOEX_CUDA_CHECK(cudaEventRecord(events_->marks[index], stream));
 }
 
+namespace {
+/// The stages the profile marks delimit: name, marks, pass, whether on the shared-expert stream,
+/// and their GpuLayerTimes field.
+using TimeField = double GpuLayerTimes::*;
+struct MarkedStage {
+  const char* name;
+  int from, to;
+  bool backward, shared;
+  TimeField field;
+};
+constexpr MarkedStage kMarkedStages[] = {
+    {"gate", kFG, kF1, false, false, &GpuLayerTimes::fwd_gate},
+    {"permute", kF1, kF2, false, false, &GpuLayerTimes::fwd_permute},
+    {"experts", kF2, kF3, false, false, &GpuLayerTimes::fwd_experts},
+    {"combine", kF3, kF4, false, false, &GpuLayerTimes::fwd_combine},
+    {"shared experts", kFS0, kFS1, false, true, &GpuLayerTimes::fwd_shared},
+    {"permute", kBP, kB1, true, false, &GpuLayerTimes::bwd_permute},
+    {"experts", kB1, kB2, true, false, &GpuLayerTimes::bwd_experts},
+    {"combine", kB2, kB3, true, false, &GpuLayerTimes::bwd_combine},
+    {"gate", kB3, kB4, true, false, &GpuLayerTimes::bwd_gate},
+    {"shared experts", kBS0, kBS1, true, true, &GpuLayerTimes::bwd_shared},
+};
+}  // namespace
+
 void GpuMoELayer::trace_pass(cudaStream_t stream) {
   // Places the stages of the last forward and backward on the timeline: a reference event after
   // them, waited for on the host, pins device time to host time; every mark lies the elapsed time
@@ -522,25 +546,10 @@ void GpuMoELayer::trace_pass(cudaStream_t stream) {
     MOEX_CUDA_CHECK(cudaEventElapsedTime(&v, ev.marks[m], ev.ref));
     return host_ref - std::chrono::duration_cast<trace::Clock::duration>(std::chrono::duration<double, std::milli>(v));
   };
-  auto stage = [&](const char* track, const char* name, int from, int to, const char* pass) {
-    trace::span_on(track, name, at(from), at(to), pass);
-  };
-  const char* main = "cuda stream";
-  const char* side = "cuda shared-expert stream";
-  if (ev.fwd_marked) {
-    stage(main, "gate", layer::kFG, layer::kF1, "forward");
-    stage(main, "permute", layer::kF1, layer::kF2, "forward");
-    stage(main, "experts", layer::kF2, layer::kF3, "forward");
-    stage(main, "combine", layer::kF3, layer::kF4, "forward");
-    if (ev.fwd_shared_marked) stage(side, "shared experts", layer::kFS0, layer::kFS1, "forward");
-  }
-  if (ev.bwd_marked) {
-    stage(main, "permute", layer::kBP, layer::kB1, "backward");
-    stage(main, "experts", layer::kB1, layer::kB2, "backward");
-    stage(main, "combine", layer::kB2, layer::kB3, "backward");
-    stage(main, "gate", layer::kB3, layer::kB4, "backward");
-    if (ev.bwd_shared_marked) stage(side, "shared experts", layer::kBS0, layer::kBS1, "backward");
-  }
+  for (const MarkedStage& st : kMarkedStages)
+    if (ev.marked(st.backward, st.shared))
+      trace::span_on(st.shared ? "cuda shared-expert stream" : "cuda stream", st.name, at(st.from), at(st.to),
+                     st.backward ? "backward" : "forward");
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -779,22 +788,10 @@ GpuLayerTimes GpuMoELayer::last_times() const {
     MOEX_CUDA_CHECK(cudaEventElapsedTime(&v, ev.marks[from], ev.marks[to]));
     return static_cast<double>(v);
   };
-  if (ev.fwd_marked) {
-    t.fwd_total = ms(kF0, kF4);
-    t.fwd_gate = ms(kFG, kF1);
-    t.fwd_permute = ms(kF1, kF2);
-    t.fwd_experts = ms(kF2, kF3);
-    t.fwd_combine = ms(kF3, kF4);
-    if (ev.fwd_shared_marked) t.fwd_shared = ms(kFS0, kFS1);
-  }
-  if (ev.bwd_marked) {
-    t.bwd_total = ms(kB0, kB4);
-    t.bwd_permute = ms(kBP, kB1);
-    t.bwd_experts = ms(kB1, kB2);
-    t.bwd_combine = ms(kB2, kB3);
-    t.bwd_gate = ms(kB3, kB4);
-    if (ev.bwd_shared_marked) t.bwd_shared = ms(kBS0, kBS1);
-  }
+  if (ev.fwd_marked) t.fwd_total = ms(kF0, kF4);
+  if (ev.bwd_marked) t.bwd_total = ms(kB0, kB4);
+  for (const MarkedStage& st : kMarkedStages)
+    if (ev.marked(st.backward, st.shared)) t.*st.field = ms(st.from, st.to);
   return t;
 }
 

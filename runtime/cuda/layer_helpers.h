@@ -81,6 +81,10 @@ struct GpuMoELayer::Events {
   cudaEvent_t ref = nullptr;     // tracing: after a backward, pins device time to host time
   cudaEvent_t marks[layer::kMarks] = {};
   bool fwd_marked = false, fwd_shared_marked = false, bwd_marked = false, bwd_shared_marked = false;
+  /// Whether the last forward (backward) recorded its marks, and those of the shared experts.
+  bool marked(bool backward, bool on_shared) const {
+    return backward ? bwd_marked && (!on_shared || bwd_shared_marked) : fwd_marked && (!on_shared || fwd_shared_marked);
+  }
 
   Events() {
     for (cudaEvent_t* e : {&input, &shared, &counts, &last})
