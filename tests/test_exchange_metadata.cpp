@@ -13,6 +13,7 @@
 #include "base/error.h"
 #include "comm/communicator.h"
 #include "runtime/layer/exchange_metadata.h"
+#include "runtime/layer/expert_layout.h"
 #include "runtime/layer/pass_plan.h"
 #include "runtime/random.h"
 #include "scheduler/exchange_plan.h"
@@ -103,6 +104,43 @@ TEST(MetadataExchange, ReceiveSideEqualsTheOnePredictedFromEverySource) {
       EXPECT_EQ(meta.recv_meta, rows) << tag;
     }
   expect_all_ranks_passed();
+}
+
+/// ExpertLayout: each rank's slots, the widest rank and the multi-replica experts derived from a
+/// placement or a replica layout; anything for another expert count or world size refused by name.
+TEST(ExpertLayout, DerivesSlotsAndRefusesMismatches) {
+  auto throws = [](const std::string& needle, auto&& make) {
+    try {
+      make();
+      ADD_FAILURE() << "accepted: " << needle;
+    } catch (const InvalidArgument& e) {
+      EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+      EXPECT_NE(std::string(e.what()).find("layer x"), std::string::npos) << e.what();
+    }
+  };
+  const auto placed = sched::ExpertPlacement::from_lists(5, {{0, 3}, {1}, {2, 4}});
+  const layer::ExpertLayout a(placed, std::nullopt, std::nullopt, 5, 3, "layer x");
+  EXPECT_EQ(std::vector<std::int64_t>(a.slots(2).begin(), a.slots(2).end()), (std::vector<std::int64_t>{2, 4}));
+  EXPECT_EQ(a.max_slots(), 2);
+  EXPECT_EQ(a.multi_experts(), 0);
+  EXPECT_EQ(a.topology(), sched::Topology::single_node(3));
+  EXPECT_THROW(layer::ExpertLayout(a).set_replicas(sched::ReplicaLayout::from_slots(5, {{0, 1}, {2, 3}, {4, 0}})),
+               InvalidArgument);
+  const auto reps = sched::ReplicaLayout::from_slots(3, {{0, 1}, {2, 0}});
+  layer::ExpertLayout b(std::nullopt, reps, sched::Topology::uniform(2, 1), 3, 2, "layer x");
+  EXPECT_EQ(b.multi_index(0), 0);  // expert 0 has two replicas; 1 and 2 one each
+  EXPECT_EQ(b.multi_index(1), -1);
+  EXPECT_EQ(b.multi_experts(), 1);
+  b.set_replicas(sched::ReplicaLayout::from_slots(3, {{0, 1}, {2, 1}}));
+  EXPECT_EQ(b.multi_index(0), -1);
+  EXPECT_EQ(b.multi_index(1), 0);
+  EXPECT_FALSE(b.same_slots(layer::ExpertLayout(std::nullopt, reps, std::nullopt, 3, 2, "layer x")));
+  throws("placement is for 3 ranks", [&] { layer::ExpertLayout(placed, std::nullopt, std::nullopt, 5, 2, "layer x"); });
+  throws("placement covers 5 experts", [&] { layer::ExpertLayout(placed, std::nullopt, std::nullopt, 6, 3, "layer x"); });
+  throws("topology is for 4 ranks",
+         [&] { layer::ExpertLayout(placed, std::nullopt, sched::Topology::single_node(4), 5, 3, "layer x"); });
+  throws("replica layout is for 2 ranks", [&] { layer::ExpertLayout(std::nullopt, reps, std::nullopt, 3, 3, "layer x"); });
+  throws("exactly one", [&] { layer::ExpertLayout(placed, reps, std::nullopt, 5, 3, "layer x"); });
 }
 
 /// PassPlan (the host side of both layers' passes): the hierarchical plan's receive side is the flat
