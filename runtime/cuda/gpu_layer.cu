@@ -146,8 +146,9 @@ namespace {
 /// Where the layer's routed experts live: all E on one GPU (a layout of one rank), or the ranks'
 /// placement or replica layout, validated against the communicators.
 moex::layer::ExpertLayout layout_of(const MoeConfig& c, const GpuLayerOptions& o, const comm::Communicator* host,
-                              const comm::Communicator* device, std::optional<sched::ExpertPlacement> placement,
-                              std::optional<sched::ReplicaLayout> layout, std::optional<sched::Topology> topology) {
+                                    const comm::Communicator* device, std::optional<sched::ExpertPlacement> placement,
+                                    std::optional<sched::ReplicaLayout> layout,
+                                    std::optional<sched::Topology> topology) {
   sched::check_capacity_factor(o.capacity_factor, "GpuMoELayer");
   const std::int64_t E = c.n_routed_experts;
   if (!device) {
@@ -156,7 +157,8 @@ moex::layer::ExpertLayout layout_of(const MoeConfig& c, const GpuLayerOptions& o
                             ": the single-GPU layer is dropless only (use the expert-parallel constructor)");
     if (o.exchange != ExchangeKind::kFlat)
       throw InvalidArgument("GpuMoELayer: the hierarchical exchange needs the expert-parallel constructor");
-    return moex::layer::ExpertLayout(sched::ExpertPlacement::contiguous(E, 1), std::nullopt, std::nullopt, E, 1, "GpuMoELayer");
+    return moex::layer::ExpertLayout(sched::ExpertPlacement::contiguous(E, 1), std::nullopt, std::nullopt, E, 1,
+                                     "GpuMoELayer");
   }
   const std::string what = "GpuMoELayer (expert-parallel)";
   if (o.chunks < 1) throw InvalidArgument(what + ": chunks = " + std::to_string(o.chunks) + ": must be >= 1");
@@ -273,10 +275,12 @@ GpuMoELayer::~GpuMoELayer() {
 void GpuMoELayer::check_cpu_layer(MoELayer& cpu, const char* what) const {
   // The same config field by field (as config.json holds them), the same experts in the same slots.
   const nlohmann::json have = cpu.config().to_json(), want = config_.to_json();
-  for (const auto& [field, value] : want.items())
-    if (have.value(field, nlohmann::json()) != value)
-      throw InvalidArgument(std::string(what) + ": the CPU layer's " + field + " is " + have.value(field, nlohmann::json()).dump() +
+  for (const auto& [field, value] : want.items()) {
+    const nlohmann::json got = have.value(field, nlohmann::json());
+    if (got != value)
+      throw InvalidArgument(std::string(what) + ": the CPU layer's " + field + " is " + got.dump() +
                             "; this GPU layer has " + value.dump());
+  }
   const moex::layer::ExpertLayout& cl = cpu.expert_layout();
   const bool replicas = where_.replicas().has_value();
   const char* part = cl.replicas().has_value() != replicas ? "mode (replicas or a placement)"
@@ -599,7 +603,9 @@ void GpuMoELayer::expert_stage(const StageRows& r, bool grad, bool weights_later
   const int64_t H = hidden_, F = ffn_, e0 = r.first, n = r.count;
   const std::size_t es = dtype_size(dtype_);
   const std::size_t w2 = static_cast<std::size_t>(2 * F * H) * es;  // w2's byte offset in an expert block
-  auto at = [&](DeviceBuffer<unsigned char>& b, int64_t width) { return b.data() + static_cast<std::size_t>(e0 * width) * es; };
+  auto at = [&](DeviceBuffer<unsigned char>& b, int64_t width) {
+    return b.data() + static_cast<std::size_t>(e0 * width) * es;
+  };
   with_type(dtype_, [&](auto tag) {
     using T_ = typename decltype(tag)::type;
     const T_* in = static_cast<const T_*>(r.in);

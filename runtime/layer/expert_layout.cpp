@@ -8,8 +8,8 @@
 
 namespace moex::layer {
 
-ExpertLayout::ExpertLayout(std::optional<sched::ExpertPlacement> placement, std::optional<sched::ReplicaLayout> replicas,
-                           std::optional<sched::Topology> topology, std::int64_t experts, int world,
+ExpertLayout::ExpertLayout(std::optional<sched::ExpertPlacement> placement,
+                           std::optional<sched::ReplicaLayout> replicas, std::optional<sched::Topology> topology, std::int64_t experts, int world,
                            const std::string& name)
     : placement_(std::move(placement)),
       replicas_(std::move(replicas)),
@@ -53,7 +53,8 @@ void ExpertLayout::derive() {
     }
   }
   max_slots_ = 1;
-  for (const auto& v : slot_expert_) max_slots_ = std::max<std::int64_t>(max_slots_, static_cast<std::int64_t>(v.size()));
+  for (const auto& v : slot_expert_)
+    max_slots_ = std::max<std::int64_t>(max_slots_, static_cast<std::int64_t>(v.size()));
   multi_index_.assign(static_cast<std::size_t>(experts_), -1);
   multi_experts_ = 0;
   for (std::int64_t e = 0; replicas_ && e < experts_; ++e)
