@@ -169,23 +169,10 @@ void MoELayer::plan_pass(int chunks) {
 // Exchanges (these run on the communication stream)
 
 float* MoELayer::rows(layer::Buf b, bool dw) {
-  using layer::Buf;
-  switch (b) {
-    case Buf::kOriginSend: return send_.data();
-    case Buf::kOriginBack: return dw ? back_dw_.data() : back_.data();
-    case Buf::kRecv: return grad_pass_ ? rgrad_.data() : recv_.data();
-    case Buf::kRet: return dw ? out_dw_.data() : out_.data();
-    case Buf::kARecv: return a_recv_.data();
-    case Buf::kARet: return dw ? a_ret_dw_.data() : a_ret_.data();
-    case Buf::kBSend: return b_send_.data();
-    case Buf::kBBack: return dw ? b_back_dw_.data() : b_back_.data();
-    case Buf::kBRecv: return b_recv_.data();
-    case Buf::kBRet: return dw ? b_ret_dw_.data() : b_ret_.data();
-    case Buf::kPartial: return partial_.data();
-    case Buf::kOut: return pass_out_;
-    case Buf::kPicks: return d_weights_.data();
-  }
-  throw InternalError(name_ + ": unknown row buffer");
+  if (b == layer::Buf::kOut) return pass_out_;
+  if (b == layer::Buf::kPicks) return d_weights_.data();
+  if (b == layer::Buf::kRecv && grad_pass_) return rgrad_.data();
+  return (dw ? rows_dw_ : rows_)[static_cast<std::size_t>(b)].data();
 }
 
 void MoELayer::gather(std::int64_t n, const std::vector<std::int64_t>& index, std::int64_t at, layer::Buf src,
@@ -232,10 +219,12 @@ void MoELayer::send(int c, bool grad, bool skip_self) {
   Chunk& ch = *chunks_[static_cast<std::size_t>(c)];
   const std::int64_t H = hidden_;
   const sched::ExchangePlan& plan = pass_.origin();
-  const std::int64_t r0 = plan.chunk_send_first(c), rows = plan.chunk_send_count(c);
+  const std::int64_t r0 = plan.chunk_send_first(c), n = plan.chunk_send_count(c);
   const auto t_pack = std::chrono::steady_clock::now();
-  // send_ was sized for every chunk before the first was packed: the exchanges read it meanwhile.
-  kernels::gather_rows(rows, H, plan.send_token.data() + r0, pass_in_, H, send_.data() + r0 * H, H);
+  // The send rows were sized for every chunk before the first was packed: the exchanges read them
+  // meanwhile.
+  float* const send = rows(layer::Buf::kOriginSend, false);
+  kernels::gather_rows(n, H, plan.send_token.data() + r0, pass_in_, H, send + r0 * H, H);
   tally(&LayerCounters::permute, ms_since(t_pack));
   comm_stream_->enqueue([this, c, grad, skip_self] {
     const auto t0 = std::chrono::steady_clock::now();
@@ -271,22 +260,12 @@ void MoELayer::returned(int c, bool grad) {
 void MoELayer::size_rows(bool dw) {
   // Rows are H wide; backward also returns K routing-weight gradients per row (the dw twins). Sized
   // for every chunk before the first exchange is queued.
-  const std::int64_t H = hidden_, K = topk_;
-  auto size = [&](std::vector<float>& v, std::vector<float>* twin, std::int64_t n) {
-    grow(v, n * H);
-    if (dw && twin) grow(*twin, n * K);
-  };
-  size(send_, nullptr, pass_.origin().send_rows());
-  size(back_, &back_dw_, pass_.origin().send_rows());
-  size(out_, &out_dw_, pass_.main.recv_rows());
-  if (pass_.per_node) grow(partial_, pass_.groups() * H);
-  if (!hierarchical()) return;
-  size(a_recv_, nullptr, pass_.a.recv_rows());
-  size(a_ret_, &a_ret_dw_, pass_.a.recv_rows());
-  size(b_send_, nullptr, pass_.b.send_rows());
-  size(b_back_, &b_back_dw_, pass_.b.send_rows());
-  size(b_recv_, nullptr, pass_.b.recv_rows());
-  size(b_ret_, &b_ret_dw_, pass_.b.recv_rows());
+  for (int i = 0; i < layer::kOwnedBufs; ++i) {
+    const auto b = static_cast<layer::Buf>(i);
+    const std::int64_t n = layer::buffer_rows(pass_, b);
+    grow(rows_[static_cast<std::size_t>(i)], n * hidden_);
+    if (dw && layer::has_dw_twin(b)) grow(rows_dw_[static_cast<std::size_t>(i)], n * topk_);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -296,20 +275,21 @@ void MoELayer::keep_own(bool grad) {
   const int me = comm_.rank();
   const std::int64_t W = hidden_;
   const sched::ExchangePlan& plan_ = pass_.main;
-  float* dst = grad ? rgrad_.data() : recv_.data();
+  float *const src = rows(layer::Buf::kOriginSend, false), *const dst = rows(layer::Buf::kRecv, false);
   for (int c = 0; c < chunks_used_; ++c)
-    std::copy_n(send_.data() + plan_.send_displ(c, me) * W, plan_.recv_counts[plan_.cp(c, me)] * W,
+    std::copy_n(src + plan_.send_displ(c, me) * W, plan_.recv_counts[plan_.cp(c, me)] * W,
                 dst + plan_.recv_displ(c, me) * W);
 }
 
 void MoELayer::own_back(bool dw) {
+  float *const ret = rows(layer::Buf::kRet, false), *const back = rows(layer::Buf::kOriginBack, false);
   const int me = comm_.rank();
   const std::int64_t H = hidden_, K = topk_;
   const sched::ExchangePlan& plan_ = pass_.main;
   for (int c = 0; c < chunks_used_; ++c) {
     const std::int64_t from = plan_.recv_displ(c, me), n = plan_.recv_counts[plan_.cp(c, me)], to = plan_.send_displ(c, me);
-    std::copy_n(out_.data() + from * H, n * H, back_.data() + to * H);
-    if (dw) std::copy_n(out_dw_.data() + from * K, n * K, back_dw_.data() + to * K);
+    std::copy_n(ret + from * H, n * H, back + to * H);
+    if (dw) std::copy_n(rows(layer::Buf::kRet, true) + from * K, n * K, rows(layer::Buf::kOriginBack, true) + to * K);
   }
 }
 
@@ -351,12 +331,13 @@ void for_each_block(const sched::ExchangePlan& L, std::int64_t s, std::span<cons
 }  // namespace
 
 void MoELayer::run_experts_forward() {
+  float* const recv = rows(layer::Buf::kRecv, false), *const out = rows(layer::Buf::kRet, false);
   const std::int64_t H = hidden_, F = ffn_, S = num_local_experts();
   const sched::ExchangePlan& plan_ = pass_.main;
   auto t0 = std::chrono::steady_clock::now();
   for (std::int64_t s = 0; s < S; ++s)
     for_each_block(plan_, s, stage_, [&](std::int64_t b, std::int64_t n) {
-      kernels::gather_rows(n, H, plan_.entry_row.data() + b, recv_.data(), H, xe_.data() + b * H, H);
+      kernels::gather_rows(n, H, plan_.entry_row.data() + b, recv, H, xe_.data() + b * H, H);
     });
   tally(&LayerCounters::permute, ms_since(t0));
   t0 = std::chrono::steady_clock::now();
@@ -369,17 +350,18 @@ void MoELayer::run_experts_forward() {
   // Weighted sum per received row, experts in slot order (the same order for every chunking).
   t0 = std::chrono::steady_clock::now();
   for (const auto& [p, c] : stage_) {
-    std::fill_n(out_.data() + plan_.recv_displ(c, p) * H, plan_.recv_counts[plan_.cp(c, p)] * H, 0.0f);
+    std::fill_n(out + plan_.recv_displ(c, p) * H, plan_.recv_counts[plan_.cp(c, p)] * H, 0.0f);
   }
   for (std::int64_t s = 0; s < S; ++s)
     for_each_block(plan_, s, stage_, [&](std::int64_t b, std::int64_t n) {
       kernels::scatter_add_rows(n, H, plan_.entry_row.data() + b, plan_.entry_weight.data() + b, ye_.data() + b * H, H,
-                                out_.data(), H);
+                                out, H);
     });
   tally(&LayerCounters::combine, ms_since(t0));
 }
 
 void MoELayer::run_experts_backward() {
+  float* const out = rows(layer::Buf::kRet, false), *const out_dw = rows(layer::Buf::kRet, true);
   const std::int64_t H = hidden_, F = ffn_, K = topk_, S = num_local_experts();
   const sched::ExchangePlan& plan_ = pass_.main;
   auto t0 = std::chrono::steady_clock::now();
@@ -414,14 +396,14 @@ void MoELayer::run_experts_backward() {
   // One row back per received row: its dx (experts in slot order), and its K weight gradients.
   t0 = std::chrono::steady_clock::now();
   for (const auto& [p, c] : stage_) {
-    std::fill_n(out_.data() + plan_.recv_displ(c, p) * H, plan_.recv_counts[plan_.cp(c, p)] * H, 0.0f);
-    std::fill_n(out_dw_.data() + plan_.recv_displ(c, p) * K, plan_.recv_counts[plan_.cp(c, p)] * K, 0.0f);
+    std::fill_n(out + plan_.recv_displ(c, p) * H, plan_.recv_counts[plan_.cp(c, p)] * H, 0.0f);
+    std::fill_n(out_dw + plan_.recv_displ(c, p) * K, plan_.recv_counts[plan_.cp(c, p)] * K, 0.0f);
   }
   for (std::int64_t s = 0; s < S; ++s)
     for_each_block(plan_, s, stage_, [&](std::int64_t b, std::int64_t n) {
-      kernels::scatter_add_rows(n, H, plan_.entry_row.data() + b, nullptr, dxe_.data() + b * H, H, out_.data(), H);
+      kernels::scatter_add_rows(n, H, plan_.entry_row.data() + b, nullptr, dxe_.data() + b * H, H, out, H);
       for (std::int64_t e = b; e < b + n; ++e)
-        out_dw_[static_cast<std::size_t>(plan_.entry_row[static_cast<std::size_t>(e)] * K +
+        out_dw[static_cast<std::size_t>(plan_.entry_row[static_cast<std::size_t>(e)] * K +
                                          plan_.entry_pick[static_cast<std::size_t>(e)])] = dpick_[static_cast<std::size_t>(e)];
     });
   tally(&LayerCounters::combine, ms_since(t0));
@@ -499,7 +481,6 @@ void MoELayer::forward(const float* x, std::int64_t tokens, float* y) {
   tally(&LayerCounters::gate, ms_since(t0));
   const sched::ExchangePlan& plan = pass_.main;
   const std::int64_t rows_total = plan.recv_rows(), entries = plan.entries();
-  grow(recv_, rows_total * H);
   grad_pass_ = false;
   pass_in_ = x_.data();
   pass_out_ = y;

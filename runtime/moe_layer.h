@@ -1,6 +1,7 @@
 // MoELayer: one DeepSeekMoE layer, forward and backward, with routed experts sharded across ranks.
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <memory>
 #include <optional>
@@ -280,22 +281,15 @@ class MoELayer : private layer::PassSteps {
   std::vector<std::int32_t> topk_ids_;
   std::vector<std::unique_ptr<Chunk>> chunks_;
   layer::PassPlan pass_;         // the pass's plans (written once with the GPU layer)
-  std::vector<float> send_;      // [send rows, H] of the origin plan, every chunk's
-  std::vector<float> back_;      // [send rows, H] the same rows coming back
-  std::vector<float> a_recv_, a_ret_;   // hierarchical, as forwarder: stage-A rows in, their sums back
-  std::vector<float> b_send_, b_back_;  // ... stage-B rows to the owners, and what they return
-  std::vector<float> b_recv_, b_ret_;   // ... as owner: stage-B arrivals, and the rows back in arrival order
-  // Backward: the K routing-weight gradients beside back_, out_, a_ret_, b_back_ and b_ret_.
-  std::vector<float> back_dw_, out_dw_, a_ret_dw_, b_back_dw_, b_ret_dw_;
-  bool grad_pass_ = false;           // layer::Buf::kRecv is rgrad_ (backward) or recv_
+  // The row buffers a pass moves between, by layer::Buf (sized by layer::buffer_rows), and the
+  // dw twins of those that return rows in backward (the K routing-weight gradients of each row).
+  std::array<std::vector<float>, layer::kOwnedBufs> rows_, rows_dw_;
+  bool grad_pass_ = false;           // layer::Buf::kRecv is rgrad_ (backward) or its rows_
   const float* pass_in_ = nullptr;   // the rows sent: x_ (forward) or dy (backward)
   float* pass_out_ = nullptr;        // layer::Buf::kOut: y (forward) or dx (backward)
-  std::vector<float> recv_;                               // [rows, H] canonical received rows
   std::vector<float> rgrad_;                              // [rows, H] canonical received dL/dy rows
   std::vector<float> xe_, h13_, sig_, a_, ye_;            // per-entry expert activations
   std::vector<float> shared_h13_, shared_sig_, shared_a_, shared_dh13_;
-  std::vector<float> out_;                                // [rows, H] rows going back
-  std::vector<float> partial_;                            // [groups, H] per-node partial sums
   std::vector<float> dye_, dxe_, dh13_, dpick_, d_weights_, dlogits_;
   LayerRouteStats stats_;
   LayerCounters counters_;

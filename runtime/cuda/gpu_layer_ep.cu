@@ -1,6 +1,7 @@
 // GpuMoELayer's expert-parallel mode (see gpu_layer.h): the exchange of routed rows between ranks,
 // chunk by chunk, driven by a sched::ExchangePlan built on the host.
 #include <algorithm>
+#include <array>
 #include <chrono>
 #include <cstdint>
 #include <span>
@@ -39,35 +40,12 @@ bool grow(DeviceBuffer<T>& b, int64_t need, cudaStream_t s) {
 struct GpuMoELayer::EpState : moex::layer::PassSteps {
   bool serial = false;  // GpuLayerOptions::overlap off: each exchange is waited for once issued
   comm::DeviceCommunicator* device = nullptr;
-  /// One exchange: its rows (sent, received, returned per received row, come back; layer dtype), the
-  /// routing-weight gradients going back ([R*K] out, [S*K] back), and its exchanges in flight (kept
-  /// until settled: a Work must outlive its op).
-  struct Stage {
-    DeviceBuffer<unsigned char> send_rows, recv_rows, ret_rows, back_rows;
-    DeviceBuffer<float> dw_out, dw_back;
-
-    /// Grows the buffers for `plan` (rows of `row_bytes` bytes); true when any reallocated.
-    bool reserve(const sched::ExchangePlan& plan, int64_t row_bytes, cudaStream_t s) {
-      const int64_t SR = plan.send_rows(), R = plan.recv_rows(), K = plan.topk;
-      bool grew = grow(send_rows, SR * row_bytes, s);
-      grew |= grow(back_rows, SR * row_bytes, s);
-      grew |= grow(recv_rows, R * row_bytes, s);
-      grew |= grow(ret_rows, R * row_bytes, s);
-      grew |= grow(dw_out, R * K, s);
-      grew |= grow(dw_back, SR * K, s);
-      return grew;
-    }
-  };
-  /// The exchange origin -> expert owner (the layer's plan_): the only one of the flat exchange. With
-  /// the hierarchical one its rows travel through stages A and B instead, and `main` keeps only its
-  /// receive side: the rows at their place (chunk, ORIGIN, token), which is what makes the entries'
-  /// canonical order, and so the results, those of the flat exchange.
-  Stage main;
-  /// Hierarchical exchange, stage A: origin -> the rank with its local index on each destination node.
-  Stage a;
-  /// Hierarchical exchange, stage B: forwarder -> owner inside a node; its "tokens" are stage A's
-  /// receive rows, its receive rows are in arrival order (chunk, forwarder, origin, token).
-  Stage b;
+  /// The row buffers of a pass by layer::Buf (layer dtype; sized by layer::buffer_rows: the flat
+  /// exchange's, or the hierarchical one's stages A and B, whose owner still receives into kRecv at
+  /// the rows' canonical place (chunk, ORIGIN, token), which makes the entries' order, and so the
+  /// results, those of the flat exchange), and their dw twins (K fp32 routing-weight gradients a row).
+  std::array<DeviceBuffer<unsigned char>, moex::layer::kOwnedBufs> bufs;
+  std::array<DeviceBuffer<float>, moex::layer::kOwnedBufs> dws;
   /// The host side of every pass (written once with the CPU layer): the plans, their metadata,
   /// the arrival maps and the per-node sum groups.
   moex::layer::PassPlan pass;
@@ -78,7 +56,6 @@ struct GpuMoELayer::EpState : moex::layer::PassSteps {
     DeviceBuffer<int64_t> dev;
   };
   std::vector<Mirror> mirrors;
-  DeviceBuffer<unsigned char> partial;  // the per-node groups' partial sums (PassPlan::per_node)
 
   /// Grows the mirrors to this pass's arrays; true when any reallocated. The list of host arrays
   /// (members of `pass`, so their addresses never change) is made on the first call.
@@ -158,25 +135,10 @@ struct GpuMoELayer::EpState : moex::layer::PassSteps {
   void returned(int c, bool grad) override;
   bool accumulate() const override { return add; }
   void* rows(moex::layer::Buf which, bool dw) {
-    using moex::layer::Buf;
-    const bool hier = pass.hierarchical();
-    Stage& origin = hier ? a : main;
-    switch (which) {
-      case Buf::kOriginSend: return origin.send_rows.data();
-      case Buf::kOriginBack: return dw ? static_cast<void*>(origin.dw_back.data()) : origin.back_rows.data();
-      case Buf::kRecv: return main.recv_rows.data();
-      case Buf::kRet: return dw ? static_cast<void*>(main.dw_out.data()) : main.ret_rows.data();
-      case Buf::kARecv: return a.recv_rows.data();
-      case Buf::kARet: return dw ? static_cast<void*>(a.dw_out.data()) : a.ret_rows.data();
-      case Buf::kBSend: return b.send_rows.data();
-      case Buf::kBBack: return dw ? static_cast<void*>(b.dw_back.data()) : b.back_rows.data();
-      case Buf::kBRecv: return b.recv_rows.data();
-      case Buf::kBRet: return dw ? static_cast<void*>(b.dw_out.data()) : b.ret_rows.data();
-      case Buf::kPartial: return partial.data();
-      case Buf::kOut: return out;
-      case Buf::kPicks: return picks;
-    }
-    throw InternalError("GpuMoELayer: unknown row buffer");
+    if (which == moex::layer::Buf::kOut) return out;
+    if (which == moex::layer::Buf::kPicks) return picks;
+    const auto i = static_cast<std::size_t>(which);
+    return dw ? static_cast<void*>(dws[i].data()) : bufs[i].data();
   }
   /// The device copy of one of the pass plan's index arrays.
   const int64_t* ix(const std::vector<int64_t>& v) {
@@ -323,7 +285,6 @@ void GpuMoELayer::forward_ep(const void* xin, void* out, bool accumulate, cudaSt
   const sched::ExchangePlan& plan_ = ep.pass.main;
   const int64_t H = hidden_, S = local_;
   const int C = options_.chunks;
-  const bool hier = options_.exchange == ExchangeKind::kHierarchical;
   const std::size_t es = dtype_size(dtype_);
   const int64_t rb = H * static_cast<int64_t>(es);  // bytes per row
   // (forward() settled the last pass's exchanges before it touched any buffer.)
@@ -335,12 +296,12 @@ void GpuMoELayer::forward_ep(const void* xin, void* out, bool accumulate, cudaSt
   // above, and the caller's stream is synchronised).
   {
     const cudaStream_t s = aux_.get();
-    bool grew = ep.main.reserve(plan_, rb, s);
-    grew |= ep.reserve_mirrors(s);
-    if (ep.pass.per_node) grew |= grow(ep.partial, ep.pass.groups() * rb, s);
-    if (hier) {
-      grew |= ep.a.reserve(ep.pass.a, rb, s);
-      grew |= ep.b.reserve(ep.pass.b, rb, s);
+    bool grew = ep.reserve_mirrors(s);
+    for (int i = 0; i < moex::layer::kOwnedBufs; ++i) {
+      const auto b = static_cast<moex::layer::Buf>(i);
+      const int64_t n = moex::layer::buffer_rows(ep.pass, b);
+      grew |= grow(ep.bufs[static_cast<std::size_t>(i)], n * rb, s);
+      if (moex::layer::has_dw_twin(b)) grew |= grow(ep.dws[static_cast<std::size_t>(i)], n * topk_, s);
     }
     grew |= grow(ep.entry_row, N, s);
     grew |= grow(ep.row_entries, N, s);
@@ -405,12 +366,11 @@ void GpuMoELayer::EpState::send(int c, bool grad, bool skip_self) {
   // Chunk c's rows gathered and handed to the communicator (its stream waits for the gather on the
   // device with NCCL); stage B of the hierarchical exchange once stage A brought them.
   const sched::ExchangePlan& origin = pass.origin();
-  Stage& st = pass.hierarchical() ? a : main;
   const int64_t f = origin.chunk_send_first(c);
   with_type(dtype, [&](auto tag) {
     using T_ = typename decltype(tag)::type;
     gather_rows(origin.chunk_send_count(c), H, ix(origin.send_token) + f, static_cast<const T_*>(src), H,
-                reinterpret_cast<T_*>(st.send_rows.data()) + f * H, H, stream);
+                static_cast<T_*>(rows(moex::layer::Buf::kOriginSend, false)) + f * H, H, stream);
   });
   current = &dispatch_works[static_cast<std::size_t>(c)];
   moex::layer::dispatch(pass, *this, c, skip_self, grad ? "gpu dispatch grad" : "gpu dispatch");
@@ -425,6 +385,7 @@ void GpuMoELayer::EpState::arrived(int c, bool) {
 void GpuMoELayer::EpState::experts(moex::layer::Stage stage, bool grad) {
   if (stage.part != moex::layer::Part::kAll)
     throw InternalError("GpuMoELayer: a compute stage other than a whole chunk (local-first is a CPU layer schedule)");
+  using moex::layer::Buf;
   const sched::ExchangePlan& plan_ = pass.main;
   const int64_t S = layer->local_;
   const int c = stage.chunk;
@@ -433,9 +394,10 @@ void GpuMoELayer::EpState::experts(moex::layer::Stage stage, bool grad) {
   const std::size_t row = static_cast<std::size_t>(H) * dtype_size(dtype);
   layer->expert_stage({ef, view.first(c + 1, 0, S) - ef,
                        std::span<const int64_t>(view.chunk_slot.data() + c * S, static_cast<std::size_t>(S)),
-                       entry_row.data(), main.recv_rows.data(), plan_.chunk_recv_count(c), row_offsets.data() + rf,
-                       row_entries.data(), row_weight.data(), main.ret_rows.data() + static_cast<std::size_t>(rf) * row,
-                       false, row_dw_entry.data() + rf * K, main.dw_out.data() + rf * K},
+                       entry_row.data(), rows(Buf::kRecv, false), plan_.chunk_recv_count(c), row_offsets.data() + rf,
+                       row_entries.data(), row_weight.data(),
+                       static_cast<unsigned char*>(rows(Buf::kRet, false)) + static_cast<std::size_t>(rf) * row, false,
+                       row_dw_entry.data() + rf * K, static_cast<float*>(rows(Buf::kRet, true)) + rf * K},
                       grad, layer->options_.deterministic, stream);
 }
 

@@ -1,6 +1,8 @@
 // The moves of a pass's rows over a PassPlan, for every backend.
 #include "runtime/layer/row_exchange.h"
 
+#include "base/error.h"
+
 namespace moex::layer {
 namespace {
 std::size_t z(int c) { return static_cast<std::size_t>(c); }
@@ -71,6 +73,30 @@ void sum_returns(const PassPlan& plan, RowMoves& m, int c, bool accumulate, bool
     m.sum(t1 - t0, O.token_offsets, t0, O.token_rows, Buf::kOriginBack, Buf::kOut, t0, accumulate);
   }
   if (dw) m.gather_values((t1 - t0) * O.topk, O.pick_back, t0 * O.topk, Buf::kOriginBack, Buf::kPicks, t0 * O.topk);
+}
+
+std::int64_t buffer_rows(const PassPlan& plan, Buf b) {
+  const bool hier = plan.hierarchical();
+  switch (b) {
+    case Buf::kOriginSend:
+    case Buf::kOriginBack: return plan.origin().send_rows();
+    case Buf::kRecv:
+    case Buf::kRet: return plan.main.recv_rows();
+    case Buf::kARecv:
+    case Buf::kARet: return hier ? plan.a.recv_rows() : 0;
+    case Buf::kBSend:
+    case Buf::kBBack: return hier ? plan.b.send_rows() : 0;
+    case Buf::kBRecv:
+    case Buf::kBRet: return hier ? plan.b.recv_rows() : 0;
+    case Buf::kPartial: return plan.per_node ? plan.groups() : 0;
+    case Buf::kOut:
+    case Buf::kPicks: break;
+  }
+  throw InternalError("layer::buffer_rows: kOut and kPicks belong to the pass's caller");
+}
+
+bool has_dw_twin(Buf b) {
+  return b == Buf::kOriginBack || b == Buf::kRet || b == Buf::kARet || b == Buf::kBBack || b == Buf::kBRet;
 }
 
 comm::WorkPtr host_exchange(comm::Communicator& comm, const sched::ExchangePlan& plan, int c, bool out,

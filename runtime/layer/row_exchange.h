@@ -31,6 +31,15 @@ enum class Buf : int {
   kPicks,       ///< dw only: [tokens * K] the routing-weight gradient of every pick
 };
 
+/// The buffers a backend owns and sizes per pass (kOut and kPicks are the pass's result, given by
+/// its caller): Buf values 0 .. kOwnedBufs - 1.
+inline constexpr int kOwnedBufs = static_cast<int>(Buf::kPartial) + 1;
+/// The rows buffer `b` needs this pass (0 where the pass does not use it: the forwarder's buffers of
+/// the flat exchange, kPartial without per-node sums), and whether it has a dw twin (K fp32 per row,
+/// backward only): the one sizing table of both backends.
+std::int64_t buffer_rows(const PassPlan& plan, Buf b);
+bool has_dw_twin(Buf b);
+
 /// The moves a backend supplies. Index arrays are PassPlan's host vectors; a device backend maps
 /// each to its uploaded copy. Row arguments are row numbers within the buffer.
 class RowMoves {
