@@ -9,8 +9,8 @@
 namespace moex::layer {
 
 ExpertLayout::ExpertLayout(std::optional<sched::ExpertPlacement> placement,
-                           std::optional<sched::ReplicaLayout> replicas, std::optional<sched::Topology> topology, std::int64_t experts, int world,
-                           const std::string& name)
+                           std::optional<sched::ReplicaLayout> replicas, std::optional<sched::Topology> topology,
+                           std::int64_t experts, int world, const std::string& name)
     : placement_(std::move(placement)),
       replicas_(std::move(replicas)),
       topology_(topology ? std::move(*topology) : sched::Topology::single_node(world)),

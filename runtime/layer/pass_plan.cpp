@@ -19,6 +19,7 @@ void PassPlan::route(const PassLayout& layout, int rank, int world, std::span<co
                           " tokens; expected tokens * K = " + std::to_string(tokens * K) + " of each");
   weights_.assign(weights.begin(), weights.end());
   // Every pick kept when dropless (kept all ones), else the capacity-factor rule.
+  if (!layout.experts) throw InvalidArgument(layout.name + ": a pass plan without an expert layout");
   const ExpertLayout& where = *layout.experts;
   dropped = sched::apply_capacity(ids, weights, where.num_experts(), layout.capacity_factor, kept, order_);
   // Each kept pick's destination (rank, slot): the placement's owner, or in replica mode the replica
