@@ -141,7 +141,8 @@ void MoELayer::count_bytes(std::span<const std::int64_t> send_elems, std::int64_
     if (q == me) continue;
     const std::int64_t b = send_elems[static_cast<std::size_t>(q)] * elem_bytes;
     std::int64_t LayerCounters::*field =
-        topology().node_of(q) == topology().node_of(me) ? &LayerCounters::bytes_intra_node : &LayerCounters::bytes_inter_node;
+        topology().node_of(q) == topology().node_of(me) ? &LayerCounters::bytes_intra_node
+                                                        : &LayerCounters::bytes_inter_node;
     counters_.*field += b;
     own_.*field += b;
   }
@@ -153,8 +154,9 @@ void MoELayer::count_bytes(std::span<const std::int64_t> send_elems, std::int64_
 void MoELayer::plan_pass(int chunks) {
   while (static_cast<int>(chunks_.size()) < chunks) chunks_.push_back(std::make_unique<Chunk>());
   const auto n = static_cast<std::size_t>(tokens_ * topk_);
-  pass_.route({&where_, topk_, hierarchical(), options_.capacity_factor, name_}, comm_.rank(), comm_.size(), std::span<const std::int32_t>(topk_ids_).first(n),
-              std::span<const float>(topk_weights_).first(n), tokens_, chunks);
+  pass_.route({&where_, topk_, hierarchical(), options_.capacity_factor, name_}, comm_.rank(), comm_.size(),
+              std::span<const std::int32_t>(topk_ids_).first(n), std::span<const float>(topk_weights_).first(n),
+              tokens_, chunks);
   stats_.picks_dropped = pass_.dropped;
   // Every rank learns what it receives (codes and weights ahead of the rows) before any row moves,
   // on the communication stream (every MPI call of the layer is made there).

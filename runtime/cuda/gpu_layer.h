@@ -3,8 +3,8 @@
 #pragma once
 
 #include <chrono>
-#include <functional>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <span>
@@ -339,8 +339,8 @@ class GpuMoELayer {
   GpuLayerOptions options_;
   DType dtype_;
   std::int64_t hidden_, ffn_, shared_ffn_, experts_, topk_;
-  moex::layer::ExpertLayout where_;  // where the routed experts live (one rank holding all E on a single GPU)
-  std::int64_t local_;         // routed expert slots held here (experts_ in single-GPU mode)
+  moex::layer::ExpertLayout where_;  // where the routed experts live (one rank holding all E on one GPU)
+  std::int64_t local_;               // routed expert slots held here (experts_ in single-GPU mode)
 
   // Expert-parallel mode (null / empty otherwise).
   comm::Communicator* host_comm_ = nullptr;
