@@ -2,7 +2,7 @@
 // nccl-tests — one row per size with the rows and bytes moved, the time, algbw and busbw of the
 // dispatch and of the return, and a check of every row that arrived (#wrong). The exchange is the
 // layer's own: layer::PassPlan (route, metadata, receive layout) and layer::dispatch / arrive /
-// give_back / relay / sum_returns over layer::host_exchange, flat or hierarchical; only the experts
+// give_back / relay / sum_returns over layer::exchange_chunk, flat or hierarchical; only the experts
 // are left out (every receiving rank sends each row back as it came).
 #include <algorithm>
 #include <chrono>
@@ -91,8 +91,8 @@ class HostRows final : public BenchRows {
   }
   void exchange(const sched::ExchangePlan& plan, int c, bool out, layer::Buf from, layer::Buf to, bool, bool skip_self,
                 const std::string& label) override {
-    comm::WorkPtr w = layer::host_exchange(comm_, plan, c, out, H_, buf(from).data(), buf(to).data(), skip_self,
-                                           label, blocks_);
+    comm::WorkPtr w = layer::exchange_chunk(comm_, plan, c, out, H_, comm::DataType::kFloat32, buf(from).data(),
+                                            buf(to).data(), skip_self, label, blocks_);
     for (std::size_t p = 0; p < blocks_.send_counts.size(); ++p)
       if (static_cast<int>(p) != comm_.rank()) remote_bytes += 4.0 * static_cast<double>(blocks_.send_counts[p]);
     w->wait();

@@ -41,7 +41,7 @@ class BenchRows : public layer::RowMoves {
 std::vector<std::int64_t> buffer_elems(const layer::PassPlan& plan, std::int64_t tokens, std::int64_t hidden,
                                        std::int64_t topk);
 
-/// Host buffers; the exchanges are layer::host_exchange over `comm`.
+/// Host buffers; the exchanges are layer::exchange_chunk over `comm`.
 std::unique_ptr<BenchRows> make_host_rows(comm::Communicator& comm, std::int64_t hidden, std::int64_t topk);
 
 #ifdef MOEX_TOOLS_WITH_CUDA

@@ -87,7 +87,8 @@ class DeviceRows final : public BenchRows {
                 const std::string& label) override {
     if (skip_self) throw InternalError("moex-bench exchange: local-first is a CPU schedule");
     dev_->wait_for_stream(stream_);  // the gathers queued so far are what this exchange sends
-    pending_.push_back(layer::host_exchange(*dev_, plan, c, out, H_, buf(from), buf(to), false, label, blocks_));
+    pending_.push_back(layer::exchange_chunk(*dev_, plan, c, out, H_, comm::DataType::kFloat32, buf(from), buf(to),
+                                             false, label, blocks_));
     for (std::size_t p = 0; p < blocks_.send_counts.size(); ++p)
       if (static_cast<int>(p) != dev_->rank()) remote_bytes += 4.0 * static_cast<double>(blocks_.send_counts[p]);
   }

@@ -211,8 +211,8 @@ void MoELayer::exchange(const sched::ExchangePlan& plan, int c, bool out, layer:
                         bool skip_self, const std::string& label) {
   // On the communication stream: complete before returning.
   const std::int64_t W = dw ? topk_ : hidden_;
-  comm::WorkPtr work = layer::host_exchange(comm_, plan, c, out, W, rows(from, dw), rows(to, dw), skip_self,
-                                            label + " " + name_, blocks_);
+  comm::WorkPtr work = layer::exchange_chunk(comm_, plan, c, out, W, comm::DataType::kFloat32, rows(from, dw),
+                                             rows(to, dw), skip_self, label + " " + name_, blocks_);
   count_bytes(blocks_.send_counts, 4);
   work->wait();
 }

@@ -105,32 +105,16 @@ void forwarded_picks(const float* meta, std::int64_t rows, std::int64_t stride, 
 // ---------------------------------------------------------------------------------------------------
 // Block sizes of one chunk's exchange
 
-std::span<const std::int64_t> ExchangePlan::send_block_counts(int c, std::int64_t width,
-                                                              std::vector<std::int64_t>& out) const {
-  out.resize(z(world));
-  for (int p = 0; p < world; ++p) out[z(p)] = send_counts[cp(c, p)] * width;
-  return out;
-}
-
-std::span<const std::int64_t> ExchangePlan::send_block_displs(int c, std::int64_t width,
-                                                              std::vector<std::int64_t>& out) const {
-  out.resize(z(world));
-  for (int p = 0; p < world; ++p) out[z(p)] = (send_displ(c, p) - chunk_send_first(c)) * width;
-  return out;
-}
-
-std::span<const std::int64_t> ExchangePlan::recv_block_counts(int c, std::int64_t width,
-                                                              std::vector<std::int64_t>& out) const {
-  out.resize(z(world));
-  for (int p = 0; p < world; ++p) out[z(p)] = recv_counts[cp(c, p)] * width;
-  return out;
-}
-
-std::span<const std::int64_t> ExchangePlan::recv_block_displs(int c, std::int64_t width,
-                                                              std::vector<std::int64_t>& out) const {
-  out.resize(z(world));
-  for (int p = 0; p < world; ++p) out[z(p)] = (recv_displ(c, p) - chunk_recv_first(c)) * width;
-  return out;
+void ExchangePlan::chunk_blocks(int c, bool send_side, std::int64_t width, std::vector<std::int64_t>& counts,
+                                std::vector<std::int64_t>& displs) const {
+  const std::vector<std::int64_t>& n = send_side ? send_counts : recv_counts;
+  const std::vector<std::int64_t>& o = send_side ? send_offsets : recv_offsets;
+  counts.resize(z(world));
+  displs.resize(z(world));
+  for (int p = 0; p < world; ++p) {
+    counts[z(p)] = n[cp(c, p)] * width;
+    displs[z(p)] = (o[cp(c, p)] - o[cp(c, 0)]) * width;
+  }
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -236,19 +220,6 @@ void ExchangePlan::build_send(std::span<const int> pick_dest, std::span<const st
       // A token's rows are all in its chunk, whose blocks are in destination order.
       std::sort(token_rows.begin() + token_offsets[z(t)], token_rows.begin() + at);
     }
-  }
-}
-
-void ExchangePlan::picks_for(int c, int d, std::int64_t codes, std::int64_t* out) const {
-  std::fill_n(out, codes, std::int64_t{0});
-  const std::int64_t r0 = send_displ(c, d), r1 = send_offsets[cp(c, d) + 1];
-  for (std::int64_t i = r0 * topk; i < r1 * topk; ++i) {
-    const std::int32_t s = send_code[z(i)];
-    if (s < 0) continue;
-    if (s >= codes)
-      throw InvalidArgument("exchange plan: a row to rank " + str(d) + " names slot " + str(s) + " but that rank holds " +
-                            str(codes));
-    ++out[s];
   }
 }
 

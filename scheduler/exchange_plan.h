@@ -63,7 +63,7 @@ void forwarded_picks(const float* meta, std::int64_t rows, std::int64_t stride, 
 ///
 /// Built in up to three steps, every vector reused so a warm plan allocates nothing:
 ///   1. build_send():    the send side, from each pick's destination and code;
-///   2. build_receive(): the receive layout, from the counts every source announced (picks_for());
+///   2. build_receive(): the receive layout, from the counts every source announced;
 ///   3. place_block():   the entries of one received block, from its rows' codes and weights
 ///      (as the rows arrive: the codes travel inside the rows), or build_receive_from_meta() for
 ///      steps 2 and 3 at once when the codes were exchanged ahead of the rows.
@@ -113,12 +113,10 @@ struct ExchangePlan {
   std::int64_t chunk_send_count(int c) const { return send_offsets[cp(c, 0) + static_cast<std::size_t>(world)] - send_displ(c, 0); }
   std::int64_t chunk_recv_first(int c) const { return recv_displ(c, 0); }
   std::int64_t chunk_recv_count(int c) const { return recv_offsets[cp(c, 0) + static_cast<std::size_t>(world)] - recv_displ(c, 0); }
-  /// Chunk c's per-peer block sizes / displacements in units of `width` elements per row, relative to
-  /// the chunk's first send (recv) row; written into `out` ([P]) and returned (for AlltoallvArgs).
-  std::span<const std::int64_t> send_block_counts(int c, std::int64_t width, std::vector<std::int64_t>& out) const;
-  std::span<const std::int64_t> send_block_displs(int c, std::int64_t width, std::vector<std::int64_t>& out) const;
-  std::span<const std::int64_t> recv_block_counts(int c, std::int64_t width, std::vector<std::int64_t>& out) const;
-  std::span<const std::int64_t> recv_block_displs(int c, std::int64_t width, std::vector<std::int64_t>& out) const;
+  /// Chunk c's per-peer blocks of the send side (`send_side`) or the receive side, in units of
+  /// `width` elements per row, relative to the chunk's first row ([P] counts and displacements).
+  void chunk_blocks(int c, bool send_side, std::int64_t width, std::vector<std::int64_t>& counts,
+                    std::vector<std::int64_t>& displs) const;
 
   /// Step 1. Pick i = t*K + j goes to rank pick_dest[i] of `world` (-1: dropped, no row) with code
   /// pick_code[i]. `chunk_starts` ([chunks + 1], ascending from 0 to tokens) cuts the tokens into
@@ -127,9 +125,6 @@ struct ExchangePlan {
   /// [0, kMaxRoutingCode), chunks < 1, or chunk starts that are not such a sequence.
   void build_send(std::span<const int> pick_dest, std::span<const std::int32_t> pick_code, std::int64_t tokens,
                   std::int64_t k, int world, int rank, int chunks, std::span<const std::int64_t> chunk_starts = {});
-  /// What rank d must learn of chunk c before rows move: the picks of each of its `codes` codes
-  /// (written into out[0 .. codes)). InvalidArgument when a row to d names a code >= `codes`.
-  void picks_for(int c, int d, std::int64_t codes, std::int64_t* out) const;
   /// The K codes and then the K routing weights of every send row ([S * 2K]; weights from
   /// `topk_weights` [tokens * K], 0 where there is no pick): the metadata a row carries.
   void pack_meta(std::span<const float> topk_weights, std::vector<float>& out) const;

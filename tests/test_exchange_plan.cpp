@@ -16,6 +16,13 @@
 namespace moex {
 namespace {
 
+/// What rank d must learn of chunk c of `plan` before rows move: the picks of each of its slots
+/// (out[slot] += 1 per pick; out is zeroed by the caller).
+void count_picks(const sched::ExchangePlan& plan, int c, int d, std::int64_t* out) {
+  for (std::int64_t i = plan.send_displ(c, d) * plan.topk; i < plan.send_offsets[plan.cp(c, d) + 1] * plan.topk; ++i)
+    if (plan.send_code[static_cast<std::size_t>(i)] >= 0) ++out[plan.send_code[static_cast<std::size_t>(i)]];
+}
+
 using I64 = std::vector<std::int64_t>;
 using I32 = std::vector<std::int32_t>;
 std::size_t z(std::int64_t v) { return static_cast<std::size_t>(v); }
@@ -44,16 +51,14 @@ TEST(ExchangePlanExample, SendSide) {
   EXPECT_EQ(plan.token_offsets, (I64{0, 2, 3, 4}));
   EXPECT_EQ(plan.token_rows, (I64{0, 1, 3, 2}));
   EXPECT_EQ(plan.pick_back, (I64{2, 0, 6, 7, 4, 5}));
-  I64 out(2);
-  plan.picks_for(1, 0, 2, out.data());
-  EXPECT_EQ(out, (I64{1, 1}));
   std::vector<float> meta;
   plan.pack_meta(kWeights, meta);
   // Row 2 (token 2 to rank 0): codes 1, 0 then weights of top-K positions 0, 1.
   EXPECT_EQ(std::vector<float>(meta.begin() + 8, meta.begin() + 12), (std::vector<float>{1.0f, 0.0f, 0.8f, 0.2f}));
-  I64 sc;
-  EXPECT_EQ(std::vector<std::int64_t>(plan.send_block_displs(1, 3, sc).begin(), plan.send_block_displs(1, 3, sc).end()),
-            (I64{0, 3}));
+  I64 counts, displs;
+  plan.chunk_blocks(1, true, 3, counts, displs);
+  EXPECT_EQ(counts, (I64{3, 3}));
+  EXPECT_EQ(displs, (I64{0, 3}));
 }
 
 TEST(ExchangePlanExample, DroppedPicksMakeNoRow) {
@@ -113,7 +118,7 @@ struct Sim {
       send[z(p)].pack_meta(weights[z(p)], meta[z(p)]);
       for (int c = 0; c < chunks; ++c) {
         rows_pc[z(p * chunks + c)] = counts_cp[z(c * P + p)] = send[z(p)].send_counts[send[z(p)].cp(c, q)];
-        send[z(p)].picks_for(c, q, S, picks.data() + (p * chunks + c) * S);
+        count_picks(send[z(p)], c, q, picks.data() + (p * chunks + c) * S);
       }
     }
     recv.topk = recv_meta.topk = K;

@@ -87,7 +87,7 @@ struct GpuMoELayer::EpState : moex::layer::PassSteps {
   std::vector<std::int32_t> ids;
   std::vector<float> weights;
   std::vector<comm::WorkPtr> reduce;
-  std::vector<int64_t> sc, sd, rc, rd;  // per-peer block counts / displacements scratch
+  moex::layer::HostBlocks blocks;       // per-peer block counts / displacements scratch
   int64_t entry_capacity = 0;           // entries the layer's routed buffers (xe_, ...) hold
   DeviceBuffer<int64_t> canon;  // deterministic mode: view.position on the device
 
@@ -176,35 +176,15 @@ struct GpuMoELayer::EpState : moex::layer::PassSteps {
                 bool skip_self, const std::string& label) override {
     if (skip_self) throw InternalError("GpuMoELayer: local-first is a CPU layer schedule");
     producer_ready(stream);  // the gathers queued so far are what this exchange sends
-    const int64_t width = dw ? K : H * static_cast<int64_t>(dtype_size(dtype));
-    const std::size_t unit = dw ? sizeof(float) : 1;
-    const int64_t f = out_ ? plan.chunk_send_first(c) : plan.chunk_recv_first(c);
-    const int64_t t = out_ ? plan.chunk_recv_first(c) : plan.chunk_send_first(c);
-    current->list.push_back(move_chunk(plan, *comm, c, out_, static_cast<unsigned char*>(rows(from, dw)) + f * width * unit,
-                                       static_cast<unsigned char*>(rows(to, dw)) + t * width * unit, width,
-                                       dw ? comm::DataType::kFloat32 : comm::DataType::kByte, label));
+    comm::WorkPtr w = exchange_chunk(*comm, plan, c, out_, dw ? K : H * static_cast<int64_t>(dtype_size(dtype)),
+                                     dw ? comm::DataType::kFloat32 : comm::DataType::kByte, rows(from, dw),
+                                     rows(to, dw), false, label + " chunk " + std::to_string(c), blocks);
+    if (serial) w->wait(Clock::now() + comm->default_timeout());
+    current->list.push_back(std::move(w));
   }
   void ready() override {
     for (; current->ready < current->list.size(); ++current->ready)
       consume(*current->list[current->ready], stream, deadline);
-  }
-  /// Chunk c of an exchange: forward, this rank's send blocks to the peers' recv blocks; backward
-  /// (the way back), its recv blocks to the peers' send blocks. `width` elements of `type` per row;
-  /// `from` / `to` point at the chunk's first row. The caller has ordered the producer (producer_ready).
-  comm::WorkPtr move_chunk(const sched::ExchangePlan& plan, comm::Communicator& comm, int c, bool forward, const void* from,
-                           void* to, int64_t width, comm::DataType type, const std::string& label) {
-    comm::AlltoallvArgs a;
-    a.send = from;
-    a.recv = to;
-    a.send_counts = forward ? plan.send_block_counts(c, width, sc) : plan.recv_block_counts(c, width, sc);
-    a.send_displs = forward ? plan.send_block_displs(c, width, sd) : plan.recv_block_displs(c, width, sd);
-    a.recv_counts = forward ? plan.recv_block_counts(c, width, rc) : plan.send_block_counts(c, width, rc);
-    a.recv_displs = forward ? plan.recv_block_displs(c, width, rd) : plan.send_block_displs(c, width, rd);
-    a.type = type;
-    a.label = label + " chunk " + std::to_string(c);
-    comm::WorkPtr w = comm.alltoallv(a);
-    if (serial) w->wait(Clock::now() + comm.default_timeout());
-    return w;
   }
   /// Waits for every exchange still in flight and drops it.
   void settle(Clock::time_point deadline) {

@@ -99,32 +99,25 @@ bool has_dw_twin(Buf b) {
   return b == Buf::kOriginBack || b == Buf::kRet || b == Buf::kARet || b == Buf::kBBack || b == Buf::kBRet;
 }
 
-comm::WorkPtr host_exchange(comm::Communicator& comm, const sched::ExchangePlan& plan, int c, bool out,
-                            std::int64_t width, const float* from, float* to, bool skip_self, std::string label,
-                            HostBlocks& b) {
-  if (out) {
-    plan.send_block_counts(c, width, b.send_counts);
-    plan.send_block_displs(c, width, b.send_displs);
-    plan.recv_block_counts(c, width, b.recv_counts);
-    plan.recv_block_displs(c, width, b.recv_displs);
-  } else {
-    plan.recv_block_counts(c, width, b.send_counts);
-    plan.recv_block_displs(c, width, b.send_displs);
-    plan.send_block_counts(c, width, b.recv_counts);
-    plan.send_block_displs(c, width, b.recv_displs);
-  }
+comm::WorkPtr exchange_chunk(comm::Communicator& comm, const sched::ExchangePlan& plan, int c, bool out,
+                             std::int64_t width, comm::DataType type, const void* from, void* to, bool skip_self,
+                             std::string label, HostBlocks& b) {
+  // Out, this rank's send blocks go to the peers' receive blocks; back, its receive blocks.
+  plan.chunk_blocks(c, out, width, b.send_counts, b.send_displs);
+  plan.chunk_blocks(c, !out, width, b.recv_counts, b.recv_displs);
   // Local-first: the block to itself is copied by the caller; the others keep their places.
   if (skip_self) b.send_counts[static_cast<std::size_t>(comm.rank())] = b.recv_counts[static_cast<std::size_t>(comm.rank())] = 0;
+  const auto row = static_cast<std::int64_t>(comm::element_size(type)) * width;
   const std::int64_t f = out ? plan.chunk_send_first(c) : plan.chunk_recv_first(c);
   const std::int64_t t = out ? plan.chunk_recv_first(c) : plan.chunk_send_first(c);
   comm::AlltoallvArgs args;
-  args.send = from + f * width;
+  args.send = static_cast<const unsigned char*>(from) + f * row;
   args.send_counts = b.send_counts;
   args.send_displs = b.send_displs;
-  args.recv = to + t * width;
+  args.recv = static_cast<unsigned char*>(to) + t * row;
   args.recv_counts = b.recv_counts;
   args.recv_displs = b.recv_displs;
-  args.type = comm::DataType::kFloat32;
+  args.type = type;
   args.label = std::move(label);
   return comm.alltoallv(args);
 }

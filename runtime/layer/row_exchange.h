@@ -70,13 +70,14 @@ struct HostBlocks {
   std::vector<std::int64_t> send_counts, send_displs, recv_counts, recv_displs;
 };
 
-/// Chunk c of `plan` as one fp32 alltoallv over `comm` (a host backend's RowMoves::exchange), rows
-/// `width` floats wide: out, the send blocks (from `from` at chunk_send_first) to the receive blocks
-/// (into `to` at chunk_recv_first); back, the reverse. `skip_self` leaves this rank's own block out.
-/// Fills `blocks` (send_counts: the elements sent to each peer) and returns the pending op.
-comm::WorkPtr host_exchange(comm::Communicator& comm, const sched::ExchangePlan& plan, int c, bool out,
-                            std::int64_t width, const float* from, float* to, bool skip_self, std::string label,
-                            HostBlocks& blocks);
+/// Chunk c of `plan` as one alltoallv over `comm` (a backend's RowMoves::exchange), rows `width`
+/// elements of `type` wide, `from` / `to` at row 0 of their buffers: out, the send blocks (from
+/// chunk_send_first) to the receive blocks (at chunk_recv_first); back, the reverse. `skip_self`
+/// leaves this rank's own block out. Fills `blocks` (send_counts: the elements sent to each peer)
+/// and returns the pending op.
+comm::WorkPtr exchange_chunk(comm::Communicator& comm, const sched::ExchangePlan& plan, int c, bool out,
+                             std::int64_t width, comm::DataType type, const void* from, void* to, bool skip_self,
+                             std::string label, HostBlocks& blocks);
 
 /// Chunk c's rows from kOriginSend towards kRecv: flat, one exchange; hierarchical, stage A, the
 /// forwarder's gather, stage B issued. Then arrive() puts them at their place.
