@@ -693,14 +693,11 @@ comm::WorkPtr MoELayer::start_replica_grad_reduce() {
   const std::int64_t multi = where_.multi_experts();
   if (multi == 0) return nullptr;  // the same on every rank: the layout is
   const std::int64_t stride = expert_stride();
-  const auto mine = slot_experts(comm_.rank());
   ParamBlock& ex = experts();  // clears stale gradients first
   replica_grad_.assign(static_cast<std::size_t>(multi * stride), 0.0f);
-  for (std::size_t s = 0; s < mine.size(); ++s) {
-    const std::int64_t m = where_.multi_index(mine[s]);
-    if (m < 0) continue;
+  for (const auto& [s, m] : where_.multi_slots(comm_.rank())) {
     float* dst = replica_grad_.data() + m * stride;
-    const float* src = ex.grad.data() + static_cast<std::int64_t>(s) * stride;
+    const float* src = ex.grad.data() + s * stride;
     for (std::int64_t i = 0; i < stride; ++i) dst[i] += src[i];
   }
   replica_reduce_pending_ = true;
@@ -711,14 +708,10 @@ void MoELayer::finish_replica_grad_reduce() {
   if (!replica_reduce_pending_) return;
   replica_reduce_pending_ = false;
   const std::int64_t stride = expert_stride();
-  const auto mine = slot_experts(comm_.rank());
   ParamBlock& ex = experts();
-  for (std::size_t s = 0; s < mine.size(); ++s) {
-    const std::int64_t m = where_.multi_index(mine[s]);
-    if (m >= 0)
-      std::memcpy(ex.grad.data() + static_cast<std::int64_t>(s) * stride, replica_grad_.data() + m * stride,
-                  sizeof(float) * static_cast<std::size_t>(stride));
-  }
+  for (const auto& [s, m] : where_.multi_slots(comm_.rank()))
+    std::memcpy(ex.grad.data() + s * stride, replica_grad_.data() + m * stride,
+                sizeof(float) * static_cast<std::size_t>(stride));
 }
 
 std::int64_t MoELayer::set_replica_layout(const sched::ReplicaLayout& to, std::span<std::vector<float>* const> slot_state) {

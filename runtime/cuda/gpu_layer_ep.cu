@@ -442,15 +442,11 @@ void GpuMoELayer::allreduce_replicated_grads(cudaStream_t stream) {
     grow(ep.replica32, n_multi, aux_.get());
     aux_.synchronize();
     MOEX_CUDA_CHECK(cudaMemsetAsync(ep.replica32.data(), 0, sizeof(float) * static_cast<std::size_t>(n_multi), stream));
-    for (int64_t slot = 0; slot < local_; ++slot) {
-      const int64_t m = where_.multi_index(where_.slots(me)[static_cast<std::size_t>(slot)]);
-      if (m < 0) continue;
-      float* dst = ep.replica32.data() + m * stride;
-      if (bf)
-        add_to(as<bf16>(expert_g_) + slot * stride, dst, stride, stream);
-      else
-        add_to(as<float>(expert_g_) + slot * stride, dst, stride, stream);
-    }
+    for (const auto& [slot, m] : where_.multi_slots(me))
+      with_type(dtype_, [&](auto tag) {
+        add_to(as<typename decltype(tag)::type>(expert_g_) + slot * stride, ep.replica32.data() + m * stride, stride,
+               stream);
+      });
   }
   ep.producer_ready(stream);
   ep.reduce.push_back(device_comm_->allreduce_sum(gate_g_.data(), n_gate, comm::DataType::kFloat32, "gpu gate grads"));
@@ -463,18 +459,11 @@ void GpuMoELayer::allreduce_replicated_grads(cudaStream_t stream) {
   for (comm::WorkPtr& w : ep.reduce) ep.consume(*w, stream, deadline);
   if (n_shared > 0 && bf) convert(ep.grad32.data(), as<bf16>(shared_g_), n_shared, stream);
   // Every replica of an expert takes the sum.
-  for (int64_t slot = 0; n_multi > 0 && slot < local_; ++slot) {
-    const int64_t m = where_.multi_index(where_.slots(me)[static_cast<std::size_t>(slot)]);
-    if (m < 0) continue;
-    const float* src = ep.replica32.data() + m * stride;
-    if (bf) {
-      convert(src, as<bf16>(expert_g_) + slot * stride, stride, stream);
-    } else {
-      MOEX_CUDA_CHECK(cudaMemcpyAsync(as<float>(expert_g_) + slot * stride, src,
-                                      sizeof(float) * static_cast<std::size_t>(stride), cudaMemcpyDeviceToDevice,
-                                      stream));
-    }
-  }
+  for (const auto& [slot, m] : where_.multi_slots(me))
+    with_type(dtype_, [&](auto tag) {
+      convert(ep.replica32.data() + m * stride, as<typename decltype(tag)::type>(expert_g_) + slot * stride, stride,
+              stream);
+    });
   MOEX_CUDA_CHECK(cudaEventRecord(events_->last, stream));
 }
 

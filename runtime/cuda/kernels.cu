@@ -933,6 +933,9 @@ void convert(const float* src, bf16* dst, std::int64_t n, cudaStream_t stream) {
 void convert(const bf16* src, float* dst, std::int64_t n, cudaStream_t stream) {
   launch_convert<bf16, float>(src, dst, n, stream);
 }
+void convert(const float* src, float* dst, std::int64_t n, cudaStream_t stream) {
+  launch_convert<float, float>(src, dst, n, stream);
+}
 
 void add_to(const float* src, float* dst, std::int64_t n, cudaStream_t stream) { launch_add_f32(src, dst, n, stream); }
 void add_to(const bf16* src, float* dst, std::int64_t n, cudaStream_t stream) { launch_add_f32(src, dst, n, stream); }

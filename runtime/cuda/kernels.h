@@ -155,6 +155,8 @@ void swiglu_backward(std::int64_t rows, std::int64_t ffn, const bf16* h13, const
 void convert(const float* src, bf16* dst, std::int64_t n, cudaStream_t stream);
 /// dst[i] = src[i] widened to fp32 (exact) for i < n.
 void convert(const bf16* src, float* dst, std::int64_t n, cudaStream_t stream);
+/// dst[i] = src[i] for i < n (the fp32 case of the conversions above: a copy).
+void convert(const float* src, float* dst, std::int64_t n, cudaStream_t stream);
 /// dst[i] += src[i] (widened to fp32) for i < n.
 void add_to(const float* src, float* dst, std::int64_t n, cudaStream_t stream);
 void add_to(const bf16* src, float* dst, std::int64_t n, cudaStream_t stream);

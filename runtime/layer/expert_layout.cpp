@@ -41,6 +41,13 @@ void ExpertLayout::set_replicas(const sched::ReplicaLayout& to) {
   derive();
 }
 
+std::vector<std::pair<std::int64_t, std::int64_t>> ExpertLayout::multi_slots(int r) const {
+  std::vector<std::pair<std::int64_t, std::int64_t>> out;
+  for (std::size_t s = 0; s < slots(r).size(); ++s)
+    if (multi_index(slots(r)[s]) >= 0) out.emplace_back(static_cast<std::int64_t>(s), multi_index(slots(r)[s]));
+  return out;
+}
+
 void ExpertLayout::derive() {
   const int P = topology_.world_size();
   if (replicas_) {

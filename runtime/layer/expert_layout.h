@@ -7,6 +7,7 @@
 #include <optional>
 #include <span>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "scheduler/expert_placement.h"
@@ -35,6 +36,9 @@ class ExpertLayout {
   /// one replica, or placement mode). Their gradients are summed over the replicas.
   std::int64_t multi_experts() const { return multi_experts_; }
   std::int64_t multi_index(std::int64_t expert) const { return multi_index_[static_cast<std::size_t>(expert)]; }
+  /// The slots of rank r holding a multi-replica expert, each with that expert's multi_index():
+  /// where the replica-gradient sums read and write, in slot order.
+  std::vector<std::pair<std::int64_t, std::int64_t>> multi_slots(int r) const;
   /// Replica mode: the layout after a migration (same experts and ranks).
   void set_replicas(const sched::ReplicaLayout& to);
   /// The same experts in the same slots of the same ranks.
