@@ -570,28 +570,8 @@ void MoELayer::tally(double LayerCounters::*field, double ms) {
 
 void MoELayer::record_pass() {
   // The work of this pass (schedule-independent) and the times its stages took.
-  const int P = comm_.size(), me = comm_.rank(), C = chunks_used_;
-  const std::int64_t S = num_local_experts(), H = hidden_, K = topk_;
-  const sched::ExchangePlan& plan_ = pass_.main;
   sched::PassWork& w = work_;
-  w.self_entries.assign(static_cast<std::size_t>(S), 0);
-  w.remote_entries.assign(static_cast<std::size_t>(S), std::vector<std::int64_t>(static_cast<std::size_t>(P - 1), 0));
-  std::int64_t rows_in = 0, rows_out = 0;
-  for (int p = 0; p < P; ++p)
-    for (int c = 0; c < C; ++c) {
-      if (p != me) rows_in += plan_.recv_counts[plan_.cp(c, p)];
-      for (std::int64_t s = 0; s < S; ++s) {
-        const std::int64_t n = plan_.picks[plan_.spc(s, p, c)];
-        if (p == me) w.self_entries[static_cast<std::size_t>(s)] += n;
-        else w.remote_entries[static_cast<std::size_t>(s)][static_cast<std::size_t>(p < me ? p : p - 1)] += n;
-      }
-    }
-  rows_out = plan_.send_rows();
-  for (int c = 0; c < C; ++c) rows_out -= plan_.send_counts[plan_.cp(c, me)];
-  const auto rows = static_cast<double>(std::max(rows_in, rows_out));
-  w.fwd_dispatch_bytes = rows * static_cast<double>(H) * 4.0;
-  w.fwd_combine_bytes = w.bwd_dispatch_bytes = rows * static_cast<double>(H) * 4.0;
-  w.bwd_combine_bytes = rows * static_cast<double>(H + K) * 4.0;
+  w = sched::pass_work(pass_.main, hidden_, topk_);
   w.shared_fwd_ms = fwd_end_.shared - pass_start_.shared;
   w.shared_bwd_ms = own_.shared - fwd_end_.shared;
   w.other_ms = (own_.gate - pass_start_.gate) + (own_.permute - pass_start_.permute) +

@@ -11,6 +11,30 @@ std::string Schedule::describe() const {
   return "chunks " + std::to_string(chunks) + (local_first ? ", local-first" : "");
 }
 
+PassWork pass_work(const ExchangePlan& plan, std::int64_t hidden, std::int64_t topk) {
+  const int P = plan.world, me = plan.rank;
+  const auto S = static_cast<std::size_t>(plan.num_local);
+  PassWork w;
+  w.self_entries.assign(S, 0);
+  w.remote_entries.assign(S, std::vector<std::int64_t>(static_cast<std::size_t>(std::max(P - 1, 0)), 0));
+  std::int64_t rows_in = 0, rows_out = plan.send_rows();
+  for (int c = 0; c < plan.chunks; ++c) {
+    rows_out -= plan.send_counts[plan.cp(c, me)];
+    for (int p = 0; p < P; ++p) {
+      if (p != me) rows_in += plan.recv_counts[plan.cp(c, p)];
+      for (std::size_t s = 0; s < S; ++s) {
+        const std::int64_t n = plan.picks[plan.spc(static_cast<std::int64_t>(s), p, c)];
+        if (p == me) w.self_entries[s] += n;
+        else w.remote_entries[s][static_cast<std::size_t>(p < me ? p : p - 1)] += n;
+      }
+    }
+  }
+  const double row = static_cast<double>(std::max(rows_in, rows_out)) * 4.0;
+  w.fwd_dispatch_bytes = w.fwd_combine_bytes = w.bwd_dispatch_bytes = row * static_cast<double>(hidden);
+  w.bwd_combine_bytes = row * static_cast<double>(hidden + topk);
+  return w;
+}
+
 double gemm_ms(const MachineRates& r, std::int64_t rows) {
   return rows > 0 ? r.gemm_fixed_ms + r.gemm_row_ms * static_cast<double>(rows) : 0.0;
 }

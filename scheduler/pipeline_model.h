@@ -6,6 +6,8 @@
 #include <string>
 #include <vector>
 
+#include "scheduler/exchange_plan.h"
+
 namespace moex::sched {
 
 /// How one pass is staged.
@@ -41,6 +43,11 @@ struct PassWork {
   double shared_fwd_ms = 0, shared_bwd_ms = 0;  ///< the shared experts (they overlap the first dispatch)
   double other_ms = 0;  ///< gate, permutes, weighted sums: the same for every schedule
 };
+
+/// The schedule-independent work of the pass `plan` describes (rows `hidden` fp32 wide, top-`topk`):
+/// the entries of each local slot by source, and the exchanges' bytes to and from other ranks. The
+/// times (shared_*_ms, other_ms) are the caller's measurements.
+PassWork pass_work(const ExchangePlan& plan, std::int64_t hidden, std::int64_t topk);
 
 /// Predicted milliseconds of one forward + backward.
 struct Prediction {

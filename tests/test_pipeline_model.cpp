@@ -90,6 +90,29 @@ TEST(PipelineModel, EveryChunkPaysTheExchangeLatency) {
   EXPECT_LT(predict(w, r, {1, true}, true).forward_ms, predict(w, r, {1, false}, true).forward_ms);
 }
 
+TEST(PipelineModel, PassWorkFromThePlan) {
+  // Rank 0 of 2, one chunk, one slot: it sends 3 rows to itself and 5 to rank 1, receives 3 from
+  // itself and 4 from rank 1, whose rows carry 6 picks of its slot (its own rows 3).
+  ExchangePlan plan;
+  plan.world = 2;
+  plan.rank = 0;
+  plan.chunks = 1;
+  plan.num_local = 1;
+  plan.send_counts = {3, 5};
+  plan.send_offsets = {0, 3, 8};
+  plan.recv_counts = {3, 4};
+  plan.recv_offsets = {0, 3, 7};
+  plan.picks = {3, 6};
+  const PassWork w = pass_work(plan, 10, 2);
+  EXPECT_EQ(w.self_entries, (std::vector<std::int64_t>{3}));
+  EXPECT_EQ(w.remote_entries, (std::vector<std::vector<std::int64_t>>{{6}}));
+  // The larger of the 5 rows out and the 4 in, 10 fp32 wide (and K = 2 more on the way back).
+  EXPECT_DOUBLE_EQ(w.fwd_dispatch_bytes, 5 * 10 * 4.0);
+  EXPECT_DOUBLE_EQ(w.bwd_dispatch_bytes, 5 * 10 * 4.0);
+  EXPECT_DOUBLE_EQ(w.fwd_combine_bytes, 5 * 10 * 4.0);
+  EXPECT_DOUBLE_EQ(w.bwd_combine_bytes, 5 * 12 * 4.0);
+}
+
 TEST(PipelineModel, CandidatesAndChoice) {
   EXPECT_EQ(candidate_schedules(1, true).size(), 6u);  // one rank: nothing travels, no local-first
   EXPECT_EQ(candidate_schedules(4, false).size(), 6u);  // hierarchical: chunks only
