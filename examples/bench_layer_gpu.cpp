@@ -130,9 +130,10 @@ int bench_layer_gpu(comm::MpiCommunicator& world, const GpuBenchArgs& a) {
   const double tokens_per_s = static_cast<double>(T) * world.size() / (ms * 1e-3);
   const double tflops = flops / (ms * 1e9);
   // Rows moved per pass, over every stage (stage A to the nodes too when hierarchical).
-  const sched::ExchangePlan *to_nodes = layer.node_plan(), *in_node = layer.forward_plan();
-  std::int64_t rows[3] = {to_nodes ? to_nodes->send_rows() + in_node->send_rows() : layer.plan().send_rows(),
-                          layer.plan().recv_rows() + (to_nodes ? to_nodes->recv_rows() : 0), layer.picks_dropped()};
+  const layer::PassPlan& pp = *layer.pass_plan();
+  const bool hier = pp.hierarchical();
+  std::int64_t rows[3] = {hier ? pp.a.send_rows() + pp.b.send_rows() : pp.main.send_rows(),
+                          pp.main.recv_rows() + (hier ? pp.a.recv_rows() : 0), layer.picks_dropped()};
   world.allreduce_sum(rows, 3, comm::DataType::kInt64, "gpu bench rows")->wait();
   if (world.rank() == 0) {
     std::printf("# moex-bench layer --device cuda | %s | ranks %d (%d GPU(s)) | %s over %s | hidden %lld ffn %lld "

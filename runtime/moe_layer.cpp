@@ -157,7 +157,6 @@ void MoELayer::plan_pass(int chunks) {
   pass_.route({&where_, topk_, hierarchical(), options_.capacity_factor, name_}, comm_.rank(), comm_.size(),
               std::span<const std::int32_t>(topk_ids_).first(n), std::span<const float>(topk_weights_).first(n),
               tokens_, chunks);
-  stats_.picks_dropped = pass_.dropped;
   // Every rank learns what it receives (codes and weights ahead of the rows) before any row moves,
   // on the communication stream (every MPI call of the layer is made there).
   Event done;
@@ -481,8 +480,7 @@ void MoELayer::forward(const float* x, std::int64_t tokens, float* y) {
   //    row and entry before any token moves.
   plan_pass(chunks_used_);
   tally(&LayerCounters::gate, ms_since(t0));
-  const sched::ExchangePlan& plan = pass_.main;
-  const std::int64_t rows_total = plan.recv_rows(), entries = plan.entries();
+  const std::int64_t entries = pass_.main.entries();
   grad_pass_ = false;
   pass_in_ = x_.data();
   pass_out_ = y;
@@ -496,17 +494,7 @@ void MoELayer::forward(const float* x, std::int64_t tokens, float* y) {
   // 3-7. dispatch, shared experts, routed experts per stage, combine, y = shared + routed.
   layer::run_forward(*this, local_first_);
 
-  // Rows this rank sent and received, and those of them that stayed on this rank (not sent bytes).
-  const std::int64_t rows_sent = plan.send_rows();
-  std::int64_t own = 0, self_rows = 0;
-  for (int c = 0; c < chunks_used_; ++c) {
-    own += plan.send_counts[plan.cp(c, comm_.rank())];
-    self_rows += plan.recv_counts[plan.cp(c, comm_.rank())];
-  }
-  stats_.rows_sent = rows_sent;
-  stats_.rows_received = rows_total;
-  stats_.entries_processed = entries;
-  stats_.bytes_sent = ((rows_sent - own) + (rows_total - self_rows)) * H * 4;
+  pass_.count(stats_, H * 4);
   fwd_end_ = own_;
   ++passes_;
 }

@@ -108,16 +108,8 @@ struct ScheduleChoice {
   sched::MachineRates rates;                ///< this rank's measured rates
 };
 
-/// What one forward pass routed, for logs and balancing.
-struct LayerRouteStats {
-  std::vector<std::int64_t> expert_tokens;  ///< [E] picks of this rank's tokens per expert
-  std::int64_t rows_sent = 0;               ///< dispatch rows this rank sent (one per token and rank)
-  std::int64_t rows_received = 0;           ///< dispatch rows this rank's experts received
-  std::int64_t entries_processed = 0;       ///< (row, expert) pairs this rank's experts computed
-  std::int64_t bytes_sent = 0;              ///< hidden-vector bytes sent to other ranks, forward (the
-                                            ///< metadata exchange ahead of them not counted)
-  std::int64_t picks_dropped = 0;           ///< capacity-factor mode: this rank's picks over capacity
-};
+/// What one forward pass routed (layer::RouteStats, counted by layer::PassPlan::count).
+using LayerRouteStats = layer::RouteStats;
 
 /// Bytes this rank sent to other ranks, and stage times (milliseconds), summed over forward and
 /// backward passes since reset_counters(). Compute stages run on the calling thread; `comm` is the

@@ -185,8 +185,11 @@ class CudaEpLayer : public ::testing::TestWithParam<EpParam> {
       step_and_compare(tag, *cpu, gpu, draw_batch(*cpu, T, 1000 + 17 * static_cast<std::uint64_t>(r) + step, bf16), T,
                        tol, stream());
       EXPECT_EQ(gpu.picks_dropped(), cpu->route_stats().picks_dropped) << tag << " picks dropped by capacity";
-      EXPECT_EQ(gpu.token_rank_rows(), cpu->route_stats().rows_sent) << tag << " (token, rank) rows sent";
-      EXPECT_EQ(gpu.plan().recv_rows(), cpu->route_stats().rows_received) << tag << " rows the experts received";
+      LayerRouteStats stats;
+      gpu.pass_plan()->count(stats, 4 * c.config.hidden_size);
+      EXPECT_EQ(stats.rows_sent, cpu->route_stats().rows_sent) << tag << " (token, rank) rows sent";
+      EXPECT_EQ(stats.rows_received, cpu->route_stats().rows_received) << tag << " rows the experts received";
+      EXPECT_EQ(stats.bytes_sent, cpu->route_stats().bytes_sent) << tag << " bytes sent";
       if (p.capacity > 0.0 && T > 0) {
         EXPECT_GT(cpu->route_stats().picks_dropped, 0) << tag << " the case should drop picks";
       }

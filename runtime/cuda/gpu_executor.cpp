@@ -83,12 +83,7 @@ void GpuLayerExecutor::forward(MoELayer& layer, const float* x, std::int64_t tok
   LayerRouteStats st;
   st.expert_tokens.assign(static_cast<std::size_t>(layer.config().n_routed_experts), 0);
   for (const std::int32_t e : t.gpu->topk_ids_host(s)) ++st.expert_tokens[static_cast<std::size_t>(e)];
-  for (const std::int64_t c : t.gpu->expert_counts()) st.entries_processed += c;
-  st.rows_sent = t.gpu->token_rank_rows();
-  st.rows_received = t.gpu->plan().recv_rows();
-  st.picks_dropped = t.gpu->picks_dropped();
-  // Rows to other ranks over every stage (the hierarchical exchange's forwarders included).
-  st.bytes_sent = t.gpu->rows_sent_to_others() * H * static_cast<std::int64_t>(dtype_size(t.gpu->dtype()));
+  t.gpu->pass_plan()->count(st, H * static_cast<std::int64_t>(dtype_size(t.gpu->dtype())));
   layer.set_route_stats(st);
   layer.set_aux_loss_value(t.gpu->aux_loss_value(s));
 }

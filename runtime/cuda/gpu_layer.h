@@ -221,19 +221,9 @@ class GpuMoELayer {
   std::int64_t num_local_experts() const { return local_; }
   /// The replica layout of a replica-mode layer (null otherwise).
   const sched::ReplicaLayout* replica_layout() const { return where_.replicas() ? &*where_.replicas() : nullptr; }
-  /// The plan of the last expert-parallel forward: this rank's tokens to the experts' ranks (the rows
-  /// the flat exchange moves) and what this rank's slots received, by origin (entries per slot).
-  const sched::ExchangePlan& plan() const;
-  /// Hierarchical exchange, the last forward: the plan of stage A (this rank -> the forwarders on
-  /// the destination nodes) and of stage B (this rank as forwarder -> the experts' ranks of its
-  /// node); null otherwise.
-  const sched::ExchangePlan* node_plan() const;
-  const sched::ExchangePlan* forward_plan() const;
-  /// Expert-parallel mode, the last forward: rows of this rank's tokens, one per (token, destination
-  /// rank), as MoELayer's LayerRouteStats::rows_sent counts them (with the hierarchical exchange too);
-  /// and the rows this rank sent to other ranks over every stage of the exchange.
-  std::int64_t token_rank_rows() const;
-  std::int64_t rows_sent_to_others() const;
+  /// The plans of the last expert-parallel forward (layer::PassPlan: the flat exchange's, or the
+  /// hierarchical one's two stages); null in single-GPU mode.
+  const moex::layer::PassPlan* pass_plan() const;
 
   // Device parameters and gradients (layouts in the class comment).
   float* gate_weight() { return gate_w_.data(); }

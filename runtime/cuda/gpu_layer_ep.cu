@@ -202,32 +202,7 @@ struct GpuMoELayer::EpState : moex::layer::PassSteps {
 
 void GpuMoELayer::EpStateDeleter::operator()(EpState* p) const { delete p; }
 
-const sched::ExchangePlan* GpuMoELayer::node_plan() const {
-  return ep_ && options_.exchange == ExchangeKind::kHierarchical ? &ep_->pass.a : nullptr;
-}
-
-const sched::ExchangePlan* GpuMoELayer::forward_plan() const {
-  return ep_ && options_.exchange == ExchangeKind::kHierarchical ? &ep_->pass.b : nullptr;
-}
-
-const sched::ExchangePlan& GpuMoELayer::plan() const {
-  static const sched::ExchangePlan kNone;
-  return ep_ ? ep_->pass.main : kNone;
-}
-
-std::int64_t GpuMoELayer::token_rank_rows() const { return ep_ ? ep_->pass.main.send_rows() : 0; }
-
-std::int64_t GpuMoELayer::rows_sent_to_others() const {
-  if (!ep_) return 0;
-  std::int64_t n = 0;
-  for (const sched::ExchangePlan* plan : {node_plan() ? forward_plan() : &plan(), node_plan()}) {
-    if (!plan || plan->world < 1) continue;
-    for (int c = 0; c < plan->chunks; ++c)
-      for (int p = 0; p < plan->world; ++p)
-        if (p != plan->rank) n += plan->send_counts[plan->cp(c, p)];
-  }
-  return n;
-}
+const moex::layer::PassPlan* GpuMoELayer::pass_plan() const { return ep_ ? &ep_->pass : nullptr; }
 
 void GpuMoELayer::settle_ep() { ep_->settle(Clock::now() + device_comm_->default_timeout()); }
 

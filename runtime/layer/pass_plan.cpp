@@ -117,4 +117,18 @@ void PassPlan::finish() {
   for (std::size_t g = 0; g < group_ids.size(); ++g) group_ids[g] = static_cast<std::int64_t>(g);
 }
 
+void PassPlan::count(RouteStats& stats, std::int64_t row_bytes) const {
+  stats.rows_sent = main.send_rows();
+  stats.rows_received = main.recv_rows();
+  stats.entries_processed = main.entries();
+  stats.picks_dropped = dropped;
+  // Dispatched rows to other ranks, and received rows from them, which the combine sends back.
+  std::int64_t rows = 0;
+  for (const sched::ExchangePlan* p : {hierarchical() ? &a : &main, hierarchical() ? &b : nullptr})
+    for (int c = 0; p && c < p->chunks; ++c)
+      for (int q = 0; q < p->world; ++q)
+        if (q != p->rank) rows += p->send_counts[p->cp(c, q)] + p->recv_counts[p->cp(c, q)];
+  stats.bytes_sent = rows * row_bytes;
+}
+
 }  // namespace moex::layer

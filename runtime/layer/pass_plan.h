@@ -30,6 +30,18 @@ struct PassLayout {
   std::string name;              ///< prefixed to errors
 };
 
+/// What one forward pass routed (MoELayer::route_stats()), for logs and balancing.
+struct RouteStats {
+  std::vector<std::int64_t> expert_tokens;  ///< [E] picks of this rank's tokens per expert
+  std::int64_t rows_sent = 0;               ///< rows of this rank's tokens, one per (token, destination rank)
+  std::int64_t rows_received = 0;           ///< rows this rank's experts received
+  std::int64_t entries_processed = 0;       ///< (row, expert) pairs this rank's experts computed
+  /// Bytes of rows this rank sent to other ranks in the forward: every dispatch and combine, both
+  /// stages of the hierarchical exchange (the metadata exchange ahead of them not counted).
+  std::int64_t bytes_sent = 0;
+  std::int64_t picks_dropped = 0;           ///< capacity-factor mode: this rank's picks over capacity
+};
+
 /// One rank's plan of one pass. Row spaces (all reused across passes, so a warm plan allocates
 /// nothing):
 ///   main   this rank's tokens -> the ranks of their experts (the flat exchange), and what this
@@ -76,6 +88,8 @@ class PassPlan {
   bool per_node = false;
   std::vector<std::int64_t> group_offsets, group_rows, token_groups, group_ids;
   std::int64_t groups() const { return static_cast<std::int64_t>(group_ids.size()); }
+  /// This pass's RouteStats but expert_tokens, for rows of `row_bytes` bytes.
+  void count(RouteStats& stats, std::int64_t row_bytes) const;
   /// The milliseconds the last metadata exchange spent on its counts (a latency of the link).
   double counts_ms() const { return meta_main.counts_ms; }
 
