@@ -1,5 +1,5 @@
-// GpuMoELayer: one DeepSeekMoE layer, forward and backward, entirely on one GPU (every routed expert
-// local; no communication). The device twin of a single-rank MoELayer.
+// GpuMoELayer: one DeepSeekMoE layer, forward and backward, on one GPU: all routed experts here, or
+// this rank's share of them with the rows exchanged between ranks (expert-parallel mode).
 #pragma once
 
 #include <chrono>
@@ -88,57 +88,36 @@ struct GpuLayerTimes {
 
 /// One MoE layer on the current CUDA device:
 ///   y = shared(x) + sum_k w_k(x) * expert_{id_k}(x)
-/// with the DeepSeek gate of kernels::gate_forward (softmax / sigmoid, selection bias, group limit,
-/// top-K, normalisation, scaling), dropless (every pick is computed; the expert-parallel mode also
-/// has the capacity factor, GpuLayerOptions::capacity_factor). Same semantics as MoELayer on one
-/// rank, the auxiliary balance losses included (set_aux_loss).
-///
-/// Forward: gate (cuBLAS + one warp per token) -> on the device, the row count of every expert and
-/// every pick's row in expert-sorted order (a stable counting sort: within an expert, picks keep
-/// token order) -> gather of x rows -> grouped expert FFN (GroupedFfn; it needs the E row counts on
-/// the host, so forward() waits for that one small device-to-host copy, after queuing the gather)
-/// -> deterministic combine (CSR by token, routing weights applied, fp32 accumulation), added to
-/// the shared experts' output. Backward: routing-weight gradients (row_dot), the weighted dy rows
-/// gathered into expert order, the grouped FFN backward (input rows and weight gradients), the
-/// input rows combined back per token, the shared experts' backward, then the gate backward
-/// (dx +=, gate gradient +=).
+/// with MoELayer's semantics: the gate of kernels::gate_forward (softmax / sigmoid, selection bias,
+/// group limit, top-K, normalisation, scaling) and the auxiliary balance losses (set_aux_loss).
+/// Two modes:
+///   single GPU (first constructor): all E experts here, dropless. The picks are sorted by expert
+///     on the device (a stable counting sort); forward waits once, after queuing the gather, for
+///     the E row counts the grouped GEMM needs on the host.
+///   expert-parallel (the others): this rank's slots of a placement or replica layout. forward()
+///     and backward() are collectives (every rank, in the same order, each with its own tokens, 0
+///     allowed) running the pass of runtime/layer/pass.h: the top-K to the host, the layer::PassPlan
+///     (its metadata over the HOST communicator, capacity factor and replica choice included), then
+///     chunk by chunk the rows over the DEVICE communicator (NcclCommunicator: on its stream,
+///     ordered by CUDA events; StagedCommunicator: through pinned host memory), this rank's
+///     experts, and the sums back (flat, or hierarchical through a forwarder per node).
+/// Both modes run the routed experts of a stage through expert_stage(). The results equal those
+/// of a CPU MoELayer of the same layout (fp32 mode: up to summation order).
 ///
 /// Parameters and gradients live in device buffers with the CPU layer's layouts:
 ///   gate_weight() / gate_grad()      fp32 [E, H]
 ///   shared_params() / shared_grads() [w13 2Fs*H | w2 H*Fs] (Fs = n_shared * ffn; empty when 0)
-///   expert_params() / expert_grads() per expert e: [w13 2F*H | w2 H*F] at e * 3F*H
-/// the last two of element type dtype() (float or __nv_bfloat16). gate + shared is MoELayer's
-/// replicated() block, experts that of experts() on a single rank.
-///
-/// Gradients accumulate over backward() calls (in bf16 mode the bf16 gradient buffers accumulate
-/// with one bf16 rounding per call, and per pipeline chunk in expert-parallel mode);
-/// zero_grad() clears them (the shared and expert ones lazily: the
-/// next backward overwrites them, as MoELayer does).
+///   expert_params() / expert_grads() per slot: [w13 2F*H | w2 H*F] at slot * 3F*H
+/// the last two of element type dtype(). Gradients accumulate over backward() calls (bf16 ones
+/// with one rounding per call, and per chunk in expert-parallel mode); zero_grad() clears them
+/// (the shared and expert ones lazily: the next backward overwrites them). In expert-parallel mode
+/// the replicated gradients hold this rank's share until allreduce_replicated_grads().
 ///
 /// Streams: forward() and backward() queue on the caller's `stream` (and the layer's second
-/// stream) and return before the results are ready, except for the wait described above. `x` must
-/// stay unchanged until the matching backward() has been queued and run (it is read again there,
-/// not copied). Use one stream per layer, and keep it alive as long as the layer (the grouped GEMM's
-/// pointer table lives on it). Workspace is sized for the largest token count seen (or reserve()d):
-/// once warm, no pass allocates device memory. Not thread-safe.
-///
-/// Expert-parallel mode (the second constructor): the routed experts are sharded over the ranks of
-/// a job by an ExpertPlacement, and this layer holds the slots of its rank (expert_params() has
-/// num_local_experts() blocks). forward() and backward() are then collectives: every rank calls them
-/// in the same order, each with its own tokens (0 allowed). A forward copies the top-K ids and
-/// weights to the host, builds a sched::ExchangePlan and exchanges its metadata over the HOST
-/// communicator, uploads the plan's index arrays, and then, chunk by chunk, gathers the rows to send,
-/// moves them with alltoallv over the DEVICE communicator (NcclCommunicator: on its stream, ordered
-/// against the caller's stream with CUDA events, so the host does not wait; StagedCommunicator:
-/// through pinned host memory, driven by the host), runs the local experts on the received rows,
-/// combines each row's experts and sends the sums back; the rows coming back are summed per token
-/// onto the shared experts' output. Backward runs the same exchange with dy, and sends back the input
-/// row gradients and the routing-weight gradients. With GpuLayerOptions::exchange = kHierarchical
-/// the rows travel in two stages (to a forwarder on each destination node, then inside that node)
-/// and come back the same way. The results equal those of a CPU MoELayer with
-/// the same placement (fp32 mode: up to summation order). Replicated gradients (gate, shared
-/// experts) hold this rank's share until allreduce_replicated_grads(). Workspace for the routed rows
-/// grows (by a quarter more than needed) when a pass needs more rows than any before.
+/// stream) and return before the results are ready. `x` must stay unchanged until the matching
+/// backward() has run (it is read again, not copied). Use one stream per layer, alive as long as
+/// the layer (the grouped GEMM's pointer table lives on it). Workspace grows to the largest pass
+/// seen (or reserve()d): once warm, no pass allocates device memory. Not thread-safe.
 class GpuMoELayer {
  public:
   /// Validates `config` and allocates the parameters (zeros, no selection bias) and gradients
