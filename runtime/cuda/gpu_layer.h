@@ -52,28 +52,24 @@ struct GpuLayerOptions {
   bool overlap_shared = true;
   /// Record CUDA events between stages (see GpuLayerTimes); costs a few microseconds per pass.
   bool profile = false;
-  /// Expert-parallel layers: exchanges overlap the compute (LayerOptions::overlap). Off: every
-  /// exchange is waited for on the host as soon as it is issued, so nothing computes while rows
-  /// travel (make_gpu_layer_like then also runs the shared experts on the caller's stream).
+  // The schedule: each as the LayerOptions field of the same name, the same on every rank
+  // (make_gpu_layer_like copies them from a CPU layer).
+  /// Expert-parallel layers. Off: each exchange is waited for on the host as soon as it is issued
+  /// (nothing computes while rows travel).
   bool overlap = true;
-  /// Expert-parallel layers: pipeline chunks. Chunk i+1's rows travel (on the device communicator's
-  /// stream) while chunk i's experts run on the caller's stream. Every rank must use the same value.
+  /// Expert-parallel layers, pipeline chunks: chunk i+1's rows travel (on the device communicator's stream) while chunk i's
+  /// experts run on the caller's stream.
   int chunks = 1;
-  /// Expert-parallel layers: 0 = dropless; > 0 = capacity-factor mode with MoELayer's rule
-  /// (LayerOptions::capacity_factor, sched::apply_capacity): each rank keeps at most
-  /// ceil(cf * tokens * K / E) of its own picks per expert, the highest-weight ones; the others are
-  /// not sent, add nothing and get no gradient. Single-GPU layers are dropless only.
+  /// 0 = dropless; > 0 = capacity-factor mode (sched::apply_capacity). Single-GPU layers are
+  /// dropless only.
   double capacity_factor = 0.0;
   /// The routed experts' GEMMs through fixed_order_gemm (GroupedGemmImpl::kFixedOrder, overriding
-  /// `gemm`), and in expert-parallel mode their weight gradients computed once per backward over
-  /// each slot's rows in an order that does not depend on the chunks (source rank, then token):
-  /// results are bitwise the same for every `chunks` (LayerOptions::deterministic). Slower.
+  /// `gemm`) and, in expert-parallel mode, their weight gradients once per backward over each
+  /// slot's rows in canonical order: bitwise the same results for every `chunks`. Slower.
   bool deterministic = false;
-  /// Expert-parallel layers: how routed rows travel. kHierarchical (MoELayer's): a token goes once to
-  /// each destination node, to the rank there with this rank's local index (the constructor's
-  /// topology), which forwards it to the ranks of its node that hold its experts; the combine
-  /// reverses both stages, the forwarder summing a token's rows from its node. Single-GPU layers and
-  /// `deterministic` need kFlat.
+  /// kHierarchical: a token goes once to each destination node, to the rank there with this rank's
+  /// local index (the constructor's topology), which forwards it inside its node. Single-GPU
+  /// layers need kFlat.
   ExchangeKind exchange = ExchangeKind::kFlat;
 };
 
