@@ -569,6 +569,45 @@ TEST_F(CudaTest, GatherRowsMatchesCpuExactly) {
   }
 }
 
+TEST_F(CudaTest, RouteByExpertIsAStableCountingSort) {
+  // More picks than one tile of the placing kernel, experts without picks, and no picks at all.
+  for (const int64_t tokens : {0, 3, 2500}) {
+    SCOPED_TRACE("tokens " + std::to_string(tokens));
+    const int64_t K = 4, E = 37, N = tokens * K;
+    Rng rng(5 + static_cast<std::uint64_t>(tokens));
+    std::vector<std::int32_t> ids(static_cast<std::size_t>(N));
+    for (auto& id : ids) id = static_cast<std::int32_t>(rng.next() % 30);  // experts 30..36 get none
+    const Vec weights = normal(rng, N, 1.0);
+    // The reference: picks in pick order within each expert, experts in id order.
+    std::vector<int64_t> want_counts(static_cast<std::size_t>(E), 0), want_token, want_pick_entry(ids.size());
+    Vec want_weight;
+    for (int64_t e = 0; e < E; ++e)
+      for (int64_t i = 0; i < N; ++i)
+        if (ids[static_cast<std::size_t>(i)] == e) {
+          ++want_counts[static_cast<std::size_t>(e)];
+          want_pick_entry[static_cast<std::size_t>(i)] = static_cast<int64_t>(want_token.size());
+          want_token.push_back(i / K);
+          want_weight.push_back(weights[static_cast<std::size_t>(i)]);
+        }
+    auto d_ids = to_device(ids, stream());
+    auto d_w = to_device(weights, stream());
+    DeviceBuffer<int64_t> counts(static_cast<std::size_t>(E), stream()), token(std::max<int64_t>(N, 1), stream()),
+        pick_entry(std::max<int64_t>(N, 1), stream());
+    DeviceBuffer<float> weight(std::max<int64_t>(N, 1), stream());
+    route_by_expert(d_ids.data(), d_w.data(), N, K, E, counts.data(), token.data(), weight.data(), pick_entry.data(),
+                    stream());
+    EXPECT_EQ(to_host(counts, stream()), want_counts);
+    if (N == 0) continue;
+    EXPECT_EQ(to_host(token, stream()), want_token);
+    EXPECT_EQ(to_host(weight, stream()), want_weight);
+    EXPECT_EQ(to_host(pick_entry, stream()), want_pick_entry);
+  }
+  EXPECT_THROW(route_by_expert(nullptr, nullptr, 7, 2, 4, nullptr, nullptr, nullptr, nullptr, stream()),
+               InvalidArgument);  // 7 picks are not tokens * 2
+  EXPECT_THROW(route_by_expert(nullptr, nullptr, 0, 1, 0, nullptr, nullptr, nullptr, nullptr, stream()),
+               InvalidArgument);  // no experts
+}
+
 TEST_F(CudaTest, CombineRowsMatchesCpuScatterAddAndIsDeterministic) {
   for (const RowCase& rc : kRowCases) {
     for (bool weighted : {true, false}) {

@@ -26,112 +26,6 @@ namespace {
 
 using std::int64_t;
 
-constexpr unsigned kFullMask = 0xffffffffu;
-constexpr int kWarp = 32;
-
-// ---------------------------------------------------------------------------------------------------
-// Routing: a stable counting sort of the picks by expert, on the device.
-
-constexpr int kCountThreads = 256;
-
-/// Block e counts the picks of expert e: counts[e] = #{i < picks : ids[i] == e}. No atomics: the
-/// result is exact and deterministic.
-__global__ void route_count_kernel(const std::int32_t* __restrict__ ids, int64_t picks, int64_t* __restrict__ counts) {
-  __shared__ int64_t part[kCountThreads / kWarp];
-  const int e = static_cast<int>(blockIdx.x);
-  const int warp = static_cast<int>(threadIdx.x) / kWarp, lane = static_cast<int>(threadIdx.x) % kWarp;
-  int64_t n = 0;
-  for (int64_t i = threadIdx.x; i < picks; i += blockDim.x) n += ids[i] == e ? 1 : 0;
-  for (int off = kWarp / 2; off > 0; off >>= 1) n += __shfl_xor_sync(kFullMask, n, off);
-  if (lane == 0) part[warp] = n;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    int64_t total = 0;
-    for (int w = 0; w < kCountThreads / kWarp; ++w) total += part[w];
-    counts[e] = total;
-  }
-}
-
-constexpr int kPlaceThreads = 512;
-constexpr int kPlaceItems = 4;  // consecutive picks per thread and tile
-constexpr int kPlaceWarps = kPlaceThreads / kWarp;
-constexpr int64_t kPlaceTile = static_cast<int64_t>(kPlaceThreads) * kPlaceItems;
-
-/// Block e places the picks of expert e, in pick order, at rows offset_e, offset_e + 1, ... where
-/// offset_e = counts[0] + ... + counts[e-1]: for pick i = t*K + k routed there at row r,
-///   entry_token[r] = t, entry_weight[r] = topk_weights[i], pick_entry[i] = r.
-/// Tiles of kPlaceTile picks; a block-wide exclusive scan of the per-thread match counts gives each
-/// match its rank.
-__global__ void route_place_kernel(const std::int32_t* __restrict__ ids, const float* __restrict__ topk_weights,
-                                   int64_t picks, int64_t topk, const int64_t* __restrict__ counts,
-                                   int64_t* __restrict__ entry_token, float* __restrict__ entry_weight,
-                                   int64_t* __restrict__ pick_entry) {
-  __shared__ int warp_incl[kPlaceWarps];
-  __shared__ int64_t base_shared;
-  const int e = static_cast<int>(blockIdx.x);
-  const int warp = static_cast<int>(threadIdx.x) / kWarp, lane = static_cast<int>(threadIdx.x) % kWarp;
-  if (threadIdx.x == 0) {
-    int64_t o = 0;
-    for (int j = 0; j < e; ++j) o += counts[j];
-    base_shared = o;
-  }
-  __syncthreads();
-  int64_t base = base_shared;
-  for (int64_t tile = 0; tile < picks; tile += kPlaceTile) {
-    const int64_t first = tile + static_cast<int64_t>(threadIdx.x) * kPlaceItems;
-    bool hit[kPlaceItems];
-    int mine = 0;
-#pragma unroll
-    for (int q = 0; q < kPlaceItems; ++q) {
-      const int64_t i = first + q;
-      hit[q] = i < picks && ids[i] == e;
-      mine += hit[q] ? 1 : 0;
-    }
-    // Inclusive scan of `mine` within the warp, then over the warps.
-    int incl = mine;
-    for (int off = 1; off < kWarp; off <<= 1) {
-      const int v = __shfl_up_sync(kFullMask, incl, off);
-      if (lane >= off) incl += v;
-    }
-    if (lane == kWarp - 1) warp_incl[warp] = incl;
-    __syncthreads();
-    if (warp == 0) {
-      int w = lane < kPlaceWarps ? warp_incl[lane] : 0;
-      for (int off = 1; off < kWarp; off <<= 1) {
-        const int v = __shfl_up_sync(kFullMask, w, off);
-        if (lane >= off) w += v;
-      }
-      if (lane < kPlaceWarps) warp_incl[lane] = w;
-    }
-    __syncthreads();
-    int64_t r = base + (warp > 0 ? warp_incl[warp - 1] : 0) + (incl - mine);
-#pragma unroll
-    for (int q = 0; q < kPlaceItems; ++q) {
-      if (!hit[q]) continue;
-      const int64_t i = first + q;
-      entry_token[r] = i / topk;
-      entry_weight[r] = topk_weights[i];
-      pick_entry[i] = r;
-      ++r;
-    }
-    base += warp_incl[kPlaceWarps - 1];
-    __syncthreads();  // warp_incl is rewritten by the next tile
-  }
-}
-
-constexpr int kEltThreads = 256;
-
-unsigned elt_blocks(int64_t n) {
-  return static_cast<unsigned>(std::clamp<int64_t>((n + kEltThreads - 1) / kEltThreads, 1, 65536));
-}
-
-/// offsets[t] = t * step for t < n (the CSR of a combine where every token has `step` sources).
-__global__ void iota_step_kernel(int64_t n, int64_t step, int64_t* __restrict__ offsets) {
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
-    offsets[i] = i * step;
-}
-
 float bf16_bits_to_float(std::uint16_t h) {
   const std::uint32_t u = static_cast<std::uint32_t>(h) << 16;
   float f;
@@ -139,10 +33,6 @@ float bf16_bits_to_float(std::uint16_t h) {
   return f;
 }
 
-
-}  // namespace
-
-namespace {
 /// Where the layer's routed experts live: all E on one GPU (a layout of one rank), or the ranks'
 /// placement or replica layout, validated against the communicators.
 moex::layer::ExpertLayout layout_of(const MoeConfig& c, const GpuLayerOptions& o, const comm::Communicator* host,
@@ -468,6 +358,7 @@ void GpuMoELayer::reserve(int64_t tokens, cudaStream_t stream) {
     realloc_typed(entry_token_, N, s);
     realloc_typed(pick_entry_, N, s);
     realloc_typed(csr_offsets_, T + 1, s);
+    fill_step(T + 1, topk_, csr_offsets_.data(), s);  // every token has K sources in the combine
     realloc_routed(N, s);
   }
   realloc_bytes(sh_h13_, T * 2 * Fs, es, s);
@@ -478,11 +369,6 @@ void GpuMoELayer::reserve(int64_t tokens, cudaStream_t stream) {
   realloc_bytes(x_lp_, lp, es, s);
   realloc_bytes(dy_lp_, lp, es, s);
   realloc_bytes(out_lp_, lp, es, s);
-  // Every token has exactly K sources in the combine: offsets t * K.
-  if (!expert_parallel()) {
-    MOEX_LAUNCH(elt_blocks(T + 1), kEltThreads, 0, s, iota_step_kernel)(T + 1, topk_, csr_offsets_.data());
-    MOEX_CUDA_CHECK_LAUNCH("iota_step_kernel");
-  }
   aux_.synchronize();  // the new buffers are ready for any stream
   capacity_ = tokens;
   ++allocations_;
@@ -686,13 +572,8 @@ void GpuMoELayer::forward(const float* x, int64_t tokens, float* y, cudaStream_t
   if (expert_parallel()) {
     forward_ep(xin, out, has_shared && T > 0, stream);
   } else {
-    MOEX_LAUNCH(static_cast<unsigned>(E), kCountThreads, 0, stream, route_count_kernel)(topk_ids_.data(), N,
-                                                                                        counts_dev_.data());
-    MOEX_CUDA_CHECK_LAUNCH("route_count_kernel");
-    MOEX_LAUNCH(static_cast<unsigned>(E), kPlaceThreads, 0, stream, route_place_kernel)(
-        topk_ids_.data(), topk_w_.data(), N, topk_, counts_dev_.data(), entry_token_.data(), entry_w_.data(),
-        pick_entry_.data());
-    MOEX_CUDA_CHECK_LAUNCH("route_place_kernel");
+    route_by_expert(topk_ids_.data(), topk_w_.data(), N, topk_, E, counts_dev_.data(), entry_token_.data(),
+                    entry_w_.data(), pick_entry_.data(), stream);
     MOEX_CUDA_CHECK(cudaMemcpyAsync(counts_pinned_, counts_dev_.data(),
                                     sizeof(int64_t) * static_cast<std::size_t>(E), cudaMemcpyDeviceToHost, stream));
     MOEX_CUDA_CHECK(cudaEventRecord(events_->counts, stream));

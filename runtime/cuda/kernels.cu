@@ -789,6 +789,103 @@ __global__ void balance_grad_kernel(BalanceLayout b, const float* __restrict__ s
   }
 }
 
+// ---------------------------------------------------------------------------------------------------
+// Routing: a stable counting sort of the picks by expert, on the device.
+
+constexpr int kCountThreads = 256;
+
+/// Block e counts the picks of expert e: counts[e] = #{i < picks : ids[i] == e}. No atomics: the
+/// result is exact and deterministic.
+__global__ void route_count_kernel(const std::int32_t* __restrict__ ids, int64_t picks, int64_t* __restrict__ counts) {
+  __shared__ int64_t part[kCountThreads / kWarp];
+  const int e = static_cast<int>(blockIdx.x);
+  const int warp = static_cast<int>(threadIdx.x) / kWarp, lane = static_cast<int>(threadIdx.x) % kWarp;
+  int64_t n = 0;
+  for (int64_t i = threadIdx.x; i < picks; i += blockDim.x) n += ids[i] == e ? 1 : 0;
+  for (int off = kWarp / 2; off > 0; off >>= 1) n += __shfl_xor_sync(kFullMask, n, off);
+  if (lane == 0) part[warp] = n;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int64_t total = 0;
+    for (int w = 0; w < kCountThreads / kWarp; ++w) total += part[w];
+    counts[e] = total;
+  }
+}
+
+constexpr int kPlaceThreads = 512;
+constexpr int kPlaceItems = 4;  // consecutive picks per thread and tile
+constexpr int kPlaceWarps = kPlaceThreads / kWarp;
+constexpr int64_t kPlaceTile = static_cast<int64_t>(kPlaceThreads) * kPlaceItems;
+
+/// Block e places the picks of expert e, in pick order, at rows offset_e, offset_e + 1, ... where
+/// offset_e = counts[0] + ... + counts[e-1]: for pick i = t*K + k routed there at row r,
+///   entry_token[r] = t, entry_weight[r] = topk_weights[i], pick_entry[i] = r.
+/// Tiles of kPlaceTile picks; a block-wide exclusive scan of the per-thread match counts gives each
+/// match its rank.
+__global__ void route_place_kernel(const std::int32_t* __restrict__ ids, const float* __restrict__ topk_weights,
+                                   int64_t picks, int64_t topk, const int64_t* __restrict__ counts,
+                                   int64_t* __restrict__ entry_token, float* __restrict__ entry_weight,
+                                   int64_t* __restrict__ pick_entry) {
+  __shared__ int warp_incl[kPlaceWarps];
+  __shared__ int64_t base_shared;
+  const int e = static_cast<int>(blockIdx.x);
+  const int warp = static_cast<int>(threadIdx.x) / kWarp, lane = static_cast<int>(threadIdx.x) % kWarp;
+  if (threadIdx.x == 0) {
+    int64_t o = 0;
+    for (int j = 0; j < e; ++j) o += counts[j];
+    base_shared = o;
+  }
+  __syncthreads();
+  int64_t base = base_shared;
+  for (int64_t tile = 0; tile < picks; tile += kPlaceTile) {
+    const int64_t first = tile + static_cast<int64_t>(threadIdx.x) * kPlaceItems;
+    bool hit[kPlaceItems];
+    int mine = 0;
+#pragma unroll
+    for (int q = 0; q < kPlaceItems; ++q) {
+      const int64_t i = first + q;
+      hit[q] = i < picks && ids[i] == e;
+      mine += hit[q] ? 1 : 0;
+    }
+    // Inclusive scan of `mine` within the warp, then over the warps.
+    int incl = mine;
+    for (int off = 1; off < kWarp; off <<= 1) {
+      const int v = __shfl_up_sync(kFullMask, incl, off);
+      if (lane >= off) incl += v;
+    }
+    if (lane == kWarp - 1) warp_incl[warp] = incl;
+    __syncthreads();
+    if (warp == 0) {
+      int w = lane < kPlaceWarps ? warp_incl[lane] : 0;
+      for (int off = 1; off < kWarp; off <<= 1) {
+        const int v = __shfl_up_sync(kFullMask, w, off);
+        if (lane >= off) w += v;
+      }
+      if (lane < kPlaceWarps) warp_incl[lane] = w;
+    }
+    __syncthreads();
+    int64_t r = base + (warp > 0 ? warp_incl[warp - 1] : 0) + (incl - mine);
+#pragma unroll
+    for (int q = 0; q < kPlaceItems; ++q) {
+      if (!hit[q]) continue;
+      const int64_t i = first + q;
+      entry_token[r] = i / topk;
+      entry_weight[r] = topk_weights[i];
+      pick_entry[i] = r;
+      ++r;
+    }
+    base += warp_incl[kPlaceWarps - 1];
+    __syncthreads();  // warp_incl is rewritten by the next tile
+  }
+}
+
+/// offsets[t] = t * step for t < n (the CSR of a combine where every token has `step` sources).
+__global__ void iota_step_kernel(int64_t n, int64_t step, int64_t* __restrict__ offsets) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    offsets[i] = i * step;
+}
+
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------------
@@ -890,6 +987,28 @@ void gather_values(std::int64_t n, const std::int64_t* index, const float* src, 
   const auto blocks = static_cast<unsigned>(std::clamp<int64_t>((n + 255) / 256, 1, 65536));
   MOEX_LAUNCH(blocks, 256, 0, stream, gather_values_kernel)(n, index, src, dst);
   MOEX_CUDA_CHECK_LAUNCH("gather_values_kernel");
+}
+
+void route_by_expert(const std::int32_t* ids, const float* topk_weights, std::int64_t picks, std::int64_t topk,
+                     std::int64_t experts, std::int64_t* counts, std::int64_t* entry_token, float* entry_weight,
+                     std::int64_t* pick_entry, cudaStream_t stream) {
+  if (picks < 0 || topk < 1 || experts < 1 || experts > kMaxBlocks || picks % topk != 0)
+    throw InvalidArgument("route_by_expert: picks = " + std::to_string(picks) + ", topk = " + std::to_string(topk) +
+                          ", experts = " + std::to_string(experts) + ": expected picks >= 0 a multiple of topk >= 1 "
+                          "and 1 <= experts <= " + std::to_string(kMaxBlocks));
+  const auto blocks = static_cast<unsigned>(experts);
+  MOEX_LAUNCH(blocks, kCountThreads, 0, stream, route_count_kernel)(ids, picks, counts);
+  MOEX_CUDA_CHECK_LAUNCH("route_count_kernel");
+  MOEX_LAUNCH(blocks, kPlaceThreads, 0, stream, route_place_kernel)(ids, topk_weights, picks, topk, counts, entry_token,
+                                                                    entry_weight, pick_entry);
+  MOEX_CUDA_CHECK_LAUNCH("route_place_kernel");
+}
+
+void fill_step(std::int64_t n, std::int64_t step, std::int64_t* out, cudaStream_t stream) {
+  if (n < 0) throw InvalidArgument("fill_step: n = " + std::to_string(n) + ": must be >= 0");
+  if (n == 0) return;
+  MOEX_LAUNCH(blocks_for(n, kEltThreads), kEltThreads, 0, stream, iota_step_kernel)(n, step, out);
+  MOEX_CUDA_CHECK_LAUNCH("iota_step_kernel");
 }
 
 void combine_rows(std::int64_t tokens, std::int64_t width, const std::int64_t* offsets, const std::int64_t* src_row,

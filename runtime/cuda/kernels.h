@@ -128,6 +128,18 @@ void row_dot(std::int64_t count, std::int64_t width, const std::int64_t* index, 
 void row_dot(std::int64_t count, std::int64_t width, const std::int64_t* index, const bf16* a, std::int64_t a_stride,
              const bf16* b, std::int64_t b_stride, float* out, cudaStream_t stream);
 
+/// The picks of `ids` ([picks] expert ids in [0, experts), picks = tokens * topk) sorted by expert,
+/// stably (within an expert, in pick order), without atomics: counts[e] = the picks of expert e,
+/// and pick i = t * topk + k of expert e at row r = counts[0] + ... + counts[e-1] + (its rank
+/// among e's picks) gives entry_token[r] = t, entry_weight[r] = topk_weights[i], pick_entry[i] = r.
+/// Device arrays ([experts] counts, [picks] others). InvalidArgument on picks not a multiple of
+/// topk >= 1, or experts outside [1, 65536]. Ids are not checked on the device.
+void route_by_expert(const std::int32_t* ids, const float* topk_weights, std::int64_t picks, std::int64_t topk,
+                     std::int64_t experts, std::int64_t* counts, std::int64_t* entry_token, float* entry_weight,
+                     std::int64_t* pick_entry, cudaStream_t stream);
+/// out[i] = i * step for i < n (device array).
+void fill_step(std::int64_t n, std::int64_t step, std::int64_t* out, cudaStream_t stream);
+
 /// dst[i] = index[i] >= 0 ? src[index[i]] : 0 for i < n (fp32 scalars; `index` [n] a device array).
 /// Moves routing weights and their gradients between per-pick, per-entry and per-row orders.
 void gather_values(std::int64_t n, const std::int64_t* index, const float* src, float* dst, cudaStream_t stream);
