@@ -369,21 +369,8 @@ void MoELayer::run_experts_backward() {
   // Each entry's output gradient is w * dy_row; the routing weight's gradient is dy_row . expert_out.
   for (std::int64_t s = 0; s < S; ++s)
     for_each_block(plan_, s, stage_, [&](std::int64_t b, std::int64_t n) {
-      parallel_for(n, 64, [&](std::int64_t n0, std::int64_t n1) {
-        for (std::int64_t e = b + n0; e < b + n1; ++e) {
-          const std::int64_t r = plan_.entry_row[static_cast<std::size_t>(e)];
-          const float* g = rgrad_.data() + r * H;
-          const float* yo = ye_.data() + e * H;
-          float* d = dye_.data() + e * H;
-          const float w = plan_.entry_weight[static_cast<std::size_t>(e)];
-          double dot = 0.0;
-          for (std::int64_t j = 0; j < H; ++j) {
-            d[j] = w * g[j];
-            dot += static_cast<double>(g[j]) * yo[j];
-          }
-          dpick_[static_cast<std::size_t>(e)] = static_cast<float>(dot);
-        }
-      });
+      kernels::gather_rows_scaled_dot(n, H, plan_.entry_row.data() + b, plan_.entry_weight.data() + b, rgrad_.data(), H,
+                                      ye_.data() + b * H, dye_.data() + b * H, H, dpick_.data() + b);
     });
   tally(&LayerCounters::combine, ms_since(t0));
   t0 = std::chrono::steady_clock::now();

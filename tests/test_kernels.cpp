@@ -527,6 +527,27 @@ TEST(KernelPermute, GatherRowsWithStridesAndRepeats) {
   }
 }
 
+TEST(KernelPermute, GatherRowsScaledDotMatchesFloat64) {
+  // Entries 0..3 read rows 2, 0, 2, 1 of a 3-row source 5 wide (stride 6: the padding is not read).
+  const std::int64_t width = 5, src_stride = 6;
+  const std::vector<std::int64_t> index{2, 0, 2, 1};
+  const std::vector<float> scale{0.5f, -2.0f, 1.0f, 0.25f};
+  std::vector<float> src(3 * src_stride), other(index.size() * width), dst(other.size()), dot(index.size());
+  for (std::size_t i = 0; i < src.size(); ++i) src[i] = 0.1f * static_cast<float>(i) - 0.7f;
+  for (std::size_t i = 0; i < other.size(); ++i) other[i] = 0.3f - 0.05f * static_cast<float>(i);
+  kernels::gather_rows_scaled_dot(4, width, index.data(), scale.data(), src.data(), src_stride, other.data(),
+                                  dst.data(), width, dot.data());
+  for (std::size_t n = 0; n < index.size(); ++n) {
+    double want = 0.0;
+    for (std::int64_t j = 0; j < width; ++j) {
+      const float g = src[static_cast<std::size_t>(index[n] * src_stride + j)];
+      EXPECT_EQ(dst[n * width + static_cast<std::size_t>(j)], scale[n] * g) << n << " " << j;
+      want += static_cast<double>(g) * other[n * width + static_cast<std::size_t>(j)];
+    }
+    EXPECT_NEAR(dot[n], want, 1e-6 * (1.0 + std::abs(want))) << n;
+  }
+}
+
 TEST(KernelPermute, ScatterAddRowsAccumulatesInOrderAndIsThreadCountIndependent) {
   Rng rng(5);
   const std::int64_t count = 300, width = 130, dst_rows = 7, src_stride = 131, dst_stride = 133;

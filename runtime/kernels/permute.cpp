@@ -15,6 +15,24 @@ void gather_rows(std::int64_t count, std::int64_t width, const std::int64_t* ind
   });
 }
 
+void gather_rows_scaled_dot(std::int64_t count, std::int64_t width, const std::int64_t* index, const float* scale,
+                            const float* src, std::int64_t src_stride, const float* other, float* dst,
+                            std::int64_t stride, float* dot) {
+  parallel_for(count, 64, [&](std::int64_t n0, std::int64_t n1) {
+    for (std::int64_t n = n0; n < n1; ++n) {
+      const float* g = src + index[n] * src_stride;
+      const float* o = other + n * stride;
+      float* d = dst + n * stride;
+      double sum = 0.0;
+      for (std::int64_t j = 0; j < width; ++j) {
+        d[j] = scale[n] * g[j];
+        sum += static_cast<double>(g[j]) * o[j];
+      }
+      dot[n] = static_cast<float>(sum);
+    }
+  });
+}
+
 void scatter_add_rows(std::int64_t count, std::int64_t width, const std::int64_t* index,
                       const float* scale, const float* src, std::int64_t src_stride, float* dst,
                       std::int64_t dst_stride) {

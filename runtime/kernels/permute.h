@@ -10,6 +10,14 @@ namespace moex::kernels {
 void gather_rows(std::int64_t count, std::int64_t width, const std::int64_t* index, const float* src,
                  std::int64_t src_stride, float* dst, std::int64_t dst_stride);
 
+/// The backward of a weighted combine, per entry n < count with g = src[index[n] * src_stride]:
+/// dst[n * stride, :width] = scale[n] * g (the expert output's gradient) and
+/// dot[n] = g . other[n * stride, :width] summed in double (the routing weight's gradient). The
+/// CPU twin of cuda::gather_rows_scaled plus cuda::row_dot.
+void gather_rows_scaled_dot(std::int64_t count, std::int64_t width, const std::int64_t* index, const float* scale,
+                            const float* src, std::int64_t src_stride, const float* other, float* dst,
+                            std::int64_t stride, float* dot);
+
 /// dst[index[n] * dst_stride, :width] += scale[n] * src[n, :width] (scale may be null for 1).
 /// Rows are applied in order n = 0, 1, ..., so the result is deterministic.
 void scatter_add_rows(std::int64_t count, std::int64_t width, const std::int64_t* index,
