@@ -185,12 +185,7 @@ void MoELayer::gather(std::int64_t n, const std::vector<std::int64_t>& index, st
 void MoELayer::gather_values(std::int64_t n, const std::vector<std::int64_t>& index, std::int64_t at, layer::Buf src,
                              layer::Buf dst, std::int64_t dst_at) {
   const auto t0 = std::chrono::steady_clock::now();
-  const float* from = rows(src, true);
-  float* to = rows(dst, true) + dst_at;
-  for (std::int64_t i = 0; i < n; ++i) {
-    const std::int64_t k = index[static_cast<std::size_t>(at + i)];
-    to[i] = k >= 0 ? from[k] : 0.0f;
-  }
+  kernels::gather_values(n, index.data() + at, rows(src, true), rows(dst, true) + dst_at);
   if (dst == layer::Buf::kPicks) tally(&LayerCounters::combine, ms_since(t0));
 }
 
@@ -384,15 +379,13 @@ void MoELayer::run_experts_backward() {
   // One row back per received row: its dx (experts in slot order), and its K weight gradients.
   t0 = std::chrono::steady_clock::now();
   for (const auto& [p, c] : stage_) {
-    std::fill_n(out + plan_.recv_displ(c, p) * H, plan_.recv_counts[plan_.cp(c, p)] * H, 0.0f);
-    std::fill_n(out_dw + plan_.recv_displ(c, p) * K, plan_.recv_counts[plan_.cp(c, p)] * K, 0.0f);
+    const std::int64_t r0 = plan_.recv_displ(c, p), rows = plan_.recv_counts[plan_.cp(c, p)];
+    std::fill_n(out + r0 * H, rows * H, 0.0f);
+    kernels::gather_values(rows * K, plan_.row_entry.data() + r0 * K, dpick_.data(), out_dw + r0 * K);
   }
   for (std::int64_t s = 0; s < S; ++s)
     for_each_block(plan_, s, stage_, [&](std::int64_t b, std::int64_t n) {
       kernels::scatter_add_rows(n, H, plan_.entry_row.data() + b, nullptr, dxe_.data() + b * H, H, out, H);
-      for (std::int64_t e = b; e < b + n; ++e)
-        out_dw[static_cast<std::size_t>(plan_.entry_row[static_cast<std::size_t>(e)] * K +
-                                         plan_.entry_pick[static_cast<std::size_t>(e)])] = dpick_[static_cast<std::size_t>(e)];
     });
   tally(&LayerCounters::combine, ms_since(t0));
 }

@@ -527,6 +527,14 @@ TEST(KernelPermute, GatherRowsWithStridesAndRepeats) {
   }
 }
 
+TEST(KernelPermute, GatherValuesWritesZeroForNoSource) {
+  const std::vector<std::int64_t> index{2, -1, 0, 2};
+  const std::vector<float> src{1.5f, -2.0f, 4.0f};
+  std::vector<float> dst(index.size(), 9.0f);
+  kernels::gather_values(4, index.data(), src.data(), dst.data());
+  EXPECT_EQ(dst, (std::vector<float>{4.0f, 0.0f, 1.5f, 4.0f}));
+}
+
 TEST(KernelPermute, GatherRowsScaledDotMatchesFloat64) {
   // Entries 0..3 read rows 2, 0, 2, 1 of a 3-row source 5 wide (stride 6: the padding is not read).
   const std::int64_t width = 5, src_stride = 6;

@@ -15,6 +15,10 @@ void gather_rows(std::int64_t count, std::int64_t width, const std::int64_t* ind
   });
 }
 
+void gather_values(std::int64_t n, const std::int64_t* index, const float* src, float* dst) {
+  for (std::int64_t i = 0; i < n; ++i) dst[i] = index[i] >= 0 ? src[index[i]] : 0.0f;
+}
+
 void gather_rows_scaled_dot(std::int64_t count, std::int64_t width, const std::int64_t* index, const float* scale,
                             const float* src, std::int64_t src_stride, const float* other, float* dst,
                             std::int64_t stride, float* dot) {

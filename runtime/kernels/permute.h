@@ -10,6 +10,10 @@ namespace moex::kernels {
 void gather_rows(std::int64_t count, std::int64_t width, const std::int64_t* index, const float* src,
                  std::int64_t src_stride, float* dst, std::int64_t dst_stride);
 
+/// dst[i] = index[i] >= 0 ? src[index[i]] : 0 for i < n: routing weights and their gradients
+/// between per-pick, per-entry and per-row orders (the CPU twin of cuda::gather_values).
+void gather_values(std::int64_t n, const std::int64_t* index, const float* src, float* dst);
+
 /// The backward of a weighted combine, per entry n < count with g = src[index[n] * src_stride]:
 /// dst[n * stride, :width] = scale[n] * g (the expert output's gradient) and
 /// dot[n] = g . other[n * stride, :width] summed in double (the routing weight's gradient). The
