@@ -292,33 +292,6 @@ void ExchangePlan::build_receive(int world_in, int chunks_in, std::int64_t num_l
   row_entry.assign(z(recv_rows() * topk), -1);
 }
 
-void ExchangePlan::place_block(int p, int c, const float* meta, std::int64_t stride) {
-  const std::int64_t K = topk, S = num_local;
-  cursor_.resize(z(S));
-  for (std::int64_t s = 0; s < S; ++s) cursor_[z(s)] = entry_base[spc(s, p, c)];
-  const std::int64_t r0 = recv_displ(c, p), rows = recv_counts[cp(c, p)];
-  for (std::int64_t i = 0; i < rows; ++i) {
-    const float* m = meta + i * stride;
-    for (std::int64_t j = 0; j < K; ++j) {
-      if (m[j] == -1.0f) continue;
-      const std::int32_t s = decode_code(m[j], S, "exchange plan: received row");
-      const std::int64_t e = cursor_[z(s)]++;
-      if (e >= entry_base[spc(s, p, c)] + picks[spc(s, p, c)])
-        throw InvalidArgument("exchange plan: rank " + str(p) + " sent more picks for slot " + str(s) + " in chunk " +
-                              str(c) + " than the " + str(picks[spc(s, p, c)]) + " it announced");
-      entry_row[z(e)] = r0 + i;
-      entry_pick[z(e)] = static_cast<std::int32_t>(j);
-      entry_weight[z(e)] = m[K + j];
-      row_entry[z((r0 + i) * K + j)] = e;
-    }
-  }
-  for (std::int64_t s = 0; s < S; ++s)
-    if (cursor_[z(s)] != entry_base[spc(s, p, c)] + picks[spc(s, p, c)])
-      throw InvalidArgument("exchange plan: rank " + str(p) + " sent " + str(cursor_[z(s)] - entry_base[spc(s, p, c)]) +
-                            " picks for slot " + str(s) + " in chunk " + str(c) + " but announced " +
-                            str(picks[spc(s, p, c)]));
-}
-
 void ExchangePlan::build_receive_from_meta(int world_in, int chunks_in, std::int64_t num_local_in,
                                            std::span<const std::int64_t> recv_counts_cp, std::span<const float> meta) {
   if (world_in < 1 || chunks_in < 1 || num_local_in < 0 ||
@@ -348,9 +321,21 @@ void ExchangePlan::build_receive_from_meta(int world_in, int chunks_in, std::int
         }
     }
   build_receive(world_in, chunks_in, num_local_in, rows_pc_, picks_pcs_);
-  for (int c = 0; c < chunks_in; ++c)
-    for (int p = 0; p < world_in; ++p)
-      place_block(p, c, meta.data() + z(recv_displ(c, p)) * K2, static_cast<std::int64_t>(K2));
+  // Block (s, p, c)'s entries at its canonical place, in row, then top-K order.
+  cursor_.assign(entry_base.begin(), entry_base.end());
+  const auto K = static_cast<std::int64_t>(K2 / 2);
+  for (int c = 0; c < chunks; ++c)
+    for (int p = 0; p < world; ++p)
+      for (std::int64_t row = recv_displ(c, p); row < recv_offsets[cp(c, p) + 1]; ++row)
+        for (std::int64_t j = 0; j < K; ++j) {
+          const float* m = meta.data() + z(row) * K2;
+          if (m[j] == -1.0f) continue;  // the codes were decoded (checked) above
+          const std::int64_t e = cursor_[spc(static_cast<std::int64_t>(m[j]), p, c)]++;
+          entry_row[z(e)] = row;
+          entry_pick[z(e)] = static_cast<std::int32_t>(j);
+          entry_weight[z(e)] = m[K + j];
+          row_entry[z(row * K + j)] = e;
+        }
 }
 
 void ExchangePlan::chunk_major(ChunkMajor& out) const {

@@ -61,12 +61,10 @@ void forwarded_picks(const float* meta, std::int64_t rows, std::int64_t stride, 
 ///              entry_base[spc(s, p, c)], picks[spc(s, p, c)] long; slot s's entries are
 ///              [slot_offsets[s], slot_offsets[s + 1]).
 ///
-/// Built in up to three steps, every vector reused so a warm plan allocates nothing:
-///   1. build_send():    the send side, from each pick's destination and code;
-///   2. build_receive(): the receive layout, from the counts every source announced;
-///   3. place_block():   the entries of one received block, from its rows' codes and weights
-///      (as the rows arrive: the codes travel inside the rows), or build_receive_from_meta() for
-///      steps 2 and 3 at once when the codes were exchanged ahead of the rows.
+/// Built in two steps, every vector reused so a warm plan allocates nothing:
+///   1. build_send():               the send side, from each pick's destination and code;
+///   2. build_receive_from_meta():  the receive side, from the codes and weights every source sent
+///      ahead of the rows (build_receive() alone sizes a receive side without entries).
 struct ExchangePlan {
   int world = 0;
   int rank = 0;
@@ -129,19 +127,17 @@ struct ExchangePlan {
   /// `topk_weights` [tokens * K], 0 where there is no pick): the metadata a row carries.
   void pack_meta(std::span<const float> topk_weights, std::vector<float>& out) const;
 
-  /// Step 2. The canonical layout of `num_local` slots from what every source announced:
-  /// rows_pc[p*C + c] rows from p in chunk c, picks_pcs[(p*C + c)*S + s] of them for slot s. Sets
-  /// world, chunks and the receive side's sizes (entries not placed yet); K is `topk`, set by
-  /// build_send() (or by hand). InvalidArgument on topk < 1, a negative count or sizes that differ.
+  /// The canonical layout of `num_local` slots from the counts of every source: rows_pc[p*C + c]
+  /// rows from p in chunk c, picks_pcs[(p*C + c)*S + s] of them for slot s. Sets world, chunks and
+  /// the receive side's sizes (entries not placed); K is `topk`, set by build_send() (or by hand).
+  /// InvalidArgument on topk < 1, a negative count or sizes that differ.
   void build_receive(int world, int chunks, std::int64_t num_local, std::span<const std::int64_t> rows_pc,
                      std::span<const std::int64_t> picks_pcs);
-  /// Step 3 for block (p, c): row i of the block (recv row recv_displ(c, p) + i) has its K codes at
-  /// meta[i*stride + j] and K weights at meta[i*stride + K + j]. Its picks become the entries of
-  /// blocks (s, p, c) in row, then top-K order. InvalidArgument naming the row on a code that is not
-  /// a slot of this rank, or when the block holds more or fewer picks of a slot than announced.
-  void place_block(int p, int c, const float* meta, std::int64_t stride);
-  /// Steps 2 and 3 from codes exchanged ahead of the rows: recv_counts [C*P] (chunk-major, as the
-  /// member) and `meta` [R * 2K] in recv row order.
+  /// Step 2, from the codes exchanged ahead of the rows: recv_counts [C*P] (chunk-major, as the
+  /// member) and `meta` [R * 2K] in recv row order (each row's K codes, then its K weights). Every
+  /// pick becomes an entry of block (slot, source, chunk) in row, then top-K order.
+  /// InvalidArgument naming the row's code when it is not -1 or a slot of this rank, or on sizes
+  /// that differ.
   void build_receive_from_meta(int world, int chunks, std::int64_t num_local,
                                std::span<const std::int64_t> recv_counts_cp, std::span<const float> meta);
 

@@ -68,34 +68,49 @@ TEST(MetadataExchange, ReceiveSideEqualsTheOnePredictedFromEverySource) {
       const Source mine = draw(me, P, seed);
       plan.build_send(mine.rank, mine.slot, mine.tokens, kK, P, me, chunks);
       meta.run(plan, mine.weights, S, world, kTimeout);
-      // Predicted: every source's rows to this rank, announced and placed block by block.
+      // Predicted from every source's send side: receive rows by chunk, then source, then the
+      // source's send order; entries by slot, then source, then chunk, then row, then pick.
       std::vector<sched::ExchangePlan> src(static_cast<std::size_t>(P));
       std::vector<std::vector<float>> src_meta(static_cast<std::size_t>(P));
-      std::vector<std::int64_t> rows_pc(z(P * chunks)), picks(z(P * chunks * S));
       for (int p = 0; p < P; ++p) {
         const Source s = draw(p, P, seed);
         src[z(p)].build_send(s.rank, s.slot, s.tokens, kK, P, p, chunks);
         src[z(p)].pack_meta(s.weights, src_meta[z(p)]);
-        for (int c = 0; c < chunks; ++c) {
-          rows_pc[z(p * chunks + c)] = src[z(p)].send_counts[src[z(p)].cp(c, me)];
-          const sched::ExchangePlan& sp = src[z(p)];
-          for (std::int64_t i = sp.send_displ(c, me) * kK; i < sp.send_offsets[sp.cp(c, me) + 1] * kK; ++i)
-            if (sp.send_code[z(i)] >= 0) ++picks[z((p * chunks + c) * S + sp.send_code[z(i)])];
-        }
       }
-      sched::ExchangePlan want;
-      want.topk = kK;
-      want.build_receive(P, chunks, S, rows_pc, picks);
+      std::vector<std::int64_t> recv_counts(z(P * chunks)), first_row(z(P * chunks));
+      std::int64_t rows_so_far = 0;
       for (int c = 0; c < chunks; ++c)
+        for (int p = 0; p < P; ++p) {
+          first_row[z(c * P + p)] = rows_so_far;
+          rows_so_far += recv_counts[z(c * P + p)] = src[z(p)].send_counts[src[z(p)].cp(c, me)];
+        }
+      std::vector<std::int64_t> slot_offsets{0}, entry_row, row_entry(z(rows_so_far * kK), -1);
+      std::vector<std::int32_t> entry_pick;
+      std::vector<float> entry_weight;
+      for (std::int64_t slot = 0; slot < S; ++slot) {
         for (int p = 0; p < P; ++p)
-          want.place_block(p, c, src_meta[z(p)].data() + src[z(p)].send_displ(c, me) * 2 * kK, 2 * kK);
+          for (int c = 0; c < chunks; ++c) {
+            const sched::ExchangePlan& sp = src[z(p)];
+            for (std::int64_t i = 0; i < recv_counts[z(c * P + p)]; ++i)
+              for (std::int64_t j = 0; j < kK; ++j) {
+                const float* m = src_meta[z(p)].data() + (sp.send_displ(c, me) + i) * 2 * kK;
+                if (m[j] != static_cast<float>(slot)) continue;
+                const std::int64_t row = first_row[z(c * P + p)] + i;
+                row_entry[z(row * kK + j)] = static_cast<std::int64_t>(entry_row.size());
+                entry_row.push_back(row);
+                entry_pick.push_back(static_cast<std::int32_t>(j));
+                entry_weight.push_back(m[kK + j]);
+              }
+          }
+        slot_offsets.push_back(static_cast<std::int64_t>(entry_row.size()));
+      }
       const std::string tag = "seed " + std::to_string(seed) + ", chunks " + std::to_string(chunks);
-      EXPECT_EQ(plan.recv_counts, want.recv_counts) << tag;
-      EXPECT_EQ(plan.slot_offsets, want.slot_offsets) << tag;
-      EXPECT_EQ(plan.entry_row, want.entry_row) << tag;
-      EXPECT_EQ(plan.entry_pick, want.entry_pick) << tag;
-      EXPECT_EQ(plan.entry_weight, want.entry_weight) << tag;
-      EXPECT_EQ(plan.row_entry, want.row_entry) << tag;
+      EXPECT_EQ(plan.recv_counts, recv_counts) << tag;
+      EXPECT_EQ(plan.slot_offsets, slot_offsets) << tag;
+      EXPECT_EQ(plan.entry_row, entry_row) << tag;
+      EXPECT_EQ(plan.entry_pick, entry_pick) << tag;
+      EXPECT_EQ(plan.entry_weight, entry_weight) << tag;
+      EXPECT_EQ(plan.row_entry, row_entry) << tag;
       // The received metadata is every source's, in receive row order (chunk, source).
       std::vector<float> rows;
       for (int c = 0; c < chunks; ++c)

@@ -16,13 +16,6 @@
 namespace moex {
 namespace {
 
-/// What rank d must learn of chunk c of `plan` before rows move: the picks of each of its slots
-/// (out[slot] += 1 per pick; out is zeroed by the caller).
-void count_picks(const sched::ExchangePlan& plan, int c, int d, std::int64_t* out) {
-  for (std::int64_t i = plan.send_displ(c, d) * plan.topk; i < plan.send_offsets[plan.cp(c, d) + 1] * plan.topk; ++i)
-    if (plan.send_code[static_cast<std::size_t>(i)] >= 0) ++out[plan.send_code[static_cast<std::size_t>(i)]];
-}
-
 using I64 = std::vector<std::int64_t>;
 using I32 = std::vector<std::int32_t>;
 std::size_t z(std::int64_t v) { return static_cast<std::size_t>(v); }
@@ -100,14 +93,13 @@ struct Sim {
       weights.push_back(w);
     }
   }
-  /// Every rank's send plan with `chunks` chunks, and rank q's receive side (both ways).
-  void plans(int chunks, int q, std::vector<sched::ExchangePlan>& send, sched::ExchangePlan& recv,
-             sched::ExchangePlan& recv_meta) const {
+  /// Every rank's send plan with `chunks` chunks, and rank q's receive side from their metadata.
+  void plans(int chunks, int q, std::vector<sched::ExchangePlan>& send, sched::ExchangePlan& recv) const {
     const auto placement = sched::ExpertPlacement::contiguous(E, P);
     const auto topo = sched::Topology::single_node(P);
     send.assign(z(P), {});
     const std::int64_t S = placement.num_local(q);
-    I64 rows_pc(z(P * chunks)), picks(z(P * chunks * S)), counts_cp(z(P * chunks));
+    I64 counts_cp(z(P * chunks));
     std::vector<std::vector<float>> meta(z(P));
     std::vector<float> all_meta;
     for (int p = 0; p < P; ++p) {
@@ -116,20 +108,16 @@ struct Sim {
       sched::route_picks(ids[z(p)], {}, K, &placement, nullptr, topo, p, rank, slot);
       send[z(p)].build_send(rank, slot, tokens[z(p)], K, P, p, chunks);
       send[z(p)].pack_meta(weights[z(p)], meta[z(p)]);
-      for (int c = 0; c < chunks; ++c) {
-        rows_pc[z(p * chunks + c)] = counts_cp[z(c * P + p)] = send[z(p)].send_counts[send[z(p)].cp(c, q)];
-        count_picks(send[z(p)], c, q, picks.data() + (p * chunks + c) * S);
-      }
+      for (int c = 0; c < chunks; ++c) counts_cp[z(c * P + p)] = send[z(p)].send_counts[send[z(p)].cp(c, q)];
     }
-    recv.topk = recv_meta.topk = K;
-    recv.build_receive(P, chunks, S, rows_pc, picks);
+    // What q receives: chunk by chunk, source by source, each source's rows to q in send order.
     for (int c = 0; c < chunks; ++c)
       for (int p = 0; p < P; ++p) {
         const float* m = meta[z(p)].data() + send[z(p)].send_displ(c, q) * 2 * K;
-        recv.place_block(p, c, m, 2 * K);
         all_meta.insert(all_meta.end(), m, m + send[z(p)].send_counts[send[z(p)].cp(c, q)] * 2 * K);
       }
-    recv_meta.build_receive_from_meta(P, chunks, S, counts_cp, all_meta);
+    recv.topk = K;
+    recv.build_receive_from_meta(P, chunks, S, counts_cp, all_meta);
   }
 };
 
@@ -202,8 +190,8 @@ TEST(ExchangePlanReceive, CanonicalEntriesDoNotDependOnTheChunking) {
     std::vector<Entry> first;
     for (int chunks : {1, 2, 3, 5, 12}) {
       std::vector<sched::ExchangePlan> send;
-      sched::ExchangePlan recv, recv_meta;
-      sim.plans(chunks, q, send, recv, recv_meta);
+      sched::ExchangePlan recv;
+      sim.plans(chunks, q, send, recv);
       const std::vector<Entry> got = entries_of(recv, send, q);
       // Every pick of every source that goes to q appears once, with its weight.
       std::int64_t expected = 0;
@@ -215,11 +203,17 @@ TEST(ExchangePlanReceive, CanonicalEntriesDoNotDependOnTheChunking) {
         EXPECT_EQ(std::get<4>(e), sim.weights[z(std::get<1>(e))][z(std::get<2>(e) * sim.K + std::get<3>(e))]);
       if (chunks == 1) first = got;
       EXPECT_EQ(got, first) << "rank " << q << ": canonical order changed with " << chunks << " chunks";
-      // Both ways of building the receive side agree.
-      EXPECT_EQ(recv_meta.entry_row, recv.entry_row);
-      EXPECT_EQ(recv_meta.entry_pick, recv.entry_pick);
-      EXPECT_EQ(recv_meta.entry_weight, recv.entry_weight);
-      EXPECT_EQ(recv_meta.row_entry, recv.row_entry);
+      // The canonical order: by slot, then source, then token (chunks come in token order, and a
+      // source sends a token at most one row), then top-K position.
+      for (std::size_t i = 1; i < got.size(); ++i) {
+        const auto key = [&](std::size_t n) {
+          return std::make_tuple(std::get<0>(got[n]), std::get<1>(got[n]), std::get<2>(got[n]), std::get<3>(got[n]));
+        };
+        EXPECT_LT(key(i - 1), key(i)) << "entries " << i - 1 << " and " << i << " out of canonical order";
+      }
+      // Each recv row's picks name the entries that name it back.
+      for (std::int64_t e = 0; e < recv.entries(); ++e)
+        EXPECT_EQ(recv.row_entry[z(recv.entry_row[z(e)] * sim.K + recv.entry_pick[z(e)])], e);
       // The chunk-major view is a permutation, and its inverse.
       sched::ExchangePlan::ChunkMajor cm;
       recv.chunk_major(cm);
@@ -277,21 +271,27 @@ TEST(ExchangePlanBadInput, RejectsWhatCannotBeRouted) {
                InvalidArgument);
 }
 
-TEST(ExchangePlanBadInput, ReceiveChecksTheCodesAgainstTheAnnouncement) {
+TEST(ExchangePlanBadInput, ReceiveChecksTheCodes) {
   sched::ExchangePlan recv;
   recv.topk = 2;
-  recv.build_receive(1, 1, 2, I64{1}, I64{1, 0});
   const std::vector<float> foreign{5.0f, -1.0f, 0.5f, 0.0f};  // slot 5 of 2
   try {
-    recv.place_block(0, 0, foreign.data(), 4);
+    recv.build_receive_from_meta(1, 1, 2, I64{1}, foreign);
     ADD_FAILURE() << "a foreign slot was accepted";
   } catch (const InvalidArgument& e) {
     EXPECT_NE(std::string(e.what()).find("routing code 5"), std::string::npos) << e.what();
   }
-  recv.build_receive(1, 1, 2, I64{1}, I64{1, 0});
-  const std::vector<float> extra{0.0f, 1.0f, 0.5f, 0.5f};  // a pick for slot 1, announced 0
-  EXPECT_THROW(recv.place_block(0, 0, extra.data(), 4), InvalidArgument);
+  const std::vector<float> half{0.5f, -1.0f, 0.5f, 0.0f};  // not an integer code
+  EXPECT_THROW(recv.build_receive_from_meta(1, 1, 2, I64{1}, half), InvalidArgument);
+  EXPECT_THROW(recv.build_receive_from_meta(1, 1, 2, I64{2}, foreign), InvalidArgument);   // 2 rows, 1 row's floats
+  EXPECT_THROW(recv.build_receive_from_meta(1, 1, 2, I64{-1}, {}), InvalidArgument);      // a negative count
   EXPECT_THROW(recv.build_receive(1, 1, 2, I64{-1}, I64{0, 0}), InvalidArgument);
+  // A valid one after the refusals: one row with picks for slots 1 and 0.
+  recv.build_receive_from_meta(1, 1, 2, I64{1}, std::vector<float>{1.0f, 0.0f, 0.25f, 0.75f});
+  EXPECT_EQ(recv.slot_offsets, (I64{0, 1, 2}));
+  EXPECT_EQ(recv.entry_pick, (I32{1, 0}));
+  EXPECT_EQ(recv.entry_weight, (std::vector<float>{0.75f, 0.25f}));
+  EXPECT_EQ(recv.row_entry, (I64{1, 0}));
 }
 
 }  // namespace
