@@ -57,8 +57,8 @@ struct GpuLayerOptions {
   /// Expert-parallel layers. Off: each exchange is waited for on the host as soon as it is issued
   /// (nothing computes while rows travel).
   bool overlap = true;
-  /// Expert-parallel layers, pipeline chunks: chunk i+1's rows travel (on the device communicator's stream) while chunk i's
-  /// experts run on the caller's stream.
+  /// Expert-parallel layers, pipeline chunks: chunk i+1's rows travel (on the device communicator's
+  /// stream) while chunk i's experts run on the caller's stream.
   int chunks = 1;
   /// 0 = dropless; > 0 = capacity-factor mode (sched::apply_capacity). Single-GPU layers are
   /// dropless only.

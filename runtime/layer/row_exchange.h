@@ -65,7 +65,7 @@ class RowMoves {
   virtual void ready() = 0;
 };
 
-/// The count and displacement arrays of one host exchange (reused across exchanges).
+/// The count and displacement arrays of one chunk exchange (reused across exchanges).
 struct HostBlocks {
   std::vector<std::int64_t> send_counts, send_displs, recv_counts, recv_displs;
 };
