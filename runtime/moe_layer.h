@@ -243,7 +243,7 @@ class MoELayer : private layer::PassSteps {
   const std::vector<std::uint8_t>& topk_kept() const { return pass_.kept; }
 
  private:
-  struct Chunk;  // per pipeline chunk: plans, buffers and events (moe_layer.cpp)
+  struct Chunk;  // per pipeline chunk: the events of its exchanges (moe_layer.cpp)
 
   MoeConfig config_;
   comm::Communicator& comm_;

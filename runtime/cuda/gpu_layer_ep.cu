@@ -23,16 +23,6 @@ namespace {
 using std::int64_t;
 using Clock = std::chrono::steady_clock;
 
-/// Grows `b` to hold at least `need` elements (a quarter more, so that small variations do not
-/// reallocate every pass); true when it reallocated.
-template <typename T>
-bool grow(DeviceBuffer<T>& b, int64_t need, cudaStream_t s) {
-  if (need <= static_cast<int64_t>(b.size())) return false;
-  b = DeviceBuffer<T>();
-  b = DeviceBuffer<T>(static_cast<std::size_t>(need + need / 4), s);
-  return true;
-}
-
 }  // namespace
 
 /// Buffers and pending exchanges of an expert-parallel layer. Device buffers live on the layer's

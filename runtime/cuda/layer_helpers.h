@@ -32,20 +32,23 @@ template <typename T>
 T* as(DeviceBuffer<unsigned char>& b) {
   return reinterpret_cast<T*>(b.data());
 }
-template <typename T>
-const T* as_const(const void* p) {
-  return static_cast<const T*>(p);
-}
-
-/// (Re)allocates `b` for `count` elements of `es` bytes on `stream` (the old memory is freed first).
-inline void realloc_bytes(DeviceBuffer<unsigned char>& b, int64_t count, std::size_t es, cudaStream_t stream) {
-  b = DeviceBuffer<unsigned char>();
-  b = DeviceBuffer<unsigned char>(static_cast<std::size_t>(count) * es, stream);
-}
+/// (Re)allocates `b` for `count` elements on `stream` (the old memory is freed first).
 template <typename T>
 void realloc_typed(DeviceBuffer<T>& b, int64_t count, cudaStream_t stream) {
   b = DeviceBuffer<T>();
   b = DeviceBuffer<T>(static_cast<std::size_t>(count), stream);
+}
+/// The same for `count` elements of `es` bytes.
+inline void realloc_bytes(DeviceBuffer<unsigned char>& b, int64_t count, std::size_t es, cudaStream_t stream) {
+  realloc_typed(b, count * static_cast<int64_t>(es), stream);
+}
+/// Grows `b` to hold at least `need` elements (a quarter more, so that small variations do not
+/// reallocate every pass); true when it reallocated.
+template <typename T>
+bool grow(DeviceBuffer<T>& b, int64_t need, cudaStream_t s) {
+  if (need <= static_cast<int64_t>(b.size())) return false;
+  realloc_typed(b, need + need / 4, s);
+  return true;
 }
 
 // Profile marks (events on the caller's stream unless named *_S*: the shared experts' stream).
