@@ -306,75 +306,71 @@ void MoELayer::experts(layer::Stage stage, bool grad) {
 }
 
 namespace {
-/// Calls fn(begin, count) for each maximal run of consecutive blocks of slot s among `blocks`
-/// ((source, chunk) pairs in canonical order), so each run is one GEMM.
+/// Calls fn(s, begin, count) for each slot s and each maximal run of consecutive blocks of s among
+/// `blocks` ((source, chunk) pairs in canonical order), so each run is one GEMM.
 template <typename Fn>
-void for_each_block(const sched::ExchangePlan& L, std::int64_t s, std::span<const std::pair<int, int>> blocks, Fn&& fn) {
-  std::int64_t begin = -1, count = 0;
-  for (const auto& [p, c] : blocks) {
-    const std::int64_t b = L.entry_base[L.spc(s, p, c)], n = L.picks[L.spc(s, p, c)];
-    if (n == 0) continue;
-    if (begin >= 0 && begin + count == b) {
-      count += n;
-      continue;
+void for_each_block(const sched::ExchangePlan& L, std::span<const std::pair<int, int>> blocks, Fn&& fn) {
+  for (std::int64_t s = 0; s < L.num_local; ++s) {
+    std::int64_t begin = -1, count = 0;
+    for (const auto& [p, c] : blocks) {
+      const std::int64_t b = L.entry_base[L.spc(s, p, c)], n = L.picks[L.spc(s, p, c)];
+      if (n == 0) continue;
+      if (begin >= 0 && begin + count == b) {
+        count += n;
+        continue;
+      }
+      if (count > 0) fn(s, begin, count);
+      begin = b;
+      count = n;
     }
-    if (count > 0) fn(begin, count);
-    begin = b;
-    count = n;
+    if (count > 0) fn(s, begin, count);
   }
-  if (count > 0) fn(begin, count);
 }
 }  // namespace
 
 void MoELayer::run_experts_forward() {
   float* const recv = rows(layer::Buf::kRecv, false), *const out = rows(layer::Buf::kRet, false);
-  const std::int64_t H = hidden_, F = ffn_, S = num_local_experts();
+  const std::int64_t H = hidden_, F = ffn_;
   const sched::ExchangePlan& plan_ = pass_.main;
   auto t0 = std::chrono::steady_clock::now();
-  for (std::int64_t s = 0; s < S; ++s)
-    for_each_block(plan_, s, stage_, [&](std::int64_t b, std::int64_t n) {
-      kernels::gather_rows(n, H, plan_.entry_row.data() + b, recv, H, xe_.data() + b * H, H);
-    });
+  for_each_block(plan_, stage_, [&](std::int64_t, std::int64_t b, std::int64_t n) {
+    kernels::gather_rows(n, H, plan_.entry_row.data() + b, recv, H, xe_.data() + b * H, H);
+  });
   tally(&LayerCounters::permute, ms_since(t0));
   t0 = std::chrono::steady_clock::now();
-  for (std::int64_t s = 0; s < S; ++s)
-    for_each_block(plan_, s, stage_, [&](std::int64_t b, std::int64_t n) {
-      kernels::swiglu_ffn_forward({n, H, F}, xe_.data() + b * H, expert_w13(s), expert_w2(s), h13_.data() + b * 2 * F,
-                                  sig_.data() + b * F, a_.data() + b * F, ye_.data() + b * H, gemm_kind());
-    });
+  for_each_block(plan_, stage_, [&](std::int64_t s, std::int64_t b, std::int64_t n) {
+    kernels::swiglu_ffn_forward({n, H, F}, xe_.data() + b * H, expert_w13(s), expert_w2(s), h13_.data() + b * 2 * F,
+                                sig_.data() + b * F, a_.data() + b * F, ye_.data() + b * H, gemm_kind());
+  });
   tally(&LayerCounters::experts, ms_since(t0));
   // Weighted sum per received row, experts in slot order (the same order for every chunking).
   t0 = std::chrono::steady_clock::now();
-  for (const auto& [p, c] : stage_) {
+  for (const auto& [p, c] : stage_)
     std::fill_n(out + plan_.recv_displ(c, p) * H, plan_.recv_counts[plan_.cp(c, p)] * H, 0.0f);
-  }
-  for (std::int64_t s = 0; s < S; ++s)
-    for_each_block(plan_, s, stage_, [&](std::int64_t b, std::int64_t n) {
-      kernels::scatter_add_rows(n, H, plan_.entry_row.data() + b, plan_.entry_weight.data() + b, ye_.data() + b * H, H,
-                                out, H);
-    });
+  for_each_block(plan_, stage_, [&](std::int64_t, std::int64_t b, std::int64_t n) {
+    kernels::scatter_add_rows(n, H, plan_.entry_row.data() + b, plan_.entry_weight.data() + b, ye_.data() + b * H, H,
+                              out, H);
+  });
   tally(&LayerCounters::combine, ms_since(t0));
 }
 
 void MoELayer::run_experts_backward() {
   float* const out = rows(layer::Buf::kRet, false), *const out_dw = rows(layer::Buf::kRet, true);
-  const std::int64_t H = hidden_, F = ffn_, K = topk_, S = num_local_experts();
+  const std::int64_t H = hidden_, F = ffn_, K = topk_;
   const sched::ExchangePlan& plan_ = pass_.main;
   auto t0 = std::chrono::steady_clock::now();
   // Each entry's output gradient is w * dy_row; the routing weight's gradient is dy_row . expert_out.
-  for (std::int64_t s = 0; s < S; ++s)
-    for_each_block(plan_, s, stage_, [&](std::int64_t b, std::int64_t n) {
-      kernels::gather_rows_scaled_dot(n, H, plan_.entry_row.data() + b, plan_.entry_weight.data() + b, rgrad_.data(), H,
-                                      ye_.data() + b * H, dye_.data() + b * H, H, dpick_.data() + b);
-    });
+  for_each_block(plan_, stage_, [&](std::int64_t, std::int64_t b, std::int64_t n) {
+    kernels::gather_rows_scaled_dot(n, H, plan_.entry_row.data() + b, plan_.entry_weight.data() + b, rgrad_.data(), H,
+                                    ye_.data() + b * H, dye_.data() + b * H, H, dpick_.data() + b);
+  });
   tally(&LayerCounters::combine, ms_since(t0));
   t0 = std::chrono::steady_clock::now();
-  for (std::int64_t s = 0; s < S; ++s)
-    for_each_block(plan_, s, stage_, [&](std::int64_t b, std::int64_t n) {
-      kernels::swiglu_ffn_backward_data({n, H, F}, expert_w13(s), expert_w2(s), h13_.data() + b * 2 * F,
-                                        sig_.data() + b * F, dye_.data() + b * H, dh13_.data() + b * 2 * F,
-                                        dxe_.data() + b * H, gemm_kind());
-    });
+  for_each_block(plan_, stage_, [&](std::int64_t s, std::int64_t b, std::int64_t n) {
+    kernels::swiglu_ffn_backward_data({n, H, F}, expert_w13(s), expert_w2(s), h13_.data() + b * 2 * F,
+                                      sig_.data() + b * F, dye_.data() + b * H, dh13_.data() + b * 2 * F,
+                                      dxe_.data() + b * H, gemm_kind());
+  });
   tally(&LayerCounters::experts, ms_since(t0));
   // One row back per received row: its dx (experts in slot order), and its K weight gradients.
   t0 = std::chrono::steady_clock::now();
@@ -383,10 +379,9 @@ void MoELayer::run_experts_backward() {
     std::fill_n(out + r0 * H, rows * H, 0.0f);
     kernels::gather_values(rows * K, plan_.row_entry.data() + r0 * K, dpick_.data(), out_dw + r0 * K);
   }
-  for (std::int64_t s = 0; s < S; ++s)
-    for_each_block(plan_, s, stage_, [&](std::int64_t b, std::int64_t n) {
-      kernels::scatter_add_rows(n, H, plan_.entry_row.data() + b, nullptr, dxe_.data() + b * H, H, out, H);
-    });
+  for_each_block(plan_, stage_, [&](std::int64_t, std::int64_t b, std::int64_t n) {
+    kernels::scatter_add_rows(n, H, plan_.entry_row.data() + b, nullptr, dxe_.data() + b * H, H, out, H);
+  });
   tally(&LayerCounters::combine, ms_since(t0));
 }
 
