@@ -130,7 +130,7 @@ int bench_layer_gpu(comm::MpiCommunicator& world, const GpuBenchArgs& a) {
   const double tokens_per_s = static_cast<double>(T) * world.size() / (ms * 1e-3);
   const double tflops = flops / (ms * 1e9);
   // Rows moved per pass, over every stage (stage A to the nodes too when hierarchical).
-  const layer::PassPlan& pp = *layer.pass_plan();
+  const auto& pp = *layer.pass_plan();  // expert-parallel: never null
   const bool hier = pp.hierarchical();
   std::int64_t rows[3] = {hier ? pp.a.send_rows() + pp.b.send_rows() : pp.main.send_rows(),
                           pp.main.recv_rows() + (hier ? pp.a.recv_rows() : 0), layer.picks_dropped()};

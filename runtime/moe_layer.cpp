@@ -13,7 +13,6 @@
 #include "runtime/kernels/expert_ffn.h"
 #include "runtime/kernels/gate.h"
 #include "runtime/kernels/permute.h"
-#include "runtime/parallel.h"
 #include "runtime/layer/row_exchange.h"
 #include "scheduler/capacity.h"
 

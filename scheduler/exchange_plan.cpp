@@ -1,5 +1,5 @@
-// ExchangePlan: the send rows from each pick's destination, the counts receivers need, and the
-// canonical receive layout.
+// ExchangePlan: the send rows from each pick's destination, their metadata, and the canonical
+// receive layout built from the metadata.
 #include "scheduler/exchange_plan.h"
 
 #include <algorithm>
@@ -241,7 +241,7 @@ void ExchangePlan::pack_meta(std::span<const float> topk_weights, std::vector<fl
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Steps 2 and 3: the receive side
+// Step 2: the receive side
 
 void ExchangePlan::build_receive(int world_in, int chunks_in, std::int64_t num_local_in,
                                  std::span<const std::int64_t> rows_pc, std::span<const std::int64_t> picks_pcs) {

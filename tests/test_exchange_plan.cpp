@@ -1,5 +1,5 @@
 // sched::ExchangePlan (pure, no MPI): a hand-checked send side, the canonical receive layout of
-// simulated ranks for several chunk counts, both ways of building the receive side, and bad input.
+// simulated ranks for several chunk counts (built from their metadata), and bad input.
 #include <gtest/gtest.h>
 
 #include <cstdint>

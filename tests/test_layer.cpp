@@ -526,6 +526,40 @@ std::vector<std::uint8_t> expected_keep(const ref::GateOutput& g, std::int64_t t
   return keep;
 }
 
+/// Rows rank `me` sends to other ranks in one forward (every dispatch and every combine), written
+/// independently of the layer from the global kept picks: flat, a row per (token, owner rank) out
+/// and back; hierarchical, stage A a row per (token, destination node) to the origin's peer there
+/// (its forwarder) and back, stage B a row per (token, owner rank) from that forwarder and back.
+std::int64_t expected_rows_to_others(const std::vector<std::int32_t>& ids, const std::vector<std::uint8_t>& keep,
+                                     std::int64_t tokens, std::int64_t K, int W, int me,
+                                     const sched::ExpertPlacement& placement, const sched::Topology& topo,
+                                     bool hierarchical) {
+  std::int64_t n = 0;
+  auto count = [&](int from, int to) { n += from == me && to != me ? 1 : 0; };  // a row me sends away
+  for (int o = 0; o < W; ++o)
+    for (std::int64_t t = first_token(tokens, o, W); t < first_token(tokens, o + 1, W); ++t) {
+      std::vector<bool> owner(static_cast<std::size_t>(W), false), node(static_cast<std::size_t>(topo.num_nodes()), false);
+      for (std::int64_t j = 0; j < K; ++j)
+        if (keep[static_cast<std::size_t>(t * K + j)]) {
+          const int d = placement.owner(ids[static_cast<std::size_t>(t * K + j)]);
+          owner[static_cast<std::size_t>(d)] = true;
+          node[static_cast<std::size_t>(topo.node_of(d))] = true;
+        }
+      for (int d = 0; d < W; ++d) {
+        if (!owner[static_cast<std::size_t>(d)]) continue;
+        const int from = hierarchical ? topo.peer_on(topo.node_of(d), o) : o;
+        count(from, d);  // out
+        count(d, from);  // back
+      }
+      for (int m = 0; hierarchical && m < topo.num_nodes(); ++m)
+        if (node[static_cast<std::size_t>(m)]) {
+          count(o, topo.peer_on(m, o));
+          count(topo.peer_on(m, o), o);
+        }
+    }
+  return n;
+}
+
 TEST(LayerCapacity, DropsByPolicyAndMatchesReferenceOnTheKeptPicks) {
   auto& comm = world();
   const int W = comm.size(), me = comm.rank();
@@ -555,6 +589,10 @@ TEST(LayerCapacity, DropsByPolicyAndMatchesReferenceOnTheKeptPicks) {
         std::int64_t total_dropped = layer.route_stats().picks_dropped;
         comm.allreduce_sum(&total_dropped, 1, comm::DataType::kInt64, "dropped")->wait();
         EXPECT_EQ(total_dropped, dropped);
+        EXPECT_EQ(layer.route_stats().bytes_sent,
+                  expected_rows_to_others(g.ids, keep, b.tokens, K, W, me, layer.placement(), layer.topology(),
+                                          o.exchange == ExchangeKind::kHierarchical) * H * 4)
+            << "bytes sent to other ranks over every exchange of the forward";
         constexpr double kRef = 1e-4;
         const auto row0 = static_cast<std::size_t>(first * H), rows = static_cast<std::size_t>(count * H);
         EXPECT_TRUE(within(got.y.data(), want.fwd.y.data() + row0, rows, kRef * max_abs(want.fwd.y.data(), want.fwd.y.size()), "y"));

@@ -19,9 +19,8 @@ namespace moex::cuda {
 /// gradients are downloaded after each backward and added to the host layer's (so the host model's
 /// all-reduces and optimiser work unchanged); the route statistics of each forward (expert_tokens,
 /// entries_processed, rows, picks dropped by the capacity factor; bytes_sent at the layer's element
-/// size) and its auxiliary balance
-/// losses (computed on the GPU, their gradient added there in backward) are recorded in the host
-/// layer. The chunk count, capacity factor and replica layout are each host layer's (a migration to
+/// size) and its auxiliary balance losses (computed on the GPU, their gradient added there in
+/// backward) are recorded in the host layer. The chunk count, capacity factor and replica layout are each host layer's (a migration to
 /// a new layout makes a new GPU layer at the next pass; the host sums the replicas' gradients and
 /// moves the slots, as without the executor). Convenient rather than fast: every pass copies its
 /// activations, every step its gradients and parameters, across PCIe.

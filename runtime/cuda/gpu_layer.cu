@@ -14,7 +14,6 @@
 #include "base/error.h"
 #include "runtime/cuda/kernels.h"
 #include "comm/device_communicator.h"
-#include "runtime/cuda/launch.h"
 #include "runtime/cuda/layer_helpers.h"
 #include "runtime/moe_layer.h"
 #include "runtime/trace.h"
