@@ -117,6 +117,15 @@ void ExchangePlan::chunk_blocks(int c, bool send_side, std::int64_t width, std::
   }
 }
 
+std::int64_t ExchangePlan::remote_rows(bool send_side) const {
+  const std::vector<std::int64_t>& n = send_side ? send_counts : recv_counts;
+  std::int64_t rows = 0;
+  for (int c = 0; c < chunks; ++c)
+    for (int p = 0; p < world; ++p)
+      if (p != rank) rows += n[cp(c, p)];
+  return rows;
+}
+
 // ---------------------------------------------------------------------------------------------------
 // Step 1: the send side
 

@@ -115,6 +115,8 @@ struct ExchangePlan {
   /// `width` elements per row, relative to the chunk's first row ([P] counts and displacements).
   void chunk_blocks(int c, bool send_side, std::int64_t width, std::vector<std::int64_t>& counts,
                     std::vector<std::int64_t>& displs) const;
+  /// Rows this rank sends to (`send_side`) or receives from the other ranks, over every chunk.
+  std::int64_t remote_rows(bool send_side) const;
 
   /// Step 1. Pick i = t*K + j goes to rank pick_dest[i] of `world` (-1: dropped, no row) with code
   /// pick_code[i]. `chunk_starts` ([chunks + 1], ascending from 0 to tokens) cuts the tokens into

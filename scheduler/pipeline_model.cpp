@@ -17,19 +17,14 @@ PassWork pass_work(const ExchangePlan& plan, std::int64_t hidden, std::int64_t t
   PassWork w;
   w.self_entries.assign(S, 0);
   w.remote_entries.assign(S, std::vector<std::int64_t>(static_cast<std::size_t>(std::max(P - 1, 0)), 0));
-  std::int64_t rows_in = 0, rows_out = plan.send_rows();
-  for (int c = 0; c < plan.chunks; ++c) {
-    rows_out -= plan.send_counts[plan.cp(c, me)];
-    for (int p = 0; p < P; ++p) {
-      if (p != me) rows_in += plan.recv_counts[plan.cp(c, p)];
+  for (int c = 0; c < plan.chunks; ++c)
+    for (int p = 0; p < P; ++p)
       for (std::size_t s = 0; s < S; ++s) {
         const std::int64_t n = plan.picks[plan.spc(static_cast<std::int64_t>(s), p, c)];
         if (p == me) w.self_entries[s] += n;
         else w.remote_entries[s][static_cast<std::size_t>(p < me ? p : p - 1)] += n;
       }
-    }
-  }
-  const double row = static_cast<double>(std::max(rows_in, rows_out)) * 4.0;
+  const double row = static_cast<double>(std::max(plan.remote_rows(false), plan.remote_rows(true))) * 4.0;
   w.fwd_dispatch_bytes = w.fwd_combine_bytes = w.bwd_dispatch_bytes = row * static_cast<double>(hidden);
   w.bwd_combine_bytes = row * static_cast<double>(hidden + topk);
   return w;

@@ -125,9 +125,7 @@ void PassPlan::count(RouteStats& stats, std::int64_t row_bytes) const {
   // Dispatched rows to other ranks, and received rows from them, which the combine sends back.
   std::int64_t rows = 0;
   for (const sched::ExchangePlan* p : {hierarchical() ? &a : &main, hierarchical() ? &b : nullptr})
-    for (int c = 0; p && c < p->chunks; ++c)
-      for (int q = 0; q < p->world; ++q)
-        if (q != p->rank) rows += p->send_counts[p->cp(c, q)] + p->recv_counts[p->cp(c, q)];
+    if (p) rows += p->remote_rows(true) + p->remote_rows(false);
   stats.bytes_sent = rows * row_bytes;
 }
 
