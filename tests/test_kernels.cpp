@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "base/error.h"
+#include "runtime/blas.h"
 #include "runtime/kernels/expert_ffn.h"
 #include "runtime/kernels/math.h"
 #include "runtime/kernels/permute.h"
@@ -632,3 +633,25 @@ TEST(Placement, RejectsEmptyShapes) {
 
 }  // namespace
 }  // namespace moex
+
+// The OpenBLAS kernel family moex re-runs with: only a later generation of a listed family, so an
+// unknown CPU model's fallback (Prescott) is replaced, Zen's AVX2 kernels (Haswell's) are kept on an
+// AVX2 CPU, and names of other architectures are left alone.
+TEST(BlasKernels, ReplacesOnlyOlderKnownFamilies) {
+  using moex::blas::core_generation;
+  using moex::blas::faster_core;
+  EXPECT_EQ(core_generation("Prescott"), 0);
+  EXPECT_EQ(core_generation("SANDYBRIDGE"), 1);
+  EXPECT_EQ(core_generation("zen"), core_generation("Haswell"));
+  EXPECT_LT(core_generation("Haswell"), core_generation("SkylakeX"));
+  EXPECT_LT(core_generation("SkylakeX"), core_generation("Cooperlake"));
+  EXPECT_EQ(core_generation("NeoverseN1"), -1);
+  EXPECT_EQ(core_generation(""), -1);
+  EXPECT_EQ(faster_core("Prescott", "SkylakeX"), "SkylakeX");  // a model newer than the library
+  EXPECT_EQ(faster_core("Haswell", "Cooperlake"), "Cooperlake");  // a preset older family
+  EXPECT_EQ(faster_core("Zen", "Haswell"), "");        // the same kernels
+  EXPECT_EQ(faster_core("SkylakeX", "SkylakeX"), "");
+  EXPECT_EQ(faster_core("Cooperlake", "SkylakeX"), "");  // never older
+  EXPECT_EQ(faster_core("Prescott", ""), "");           // no AVX2: nothing better known
+  EXPECT_EQ(faster_core("ARMV8", "Haswell"), "");        // another architecture's name
+}
