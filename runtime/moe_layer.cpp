@@ -87,10 +87,8 @@ void MoELayer::set_options(const LayerOptions& options) {
     throw InvalidArgument(name_ + ": chunks = " + std::to_string(options.chunks) + " must be >= 1, or 0 (auto)");
   sched::check_capacity_factor(options.capacity_factor, name_);
   options_ = options;
-  passes_ = 0;
-  measured_ = false;
-  choice_ = {};
-  choice_.automatic = options_.chunks == 0;
+  auto_.reset(options_.chunks, options_.local_first, options_.exchange == ExchangeKind::kFlat, comm_.size(),
+              options_.overlap);
   // The communication stream is a thread only when overlapping and MPI lets a second thread call it.
   const bool threaded = options_.overlap && comm_.allows_progress_thread();
   if (options_.overlap && !threaded) {
@@ -162,7 +160,6 @@ void MoELayer::plan_pass(int chunks) {
   comm_stream_->enqueue([&] { pass_.exchange_metadata(comm_, comm_.default_timeout()); }, &done);
   done.wait(deadline(), "metadata exchange " + name_);
   pass_.finish();
-  counts_ms_ = pass_.counts_ms();  // a small all-to-all: what an exchange costs beyond its bytes
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -228,8 +225,7 @@ void MoELayer::send(int c, bool grad, bool skip_self) {
     layer::arrive(pass_, *this, c);
     const double ms = ms_since(t0);
     tally(&LayerCounters::dispatch, ms);
-    link_bytes_ += static_cast<double>(own_.bytes_intra_node + own_.bytes_inter_node - b0);
-    link_ms_ += ms;
+    auto_.dispatched(static_cast<double>(own_.bytes_intra_node + own_.bytes_inter_node - b0), ms);
   }, &ch.dispatched);
 }
 
@@ -431,8 +427,8 @@ void MoELayer::forward(const float* x, std::int64_t tokens, float* y) {
   tokens_ = tokens;
   resolve_schedule();
   pass_start_ = own_;
-  chunks_used_ = choice_.schedule.chunks;
-  local_first_ = choice_.schedule.local_first;
+  chunks_used_ = auto_.choice().schedule.chunks;
+  local_first_ = auto_.choice().schedule.local_first;
   grow(x_, tokens * H);
   if (tokens > 0) std::memcpy(x_.data(), x, sizeof(float) * static_cast<std::size_t>(tokens * H));
 
@@ -470,7 +466,6 @@ void MoELayer::forward(const float* x, std::int64_t tokens, float* y) {
 
   pass_.count(stats_, H * 4);
   fwd_end_ = own_;
-  ++passes_;
 }
 
 void MoELayer::backward(const float* dy, float* dx) {
@@ -506,7 +501,7 @@ void MoELayer::backward(const float* dy, float* dx) {
   kernels::gate_backward(gp, x_.data(), gate_weight(), scores_.data(), topk_ids_.data(),
                          d_weights_.data(), dx, grad_of(gate_weight()), dlogits_.data(), d_scores);
   tally(&LayerCounters::gate, ms_since(t0));
-  if (choice_.automatic && !choice_.decided) record_pass();
+  if (auto_.measuring()) record_pass();
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -532,79 +527,43 @@ void MoELayer::tally(double LayerCounters::*field, double ms) {
 
 void MoELayer::record_pass() {
   // The work of this pass (schedule-independent) and the times its stages took.
-  sched::PassWork& w = work_;
-  w = sched::pass_work(pass_.main, hidden_, topk_);
+  sched::PassWork w = sched::pass_work(pass_.main, hidden_, topk_);
   w.shared_fwd_ms = fwd_end_.shared - pass_start_.shared;
   w.shared_bwd_ms = own_.shared - fwd_end_.shared;
   w.other_ms = (own_.gate - pass_start_.gate) + (own_.permute - pass_start_.permute) +
                (own_.combine - pass_start_.combine);
-  latency_ms_ = counts_ms_;
-  dispatches_ = 2 * chunks_used_;
-  measured_ = passes_ >= kAutoPasses;  // the first pass pays first touches: the next one is measured
-  if (!measured_) link_bytes_ = link_ms_ = 0.0;
+  auto_.measured(w, pass_.counts_ms(), chunks_used_);
 }
 
-void MoELayer::calibrate_gemm() {
-  // Times this rank's expert FFN forward at two row counts (the best of two runs each) and fits
-  // time = fixed + rows * per_row. A rank without experts computes no expert GEMMs.
-  sched::MachineRates& r = choice_.rates;
-  r.gemm_fixed_ms = r.gemm_row_ms = 0.0;
-  const std::int64_t S = num_local_experts(), H = hidden_, F = ffn_;
-  if (S == 0) return;
-  std::int64_t most = 64;  // the measured pass's largest expert block (its slots, which a migration may change)
-  for (std::size_t s = 0; s < work_.self_entries.size(); ++s) {
-    std::int64_t n = work_.self_entries[s];
-    for (auto m : work_.remote_entries[s]) n += m;
-    most = std::max(most, n);
+double MoELayer::time_expert_ffn(std::int64_t n) {
+  if (n == 0) return 0.0;
+  const std::int64_t H = hidden_, F = ffn_;
+  std::vector<float> xe(static_cast<std::size_t>(n * H), 0.01f), h13(static_cast<std::size_t>(n * 2 * F)),
+      sig(static_cast<std::size_t>(n * F)), a(static_cast<std::size_t>(n * F)), ye(static_cast<std::size_t>(n * H));
+  double best = 1e300;
+  for (int rep = 0; rep < 3; ++rep) {  // the first run also touches the scratch pages
+    const auto t0 = std::chrono::steady_clock::now();
+    kernels::swiglu_ffn_forward({n, H, F}, xe.data(), expert_w13(0), expert_w2(0), h13.data(), sig.data(), a.data(),
+                                ye.data(), gemm_kind());
+    if (rep > 0) best = std::min(best, ms_since(t0));
   }
-  const std::int64_t big = std::min<std::int64_t>(most, 4096), small = std::max<std::int64_t>(big / 8, 1);
-  std::vector<float> xe(static_cast<std::size_t>(big * H), 0.01f), h13(static_cast<std::size_t>(big * 2 * F)),
-      sig(static_cast<std::size_t>(big * F)), a(static_cast<std::size_t>(big * F)), ye(static_cast<std::size_t>(big * H));
-  auto time_rows = [&](std::int64_t n) {
-    double best = 1e300;
-    for (int rep = 0; rep < 3; ++rep) {  // the first run also touches the scratch pages
-      const auto t0 = std::chrono::steady_clock::now();
-      kernels::swiglu_ffn_forward({n, H, F}, xe.data(), expert_w13(0), expert_w2(0), h13.data(), sig.data(), a.data(),
-                                  ye.data(), gemm_kind());
-      if (rep > 0) best = std::min(best, ms_since(t0));
-    }
-    return best;
-  };
-  const double t_small = time_rows(small), t_big = time_rows(big);
-  r.gemm_row_ms = std::max(0.0, (t_big - t_small) / static_cast<double>(big - small));
-  r.gemm_fixed_ms = std::max(0.0, t_small - r.gemm_row_ms * static_cast<double>(small));
+  return best;
 }
 
 void MoELayer::resolve_schedule() {
-  const bool flat = options_.exchange == ExchangeKind::kFlat;
-  if (!choice_.automatic) {
-    choice_.schedule = {options_.chunks, options_.local_first && flat && comm_.size() > 1};
-    return;
-  }
-  if (choice_.decided || !measured_) {
-    if (!choice_.decided) choice_.schedule = {};
-    return;
-  }
+  if (!auto_.deciding()) return;
   // Every rank reaches this in the same pass (the passes are collectives), predicts every candidate
   // from its own work and rates, and takes the slowest rank's prediction of each.
-  calibrate_gemm();
-  // The dispatches' time beyond the latency of each is what their bytes took.
-  choice_.rates.exchange_latency_ms = comm_.size() > 1 ? latency_ms_ : 0.0;
-  const double bytes_ms = link_ms_ - latency_ms_ * dispatches_;
-  choice_.rates.link_bytes_per_ms = link_bytes_ > 0.0 ? link_bytes_ / std::max(bytes_ms, 0.05 * link_ms_) : 0.0;
-  choice_.candidates = sched::candidate_schedules(comm_.size(), flat);
-  choice_.predicted_ms.assign(choice_.candidates.size(), 0.0);
-  for (std::size_t i = 0; i < choice_.candidates.size(); ++i)
-    choice_.predicted_ms[i] = sched::predict(work_, choice_.rates, choice_.candidates[i], options_.overlap).total_ms();
+  const auto [small, big] = auto_.calibration_rows();
+  const double small_ms = time_expert_ffn(small);
+  std::vector<double>& predicted = auto_.calibrated(small, small_ms, big, time_expert_ffn(big));
   Event done;
   comm_stream_->enqueue([&] {
-    comm_.allreduce_max(choice_.predicted_ms.data(), static_cast<std::int64_t>(choice_.predicted_ms.size()),
-                        comm::DataType::kFloat64, "schedule predictions " + name_)->wait();
+    comm_.allreduce_max(predicted.data(), static_cast<std::int64_t>(predicted.size()), comm::DataType::kFloat64,
+                        "schedule predictions " + name_)->wait();
   }, &done);
   done.wait(deadline(), "schedule predictions " + name_);
-  choice_.chosen = sched::choose_schedule(choice_.candidates, choice_.predicted_ms);
-  choice_.schedule = choice_.candidates[choice_.chosen];
-  choice_.decided = true;
+  auto_.choose();
 }
 
 kernels::BalanceLossParams MoELayer::aux_params(std::int64_t tokens) const {

@@ -18,6 +18,7 @@
 #include "runtime/layer/pass.h"
 #include "runtime/layer/pass_plan.h"
 #include "runtime/stream.h"
+#include "scheduler/auto_schedule.h"
 #include "scheduler/expert_placement.h"
 #include "scheduler/pipeline_model.h"
 #include "scheduler/replica_planner.h"
@@ -98,15 +99,7 @@ struct LayerOptions {
 };
 
 /// The schedule a layer runs and, with `chunks = 0` (auto), how it was chosen.
-struct ScheduleChoice {
-  bool automatic = false;  ///< LayerOptions::chunks == 0
-  bool decided = false;    ///< auto: the model has chosen (at the forward after kAutoPasses measured passes)
-  sched::Schedule schedule;  ///< what the next pass runs
-  std::vector<sched::Schedule> candidates;  ///< auto: what the model compared ...
-  std::vector<double> predicted_ms;         ///< ... and each one's predicted pass, slowest rank
-  std::size_t chosen = 0;                   ///< index of `schedule` among the candidates
-  sched::MachineRates rates;                ///< this rank's measured rates
-};
+using ScheduleChoice = sched::ScheduleChoice;
 
 /// What one forward pass routed (layer::RouteStats, counted by layer::PassPlan::count).
 using LayerRouteStats = layer::RouteStats;
@@ -150,9 +143,9 @@ class MoELayer : private layer::PassSteps {
   const sched::Topology& topology() const { return where_.topology(); }
   const LayerCounters& counters() const { return counters_; }
   /// The schedule of the next pass (and with auto how it was chosen).
-  const ScheduleChoice& schedule_choice() const { return choice_; }
+  const ScheduleChoice& schedule_choice() const { return auto_.choice(); }
   /// Passes auto measures before it chooses (the first pays first touches; the second is measured).
-  static constexpr int kAutoPasses = 2;
+  static constexpr int kAutoPasses = sched::AutoSchedule::kMeasuredPasses;
   void reset_counters() { counters_ = {}; }
 
   const MoeConfig& config() const { return config_; }
@@ -285,16 +278,10 @@ class MoELayer : private layer::PassSteps {
   std::vector<float> dye_, dxe_, dh13_, dpick_, d_weights_, dlogits_;
   LayerRouteStats stats_;
   LayerCounters counters_;
-  // --chunks auto: counters nobody resets, their values at this pass's start and forward's end,
-  // the dispatches' bytes and busy time, and the last measured pass's work.
+  // --chunks auto: counters nobody resets and their values at this pass's start and forward's end
+  // (the measured pass's stage times), and the schedule over the passes.
   LayerCounters own_, pass_start_, fwd_end_;
-  double link_bytes_ = 0.0, link_ms_ = 0.0;
-  double counts_ms_ = 0.0, latency_ms_ = 0.0;  // the last counts exchange; that of the measured pass
-  int dispatches_ = 0;                          // exchanges in the measured pass's link_ms_
-  int passes_ = 0;
-  bool measured_ = false;
-  sched::PassWork work_;
-  ScheduleChoice choice_;
+  sched::AutoSchedule auto_;
 
   // Both public constructors: exactly one of placement and layout is set.
   MoELayer(const MoeConfig& config, comm::Communicator& comm, std::string name,
@@ -341,7 +328,8 @@ class MoELayer : private layer::PassSteps {
   void run_experts_backward();  // over stage_
   void tally(double LayerCounters::*field, double ms);  // into counters_ and own_
   void record_pass();
-  void calibrate_gemm();
+  /// Milliseconds of one expert FFN forward over `rows` rows (the best of two after a first run).
+  double time_expert_ffn(std::int64_t rows);
   void resolve_schedule();
   void count_bytes(std::span<const std::int64_t> send_elems, std::int64_t elem_bytes);
   layer::HostBlocks blocks_;  // the row exchanges' counts and displacements (communication stream)

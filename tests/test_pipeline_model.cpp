@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "base/error.h"
+#include "scheduler/auto_schedule.h"
 #include "scheduler/pipeline_model.h"
 
 namespace moex::sched {
@@ -130,6 +131,65 @@ TEST(PipelineModel, CandidatesAndChoice) {
   bad.remote_entries.clear();
   EXPECT_THROW(predict(bad, rates(0, 1), {1, false}, true), InvalidArgument);
   EXPECT_EQ((Schedule{2, true}).describe(), "chunks 2, local-first");
+}
+
+// --chunks auto over passes: a fixed schedule is kept as asked (local-first only where it applies);
+// auto measures kMeasuredPasses passes (the first's dispatches discarded), then fits the GEMM, derives
+// the link rate beyond each exchange's latency, predicts every candidate and chooses once.
+TEST(AutoSchedule, MeasuresThenChoosesOnce) {
+  AutoSchedule fixed;
+  fixed.reset(3, true, /*flat_exchange=*/true, 2, true);
+  EXPECT_FALSE(fixed.measuring());
+  EXPECT_EQ(fixed.choice().schedule, (Schedule{3, true}));
+  fixed.reset(3, true, /*flat_exchange=*/false, 2, true);  // hierarchical: no local-first
+  EXPECT_EQ(fixed.choice().schedule, (Schedule{3, false}));
+  fixed.reset(2, true, true, 1, true);  // one rank: nothing to keep local
+  EXPECT_EQ(fixed.choice().schedule, (Schedule{2, false}));
+
+  AutoSchedule a;
+  a.reset(0, false, true, 2, true);
+  EXPECT_TRUE(a.choice().automatic);
+  EXPECT_TRUE(a.measuring());
+  EXPECT_FALSE(a.deciding());
+  EXPECT_EQ(a.choice().schedule, (Schedule{1, false}));  // measured passes run unsplit
+  const PassWork w = two_rank_work();                      // largest expert block: 200 entries
+  a.dispatched(5000.0, 999.0);  // the first pass: discarded
+  a.measured(w, 1.0, 1);
+  EXPECT_FALSE(a.deciding());
+  a.dispatched(500.0, 51.0);  // forward and backward dispatch of the measured pass: 1000 bytes in
+  a.dispatched(500.0, 51.0);  // 102 ms, 1 ms of which per exchange is latency
+  a.measured(w, 1.0, 1);
+  ASSERT_TRUE(a.deciding());
+  const auto [small, big] = a.calibration_rows();
+  EXPECT_EQ(big, 200);
+  EXPECT_EQ(small, 25);
+  // 2 ms per call + 1 ms per row.
+  std::vector<double>& predicted = a.calibrated(small, 2.0 + 25.0, big, 2.0 + 200.0);
+  const MachineRates& r = a.choice().rates;
+  EXPECT_DOUBLE_EQ(r.gemm_row_ms, 1.0);
+  EXPECT_DOUBLE_EQ(r.gemm_fixed_ms, 2.0);
+  EXPECT_DOUBLE_EQ(r.exchange_latency_ms, 1.0);
+  EXPECT_DOUBLE_EQ(r.link_bytes_per_ms, 10.0);
+  ASSERT_EQ(predicted.size(), candidate_schedules(2, true).size());
+  for (std::size_t i = 0; i < predicted.size(); ++i)
+    EXPECT_DOUBLE_EQ(predicted[i], predict(w, r, a.choice().candidates[i], true).total_ms());
+  // The max-reduce over the ranks may raise any prediction: the choice reads the reduced values.
+  for (double& p : predicted) p = 1000.0;
+  predicted[3] = 10.0;
+  a.choose();
+  EXPECT_TRUE(a.choice().decided);
+  EXPECT_FALSE(a.measuring());
+  EXPECT_EQ(a.choice().chosen, 3u);
+  EXPECT_EQ(a.choice().schedule, a.choice().candidates[3]);
+
+  AutoSchedule none;  // a rank without experts: no GEMM to time
+  none.reset(0, false, true, 2, true);
+  none.measured(PassWork{}, 0.0, 1);
+  none.measured(PassWork{}, 0.0, 1);
+  EXPECT_EQ(none.calibration_rows(), (std::pair<std::int64_t, std::int64_t>{0, 0}));
+  none.calibrated(0, 0.0, 0, 0.0);
+  EXPECT_DOUBLE_EQ(none.choice().rates.gemm_fixed_ms, 0.0);
+  EXPECT_DOUBLE_EQ(none.choice().rates.link_bytes_per_ms, 0.0);
 }
 
 }  // namespace
