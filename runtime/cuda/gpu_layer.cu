@@ -391,55 +391,14 @@ void GpuMoELayer::realloc_routed(int64_t rows, cudaStream_t s) {
 
 void GpuMoELayer::set_profile(bool on) {
   options_.profile = on;
-  events_->fwd_marked = events_->fwd_shared_marked = events_->bwd_marked = events_->bwd_shared_marked = false;
+  events_->profile.clear();
 }
 
-void GpuMoELayer::mark(int index, cudaStream_t stream) {
-  if (options_.profile || trace::enabled()) MOEX_CUDA_CHECK(cudaEventRecord(events_->marks[index], stream));
+void GpuMoELayer::mark(Mark m, cudaStream_t stream) {
+  if (options_.profile || trace::enabled()) events_->profile.mark(m, stream);
 }
 
-namespace {
-/// The stages the profile marks delimit: name, marks, pass, whether on the shared-expert stream,
-/// and their GpuLayerTimes field.
-using TimeField = double GpuLayerTimes::*;
-struct MarkedStage {
-  const char* name;
-  int from, to;
-  bool backward, shared;
-  TimeField field;
-};
-constexpr MarkedStage kMarkedStages[] = {
-    {"gate", kFG, kF1, false, false, &GpuLayerTimes::fwd_gate},
-    {"permute", kF1, kF2, false, false, &GpuLayerTimes::fwd_permute},
-    {"experts", kF2, kF3, false, false, &GpuLayerTimes::fwd_experts},
-    {"combine", kF3, kF4, false, false, &GpuLayerTimes::fwd_combine},
-    {"shared experts", kFS0, kFS1, false, true, &GpuLayerTimes::fwd_shared},
-    {"permute", kBP, kB1, true, false, &GpuLayerTimes::bwd_permute},
-    {"experts", kB1, kB2, true, false, &GpuLayerTimes::bwd_experts},
-    {"combine", kB2, kB3, true, false, &GpuLayerTimes::bwd_combine},
-    {"gate", kB3, kB4, true, false, &GpuLayerTimes::bwd_gate},
-    {"shared experts", kBS0, kBS1, true, true, &GpuLayerTimes::bwd_shared},
-};
-}  // namespace
-
-void GpuMoELayer::trace_pass(cudaStream_t stream) {
-  // Places the stages of the last forward and backward on the timeline: a reference event after
-  // them, waited for on the host, pins device time to host time; every mark lies the elapsed time
-  // before it. One host wait per backward while tracing.
-  Events& ev = *events_;
-  MOEX_CUDA_CHECK(cudaEventRecord(ev.ref, stream));
-  MOEX_CUDA_CHECK(cudaEventSynchronize(ev.ref));
-  const auto host_ref = trace::Clock::now();
-  auto at = [&](int m) {
-    float v = 0.0f;
-    MOEX_CUDA_CHECK(cudaEventElapsedTime(&v, ev.marks[m], ev.ref));
-    return host_ref - std::chrono::duration_cast<trace::Clock::duration>(std::chrono::duration<double, std::milli>(v));
-  };
-  for (const MarkedStage& st : kMarkedStages)
-    if (ev.marked(st.backward, st.shared))
-      trace::span_on(st.shared ? "cuda shared-expert stream" : "cuda stream", st.name, at(st.from), at(st.to),
-                     st.backward ? "backward" : "forward");
-}
+GpuLayerTimes GpuMoELayer::last_times() const { return options_.profile ? events_->profile.times() : GpuLayerTimes{}; }
 
 // ---------------------------------------------------------------------------------------------------
 // Forward and backward
@@ -460,7 +419,7 @@ void GpuMoELayer::shared_forward(const void* xin, void* out, cudaStream_t stream
   shared_mlp_->forward(sb, shared_rows_, xin, shared_w_.data(), shared_w_.data() + 2 * Fs * H * es, sh_h13_.data(),
                        sh_sig_.data(), sh_a_.data(), out, ss);
   mark(kFS1, ss);
-  events_->fwd_shared_marked = true;
+  events_->profile.end(false, true);
   if (options_.overlap_shared) MOEX_CUDA_CHECK(cudaEventRecord(events_->shared, ss));
 }
 
@@ -475,7 +434,7 @@ void GpuMoELayer::shared_backward(const void* xin, const void* dyin, void* out, 
   shared_mlp_->backward(sb, shared_rows_, xin, w, w + 2 * Fs * H * es, sh_h13_.data(), sh_sig_.data(), sh_a_.data(),
                         dyin, g, g + 2 * Fs * H * es, out, sh_dh13_.data(), !shared_stale_, ss);
   mark(kBS1, ss);
-  events_->bwd_shared_marked = true;
+  events_->profile.end(true, true);
   if (options_.overlap_shared) MOEX_CUDA_CHECK(cudaEventRecord(events_->shared, ss));
 }
 
@@ -542,7 +501,7 @@ void GpuMoELayer::forward(const float* x, int64_t tokens, float* y, cudaStream_t
   balance_params_.tokens = 0;  // no auxiliary losses until balance_forward() queues them
   std::fill(counts_.begin(), counts_.end(), int64_t{0});
   picks_dropped_ = 0;
-  events_->fwd_marked = events_->fwd_shared_marked = false;
+  events_->profile.begin(false);
   // An expert-parallel layer takes part in the exchanges even without tokens of its own.
   if (T == 0 && !expert_parallel()) {
     MOEX_CUDA_CHECK(cudaEventRecord(events_->last, stream));
@@ -591,7 +550,7 @@ void GpuMoELayer::forward(const float* x, int64_t tokens, float* y, cudaStream_t
   }
   if (bf) convert(as<bf16>(out_lp_), y, T * H, stream);
   mark(kF4, stream);
-  events_->fwd_marked = true;
+  events_->profile.end(false, false);
   MOEX_CUDA_CHECK(cudaEventRecord(events_->last, stream));
 }
 
@@ -600,7 +559,7 @@ void GpuMoELayer::backward(const float* dy, float* dx, cudaStream_t stream) {
     throw InvalidArgument("GpuMoELayer::backward: no forward() to go back through (call forward first; a "
                           "reserve() that grew the workspace also discards the last forward)");
   const int64_t T = tokens_, N = T * topk_, H = hidden_;
-  events_->bwd_marked = events_->bwd_shared_marked = false;
+  events_->profile.begin(true);
   if (T == 0 && !expert_parallel()) {
     // Nothing flows back; gradients zeroed lazily become real zeros.
     if (shared_stale_ && !shared_g_.empty())
@@ -659,26 +618,9 @@ void GpuMoELayer::backward(const float* dy, float* dx, cudaStream_t stream) {
   gate_backward(blas_.get(), gp, x_, gate_w_.data(), scores_.data(), topk_ids_.data(), d_weights_.data(), dx,
                 gate_g_.data(), dlogits_.data(), d_scores, stream);
   mark(kB4, stream);
-  events_->bwd_marked = true;
+  events_->profile.end(true, false);
   MOEX_CUDA_CHECK(cudaEventRecord(events_->last, stream));
-  if (trace::enabled()) trace_pass(stream);
-}
-
-GpuLayerTimes GpuMoELayer::last_times() const {
-  GpuLayerTimes t;
-  if (!options_.profile) return t;
-  const Events& ev = *events_;
-  auto ms = [&](int from, int to) {
-    MOEX_CUDA_CHECK(cudaEventSynchronize(ev.marks[to]));
-    float v = 0.0f;
-    MOEX_CUDA_CHECK(cudaEventElapsedTime(&v, ev.marks[from], ev.marks[to]));
-    return static_cast<double>(v);
-  };
-  if (ev.fwd_marked) t.fwd_total = ms(kF0, kF4);
-  if (ev.bwd_marked) t.bwd_total = ms(kB0, kB4);
-  for (const MarkedStage& st : kMarkedStages)
-    if (ev.marked(st.backward, st.shared)) t.*st.field = ms(st.from, st.to);
-  return t;
+  if (trace::enabled()) events_->profile.trace(stream);  // one host wait per backward while tracing
 }
 
 }  // namespace moex::cuda

@@ -18,6 +18,7 @@
 #include "comm/communicator.h"
 #include "runtime/cuda/device.h"
 #include "runtime/cuda/grouped_gemm.h"
+#include "runtime/cuda/stage_profile.h"
 #include "runtime/layer/expert_layout.h"
 #include "runtime/layer/pass_plan.h"
 #include "scheduler/exchange_plan.h"
@@ -71,15 +72,6 @@ struct GpuLayerOptions {
   /// local index (the constructor's topology), which forwards it inside its node. Single-GPU
   /// layers need kFlat.
   ExchangeKind exchange = ExchangeKind::kFlat;
-};
-
-/// Device milliseconds of the stages of the last profiled forward and backward (zeros when
-/// profiling is off). Stages on the caller's stream are consecutive; `*_shared` ran on the second
-/// stream beside them (with overlap_shared), so the totals are not sums. Each combine stage includes
-/// the wait for the shared experts and the fp32 conversion of its output in bf16 mode.
-struct GpuLayerTimes {
-  double fwd_total = 0, fwd_gate = 0, fwd_permute = 0, fwd_experts = 0, fwd_combine = 0, fwd_shared = 0;
-  double bwd_total = 0, bwd_permute = 0, bwd_experts = 0, bwd_combine = 0, bwd_gate = 0, bwd_shared = 0;
 };
 
 /// One MoE layer on the current CUDA device:
@@ -294,9 +286,7 @@ class GpuMoELayer {
   std::pair<cudaStream_t, cublasHandle_t> shared_stream(cudaStream_t stream);
   void upload_params(const float* host, std::int64_t n, void* dst);
   std::vector<float> download(const void* src, std::int64_t n, cudaStream_t stream) const;
-  void mark(int index, cudaStream_t stream);
-  /// Tracing on: the last forward and backward stages as spans on the "cuda stream" tracks (one host wait).
-  void trace_pass(cudaStream_t stream);
+  void mark(layer::Mark m, cudaStream_t stream);  // into the stage profile when profiling or tracing
   /// Queues the auxiliary losses of a forward of `tokens` tokens (sizing their buffers first).
   void balance_forward(std::int64_t tokens, cudaStream_t stream);
 

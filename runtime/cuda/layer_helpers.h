@@ -1,6 +1,5 @@
 // Helpers shared by the sources of GpuMoELayer (gpu_layer.cu, gpu_layer_ep.cu): dtype dispatch,
-// typed views of byte buffers, workspace (re)allocation, the profile marks and the layer's CUDA
-// events. Internal.
+// typed views of byte buffers, workspace (re)allocation and the layer's CUDA events. Internal.
 #pragma once
 
 #include <cstddef>
@@ -10,6 +9,7 @@
 #include "runtime/cuda/gpu_layer.h"
 #include "runtime/cuda/grouped_gemm.h"
 #include "runtime/cuda/kernels.h"
+#include "runtime/cuda/stage_profile.h"
 
 namespace moex::cuda::layer {
 
@@ -51,27 +51,6 @@ bool grow(DeviceBuffer<T>& b, int64_t need, cudaStream_t s) {
   return true;
 }
 
-// Profile marks (events on the caller's stream unless named *_S*: the shared experts' stream).
-enum Mark : int {
-  kF0,   // forward start
-  kFG,   // gate start
-  kF1,   // routed (gate, counting sort, counts copy queued)
-  kF2,   // gathered
-  kF3,   // experts done
-  kF4,   // forward end
-  kFS0,  // shared forward start
-  kFS1,  // shared forward end
-  kB0,   // backward start
-  kBP,   // routing-weight gradients start
-  kB1,   // permuted (d_weights, weighted dy rows)
-  kB2,   // experts done
-  kB3,   // combined (dx rows back per token)
-  kB4,   // backward end (gate backward done)
-  kBS0,  // shared backward start
-  kBS1,  // shared backward end
-  kMarks
-};
-
 }  // namespace moex::cuda::layer
 
 namespace moex::cuda {
@@ -81,28 +60,17 @@ struct GpuMoELayer::Events {
   cudaEvent_t shared = nullptr;  // second stream: the shared experts are done
   cudaEvent_t counts = nullptr;  // caller's stream: the expert counts reached the host
   cudaEvent_t last = nullptr;    // caller's stream: end of the last pass
-  cudaEvent_t ref = nullptr;     // tracing: after a backward, pins device time to host time
-  cudaEvent_t marks[layer::kMarks] = {};
-  bool fwd_marked = false, fwd_shared_marked = false, bwd_marked = false, bwd_shared_marked = false;
-  /// Whether the last forward (backward) recorded its marks, and those of the shared experts.
-  bool marked(bool backward, bool on_shared) const {
-    return backward ? bwd_marked && (!on_shared || bwd_shared_marked) : fwd_marked && (!on_shared || fwd_shared_marked);
-  }
+  StageProfile profile;          // the stage marks (GpuLayerOptions::profile, tracing)
 
   Events() {
     for (cudaEvent_t* e : {&input, &shared, &counts, &last})
       MOEX_CUDA_CHECK(cudaEventCreateWithFlags(e, cudaEventDisableTiming));
-    for (cudaEvent_t& e : marks) MOEX_CUDA_CHECK(cudaEventCreate(&e));
-    MOEX_CUDA_CHECK(cudaEventCreate(&ref));
   }
   Events(const Events&) = delete;
   Events& operator=(const Events&) = delete;
   ~Events() {
     for (cudaEvent_t e : {input, shared, counts, last})
       if (e) static_cast<void>(cudaEventDestroy(e));
-    for (cudaEvent_t e : marks)
-      if (e) static_cast<void>(cudaEventDestroy(e));
-    if (ref) static_cast<void>(cudaEventDestroy(ref));
   }
 };
 
