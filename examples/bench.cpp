@@ -131,9 +131,10 @@ int bench_layer(moex::comm::MpiCommunicator& world, int argc, char** argv) {
   rng.fill_normal(dy.data(), T * H, 1.0);
 
   // Layer and reference GEMMs alternate, iteration by iteration, so drift in a shared machine's
-  // speed hits both alike, and the ratio is the median of each iteration's own (layer and reference
-  // of the same moment: a burst of noise moves both). The reference runs this rank's expert blocks of the previous layer
-  // iteration (same shapes, same FLOPs) and the shared expert, on scratch buffers.
+  // speed hits both alike, and the ratio is the median of the iterations' own ratios (the layer and
+  // the reference of the same moment: a burst of noise moves both). The reference runs this rank's
+  // expert blocks of the previous layer iteration (same shapes, same FLOPs) and the shared expert,
+  // on scratch buffers.
   std::vector<double> layer_ms, gemm_ms, comm_ms, compute_ms, load_ratio, allreduce_ms;
   std::vector<std::vector<double>> stage_ms(6);
   std::vector<float> scratch;
