@@ -123,9 +123,8 @@ void PassPlan::count(RouteStats& stats, std::int64_t row_bytes) const {
   stats.entries_processed = main.entries();
   stats.picks_dropped = dropped;
   // Dispatched rows to other ranks, and received rows from them, which the combine sends back.
-  std::int64_t rows = 0;
-  for (const sched::ExchangePlan* p : {hierarchical() ? &a : &main, hierarchical() ? &b : nullptr})
-    if (p) rows += p->remote_rows(true) + p->remote_rows(false);
+  std::int64_t rows = origin().remote_rows(true) + origin().remote_rows(false);
+  if (hierarchical()) rows += b.remote_rows(true) + b.remote_rows(false);  // the forwarders' stage
   stats.bytes_sent = rows * row_bytes;
 }
 
