@@ -258,6 +258,7 @@ int bench_layer(moex::comm::MpiCommunicator& world, int argc, char** argv) {
                        {"ms_step", ms}, {"tokens_per_s", tokens_per_s}, {"expert_gflops", gflops},
                        {"blas", moex::blas::kernel_name()}, {"nodes", topology.num_nodes()},
                        {"chunks", choice.schedule.chunks}, {"local_first", choice.schedule.local_first},
+                       {"local_split", choice.schedule.local_split},
                        {"schedule", choice.automatic ? "auto" : "fixed"}, {"overlap", lo.overlap ? "on" : "off"},
                        {"exchange", moex::to_string(lo.exchange)}, {"skew", skew}, {"ms_comm", ms_comm},
                        {"ms_compute", ms_compute}, {"step_over_max_comm_compute", ms / std::max(ms_comm, ms_compute)},

@@ -171,6 +171,7 @@ int bench_model(comm::MpiCommunicator& world, int argc, char** argv) {
       nlohmann::json j{{"bench", "model"}, {"nodes", c.nodes}, {"ranks_per_node", c.ranks_per_node},
                        {"tokens_per_rank", l.tokens_per_rank}, {"exchange", p.option.hierarchical ? "hierarchical" : "flat"},
                        {"chunks", p.option.schedule.chunks}, {"local_first", p.option.schedule.local_first},
+                       {"local_split", p.option.schedule.local_split},
                        {"overlap", p.option.overlap ? "on" : "off"}, {"replicas", p.option.replicas ? "on" : "off"},
                        {"ms_step", p.step_ms()}, {"ms_forward", p.pass.forward_ms}, {"ms_backward", p.pass.backward_ms},
                        {"ms_allreduce", p.allreduce_ms}, {"ms_exchange", p.exchange_ms}, {"ms_compute", p.compute_ms},

@@ -117,7 +117,8 @@ Options& add_schedule_options(Options& opt) {
                    "auto (measure two passes, then a cost model picks the schedule), or C: pipeline chunks per layer pass "
                    "(chunk i+1's exchange travels while chunk i computes)")
       .value("local-first", "off",
-             "with --chunks C: on = this rank's own rows skip the exchange and compute first while the rest travel")
+             "with --chunks C: on = this rank's own rows skip the exchange and compute first while the rest travel; "
+             "split = half of them first, the other half while the results travel back")
       .value("overlap", "on", "on: exchanges on a communication thread beside compute; off: serialised")
       .value("exchange", "flat", "flat, or hierarchical (once per destination node, then forwarded inside it)")
       .value("deterministic", "off", "on: row-wise expert GEMMs, so results are bitwise the same for every --chunks")
@@ -171,7 +172,11 @@ LayerOptions schedule_options(const Options& opt) {
     if (chunks < 1 || chunks > 1 << 20) throw ConfigError("--chunks = " + opt.str("chunks") + ": expected auto or 1..2^20");
     lo.chunks = static_cast<int>(chunks);
   }
-  lo.local_first = opt.on_off("local-first");
+  const std::string& own = opt.str("local-first");
+  if (own != "on" && own != "off" && own != "split")
+    throw ConfigError("--local-first = '" + own + "': expected on, off or split");
+  lo.local_first = own != "off";
+  lo.local_split = own == "split";
   lo.overlap = opt.on_off("overlap");
   lo.exchange = exchange_from_string(opt.str("exchange"));
   lo.deterministic = opt.on_off("deterministic");

@@ -87,8 +87,8 @@ void MoELayer::set_options(const LayerOptions& options) {
     throw InvalidArgument(name_ + ": chunks = " + std::to_string(options.chunks) + " must be >= 1, or 0 (auto)");
   sched::check_capacity_factor(options.capacity_factor, name_);
   options_ = options;
-  auto_.reset(options_.chunks, options_.local_first, options_.exchange == ExchangeKind::kFlat, comm_.size(),
-              options_.overlap);
+  auto_.reset(options_.chunks, options_.local_first, options_.local_split, options_.exchange == ExchangeKind::kFlat,
+              comm_.size(), options_.overlap);
   // The communication stream is a thread only when overlapping and MPI lets a second thread call it.
   const bool threaded = options_.overlap && comm_.allows_progress_thread();
   if (options_.overlap && !threaded) {
@@ -289,23 +289,32 @@ void MoELayer::own_back(bool dw) {
 
 void MoELayer::experts(layer::Stage stage, bool grad) {
   const int P = comm_.size(), me = comm_.rank();
+  const std::int64_t S = pass_.main.num_local;
   stage_.clear();
-  if (stage.part == layer::Part::kSelf) {
+  const bool own = stage.part == layer::Part::kSelf;
+  if (own) {
     for (int k = 0; k < chunks_used_; ++k) stage_.emplace_back(me, k);
   } else {
     for (int p = 0; p < P; ++p)
       if (stage.part == layer::Part::kAll || p != me) stage_.emplace_back(p, stage.chunk);
   }
+  // Local-split runs the own rows in two stages over the slots: the first starts their sums, the
+  // second adds to them and completes them.
+  stage_first_slot_ = own ? stage.first_slot : 0;
+  stage_end_slot_ = own ? stage.end_slot : S;
+  stage_starts_ = stage_first_slot_ == 0;
+  stage_completes_ = stage_end_slot_ == S;
   if (grad) run_experts_backward();
   else run_experts_forward();
 }
 
 namespace {
-/// Calls fn(s, begin, count) for each slot s and each maximal run of consecutive blocks of s among
-/// `blocks` ((source, chunk) pairs in canonical order), so each run is one GEMM.
+/// Calls fn(s, begin, count) for each slot s in [s0, s1) and each maximal run of consecutive blocks
+/// of s among `blocks` ((source, chunk) pairs in canonical order), so each run is one GEMM.
 template <typename Fn>
-void for_each_block(const sched::ExchangePlan& L, std::span<const std::pair<int, int>> blocks, Fn&& fn) {
-  for (std::int64_t s = 0; s < L.num_local; ++s) {
+void for_each_block(const sched::ExchangePlan& L, std::span<const std::pair<int, int>> blocks, std::int64_t s0,
+                    std::int64_t s1, Fn&& fn) {
+  for (std::int64_t s = s0; s < s1; ++s) {
     std::int64_t begin = -1, count = 0;
     for (const auto& [p, c] : blocks) {
       const std::int64_t b = L.entry_base[L.spc(s, p, c)], n = L.picks[L.spc(s, p, c)];
@@ -328,21 +337,22 @@ void MoELayer::run_experts_forward() {
   const std::int64_t H = hidden_, F = ffn_;
   const sched::ExchangePlan& plan_ = pass_.main;
   auto t0 = std::chrono::steady_clock::now();
-  for_each_block(plan_, stage_, [&](std::int64_t, std::int64_t b, std::int64_t n) {
+  for_each_block(plan_, stage_, stage_first_slot_, stage_end_slot_, [&](std::int64_t, std::int64_t b, std::int64_t n) {
     kernels::gather_rows(n, H, plan_.entry_row.data() + b, recv, H, xe_.data() + b * H, H);
   });
   tally(&LayerCounters::permute, ms_since(t0));
   t0 = std::chrono::steady_clock::now();
-  for_each_block(plan_, stage_, [&](std::int64_t s, std::int64_t b, std::int64_t n) {
+  for_each_block(plan_, stage_, stage_first_slot_, stage_end_slot_, [&](std::int64_t s, std::int64_t b, std::int64_t n) {
     kernels::swiglu_ffn_forward({n, H, F}, xe_.data() + b * H, expert_w13(s), expert_w2(s), h13_.data() + b * 2 * F,
                                 sig_.data() + b * F, a_.data() + b * F, ye_.data() + b * H, gemm_kind());
   });
   tally(&LayerCounters::experts, ms_since(t0));
   // Weighted sum per received row, experts in slot order (the same order for every chunking).
   t0 = std::chrono::steady_clock::now();
-  for (const auto& [p, c] : stage_)
-    std::fill_n(out + plan_.recv_displ(c, p) * H, plan_.recv_counts[plan_.cp(c, p)] * H, 0.0f);
-  for_each_block(plan_, stage_, [&](std::int64_t, std::int64_t b, std::int64_t n) {
+  if (stage_starts_)
+    for (const auto& [p, c] : stage_)
+      std::fill_n(out + plan_.recv_displ(c, p) * H, plan_.recv_counts[plan_.cp(c, p)] * H, 0.0f);
+  for_each_block(plan_, stage_, stage_first_slot_, stage_end_slot_, [&](std::int64_t, std::int64_t b, std::int64_t n) {
     kernels::scatter_add_rows(n, H, plan_.entry_row.data() + b, plan_.entry_weight.data() + b, ye_.data() + b * H, H,
                               out, H);
   });
@@ -355,13 +365,13 @@ void MoELayer::run_experts_backward() {
   const sched::ExchangePlan& plan_ = pass_.main;
   auto t0 = std::chrono::steady_clock::now();
   // Each entry's output gradient is w * dy_row; the routing weight's gradient is dy_row . expert_out.
-  for_each_block(plan_, stage_, [&](std::int64_t, std::int64_t b, std::int64_t n) {
+  for_each_block(plan_, stage_, stage_first_slot_, stage_end_slot_, [&](std::int64_t, std::int64_t b, std::int64_t n) {
     kernels::gather_rows_scaled_dot(n, H, plan_.entry_row.data() + b, plan_.entry_weight.data() + b, rgrad_.data(), H,
                                     ye_.data() + b * H, dye_.data() + b * H, H, dpick_.data() + b);
   });
   tally(&LayerCounters::combine, ms_since(t0));
   t0 = std::chrono::steady_clock::now();
-  for_each_block(plan_, stage_, [&](std::int64_t s, std::int64_t b, std::int64_t n) {
+  for_each_block(plan_, stage_, stage_first_slot_, stage_end_slot_, [&](std::int64_t s, std::int64_t b, std::int64_t n) {
     kernels::swiglu_ffn_backward_data({n, H, F}, expert_w13(s), expert_w2(s), h13_.data() + b * 2 * F,
                                       sig_.data() + b * F, dye_.data() + b * H, dh13_.data() + b * 2 * F,
                                       dxe_.data() + b * H, gemm_kind());
@@ -371,10 +381,11 @@ void MoELayer::run_experts_backward() {
   t0 = std::chrono::steady_clock::now();
   for (const auto& [p, c] : stage_) {
     const std::int64_t r0 = plan_.recv_displ(c, p), rows = plan_.recv_counts[plan_.cp(c, p)];
-    std::fill_n(out + r0 * H, rows * H, 0.0f);
-    kernels::gather_values(rows * K, plan_.row_entry.data() + r0 * K, dpick_.data(), out_dw + r0 * K);
+    if (stage_starts_) std::fill_n(out + r0 * H, rows * H, 0.0f);
+    if (stage_completes_)
+      kernels::gather_values(rows * K, plan_.row_entry.data() + r0 * K, dpick_.data(), out_dw + r0 * K);
   }
-  for_each_block(plan_, stage_, [&](std::int64_t, std::int64_t b, std::int64_t n) {
+  for_each_block(plan_, stage_, stage_first_slot_, stage_end_slot_, [&](std::int64_t, std::int64_t b, std::int64_t n) {
     kernels::scatter_add_rows(n, H, plan_.entry_row.data() + b, nullptr, dxe_.data() + b * H, H, out, H);
   });
   tally(&LayerCounters::combine, ms_since(t0));
@@ -428,7 +439,7 @@ void MoELayer::forward(const float* x, std::int64_t tokens, float* y) {
   resolve_schedule();
   pass_start_ = own_;
   chunks_used_ = auto_.choice().schedule.chunks;
-  local_first_ = auto_.choice().schedule.local_first;
+  own_rows_ = {auto_.choice().schedule.local_first, auto_.choice().schedule.local_split};
   grow(x_, tokens * H);
   if (tokens > 0) std::memcpy(x_.data(), x, sizeof(float) * static_cast<std::size_t>(tokens * H));
 
@@ -462,7 +473,7 @@ void MoELayer::forward(const float* x, std::int64_t tokens, float* y) {
   grow(ye_, entries * H);
 
   // 3-7. dispatch, shared experts, routed experts per stage, combine, y = shared + routed.
-  layer::run_forward(*this, local_first_);
+  layer::run_forward(*this, own_rows_);
 
   pass_.count(stats_, H * 4);
   fwd_end_ = own_;
@@ -486,7 +497,7 @@ void MoELayer::backward(const float* dy, float* dx) {
 
   // dL/dy rows along the forward's routes, the shared experts' backward meanwhile, the experts' data
   // gradients per stage, their weight gradients, and dx and the routing-weight gradients summed.
-  layer::run_backward(*this, local_first_);
+  layer::run_backward(*this, own_rows_);
 
   auto t0 = std::chrono::steady_clock::now();
   grow(dlogits_, tokens * E);

@@ -96,6 +96,9 @@ struct LayerOptions {
   /// computed first (one GEMM per expert over every chunk's) while the other ranks' rows travel.
   /// Only read when chunks > 0 (auto decides it).
   bool local_first = false;
+  /// Local-first with the own rows in two halves (sched::Schedule::local_split): the first while the
+  /// other ranks' rows travel in, the second while their results travel back. Implies local_first.
+  bool local_split = false;
 };
 
 /// The schedule a layer runs and, with `chunks = 0` (auto), how it was chosen.
@@ -260,8 +263,10 @@ class MoELayer : private layer::PassSteps {
   // Saved by forward for backward; reused across steps so no step allocates once warm.
   std::int64_t tokens_ = 0;
   int chunks_used_ = 1;
-  bool local_first_ = false;                              // this pass: own rows computed first, not exchanged
-  std::vector<std::pair<int, int>> stage_;                // (source, chunk) blocks of the current stage
+  layer::OwnRows own_rows_;                               // this pass: local-first / local-split
+  std::vector<std::pair<int, int>> stage_;                // (source, chunk) blocks of the current stage,
+  std::int64_t stage_first_slot_ = 0, stage_end_slot_ = 0;  // its local slots,
+  bool stage_starts_ = true, stage_completes_ = true;    // whether it starts / completes its rows' sums
   std::vector<float> x_, scores_, topk_weights_;
   std::vector<std::int32_t> topk_ids_;
   std::vector<std::unique_ptr<Chunk>> chunks_;

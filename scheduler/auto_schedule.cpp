@@ -5,13 +5,15 @@
 
 namespace moex::sched {
 
-void AutoSchedule::reset(int chunks, bool local_first, bool flat_exchange, int world, bool overlap) {
+void AutoSchedule::reset(int chunks, bool local_first, bool local_split, bool flat_exchange, int world,
+                         bool overlap) {
   *this = AutoSchedule();
   flat_ = flat_exchange;
   overlap_ = overlap;
   world_ = world;
   choice_.automatic = chunks == 0;
-  if (!choice_.automatic) choice_.schedule = {chunks, local_first && flat_exchange && world > 1};
+  const bool own = flat_exchange && world > 1;
+  if (!choice_.automatic) choice_.schedule = {chunks, (local_first || local_split) && own, local_split && own};
 }
 
 void AutoSchedule::dispatched(double bytes, double ms) {

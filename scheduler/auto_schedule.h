@@ -34,10 +34,10 @@ class AutoSchedule {
   /// Passes measured before the model chooses: the first pays first touches; the second is used.
   static constexpr int kMeasuredPasses = 2;
 
-  /// Starts over. `chunks` 0 = auto; otherwise the fixed schedule {chunks, local_first}, local-first
-  /// kept only for the flat exchange with more than one rank. `overlap`: the layer's exchanges run
-  /// beside its compute (the model's assumption).
-  void reset(int chunks, bool local_first, bool flat_exchange, int world, bool overlap);
+  /// Starts over. `chunks` 0 = auto; otherwise the fixed schedule {chunks, local_first,
+  /// local_split} (local_split implies local_first), both kept only for the flat exchange with more
+  /// than one rank. `overlap`: the layer's exchanges run beside its compute (the model's assumption).
+  void reset(int chunks, bool local_first, bool local_split, bool flat_exchange, int world, bool overlap);
   const ScheduleChoice& choice() const { return choice_; }
   /// Auto, not decided yet: the passes are being measured.
   bool measuring() const { return choice_.automatic && !choice_.decided; }

@@ -8,7 +8,23 @@
 namespace moex::sched {
 
 std::string Schedule::describe() const {
-  return "chunks " + std::to_string(chunks) + (local_first ? ", local-first" : "");
+  return "chunks " + std::to_string(chunks) + (local_split ? ", local-split" : local_first ? ", local-first" : "");
+}
+
+std::int64_t own_split_slot(std::span<const std::int64_t> self_entries) {
+  std::int64_t total = 0;
+  for (auto n : self_entries) total += n;
+  // The first s whose own entries before it are closest to half of all.
+  std::int64_t best = 0, best_gap = total, before = 0;
+  for (std::size_t s = 0; s < self_entries.size(); ++s) {
+    before += self_entries[s];
+    const std::int64_t gap = 2 * before > total ? 2 * before - total : total - 2 * before;
+    if (gap < best_gap) {
+      best_gap = gap;
+      best = static_cast<std::int64_t>(s) + 1;
+    }
+  }
+  return best;
 }
 
 PassWork pass_work(const ExchangePlan& plan, std::int64_t hidden, std::int64_t topk) {
@@ -57,9 +73,10 @@ double chunk_compute(const PassWork& w, const MachineRates& r, Schedule s, int c
   return ms;
 }
 
-double self_compute(const PassWork& w, const MachineRates& r) {
+/// The own rows' compute of the slots [s0, s1).
+double self_compute(const PassWork& w, const MachineRates& r, std::size_t s0, std::size_t s1) {
   double ms = 0.0;
-  for (auto n : w.self_entries) ms += gemm_ms(r, n);
+  for (std::size_t s = s0; s < s1; ++s) ms += gemm_ms(r, w.self_entries[s]);
   return ms;
 }
 
@@ -76,14 +93,19 @@ double weight_compute(const PassWork& w, const MachineRates& r) {
 /// One direction of the pass: dispatch (bytes `d`) -> experts per chunk -> combine (bytes `b`),
 /// `shared` ms of shared experts first and `tail` ms of compute after the chunks.
 double simulate(const PassWork& w, const MachineRates& r, Schedule s, bool overlap, double d, double b,
-                double shared, double tail) {
+                double shared, double tail, bool grad) {
   const int C = s.chunks;
   const double rate = r.link_bytes_per_ms;
   const double lat = r.exchange_latency_ms;
   const double dc = lat + (rate > 0 ? d / C / rate : 0.0), bc = lat + (rate > 0 ? b / C / rate : 0.0);
-  const double own = s.local_first ? self_compute(w, r) : 0.0;
+  // Local-first: the own rows before the chunks; local-split (forward): those of the later slots
+  // after them.
+  const std::size_t S = w.self_entries.size();
+  const std::size_t split = s.local_split && !grad ? static_cast<std::size_t>(own_split_slot(w.self_entries)) : S;
+  const double own = s.local_first ? self_compute(w, r, 0, split) : 0.0;
+  const double own_last = s.local_first ? self_compute(w, r, split, S) : 0.0;
   if (!overlap) {
-    double t = shared + own + tail;
+    double t = shared + own + own_last + tail;
     for (int c = 0; c < C; ++c) t += dc + chunk_compute(w, r, s, c) + bc;
     return t;
   }
@@ -95,7 +117,7 @@ double simulate(const PassWork& w, const MachineRates& r, Schedule s, bool overl
     t = std::max(t, arrived[static_cast<std::size_t>(c)]) + chunk_compute(w, r, s, c);
     comm = std::max(comm, t) + bc;
   }
-  t += tail;
+  t += own_last + tail;
   return std::max(t, comm);
 }
 
@@ -103,14 +125,16 @@ double simulate(const PassWork& w, const MachineRates& r, Schedule s, bool overl
 
 Prediction predict(const PassWork& w, const MachineRates& r, Schedule s, bool overlap) {
   if (s.chunks < 1) throw InvalidArgument("pipeline model: chunks = " + std::to_string(s.chunks) + " must be >= 1");
+  if (s.local_split && !s.local_first)
+    throw InvalidArgument("pipeline model: local_split is a kind of local_first (" + s.describe() + ")");
   if (w.remote_entries.size() != w.self_entries.size())
     throw InvalidArgument("pipeline model: remote_entries has " + std::to_string(w.remote_entries.size()) +
                           " experts, self_entries " + std::to_string(w.self_entries.size()));
   Prediction p;
-  p.forward_ms = simulate(w, r, s, overlap, w.fwd_dispatch_bytes, w.fwd_combine_bytes, w.shared_fwd_ms, 0.0) +
+  p.forward_ms = simulate(w, r, s, overlap, w.fwd_dispatch_bytes, w.fwd_combine_bytes, w.shared_fwd_ms, 0.0, false) +
                  w.other_ms / 2;
   p.backward_ms = simulate(w, r, s, overlap, w.bwd_dispatch_bytes, w.bwd_combine_bytes, w.shared_bwd_ms,
-                           weight_compute(w, r)) +
+                           weight_compute(w, r), true) +
                   w.other_ms / 2;
   return p;
 }
@@ -119,7 +143,10 @@ std::vector<Schedule> candidate_schedules(int world, bool flat_exchange) {
   std::vector<Schedule> out;
   for (int c : {1, 2, 3, 4, 6, 8}) {
     out.push_back({c, false});
-    if (world > 1 && flat_exchange) out.push_back({c, true});
+    if (world > 1 && flat_exchange) {
+      out.push_back({c, true});
+      out.push_back({c, true, true});
+    }
   }
   return out;
 }

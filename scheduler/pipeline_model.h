@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -15,9 +16,15 @@ namespace moex::sched {
 ///                experts compute (each expert's GEMM is cut into as many pieces).
 ///   local_first: the rows a rank routes to itself skip the exchange and are computed first, every
 ///                chunk's in one GEMM per expert, while the other ranks' rows travel.
+///   local_split: (with local_first) in the forward only the own rows of the slots before
+///                own_split_slot() are computed first; the rest after the last chunk's combine is
+///                issued, so that they hide the last return as the first ones hide the first
+///                dispatch. Every expert keeps one GEMM over its own rows. The backward runs as
+///                local_first: its weight gradients already hide its last return.
 struct Schedule {
   int chunks = 1;
   bool local_first = false;
+  bool local_split = false;
   bool operator==(const Schedule&) const = default;
   std::string describe() const;  ///< e.g. "chunks 2, local-first"
 };
@@ -55,6 +62,10 @@ struct Prediction {
   double total_ms() const { return forward_ms + backward_ms; }
 };
 
+/// Local-split: the slot where the own rows computed last begin: the first s whose own entries in
+/// slots [0, s) come closest to half of all (`self_entries`: per local slot; 0 when there are none).
+std::int64_t own_split_slot(std::span<const std::int64_t> self_entries);
+
 /// The time of one expert's forward GEMMs over `rows` rows (0 for none). Backward data and weight
 /// GEMMs have the same shapes and are modelled alike.
 double gemm_ms(const MachineRates& r, std::int64_t rows);
@@ -62,12 +73,12 @@ double gemm_ms(const MachineRates& r, std::int64_t rows);
 /// Simulates the pass on two resources (the compute thread; the communication stream, exchanges
 /// in the order they are issued), as MoELayer runs it: dispatches issued at once, shared experts
 /// then (local_first) the own rows while they travel, per chunk {wait dispatch, experts, issue the
-/// combine}; backward the same, then the weight gradients over each expert's whole block while the
+/// combine}, (local_split) the own rows of the later slots; backward the same (no split), then the weight gradients over each expert's whole block while the
 /// last combines travel. overlap = false: everything in sequence.
 Prediction predict(const PassWork& work, const MachineRates& rates, Schedule schedule, bool overlap);
 
-/// The schedules `--chunks auto` considers: chunks 1, 2, 3, 4, 6, 8, each with local_first where it
-/// applies (more than one rank, the flat exchange).
+/// The schedules `--chunks auto` considers: chunks 1, 2, 3, 4, 6, 8, each also with local_first and
+/// with local_split where they apply (more than one rank, the flat exchange).
 std::vector<Schedule> candidate_schedules(int world, bool flat_exchange);
 
 /// Index of the schedule to run among `candidates` (candidates[0] must be {1, false}), given each

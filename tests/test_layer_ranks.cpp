@@ -172,12 +172,21 @@ void expect_schedules_agree(const MoeConfig& cfg, std::int64_t T, bool skew, std
           ok = ok && same;
         }
       // Local-first: the own rows' GEMMs run apart from the others', so fp32 rounding again.
-      for (bool overlap : {false, true}) {
-        const auto got = run_layer(cfg, topo, {chunks, overlap, ExchangeKind::kFlat, 0.0, false, true}, x, dy, b, e, skew);
-        const double lf_err = rel_err(got.data(), one_chunk.data(), got.size());
-        EXPECT_LE(lf_err, 1e-5) << topo.describe() << ", chunks " << chunks << ", local-first, overlap " << overlap;
-        ok = ok && lf_err <= 1e-5;
-      }
+      // Local-split runs the same GEMMs and sums in the same order: local-first's bits.
+      std::vector<float> local_first;
+      for (bool split : {false, true})
+        for (bool overlap : {false, true}) {
+          const LayerOptions lo{chunks, overlap, ExchangeKind::kFlat, 0.0, false, true, split};
+          const auto got = run_layer(cfg, topo, lo, x, dy, b, e, skew);
+          const double lf_err = rel_err(got.data(), one_chunk.data(), got.size());
+          EXPECT_LE(lf_err, 1e-5) << topo.describe() << ", chunks " << chunks << ", local-first, overlap " << overlap;
+          ok = ok && lf_err <= 1e-5;
+          if (local_first.empty()) local_first = got;
+          const bool same = got == local_first;
+          EXPECT_TRUE(same) << topo.describe() << ", chunks " << chunks << (split ? ", local-split" : ", local-first")
+                            << ", overlap " << overlap << ": differs from local-first without overlap";
+          ok = ok && same;
+        }
     }
     // Deterministic schedule: bitwise the same for every chunk count too.
     const auto det_one = run_layer(cfg, topo, {1, false, ExchangeKind::kFlat, 0.0, true}, x, dy, b, e, skew);
@@ -192,12 +201,15 @@ void expect_schedules_agree(const MoeConfig& cfg, std::int64_t T, bool skew, std
                           << ": differs from 1 chunk";
         ok = ok && same;
       }
-    for (int chunks : chunk_counts) {
-      const auto got = run_layer(cfg, topo, {chunks, true, ExchangeKind::kFlat, 0.0, true, true}, x, dy, b, e, skew);
-      const bool same = got == det_one;
-      EXPECT_TRUE(same) << topo.describe() << ", deterministic, chunks " << chunks << ", local-first: differs";
-      ok = ok && same;
-    }
+    for (int chunks : chunk_counts)
+      for (bool split : {false, true}) {
+        const auto got =
+            run_layer(cfg, topo, {chunks, true, ExchangeKind::kFlat, 0.0, true, true, split}, x, dy, b, e, skew);
+        const bool same = got == det_one;
+        EXPECT_TRUE(same) << topo.describe() << ", deterministic, chunks " << chunks
+                          << (split ? ", local-split" : ", local-first") << ": differs";
+        ok = ok && same;
+      }
   }
   EXPECT_TRUE(testing::all_ranks(ok));
 }
@@ -240,7 +252,7 @@ TEST(LayerSchedule, AutoChoosesOneScheduleOnEveryRank) {
   EXPECT_EQ(ch.candidates.size(), ch.predicted_ms.size());
   EXPECT_EQ(ch.candidates[ch.chosen], ch.schedule);
   for (double ms : ch.predicted_ms) EXPECT_GT(ms, 0.0);
-  int mine[2] = {ch.schedule.chunks, ch.schedule.local_first ? 1 : 0};
+  int mine[2] = {ch.schedule.chunks, (ch.schedule.local_first ? 1 : 0) + (ch.schedule.local_split ? 2 : 0)};
   std::vector<int> all(static_cast<std::size_t>(2 * world.size()));
   world.allgather(mine, all.data(), 2, comm::DataType::kInt32, "auto schedules")->wait();
   for (int r = 0; r < world.size(); ++r) {

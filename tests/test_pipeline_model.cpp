@@ -2,6 +2,7 @@
 // the choice between them. Pure arithmetic: no MPI, no timing.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "base/error.h"
@@ -50,6 +51,38 @@ TEST(PipelineModel, HandWorkedTimelines) {
   p = predict(w, r, {2, true}, false);
   EXPECT_DOUBLE_EQ(p.forward_ms, 400.0);
   EXPECT_DOUBLE_EQ(p.backward_ms, 600.0);
+}
+
+// Local-split: the own rows of the first slot hide the first dispatch, those of the second the
+// last combine.
+TEST(PipelineModel, LocalSplitHidesTheLastCombine) {
+  PassWork w;
+  w.self_entries = {100, 100};
+  w.remote_entries = {{100}, {100}};
+  w.fwd_dispatch_bytes = w.fwd_combine_bytes = w.bwd_dispatch_bytes = w.bwd_combine_bytes = 1000.0;
+  const MachineRates r = rates(0.0, 10.0);
+  // Local-first, 2 chunks: own rows 0-200, chunk 0 (50 rows of each slot) 200-300, its combine
+  // 300-350, chunk 1 300-400, its combine 400-450.
+  EXPECT_DOUBLE_EQ(predict(w, r, {2, true}, true).forward_ms, 450.0);
+  // Local-split: slot 0's own rows 0-100, chunk 0 (arrived at 50) 100-200, its combine 200-250,
+  // chunk 1 200-300, its combine 300-350 while slot 1's own rows compute 300-400.
+  EXPECT_DOUBLE_EQ(predict(w, r, {2, true, true}, true).forward_ms, 400.0);
+  // Backward: all own rows first (local-first's 400), then the weights over 400 rows: 800 either way.
+  EXPECT_DOUBLE_EQ(predict(w, r, {2, true, true}, true).backward_ms, 800.0);
+  EXPECT_DOUBLE_EQ(predict(w, r, {2, true}, true).backward_ms, 800.0);
+  // Serialised, the split changes nothing: 100 + 400 + 100.
+  EXPECT_DOUBLE_EQ(predict(w, r, {2, true, true}, false).forward_ms, 600.0);
+  EXPECT_THROW(predict(w, r, {2, false, true}, true), InvalidArgument);
+  EXPECT_EQ((Schedule{2, true, true}).describe(), "chunks 2, local-split");
+}
+
+TEST(PipelineModel, OwnSplitSlotHalvesTheOwnRows) {
+  EXPECT_EQ(own_split_slot(std::vector<std::int64_t>{}), 0);
+  EXPECT_EQ(own_split_slot(std::vector<std::int64_t>{0, 0}), 0);
+  EXPECT_EQ(own_split_slot(std::vector<std::int64_t>{10, 10, 10, 10}), 2);
+  EXPECT_EQ(own_split_slot(std::vector<std::int64_t>{30, 1, 1}), 1);
+  EXPECT_EQ(own_split_slot(std::vector<std::int64_t>{1, 1, 30}), 2);  // 2 first, 30 last
+  EXPECT_EQ(own_split_slot(std::vector<std::int64_t>{7}), 0);         // |0 - 7| = |14 - 7|: the first
 }
 
 TEST(PipelineModel, FixedCostsPerGemmCallMakeSplittingExpensive) {
@@ -118,13 +151,21 @@ TEST(PipelineModel, CandidatesAndChoice) {
   EXPECT_EQ(candidate_schedules(1, true).size(), 6u);  // one rank: nothing travels, no local-first
   EXPECT_EQ(candidate_schedules(4, false).size(), 6u);  // hierarchical: chunks only
   const auto c = candidate_schedules(4, true);
-  ASSERT_EQ(c.size(), 12u);
+  ASSERT_EQ(c.size(), 18u);  // each chunking unsplit, local-first and local-split
   EXPECT_EQ(c[0], (Schedule{1, false}));
+  EXPECT_EQ(c[1], (Schedule{1, true}));
+  EXPECT_EQ(c[2], (Schedule{1, true, true}));
   // A gain under min_gain keeps the unsplit schedule; a larger one takes the fastest.
-  EXPECT_EQ(choose_schedule(c, std::vector<double>{100, 98, 99, 99, 99, 99, 99, 99, 99, 99, 99, 99}), 0u);
-  EXPECT_EQ(choose_schedule(c, std::vector<double>{100, 98, 99, 90, 99, 99, 99, 99, 99, 99, 99, 99}), 3u);
+  std::vector<double> ms(c.size(), 99.0);
+  ms[0] = 100;
+  ms[1] = 98;
+  EXPECT_EQ(choose_schedule(c, ms), 0u);
+  ms[3] = 90;
+  EXPECT_EQ(choose_schedule(c, ms), 3u);
   // ... and one under min_gain_ms too (a 5 ms pass saving 10 % keeps the unsplit schedule).
-  EXPECT_EQ(choose_schedule(c, std::vector<double>{5, 5, 5, 4.5, 5, 5, 5, 5, 5, 5, 5, 5}), 0u);
+  std::fill(ms.begin(), ms.end(), 5.0);
+  ms[3] = 4.5;
+  EXPECT_EQ(choose_schedule(c, ms), 0u);
   EXPECT_THROW(choose_schedule(c, std::vector<double>{1.0}), InvalidArgument);
   EXPECT_THROW(predict(two_rank_work(), rates(0, 1), {0, false}, true), InvalidArgument);
   PassWork bad = two_rank_work();
@@ -138,16 +179,18 @@ TEST(PipelineModel, CandidatesAndChoice) {
 // the link rate beyond each exchange's latency, predicts every candidate and chooses once.
 TEST(AutoSchedule, MeasuresThenChoosesOnce) {
   AutoSchedule fixed;
-  fixed.reset(3, true, /*flat_exchange=*/true, 2, true);
+  fixed.reset(3, true, false, /*flat_exchange=*/true, 2, true);
   EXPECT_FALSE(fixed.measuring());
   EXPECT_EQ(fixed.choice().schedule, (Schedule{3, true}));
-  fixed.reset(3, true, /*flat_exchange=*/false, 2, true);  // hierarchical: no local-first
+  fixed.reset(3, true, true, /*flat_exchange=*/false, 2, true);  // hierarchical: no local-first
   EXPECT_EQ(fixed.choice().schedule, (Schedule{3, false}));
-  fixed.reset(2, true, true, 1, true);  // one rank: nothing to keep local
+  fixed.reset(2, false, true, true, 2, true);  // local-split is a local-first schedule
+  EXPECT_EQ(fixed.choice().schedule, (Schedule{2, true, true}));
+  fixed.reset(2, true, false, true, 1, true);  // one rank: nothing to keep local
   EXPECT_EQ(fixed.choice().schedule, (Schedule{2, false}));
 
   AutoSchedule a;
-  a.reset(0, false, true, 2, true);
+  a.reset(0, false, false, true, 2, true);
   EXPECT_TRUE(a.choice().automatic);
   EXPECT_TRUE(a.measuring());
   EXPECT_FALSE(a.deciding());
@@ -183,7 +226,7 @@ TEST(AutoSchedule, MeasuresThenChoosesOnce) {
   EXPECT_EQ(a.choice().schedule, a.choice().candidates[3]);
 
   AutoSchedule none;  // a rank without experts: no GEMM to time
-  none.reset(0, false, true, 2, true);
+  none.reset(0, false, false, true, 2, true);
   none.measured(PassWork{}, 0.0, 1);
   none.measured(PassWork{}, 0.0, 1);
   EXPECT_EQ(none.calibration_rows(), (std::pair<std::int64_t, std::int64_t>{0, 0}));

@@ -215,7 +215,7 @@ void GpuMoELayer::load_from(MoELayer& cpu) {
 }
 
 void check_gpu_schedule(const MoELayer& cpu) {
-  if (cpu.options().local_first && cpu.options().chunks > 0)
+  if ((cpu.options().local_first || cpu.options().local_split) && cpu.options().chunks > 0)
     throw ConfigError("GPU layer for '" + cpu.name() + "': --local-first is a schedule of the CPU layer only; the GPU "
                       "layer runs token chunks (drop --local-first)");
 }

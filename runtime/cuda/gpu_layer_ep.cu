@@ -276,7 +276,7 @@ void GpuMoELayer::forward_ep(const void* xin, void* out, bool accumulate, cudaSt
   mark(kF1, stream);
 
   ep.begin(*this, stream, deadline, xin, out, accumulate, C);
-  moex::layer::run_forward(ep, /*local_first=*/false);
+  moex::layer::run_forward(ep, /*own=*/{});
 }
 
 void GpuMoELayer::backward_ep(const void* dyin, void* out, bool accumulate, cudaStream_t stream) {
@@ -285,7 +285,7 @@ void GpuMoELayer::backward_ep(const void* dyin, void* out, bool accumulate, cuda
   ep.settle(deadline);
   mark(kBP, stream);
   ep.begin(*this, stream, deadline, dyin, out, accumulate, ep.pass.main.chunks);
-  moex::layer::run_backward(ep, /*local_first=*/false);
+  moex::layer::run_backward(ep, /*own=*/{});
 }
 
 // ---- EpState's layer::PassSteps: the steps of layer::run_forward / run_backward on the device.

@@ -9,20 +9,29 @@ void PassSteps::keep_own(bool) { throw InternalError("layer::PassSteps: this bac
 void PassSteps::own_back(bool) { throw InternalError("layer::PassSteps: this backend has no local-first stage"); }
 
 namespace {
-void run(PassSteps& s, bool local_first, bool grad) {
-  const int C = s.pass_plan().main.chunks;
+void run(PassSteps& s, OwnRows own, bool grad) {
+  const PassPlan& plan = s.pass_plan();
+  const int C = plan.main.chunks;
+  // Local-split splits the forward's own rows only: in backward, the weight gradients already run
+  // while the last returns travel, so all own rows go first, hiding the first dispatch.
+  const std::int64_t S = plan.main.num_local, split = own.split && !grad ? plan.own_split : S;
   // Local-first: the own rows skip the exchange, so the exchanges leave their blocks out.
-  for (int c = 0; c < C; ++c) s.send(c, grad, local_first);
+  for (int c = 0; c < C; ++c) s.send(c, grad, own.first);
   s.shared(grad);
-  if (local_first) {
+  if (own.first) {
     s.keep_own(grad);
-    s.experts({0, Part::kSelf}, grad);
-    s.own_back(grad);
+    s.experts({.part = Part::kSelf, .first_slot = 0, .end_slot = split}, grad);
+    if (split == S) s.own_back(grad);
   }
   for (int c = 0; c < C; ++c) {
     s.arrived(c, grad);
-    s.experts({c, local_first ? Part::kRemote : Part::kAll}, grad);
-    s.start_return(c, grad, local_first);
+    s.experts({.chunk = c, .part = own.first ? Part::kRemote : Part::kAll}, grad);
+    s.start_return(c, grad, own.first);
+  }
+  // Local-split: the later slots' own rows while the last returns travel.
+  if (own.first && split < S) {
+    s.experts({.part = Part::kSelf, .first_slot = split, .end_slot = S}, grad);
+    s.own_back(grad);
   }
   if (grad) s.weight_grads();
   for (int c = 0; c < C; ++c) s.returning(c, grad);
@@ -33,7 +42,7 @@ void run(PassSteps& s, bool local_first, bool grad) {
 }
 }  // namespace
 
-void run_forward(PassSteps& s, bool local_first) { run(s, local_first, false); }
-void run_backward(PassSteps& s, bool local_first) { run(s, local_first, true); }
+void run_forward(PassSteps& s, OwnRows own) { run(s, own, false); }
+void run_backward(PassSteps& s, OwnRows own) { run(s, own, true); }
 
 }  // namespace moex::layer

@@ -15,11 +15,15 @@ namespace moex::layer {
 enum class Part {
   kAll,     ///< every source's rows of one chunk
   kRemote,  ///< the other ranks' rows of one chunk (local-first: this rank's came before)
-  kSelf,    ///< this rank's own rows of every chunk (local-first's first stage: one GEMM per expert)
+  kSelf,    ///< this rank's own rows of every chunk for some slots (local-first: one GEMM per expert)
 };
 struct Stage {
   int chunk = 0;  ///< unused for Part::kSelf
   Part part = Part::kAll;
+  /// Part::kSelf: the local slots [first_slot, end_slot) (local-first: all; local-split: those
+  /// before PassPlan::own_split, then the rest). A backend starts the own rows' sums at first_slot 0
+  /// and completes them (backward: their routing-weight gradients) at end_slot = num_local.
+  std::int64_t first_slot = 0, end_slot = 0;
 };
 
 /// The steps of a pass a backend supplies, beside the row moves of RowMoves. `grad` is false in
@@ -61,13 +65,22 @@ class PassSteps : public RowMoves {
   virtual bool accumulate() const = 0;
 };
 
+/// How a pass treats the rows a rank routes to itself (sched::Schedule's local_first, local_split).
+struct OwnRows {
+  bool first = false;  ///< they skip the exchange and compute before the other ranks' rows
+  /// (with first) forward: only the slots before PassPlan::own_split first, the rest after the
+  /// last chunk's return is started; backward as `first` (its weight gradients fill that time)
+  bool split = false;
+};
+
 /// The forward pass over s.pass_plan(): every chunk sent, the shared experts while they travel,
 /// local-first's own rows (when asked), then per chunk the experts once it arrived and its rows
-/// back while the next computes; last, each token's returned rows summed into Buf::kOut.
-void run_forward(PassSteps& s, bool local_first);
+/// back while the next computes, local-split's later own rows while the last travel; last, each
+/// token's returned rows summed into Buf::kOut.
+void run_forward(PassSteps& s, OwnRows own);
 /// The backward pass, along the forward's routes: dL/dy rows sent, the shared experts' backward,
 /// the experts' data gradients per stage, their weight gradients, the sums into Buf::kOut (dx) and
 /// Buf::kPicks (the routing-weight gradients).
-void run_backward(PassSteps& s, bool local_first);
+void run_backward(PassSteps& s, OwnRows own);
 
 }  // namespace moex::layer

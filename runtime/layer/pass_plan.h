@@ -88,6 +88,9 @@ class PassPlan {
   bool per_node = false;
   std::vector<std::int64_t> group_offsets, group_rows, token_groups, group_ids;
   std::int64_t groups() const { return static_cast<std::int64_t>(group_ids.size()); }
+  /// Local-split: the first local slot whose own rows compute after the other ranks' rows
+  /// (sched::own_split_slot of this rank's own entries per slot; set by finish()).
+  std::int64_t own_split = 0;
   /// This pass's RouteStats but expert_tokens, for rows of `row_bytes` bytes.
   void count(RouteStats& stats, std::int64_t row_bytes) const;
   /// The milliseconds the last metadata exchange spent on its counts (a latency of the link).
@@ -100,6 +103,7 @@ class PassPlan {
   std::vector<int> pick_rank_, fwd_rank_;
   std::vector<std::int32_t> pick_slot_, fwd_code_;
   std::vector<int> row_node_;
+  std::vector<std::int64_t> own_entries_;
 };
 
 }  // namespace moex::layer

@@ -118,7 +118,8 @@ json layout_json(const sched::ReplicaLayout& l) { return l.slot_expert(); }
 json schedule_json(const MoELayer& l) {
   const ScheduleChoice& c = l.schedule_choice();
   const bool fixed = !c.automatic || c.decided;
-  return {{"fixed", fixed}, {"chunks", c.schedule.chunks}, {"local_first", c.schedule.local_first}};
+  return {{"fixed", fixed}, {"chunks", c.schedule.chunks}, {"local_first", c.schedule.local_first},
+          {"local_split", c.schedule.local_split}};
 }
 
 template <typename T>
@@ -397,6 +398,7 @@ void Trainer::load_checkpoint(const std::string& path) {
         LayerOptions o = ls[i]->options();
         o.chunks = list[i].at("chunks").get<int>();
         o.local_first = list[i].at("local_first").get<bool>();
+        o.local_split = list[i].value("local_split", false);  // absent before local-split existed
         ls[i]->set_options(o);
       }
     }
