@@ -118,7 +118,7 @@ Options& add_schedule_options(Options& opt) {
                    "(chunk i+1's exchange travels while chunk i computes)")
       .value("local-first", "off",
              "with --chunks C: on = this rank's own rows skip the exchange and compute first while the rest travel; "
-             "split = half of them first, the other half while the results travel back")
+             "split = in the forward half of them first, the other half while the results travel back")
       .value("overlap", "on", "on: exchanges on a communication thread beside compute; off: serialised")
       .value("exchange", "flat", "flat, or hierarchical (once per destination node, then forwarded inside it)")
       .value("deterministic", "off", "on: row-wise expert GEMMs, so results are bitwise the same for every --chunks")

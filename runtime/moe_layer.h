@@ -96,8 +96,9 @@ struct LayerOptions {
   /// computed first (one GEMM per expert over every chunk's) while the other ranks' rows travel.
   /// Only read when chunks > 0 (auto decides it).
   bool local_first = false;
-  /// Local-first with the own rows in two halves (sched::Schedule::local_split): the first while the
-  /// other ranks' rows travel in, the second while their results travel back. Implies local_first.
+  /// Local-first with the forward's own rows in two halves (sched::Schedule::local_split): the first
+  /// while the other ranks' rows travel in, the second while their results travel back; the
+  /// backward runs as local_first. Implies local_first.
   bool local_split = false;
 };
 

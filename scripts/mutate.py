@@ -71,7 +71,7 @@ FLOAT_BAD = ["-1", "0", "-0", "1e-300", "1e300", "1e10", "1e12", "0.0001", "nan"
              "abc", "", "1e", "0x1p3", "1,5", "5e-324", "1.7976931348623157e309"]
 FLOAT_OK = ["0.001", "0.01", "0.5", "1", "2", "10", "11", "1e-5"]
 ENUM_POOL = ["on", "off", "auto", "ON", "yes", "1", "0", "", "maybe", "flat", "hierarchical", "cpu", "cuda",
-             "nccl", "staged", "bf16", "fp32", "fp16", "-1"]
+             "nccl", "staged", "split", "bf16", "fp32", "fp16", "-1"]
 LONG = "x" * 5000
 
 # moex-train: flag -> kind. Work-scaling flags draw from pools without valid huge values, so that no

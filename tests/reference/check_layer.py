@@ -312,6 +312,8 @@ SCHEDULES = {
     "chunks3-hier": (["--chunks", "3", "--exchange", "hierarchical"], {"MOEX_RANKS_PER_NODE": "2"}),
     "determ-serial": (["--deterministic", "on", "--chunks", "2", "--overlap", "off"], {}),
     "replicas": (["--replicas", "on", "--chunks", "2"], {"MOEX_RANKS_PER_NODE": "2"}),
+    "local-first": (["--chunks", "2", "--local-first", "on"], {}),
+    "local-split": (["--chunks", "3", "--local-first", "split"], {}),
 }
 # With --device cuda (GpuMoELayer) every option applies but the deterministic mode over the
 # hierarchical exchange.
