@@ -300,21 +300,21 @@ void MoELayer::experts(layer::Stage stage, bool grad) {
   }
   // Local-split runs the own rows in two stages over the slots: the first starts their sums, the
   // second adds to them and completes them.
-  stage_first_slot_ = own ? stage.first_slot : 0;
-  stage_end_slot_ = own ? stage.end_slot : S;
-  stage_starts_ = stage_first_slot_ == 0;
-  stage_completes_ = stage_end_slot_ == S;
+  stage_slots_ = {own ? stage.first_slot : 0, own ? stage.end_slot : S};
+  stage_starts_ = stage_slots_.first == 0;
+  stage_completes_ = stage_slots_.second == S;
   if (grad) run_experts_backward();
   else run_experts_forward();
 }
 
 namespace {
-/// Calls fn(s, begin, count) for each slot s in [s0, s1) and each maximal run of consecutive blocks
-/// of s among `blocks` ((source, chunk) pairs in canonical order), so each run is one GEMM.
+/// Calls fn(s, begin, count) for each slot s in [slots.first, slots.second) and each maximal run of
+/// consecutive blocks of s among `blocks` ((source, chunk) pairs in canonical order), so each run
+/// is one GEMM.
 template <typename Fn>
-void for_each_block(const sched::ExchangePlan& L, std::span<const std::pair<int, int>> blocks, std::int64_t s0,
-                    std::int64_t s1, Fn&& fn) {
-  for (std::int64_t s = s0; s < s1; ++s) {
+void for_each_block(const sched::ExchangePlan& L, std::span<const std::pair<int, int>> blocks,
+                    std::pair<std::int64_t, std::int64_t> slots, Fn&& fn) {
+  for (std::int64_t s = slots.first; s < slots.second; ++s) {
     std::int64_t begin = -1, count = 0;
     for (const auto& [p, c] : blocks) {
       const std::int64_t b = L.entry_base[L.spc(s, p, c)], n = L.picks[L.spc(s, p, c)];
@@ -337,12 +337,12 @@ void MoELayer::run_experts_forward() {
   const std::int64_t H = hidden_, F = ffn_;
   const sched::ExchangePlan& plan_ = pass_.main;
   auto t0 = std::chrono::steady_clock::now();
-  for_each_block(plan_, stage_, stage_first_slot_, stage_end_slot_, [&](std::int64_t, std::int64_t b, std::int64_t n) {
+  for_each_block(plan_, stage_, stage_slots_, [&](std::int64_t, std::int64_t b, std::int64_t n) {
     kernels::gather_rows(n, H, plan_.entry_row.data() + b, recv, H, xe_.data() + b * H, H);
   });
   tally(&LayerCounters::permute, ms_since(t0));
   t0 = std::chrono::steady_clock::now();
-  for_each_block(plan_, stage_, stage_first_slot_, stage_end_slot_, [&](std::int64_t s, std::int64_t b, std::int64_t n) {
+  for_each_block(plan_, stage_, stage_slots_, [&](std::int64_t s, std::int64_t b, std::int64_t n) {
     kernels::swiglu_ffn_forward({n, H, F}, xe_.data() + b * H, expert_w13(s), expert_w2(s), h13_.data() + b * 2 * F,
                                 sig_.data() + b * F, a_.data() + b * F, ye_.data() + b * H, gemm_kind());
   });
@@ -352,7 +352,7 @@ void MoELayer::run_experts_forward() {
   if (stage_starts_)
     for (const auto& [p, c] : stage_)
       std::fill_n(out + plan_.recv_displ(c, p) * H, plan_.recv_counts[plan_.cp(c, p)] * H, 0.0f);
-  for_each_block(plan_, stage_, stage_first_slot_, stage_end_slot_, [&](std::int64_t, std::int64_t b, std::int64_t n) {
+  for_each_block(plan_, stage_, stage_slots_, [&](std::int64_t, std::int64_t b, std::int64_t n) {
     kernels::scatter_add_rows(n, H, plan_.entry_row.data() + b, plan_.entry_weight.data() + b, ye_.data() + b * H, H,
                               out, H);
   });
@@ -365,13 +365,13 @@ void MoELayer::run_experts_backward() {
   const sched::ExchangePlan& plan_ = pass_.main;
   auto t0 = std::chrono::steady_clock::now();
   // Each entry's output gradient is w * dy_row; the routing weight's gradient is dy_row . expert_out.
-  for_each_block(plan_, stage_, stage_first_slot_, stage_end_slot_, [&](std::int64_t, std::int64_t b, std::int64_t n) {
+  for_each_block(plan_, stage_, stage_slots_, [&](std::int64_t, std::int64_t b, std::int64_t n) {
     kernels::gather_rows_scaled_dot(n, H, plan_.entry_row.data() + b, plan_.entry_weight.data() + b, rgrad_.data(), H,
                                     ye_.data() + b * H, dye_.data() + b * H, H, dpick_.data() + b);
   });
   tally(&LayerCounters::combine, ms_since(t0));
   t0 = std::chrono::steady_clock::now();
-  for_each_block(plan_, stage_, stage_first_slot_, stage_end_slot_, [&](std::int64_t s, std::int64_t b, std::int64_t n) {
+  for_each_block(plan_, stage_, stage_slots_, [&](std::int64_t s, std::int64_t b, std::int64_t n) {
     kernels::swiglu_ffn_backward_data({n, H, F}, expert_w13(s), expert_w2(s), h13_.data() + b * 2 * F,
                                       sig_.data() + b * F, dye_.data() + b * H, dh13_.data() + b * 2 * F,
                                       dxe_.data() + b * H, gemm_kind());
@@ -385,7 +385,7 @@ void MoELayer::run_experts_backward() {
     if (stage_completes_)
       kernels::gather_values(rows * K, plan_.row_entry.data() + r0 * K, dpick_.data(), out_dw + r0 * K);
   }
-  for_each_block(plan_, stage_, stage_first_slot_, stage_end_slot_, [&](std::int64_t, std::int64_t b, std::int64_t n) {
+  for_each_block(plan_, stage_, stage_slots_, [&](std::int64_t, std::int64_t b, std::int64_t n) {
     kernels::scatter_add_rows(n, H, plan_.entry_row.data() + b, nullptr, dxe_.data() + b * H, H, out, H);
   });
   tally(&LayerCounters::combine, ms_since(t0));

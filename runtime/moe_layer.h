@@ -266,7 +266,7 @@ class MoELayer : private layer::PassSteps {
   int chunks_used_ = 1;
   layer::OwnRows own_rows_;                               // this pass: local-first / local-split
   std::vector<std::pair<int, int>> stage_;                // (source, chunk) blocks of the current stage,
-  std::int64_t stage_first_slot_ = 0, stage_end_slot_ = 0;  // its local slots,
+  std::pair<std::int64_t, std::int64_t> stage_slots_;    // its local slots [first, second),
   bool stage_starts_ = true, stage_completes_ = true;    // whether it starts / completes its rows' sums
   std::vector<float> x_, scores_, topk_weights_;
   std::vector<std::int32_t> topk_ids_;
