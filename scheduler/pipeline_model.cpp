@@ -27,19 +27,25 @@ std::int64_t own_split_slot(std::span<const std::int64_t> self_entries) {
   return best;
 }
 
+void own_entries(const ExchangePlan& plan, std::vector<std::int64_t>& out) {
+  out.assign(static_cast<std::size_t>(plan.num_local), 0);
+  for (std::int64_t s = 0; s < plan.num_local; ++s)
+    for (int c = 0; c < plan.chunks; ++c) out[static_cast<std::size_t>(s)] += plan.picks[plan.spc(s, plan.rank, c)];
+}
+
 PassWork pass_work(const ExchangePlan& plan, std::int64_t hidden, std::int64_t topk) {
   const int P = plan.world, me = plan.rank;
   const auto S = static_cast<std::size_t>(plan.num_local);
   PassWork w;
-  w.self_entries.assign(S, 0);
+  own_entries(plan, w.self_entries);
   w.remote_entries.assign(S, std::vector<std::int64_t>(static_cast<std::size_t>(std::max(P - 1, 0)), 0));
   for (int c = 0; c < plan.chunks; ++c)
-    for (int p = 0; p < P; ++p)
-      for (std::size_t s = 0; s < S; ++s) {
-        const std::int64_t n = plan.picks[plan.spc(static_cast<std::int64_t>(s), p, c)];
-        if (p == me) w.self_entries[s] += n;
-        else w.remote_entries[s][static_cast<std::size_t>(p < me ? p : p - 1)] += n;
-      }
+    for (int p = 0; p < P; ++p) {
+      if (p == me) continue;  // own_entries
+      for (std::size_t s = 0; s < S; ++s)
+        w.remote_entries[s][static_cast<std::size_t>(p < me ? p : p - 1)] +=
+            plan.picks[plan.spc(static_cast<std::int64_t>(s), p, c)];
+    }
   const double row = static_cast<double>(std::max(plan.remote_rows(false), plan.remote_rows(true))) * 4.0;
   w.fwd_dispatch_bytes = w.fwd_combine_bytes = w.bwd_dispatch_bytes = row * static_cast<double>(hidden);
   w.bwd_combine_bytes = row * static_cast<double>(hidden + topk);

@@ -51,6 +51,10 @@ struct PassWork {
   double other_ms = 0;  ///< gate, permutes, weighted sums: the same for every schedule
 };
 
+/// The entries each local slot of `plan` receives from its own rank, over every chunk, into `out`
+/// ([num_local]; reused, so a warm caller allocates nothing).
+void own_entries(const ExchangePlan& plan, std::vector<std::int64_t>& out);
+
 /// The schedule-independent work of the pass `plan` describes (rows `hidden` fp32 wide, top-`topk`):
 /// the entries of each local slot by source, and the exchanges' bytes to and from other ranks. The
 /// times (shared_*_ms, other_ms) are the caller's measurements.

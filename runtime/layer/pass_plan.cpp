@@ -56,9 +56,7 @@ void PassPlan::finish() {
   const sched::Topology& topo = layout_.experts->topology();
   const int P = main.world, C = main.chunks, me = main.rank;
   const std::int64_t K = layout_.topk;
-  own_entries_.assign(z(main.num_local), 0);
-  for (std::int64_t s = 0; s < main.num_local; ++s)
-    for (int c = 0; c < C; ++c) own_entries_[z(s)] += main.picks[main.spc(s, me, c)];
+  sched::own_entries(main, own_entries_);
   own_split = sched::own_split_slot(own_entries_);
   if (layout_.hierarchical) {
     per_node = false;
