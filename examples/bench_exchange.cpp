@@ -147,6 +147,10 @@ void BenchRows::gather_values(std::int64_t, const std::vector<std::int64_t>&, st
   throw InternalError("moex-bench exchange: routing-weight gradients are not exchanged here");
 }
 
+void BenchRows::copy(std::int64_t, layer::Buf, std::int64_t, layer::Buf, std::int64_t, bool) {
+  throw InternalError("moex-bench exchange: every block is exchanged here (no local-first copies)");
+}
+
 std::unique_ptr<BenchRows> make_host_rows(comm::Communicator& comm, std::int64_t hidden, std::int64_t topk) {
   return std::make_unique<HostRows>(comm, hidden, topk);
 }

@@ -33,6 +33,8 @@ class BenchRows : public layer::RowMoves {
   /// The benchmark moves no routing-weight gradients (InternalError).
   void gather_values(std::int64_t, const std::vector<std::int64_t>&, std::int64_t, layer::Buf, layer::Buf,
                      std::int64_t) final;
+  /// Nor runs local-first's own-row copies (InternalError).
+  void copy(std::int64_t, layer::Buf, std::int64_t, layer::Buf, std::int64_t, bool) final;
   double remote_bytes = 0.0;  ///< bytes this rank sent to other ranks since the caller zeroed it
 };
 

@@ -85,7 +85,7 @@ class DeviceRows final : public BenchRows {
   }
   void exchange(const sched::ExchangePlan& plan, int c, bool out, layer::Buf from, layer::Buf to, bool, bool skip_self,
                 const std::string& label) override {
-    if (skip_self) throw InternalError("moex-bench exchange: local-first is a CPU schedule");
+    if (skip_self) throw InternalError("moex-bench exchange: every block is exchanged here (no local-first)");
     dev_->wait_for_stream(stream_);  // the gathers queued so far are what this exchange sends
     pending_.push_back(layer::exchange_chunk(*dev_, plan, c, out, H_, comm::DataType::kFloat32, buf(from), buf(to),
                                              false, label, blocks_));

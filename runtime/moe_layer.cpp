@@ -178,6 +178,12 @@ void MoELayer::gather(std::int64_t n, const std::vector<std::int64_t>& index, st
   kernels::gather_rows(n, W, index.data() + at, rows(src, dw), W, rows(dst, dw) + dst_row * W, W);
 }
 
+void MoELayer::copy(std::int64_t n, layer::Buf src, std::int64_t src_row, layer::Buf dst, std::int64_t dst_row,
+                    bool dw) {
+  const std::int64_t W = dw ? topk_ : hidden_;
+  std::copy_n(rows(src, dw) + src_row * W, n * W, rows(dst, dw) + dst_row * W);
+}
+
 void MoELayer::gather_values(std::int64_t n, const std::vector<std::int64_t>& index, std::int64_t at, layer::Buf src,
                              layer::Buf dst, std::int64_t dst_at) {
   const auto t0 = std::chrono::steady_clock::now();
@@ -256,31 +262,6 @@ void MoELayer::size_rows(bool dw) {
     const std::int64_t n = layer::buffer_rows(pass_, b);
     grow(rows_[static_cast<std::size_t>(i)], n * hidden_);
     if (dw && layer::has_dw_twin(b)) grow(rows_dw_[static_cast<std::size_t>(i)], n * topk_);
-  }
-}
-
-// ---------------------------------------------------------------------------------------------------
-// The local-first stage: the rows this rank routes to itself skip the exchange
-
-void MoELayer::keep_own(bool grad) {
-  const int me = comm_.rank();
-  const std::int64_t W = hidden_;
-  const sched::ExchangePlan& plan_ = pass_.main;
-  float *const src = rows(layer::Buf::kOriginSend, false), *const dst = rows(layer::Buf::kRecv, false);
-  for (int c = 0; c < chunks_used_; ++c)
-    std::copy_n(src + plan_.send_displ(c, me) * W, plan_.recv_counts[plan_.cp(c, me)] * W,
-                dst + plan_.recv_displ(c, me) * W);
-}
-
-void MoELayer::own_back(bool dw) {
-  float *const ret = rows(layer::Buf::kRet, false), *const back = rows(layer::Buf::kOriginBack, false);
-  const int me = comm_.rank();
-  const std::int64_t H = hidden_, K = topk_;
-  const sched::ExchangePlan& plan_ = pass_.main;
-  for (int c = 0; c < chunks_used_; ++c) {
-    const std::int64_t from = plan_.recv_displ(c, me), n = plan_.recv_counts[plan_.cp(c, me)], to = plan_.send_displ(c, me);
-    std::copy_n(ret + from * H, n * H, back + to * H);
-    if (dw) std::copy_n(rows(layer::Buf::kRet, true) + from * K, n * K, rows(layer::Buf::kOriginBack, true) + to * K);
   }
 }
 

@@ -308,6 +308,8 @@ class MoELayer : private layer::PassSteps {
   float* rows(layer::Buf b, bool dw);
   void gather(std::int64_t n, const std::vector<std::int64_t>& index, std::int64_t at, layer::Buf src, layer::Buf dst,
               std::int64_t dst_row, bool dw) override;
+  void copy(std::int64_t n, layer::Buf src, std::int64_t src_row, layer::Buf dst, std::int64_t dst_row,
+            bool dw) override;
   void gather_values(std::int64_t n, const std::vector<std::int64_t>& index, std::int64_t at, layer::Buf src,
                      layer::Buf dst, std::int64_t dst_at) override;
   void sum(std::int64_t n, const std::vector<std::int64_t>& offsets, std::int64_t at,
@@ -322,8 +324,6 @@ class MoELayer : private layer::PassSteps {
   void send(int c, bool grad, bool skip_self) override;
   void shared(bool grad) override;
   void arrived(int c, bool grad) override;
-  void keep_own(bool grad) override;
-  void own_back(bool grad) override;
   void experts(layer::Stage stage, bool grad) override;
   void start_return(int c, bool grad, bool skip_self) override;  // give_back and relay
   void weight_grads() override;

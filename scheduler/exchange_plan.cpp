@@ -347,23 +347,41 @@ void ExchangePlan::build_receive_from_meta(int world_in, int chunks_in, std::int
         }
 }
 
-void ExchangePlan::chunk_major(ChunkMajor& out) const {
-  const std::int64_t S = num_local, N = entries(), R = recv_rows(), K = topk;
+void ExchangePlan::compute_order(ComputeOrder& out, int self, std::int64_t split) const {
+  const std::int64_t S = num_local, N = entries();
+  if (self != -1 && self != rank)
+    throw InvalidArgument("ExchangePlan::compute_order: self = " + std::to_string(self) + ", expected -1 or this " +
+                          "plan's rank " + std::to_string(rank));
+  if (self >= 0 && (split < 0 || split > S))
+    throw InvalidArgument("ExchangePlan::compute_order: split = " + std::to_string(split) + ", expected a slot in [0, " +
+                          std::to_string(S) + "]");
+  out.groups = self < 0 ? chunks : chunks + 2;
+  out.split = self < 0 ? S : split;
   out.order.resize(z(N));
   out.position.resize(z(N));
-  out.chunk_slot.assign(z(chunks) * z(S), 0);
+  out.group_slot.assign(z(out.groups) * z(S), 0);
   std::int64_t n = 0;
+  // Appends block (slot s, source p, chunk c) to group g: groups and their slots come in order.
+  const auto add = [&](int g, std::int64_t s, int p, int c) {
+    const std::int64_t b = entry_base[spc(s, p, c)], m = picks[spc(s, p, c)];
+    for (std::int64_t e = b; e < b + m; ++e, ++n) {
+      out.order[z(n)] = e;
+      out.position[z(e)] = n;
+    }
+    out.group_slot[z(g) * z(S) + z(s)] += m;
+  };
+  const auto own = [&](int g, std::int64_t s0, std::int64_t s1) {
+    for (std::int64_t s = s0; s < s1; ++s)
+      for (int c = 0; c < chunks; ++c) add(g, s, self, c);
+  };
+  if (self >= 0) own(0, 0, split);
   for (int c = 0; c < chunks; ++c)
     for (std::int64_t s = 0; s < S; ++s)
-      for (int p = 0; p < world; ++p) {
-        const std::int64_t b = entry_base[spc(s, p, c)], m = picks[spc(s, p, c)];
-        for (std::int64_t e = b; e < b + m; ++e, ++n) {
-          out.order[z(n)] = e;
-          out.position[z(e)] = n;
-        }
-        out.chunk_slot[z(c) * z(S) + z(s)] += m;
-      }
-  prefix_sums(out.chunk_slot, out.chunk_offsets);
+      for (int p = 0; p < world; ++p)
+        if (p != self) add(self < 0 ? c : 1 + c, s, p, c);
+  if (self >= 0) own(chunks + 1, split, S);
+  prefix_sums(out.group_slot, out.group_offsets);
+  const std::int64_t R = recv_rows(), K = topk;
   out.entry_row.resize(z(N));
   out.entry_weight.resize(z(N));
   for (std::int64_t m = 0; m < N; ++m) {

@@ -143,26 +143,35 @@ struct ExchangePlan {
   void build_receive_from_meta(int world, int chunks, std::int64_t num_local,
                                std::span<const std::int64_t> recv_counts_cp, std::span<const float> meta);
 
-  /// The entries in chunk-major order (chunk, slot, source, row, pick), for a backend that computes
-  /// a chunk's entries as one contiguous block per slot, with the index arrays its gather and
-  /// combine kernels read (every index below is a compute position n, not a canonical entry):
+  /// The entries in the order a backend computes them, for one that computes each group of a
+  /// pass's entries as one contiguous block per slot. Groups, for C chunks and S slots:
+  ///   self < 0 (every stage a whole chunk): group c is chunk c, every source;
+  ///   self = this rank (local-first): group 0 is `self`'s own rows of every chunk for the slots
+  ///     before `split`, group 1 + c chunk c's other sources, group C + 1 `self`'s own rows for the
+  ///     slots from `split` (local-split; empty when split = S).
+  /// Within a group's slot block the entries keep their canonical order (source, chunk, row, pick).
+  /// The index arrays the gather and combine kernels read (every index below is a compute position
+  /// n, not a canonical entry):
   ///   order[n]          the canonical entry at position n; position[e] its inverse (listing
   ///                     position[] slot by slot gives every slot's entries in canonical order: a
-  ///                     weight gradient's rows in an order no chunking changes);
-  ///   chunk_slot[c*S+s] entries of slot s in chunk c, from chunk_offsets[c*S+s] ([C*S + 1]);
+  ///                     weight gradient's rows in an order no schedule changes);
+  ///   group_slot[g*S+s] entries of slot s in group g, from group_offsets[g*S+s] ([G*S + 1]);
   ///   entry_row[n], entry_weight[n]   the recv row and routing weight of position n;
   ///   row_offsets [R+1], row_entries [N], row_weight [N]   per recv row, its positions in top-K
   ///                     order and their weights (the combine: out[r] = sum w * ye[n]);
   ///   row_dw_entry[r*K+j]  the position of pick j of recv row r, or -1.
-  struct ChunkMajor {
-    std::vector<std::int64_t> order, position, chunk_slot, chunk_offsets;
+  struct ComputeOrder {
+    int groups = 0;
+    std::int64_t split = 0;  ///< local-first: the first slot of group C + 1
+    std::vector<std::int64_t> order, position, group_slot, group_offsets;
     std::vector<std::int64_t> entry_row, row_offsets, row_entries, row_dw_entry;
     std::vector<float> entry_weight, row_weight;
-    std::int64_t first(int c, std::int64_t s, std::int64_t slots) const {
-      return chunk_offsets[static_cast<std::size_t>(c) * static_cast<std::size_t>(slots) + static_cast<std::size_t>(s)];
+    std::int64_t first(int g, std::int64_t s, std::int64_t slots) const {
+      return group_offsets[static_cast<std::size_t>(g) * static_cast<std::size_t>(slots) + static_cast<std::size_t>(s)];
     }
   };
-  void chunk_major(ChunkMajor& out) const;
+  /// InvalidArgument when `self` is not -1 or this plan's rank, or `split` is outside [0, S].
+  void compute_order(ComputeOrder& out, int self = -1, std::int64_t split = 0) const;
 
  private:
   std::vector<std::int64_t> cursor_;

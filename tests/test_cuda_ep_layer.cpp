@@ -20,6 +20,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "base/error.h"
@@ -94,11 +95,13 @@ struct EpParam {
   bool deterministic = false;  // fixed-order expert GEMMs, weight gradients once per backward
   bool hier = false;           // the hierarchical exchange, on 2-rank nodes
   bool serial = false;         // overlap off: every exchange waited for once issued, shared experts inline
+  int own = 0;                 // 1: local-first (own rows skip the exchange); 2: local-split
 };
 std::string name_of(const EpParam& p) {
   return std::string(p.config) + "_" + to_string(p.precision) + "_c" + std::to_string(p.chunks) +
          (p.aux ? "_aux" : "") + (p.capacity > 0.0 ? "_capacity" : "") + (p.replicas ? "_replicas" : "") +
-         (p.deterministic ? "_det" : "") + (p.hier ? "_hier" : "") + (p.serial ? "_serial" : "");
+         (p.deterministic ? "_det" : "") + (p.hier ? "_hier" : "") + (p.serial ? "_serial" : "") +
+         (p.own == 1 ? "_localfirst" : p.own == 2 ? "_localsplit" : "");
 }
 
 /// Replica mode at P ranks on 2-rank nodes: every rank ceil(E / P) + 1 slots, the layout planned for
@@ -145,6 +148,8 @@ class CudaEpLayer : public ::testing::TestWithParam<EpParam> {
     cpu_opt.capacity_factor = p.capacity;
     cpu_opt.deterministic = p.deterministic;
     cpu_opt.exchange = p.hier ? ExchangeKind::kHierarchical : ExchangeKind::kFlat;
+    cpu_opt.local_first = p.own >= 1;
+    cpu_opt.local_split = p.own == 2;
     std::optional<ReplicaSetup> rs;
     std::unique_ptr<MoELayer> cpu;
     if (p.replicas) {
@@ -171,6 +176,8 @@ class CudaEpLayer : public ::testing::TestWithParam<EpParam> {
     opt.deterministic = p.deterministic;
     opt.exchange = cpu_opt.exchange;
     opt.overlap = opt.overlap_shared = !p.serial;
+    opt.local_first = cpu_opt.local_first;
+    opt.local_split = cpu_opt.local_split;
     std::unique_ptr<GpuMoELayer> made =
         rs ? std::make_unique<GpuMoELayer>(c.config, *host_, device_comm, rs->planned, rs->topology, opt)
            : std::make_unique<GpuMoELayer>(c.config, *host_, device_comm, placement, opt, cpu->topology());
@@ -264,7 +271,18 @@ INSTANTIATE_TEST_SUITE_P(Configs, CudaEpLayer,
                                            EpParam{"v3_like", LayerPrecision::kFp32, 3, false, 0.0, false, false, false,
                                                    true},
                                            EpParam{"v2_lite_like", LayerPrecision::kFp32, 2, true, 0.0, false, false,
-                                                   true, true}),
+                                                   true, true},
+                                           // Local-first and local-split: the own rows skip the exchange.
+                                           EpParam{"v3_like", LayerPrecision::kFp32, 2, false, 0.0, false, false, false,
+                                                   false, 1},
+                                           EpParam{"v3_like", LayerPrecision::kFp32, 3, true, 0.0, false, false, false,
+                                                   false, 2},
+                                           EpParam{"v2_lite_like", LayerPrecision::kBf16, 1, false, 1.25, true, false,
+                                                   false, false, 2},
+                                           EpParam{"v2_lite_like", LayerPrecision::kFp32, 2, false, 0.0, false, true,
+                                                   false, false, 2},
+                                           EpParam{"v3_like", LayerPrecision::kBf16, 3, false, 0.0, false, false, false,
+                                                   true, 1}),
                          [](const ::testing::TestParamInfo<EpParam>& i) { return name_of(i.param); });
 
 // The CPU layer's schedule reaches the GPU layer laid out like it: overlap off serialises the
@@ -289,8 +307,8 @@ TEST_F(CudaEpLayerSchedule, MakeGpuLayerLikeHonoursTheSchedule) {
   }
 }
 
-/// Deterministic mode: the same layer run with 1, 2 and 3 pipeline chunks gives the same bits for y,
-/// dx and every gradient (this rank's, and after the all-reduce), over two steps whose gradients
+/// Deterministic mode: the same layer run with 1, 2 and 3 pipeline chunks, and local-first and
+/// local-split, gives the same bits for y, dx and every gradient (this rank's, and after the all-reduce), over two steps whose gradients
 /// accumulate. (Without it, the weight gradients already differ with the chunk count: each chunk's
 /// part is added to them separately.) The hierarchical exchange (2-rank nodes) gives those bits too:
 /// the same entries, and a token's rows summed per node, then over the nodes, on both paths.
@@ -326,13 +344,18 @@ TEST(CudaEpDeterministic, SameBitsForEveryChunkCount) {
         cpu = make_cpu_layer(c, bf16, 31, host, placement, lo);
       }
       std::vector<Vec> first;  // chunks = 1: y, dx per step, then the gradients
-      for (int chunks : {1, 2, 3}) {
+      // (chunks, own rows: 0 exchanged, 1 local-first, 2 local-split; the hierarchical exchange runs
+      // the last two as the first).
+      for (const auto& [chunks, own] : std::vector<std::pair<int, int>>{{1, 0}, {2, 0}, {3, 0}, {2, 1}, {1, 2}, {3, 2}}) {
         const std::string tag = std::string(bf16 ? "bf16" : "fp32") + (replicas ? " replicas" : "") +
-                                (hier ? " hierarchical" : "") + " rank " +
-                                std::to_string(r) + "/" + std::to_string(P) + " chunks " + std::to_string(chunks);
+                                (hier ? " hierarchical" : "") + " rank " + std::to_string(r) + "/" +
+                                std::to_string(P) + " chunks " + std::to_string(chunks) +
+                                (own == 1 ? " local-first" : own == 2 ? " local-split" : "");
         GpuLayerOptions opt;
         opt.precision = bf16 ? LayerPrecision::kBf16 : LayerPrecision::kFp32;
         opt.chunks = chunks;
+        opt.local_first = own >= 1;
+        opt.local_split = own == 2;
         opt.deterministic = true;
         opt.capacity_factor = lo.capacity_factor;
         if (hier) opt.exchange = ExchangeKind::kHierarchical;
@@ -358,7 +381,7 @@ TEST(CudaEpDeterministic, SameBitsForEveryChunkCount) {
         got.push_back(gpu->expert_grads_host(s));
         static const char* kWhat[] = {"y step 0", "dx step 0", "y step 1", "dx step 1", "expert grads",
                                       "all-reduced gate and shared grads", "all-reduced expert grads"};
-        if (chunks == 1) {
+        if (chunks == 1 && own == 0) {
           first = got;
           if (variant == 0) flat = got;
           if (variant == 2) {  // the hierarchical exchange gives the flat one's bits
@@ -375,7 +398,7 @@ TEST(CudaEpDeterministic, SameBitsForEveryChunkCount) {
         for (std::size_t i = 0; i < got.size(); ++i) {
           ASSERT_EQ(got[i].size(), first[i].size()) << tag << " " << kWhat[i];
           EXPECT_EQ(std::memcmp(got[i].data(), first[i].data(), got[i].size() * sizeof(float)), 0)
-              << tag << ": " << kWhat[i] << " differ from 1 chunk's";
+              << tag << ": " << kWhat[i] << " differ from 1 chunk's, own rows exchanged";
         }
       }
     }
@@ -502,20 +525,12 @@ TEST(CudaEpTrain, ExecutorTrainsLikeTheCpuOverTheHierarchicalExchange) {
   expect_trains_like_the_cpu(o);
 }
 
-TEST(CudaEpTrainHost, ExecutorRejectsCpuOnlySchedules) {
-  // check() runs before any CUDA call: the executor refuses these layers without a device. (The
-  // device communicator is never used here, so the host one stands in for it.)
-  comm::MpiCommunicator world(MPI_COMM_WORLD);
-  const MoeConfig cfg = v3_like();
-  GpuLayerExecutor exec(world, world);
-  auto rejects = [&](const std::string& what, TrainOptions o) {
-    Trainer t(cfg, world, o);
-    EXPECT_THROW(t.set_executor(&exec), ConfigError) << what;
-  };
-  TrainOptions local_first;
-  local_first.layer.chunks = 2;
-  local_first.layer.local_first = true;
-  rejects("the CPU layer's local-first stage", local_first);
+TEST(CudaEpTrain, ExecutorTrainsLikeTheCpuWithLocalSplit) {
+  TrainOptions o;
+  o.tokens_per_rank = 40;
+  o.layer.chunks = 2;
+  o.layer.local_first = o.layer.local_split = true;
+  expect_trains_like_the_cpu(o);
 }
 
 }  // namespace

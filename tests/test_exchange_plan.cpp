@@ -7,6 +7,7 @@
 #include <random>
 #include <string>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "base/error.h"
@@ -117,6 +118,7 @@ struct Sim {
         all_meta.insert(all_meta.end(), m, m + send[z(p)].send_counts[send[z(p)].cp(c, q)] * 2 * K);
       }
     recv.topk = K;
+    recv.rank = q;  // (set by build_send in a layer, whose plan has both sides)
     recv.build_receive_from_meta(P, chunks, S, counts_cp, all_meta);
   }
 };
@@ -184,6 +186,75 @@ TEST(ExchangePlanForwarding, StageBPicksFromTheForwardedCodes) {
   }
 }
 
+/// ExchangePlan::compute_order(self, split) against the plan it views.
+void check_compute_order(const sched::ExchangePlan& recv, std::int64_t K, int self, std::int64_t split) {
+  const std::string tag = "rank " + std::to_string(recv.rank) + " chunks " + std::to_string(recv.chunks) + " self " +
+                          std::to_string(self) + " split " + std::to_string(split);
+  sched::ExchangePlan::ComputeOrder cm;
+  recv.compute_order(cm, self, split);
+  const int C = recv.chunks;
+  const std::int64_t S = recv.num_local;
+  ASSERT_EQ(cm.groups, self < 0 ? C : C + 2) << tag;
+  std::int64_t n = 0;
+  for (std::int64_t e : cm.order) EXPECT_EQ(cm.position[z(e)], n++) << tag;
+  ASSERT_EQ(n, recv.entries()) << tag;
+  // The (chunk, source) block a recv row belongs to.
+  const auto block_of = [&](std::int64_t r) {
+    for (int c = 0; c < C; ++c)
+      for (int p = 0; p < recv.world; ++p)
+        if (r >= recv.recv_displ(c, p) && r < recv.recv_displ(c, p) + recv.recv_counts[recv.cp(c, p)])
+          return std::make_pair(c, p);
+    return std::make_pair(-1, -1);
+  };
+  // Group g's slot s: contiguous positions, entries of slot s from the group's chunk and sources, in
+  // canonical order; every entry in exactly one group.
+  std::int64_t covered = 0;
+  for (int g = 0; g < cm.groups; ++g)
+    for (std::int64_t s = 0; s < S; ++s) {
+      const std::int64_t f = cm.first(g, s, S), m = cm.group_slot[z(g * S + s)];
+      EXPECT_EQ(f, covered) << tag << " group " << g << " slot " << s;
+      covered += m;
+      const bool own = self >= 0 && (g == 0 || g == C + 1);
+      if (own && (g == 0 ? s >= split : s < split)) {
+        EXPECT_EQ(m, 0) << tag << " own group " << g << " slot " << s;
+      }
+      for (std::int64_t i = f; i < f + m; ++i) {
+        const std::int64_t e = cm.order[z(i)];
+        if (i > f) {
+          EXPECT_LT(cm.order[z(i - 1)], e) << tag << ": out of canonical order within a slot block";
+        }
+        EXPECT_TRUE(e >= recv.slot_offsets[z(s)] && e < recv.slot_offsets[z(s) + 1]) << tag;
+        EXPECT_EQ(cm.entry_row[z(i)], recv.entry_row[z(e)]) << tag;
+        EXPECT_EQ(cm.entry_weight[z(i)], recv.entry_weight[z(e)]) << tag;
+        const auto [c, p] = block_of(recv.entry_row[z(e)]);
+        if (own) {
+          EXPECT_EQ(p, self) << tag << " an own group's entry from another source";
+        } else {
+          EXPECT_EQ(c, self < 0 ? g : g - 1) << tag << " an entry of another chunk";
+          EXPECT_NE(p, self) << tag << " a remote group's entry from this rank";
+        }
+      }
+    }
+  EXPECT_EQ(covered, recv.entries()) << tag;
+  // Each recv row's positions (top-K order) are the entries of that row.
+  ASSERT_EQ(static_cast<std::int64_t>(cm.row_offsets.size()), recv.recv_rows() + 1) << tag;
+  EXPECT_EQ(cm.row_offsets.back(), recv.entries()) << tag;
+  for (std::int64_t r = 0; r < recv.recv_rows(); ++r) {
+    std::int64_t at = cm.row_offsets[z(r)];
+    for (std::int64_t j = 0; j < K; ++j) {
+      const std::int64_t m = cm.row_dw_entry[z(r * K + j)];
+      EXPECT_EQ(m < 0, recv.row_entry[z(r * K + j)] < 0) << tag;
+      if (m < 0) continue;
+      EXPECT_EQ(cm.entry_row[z(m)], r) << tag;
+      EXPECT_EQ(recv.entry_pick[z(cm.order[z(m)])], j) << tag;
+      EXPECT_EQ(cm.row_entries[z(at)], m) << tag;
+      EXPECT_EQ(cm.row_weight[z(at)], cm.entry_weight[z(m)]) << tag;
+      ++at;
+    }
+    EXPECT_EQ(at, cm.row_offsets[z(r) + 1]) << tag;
+  }
+}
+
 TEST(ExchangePlanReceive, CanonicalEntriesDoNotDependOnTheChunking) {
   const Sim sim(7);
   for (int q = 0; q < sim.P; ++q) {
@@ -214,42 +285,14 @@ TEST(ExchangePlanReceive, CanonicalEntriesDoNotDependOnTheChunking) {
       // Each recv row's picks name the entries that name it back.
       for (std::int64_t e = 0; e < recv.entries(); ++e)
         EXPECT_EQ(recv.row_entry[z(recv.entry_row[z(e)] * sim.K + recv.entry_pick[z(e)])], e);
-      // The chunk-major view is a permutation, and its inverse.
-      sched::ExchangePlan::ChunkMajor cm;
-      recv.chunk_major(cm);
-      std::int64_t n = 0;
-      for (std::int64_t e : cm.order) EXPECT_EQ(cm.position[z(e)], n++);
-      std::int64_t total = 0;
-      for (std::int64_t m : cm.chunk_slot) total += m;
-      EXPECT_EQ(total, recv.entries());
-      // Its index arrays: positions of chunk c's slot s are contiguous, and name entries of that
-      // chunk and slot; each recv row's positions (top-K order) are the entries of that row.
-      for (int c = 0; c < chunks; ++c)
-        for (std::int64_t s = 0; s < recv.num_local; ++s)
-          for (std::int64_t m = cm.first(c, s, recv.num_local); m < cm.first(c, s, recv.num_local) + cm.chunk_slot[z(c * recv.num_local + s)]; ++m) {
-            const std::int64_t e = cm.order[z(m)];
-            EXPECT_TRUE(e >= recv.slot_offsets[z(s)] && e < recv.slot_offsets[z(s) + 1]);
-            EXPECT_EQ(cm.entry_row[z(m)], recv.entry_row[z(e)]);
-            EXPECT_EQ(cm.entry_weight[z(m)], recv.entry_weight[z(e)]);
-            EXPECT_TRUE(recv.entry_row[z(e)] >= recv.chunk_recv_first(c) &&
-                        recv.entry_row[z(e)] < recv.chunk_recv_first(c) + recv.chunk_recv_count(c));
-          }
-      ASSERT_EQ(static_cast<std::int64_t>(cm.row_offsets.size()), recv.recv_rows() + 1);
-      EXPECT_EQ(cm.row_offsets.back(), recv.entries());
-      for (std::int64_t r = 0; r < recv.recv_rows(); ++r) {
-        std::int64_t at = cm.row_offsets[z(r)];
-        for (std::int64_t j = 0; j < sim.K; ++j) {
-          const std::int64_t m = cm.row_dw_entry[z(r * sim.K + j)];
-          EXPECT_EQ(m < 0, recv.row_entry[z(r * sim.K + j)] < 0);
-          if (m < 0) continue;
-          EXPECT_EQ(cm.entry_row[z(m)], r);
-          EXPECT_EQ(recv.entry_pick[z(cm.order[z(m)])], j);
-          EXPECT_EQ(cm.row_entries[z(at)], m);
-          EXPECT_EQ(cm.row_weight[z(at)], cm.entry_weight[z(m)]);
-          ++at;
-        }
-        EXPECT_EQ(at, cm.row_offsets[z(r) + 1]);
-      }
+      // Every compute order (whole chunks; local-first's own rows first, with or without a split)
+      // is a permutation, its inverse, and groups of contiguous slot blocks.
+      const std::int64_t S = recv.num_local;
+      for (const auto& [self, split] : std::vector<std::pair<int, std::int64_t>>{{-1, 0}, {q, S}, {q, 1}, {q, 0}})
+        check_compute_order(recv, sim.K, self, split);
+      sched::ExchangePlan::ComputeOrder bad;
+      EXPECT_THROW(recv.compute_order(bad, (q + 1) % sim.P, 0), InvalidArgument) << "another rank's own rows";
+      EXPECT_THROW(recv.compute_order(bad, q, S + 1), InvalidArgument) << "a split past the last slot";
     }
   }
 }

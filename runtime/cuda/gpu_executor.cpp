@@ -19,7 +19,6 @@ GpuLayerExecutor::~GpuLayerExecutor() {
 
 void GpuLayerExecutor::check(const MoELayer& layer) {
   const std::string what = "GPU layer for '" + layer.name() + "': ";
-  check_gpu_schedule(layer);
   if (layer.replica_layout()) return;  // every rank has the layout's slots
   const sched::ExpertPlacement& p = layer.placement();
   for (int r = 0; r < p.world_size(); ++r)

@@ -214,16 +214,11 @@ void GpuMoELayer::load_from(MoELayer& cpu) {
   aux_.synchronize();
 }
 
-void check_gpu_schedule(const MoELayer& cpu) {
-  if ((cpu.options().local_first || cpu.options().local_split) && cpu.options().chunks > 0)
-    throw ConfigError("GPU layer for '" + cpu.name() + "': --local-first is a schedule of the CPU layer only; the GPU "
-                      "layer runs token chunks (drop --local-first)");
-}
-
 std::unique_ptr<GpuMoELayer> make_gpu_layer_like(const MoELayer& cpu, comm::Communicator& host_comm,
                                                  comm::Communicator& device_comm, GpuLayerOptions options) {
-  check_gpu_schedule(cpu);
   options.chunks = std::max(1, cpu.options().chunks);  // auto (0): the GPU runs the unsplit schedule
+  options.local_first = cpu.options().local_first;
+  options.local_split = cpu.options().local_split;
   options.capacity_factor = cpu.options().capacity_factor;
   options.deterministic = cpu.options().deterministic;
   options.exchange = cpu.options().exchange;
@@ -444,6 +439,13 @@ void GpuMoELayer::join_shared(cudaStream_t stream) {
 
 void GpuMoELayer::expert_stage(const StageRows& r, bool grad, bool weights_later, cudaStream_t stream,
                                const std::function<void()>& before_ffn) {
+  expert_gemms(r, grad, weights_later, stream, before_ffn);
+  if (r.marks) mark(grad ? kB2 : kF3, stream);
+  expert_combine(r, grad, stream);
+}
+
+void GpuMoELayer::expert_gemms(const StageRows& r, bool grad, bool weights_later, cudaStream_t stream,
+                               const std::function<void()>& before_ffn) {
   const int64_t H = hidden_, F = ffn_, e0 = r.first, n = r.count;
   const std::size_t es = dtype_size(dtype_);
   const std::size_t w2 = static_cast<std::size_t>(2 * F * H) * es;  // w2's byte offset in an expert block
@@ -476,12 +478,14 @@ void GpuMoELayer::expert_stage(const StageRows& r, bool grad, bool weights_later
                          !expert_stale_, stream);
     expert_stale_ = false;
   }
-  if (r.marks) mark(grad ? kB2 : kF3, stream);
+}
+
+void GpuMoELayer::expert_combine(const StageRows& r, bool grad, cudaStream_t stream) {
   if (r.add) join_shared(stream);
   with_type(dtype_, [&](auto tag) {
     using T_ = typename decltype(tag)::type;
-    combine_rows(r.rows, H, r.row_offsets, r.row_entries, grad ? nullptr : r.row_weight, as<T_>(grad ? dxe_ : ye_), H,
-                 static_cast<T_*>(r.out), H, r.add, stream);
+    combine_rows(r.rows, hidden_, r.row_offsets, r.row_entries, grad ? nullptr : r.row_weight,
+                 as<T_>(grad ? dxe_ : ye_), hidden_, static_cast<T_*>(r.out), hidden_, r.add, stream);
   });
   if (grad) cuda::gather_values(r.rows * topk_, r.dw_index, d_entry_.data(), r.dw_out, stream);
 }

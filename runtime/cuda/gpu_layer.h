@@ -61,6 +61,12 @@ struct GpuLayerOptions {
   /// Expert-parallel layers, pipeline chunks: chunk i+1's rows travel (on the device communicator's
   /// stream) while chunk i's experts run on the caller's stream.
   int chunks = 1;
+  /// Expert-parallel layers over the flat exchange with more than one rank: the rows a rank routes
+  /// to itself skip the exchange and compute while the other ranks' rows travel (LayerOptions
+  /// local_first); with local_split, the forward's own rows in two halves, the second hiding the
+  /// last return (implies local_first). Both are ignored elsewhere, as on the CPU.
+  bool local_first = false;
+  bool local_split = false;
   /// 0 = dropless; > 0 = capacity-factor mode (sched::apply_capacity). Single-GPU layers are
   /// dropless only.
   double capacity_factor = 0.0;
@@ -279,6 +285,12 @@ class GpuMoELayer {
   };
   void expert_stage(const StageRows& r, bool grad, bool weights_later, cudaStream_t stream,
                     const std::function<void()>& before_ffn = {});
+  /// expert_stage's two halves: the entries' gathers and expert GEMMs, then the per-row sums (a
+  /// stage whose rows have entries in several groups, as local-first's own rows, runs the GEMMs of
+  /// each group, then the sums once).
+  void expert_gemms(const StageRows& r, bool grad, bool weights_later, cudaStream_t stream,
+                    const std::function<void()>& before_ffn = {});
+  void expert_combine(const StageRows& r, bool grad, cudaStream_t stream);
   /// (Re)allocates the per-entry buffers of the routed experts (entry_w_ ... dh13_) for `rows` rows on `s`.
   void realloc_routed(std::int64_t rows, cudaStream_t s);
   /// Where the shared experts run: the second stream (after the work on `stream` so far) and its
@@ -345,10 +357,6 @@ class GpuMoELayer {
   // Expert-parallel buffers (device buffers on aux_: declared after it, so released before it).
   std::unique_ptr<EpState, EpStateDeleter> ep_;
 };
-
-/// ConfigError when `cpu` uses a schedule only the CPU layer runs (local-first). Needs no device:
-/// make_gpu_layer_like and GpuLayerExecutor::check call it.
-void check_gpu_schedule(const MoELayer& cpu);
 
 /// An expert-parallel GpuMoELayer laid out as the CPU layer `cpu` (its replica layout and topology
 /// in replica mode, else its placement), with `options` but `cpu`'s schedule (chunks, overlap, exchange,

@@ -66,9 +66,12 @@ struct GpuMoELayer::EpState : moex::layer::PassSteps {
     for (Mirror& m : mirrors) copy_to_device(m.dev.data(), m.host->data(), m.host->size(), stream);
   }
 
-  // The main plan's receive side in the compute order of the expert GEMMs (chunk, slot), on the
-  // host (position: deterministic mode's canonical order) and on the device.
-  sched::ExchangePlan::ChunkMajor view;
+  /// This forward's schedule of the own rows (GpuLayerOptions local_first, local_split; the flat
+  /// exchange with more than one rank), which its backward keeps.
+  moex::layer::OwnRows own;
+  // The main plan's receive side in the compute order of the expert GEMMs (group, slot; the groups
+  // of `own`), on the host (position: deterministic mode's canonical order) and on the device.
+  sched::ExchangePlan::ComputeOrder view;
   DeviceBuffer<int64_t> entry_row, row_offsets, row_entries, row_dw_entry;
   DeviceBuffer<float> row_weight;
   DeviceBuffer<float> grad32;     // bf16 shared gradients summed in fp32
@@ -149,6 +152,14 @@ struct GpuMoELayer::EpState : moex::layer::PassSteps {
                   static_cast<T_*>(rows(dst, false)) + dst_row * H, H, stream);
     });
   }
+  void copy(int64_t n, moex::layer::Buf src, int64_t src_row, moex::layer::Buf dst, int64_t dst_row,
+            bool dw) override {
+    const std::size_t row = dw ? sizeof(float) * static_cast<std::size_t>(K) : static_cast<std::size_t>(H) * dtype_size(dtype);
+    if (n > 0)
+      MOEX_CUDA_CHECK(cudaMemcpyAsync(static_cast<unsigned char*>(rows(dst, dw)) + static_cast<std::size_t>(dst_row) * row,
+                                      static_cast<const unsigned char*>(rows(src, dw)) + static_cast<std::size_t>(src_row) * row,
+                                      static_cast<std::size_t>(n) * row, cudaMemcpyDeviceToDevice, stream));
+  }
   void gather_values(int64_t n, const std::vector<int64_t>& index, int64_t at, moex::layer::Buf src,
                      moex::layer::Buf dst, int64_t dst_at) override {
     cuda::gather_values(n, ix(index) + at, static_cast<const float*>(rows(src, true)),
@@ -164,11 +175,10 @@ struct GpuMoELayer::EpState : moex::layer::PassSteps {
   }
   void exchange(const sched::ExchangePlan& plan, int c, bool out_, moex::layer::Buf from, moex::layer::Buf to, bool dw,
                 bool skip_self, const std::string& label) override {
-    if (skip_self) throw InternalError("GpuMoELayer: local-first is a CPU layer schedule");
     producer_ready(stream);  // the gathers queued so far are what this exchange sends
     comm::WorkPtr w = exchange_chunk(*comm, plan, c, out_, dw ? K : H * static_cast<int64_t>(dtype_size(dtype)),
                                      dw ? comm::DataType::kFloat32 : comm::DataType::kByte, rows(from, dw),
-                                     rows(to, dw), false, label + " chunk " + std::to_string(c), blocks);
+                                     rows(to, dw), skip_self, label + " chunk " + std::to_string(c), blocks);
     if (serial) w->wait(Clock::now() + comm->default_timeout());
     current->list.push_back(std::move(w));
   }
@@ -222,7 +232,10 @@ void GpuMoELayer::plan_ep(cudaStream_t stream) {
   ep.pass.exchange_metadata(*host_comm_, device_comm_->default_timeout());
   ep.pass.finish();
   picks_dropped_ = ep.pass.dropped;
-  ep.pass.main.chunk_major(ep.view);
+  const bool own = (options_.local_first || options_.local_split) && options_.exchange == ExchangeKind::kFlat &&
+                   device_comm_->size() > 1;
+  ep.own = {own, own && options_.local_split};
+  ep.pass.main.compute_order(ep.view, own ? device_comm_->rank() : -1, ep.own.split ? ep.pass.own_split : local_);
 }
 
 void GpuMoELayer::forward_ep(const void* xin, void* out, bool accumulate, cudaStream_t stream) {
@@ -265,7 +278,7 @@ void GpuMoELayer::forward_ep(const void* xin, void* out, bool accumulate, cudaSt
     }
   }
   ep.upload_mirrors(stream);
-  const sched::ExchangePlan::ChunkMajor& v = ep.view;
+  const sched::ExchangePlan::ComputeOrder& v = ep.view;
   copy_to_device(ep.entry_row.data(), v.entry_row.data(), static_cast<std::size_t>(N), stream);
   copy_to_device(entry_w_.data(), v.entry_weight.data(), static_cast<std::size_t>(N), stream);
   copy_to_device(ep.row_entries.data(), v.row_entries.data(), static_cast<std::size_t>(N), stream);
@@ -276,7 +289,7 @@ void GpuMoELayer::forward_ep(const void* xin, void* out, bool accumulate, cudaSt
   mark(kF1, stream);
 
   ep.begin(*this, stream, deadline, xin, out, accumulate, C);
-  moex::layer::run_forward(ep, /*own=*/{});
+  moex::layer::run_forward(ep, ep.own);
 }
 
 void GpuMoELayer::backward_ep(const void* dyin, void* out, bool accumulate, cudaStream_t stream) {
@@ -285,7 +298,7 @@ void GpuMoELayer::backward_ep(const void* dyin, void* out, bool accumulate, cuda
   ep.settle(deadline);
   mark(kBP, stream);
   ep.begin(*this, stream, deadline, dyin, out, accumulate, ep.pass.main.chunks);
-  moex::layer::run_backward(ep, /*own=*/{});
+  moex::layer::run_backward(ep, ep.own);
 }
 
 // ---- EpState's layer::PassSteps: the steps of layer::run_forward / run_backward on the device.
@@ -328,22 +341,62 @@ void GpuMoELayer::EpState::arrived(int c, bool) {
 }
 
 void GpuMoELayer::EpState::experts(moex::layer::Stage stage, bool grad) {
-  if (stage.part != moex::layer::Part::kAll)
-    throw InternalError("GpuMoELayer: a compute stage other than a whole chunk (local-first is a CPU layer schedule)");
   using moex::layer::Buf;
-  const sched::ExchangePlan& plan_ = pass.main;
-  const int64_t S = layer->local_;
-  const int c = stage.chunk;
-  // The chunk's entries in (slot, source, token) order; one row back per received row.
-  const int64_t ef = view.first(c, 0, S), rf = plan_.chunk_recv_first(c);
+  using moex::layer::Part;
+  const sched::ExchangePlan& L = pass.main;
+  const int64_t S = L.num_local;
+  const int C = L.chunks, me = L.rank, c = stage.chunk;
   const std::size_t row = static_cast<std::size_t>(H) * dtype_size(dtype);
-  layer->expert_stage({ef, view.first(c + 1, 0, S) - ef,
-                       std::span<const int64_t>(view.chunk_slot.data() + c * S, static_cast<std::size_t>(S)),
-                       entry_row.data(), rows(Buf::kRecv, false), plan_.chunk_recv_count(c), row_offsets.data() + rf,
-                       row_entries.data(), row_weight.data(),
-                       static_cast<unsigned char*>(rows(Buf::kRet, false)) + static_cast<std::size_t>(rf) * row, false,
-                       row_dw_entry.data() + rf * K, static_cast<float*>(rows(Buf::kRet, true)) + rf * K},
-                      grad, layer->options_.deterministic, stream);
+  // Group g's entries (one contiguous block per slot): their gathers and expert GEMMs.
+  const auto gemms = [&](int g) {
+    const int64_t f = view.first(g, 0, S);
+    GpuMoELayer::StageRows r;
+    r.first = f;
+    r.count = view.first(g + 1, 0, S) - f;
+    r.slot_rows = std::span<const int64_t>(view.group_slot.data() + g * S, static_cast<std::size_t>(S));
+    r.entry_row = entry_row.data();
+    r.in = rows(Buf::kRecv, false);
+    layer->expert_gemms(r, grad, layer->options_.deterministic, stream);
+  };
+  // Recv rows [r0, r0 + n), whose entries are all computed: one row back each into kRet (backward:
+  // and its K routing-weight gradients into kRet's dw twin).
+  const auto combine = [&](int64_t r0, int64_t n) {
+    GpuMoELayer::StageRows r;
+    r.rows = n;
+    r.row_offsets = row_offsets.data() + r0;
+    r.row_entries = row_entries.data();
+    r.row_weight = row_weight.data();
+    r.out = static_cast<unsigned char*>(rows(Buf::kRet, false)) + static_cast<std::size_t>(r0) * row;
+    r.dw_index = row_dw_entry.data() + r0 * K;
+    r.dw_out = static_cast<float*>(rows(Buf::kRet, true)) + r0 * K;
+    layer->expert_combine(r, grad, stream);
+  };
+  switch (stage.part) {
+    case Part::kAll:
+      gemms(c);
+      combine(L.chunk_recv_first(c), L.chunk_recv_count(c));
+      return;
+    case Part::kRemote: {  // chunk c's rows from the ranks before this one, then after it
+      gemms(1 + c);
+      const int64_t f = L.chunk_recv_first(c), own_f = L.recv_displ(c, me), own_end = own_f + L.recv_counts[L.cp(c, me)];
+      combine(f, own_f - f);
+      combine(own_end, f + L.chunk_recv_count(c) - own_end);
+      return;
+    }
+    case Part::kSelf: {
+      // The own rows' slots [first_slot, end_slot): whole groups of the view (forward: the slots
+      // before its split, then the rest; backward: all); their sums once the last slot is done.
+      const int64_t a = stage.first_slot, b = stage.end_slot, split = view.split;
+      if (!(a == 0 || a == split) || !(b == split || b == S) || a > b)
+        throw InternalError("GpuMoELayer: own-row slots [" + std::to_string(a) + ", " + std::to_string(b) +
+                            ") are not groups of this pass's compute order (split " + std::to_string(split) + ")");
+      if (a < split) gemms(0);
+      if (b > split) gemms(C + 1);
+      if (b == S)
+        for (int k = 0; k < C; ++k) combine(L.recv_displ(k, me), L.recv_counts[L.cp(k, me)]);
+      return;
+    }
+  }
 }
 
 void GpuMoELayer::EpState::start_return(int c, bool grad, bool skip_self) {

@@ -1,12 +1,7 @@
 // The expert-parallel pass's schedule, for every backend.
 #include "runtime/layer/pass.h"
 
-#include "base/error.h"
-
 namespace moex::layer {
-
-void PassSteps::keep_own(bool) { throw InternalError("layer::PassSteps: this backend has no local-first stage"); }
-void PassSteps::own_back(bool) { throw InternalError("layer::PassSteps: this backend has no local-first stage"); }
 
 namespace {
 void run(PassSteps& s, OwnRows own, bool grad) {
@@ -19,9 +14,9 @@ void run(PassSteps& s, OwnRows own, bool grad) {
   for (int c = 0; c < C; ++c) s.send(c, grad, own.first);
   s.shared(grad);
   if (own.first) {
-    s.keep_own(grad);
+    keep_own(plan, s);
     s.experts({.part = Part::kSelf, .first_slot = 0, .end_slot = split}, grad);
-    if (split == S) s.own_back(grad);
+    if (split == S) own_back(plan, s, grad);
   }
   for (int c = 0; c < C; ++c) {
     s.arrived(c, grad);
@@ -31,7 +26,7 @@ void run(PassSteps& s, OwnRows own, bool grad) {
   // Local-split: the later slots' own rows while the last returns travel.
   if (own.first && split < S) {
     s.experts({.part = Part::kSelf, .first_slot = split, .end_slot = S}, grad);
-    s.own_back(grad);
+    own_back(plan, s, grad);
   }
   if (grad) s.weight_grads();
   for (int c = 0; c < C; ++c) s.returning(c, grad);

@@ -41,11 +41,6 @@ class PassSteps : public RowMoves {
   virtual void shared(bool grad) = 0;
   /// Chunk c's rows readable in Buf::kRecv (arrive() done).
   virtual void arrived(int c, bool grad) = 0;
-  /// Local-first (flat exchange, more than one rank): this rank's own rows of every chunk copied
-  /// from Buf::kOriginSend into Buf::kRecv, and after their stage, from Buf::kRet into
-  /// Buf::kOriginBack. The default refuses: a backend without local-first never gets it.
-  virtual void keep_own(bool grad);
-  virtual void own_back(bool grad);
   /// The routed experts over a stage's rows: each received row's weighted sum of its experts'
   /// outputs into Buf::kRet (forward); the experts' input gradients summed per row into Buf::kRet and
   /// each entry's routing-weight gradient into kRet's dw twin (backward; weight gradients too, or in

@@ -60,6 +60,22 @@ void relay(const PassPlan& plan, RowMoves& m, int c, bool dw, const std::string&
   if (dw) m.exchange(A, c, false, Buf::kARet, Buf::kOriginBack, true, false, label + " stage A (weights)");
 }
 
+void keep_own(const PassPlan& plan, RowMoves& m) {
+  const sched::ExchangePlan& L = plan.main;
+  for (int c = 0; c < L.chunks; ++c)
+    m.copy(L.recv_counts[L.cp(c, L.rank)], Buf::kOriginSend, L.send_displ(c, L.rank), Buf::kRecv,
+           L.recv_displ(c, L.rank), false);
+}
+
+void own_back(const PassPlan& plan, RowMoves& m, bool dw) {
+  const sched::ExchangePlan& L = plan.main;
+  for (int c = 0; c < L.chunks; ++c)
+    for (const bool twin : {false, true})
+      if (!twin || dw)
+        m.copy(L.recv_counts[L.cp(c, L.rank)], Buf::kRet, L.recv_displ(c, L.rank), Buf::kOriginBack,
+               L.send_displ(c, L.rank), twin);
+}
+
 void sum_returns(const PassPlan& plan, RowMoves& m, int c, bool accumulate, bool dw) {
   m.ready();
   const sched::ExchangePlan& O = plan.origin();

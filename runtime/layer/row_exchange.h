@@ -48,6 +48,8 @@ class RowMoves {
   /// dst[dst_row + i] = src[index[at + i]] for i < n (dw: the K-wide dw twins).
   virtual void gather(std::int64_t n, const std::vector<std::int64_t>& index, std::int64_t at, Buf src, Buf dst,
                       std::int64_t dst_row, bool dw) = 0;
+  /// dst[dst_row + i] = src[src_row + i] for i < n (dw: the K-wide dw twins).
+  virtual void copy(std::int64_t n, Buf src, std::int64_t src_row, Buf dst, std::int64_t dst_row, bool dw) = 0;
   /// dw twins as flat value arrays: dst[dst_at + i] = index[at + i] >= 0 ? src[index[at + i]] : 0.
   virtual void gather_values(std::int64_t n, const std::vector<std::int64_t>& index, std::int64_t at, Buf src, Buf dst,
                              std::int64_t dst_at) = 0;
@@ -93,6 +95,11 @@ void give_back(const PassPlan& plan, RowMoves& m, int c, bool dw, bool skip_self
 /// order) and sends the sums (and the gradients at their stage-A pick positions) back into
 /// kOriginBack. Nothing to do for the flat exchange.
 void relay(const PassPlan& plan, RowMoves& m, int c, bool dw, const std::string& label);
+/// Local-first (flat exchange): this rank's own block of every chunk, which the exchanges leave out
+/// (skip_self), from kOriginSend to its place in kRecv; after its stage, from kRet back into
+/// kOriginBack (with `dw` their routing-weight gradients too).
+void keep_own(const PassPlan& plan, RowMoves& m);
+void own_back(const PassPlan& plan, RowMoves& m, bool dw);
 /// Chunk c's tokens: the rows that came back summed into kOut (added when `accumulate`), per node
 /// first, then the nodes in node order; with `dw` the routing-weight gradients into kPicks.
 void sum_returns(const PassPlan& plan, RowMoves& m, int c, bool accumulate, bool dw);

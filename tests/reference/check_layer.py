@@ -322,6 +322,8 @@ CUDA_SCHEDULES = {
     "determ": (["--deterministic", "on", "--chunks", "2"], {}),
     "replicas": (["--replicas", "on", "--chunks", "2"], {"MOEX_RANKS_PER_NODE": "2"}),
     "replicas-hier": (["--replicas", "on", "--exchange", "hierarchical"], {"MOEX_RANKS_PER_NODE": "2"}),
+    "local-first": (["--chunks", "2", "--local-first", "on"], {}),
+    "local-split": (["--chunks", "3", "--local-first", "split"], {}),
 }
 # Exit status of moex-layer (and of this script) where --device cuda finds no GPU: ctest's skip code.
 NO_DEVICE = 77
