@@ -89,6 +89,7 @@ int bench_layer_gpu(comm::MpiCommunicator& world, const GpuBenchArgs& a) {
     layer_ptr = make_layer();
   }
   cuda::GpuMoELayer& layer = *layer_ptr;
+  const sched::Schedule sc = layer.schedule();
 
   const auto step = [&] {
     layer.zero_grad(s);
@@ -137,12 +138,12 @@ int bench_layer_gpu(comm::MpiCommunicator& world, const GpuBenchArgs& a) {
   world.allreduce_sum(rows, 3, comm::DataType::kInt64, "gpu bench rows")->wait();
   if (world.rank() == 0) {
     std::printf("# moex-bench layer --device cuda | %s | ranks %d (%d GPU(s)) | %s over %s | hidden %lld ffn %lld "
-                "experts %lld shared %lld topk %lld | tokens/rank %lld | chunks %d | %s exchange | "
+                "experts %lld shared %lld topk %lld | tokens/rank %lld | %s | %s exchange | "
                 "iters %lld (median)\n",
                 prop.name, world.size(), devices, a.precision.c_str(), a.device_comm.c_str(),
                 static_cast<long long>(H), static_cast<long long>(F), static_cast<long long>(E),
                 static_cast<long long>(config.n_shared_experts), static_cast<long long>(K), static_cast<long long>(T),
-                lo.chunks, lo.exchange == ExchangeKind::kFlat ? "flat" : "hierarchical",
+                sc.describe().c_str(), lo.exchange == ExchangeKind::kFlat ? "flat" : "hierarchical",
                 static_cast<long long>(a.iters));
     if (a.replicas)
       std::printf("# replicas: %lld slots per rank, %lld slot blocks migrated to the layout planned from the warmup\n",
@@ -163,7 +164,8 @@ int bench_layer_gpu(comm::MpiCommunicator& world, const GpuBenchArgs& a) {
                        {"ranks", world.size()},  {"gpus", devices},         {"precision", a.precision},
                        {"device_comm", a.device_comm}, {"hidden", H},      {"ffn", F},
                        {"experts", E},           {"shared", config.n_shared_experts}, {"topk", K},
-                       {"tokens_per_rank", T},   {"chunks", lo.chunks},     {"iters", a.iters},
+                       {"tokens_per_rank", T},   {"chunks", sc.chunks},     {"iters", a.iters},
+                       {"local_first", sc.local_first}, {"local_split", sc.local_split},
                        {"skew", a.skew},         {"ms_step", ms},           {"tokens_per_s", tokens_per_s},
                        {"tflops", tflops},       {"rows_sent", rows[0]},    {"rows_received", rows[1]},
                        {"capacity_factor", lo.capacity_factor}, {"picks_dropped", rows[2]},

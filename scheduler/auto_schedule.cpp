@@ -12,8 +12,7 @@ void AutoSchedule::reset(int chunks, bool local_first, bool local_split, bool fl
   overlap_ = overlap;
   world_ = world;
   choice_.automatic = chunks == 0;
-  const bool own = flat_exchange && world > 1;
-  if (!choice_.automatic) choice_.schedule = {chunks, (local_first || local_split) && own, local_split && own};
+  if (!choice_.automatic) choice_.schedule = fixed_schedule(chunks, local_first, local_split, flat_exchange, world);
 }
 
 void AutoSchedule::dispatched(double bytes, double ms) {

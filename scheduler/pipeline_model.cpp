@@ -7,6 +7,11 @@
 
 namespace moex::sched {
 
+Schedule fixed_schedule(int chunks, bool local_first, bool local_split, bool flat_exchange, int world) {
+  const bool own = flat_exchange && world > 1;
+  return {chunks, (local_first || local_split) && own, local_split && own};
+}
+
 std::string Schedule::describe() const {
   return "chunks " + std::to_string(chunks) + (local_split ? ", local-split" : local_first ? ", local-first" : "");
 }

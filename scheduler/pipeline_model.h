@@ -29,6 +29,11 @@ struct Schedule {
   std::string describe() const;  ///< e.g. "chunks 2, local-first"
 };
 
+/// The schedule a layer runs for fixed options: local_split implies local_first, and both hold only
+/// for the flat exchange with more than one rank (else a rank's own rows are all there is, or they
+/// travel through a forwarder); the same rule for every backend.
+Schedule fixed_schedule(int chunks, bool local_first, bool local_split, bool flat_exchange, int world);
+
 /// Rates measured on this machine.
 struct MachineRates {
   double gemm_fixed_ms = 0.0;  ///< one expert FFN GEMM pair (forward) at zero rows: packing, calls

@@ -214,6 +214,11 @@ void GpuMoELayer::load_from(MoELayer& cpu) {
   aux_.synchronize();
 }
 
+sched::Schedule GpuMoELayer::schedule() const {
+  return sched::fixed_schedule(options_.chunks, options_.local_first, options_.local_split,
+                               options_.exchange == ExchangeKind::kFlat, expert_parallel() ? device_comm_->size() : 1);
+}
+
 std::unique_ptr<GpuMoELayer> make_gpu_layer_like(const MoELayer& cpu, comm::Communicator& host_comm,
                                                  comm::Communicator& device_comm, GpuLayerOptions options) {
   options.chunks = std::max(1, cpu.options().chunks);  // auto (0): the GPU runs the unsplit schedule

@@ -22,6 +22,7 @@
 #include "runtime/layer/expert_layout.h"
 #include "runtime/layer/pass_plan.h"
 #include "scheduler/exchange_plan.h"
+#include "scheduler/pipeline_model.h"
 #include "runtime/kernels/gate.h"
 #include "runtime/io/moe_config.h"
 #include "runtime/moe_layer.h"
@@ -141,6 +142,9 @@ class GpuMoELayer {
 
   const MoeConfig& config() const { return config_; }
   const GpuLayerOptions& options() const { return options_; }
+  /// The schedule the passes run (sched::fixed_schedule of the options: local-first only for an
+  /// expert-parallel layer over the flat exchange).
+  sched::Schedule schedule() const;
   /// The host's deadline for waits on the device: the device communicator's timeout, else
   /// default_wait_timeout().
   std::chrono::milliseconds wait_timeout() const {

@@ -232,10 +232,10 @@ void GpuMoELayer::plan_ep(cudaStream_t stream) {
   ep.pass.exchange_metadata(*host_comm_, device_comm_->default_timeout());
   ep.pass.finish();
   picks_dropped_ = ep.pass.dropped;
-  const bool own = (options_.local_first || options_.local_split) && options_.exchange == ExchangeKind::kFlat &&
-                   device_comm_->size() > 1;
-  ep.own = {own, own && options_.local_split};
-  ep.pass.main.compute_order(ep.view, own ? device_comm_->rank() : -1, ep.own.split ? ep.pass.own_split : local_);
+  const sched::Schedule sc = schedule();
+  ep.own = {sc.local_first, sc.local_split};
+  ep.pass.main.compute_order(ep.view, sc.local_first ? device_comm_->rank() : -1,
+                             sc.local_split ? ep.pass.own_split : local_);
 }
 
 void GpuMoELayer::forward_ep(const void* xin, void* out, bool accumulate, cudaStream_t stream) {
