@@ -89,7 +89,6 @@ int bench_layer_gpu(comm::MpiCommunicator& world, const GpuBenchArgs& a) {
     layer_ptr = make_layer();
   }
   cuda::GpuMoELayer& layer = *layer_ptr;
-  const sched::Schedule sc = layer.schedule();
 
   const auto step = [&] {
     layer.zero_grad(s);
@@ -98,6 +97,10 @@ int bench_layer_gpu(comm::MpiCommunicator& world, const GpuBenchArgs& a) {
     layer.allreduce_replicated_grads(s);
     stream.synchronize();
   };
+  // --chunks auto: the layer's trials (every candidate two passes) before the timed steps.
+  const sched::ScheduleChoice& choice = *layer.schedule_choice();  // expert-parallel: never null
+  for (std::size_t i = 0; choice.automatic && !choice.decided && i <= 2 * choice.candidates.size() + 2; ++i) step();
+  const sched::Schedule sc = layer.schedule();
   std::vector<double> step_ms;
   for (std::int64_t i = 0; i < a.warmup + a.iters; ++i) {
     world.barrier("gpu bench iteration")->wait();
@@ -145,6 +148,11 @@ int bench_layer_gpu(comm::MpiCommunicator& world, const GpuBenchArgs& a) {
                 static_cast<long long>(config.n_shared_experts), static_cast<long long>(K), static_cast<long long>(T),
                 sc.describe().c_str(), lo.exchange == ExchangeKind::kFlat ? "flat" : "hierarchical",
                 static_cast<long long>(a.iters));
+    if (choice.automatic)
+      std::printf("# --chunks auto: %zu schedules tried on the device (2 passes each), chose %s: %.3f ms in its "
+                  "trial, %.3f ms with one chunk (slowest rank)\n",
+                  choice.candidates.size(), sc.describe().c_str(), choice.predicted_ms[choice.chosen],
+                  choice.predicted_ms[0]);
     if (a.replicas)
       std::printf("# replicas: %lld slots per rank, %lld slot blocks migrated to the layout planned from the warmup\n",
                   static_cast<long long>(slots), static_cast<long long>(migrated));
@@ -172,7 +180,13 @@ int bench_layer_gpu(comm::MpiCommunicator& world, const GpuBenchArgs& a) {
                        {"replicas", a.replicas ? "on" : "off"}, {"slots_per_rank", a.replicas ? slots : 0},
                        {"migrated_slots", migrated}, {"deterministic", lo.deterministic ? "on" : "off"},
                        {"exchange", lo.exchange == ExchangeKind::kFlat ? "flat" : "hierarchical"},
-                       {"stages_ms", stages}};
+                       {"stages_ms", stages}, {"schedule", choice.automatic ? "auto" : "fixed"}};
+      if (choice.automatic) {
+        nlohmann::json trials = nlohmann::json::object();
+        for (std::size_t i = 0; i < choice.candidates.size(); ++i)
+          trials[choice.candidates[i].describe()] = choice.predicted_ms[i];
+        j["trial_ms"] = trials;
+      }
       std::printf("%s\n", j.dump().c_str());
     }
   }

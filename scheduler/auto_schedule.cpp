@@ -64,4 +64,31 @@ void AutoSchedule::choose() {
   choice_.decided = true;
 }
 
+void TrialSchedule::reset(int chunks, bool local_first, bool local_split, bool flat_exchange, int world) {
+  *this = TrialSchedule();
+  choice_.trial = true;
+  choice_.automatic = chunks == 0;
+  if (!choice_.automatic) {
+    choice_.schedule = fixed_schedule(chunks, local_first, local_split, flat_exchange, world);
+    return;
+  }
+  choice_.candidates = candidate_schedules(world, flat_exchange);
+  choice_.predicted_ms.assign(choice_.candidates.size(), 0.0);
+  choice_.schedule = choice_.candidates[0];
+}
+
+void TrialSchedule::timed(double ms) {
+  if (!trying() || deciding()) return;
+  if (++passes_ < kTrialPasses) return;
+  choice_.predicted_ms[next_] = ms;
+  passes_ = 0;
+  if (++next_ < choice_.candidates.size()) choice_.schedule = choice_.candidates[next_];
+}
+
+void TrialSchedule::choose(double min_gain_ms) {
+  choice_.chosen = choose_schedule(choice_.candidates, choice_.predicted_ms, 0.03, min_gain_ms);
+  choice_.schedule = choice_.candidates[choice_.chosen];
+  choice_.decided = true;
+}
+
 }  // namespace moex::sched

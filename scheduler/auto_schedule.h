@@ -19,7 +19,8 @@ struct ScheduleChoice {
   bool decided = false;    ///< auto: the model has chosen (at the pass after kMeasuredPasses)
   Schedule schedule;       ///< what the next pass runs
   std::vector<Schedule> candidates;  ///< auto: what the model compared ...
-  std::vector<double> predicted_ms;  ///< ... and each one's predicted pass, slowest rank
+  std::vector<double> predicted_ms;  ///< ... and each one's predicted pass, slowest rank (trial: measured)
+  bool trial = false;                ///< TrialSchedule: predicted_ms are timed passes, not the model's
   std::size_t chosen = 0;            ///< index of `schedule` among the candidates
   MachineRates rates;                ///< this rank's measured rates
 };
@@ -71,6 +72,40 @@ class AutoSchedule {
   double link_bytes_ = 0.0, link_ms_ = 0.0;  // the measured pass's dispatches
   double latency_ms_ = 0.0;                  // its counts exchange
   int dispatches_ = 0;                       // exchanges in link_ms_
+};
+
+/// `--chunks auto` by trial, for a backend that times its passes exactly and cheaply (the GPU layer,
+/// with CUDA events): every candidate (sched::candidate_schedules) runs kTrialPasses passes, the
+/// last one timed, then the slowest rank's time of each chooses (sched::choose_schedule). Pure: the
+/// layer times its passes and makes the one collective. Use:
+///   before a pass, if deciding(): max-reduce times() over the ranks, then choose(); run
+///     choice().schedule;
+///   after a pass with its backward, if trying(): timed() with its device milliseconds.
+class TrialSchedule {
+ public:
+  /// Passes each candidate runs: the first pays its buffers' growth, the second is timed.
+  static constexpr int kTrialPasses = 2;
+
+  /// Starts over, as AutoSchedule::reset (chunks 0 = auto, else the fixed schedule).
+  void reset(int chunks, bool local_first, bool local_split, bool flat_exchange, int world);
+  const ScheduleChoice& choice() const { return choice_; }
+  /// Auto, not decided yet: candidates are being tried.
+  bool trying() const { return choice_.automatic && !choice_.decided; }
+  /// Every candidate timed: choose before the next pass.
+  bool deciding() const { return trying() && next_ == choice_.candidates.size(); }
+  /// A pass of choice().schedule (forward and backward) took `ms` on this rank; the schedule moves
+  /// on to the next candidate after its kTrialPasses-th.
+  void timed(double ms);
+  /// The last pass of each candidate, this rank's; to be max-reduced over the ranks in place.
+  std::vector<double>& times() { return choice_.predicted_ms; }
+  /// After the max-reduce: the fastest unless it saves less than 3 % (or `min_gain_ms`) over one
+  /// chunk; it runs from then on.
+  void choose(double min_gain_ms);
+
+ private:
+  ScheduleChoice choice_;
+  std::size_t next_ = 0;  // the candidate being tried
+  int passes_ = 0;        // its passes so far
 };
 
 }  // namespace moex::sched

@@ -17,8 +17,8 @@ fetch any. So the GPU build is made on a Debian machine with the CUDA toolkit, a
            1. the GPU tests (the same commands as `ctest -L ^cuda$`), --jobs at a time;
            2. moex-bench-gpu --json (grouped GEMM vs dense, permute/combine vs copy, single-GPU layer);
            3. examples/torch_moe_bench.py --check, then its timings (HF loop and grouped variants);
-           4. moex-bench layer --device cuda, chunks 1 and 4 (np 1 over NCCL, np 2 over the staged path,
-              there also local-first and local-split),
+           4. moex-bench layer --device cuda, chunks 1, 4 and auto (the device trials' choice; np 1
+              over NCCL, np 2 over the staged path, there also local-first and local-split),
               and moex-bench exchange --device cuda (np 2, staged);
            5. moex-train --device cuda against the CPU run (200 steps, np 1 over NCCL).
          Everything goes to $OUT (gpu_run.log, bench.jsonl, summary.json); a summary table with the
@@ -347,7 +347,7 @@ class Runner:
                  "--groups", "1", "--topk-group", "1", "--tokens-per-rank", "4096", "--iters", "10", "--json"]
         # Schedules: whole chunks; at 2 ranks also local-first (the own rows skip the exchange) and
         # local-split (half of them hide the last return).
-        schedules = [("c1", ["--chunks", "1"]), ("c4", ["--chunks", "4"])]
+        schedules = [("c1", ["--chunks", "1"]), ("c4", ["--chunks", "4"]), ("auto", ["--chunks", "auto"])]
         own = [("c1 local-first", ["--chunks", "1", "--local-first", "on"]),
                ("c2 local-split", ["--chunks", "2", "--local-first", "split"])]
         for np_, comm in (("1", "nccl"), ("2", "staged")):

@@ -66,8 +66,8 @@ TEST(CudaEpLayerHost, RejectsBadCommunicatorsAndPlacements) {
   expect_invalid("a host MpiCommunicator as the device communicator", "NcclCommunicator or a StagedCommunicator",
                  [&] { GpuMoELayer gpu(cfg, world, world, placement); });
   GpuLayerOptions zero_chunks;
-  zero_chunks.chunks = 0;
-  expect_invalid("chunks = 0", "chunks = 0", [&] { GpuMoELayer gpu(cfg, world, world, placement, zero_chunks); });
+  zero_chunks.chunks = -1;
+  expect_invalid("chunks = -1", "chunks = -1", [&] { GpuMoELayer gpu(cfg, world, world, placement, zero_chunks); });
   expect_invalid("a topology for another world size", "topology is for", [&] {
     GpuMoELayer gpu(cfg, world, world, placement, {}, sched::Topology::single_node(P + 1));
   });
@@ -305,6 +305,49 @@ TEST_F(CudaEpLayerSchedule, MakeGpuLayerLikeHonoursTheSchedule) {
     EXPECT_EQ(gpu->options().chunks, 2);
     EXPECT_EQ(gpu->options().exchange, ExchangeKind::kHierarchical);
   }
+}
+
+/// --chunks auto on the GPU (sched::TrialSchedule): every candidate schedule runs two passes, the
+/// second timed on the device, then every rank keeps the one the slowest rank's times favour; every
+/// pass, tried or chosen, equals the CPU layer's.
+TEST_F(CudaEpLayerSchedule, AutoTriesEveryScheduleThenKeepsOne) {
+  const LayerCase c = case_of("v3_like");
+  const int P = host_->size(), r = host_->rank();
+  const auto placement = sched::ExpertPlacement::contiguous(c.config.n_routed_experts, P);
+  LayerOptions lo;
+  lo.chunks = 1;
+  std::unique_ptr<MoELayer> cpu = make_cpu_layer(c, false, 41, *host_, placement, lo);
+  comm::StagedCommunicator device(std::make_unique<comm::MpiCommunicator>(MPI_COMM_WORLD));
+  LayerOptions auto_lo;  // chunks 0: the GPU twin of an auto CPU layer tries
+  MoELayer like(c.config, *host_, placement, "auto", std::nullopt, auto_lo);
+  const auto gpu = make_gpu_layer_like(like, *host_, device, GpuLayerOptions{});
+  gpu->load_from(*cpu);
+  const sched::ScheduleChoice* choice = gpu->schedule_choice();
+  ASSERT_NE(choice, nullptr);
+  ASSERT_TRUE(choice->automatic);
+  const std::vector<sched::Schedule> candidates = sched::candidate_schedules(P, true);
+  ASSERT_EQ(choice->candidates, candidates);
+  const std::size_t trials = candidates.size() * sched::TrialSchedule::kTrialPasses;
+  for (std::size_t pass = 0; pass < trials + 2; ++pass) {
+    const std::string at = "[auto rank " + std::to_string(r) + "/" + std::to_string(P) + " pass " + std::to_string(pass);
+    step_and_compare(at + "]", *cpu, *gpu,
+                     draw_batch(*cpu, 40 + 7 * r, 900 + 31 * static_cast<std::uint64_t>(r) + pass, false), 40 + 7 * r,
+                     kFp32Tol, stream());
+    const sched::Schedule ran = gpu->schedule();  // the pass's
+    const std::string tag = at + " " + ran.describe() + "]";
+    if (pass < trials) {
+      EXPECT_EQ(ran, candidates[pass / sched::TrialSchedule::kTrialPasses]) << tag << " the candidates in order";
+      EXPECT_FALSE(choice->decided) << tag;
+    } else {
+      ASSERT_TRUE(choice->decided) << tag << " decided after every candidate's trial";
+      EXPECT_EQ(ran, choice->schedule) << tag;
+    }
+  }
+  for (double ms : choice->predicted_ms) EXPECT_GT(ms, 0.0) << "every candidate timed";
+  // The same choice on every rank.
+  double chosen[2] = {static_cast<double>(choice->chosen), -static_cast<double>(choice->chosen)};
+  host_->allreduce_max(chosen, 2, comm::DataType::kFloat64, "chosen")->wait();
+  EXPECT_EQ(chosen[0], -chosen[1]) << "ranks chose different schedules";
 }
 
 /// Deterministic mode: the same layer run with 1, 2 and 3 pipeline chunks, and local-first and

@@ -235,5 +235,54 @@ TEST(AutoSchedule, MeasuresThenChoosesOnce) {
   EXPECT_DOUBLE_EQ(none.choice().rates.link_bytes_per_ms, 0.0);
 }
 
+TEST(TrialSchedule, TriesEveryCandidateThenChoosesOnce) {
+  TrialSchedule fixed;
+  fixed.reset(2, false, true, true, 2);  // the same rule as AutoSchedule's fixed schedules
+  EXPECT_FALSE(fixed.trying());
+  EXPECT_EQ(fixed.choice().schedule, (Schedule{2, true, true}));
+  fixed.timed(5.0);
+  EXPECT_EQ(fixed.choice().schedule, (Schedule{2, true, true}));
+  fixed.reset(3, true, false, /*flat_exchange=*/false, 4);
+  EXPECT_EQ(fixed.choice().schedule, (Schedule{3, false}));
+
+  TrialSchedule t;
+  t.reset(0, false, false, true, 2);
+  ASSERT_TRUE(t.trying());
+  EXPECT_TRUE(t.choice().trial);
+  const std::vector<Schedule> candidates = candidate_schedules(2, true);
+  ASSERT_EQ(t.choice().candidates, candidates);
+  // Each candidate runs kTrialPasses passes; only the last one's time counts.
+  for (std::size_t i = 0; i < candidates.size(); ++i)
+    for (int pass = 0; pass < TrialSchedule::kTrialPasses; ++pass) {
+      EXPECT_FALSE(t.deciding()) << "candidate " << i;
+      EXPECT_EQ(t.choice().schedule, candidates[i]) << "candidate " << i << " pass " << pass;
+      t.timed(pass + 1 < TrialSchedule::kTrialPasses ? 1e6 : 100.0 - static_cast<double>(i == 4) * 50.0);
+    }
+  ASSERT_TRUE(t.deciding());
+  std::vector<double>& times = t.times();
+  ASSERT_EQ(times.size(), candidates.size());
+  EXPECT_DOUBLE_EQ(times[0], 100.0);
+  EXPECT_DOUBLE_EQ(times[4], 50.0);
+  t.timed(1.0);  // a pass after the last candidate and before the choice changes nothing
+  EXPECT_DOUBLE_EQ(times[4], 50.0);
+  // The max-reduce over the ranks may raise any time: the choice reads the reduced values.
+  times[4] = 99.5;  // under 3 % faster than one chunk: keep one chunk
+  times[5] = 90.0;
+  t.choose(0.0);
+  EXPECT_FALSE(t.trying());
+  EXPECT_EQ(t.choice().chosen, 5u);
+  EXPECT_EQ(t.choice().schedule, candidates[5]);
+  t.timed(1.0);  // decided: stays
+  EXPECT_EQ(t.choice().schedule, candidates[5]);
+
+  TrialSchedule small;  // a gain under min_gain_ms keeps one chunk
+  small.reset(0, false, false, true, 1);
+  for (std::size_t i = 0; i < small.choice().candidates.size() * TrialSchedule::kTrialPasses; ++i)
+    small.timed(i == 2 * TrialSchedule::kTrialPasses - 1 ? 0.5 : 1.0);
+  ASSERT_TRUE(small.deciding());
+  small.choose(1.0);
+  EXPECT_EQ(small.choice().chosen, 0u);
+}
+
 }  // namespace
 }  // namespace moex::sched

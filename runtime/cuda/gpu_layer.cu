@@ -50,7 +50,8 @@ moex::layer::ExpertLayout layout_of(const MoeConfig& c, const GpuLayerOptions& o
                                      "GpuMoELayer");
   }
   const std::string what = "GpuMoELayer (expert-parallel)";
-  if (o.chunks < 1) throw InvalidArgument(what + ": chunks = " + std::to_string(o.chunks) + ": must be >= 1");
+  if (o.chunks < 0)
+    throw InvalidArgument(what + ": chunks = " + std::to_string(o.chunks) + ": must be >= 1, or 0 (auto)");
   if (host->size() != device->size() || host->rank() != device->rank())
     throw InvalidArgument(what + ": the host communicator is rank " + std::to_string(host->rank()) + " of " +
                           std::to_string(host->size()) + " but the device communicator rank " +
@@ -215,13 +216,13 @@ void GpuMoELayer::load_from(MoELayer& cpu) {
 }
 
 sched::Schedule GpuMoELayer::schedule() const {
-  return sched::fixed_schedule(options_.chunks, options_.local_first, options_.local_split,
-                               options_.exchange == ExchangeKind::kFlat, expert_parallel() ? device_comm_->size() : 1);
+  if (const sched::ScheduleChoice* c = schedule_choice()) return c->schedule;
+  return {};  // single GPU: no exchange to schedule
 }
 
 std::unique_ptr<GpuMoELayer> make_gpu_layer_like(const MoELayer& cpu, comm::Communicator& host_comm,
                                                  comm::Communicator& device_comm, GpuLayerOptions options) {
-  options.chunks = std::max(1, cpu.options().chunks);  // auto (0): the GPU runs the unsplit schedule
+  options.chunks = cpu.options().chunks;  // auto (0): the GPU layer's trials choose
   options.local_first = cpu.options().local_first;
   options.local_split = cpu.options().local_split;
   options.capacity_factor = cpu.options().capacity_factor;
@@ -395,7 +396,7 @@ void GpuMoELayer::set_profile(bool on) {
 }
 
 void GpuMoELayer::mark(Mark m, cudaStream_t stream) {
-  if (options_.profile || trace::enabled()) events_->profile.mark(m, stream);
+  if (options_.profile || timing_ || trace::enabled()) events_->profile.mark(m, stream);
 }
 
 GpuLayerTimes GpuMoELayer::last_times() const { return options_.profile ? events_->profile.times() : GpuLayerTimes{}; }
@@ -501,7 +502,10 @@ void GpuMoELayer::forward(const float* x, int64_t tokens, float* y, cudaStream_t
     throw InvalidArgument("GpuMoELayer::forward: x or y is null with tokens = " + std::to_string(tokens) +
                           " (expected device pointers to [tokens, hidden] floats)");
   // The last pass's exchanges end (or time out) before reserve() may synchronise the stream on them.
-  if (expert_parallel()) settle_ep();
+  if (expert_parallel()) {
+    settle_ep();
+    schedule_ep(stream);
+  }
   reserve(tokens, stream);
   const int64_t T = tokens, N = tokens * topk_, H = hidden_, E = experts_;
   tokens_ = T;

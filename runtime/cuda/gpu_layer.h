@@ -22,7 +22,7 @@
 #include "runtime/layer/expert_layout.h"
 #include "runtime/layer/pass_plan.h"
 #include "scheduler/exchange_plan.h"
-#include "scheduler/pipeline_model.h"
+#include "scheduler/auto_schedule.h"
 #include "runtime/kernels/gate.h"
 #include "runtime/io/moe_config.h"
 #include "runtime/moe_layer.h"
@@ -142,9 +142,14 @@ class GpuMoELayer {
 
   const MoeConfig& config() const { return config_; }
   const GpuLayerOptions& options() const { return options_; }
-  /// The schedule the passes run (sched::fixed_schedule of the options: local-first only for an
-  /// expert-parallel layer over the flat exchange).
+  /// The schedule of the last pass (the first pass's before any): the options' (sched::fixed_schedule:
+  /// local-first only over the flat exchange with more than one rank), or with chunks 0 (auto) the
+  /// candidate it tried, then the one chosen (see schedule_choice()). A forward fixes its pass's.
   sched::Schedule schedule() const;
+  /// Expert-parallel layers: the schedule and, with chunks 0, how the trials chose it
+  /// (sched::TrialSchedule: every candidate timed on the device over two passes, the slowest rank's
+  /// times compared). Null for a single-GPU layer.
+  const sched::ScheduleChoice* schedule_choice() const;
   /// The host's deadline for waits on the device: the device communicator's timeout, else
   /// default_wait_timeout().
   std::chrono::milliseconds wait_timeout() const {
@@ -251,6 +256,9 @@ class GpuMoELayer {
   void check_cpu_layer(MoELayer& cpu, const char* what) const;
   void init_ep();    // creates ep_ (gpu_layer_ep.cu)
   void settle_ep();  // waits (until the device communicator's timeout) for ep_'s exchanges in flight
+  /// --chunks auto, before a pass: the last pass's device time to the trials, and once all are
+  /// timed, the choice (a max-reduce over the host communicator). Waits for `stream` while trying.
+  void schedule_ep(cudaStream_t stream);
   /// The expert-parallel pass (layer::run_forward / run_backward over EpState's steps) from `xin` /
   /// `dyin` ([tokens, H], the layer dtype) into `out` (added to when `accumulate`).
   void forward_ep(const void* xin, void* out, bool accumulate, cudaStream_t stream);
@@ -353,6 +361,7 @@ class GpuMoELayer {
   // State of the last forward.
   std::int64_t tokens_ = 0;
   bool have_forward_ = false;
+  bool timing_ = false;  // --chunks auto trials: the stage profile's marks time every pass
   const float* x_ = nullptr;
   std::vector<std::int64_t> counts_;
   std::vector<std::int64_t> shared_rows_;  // {tokens}

@@ -66,6 +66,9 @@ struct GpuMoELayer::EpState : moex::layer::PassSteps {
     for (Mirror& m : mirrors) copy_to_device(m.dev.data(), m.host->data(), m.host->size(), stream);
   }
 
+  /// The schedule: fixed, or --chunks auto's trials, then their choice.
+  sched::TrialSchedule trial;
+  bool timed_pass = false;  // trying: the last forward had its backward, every stage marked
   /// This forward's schedule of the own rows (GpuLayerOptions local_first, local_split; the flat
   /// exchange with more than one rank), which its backward keeps.
   moex::layer::OwnRows own;
@@ -210,13 +213,36 @@ void GpuMoELayer::init_ep() {
   auto ep = std::unique_ptr<EpState, EpStateDeleter>(new EpState());
   ep->serial = !options_.overlap;
   ep->device = comm::as_device_communicator(*device_comm_);
+  ep->trial.reset(options_.chunks, options_.local_first, options_.local_split, options_.exchange == ExchangeKind::kFlat,
+                  device_comm_->size());
   ep_ = std::move(ep);  // not null: the constructor checked the kind (comm::is_device_communicator)
+}
+
+const sched::ScheduleChoice* GpuMoELayer::schedule_choice() const { return ep_ ? &ep_->trial.choice() : nullptr; }
+
+void GpuMoELayer::schedule_ep(cudaStream_t stream) {
+  EpState& ep = *ep_;
+  if (ep.trial.trying() && ep.timed_pass) {
+    synchronize(stream, "timing a schedule trial", device_comm_->default_timeout());
+    const GpuLayerTimes t = events_->profile.times();
+    ep.trial.timed(t.fwd_total + t.bwd_total);
+  }
+  ep.timed_pass = false;
+  if (ep.trial.deciding()) {
+    // Every rank times the same passes; the slowest rank's time of each candidate decides.
+    std::vector<double>& times = ep.trial.times();
+    host_comm_->allreduce_max(times.data(), static_cast<int64_t>(times.size()), comm::DataType::kFloat64,
+                              "gpu schedule trials")
+        ->wait(Clock::now() + host_comm_->default_timeout());
+    ep.trial.choose(/*min_gain_ms=*/0.0);
+  }
+  timing_ = ep.trial.trying();
 }
 
 void GpuMoELayer::plan_ep(cudaStream_t stream) {
   EpState& ep = *ep_;
   const int64_t T = tokens_, K = topk_;
-  const int C = options_.chunks;
+  const int C = schedule().chunks;
   // The top-K to the host, the plan(s), their metadata exchanged over the host communicator.
   ep.ids.resize(static_cast<std::size_t>(T * K));
   ep.weights.resize(static_cast<std::size_t>(T * K));
@@ -242,7 +268,7 @@ void GpuMoELayer::forward_ep(const void* xin, void* out, bool accumulate, cudaSt
   EpState& ep = *ep_;
   const sched::ExchangePlan& plan_ = ep.pass.main;
   const int64_t H = hidden_, S = local_;
-  const int C = options_.chunks;
+  const int C = schedule().chunks;
   const std::size_t es = dtype_size(dtype_);
   const int64_t rb = H * static_cast<int64_t>(es);  // bytes per row
   // (forward() settled the last pass's exchanges before it touched any buffer.)
@@ -299,6 +325,7 @@ void GpuMoELayer::backward_ep(const void* dyin, void* out, bool accumulate, cuda
   mark(kBP, stream);
   ep.begin(*this, stream, deadline, dyin, out, accumulate, ep.pass.main.chunks);
   moex::layer::run_backward(ep, ep.own);
+  ep.timed_pass = timing_;  // this pass's marks are queued: the next forward reads its time
 }
 
 // ---- EpState's layer::PassSteps: the steps of layer::run_forward / run_backward on the device.
