@@ -353,8 +353,8 @@ void ExchangePlan::compute_order(ComputeOrder& out, int self, std::int64_t split
     throw InvalidArgument("ExchangePlan::compute_order: self = " + std::to_string(self) + ", expected -1 or this " +
                           "plan's rank " + std::to_string(rank));
   if (self >= 0 && (split < 0 || split > S))
-    throw InvalidArgument("ExchangePlan::compute_order: split = " + std::to_string(split) + ", expected a slot in [0, " +
-                          std::to_string(S) + "]");
+    throw InvalidArgument("ExchangePlan::compute_order: split = " + std::to_string(split) +
+                          ", expected a slot in [0, " + std::to_string(S) + "]");
   out.groups = self < 0 ? chunks : chunks + 2;
   out.split = self < 0 ? S : split;
   out.order.resize(z(N));

@@ -329,7 +329,8 @@ TEST_F(CudaEpLayerSchedule, AutoTriesEveryScheduleThenKeepsOne) {
   ASSERT_EQ(choice->candidates, candidates);
   const std::size_t trials = candidates.size() * sched::TrialSchedule::kTrialPasses;
   for (std::size_t pass = 0; pass < trials + 2; ++pass) {
-    const std::string at = "[auto rank " + std::to_string(r) + "/" + std::to_string(P) + " pass " + std::to_string(pass);
+    const std::string at =
+        "[auto rank " + std::to_string(r) + "/" + std::to_string(P) + " pass " + std::to_string(pass);
     step_and_compare(at + "]", *cpu, *gpu,
                      draw_batch(*cpu, 40 + 7 * r, 900 + 31 * static_cast<std::uint64_t>(r) + pass, false), 40 + 7 * r,
                      kFp32Tol, stream());
@@ -351,8 +352,8 @@ TEST_F(CudaEpLayerSchedule, AutoTriesEveryScheduleThenKeepsOne) {
 }
 
 /// Deterministic mode: the same layer run with 1, 2 and 3 pipeline chunks, and local-first and
-/// local-split, gives the same bits for y, dx and every gradient (this rank's, and after the all-reduce), over two steps whose gradients
-/// accumulate. (Without it, the weight gradients already differ with the chunk count: each chunk's
+/// local-split, gives the same bits for y, dx and every gradient (this rank's, and after the
+/// all-reduce), over two steps whose gradients accumulate. (Without it, the weight gradients already differ with the chunk count: each chunk's
 /// part is added to them separately.) The hierarchical exchange (2-rank nodes) gives those bits too:
 /// the same entries, and a token's rows summed per node, then over the nodes, on both paths.
 TEST(CudaEpDeterministic, SameBitsForEveryChunkCount) {
@@ -389,7 +390,8 @@ TEST(CudaEpDeterministic, SameBitsForEveryChunkCount) {
       std::vector<Vec> first;  // chunks = 1: y, dx per step, then the gradients
       // (chunks, own rows: 0 exchanged, 1 local-first, 2 local-split; the hierarchical exchange runs
       // the last two as the first).
-      for (const auto& [chunks, own] : std::vector<std::pair<int, int>>{{1, 0}, {2, 0}, {3, 0}, {2, 1}, {1, 2}, {3, 2}}) {
+      const std::vector<std::pair<int, int>> schedules{{1, 0}, {2, 0}, {3, 0}, {2, 1}, {1, 2}, {3, 2}};
+      for (const auto& [chunks, own] : schedules) {
         const std::string tag = std::string(bf16 ? "bf16" : "fp32") + (replicas ? " replicas" : "") +
                                 (hier ? " hierarchical" : "") + " rank " + std::to_string(r) + "/" +
                                 std::to_string(P) + " chunks " + std::to_string(chunks) +

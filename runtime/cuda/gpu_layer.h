@@ -21,8 +21,8 @@
 #include "runtime/cuda/stage_profile.h"
 #include "runtime/layer/expert_layout.h"
 #include "runtime/layer/pass_plan.h"
-#include "scheduler/exchange_plan.h"
 #include "scheduler/auto_schedule.h"
+#include "scheduler/exchange_plan.h"
 #include "runtime/kernels/gate.h"
 #include "runtime/io/moe_config.h"
 #include "runtime/moe_layer.h"
@@ -372,8 +372,9 @@ class GpuMoELayer {
 };
 
 /// An expert-parallel GpuMoELayer laid out as the CPU layer `cpu` (its replica layout and topology
-/// in replica mode, else its placement), with `options` but `cpu`'s schedule (chunks, overlap, exchange,
-/// deterministic; overlap off also turns overlap_shared off) and capacity factor;
+/// in replica mode, else its placement), with `options` but `cpu`'s schedule (chunks, 0 = auto by
+/// trial; local-first and local-split, overlap, exchange, deterministic; overlap off also turns
+/// overlap_shared off) and capacity factor;
 /// its parameters are not loaded yet (load_from). Same errors as the constructors.
 std::unique_ptr<GpuMoELayer> make_gpu_layer_like(const MoELayer& cpu, comm::Communicator& host_comm,
                                                  comm::Communicator& device_comm, GpuLayerOptions options);

@@ -157,11 +157,11 @@ struct GpuMoELayer::EpState : moex::layer::PassSteps {
   }
   void copy(int64_t n, moex::layer::Buf src, int64_t src_row, moex::layer::Buf dst, int64_t dst_row,
             bool dw) override {
-    const std::size_t row = dw ? sizeof(float) * static_cast<std::size_t>(K) : static_cast<std::size_t>(H) * dtype_size(dtype);
-    if (n > 0)
-      MOEX_CUDA_CHECK(cudaMemcpyAsync(static_cast<unsigned char*>(rows(dst, dw)) + static_cast<std::size_t>(dst_row) * row,
-                                      static_cast<const unsigned char*>(rows(src, dw)) + static_cast<std::size_t>(src_row) * row,
-                                      static_cast<std::size_t>(n) * row, cudaMemcpyDeviceToDevice, stream));
+    if (n <= 0) return;
+    const auto row = static_cast<int64_t>(dw ? sizeof(float) * static_cast<std::size_t>(K) : H * dtype_size(dtype));
+    MOEX_CUDA_CHECK(cudaMemcpyAsync(static_cast<unsigned char*>(rows(dst, dw)) + dst_row * row,
+                                    static_cast<const unsigned char*>(rows(src, dw)) + src_row * row,
+                                    static_cast<std::size_t>(n * row), cudaMemcpyDeviceToDevice, stream));
   }
   void gather_values(int64_t n, const std::vector<int64_t>& index, int64_t at, moex::layer::Buf src,
                      moex::layer::Buf dst, int64_t dst_at) override {
@@ -405,7 +405,8 @@ void GpuMoELayer::EpState::experts(moex::layer::Stage stage, bool grad) {
       return;
     case Part::kRemote: {  // chunk c's rows from the ranks before this one, then after it
       gemms(1 + c);
-      const int64_t f = L.chunk_recv_first(c), own_f = L.recv_displ(c, me), own_end = own_f + L.recv_counts[L.cp(c, me)];
+      const int64_t f = L.chunk_recv_first(c), own_f = L.recv_displ(c, me);
+      const int64_t own_end = own_f + L.recv_counts[L.cp(c, me)];
       combine(f, own_f - f);
       combine(own_end, f + L.chunk_recv_count(c) - own_end);
       return;
