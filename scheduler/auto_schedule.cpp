@@ -85,6 +85,12 @@ void TrialSchedule::timed(double ms) {
   if (++next_ < choice_.candidates.size()) choice_.schedule = choice_.candidates[next_];
 }
 
+void TrialSchedule::adopt(const ScheduleChoice& from) {
+  if (!trying() || !from.automatic || !from.decided || from.candidates != choice_.candidates) return;
+  choice_ = from;
+  next_ = choice_.candidates.size();
+}
+
 void TrialSchedule::choose(double min_gain_ms) {
   choice_.chosen = choose_schedule(choice_.candidates, choice_.predicted_ms, 0.03, min_gain_ms);
   choice_.schedule = choice_.candidates[choice_.chosen];

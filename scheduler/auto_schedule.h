@@ -101,6 +101,9 @@ class TrialSchedule {
   /// After the max-reduce: the fastest unless it saves less than 3 % (or `min_gain_ms`) over one
   /// chunk; it runs from then on.
   void choose(double min_gain_ms);
+  /// Takes over the decision of another layer's trials (`from`: automatic and decided, over the same
+  /// candidates), so a rebuilt layer does not try again; anything else is ignored.
+  void adopt(const ScheduleChoice& from);
 
  private:
   ScheduleChoice choice_;

@@ -345,6 +345,11 @@ TEST_F(CudaEpLayerSchedule, AutoTriesEveryScheduleThenKeepsOne) {
     }
   }
   for (double ms : choice->predicted_ms) EXPECT_GT(ms, 0.0) << "every candidate timed";
+  // A layer rebuilt in its place (as after a replica migration) keeps the choice.
+  const auto rebuilt = make_gpu_layer_like(like, *host_, device, GpuLayerOptions{});
+  rebuilt->keep_schedule(*choice);
+  EXPECT_TRUE(rebuilt->schedule_choice()->decided);
+  EXPECT_EQ(rebuilt->schedule(), choice->schedule);
   // The same choice on every rank.
   double chosen[2] = {static_cast<double>(choice->chosen), -static_cast<double>(choice->chosen)};
   host_->allreduce_max(chosen, 2, comm::DataType::kFloat64, "chosen")->wait();

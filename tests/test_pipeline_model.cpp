@@ -275,6 +275,22 @@ TEST(TrialSchedule, TriesEveryCandidateThenChoosesOnce) {
   t.timed(1.0);  // decided: stays
   EXPECT_EQ(t.choice().schedule, candidates[5]);
 
+  // A rebuilt layer takes over the decision; a fixed one, or one over other candidates, does not.
+  TrialSchedule rebuilt;
+  rebuilt.reset(0, false, false, true, 2);
+  rebuilt.adopt(t.choice());
+  EXPECT_FALSE(rebuilt.trying());
+  EXPECT_FALSE(rebuilt.deciding());
+  EXPECT_EQ(rebuilt.choice().schedule, candidates[5]);
+  rebuilt.timed(1.0);
+  EXPECT_EQ(rebuilt.choice().schedule, candidates[5]);
+  TrialSchedule other;
+  other.reset(0, false, false, /*flat_exchange=*/false, 2);  // hierarchical: no local-first candidates
+  other.adopt(t.choice());
+  EXPECT_TRUE(other.trying());
+  fixed.adopt(t.choice());
+  EXPECT_EQ(fixed.choice().schedule, (Schedule{3, false}));
+
   TrialSchedule small;  // a gain under min_gain_ms keeps one chunk
   small.reset(0, false, false, true, 1);
   for (std::size_t i = 0; i < small.choice().candidates.size() * TrialSchedule::kTrialPasses; ++i)

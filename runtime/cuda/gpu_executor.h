@@ -20,9 +20,10 @@ namespace moex::cuda {
 /// all-reduces and optimiser work unchanged); the route statistics of each forward (expert_tokens,
 /// entries_processed, rows, picks dropped by the capacity factor; bytes_sent at the layer's element
 /// size) and its auxiliary balance losses (computed on the GPU, their gradient added there in
-/// backward) are recorded in the host layer. The chunk count, capacity factor and replica layout are each host layer's (a migration to
-/// a new layout makes a new GPU layer at the next pass; the host sums the replicas' gradients and
-/// moves the slots, as without the executor). Convenient rather than fast: every pass copies its
+/// backward) are recorded in the host layer. The schedule, capacity factor and replica layout are
+/// each host layer's (with `--chunks auto` the GPU layer's own trials choose the schedule; a
+/// migration to a new layout makes a new GPU layer at the next pass, which keeps that choice; the
+/// host sums the replicas' gradients and moves the slots, as without the executor). Convenient rather than fast: every pass copies its
 /// activations, every step its gradients and parameters, across PCIe.
 class GpuLayerExecutor final : public LayerExecutor {
  public:

@@ -150,6 +150,9 @@ class GpuMoELayer {
   /// (sched::TrialSchedule: every candidate timed on the device over two passes, the slowest rank's
   /// times compared). Null for a single-GPU layer.
   const sched::ScheduleChoice* schedule_choice() const;
+  /// Expert-parallel, chunks 0: takes over another layer's decided trials (`from`, e.g. the layer
+  /// this one replaces after a replica migration) instead of trying again (TrialSchedule::adopt).
+  void keep_schedule(const sched::ScheduleChoice& from);
   /// The host's deadline for waits on the device: the device communicator's timeout, else
   /// default_wait_timeout().
   std::chrono::milliseconds wait_timeout() const {

@@ -220,6 +220,10 @@ void GpuMoELayer::init_ep() {
 
 const sched::ScheduleChoice* GpuMoELayer::schedule_choice() const { return ep_ ? &ep_->trial.choice() : nullptr; }
 
+void GpuMoELayer::keep_schedule(const sched::ScheduleChoice& from) {
+  if (ep_) ep_->trial.adopt(from);
+}
+
 void GpuMoELayer::schedule_ep(cudaStream_t stream) {
   EpState& ep = *ep_;
   if (ep.trial.trying() && ep.timed_pass) {
