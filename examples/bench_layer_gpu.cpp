@@ -97,9 +97,10 @@ int bench_layer_gpu(comm::MpiCommunicator& world, const GpuBenchArgs& a) {
     layer.allreduce_replicated_grads(s);
     stream.synchronize();
   };
-  // --chunks auto: the layer's trials (every candidate two passes) before the timed steps.
+  // --chunks auto: the layer's trials (every candidate kTrialPasses passes) before the timed steps.
   const sched::ScheduleChoice& choice = *layer.schedule_choice();  // expert-parallel: never null
-  for (std::size_t i = 0; choice.automatic && !choice.decided && i <= 2 * choice.candidates.size() + 2; ++i) step();
+  const std::size_t trials = sched::TrialSchedule::kTrialPasses * choice.candidates.size();
+  for (std::size_t i = 0; choice.automatic && !choice.decided && i <= trials + 1; ++i) step();
   const sched::Schedule sc = layer.schedule();
   std::vector<double> step_ms;
   for (std::int64_t i = 0; i < a.warmup + a.iters; ++i) {
@@ -149,9 +150,9 @@ int bench_layer_gpu(comm::MpiCommunicator& world, const GpuBenchArgs& a) {
                 sc.describe().c_str(), lo.exchange == ExchangeKind::kFlat ? "flat" : "hierarchical",
                 static_cast<long long>(a.iters));
     if (choice.automatic)
-      std::printf("# --chunks auto: %zu schedules tried on the device (2 passes each), chose %s: %.3f ms in its "
+      std::printf("# --chunks auto: %zu schedules tried on the device (%d passes each), chose %s: %.3f ms in its "
                   "trial, %.3f ms with one chunk (slowest rank)\n",
-                  choice.candidates.size(), sc.describe().c_str(), choice.predicted_ms[choice.chosen],
+                  choice.candidates.size(), sched::TrialSchedule::kTrialPasses, sc.describe().c_str(), choice.predicted_ms[choice.chosen],
                   choice.predicted_ms[0]);
     if (a.replicas)
       std::printf("# replicas: %lld slots per rank, %lld slot blocks migrated to the layout planned from the warmup\n",

@@ -66,7 +66,6 @@ void AutoSchedule::choose() {
 
 void TrialSchedule::reset(int chunks, bool local_first, bool local_split, bool flat_exchange, int world) {
   *this = TrialSchedule();
-  choice_.trial = true;
   choice_.automatic = chunks == 0;
   if (!choice_.automatic) {
     choice_.schedule = fixed_schedule(chunks, local_first, local_split, flat_exchange, world);

@@ -19,8 +19,7 @@ struct ScheduleChoice {
   bool decided = false;    ///< auto: the model has chosen (at the pass after kMeasuredPasses)
   Schedule schedule;       ///< what the next pass runs
   std::vector<Schedule> candidates;  ///< auto: what the model compared ...
-  std::vector<double> predicted_ms;  ///< ... and each one's predicted pass, slowest rank (trial: measured)
-  bool trial = false;                ///< TrialSchedule: predicted_ms are timed passes, not the model's
+  std::vector<double> predicted_ms;  ///< ... and each one's predicted pass, slowest rank (TrialSchedule: timed)
   std::size_t chosen = 0;            ///< index of `schedule` among the candidates
   MachineRates rates;                ///< this rank's measured rates
 };

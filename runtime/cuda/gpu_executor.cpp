@@ -38,16 +38,16 @@ GpuLayerExecutor::Twin& GpuLayerExecutor::twin(MoELayer& layer) {
   Twin& t = twins_[&layer];
   // A replica layout the host layer migrated to needs a GPU layer with the new slots.
   const std::optional<sched::ReplicaLayout>& layout = layer.replica_layout();
-  std::optional<sched::ScheduleChoice> decided;  // --chunks auto: the old layer's trials are not repeated
+  std::optional<sched::ScheduleChoice> old_choice;  // --chunks auto: a decision of the old layer's trials is kept
   if (t.gpu && layout != t.layout) {
     synchronize(stream(), "before rebuilding a migrated layer", device_comm_.default_timeout());  // queued work may still use the old layer
-    if (const sched::ScheduleChoice* c = t.gpu->schedule_choice()) decided = *c;
+    if (const sched::ScheduleChoice* c = t.gpu->schedule_choice()) old_choice = *c;
     t.gpu.reset();
   }
   if (!t.gpu) {
     check(layer);
     t.gpu = make_gpu_layer_like(layer, host_comm_, device_comm_, options_);
-    if (decided) t.gpu->keep_schedule(*decided);
+    if (old_choice) t.gpu->keep_schedule(*old_choice);
     t.layout = layout;
     t.dirty = true;
   }
